@@ -1,0 +1,140 @@
+"""The inline::trl provider: Llama Stack's six post-training methods over the shared JobManager.
+
+Every parameter is annotated and named as in the 0.2.12 protocol: the server builds the HTTP routes
+(and validates request bodies) from these signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from llama_stack.apis.post_training import (
+    ListPostTrainingJobsResponse,
+    PostTrainingJob,
+    PostTrainingJobArtifactsResponse,
+    PostTrainingJobStatusResponse,
+)
+
+from ..jobs.manager import JobManager
+from ..jobs.store import DuplicateJobError, JobStore, UnknownJobError
+from ..post_training_api import (
+    DPOAlignmentConfig,
+    ProviderDefaults,
+    SFTAlgorithmConfig,
+    TrainingConfig,
+    fetch_rows,
+    method_of,
+    prepare_job,
+)
+from ..training.run_files import RunFiles
+from ..training.spec import JobSpec
+from .config import TrlPostTrainingConfig
+
+
+def training_command(spec: JobSpec, files: RunFiles) -> list[str]:
+    return [sys.executable, "-m", "providers.training.run", str(files.dir)]
+
+
+class TrlPostTrainingImpl:
+    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any, datasets: Any = None) -> None:
+        self.config = config
+        self.datasetio = datasetio
+        self.data_dir = Path(config.data_dir).expanduser()
+        self.defaults = ProviderDefaults(
+            data_dir=str(self.data_dir),
+            dtype=config.dtype,
+            logging_steps=config.logging_steps,
+            allowed_checkpoint_roots=config.allowed_checkpoint_roots,
+        )
+        env = {"OMP_NUM_THREADS": str(config.num_threads)} if config.num_threads else {}
+        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), training_command, config.max_concurrent_jobs, env)
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self.jobs.shutdown()
+
+    async def _submit(self, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
+                      algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None) -> PostTrainingJob:
+        if not job_uuid:
+            raise ValueError("job_uuid: must not be empty")
+        try:
+            self.jobs.store.get(job_uuid)
+            raise ValueError(f"job_uuid: a job named {job_uuid!r} already exists")
+        except UnknownJobError:
+            pass
+        if training_config.fsdp_config or training_config.torch_run_config:
+            raise ValueError("training_config.fsdp_config/torch_run_config: only remote::trl_fsdp runs FSDP jobs")
+        dc = training_config.data_config
+        if dc is None:
+            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        train_rows = await fetch_rows(self.datasetio, dc.dataset_id, "training_config.data_config.dataset_id")
+        val_rows = None
+        if dc.validation_dataset_id:
+            val_rows = await fetch_rows(self.datasetio, dc.validation_dataset_id,
+                                        "training_config.data_config.validation_dataset_id")
+        try:
+            spec = prepare_job(
+                job_uuid=job_uuid, method=method, model=model, training_config=training_config,
+                algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
+                defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows,
+            )
+            self.jobs.submit(spec, resources={"method": method, "model": spec.model})
+        except DuplicateJobError as e:
+            raise ValueError(f"job_uuid: {e}") from None
+        except ValueError:
+            shutil.rmtree(self.data_dir / "runs" / job_uuid, ignore_errors=True)
+            raise
+        return PostTrainingJob(job_uuid=job_uuid)
+
+    async def supervised_fine_tune(
+        self,
+        job_uuid: str,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+        model: str | None = None,
+        checkpoint_dir: str | None = None,
+        algorithm_config: SFTAlgorithmConfig | None = None,
+    ) -> PostTrainingJob:
+        if not model:
+            raise ValueError("model: required (a local model directory)")
+        return await self._submit(job_uuid, method_of(algorithm_config), model, training_config, algorithm_config,
+                                  logger_config, checkpoint_dir)
+
+    async def preference_optimize(
+        self,
+        job_uuid: str,
+        finetuned_model: str,
+        algorithm_config: DPOAlignmentConfig,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+    ) -> PostTrainingJob:
+        return await self._submit(job_uuid, "dpo", finetuned_model, training_config, algorithm_config,
+                                  logger_config, None)
+
+    async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=j.job_uuid) for j in self.jobs.store.list()])
+
+    def _view(self, job_uuid: str) -> dict[str, Any]:
+        try:
+            return self.jobs.job_view(job_uuid)
+        except UnknownJobError as e:
+            raise ValueError(f"job_uuid: {e}") from None
+
+    async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
+        return PostTrainingJobStatusResponse(**self._view(job_uuid))
+
+    async def cancel_training_job(self, job_uuid: str) -> None:
+        self._view(job_uuid)
+        await asyncio.to_thread(self.jobs.cancel, job_uuid)
+
+    async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
+        view = self._view(job_uuid)
+        return PostTrainingJobArtifactsResponse(job_uuid=job_uuid, checkpoints=view["checkpoints"])

@@ -1,0 +1,211 @@
+"""JobManager: queue, launch, supervise and cancel training processes; shared by both providers.
+
+Each job runs as its own process group (the training entry point, or torchrun and its ranks), so the
+server stays responsive and cancel can stop every process of a job with one signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..training.run_files import RunFiles, utc_now
+from ..training.spec import JobSpec
+from .store import ACTIVE, JobRecord, JobStore
+
+log = logging.getLogger("providers.jobs")
+
+# (spec, run files) -> argv of the job's process group leader. No shell strings.
+CommandBuilder = Callable[[JobSpec, RunFiles], list[str]]
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left after `grace_s`."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and process_group_alive(pgid):
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: JobStore,
+        command: CommandBuilder,
+        max_concurrent_jobs: int = 1,
+        env: dict[str, str] | None = None,
+    ):
+        self.store = store
+        self.command = command
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self.env = env or {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.RLock()
+        self._recover()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """After a restart: jobs that were running lost their supervisor; stop what is left of them and
+        mark them failed. Jobs still waiting in the queue stay scheduled and will run."""
+        for job in self.store.list(statuses=("in_progress",)):
+            if job.pid and process_group_alive(job.pid):
+                kill_process_group(job.pid)
+            reason = "the server restarted while the job was running"
+            RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())
+            self.store.update(job.job_uuid, status="failed", error=reason, completed_at=utc_now())
+        self._pump()
+
+    def submit(self, spec: JobSpec, resources: dict[str, Any] | None = None) -> JobRecord:
+        """Record the job (raises DuplicateJobError), write its spec, and start it when a slot is free."""
+        job = JobRecord(
+            job_uuid=spec.job_uuid,
+            method=spec.method,
+            run_dir=spec.run_dir,
+            scheduled_at=utc_now(),
+            resources=resources or {},
+        )
+        self.store.create(job)
+        spec.save()
+        RunFiles(spec.run_dir).update_status(state="scheduled")
+        self._pump()
+        return job
+
+    def _pump(self) -> None:
+        with self._lock:
+            running = sum(1 for p in self._procs.values() if p.poll() is None)
+            for job in self.store.list(statuses=("scheduled",)):
+                if running >= self.max_concurrent_jobs:
+                    break
+                self._start(job)
+                running += 1
+
+    def _start(self, job: JobRecord) -> None:
+        files = RunFiles(job.run_dir)
+        files.logs.mkdir(parents=True, exist_ok=True)
+        spec = JobSpec.load(job.run_dir)
+        argv = self.command(spec, files)
+        with open(files.log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: cancel signals the whole tree
+                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                cwd=job.run_dir,
+            )
+        self._procs[job.job_uuid] = proc
+        self.store.update(job.job_uuid, status="in_progress", started_at=utc_now(), pid=proc.pid)
+        log.info("job %s started: pid %d: %s", job.job_uuid, proc.pid, " ".join(argv))
+        threading.Thread(target=self._supervise, args=(job.job_uuid, proc), daemon=True).start()
+
+    def _supervise(self, job_uuid: str, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        job = self.store.get(job_uuid)
+        files = RunFiles(job.run_dir)
+        # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
+        if process_group_alive(proc.pid):
+            kill_process_group(proc.pid, grace_s=2.0)
+        status = files.read_status()
+        if job_uuid in self._cancelled:
+            state, error = "cancelled", None
+        elif code == 0 and status.get("state") == "completed":
+            state, error = "completed", None
+        else:
+            error = status.get("error") or f"training process exited with code {code}"
+            tail = files.tail_log(5)
+            state, error = "failed", error + ("\n" + "\n".join(tail) if tail and not status.get("error") else "")
+        files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
+        self.store.update(job_uuid, status=state, error=error, completed_at=utc_now())
+        with self._lock:
+            self._procs.pop(job_uuid, None)
+        log.info("job %s %s", job_uuid, state)
+        self._pump()
+
+    def cancel(self, job_uuid: str) -> JobRecord:
+        """Stop a job and every process it started. Cancelling a finished job changes nothing."""
+        job = self.store.get(job_uuid)
+        if job.status not in ACTIVE:
+            return job
+        with self._lock:
+            self._cancelled.add(job_uuid)
+            proc = self._procs.get(job_uuid)
+            if proc is None:  # still queued
+                self.store.update(job_uuid, status="cancelled", completed_at=utc_now())
+                RunFiles(job.run_dir).update_status(state="cancelled")
+                return self.store.get(job_uuid)
+        kill_process_group(proc.pid)
+        proc.wait()
+        # The supervisor thread records the final state; wait for it so the caller sees it.
+        deadline = time.monotonic() + 10
+        while self.store.get(job_uuid).status in ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.store.get(job_uuid)
+
+    def shutdown(self) -> None:
+        """Stop running jobs (they are marked failed on the next start if this process dies first)."""
+        for job_uuid, proc in list(self._procs.items()):
+            if proc.poll() is None:
+                self._cancelled.add(job_uuid)
+                kill_process_group(proc.pid)
+
+    # -- views -------------------------------------------------------------------------------------
+    def job_view(self, job_uuid: str) -> dict[str, Any]:
+        """The store record merged with what the training process reported in its run dir."""
+        job = self.store.get(job_uuid)
+        status = RunFiles(job.run_dir).read_status()
+        resources = dict(job.resources)
+        resources.update(status.get("resources", {}))
+        for key in ("step", "total_steps", "last_loss", "final_train_loss", "final_validation_loss"):
+            if status.get(key) is not None:
+                resources[key] = status[key]
+        if job.error:
+            resources["error"] = job.error
+        resources["run_dir"] = job.run_dir
+        resources["log_file"] = str(RunFiles(job.run_dir).log)
+        return {
+            "job_uuid": job.job_uuid,
+            "status": job.status,
+            "scheduled_at": job.scheduled_at,
+            "started_at": job.started_at,
+            "completed_at": job.completed_at,
+            "resources_allocated": resources,
+            "checkpoints": status.get("checkpoints", []),
+        }
+
+    def wait(self, job_uuid: str, timeout_s: float = 600) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.store.get(job_uuid).status
+            if status not in ACTIVE:
+                return status
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_uuid} still running after {timeout_s}s")
+
+    @staticmethod
+    def run_dir_for(root: str | Path, job_uuid: str) -> str:
+        return str(Path(root) / "runs" / job_uuid)

@@ -1,0 +1,98 @@
+"""JobStore: job records in SQLite, so that no job is lost when the server restarts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVE = ("scheduled", "in_progress")
+FINISHED = ("completed", "failed", "cancelled")
+
+
+class DuplicateJobError(ValueError):
+    pass
+
+
+class UnknownJobError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown job_uuid {self.args[0]!r}"
+
+
+@dataclass
+class JobRecord:
+    job_uuid: str
+    method: str
+    run_dir: str
+    status: str = "scheduled"
+    scheduled_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    pid: int | None = None
+    error: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+_COLUMNS = [f for f in JobRecord.__dataclass_fields__]
+
+
+class JobStore:
+    def __init__(self, db_path: str | Path):
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the server's threads, serialized by a lock; WAL keeps readers cheap.
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._lock = threading.Lock()
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, method TEXT, run_dir TEXT, status TEXT, "
+            "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
+            "seq INTEGER)"
+        )
+
+    def create(self, job: JobRecord) -> None:
+        row = asdict(job)
+        row["resources"] = json.dumps(job.resources)
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT INTO jobs ({', '.join(_COLUMNS)}, seq) VALUES ({', '.join('?' * len(_COLUMNS))}, "
+                    "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
+                    [row[c] for c in _COLUMNS],
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateJobError(f"job_uuid {job.job_uuid!r} already exists") from None
+
+    def update(self, job_uuid: str, **fields: Any) -> None:
+        if "resources" in fields:
+            fields["resources"] = json.dumps(fields["resources"])
+        with self._lock:
+            self._db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE job_uuid = ?",
+                [*fields.values(), job_uuid],
+            )
+
+    def get(self, job_uuid: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
+        if row is None:
+            raise UnknownJobError(job_uuid)
+        return self._record(row)
+
+    def list(self, statuses: tuple[str, ...] | None = None) -> list[JobRecord]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        args: list[str] = []
+        if statuses:
+            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args = list(statuses)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        return [self._record(r) for r in rows]
+
+    @staticmethod
+    def _record(row) -> JobRecord:
+        values = dict(zip(_COLUMNS, row))
+        values["resources"] = json.loads(values["resources"] or "{}")
+        return JobRecord(**values)

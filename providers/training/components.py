@@ -1,0 +1,264 @@
+"""Pieces every recipe builds the same way: model, tokenizer, precision, PEFT config, trainer arguments,
+and the callback that reports progress into the run directory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from .run_files import RunFiles, utc_now
+from .spec import JobSpec, PeftSpec
+
+log = logging.getLogger("providers.training")
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(requested: str) -> tuple[str, str | None]:
+    """The precision to train in, and a note when it differs from the request.
+
+    bf16 on a CPU without native bf16 kernels falls back to fp32 (logged) instead of failing inside TRL;
+    fp16 autocast is GPU-only.
+    """
+    if requested == "fp32":
+        return "fp32", None
+    if device_type() == "cuda":
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp16", "bf16 requested but this GPU has no bf16 support: training in fp16"
+        return requested, None
+    if requested == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16", None
+    return "fp32", f"{requested} requested but this CPU cannot train in it: training in fp32"
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_tokenizer(student_path: str, teacher_path: str) -> None:
+    """Logit distillation compares distributions token by token: both models must share one vocabulary."""
+    s, t = load_tokenizer(student_path), load_tokenizer(teacher_path)
+    if s.get_vocab() != t.get_vocab():
+        raise ValueError(
+            f"teacher tokenizer ({teacher_path}, {len(t)} tokens) differs from the student's "
+            f"({student_path}, {len(s)} tokens): logit and hybrid distillation need a shared vocabulary; "
+            "use method 'output' instead"
+        )
+
+
+def load_model(path: str, dtype: str = "fp32"):
+    # Weights stay fp32 and bf16/fp16 run as autocast (Trainer's bf16/fp16 flags): the optimizer
+    # keeps full-precision master weights, as torchtune and TRL do by default.
+    del dtype
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def peft_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
+    """Our PEFT settings -> a peft config object."""
+    import peft
+
+    targets = spec.target_modules
+    m = spec.method
+    if m in ("lora", "dora"):
+        return peft.LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=targets or "all-linear",
+            use_dora=m == "dora",
+            task_type=task_type,
+        )
+    if m == "ia3":
+        return peft.IA3Config(target_modules=targets, task_type=task_type)
+    if m == "loha":
+        return peft.LoHaConfig(r=spec.rank, alpha=spec.alpha, target_modules=targets or "all-linear", task_type=task_type)
+    if m == "lokr":
+        return peft.LoKrConfig(r=spec.rank, alpha=spec.alpha, target_modules=targets or "all-linear", task_type=task_type)
+    if m == "vera":
+        return peft.VeraConfig(r=spec.rank, target_modules=targets or ["q_proj", "v_proj"], task_type=task_type)
+    if m == "boft":
+        return peft.BOFTConfig(boft_block_size=4, target_modules=targets or ["q_proj", "v_proj"], task_type=task_type)
+    if m == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=4, target_modules=targets or ["q_proj", "v_proj"], task_type=task_type)
+    if m == "adalora":
+        return peft.AdaLoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=targets, total_step=1000, task_type=task_type)
+    if m == "ln_tuning":
+        return peft.LNTuningConfig(target_modules=targets, task_type=task_type)
+    if m == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+    if m == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+    if m == "p_tuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+    raise ValueError(f"unknown PEFT method {m!r}")
+
+
+def total_steps(spec: JobSpec, num_rows: int) -> int:
+    """Optimizer steps: n_epochs x min(max_steps_per_epoch, steps in one pass over the data)."""
+    per_epoch = max(1, math.ceil(num_rows / (spec.data.batch_size * spec.gradient_accumulation_steps)))
+    if spec.max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, spec.max_steps_per_epoch)
+    return spec.n_epochs * per_epoch
+
+
+def trainer_args(spec: JobSpec, num_rows: int, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments fields shared by SFTConfig and DPOConfig, from the spec."""
+    precision, note = resolve_dtype(spec.dtype)
+    if note:
+        log.warning(note)
+    ck = spec.checkpoint
+    steps = total_steps(spec, num_rows)
+    optim = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd"}[spec.optimizer.optimizer_type]
+    report_to = []
+    if spec.logging.tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(spec.run_dir) / "tensorboard"))
+        report_to.append("tensorboard")
+    if spec.logging.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", spec.logging.wandb_project)
+        report_to.append("wandb")
+    # Without save_steps only the final model is saved (by `save_final`), not a resumable checkpoint.
+    save_steps = ck.save_steps or steps
+    return dict(
+        output_dir=ck.output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=spec.data.batch_size,
+        per_device_eval_batch_size=spec.data.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.optimizer.lr,
+        weight_decay=spec.optimizer.weight_decay,
+        # "adam" is AdamW with the same weight decay: with weight_decay=0 the two are the same update.
+        optim=optim,
+        warmup_steps=spec.optimizer.num_warmup_steps,
+        lr_scheduler_type="linear" if spec.optimizer.num_warmup_steps else "constant",
+        # TRL defaults to bf16=True and gradient checkpointing: both wrong or slow on a CPU.
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=False,
+        use_cpu=device_type() == "cpu",
+        train_sampling_strategy="random" if spec.data.shuffle else "sequential",
+        seed=spec.seed,
+        logging_steps=spec.logging.logging_steps,
+        report_to=report_to or "none",
+        save_strategy="steps" if ck.save_steps else "no",
+        save_steps=save_steps,
+        save_total_limit=ck.save_total_limit,
+        eval_strategy="steps" if has_eval and ck.save_steps else "no",
+        eval_steps=save_steps,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+class RunReporter(TrainerCallback):
+    """Writes progress into the run directory: metrics.jsonl per log, status.json totals and checkpoints."""
+
+    def __init__(self, files: RunFiles, spec: JobSpec):
+        self.files = files
+        self.spec = spec
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.last_train_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self._last_tokens: tuple[float, float] | None = None  # (time, tokens seen) at the previous log
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.is_main:
+            self.files.update_status(state="in_progress", training_started_at=utc_now(), total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self.is_main or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if "loss" in logs:
+            self.last_train_loss = float(logs["loss"])
+        if "eval_loss" in logs:
+            self.last_eval_loss = float(logs["eval_loss"])
+        if "num_tokens" in logs:  # cumulative count logged by TRL's trainers
+            now, seen = time.perf_counter(), float(logs["num_tokens"])
+            if self._last_tokens and now > self._last_tokens[0]:
+                record["tokens_per_s"] = (seen - self._last_tokens[1]) / (now - self._last_tokens[0])
+            self._last_tokens = (now, seen)
+        self.files.append_metrics(record)
+        self.files.update_status(step=state.global_step, last_loss=self.last_train_loss)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if metrics and "eval_loss" in metrics:
+            self.last_eval_loss = float(metrics["eval_loss"])
+
+    def on_save(self, args, state, control, **kw):
+        if not self.is_main:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.files.add_checkpoint(
+            checkpoint_record(self.spec, str(path), state, self.last_train_loss, self.last_eval_loss),
+            keep={str(p) for p in Path(args.output_dir).glob("checkpoint-*")} | {str(path)},
+        )
+
+
+def checkpoint_record(spec: JobSpec, path: str, state, train_loss: float | None, eval_loss: float | None) -> dict:
+    """A checkpoint in Llama Stack's `Checkpoint` shape."""
+    # Without a validation set, validation_loss is the eval-mode loss on a training slice (see recipes).
+    val = train_loss if eval_loss is None else eval_loss
+    metrics = None
+    if train_loss is not None and val is not None:
+        metrics = {
+            "epoch": int(math.ceil(state.epoch or 0)),
+            "train_loss": train_loss,
+            "validation_loss": val,
+            "perplexity": math.exp(min(val, 50.0)),
+        }
+    return {
+        "identifier": f"{spec.job_uuid}-step{state.global_step}",
+        "created_at": utc_now(),
+        "epoch": int(math.ceil(state.epoch or 0)),
+        "step": state.global_step,
+        "post_training_job_id": spec.job_uuid,
+        "path": path,
+        "training_metrics": metrics,
+    }
+
+
+def eval_slice(train_ds, eval_ds, spec: JobSpec):
+    """The evaluation set: the validation rows, else a fixed slice of the training rows, capped at
+    max_validation_steps batches."""
+    ds = eval_ds if eval_ds is not None else train_ds
+    if spec.max_validation_steps is not None:
+        ds = ds.select(range(min(len(ds), spec.max_validation_steps * spec.data.batch_size)))
+    return ds
+
+
+def save_final(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -> dict[str, Any]:
+    """Evaluate, save the final model (and merged model for PEFT on request), record it as a checkpoint."""
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if "eval_loss" in metrics:
+        reporter.last_eval_loss = float(metrics["eval_loss"])
+    final_dir = Path(spec.checkpoint.output_dir) / "final"
+    trainer.save_model(str(final_dir))
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(final_dir))
+        if spec.peft is not None and spec.peft.merge_adapter:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(str(final_dir / "merged"))
+            trainer.processing_class.save_pretrained(str(final_dir / "merged"))
+        record = checkpoint_record(spec, str(final_dir), trainer.state, reporter.last_train_loss, reporter.last_eval_loss)
+        record["identifier"] = f"{spec.job_uuid}-final"
+        files.add_checkpoint(record)
+    return {"final_checkpoint": str(final_dir), "final_train_loss": reporter.last_train_loss,
+            "final_validation_loss": reporter.last_eval_loss}

@@ -1,0 +1,74 @@
+"""The training entry point: `python -m providers.training.run RUN_DIR`.
+
+Reads RUN_DIR/spec.json, runs the method's recipe, and leaves the outcome in RUN_DIR/status.json.
+The inline provider runs it as a plain process; the remote service runs it under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from .run_files import RunFiles, utc_now
+from .spec import JobSpec
+
+
+def resources_used(spec: JobSpec) -> dict:
+    """Device, precision and peak memory of this process, for the job's resources_allocated."""
+    import resource
+
+    import torch
+
+    from .components import device_type, resolve_dtype
+
+    precision, note = resolve_dtype(spec.dtype)
+    used = {
+        "device_type": device_type(),
+        "precision": precision,
+        "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if note:
+        used["precision_note"] = note
+    if torch.cuda.is_available():
+        used["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return used
+
+
+def main(run_dir: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    files = RunFiles(run_dir)
+    spec = JobSpec.load(run_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        files.update_status(state="starting", process_started_at=utc_now(), pid=os.getpid(), error=None)
+    try:
+        if spec.fsdp is not None:
+            from .fsdp import init_distributed
+
+            init_distributed(spec)
+        from .recipes import distill, dpo, sft
+
+        recipe = {"sft": sft, "dpo": dpo, "distill": distill}[spec.method]
+        summary = recipe.train(spec, files)
+    except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
+        traceback.print_exc()
+        files.update_status(
+            state="failed",
+            finished_at=utc_now(),
+            error=f"{type(e).__name__}: {e}" + (f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""),
+        )
+        return 1
+    finally:
+        if spec.fsdp is not None:
+            from .fsdp import shutdown_distributed
+
+            shutdown_distributed()
+    if is_main:
+        files.update_status(state="completed", finished_at=utc_now(), resources=resources_used(spec), **summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,73 @@
+"""The files of a run directory: what the training process writes and the API layer reads.
+
+RUN_DIR/
+  spec.json       the JobSpec
+  train.jsonl     normalized training rows (validation.jsonl when given)
+  status.json     state, timestamps, totals, error, checkpoints (rewritten atomically)
+  metrics.jsonl   one line per logged step
+  logs/           process logs (rank logs under torchrun)
+  checkpoints/    Hugging Face checkpoints (unless the job named another directory)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class RunFiles:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.spec = self.dir / "spec.json"
+        self.status = self.dir / "status.json"
+        self.metrics = self.dir / "metrics.jsonl"
+        self.logs = self.dir / "logs"
+        self.log = self.logs / "train.log"
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def update_status(self, **fields: Any) -> dict[str, Any]:
+        """Merge fields into status.json; written to a temp file and renamed so readers never see half."""
+        status = self.read_status()
+        status.update(fields)
+        tmp = self.status.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(status, indent=2, default=str))
+        os.replace(tmp, self.status)
+        return status
+
+    def add_checkpoint(self, checkpoint: dict[str, Any], keep: set[str] | None = None) -> None:
+        """Record a checkpoint; `keep` (paths still on disk) drops records of rotated-out checkpoints."""
+        checkpoints = [c for c in self.read_status().get("checkpoints", []) if c["path"] != checkpoint["path"]]
+        if keep is not None:
+            checkpoints = [c for c in checkpoints if c["path"] in keep]
+        self.update_status(checkpoints=checkpoints + [checkpoint])
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def tail_log(self, lines: int = 50) -> list[str]:
+        """Last lines of the main log (rank 0's under torchrun)."""
+        candidates = [self.log, *sorted(self.logs.glob("**/rank0*.log")), *sorted(self.logs.glob("**/*.log"))]
+        for path in candidates:
+            if path.exists():
+                return path.read_text(errors="replace").splitlines()[-lines:]
+        return []

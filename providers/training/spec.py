@@ -1,0 +1,191 @@
+"""The job spec: the one validated object every layer passes on.
+
+The API layer builds a `JobSpec` from a request plus provider config, writes it to `RUN_DIR/spec.json`,
+and the training entry point (`python -m providers.training.run RUN_DIR`, alone or under torchrun)
+reads it back. Nothing here knows about HTTP or Llama Stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+Method = Literal["sft", "dpo", "distill"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+# PEFT methods that train under TRL 1.16's trainers on a Llama model (see shared FACTS.md).
+PEFT_METHODS = (
+    "lora",
+    "dora",
+    "ia3",
+    "prefix_tuning",
+    "prompt_tuning",
+    "p_tuning",
+    "loha",
+    "lokr",
+    "vera",
+    "boft",
+    "oft",
+    "adalora",
+    "ln_tuning",
+)
+PeftMethod = Literal[PEFT_METHODS]  # type: ignore[valid-type]
+
+# Every loss type TRL 1.16's DPOTrainer implements.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    train_file: str  # JSONL of normalized rows, written by the API layer into the run dir
+    validation_file: str | None = None
+    batch_size: PositiveInt = 4
+    shuffle: bool = True
+    packed: bool = False
+    train_on_input: bool = False
+    max_seq_len: PositiveInt = 512
+
+
+class OptimizerSpec(Strict):
+    optimizer_type: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 5e-5
+    weight_decay: float = Field(0.0, ge=0)
+    num_warmup_steps: int = Field(0, ge=0)
+
+
+class PeftSpec(Strict):
+    method: PeftMethod = "lora"
+    target_modules: list[str] | None = None  # None: the method's default for the architecture
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: float = Field(0.0, ge=0, lt=1)
+    num_virtual_tokens: PositiveInt = 8  # prompt-learning methods only
+    merge_adapter: bool = False  # also save a merged full model next to the adapter
+
+
+class DpoSpec(Strict):
+    beta: PositiveFloat = 0.1
+    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    loss_weights: list[float] | None = None
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> DpoSpec:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
+            )
+        if self.label_smoothing > 0 and not {"robust", "exo_pair"} & set(self.loss_type):
+            raise ValueError(
+                "epsilon/label_smoothing only has a meaning for loss_type 'robust' or 'exo_pair'; "
+                f"got loss_type={self.loss_type}"
+            )
+        return self
+
+
+class DistillSpec(Strict):
+    method: Literal["output", "logit", "hybrid"] = "logit"
+    teacher_model: str | None = None  # path; None only with cached teacher logits
+    teacher_logits_dir: str | None = None  # cached top-k teacher log-probs (no teacher in memory)
+    temperature: PositiveFloat = 2.0
+    alpha: float = Field(0.5, ge=0, le=1)  # hybrid: alpha * CE + (1 - alpha) * T^2 * KL
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    max_new_tokens: PositiveInt = 32  # output method: teacher generation length
+    generation_batch_size: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillSpec:
+        if self.teacher_model is None and self.teacher_logits_dir is None:
+            raise ValueError("distillation needs teacher_model (a path) or teacher_logits_dir")
+        if self.method == "output" and self.teacher_model is None:
+            raise ValueError("the output distillation method needs teacher_model to generate answers")
+        return self
+
+
+class CheckpointSpec(Strict):
+    output_dir: str
+    save_steps: PositiveInt | None = None  # None: only the final checkpoint
+    save_total_limit: PositiveInt | None = 3
+    resume: bool = True  # resume from the newest checkpoint in output_dir if there is one
+
+
+class FsdpSpec(Strict):
+    """FSDP options in force for a torchrun job; mapped onto FSDP2 in `providers/training/fsdp.py`."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
+    mixed_precision_policy: Literal["bf16", "fp16"] | None = None
+    cpu_offload: bool = False
+    limit_all_gathers: bool = True
+    forward_prefetch: bool = False
+    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST"] | None = "BACKWARD_PRE"
+    activation_checkpointing: bool = False
+    wrap_layer_cls: str | None = None  # None: the model's decoder layer class, found from the model
+    shard_group_size: PositiveInt | None = None  # HYBRID_SHARD: ranks per shard group
+
+
+class LoggingSpec(Strict):
+    logging_steps: PositiveInt = 1
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+
+class JobSpec(Strict):
+    job_uuid: str
+    method: Method
+    model: str  # local path of a causal LM with its tokenizer
+    run_dir: str
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    n_epochs: PositiveInt = 1
+    max_steps_per_epoch: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt = 1
+    max_validation_steps: PositiveInt | None = 1
+    dtype: Dtype = "fp32"
+    seed: int = 42
+    peft: PeftSpec | None = None
+    dpo: DpoSpec | None = None
+    distill: DistillSpec | None = None
+    checkpoint: CheckpointSpec
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    fsdp: FsdpSpec | None = None  # set: run under torchrun with FSDP
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> JobSpec:
+        if self.method == "dpo" and self.dpo is None:
+            self.dpo = DpoSpec()
+        if self.method == "distill" and self.distill is None:
+            raise ValueError("method 'distill' needs distillation settings")
+        return self
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or Path(self.run_dir) / "spec.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> JobSpec:
+        return cls.model_validate(json.loads((Path(run_dir) / "spec.json").read_text()))
