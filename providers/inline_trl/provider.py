@@ -4,7 +4,6 @@ Every parameter is annotated and named as in the 0.2.12 protocol: the server bui
 (and validates request bodies) from these signatures.
 """
 
-from __future__ import annotations
 
 import asyncio
 import shutil
