@@ -130,7 +130,13 @@ def trainer_args(spec: JobSpec, num_rows: int, has_eval: bool) -> dict[str, Any]
         report_to.append("wandb")
     # Without save_steps only the final model is saved (by `save_final`), not a resumable checkpoint.
     save_steps = ck.save_steps or steps
+    fsdp = {}
+    if spec.fsdp is not None:
+        from .fsdp import fsdp_trainer_args
+
+        fsdp = fsdp_trainer_args(spec)
     return dict(
+        **fsdp,
         output_dir=ck.output_dir,
         max_steps=steps,
         per_device_train_batch_size=spec.data.batch_size,
@@ -244,21 +250,52 @@ def eval_slice(train_ds, eval_ds, spec: JobSpec):
     return ds
 
 
+def callbacks(spec: JobSpec, files: RunFiles, tokenizer) -> tuple[RunReporter, list]:
+    """The reporter, plus FSDP's callback (first, so a recorded checkpoint already has its HF model)."""
+    reporter = RunReporter(files, spec)
+    if spec.fsdp is None:
+        return reporter, [reporter]
+    from .fsdp import FsdpCallback
+
+    return reporter, [FsdpCallback(spec, files.dir / "ranks", tokenizer), reporter]
+
+
+def prepare(trainer, spec: JobSpec):
+    """Last settings before training: FSDP policies must be on the plugin before the model is wrapped."""
+    if spec.fsdp is not None:
+        from .fsdp import configure_plugin
+
+        configure_plugin(trainer, spec)
+    return trainer
+
+
 def save_final(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -> dict[str, Any]:
     """Evaluate, save the final model (and merged model for PEFT on request), record it as a checkpoint."""
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if "eval_loss" in metrics:
         reporter.last_eval_loss = float(metrics["eval_loss"])
     final_dir = Path(spec.checkpoint.output_dir) / "final"
-    trainer.save_model(str(final_dir))
-    if trainer.accelerator.is_main_process:
+    if spec.fsdp is not None:
+        from .fsdp import save_consolidated
+
+        save_consolidated(trainer.model, final_dir, trainer.processing_class)
+    else:
+        trainer.save_model(str(final_dir))
         trainer.processing_class.save_pretrained(str(final_dir))
+    if trainer.accelerator.is_main_process:
         if spec.peft is not None and spec.peft.merge_adapter:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(str(final_dir / "merged"))
-            trainer.processing_class.save_pretrained(str(final_dir / "merged"))
+            save_merged(final_dir)
         record = checkpoint_record(spec, str(final_dir), trainer.state, reporter.last_train_loss, reporter.last_eval_loss)
         record["identifier"] = f"{spec.job_uuid}-final"
         files.add_checkpoint(record)
     return {"final_checkpoint": str(final_dir), "final_train_loss": reporter.last_train_loss,
             "final_validation_loss": reporter.last_eval_loss}
+
+
+def save_merged(adapter_dir: Path) -> None:
+    """Base model + adapter from disk, merged into one full model at adapter_dir/merged."""
+    from peft import AutoPeftModelForCausalLM
+
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(adapter_dir / "merged"))
+    load_tokenizer(str(adapter_dir)).save_pretrained(str(adapter_dir / "merged"))

@@ -33,6 +33,11 @@ def resources_used(spec: JobSpec) -> dict:
         used["precision_note"] = note
     if torch.cuda.is_available():
         used["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if spec.fsdp is not None:
+        from .fsdp import options_in_force, world
+
+        used["world_size"] = world()[2]
+        used["fsdp"] = options_in_force(spec)
     return used
 
 
@@ -54,17 +59,26 @@ def main(run_dir: str) -> int:
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+        if spec.fsdp is not None:
+            from .fsdp import write_rank_report
+
+            write_rank_report(files.dir / "ranks", error=error, failed_at=utc_now())
         files.update_status(
             state="failed",
             finished_at=utc_now(),
-            error=f"{type(e).__name__}: {e}" + (f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""),
+            error=error + (f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""),
         )
-        return 1
-    finally:
         if spec.fsdp is not None:
             from .fsdp import shutdown_distributed
 
-            shutdown_distributed()
+            shutdown_distributed(wait_for_peers=False)  # peers may be gone: a barrier could hang
+        return 1
+    if spec.fsdp is not None:
+        from .fsdp import shutdown_distributed, write_rank_report
+
+        write_rank_report(files.dir / "ranks", finished_at=utc_now())
+        shutdown_distributed()
     if is_main:
         files.update_status(state="completed", finished_at=utc_now(), resources=resources_used(spec), **summary)
     return 0

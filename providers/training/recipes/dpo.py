@@ -9,12 +9,13 @@ from __future__ import annotations
 from trl import DPOConfig, DPOTrainer
 
 from ..components import (
-    RunReporter,
+    callbacks,
     eval_slice,
     latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
+    prepare,
     save_final,
     trainer_args,
 )
@@ -41,7 +42,7 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     ref_model = None if spec.peft else load_model(spec.model, spec.dtype)
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
-    reporter = RunReporter(files, spec)
+    reporter, cbs = callbacks(spec, files, tokenizer)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -50,7 +51,7 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         eval_dataset=eval_slice(train_ds, val_ds, spec),
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
-        callbacks=[reporter],
+        callbacks=cbs,
     )
-    trainer.train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
+    prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
     return save_final(trainer, spec, files, reporter)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from trl import SFTConfig, SFTTrainer
 
 from ..components import (
-    RunReporter,
+    callbacks,
     eval_slice,
     latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
+    prepare,
     save_final,
     trainer_args,
 )
@@ -44,7 +45,7 @@ def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer,
     model = load_model(spec.model, spec.dtype)
     default_train, eval_ds = datasets(spec)
     train_ds = default_train if train_ds is None else train_ds
-    reporter = RunReporter(files, spec)
+    reporter, cbs = callbacks(spec, files, tokenizer)
     trainer = trainer_cls(
         model=model,
         args=sft_config(spec, len(train_ds)),
@@ -52,8 +53,8 @@ def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
-        callbacks=[reporter],
+        callbacks=cbs,
         **trainer_kw,
     )
-    trainer.train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
+    prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
     return save_final(trainer, spec, files, reporter)

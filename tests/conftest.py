@@ -1,0 +1,190 @@
+"""Shared fixtures: tiny offline models, toy data, and Llama Stack servers started as subprocesses.
+
+Nothing here reaches beyond 127.0.0.1 and nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any test module
+
+from helpers import (  # noqa: E402
+    free_port,
+    kill_pids,
+    log_tail,
+    processes_mentioning,
+    stop_process_group,
+    wait_for_health,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_YAML = REPO_ROOT / "run.yaml"
+BUILDER_PATH = REPO_ROOT / "scripts" / "build_tiny_models.py"
+
+# Never touch a model hub, from this process or from anything it starts.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "WANDB_MODE": "disabled",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+os.environ.update(OFFLINE_ENV)
+
+
+def load_builder():
+    """scripts/build_tiny_models.py as a module (scripts/ is not a package)."""
+    mod = sys.modules.get("build_tiny_models")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("build_tiny_models", BUILDER_PATH)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["build_tiny_models"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_builder():
+    return load_builder()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_builder, tmp_path_factory) -> dict[str, str]:
+    """{"student", "teacher", "other_tokenizer_student"} -> model directories, built once per session.
+
+    Set TRL_TEST_MODELS_DIR to reuse a build across sessions (the builder checks its version marker)."""
+    out = os.environ.get("TRL_TEST_MODELS_DIR") or str(tmp_path_factory.mktemp("tiny_models"))
+    return tiny_builder.build_tiny_models(out)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tiny_builder) -> dict[str, list[dict]]:
+    """instruct / dialog / preference / heldout_prompts rows of the 'reverse the letters' task."""
+    return tiny_builder.make_toy_datasets()
+
+
+# -- Llama Stack servers ---------------------------------------------------------------------------
+class LlamaStackServer:
+    """A `llama stack run` subprocess, leader of its own process group."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, data_dir: Path, log_path: Path):
+        self.proc = proc
+        self.port = port
+        self.data_dir = Path(data_dir)
+        self.log_path = log_path
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+    def client(self, **kw):
+        from llama_stack_client import LlamaStackClient
+
+        # No retries: a 5xx must show up as one failure, not as five slow ones.
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 120)
+        return LlamaStackClient(base_url=self.base_url, **kw)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (its shutdown stops running jobs), then SIGKILL."""
+        stop_process_group(self.proc)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+
+def llama_cli() -> str:
+    """The `llama` command of the environment running the tests."""
+    beside = Path(sys.executable).parent / "llama"
+    return str(beside) if beside.exists() else (shutil.which("llama") or "llama")
+
+
+def start_llama_stack(
+    run_yaml: str | Path,
+    data_dir: str | Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+) -> LlamaStackServer:
+    """Start `llama stack run RUN_YAML --port PORT` with TRL_POST_TRAINING_DIR=data_dir in its own process
+    group and wait for GET /v1/health. A port of None picks a free one (retrying if another process takes
+    it first). The caller stops it (`server.stop()`), or use the `llama_stack_factory` fixture."""
+    run_yaml = Path(run_yaml).resolve()
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    attempts = 1 if port is not None else 3
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        chosen = port if port is not None else free_port()
+        log_path = data_dir / f"server-{chosen}.log"
+        full_env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "TRL_POST_TRAINING_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [llama_cli(), "stack", "run", str(run_yaml), "--port", str(chosen)],
+                cwd=str(run_yaml.parent),  # run.yaml names ./providers.d relative to the repository root
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        server = LlamaStackServer(proc, chosen, data_dir, log_path)
+        try:
+            wait_for_health(server.base_url, timeout=timeout, proc=proc, log_file=log_path)
+            return server
+        except Exception as e:  # noqa: BLE001 - retried with another port, then re-raised
+            last_error = e
+            server.stop()
+    raise RuntimeError(f"llama stack did not start after {attempts} attempt(s): {last_error}")
+
+
+def kill_leftover_processes(data_dir: str | Path) -> list[tuple[int, str]]:
+    """SIGKILL processes (started by these tests) whose command line names `data_dir`; return them."""
+    leftovers = processes_mentioning(str(data_dir))
+    kill_pids([pid for pid, _ in leftovers])
+    return leftovers
+
+
+@pytest.fixture(scope="module")
+def llama_stack_factory():
+    """`factory(run_yaml, data_dir, port=None, env=None) -> LlamaStackServer`; every server it started
+    is stopped (process group: SIGTERM, then SIGKILL) at the end of the module, and any training process
+    still naming its data dir is killed."""
+    servers: list[LlamaStackServer] = []
+
+    def factory(run_yaml=RUN_YAML, data_dir=None, port=None, env=None, timeout=180.0) -> LlamaStackServer:
+        server = start_llama_stack(run_yaml, data_dir, port=port, env=env, timeout=timeout)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+    for server in servers:
+        kill_leftover_processes(server.data_dir)
+
+
+@pytest.fixture(scope="session")
+def run_yaml() -> Path:
+    return RUN_YAML

@@ -1,0 +1,172 @@
+"""Process, port and job helpers shared by the end-to-end test modules (no pytest fixtures here).
+
+Everything talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ACTIVE_STATES = ("scheduled", "in_progress")
+
+
+# -- ports and health ----------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_health(
+    base_url: str,
+    timeout: float = 120.0,
+    proc: subprocess.Popen | None = None,
+    path: str = "/v1/health",
+    log_file: str | Path | None = None,
+) -> None:
+    """Poll GET base_url+path until it answers 200. Fails early when `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    last_error: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"server process exited with code {proc.returncode} before {base_url}{path} answered"
+                + log_tail(log_file)
+            )
+        try:
+            with urllib.request.urlopen(base_url + path, timeout=2) as r:
+                if r.status == 200:
+                    return
+                last_error = f"HTTP {r.status}"
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            last_error = e
+        time.sleep(0.25)
+    raise TimeoutError(f"{base_url}{path} did not answer within {timeout}s (last: {last_error})" + log_tail(log_file))
+
+
+def log_tail(log_file: str | Path | None, lines: int = 40) -> str:
+    if log_file is None or not Path(log_file).exists():
+        return ""
+    text = Path(log_file).read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last {len(text)} lines of {log_file} ---\n" + "\n".join(text)
+
+
+# -- processes -----------------------------------------------------------------------------------
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group led by `proc` (started with start_new_session=True), then SIGKILL."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def process_group_exists(pgid: int) -> bool:
+    """os.killpg(pgid, 0): True unless it raises ProcessLookupError (zombies count as existing)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every live (non-zombie) process whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(entry.name)
+        if text in cmdline and pid != os.getpid() and _proc_state(pid) not in (None, "Z"):
+            found.append((pid, cmdline.strip()))
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll `predicate()` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{message} not reached within {timeout}s")
+        time.sleep(interval)
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+def wait_for_job(client, job_uuid: str, timeout: float = 600.0, interval: float = 0.25):
+    """Poll client.post_training.job.status until the job is no longer scheduled/in_progress; return
+    the final status response. Raises TimeoutError (with the last status) when it takes too long."""
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = client.post_training.job.status(job_uuid=job_uuid)
+        if status.status not in ACTIVE_STATES:
+            return status
+        time.sleep(interval)
+    raise TimeoutError(f"job {job_uuid} still {getattr(status, 'status', None)} after {timeout}s: {status}")
+
+
+def wait_for_step(client, job_uuid: str, min_step: int = 1, timeout: float = 300.0):
+    """Wait until the job is in_progress and reports step >= min_step; return that status."""
+
+    def check():
+        s = client.post_training.job.status(job_uuid=job_uuid)
+        if s.status not in ACTIVE_STATES:
+            raise AssertionError(f"job {job_uuid} ended ({s.status}) before reaching step {min_step}: {s}")
+        step = (s.resources_allocated or {}).get("step") or 0
+        return s if s.status == "in_progress" and step >= min_step else None
+
+    return wait_until(check, timeout, interval=0.1, message=f"job {job_uuid} at step >= {min_step}")
