@@ -193,7 +193,14 @@ def check_model_path(path: str, field: str) -> None:
     except Exception as e:  # noqa: BLE001 - any load failure is bad input
         raise ValueError(f"{field}: {path!r} has a config that does not load: {e}") from None
     archs = config.architectures or []
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any(a.endswith("ForCausalLM") for a in archs):
+    if archs:
+        # The classes the checkpoint was saved from decide: a BERT encoder ("BertModel", "BertForMaskedLM")
+        # has model_type 'bert', which the causal-LM mapping also lists (BertLMHeadModel), yet it is no causal LM.
+        causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        is_causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not is_causal:
         raise ValueError(f"{field}: {path!r} is a {config.model_type!r} model ({archs}), not a causal LM")
 
 

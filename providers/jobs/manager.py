@@ -131,6 +131,9 @@ class JobManager:
         if process_group_alive(proc.pid):
             kill_process_group(proc.pid, grace_s=2.0)
         status = files.read_status()
+        first_rank_error = files.first_rank_error()
+        if first_rank_error:
+            status["error"] = first_rank_error
         if job_uuid in self._cancelled:
             state, error = "cancelled", None
         elif code == 0 and status.get("state") == "completed":
@@ -180,6 +183,9 @@ class JobManager:
         status = RunFiles(job.run_dir).read_status()
         resources = dict(job.resources)
         resources.update(status.get("resources", {}))
+        ranks = RunFiles(job.run_dir).rank_reports()
+        if ranks:
+            resources["ranks"] = ranks
         for key in ("step", "total_steps", "last_loss", "final_train_loss", "final_validation_loss"):
             if status.get(key) is not None:
                 resources[key] = status[key]

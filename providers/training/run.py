@@ -41,9 +41,21 @@ def resources_used(spec: JobSpec) -> dict:
     return used
 
 
+def redirect_rank_output(files: RunFiles) -> None:
+    """Under torchrun each rank writes its own log, logs/rank{RANK}.log (torchrun's own output stays in
+    logs/train.log)."""
+    files.logs.mkdir(parents=True, exist_ok=True)
+    fd = os.open(files.logs / f"rank{os.environ['RANK']}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(run_dir: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files = RunFiles(run_dir)
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+        redirect_rank_output(files)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.load(run_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:

@@ -31,6 +31,7 @@ class RunFiles:
         self.metrics = self.dir / "metrics.jsonl"
         self.logs = self.dir / "logs"
         self.log = self.logs / "train.log"
+        self.ranks = self.dir / "ranks"
 
     def read_status(self) -> dict[str, Any]:
         try:
@@ -71,3 +72,21 @@ class RunFiles:
             if path.exists():
                 return path.read_text(errors="replace").splitlines()[-lines:]
         return []
+
+    def rank_reports(self) -> list[dict[str, Any]]:
+        """Per-rank reports of a torchrun job (params held, peak memory, error), by rank."""
+        reports = []
+        for path in self.ranks.glob("rank*.json"):
+            try:
+                reports.append(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                continue
+        return sorted(reports, key=lambda r: r.get("rank", 0))
+
+    def first_rank_error(self) -> str | None:
+        """The error of the rank that failed first (the others usually fail because it did)."""
+        failed = [r for r in self.rank_reports() if r.get("error")]
+        if not failed:
+            return None
+        first = min(failed, key=lambda r: r.get("failed_at", ""))
+        return f"rank {first['rank']}: {first['error']}"

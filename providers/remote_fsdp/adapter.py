@@ -1,0 +1,129 @@
+"""The remote::trl_fsdp adapter: Llama Stack's post-training API forwarded to the FSDP training service.
+
+Rows come from the stack's datasetio and go to the service in chunks; everything else is a plain
+HTTP call. A 4xx from the service becomes a ValueError, which Llama Stack answers with 400.
+Annotations are real types (no postponed evaluation): the 0.2.12 server builds routes from them.
+"""
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+from llama_stack.apis.post_training import (
+    ListPostTrainingJobsResponse,
+    PostTrainingJob,
+    PostTrainingJobArtifactsResponse,
+    PostTrainingJobStatusResponse,
+)
+
+from ..post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig, fetch_rows
+from .config import TrlFsdpAdapterConfig
+
+
+class TrlFsdpAdapter:
+    def __init__(self, config: TrlFsdpAdapterConfig, datasetio: Any) -> None:
+        self.config = config
+        self.datasetio = datasetio
+        headers = {"authorization": f"Bearer {config.api_token}"} if config.api_token else {}
+        self.http = httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, headers=headers)
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, idempotent: bool = True, **kw) -> Any:
+        attempts = 1 + (self.config.retries if idempotent else 0)
+        for attempt in range(attempts):
+            try:
+                r = await self.http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                if attempt + 1 == attempts:
+                    raise ConnectionError(f"FSDP service at {self.config.url} unreachable: {e}") from None
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            if r.status_code >= 500 and attempt + 1 < attempts:
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            if 400 <= r.status_code < 500:
+                detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+                raise ValueError(detail if isinstance(detail, str) else json.dumps(detail))
+            r.raise_for_status()
+            return r.json() if r.content else None
+
+    async def _upload(self, dataset_id: str, field: str) -> None:
+        rows = await fetch_rows(self.datasetio, dataset_id, field)
+        n = self.config.upload_chunk_rows
+        for i in range(0, len(rows), n):
+            body = "".join(json.dumps(row, default=str) + "\n" for row in rows[i : i + n])
+            await self._call("POST", f"/v1/datasets/{dataset_id}/rows", params={"append": str(i > 0).lower()},
+                             content=body.encode(), headers={"content-type": "application/x-ndjson"})
+
+    def _with_defaults(self, training_config: TrainingConfig) -> dict[str, Any]:
+        tc = training_config.model_dump(mode="json")
+        tc["fsdp_config"] = {**self.config.fsdp_config, **(training_config.fsdp_config or {})}
+        tc["torch_run_config"] = {**self.config.torch_run_config, **(training_config.torch_run_config or {})}
+        return tc
+
+    async def _submit(self, route: str, training_config: TrainingConfig, body: dict[str, Any]) -> PostTrainingJob:
+        dc = training_config.data_config
+        if dc is None:
+            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        await self._upload(dc.dataset_id, "training_config.data_config.dataset_id")
+        if dc.validation_dataset_id:
+            await self._upload(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
+        body["training_config"] = self._with_defaults(training_config)
+        out = await self._call("POST", f"/v1/post-training/{route}", idempotent=False, json=body)
+        return PostTrainingJob(job_uuid=out["job_uuid"])
+
+    async def supervised_fine_tune(
+        self,
+        job_uuid: str,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+        model: str | None = None,
+        checkpoint_dir: str | None = None,
+        algorithm_config: SFTAlgorithmConfig | None = None,
+    ) -> PostTrainingJob:
+        if not model:
+            raise ValueError("model: required (a model directory on the training service's machine)")
+        body = {
+            "job_uuid": job_uuid, "model": model, "checkpoint_dir": checkpoint_dir,
+            "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,
+            "algorithm_config": algorithm_config.model_dump(mode="json") if algorithm_config else None,
+        }
+        return await self._submit("supervised-fine-tune", training_config, body)
+
+    async def preference_optimize(
+        self,
+        job_uuid: str,
+        finetuned_model: str,
+        algorithm_config: DPOAlignmentConfig,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+    ) -> PostTrainingJob:
+        body = {
+            "job_uuid": job_uuid, "finetuned_model": finetuned_model,
+            "algorithm_config": algorithm_config.model_dump(mode="json"),
+            "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,
+        }
+        return await self._submit("preference-optimize", training_config, body)
+
+    async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
+        out = await self._call("GET", "/v1/post-training/jobs")
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=j["job_uuid"]) for j in out["data"]])
+
+    async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
+        return PostTrainingJobStatusResponse(**await self._call("GET", "/v1/post-training/job/status",
+                                                                params={"job_uuid": job_uuid}))
+
+    async def cancel_training_job(self, job_uuid: str) -> None:
+        await self._call("POST", "/v1/post-training/job/cancel", json={"job_uuid": job_uuid})
+
+    async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
+        return PostTrainingJobArtifactsResponse(**await self._call("GET", "/v1/post-training/job/artifacts",
+                                                                   params={"job_uuid": job_uuid}))

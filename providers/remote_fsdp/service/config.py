@@ -1,0 +1,52 @@
+"""Configuration of the FSDP training service (CLI flags and environment variables)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, PositiveInt
+
+from ...training.spec import FsdpSpec
+from .launcher import TorchRunOptions
+
+
+class ServiceConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8322
+    data_dir: str = "~/.llama/trl_fsdp_service"
+    api_token: str | None = None  # set: every /v1 route needs `Authorization: Bearer <token>`
+    # checkpoint_dir in a request must lie under one of these (the data dir is always allowed)
+    allowed_checkpoint_roots: list[str] = Field(default_factory=list)
+    max_concurrent_jobs: PositiveInt = 1
+    dtype: str = "fp32"
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec)
+    torch_run: TorchRunOptions = Field(default_factory=TorchRunOptions)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    def checkpoint_roots(self) -> list[str]:
+        return [str(self.data_path), *self.allowed_checkpoint_roots]
+
+    @classmethod
+    def from_env(cls, **overrides) -> ServiceConfig:
+        """Defaults, then TRL_FSDP_* / NODE_RANK / MASTER_ADDR from the environment, then explicit values."""
+        env = os.environ
+        values: dict = {}
+        for key, var in (("host", "TRL_FSDP_HOST"), ("port", "TRL_FSDP_PORT"), ("data_dir", "TRL_FSDP_DATA_DIR"),
+                         ("api_token", "TRL_FSDP_API_TOKEN")):
+            if env.get(var):
+                values[key] = env[var]
+        torch_run = {}
+        if env.get("NODE_RANK"):
+            torch_run["node_rank"] = int(env["NODE_RANK"])
+        if env.get("MASTER_ADDR"):
+            torch_run["master_addr"] = env["MASTER_ADDR"]
+        if env.get("NNODES"):
+            torch_run["nnodes"] = int(env["NNODES"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if torch_run:
+            values["torch_run"] = {**torch_run, **values.get("torch_run", {})}
+        return cls(**values)

@@ -1,0 +1,151 @@
+"""FsdpJobService: turns validated requests into torchrun jobs on the shared JobManager, and keeps the
+service's uploaded datasets (JSONL files, streamed to disk so 100k-row uploads need no memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ...jobs.manager import JobManager
+from ...jobs.store import JobStore, UnknownJobError
+from ...post_training_api import ProviderDefaults, TrainingConfig, prepare_job
+from ...training.components import device_type
+from ...training.fsdp import backend, mesh_shape
+from ...training.run_files import RunFiles
+from ...training.spec import FsdpSpec, JobSpec
+from .config import ServiceConfig
+from .launcher import TorchRunOptions, torchrun_command
+
+DATASET_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _validation_message(e: ValidationError, field: str) -> str:
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{field}{'.' + loc if loc else ''}: {first['msg']}"
+
+
+class FsdpJobService:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.data_dir = config.data_path
+        self.datasets_dir = self.data_dir / "datasets"
+        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        self.defaults = ProviderDefaults(
+            data_dir=str(self.data_dir), dtype=config.dtype, allowed_checkpoint_roots=config.checkpoint_roots()
+        )
+        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs)
+
+    # -- datasets ------------------------------------------------------------------------------------
+    def dataset_path(self, dataset_id: str) -> Path:
+        if not DATASET_ID.match(dataset_id):
+            raise ValueError(f"dataset_id: {dataset_id!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        return self.datasets_dir / f"{dataset_id}.jsonl"
+
+    def dataset_rows(self, dataset_id: str, field: str) -> Iterator[dict[str, Any]]:
+        path = self.dataset_path(dataset_id)
+        if not path.exists():
+            raise ValueError(f"{field}: no dataset {dataset_id!r} on this service (upload its rows first)")
+        return self._iter_jsonl(path, field)
+
+    @staticmethod
+    def _iter_jsonl(path: Path, field: str) -> Iterator[dict[str, Any]]:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{field}: line {n} of the dataset is not JSON ({e})") from None
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return [{"dataset_id": p.stem, "bytes": p.stat().st_size} for p in sorted(self.datasets_dir.glob("*.jsonl"))]
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def _command(self, spec: JobSpec, files: RunFiles) -> list[str]:
+        opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
+        return torchrun_command(spec, files, opts)
+
+    def torch_run_options(self, overrides: dict[str, Any] | None) -> TorchRunOptions:
+        try:
+            return TorchRunOptions(**{**self.config.torch_run.model_dump(), **(overrides or {})})
+        except ValidationError as e:
+            raise ValueError(_validation_message(e, "training_config.torch_run_config")) from None
+
+    def fsdp_options(self, overrides: dict[str, Any] | None) -> FsdpSpec:
+        try:
+            return FsdpSpec(**{**self.config.fsdp.model_dump(), **(overrides or {})})
+        except ValidationError as e:
+            raise ValueError(_validation_message(e, "training_config.fsdp_config")) from None
+
+    def submit(self, *, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
+               algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
+               rows: list[dict] | None, validation_rows: list[dict] | None) -> dict[str, Any]:
+        if not job_uuid or not DATASET_ID.match(job_uuid):
+            raise ValueError("job_uuid: must be 1-128 letters, digits, '.', '_' or '-'")
+        try:
+            self.jobs.store.get(job_uuid)
+            raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
+        except UnknownJobError:
+            pass
+        torch_run = self.torch_run_options(training_config.torch_run_config)
+        fsdp = self.fsdp_options(training_config.fsdp_config)
+        world_size = torch_run.nproc_per_node * torch_run.nnodes
+        self._check_fsdp(fsdp, torch_run, world_size)
+        dc = training_config.data_config
+        if dc is None:
+            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        train_rows = rows if rows is not None else self.dataset_rows(dc.dataset_id, "training_config.data_config.dataset_id")
+        val_rows = validation_rows
+        if val_rows is None and dc.validation_dataset_id:
+            val_rows = self.dataset_rows(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
+        try:
+            spec = prepare_job(
+                job_uuid=job_uuid, method=method, model=model, training_config=training_config,
+                algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
+                defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows, fsdp=fsdp,
+            )
+            (Path(spec.run_dir) / "torchrun.json").write_text(torch_run.model_dump_json())
+            resources = {
+                "method": method,
+                "model": spec.model,
+                "world_size": world_size,
+                "nnodes": torch_run.nnodes,
+                "nproc_per_node": torch_run.nproc_per_node,
+                "node_rank": torch_run.node_rank,
+                "device_type": device_type(),
+                "backend": backend(),
+                "fsdp": fsdp.model_dump(),
+            }
+            self.jobs.submit(spec, resources=resources)
+        except ValueError:
+            shutil.rmtree(self.data_dir / "runs" / job_uuid, ignore_errors=True)
+            raise
+        return {"job_uuid": job_uuid}
+
+    @staticmethod
+    def _check_fsdp(fsdp: FsdpSpec, torch_run: TorchRunOptions, world_size: int) -> None:
+        """Refuse what would train wrongly or cannot run here, before anything starts."""
+        import torch
+
+        mesh_shape(fsdp, world_size, torch_run.nproc_per_node)
+        if torch.cuda.is_available() and torch_run.nproc_per_node > torch.cuda.device_count():
+            raise ValueError(
+                f"training_config.torch_run_config.nproc_per_node: {torch_run.nproc_per_node} processes but this "
+                f"node has {torch.cuda.device_count()} GPUs"
+            )
+        if torch_run.nproc_per_node > (os.cpu_count() or 1) * 4 and device_type() == "cpu":
+            raise ValueError(
+                f"training_config.torch_run_config.nproc_per_node: {torch_run.nproc_per_node} processes on "
+                f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
+            )
+
+    def view(self, job_uuid: str) -> dict[str, Any]:
+        return self.jobs.job_view(job_uuid)

@@ -1,0 +1,188 @@
+"""HTTP routes of the FSDP training service.
+
+The 0.2.12 post-training API under /v1/post-training (query-string job routes), and the shapes of later
+Llama Stack releases under /v1alpha/post-training (also `jobs/{job_uuid}/status|cancel|artifacts`).
+Plus dataset uploads, job logs, and /health. Handlers are plain functions: FastAPI runs them in its
+thread pool, so a long submission never blocks status polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from ...jobs.store import ACTIVE
+from ...post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig, method_of
+from .jobs import FsdpJobService
+
+
+class SupervisedFineTuneRequest(BaseModel):
+    job_uuid: str
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
+    model: str
+    checkpoint_dir: str | None = None
+    algorithm_config: SFTAlgorithmConfig | None = None
+    rows: list[dict[str, Any]] | None = None  # inline rows instead of an uploaded dataset
+    validation_rows: list[dict[str, Any]] | None = None
+
+
+class PreferenceOptimizeRequest(BaseModel):
+    job_uuid: str
+    finetuned_model: str
+    algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    rows: list[dict[str, Any]] | None = None
+    validation_rows: list[dict[str, Any]] | None = None
+
+
+class JobRef(BaseModel):
+    job_uuid: str
+
+
+def post_training_router(service: FsdpJobService) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/supervised-fine-tune")
+    def supervised_fine_tune(req: SupervisedFineTuneRequest) -> dict[str, str]:
+        return service.submit(
+            job_uuid=req.job_uuid, method=method_of(req.algorithm_config), model=req.model,
+            training_config=req.training_config, algorithm_config=req.algorithm_config,
+            logger_config=req.logger_config, checkpoint_dir=req.checkpoint_dir, rows=req.rows,
+            validation_rows=req.validation_rows,
+        )
+
+    @r.post("/preference-optimize")
+    def preference_optimize(req: PreferenceOptimizeRequest) -> dict[str, str]:
+        return service.submit(
+            job_uuid=req.job_uuid, method="dpo", model=req.finetuned_model, training_config=req.training_config,
+            algorithm_config=req.algorithm_config, logger_config=req.logger_config,
+            checkpoint_dir=req.checkpoint_dir, rows=req.rows, validation_rows=req.validation_rows,
+        )
+
+    @r.get("/jobs")
+    def list_jobs() -> dict[str, list[dict[str, str]]]:
+        return {"data": [{"job_uuid": j.job_uuid, "status": j.status} for j in service.jobs.store.list()]}
+
+    @r.get("/job/status")
+    def job_status(job_uuid: str = Query(...)) -> dict[str, Any]:
+        return service.view(job_uuid)
+
+    @r.post("/job/cancel")
+    def job_cancel(ref: JobRef) -> None:
+        service.jobs.cancel(ref.job_uuid)
+
+    @r.get("/job/artifacts")
+    def job_artifacts(job_uuid: str = Query(...)) -> dict[str, Any]:
+        view = service.view(job_uuid)
+        return {"job_uuid": job_uuid, "checkpoints": view["checkpoints"]}
+
+    @r.get("/job/logs")
+    async def job_logs(job_uuid: str = Query(...), tail: int = Query(100, ge=0, le=100000),
+                       follow: bool = False, rank: int | None = Query(None, ge=0)):
+        """The job's log (rank 0's under torchrun, or `rank`'s); `follow` streams new lines until it ends."""
+        job = service.jobs.store.get(job_uuid)
+        logs = Path(job.run_dir) / "logs"
+        path = logs / (f"rank{rank}.log" if rank is not None else "rank0.log")
+        if not path.exists():
+            path = logs / "train.log"
+        if not follow:
+            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
+            return {"job_uuid": job_uuid, "log_file": str(path), "log_lines": lines}
+        return StreamingResponse(_follow(service, job_uuid, path, tail), media_type="text/plain")
+
+    # Later Llama Stack releases: jobs/{job_uuid}/status|cancel|artifacts
+    r.add_api_route("/jobs/{job_uuid}/status", lambda job_uuid: job_status(job_uuid), methods=["GET"])
+    r.add_api_route("/jobs/{job_uuid}/artifacts", lambda job_uuid: job_artifacts(job_uuid), methods=["GET"])
+    r.add_api_route("/jobs/{job_uuid}/cancel", lambda job_uuid: job_cancel(JobRef(job_uuid=job_uuid)), methods=["POST"])
+    return r
+
+
+async def _follow(service: FsdpJobService, job_uuid: str, path: Path, tail: int):
+    lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
+    for line in lines:
+        yield line + "\n"
+    pos = path.stat().st_size if path.exists() else 0
+    while True:
+        if path.exists() and path.stat().st_size > pos:
+            with open(path, errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            yield chunk
+        elif service.jobs.store.get(job_uuid).status not in ACTIVE:
+            return
+        await asyncio.sleep(0.5)
+
+
+def datasets_router(service: FsdpJobService) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/datasets/{dataset_id}/rows")
+    async def upload_rows(dataset_id: str, request: Request, append: bool = False) -> dict[str, Any]:
+        """Store rows as the service dataset `dataset_id`: a JSONL body (streamed to disk, any size) or,
+        with content-type application/json, a JSON list. `append=true` adds to an existing dataset, so
+        large datasets can also be sent in chunks."""
+        path = service.dataset_path(dataset_id)
+        tmp = path.with_suffix(f".upload-{id(request)}")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            data = json.loads(await request.body())
+            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+                raise ValueError("body: a JSON body must be a list of row objects")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in data))
+        else:
+            last = b"\n"
+            with open(tmp, "wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+                    last = chunk[-1:] or last
+                if last != b"\n":  # keep appended chunks on separate lines
+                    f.write(b"\n")
+        try:
+            rows = await asyncio.to_thread(count_jsonl_rows, tmp)
+        except ValueError:
+            tmp.unlink()
+            raise
+        if append and path.exists():
+            with open(path, "ab") as out, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, out)
+            tmp.unlink()
+        else:
+            tmp.replace(path)
+        return {"dataset_id": dataset_id, "rows": rows, "appended": append}
+
+    @r.get("/datasets")
+    def list_datasets() -> dict[str, Any]:
+        return {"data": service.list_datasets()}
+
+    return r
+
+
+def count_jsonl_rows(path: Path) -> int:
+    """Rows in a JSONL file; raises ValueError naming the first line that is not a JSON object."""
+    rows = 0
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"body: line {n} is not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"body: line {n} is a {type(row).__name__}, not a row object")
+            rows += 1
+    if rows == 0:
+        raise ValueError("body: no rows")
+    return rows
