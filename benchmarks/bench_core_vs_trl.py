@@ -8,20 +8,27 @@ checkpointing, same max_length / lr / seed / number of steps, a log every step) 
   core  our recipe, `providers.training.recipes.{sft,dpo}.train(spec, RunFiles)` in this process,
         i.e. with `RunReporter` writing metrics.jsonl and rewriting status.json at every log,
 
-alternating bare, core, bare, core ... `--repeats` times after one discarded warm-up of each, and
-prints the median steps/s of each and the ratio core/bare.
+alternating bare, core, core, bare, ... `--repeats` times each after one discarded warm-up of each,
+and prints a table of the median steps/s of each side and the ratio core/bare.
 
-The measured quantity is the training loop only: steps / `train_runtime`, the trainer's own timer
-(from just before `on_train_begin` to the end of the last step; model loading, dataset
-tokenization, the final evaluation and model save are outside it). The wall time of the whole
-`trainer.train()` call (adds dataloader set-up and the final log) is shown next to it. For
-information, the end-to-end wall time of `python -m providers.training.run RUN_DIR` (process
+What is measured (all in one process, torch threads equal, 1 by default):
+  loop    steps / `train_runtime`, the trainer's own timer around the training loop (from just before
+          `on_train_begin` to the end of the last step). Model loading, dataset tokenization, the final
+          evaluation and the model save are outside it.
+  paired  the median over i of core_i / bare_i for the runs done back to back.
+  CPU     steps / process CPU time (user + sys) of `trainer.train()`: less sensitive to other load on a
+          shared machine, but blind to time spent waiting on I/O.
+  RunReporter  time inside the core's callback, timed by wrapping its methods. The two loops run the
+          same trainer config (checked: the differing fields are printed) and produce the same losses,
+          so this callback is the whole difference, and 1 - (its share of the core loop) is the ratio
+          measured directly ("implied"), free of run-to-run noise.
+For information, the end-to-end wall time of `python -m providers.training.run RUN_DIR` (process
 start, imports, loading, training, final eval and save) is measured once per method at the end.
 
 Usage (from the repository root, venv active):
 
-    python benchmarks/bench_core_vs_trl.py                 # sft + dpo, 60 steps, 3 repeats
-    python benchmarks/bench_core_vs_trl.py --methods sft --steps 100 --repeats 5
+    python benchmarks/bench_core_vs_trl.py                 # sft + dpo, 60 steps, 5 repeats, 1 thread
+    python benchmarks/bench_core_vs_trl.py --methods sft --steps 200 --repeats 9 --no-e2e
     python benchmarks/bench_core_vs_trl.py --profile       # + cProfile of one core run per method
 
 This is a benchmark, not a test: it asserts nothing, the machine may be shared and noisy.
@@ -33,7 +40,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import json
 import os
 import pstats
 import shutil
@@ -59,6 +65,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
+from providers.training.components import RunReporter  # noqa: E402
 from providers.training.data import normalize_rows, write_jsonl  # noqa: E402
 from providers.training.recipes import dpo as core_dpo  # noqa: E402
 from providers.training.recipes import sft as core_sft  # noqa: E402
@@ -80,16 +87,37 @@ _orig_train = transformers.Trainer.train
 
 
 def _timed_train(self, *args, **kwargs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = _orig_train(self, *args, **kwargs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     losses = [h["loss"] for h in self.state.log_history if "loss" in h]
-    _TRAIN_CALLS.append({"wall": wall, "runtime": out.metrics["train_runtime"],
+    _TRAIN_CALLS.append({"wall": wall, "cpu": cpu, "runtime": out.metrics["train_runtime"],
                          "steps": self.state.global_step, "losses": losses})
     return out
 
 
 transformers.Trainer.train = _timed_train  # SFTTrainer/DPOTrainer inherit train() from Trainer
+
+# Time spent inside the core's own callback (RunReporter: metrics.jsonl append + status.json rewrite per
+# log): a direct, noise-robust measure of the core's per-step overhead, next to the noisy ratio.
+_CALLBACK_S = [0.0, 0.0]  # wall, CPU (thread time)
+
+
+def _timed(fn):
+    def wrapper(*args, **kwargs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _CALLBACK_S[0] += time.perf_counter() - t0
+            _CALLBACK_S[1] += time.thread_time() - c0
+
+    return wrapper
+
+
+for _name in ("on_train_begin", "on_log", "on_step_end", "on_step_begin", "on_save"):
+    if _name in RunReporter.__dict__:
+        setattr(RunReporter, _name, _timed(RunReporter.__dict__[_name]))
 
 
 # --------------------------------------------------------------------------- #
@@ -197,6 +225,7 @@ def run_core(method: str, steps: int, model: str, rows: list[dict], work: Path, 
     spec.save()
     recipe = core_sft if method == "sft" else core_dpo
     prof = cProfile.Profile() if profile else None
+    _CALLBACK_S[:] = [0.0, 0.0]
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -206,10 +235,10 @@ def run_core(method: str, steps: int, model: str, rows: list[dict], work: Path, 
         prof.disable()
         prof.dump_stats(profile)
     total = time.perf_counter() - t0
-    return {**_TRAIN_CALLS.pop(), "total": total}
+    return {**_TRAIN_CALLS.pop(), "total": total, "callback": _CALLBACK_S[0], "callback_cpu": _CALLBACK_S[1]}
 
 
-def run_e2e(method: str, steps: int, model: str, rows: list[dict], work: Path, threads: int) -> float:
+def run_e2e(method: str, steps: int, model: str, rows: list[dict], work: Path, threads: int) -> tuple[float, float]:
     run_dir = work / f"e2e-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)
     write_jsonl(rows, run_dir / "train.jsonl")
@@ -222,7 +251,8 @@ def run_e2e(method: str, steps: int, model: str, rows: list[dict], work: Path, t
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         raise RuntimeError(f"providers.training.run failed for {method} (rc {r.returncode})")
-    return wall
+    runtime = [m["train_runtime"] for m in RunFiles(run_dir).read_metrics() if "train_runtime" in m]
+    return wall, (runtime[-1] if runtime else float("nan"))
 
 
 def config_diff(method: str, steps: int, model: str, rows: list[dict], work: Path) -> dict:
@@ -240,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="steps of the discarded warm-up run of each side")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # 1 by default: on a small shared machine, with as many OpenMP threads as cores any other busy
+    # process stalls the threads at every barrier and single runs come out 5-10x slow.
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "tiny_models"))
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench_core_vs_trl"))
     p.add_argument("--no-e2e", action="store_true", help="skip the `python -m providers.training.run` timing")
@@ -277,17 +309,22 @@ def main(argv: list[str] | None = None) -> None:
             for side in order:
                 r = (run_bare if side == "bare" else run_core)(method, args.steps, model, rows, work)
                 results[method][side].append(r)
+                cb = (f", in RunReporter {1000 * r['callback'] / r['steps']:.2f} ms/step wall "
+                      f"{1000 * r['callback_cpu'] / r['steps']:.2f} CPU" if "callback" in r else "")
                 print(f"  {method} {side:4s} #{i + 1}: {r['steps'] / r['runtime']:6.2f} steps/s "
-                      f"(train_runtime {r['runtime']:.2f}s, train() {r['wall']:.2f}s, final loss {r['losses'][-1]:.4f})",
-                      flush=True)
+                      f"(train_runtime {r['runtime']:.2f}s, train() {r['wall']:.2f}s wall {r['cpu']:.2f}s CPU{cb}, "
+                      f"final loss {r['losses'][-1]:.4f})", flush=True)
         if args.profile:
             prof_path = work / f"core-{method}.prof"
             run_core(method, args.steps, model, rows, work, profile=prof_path)
             s = io.StringIO()
-            pstats.Stats(str(prof_path), stream=s).sort_stats("cumulative").print_stats(
-                r"run_files|components\.py.*(on_log|on_train_begin)|json/__init__|encoder|os\.replace|pathlib")
-            print(f"\n[{method}] cProfile of one core run (RunReporter / RunFiles functions):")
-            print("\n".join(line for line in s.getvalue().splitlines()[-25:] if line.strip()))
+            st = pstats.Stats(str(prof_path), stream=s).sort_stats("cumulative")
+            st.print_stats(r"_inner_training_loop|training_step|run_files\.py|components\.py:\d+\(on_|"
+                           r"posix\.replace|write_text|json/__init__|io\.open")
+            lines = s.getvalue().splitlines()
+            start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+            print(f"\n[{method}] cProfile of one core run, training loop vs the core's reporting (cumulative s):")
+            print("\n".join(line for line in lines[start:] if line.strip()))
 
     e2e = {}
     if not args.no_e2e:
@@ -295,25 +332,38 @@ def main(argv: list[str] | None = None) -> None:
             e2e[method] = run_e2e(method, args.steps, model, rows_for(method, args.steps), work, args.threads)
 
     # ------------------------------------------------------------------- table
-    med = lambda rs, key: statistics.median(r["steps"] / r[key] for r in rs)  # noqa: E731
-    print("\nsteps/s, median of", args.repeats, "(training loop = steps / train_runtime; train() = steps / wall of trainer.train())")
-    hdr = f"{'method':6s} {'bare loop':>10s} {'core loop':>10s} {'ratio':>7s}   {'bare train()':>12s} {'core train()':>12s} {'ratio':>7s}   {'final loss bare / core':>24s} {'max |dloss|':>11s}"
+    def rate(rs, key, agg=statistics.median):
+        return agg(r["steps"] / r[key] for r in rs)
+
+    print(f"\nsteps/s, median over {args.repeats} alternating runs each.\n"
+          "  loop:   steps / train_runtime (the trainer's own timer around the training loop), wall clock\n"
+          "  paired: median over i of core_i / bare_i, the runs done back to back\n"
+          "  CPU:    steps / process CPU time of trainer.train() (user+sys; least sensitive to other load)\n"
+          "  RunReporter: time inside the core's callback (metrics.jsonl append + status.json rewrite per log)\n"
+          "               as a share of the core's loop, wall (median) and CPU (callback CPU / train() CPU, median);\n"
+          "               the loops differ only by this callback (same config, same losses), so 1 - wall share\n"
+          "               is the core/bare ratio measured directly, without the run-to-run noise ('implied')")
+    hdr = (f"{'method':6s} {'bare loop':>9s} {'core loop':>9s} {'ratio':>6s} {'paired':>6s} | {'bare CPU':>9s} "
+           f"{'core CPU':>9s} {'ratio':>6s} | {'RunReporter wall/CPU':>20s} {'implied':>7s} | {'final loss bare / core':>22s} {'max|dloss|':>10s}")
     print(hdr)
     print("-" * len(hdr))
     for method, rs in results.items():
-        b_loop, c_loop = med(rs["bare"], "runtime"), med(rs["core"], "runtime")
-        b_wall, c_wall = med(rs["bare"], "wall"), med(rs["core"], "wall")
-        lb, lc = rs["bare"][-1]["losses"], rs["core"][-1]["losses"]
+        b, c = rs["bare"], rs["core"]
+        b_med, c_med = rate(b, "runtime"), rate(c, "runtime")
+        paired = statistics.median(rb["runtime"] / rc["runtime"] for rb, rc in zip(b, c))
+        b_cpu, c_cpu = rate(b, "cpu"), rate(c, "cpu")
+        cb_share = statistics.median(r["callback"] / r["runtime"] for r in c)
+        cb_cpu_share = statistics.median(r["callback_cpu"] / r["cpu"] for r in c)
+        lb, lc = b[-1]["losses"], c[-1]["losses"]
         dmax = max(abs(x - y) for x, y in zip(lb, lc)) if len(lb) == len(lc) else float("nan")
-        print(f"{method:6s} {b_loop:10.2f} {c_loop:10.2f} {c_loop / b_loop:7.3f}   {b_wall:12.2f} {c_wall:12.2f} "
-              f"{c_wall / b_wall:7.3f}   {lb[-1]:11.4f} / {lc[-1]:<10.4f} {dmax:11.2e}")
-    print(f"\ntarget: core >= 0.97x bare")
+        print(f"{method:6s} {b_med:9.2f} {c_med:9.2f} {c_med / b_med:6.3f} {paired:6.3f} | {b_cpu:9.2f} {c_cpu:9.2f} "
+              f"{c_cpu / b_cpu:6.3f} | {100 * cb_share:8.2f}% / {100 * cb_cpu_share:6.2f}% {1 - cb_share:7.3f} | {lb[-1]:9.4f} / {lc[-1]:<10.4f} {dmax:10.2e}")
+    print("\ntarget: core >= 0.97x bare (ratio = core / bare)")
     if e2e:
-        print("\nend-to-end `python -m providers.training.run RUN_DIR` wall time (process start, imports, load, "
-              f"{args.steps} steps, final eval + save), for information:")
-        for method, wall in e2e.items():
-            loop = statistics.median(r["runtime"] for r in results[method]["core"])
-            print(f"  {method}: {wall:.1f}s  (of which training loop ~{loop:.1f}s)")
+        print("\nend-to-end `python -m providers.training.run RUN_DIR` (process start, imports, model load, "
+              f"{args.steps} steps, final eval + save), one run each, for information:")
+        for method, (wall, runtime) in e2e.items():
+            print(f"  {method}: {wall:.1f}s wall, of which training loop {runtime:.2f}s")
 
 
 if __name__ == "__main__":

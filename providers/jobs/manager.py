@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -167,6 +168,20 @@ class JobManager:
         deadline = time.monotonic() + 10
         while self.store.get(job_uuid).status in ACTIVE and time.monotonic() < deadline:
             time.sleep(0.02)
+        return self.store.get(job_uuid)
+
+    def resume(self, job_uuid: str) -> JobRecord:
+        """Run a failed or cancelled job again; training continues from its newest checkpoint."""
+        job = self.store.get(job_uuid)
+        if job.status not in ("failed", "cancelled"):
+            raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+        with self._lock:
+            self._cancelled.discard(job_uuid)
+            self.store.update(job_uuid, status="scheduled", error=None, completed_at=None)
+            files = RunFiles(job.run_dir)
+            shutil.rmtree(files.ranks, ignore_errors=True)  # the previous attempt's rank reports
+            files.update_status(state="scheduled", error=None)
+        self._pump()
         return self.store.get(job_uuid)
 
     def shutdown(self) -> None:

@@ -83,6 +83,11 @@ def post_training_router(service: FsdpJobService) -> APIRouter:
     def job_cancel(ref: JobRef) -> None:
         service.jobs.cancel(ref.job_uuid)
 
+    @r.post("/job/resume")
+    def job_resume(ref: JobRef) -> dict[str, str]:
+        """Run a failed or cancelled job again from its newest checkpoint (exact resume)."""
+        return {"job_uuid": ref.job_uuid, "status": service.jobs.resume(ref.job_uuid).status}
+
     @r.get("/job/artifacts")
     def job_artifacts(job_uuid: str = Query(...)) -> dict[str, Any]:
         view = service.view(job_uuid)
