@@ -12,6 +12,7 @@ Both providers and the FSDP service use them, so a request means the same thing 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -171,6 +172,18 @@ class ProviderDefaults(BaseModel):
     allowed_checkpoint_roots: list[str] | None = None  # None: anywhere
 
 
+# A job_uuid names the job's run directory (and its checkpoint subdirectory): no path separators, and no
+# leading '.', so that '.' and '..' can never point a run directory (or its clean-up) outside data_dir/runs.
+JOB_UUID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+def check_job_uuid(job_uuid: str) -> None:
+    if not isinstance(job_uuid, str) or not JOB_UUID.match(job_uuid):
+        raise ValueError(
+            f"job_uuid: {job_uuid!r} must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+
+
 def check_checkpoint_dir(path: str | None, allowed_roots: list[str] | None) -> None:
     if path is None or allowed_roots is None:
         return
@@ -282,7 +295,10 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any) -> dict[s
         if d.method != "output":
             from .training.components import check_same_tokenizer
 
-            check_same_tokenizer(model, spec.teacher_model)
+            try:
+                check_same_tokenizer(model, spec.teacher_model)
+            except ValueError as e:
+                raise ValueError(f"algorithm_config.teacher_model: {e}") from None
         return {"distill": spec, "peft": _peft_spec(d.student_peft)}
     return {"peft": _peft_spec(algorithm_config)}
 
@@ -330,6 +346,7 @@ def prepare_job(
     fsdp=None,
 ) -> JobSpec:
     """Validate a request, write its rows into a new run directory, and return the job's spec."""
+    check_job_uuid(job_uuid)
     if training_config.data_config is None:
         raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
     check_model_path(model, "model" if method != "dpo" else "finetuned_model")

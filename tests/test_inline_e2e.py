@@ -286,6 +286,23 @@ def test_bad_sft_request_is_400_naming_the_field(server, client, student, case):
     assert_server_answers(server, client)
 
 
+@pytest.mark.parametrize("job_uuid", ["..", ".", "../escape", "a/b", ".hidden", ""])
+def test_job_uuid_that_is_not_a_plain_name_is_400_and_deletes_nothing(server, client, student, job_uuid):
+    """A job_uuid names the run directory: '..' with a bad dataset once wiped the whole data dir."""
+    def snapshot():
+        runs = server.data_dir / "runs"
+        return sorted(p.name for p in server.data_dir.iterdir()), sorted(runs.iterdir()) if runs.exists() else []
+
+    before, jobs_before = snapshot(), [j.job_uuid for j in client.post_training.job.list()]
+    with pytest.raises(BadRequestError) as e:
+        sft(client, job_uuid, student, _with_data(training_config(steps=2), dataset_id="wrong_format"))
+    assert (server.data_dir / "jobs.db").is_file()
+    assert snapshot() == before
+    assert "job_uuid" in str(e.value), str(e.value)
+    assert [j.job_uuid for j in client.post_training.job.list()] == jobs_before
+    assert_server_answers(server, client)
+
+
 def test_model_that_is_not_a_causal_lm_is_400(server, client, encoder_model_dir):
     with pytest.raises(BadRequestError) as e:
         sft(client, new_id("bad-bert"), encoder_model_dir, training_config(steps=2))
@@ -537,7 +554,7 @@ def test_distill_logit_with_other_tokenizer_teacher_is_400(server, client, stude
     with pytest.raises(BadRequestError) as e:
         sft(client, new_id("distill-tok"), student, training_config("toy_small", steps=2),
             algorithm_config=distill_config(tiny_models["other_tokenizer_student"], "logit"))
-    assert "teacher" in str(e.value) and "tokenizer" in str(e.value), str(e.value)
+    assert "algorithm_config.teacher_model" in str(e.value) and "tokenizer" in str(e.value), str(e.value)
     assert_server_answers(server, client)
 
 
@@ -706,3 +723,29 @@ def test_restart_keeps_finished_jobs_and_fails_the_running_one(llama_stack_facto
         stop_reaper.set()
         set_child_subreaper(False)
         kill_pids([p for p, _ in processes_mentioning(run_dir)])
+
+
+def test_restart_leaves_a_reused_pid_alone(llama_stack_factory, run_yaml, tmp_path_factory):
+    """A job recorded as running when the server (and machine) went down: by the next start its pid may
+    belong to an unrelated process group, which the recovery must not signal."""
+    import subprocess
+
+    from providers.jobs.store import JobRecord, JobStore
+
+    data_dir = tmp_path_factory.mktemp("stale_pid_data")
+    run_dir = data_dir / "runs" / "stale-job"
+    run_dir.mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        store = JobStore(data_dir / "jobs.db")
+        store.create(JobRecord(job_uuid="stale-job", method="sft", run_dir=str(run_dir), status="in_progress",
+                               scheduled_at="2026-01-01T00:00:00+00:00", started_at="2026-01-01T00:00:01+00:00",
+                               pid=bystander.pid))
+        del store
+        server = llama_stack_factory(run_yaml, data_dir)
+        status = server.client().post_training.job.status(job_uuid="stale-job")
+        assert status.status == "failed" and "restart" in status.resources_allocated["error"], status
+        assert bystander.poll() is None, "the recovery signalled a process group that was not the job's"
+    finally:
+        bystander.kill()
+        bystander.wait()

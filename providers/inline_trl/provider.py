@@ -25,6 +25,7 @@ from ..post_training_api import (
     ProviderDefaults,
     SFTAlgorithmConfig,
     TrainingConfig,
+    check_job_uuid,
     fetch_rows,
     method_of,
     prepare_job,
@@ -60,8 +61,7 @@ class TrlPostTrainingImpl:
 
     async def _submit(self, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
                       algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None) -> PostTrainingJob:
-        if not job_uuid:
-            raise ValueError("job_uuid: must not be empty")
+        check_job_uuid(job_uuid)  # before anything touches data_dir/runs/<job_uuid>
         try:
             self.jobs.store.get(job_uuid)
             raise ValueError(f"job_uuid: a job named {job_uuid!r} already exists")
@@ -77,6 +77,8 @@ class TrlPostTrainingImpl:
         if dc.validation_dataset_id:
             val_rows = await fetch_rows(self.datasetio, dc.validation_dataset_id,
                                         "training_config.data_config.validation_dataset_id")
+        run_dir = self.data_dir / "runs" / job_uuid
+        run_dir_existed = run_dir.exists()
         try:
             spec = prepare_job(
                 job_uuid=job_uuid, method=method, model=model, training_config=training_config,
@@ -87,7 +89,8 @@ class TrlPostTrainingImpl:
         except DuplicateJobError as e:
             raise ValueError(f"job_uuid: {e}") from None
         except ValueError:
-            shutil.rmtree(self.data_dir / "runs" / job_uuid, ignore_errors=True)
+            if not run_dir_existed:  # only what this request created
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
         return PostTrainingJob(job_uuid=job_uuid)
 

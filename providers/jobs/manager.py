@@ -52,6 +52,31 @@ def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
         pass
 
 
+def process_group_runs(pgid: int, run_dir: str) -> bool:
+    """Whether process group `pgid` still holds a process of the job in `run_dir` (its command line names
+    the run dir). After a reboot a recorded pid may belong to an unrelated process group, which must not
+    be signalled. Where /proc is missing the group is assumed to be the job's."""
+    if not process_group_alive(pgid):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    needle = str(run_dir).encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            if needle in (entry / "cmdline").read_bytes():
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
 class JobManager:
     def __init__(
         self,
@@ -74,7 +99,7 @@ class JobManager:
         """After a restart: jobs that were running lost their supervisor; stop what is left of them and
         mark them failed. Jobs still waiting in the queue stay scheduled and will run."""
         for job in self.store.list(statuses=("in_progress",)):
-            if job.pid and process_group_alive(job.pid):
+            if job.pid and process_group_runs(job.pid, job.run_dir):
                 kill_process_group(job.pid)
             reason = "the server restarted while the job was running"
             RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())

@@ -65,9 +65,9 @@ def main(run_dir: str) -> int:
             from .fsdp import init_distributed
 
             init_distributed(spec)
-        from .recipes import distill, dpo, sft
+        from .recipes import distill, dpo, sft, teacher
 
-        recipe = {"sft": sft, "dpo": dpo, "distill": distill}[spec.method]
+        recipe = {"sft": sft, "dpo": dpo, "distill": distill, "teacher": teacher}[spec.method]
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         traceback.print_exc()

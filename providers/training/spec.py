@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-Method = Literal["sft", "dpo", "distill"]
+Method = Literal["sft", "dpo", "distill", "teacher"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 # PEFT methods that train under TRL 1.16's trainers on a Llama model (see shared FACTS.md).
@@ -106,10 +106,20 @@ class DpoSpec(Strict):
         return self
 
 
+class TeacherSpec(Strict):
+    """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
+
+    teacher_model: str
+    top_k: PositiveInt | None = 20  # None: answers only (enough for the output method)
+    max_new_tokens: PositiveInt = 32
+    generation_batch_size: PositiveInt = 16
+    shard_rows: PositiveInt = 1000  # rows per JSONL shard
+
+
 class DistillSpec(Strict):
     method: Literal["output", "logit", "hybrid"] = "logit"
-    teacher_model: str | None = None  # path; None only with cached teacher logits
-    teacher_logits_dir: str | None = None  # cached top-k teacher log-probs (no teacher in memory)
+    teacher_model: str | None = None  # path of a live teacher; None with teacher_outputs_dir
+    teacher_outputs_dir: str | None = None  # a teacher task's shards: no teacher in memory while training
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)  # hybrid: alpha * CE + (1 - alpha) * T^2 * KL
     kl_direction: Literal["forward", "reverse"] = "forward"
@@ -118,10 +128,8 @@ class DistillSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DistillSpec:
-        if self.teacher_model is None and self.teacher_logits_dir is None:
-            raise ValueError("distillation needs teacher_model (a path) or teacher_logits_dir")
-        if self.method == "output" and self.teacher_model is None:
-            raise ValueError("the output distillation method needs teacher_model to generate answers")
+        if (self.teacher_model is None) == (self.teacher_outputs_dir is None):
+            raise ValueError("distillation needs exactly one of teacher_model (a path) and teacher_outputs_dir")
         return self
 
 
@@ -168,6 +176,7 @@ class JobSpec(Strict):
     peft: PeftSpec | None = None
     dpo: DpoSpec | None = None
     distill: DistillSpec | None = None
+    teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     fsdp: FsdpSpec | None = None  # set: run under torchrun with FSDP
@@ -178,6 +187,8 @@ class JobSpec(Strict):
             self.dpo = DpoSpec()
         if self.method == "distill" and self.distill is None:
             raise ValueError("method 'distill' needs distillation settings")
+        if self.method == "teacher" and self.teacher is None:
+            raise ValueError("method 'teacher' needs teacher settings")
         return self
 
     def save(self, path: str | Path | None = None) -> Path:

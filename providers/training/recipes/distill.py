@@ -4,7 +4,14 @@
 - logit:  the student matches the teacher's token distributions at temperature T:  T^2 * KL.
 - hybrid: alpha * CE(labels) + (1 - alpha) * T^2 * KL.
 KL is forward KL(teacher || student) by default, reverse KL(student || teacher) on request, over the
-completion tokens only. The loss step is the only code of our own; the loop is TRL's SFTTrainer.
+completion tokens only.
+
+With a live teacher the loop is TRL's SFTTrainer with our loss step. With a teacher task's cached
+outputs (`teacher_outputs_dir`) no teacher is loaded: `output` is SFT on the cached answers, and
+`logit`/`hybrid` use the cached top-k log-probs, in a transformers Trainer with our collator and loss
+step (TRL has no trainer for stored teacher logits). On the k cached tokens, forward KL is the
+cross-entropy of the student's full-vocabulary distribution against the renormalized teacher top-k;
+reverse KL renormalizes the student over the same k tokens.
 """
 
 from __future__ import annotations
@@ -13,9 +20,20 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
 from trl import SFTTrainer
 
-from ..components import check_same_tokenizer, load_model, load_tokenizer
+from ..components import (
+    callbacks,
+    check_same_tokenizer,
+    latest_checkpoint,
+    load_model,
+    load_tokenizer,
+    peft_config,
+    prepare,
+    save_final,
+    trainer_args,
+)
 from ..data import load_dataset, write_jsonl
 from ..run_files import RunFiles
 from ..spec import DistillSpec, JobSpec
@@ -91,8 +109,123 @@ def teacher_answers(spec: JobSpec, rows: list[dict]) -> list[dict]:
     return out
 
 
+def soft_targets(topk_logprobs, temperature: float):
+    """Teacher top-k log-probs -> log-probs at temperature T, renormalized over the k tokens."""
+    return F.log_softmax(topk_logprobs / temperature, dim=-1)
+
+
+class CachedLogitsCollator:
+    """Pads teacher-task rows: input_ids, labels (answer tokens only) and, per position that predicts an
+    answer token, the teacher's top-k ids and log-probs."""
+
+    def __init__(self, pad_token_id: int, max_len: int):
+        self.pad = pad_token_id
+        self.max_len = max_len
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = min(self.max_len, max(len(r["input_ids"]) for r in rows))
+        k = len(rows[0]["topk_ids"][0])
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad),
+            "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+            "labels": torch.full((len(rows), width), -100),
+            "topk_ids": torch.zeros(len(rows), width, k, dtype=torch.long),
+            "topk_logprobs": torch.zeros(len(rows), width, k),
+        }
+        for i, r in enumerate(rows):
+            ids = r["input_ids"][:width]
+            n, s = len(ids), r["completion_start"]
+            batch["input_ids"][i, :n] = torch.tensor(ids)
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, s:n] = torch.tensor(ids[s:])
+            # Row t holds the teacher's distribution for token t + 1: answer token j sits at s + j.
+            m = min(len(r["topk_ids"]), n - s)
+            batch["topk_ids"][i, s - 1 : s - 1 + m] = torch.tensor(r["topk_ids"][:m])
+            batch["topk_logprobs"][i, s - 1 : s - 1 + m] = torch.tensor(r["topk_logprobs"][:m])
+        return batch
+
+
+class CachedDistillationTrainer(Trainer):
+    """alpha * CE + (1 - alpha) * T^2 * KL against cached teacher top-k log-probs."""
+
+    def __init__(self, *args, distill: DistillSpec, **kw):
+        super().__init__(*args, **kw)
+        self.distill = distill
+        self.alpha = 0.0 if distill.method == "logit" else distill.alpha
+        self.extra_metrics: dict[str, list[float]] = {"hard_loss": [], "soft_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logits = outputs.logits[:, -labels.shape[1]:][:, :-1]  # prompt-learning PEFT prepends virtual tokens
+        target = labels[:, 1:]
+        mask = target != -100
+        n_tokens = mask.sum().clamp(min=1)
+        T = self.distill.temperature
+        hard = F.cross_entropy(logits[mask], target[mask], reduction="sum") / n_tokens
+        student = F.log_softmax(logits[mask] / T, dim=-1).gather(-1, inputs["topk_ids"][:, :-1][mask])
+        teacher = soft_targets(inputs["topk_logprobs"][:, :-1][mask], T)
+        if self.distill.kl_direction == "forward":
+            kl = (teacher.exp() * (teacher - student)).sum()
+        else:
+            student = F.log_softmax(student, dim=-1)
+            kl = (student.exp() * (student - teacher)).sum()
+        soft = T * T * kl / n_tokens
+        if model.training:
+            self.extra_metrics["hard_loss"].append(hard.item())
+            self.extra_metrics["soft_loss"].append(soft.item())
+        loss = self.alpha * hard + (1 - self.alpha) * soft
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kw) -> None:
+        if "loss" in logs:
+            for key, values in self.extra_metrics.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+                    values.clear()
+        super().log(logs, *args, **kw)
+
+
+def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -> dict:
+    from datasets import Dataset
+
+    d = spec.distill
+    if "topk_ids" not in rows[0]:
+        raise ValueError(f"{d.teacher_outputs_dir} has answers but no top-k log-probs (teacher top_k was null): "
+                         f"method {d.method!r} needs them; use method 'output'")
+    check_same_tokenizer(spec.model, d.teacher_outputs_dir)
+    tokenizer = load_tokenizer(spec.model)
+    model = load_model(spec.model, spec.dtype)
+    if spec.peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(spec.peft))
+    train_ds = Dataset.from_list(rows)
+    reporter, cbs = callbacks(spec, files, tokenizer)
+    args = TrainingArguments(**trainer_args(spec, len(train_ds), has_eval=False), remove_unused_columns=False)
+    trainer = CachedDistillationTrainer(
+        model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+        data_collator=CachedLogitsCollator(tokenizer.pad_token_id, spec.data.max_seq_len), callbacks=cbs, distill=d,
+    )
+    prepare(trainer, spec).train(
+        resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None
+    )
+    return save_final(trainer, spec, files, reporter)
+
+
 def train(spec: JobSpec, files: RunFiles) -> dict:
     d = spec.distill
+    if d.teacher_outputs_dir:
+        from datasets import Dataset
+
+        from .teacher import read_shards
+
+        rows = read_shards(d.teacher_outputs_dir)
+        if not rows:
+            raise ValueError(f"teacher_outputs_dir {d.teacher_outputs_dir} holds no teacher outputs")
+        if d.method == "output":
+            return sft.train(spec, files, train_ds=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]))
+        return train_from_cached_logits(spec, files, rows)
     if d.method == "output":
         rows = load_dataset(spec.data.train_file).to_list()
         generated = teacher_answers(spec, rows)
