@@ -352,7 +352,9 @@ def part_overhead(svc: Service, model: str, work: Path, procs: list, args) -> di
 # --------------------------------------------------------------------------- #
 # Part 2: status-poll latency, open loop
 # --------------------------------------------------------------------------- #
-def drive(url: str, job_uuid: str, rate: float, duration: float, workers: int) -> dict:
+def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers: int, path: str = STATUS) -> dict:
+    """Open-loop GETs of `path` (?job_uuid= when given) at `rate` req/s for `duration` s."""
+    params = {"job_uuid": job_uuid} if job_uuid else None
     n = int(rate * duration)
     results: list[tuple | None] = [None] * n
     counter = itertools.count()
@@ -363,7 +365,7 @@ def drive(url: str, job_uuid: str, rate: float, duration: float, workers: int) -
     def worker() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
             with contextlib.suppress(httpx.HTTPError):
-                client.get(STATUS, params={"job_uuid": job_uuid})  # open the keep-alive connection
+                client.get(path, params=params)  # open the keep-alive connection
             ready.wait()
             t0 = start["t0"]
             while True:
@@ -378,11 +380,11 @@ def drive(url: str, job_uuid: str, rate: float, duration: float, workers: int) -
                 sent = time.perf_counter()
                 error = None
                 try:
-                    r = client.get(STATUS, params={"job_uuid": job_uuid})
+                    r = client.get(path, params=params)
                     if r.status_code != 200:
                         error = f"HTTP {r.status_code}"
                     else:
-                        r.json()
+                        r.content
                 except Exception as e:  # noqa: BLE001 - every failure is a counted error
                     error = type(e).__name__
                 results[i] = (due, sent, time.perf_counter(), error)
@@ -406,7 +408,7 @@ def drive(url: str, job_uuid: str, rate: float, duration: float, workers: int) -
     missing = n - len(done)
     if missing:
         errors["not sent"] = missing
-    span = (max(r[2] for r in done) - min(r[1] for r in done)) if done else float("nan")
+    span = (max(r[2] for r in done) - start["t0"]) if done else float("nan")  # from the first due time
     return {
         "requests": n,
         "ok": len(ok),
@@ -438,132 +440,244 @@ def steps_between(run_dir: Path, t_from: float, t_to: float) -> int:
     return n
 
 
-def profile_status_path(svc: Service, job_uuid: str, iterations: int) -> dict:
-    """Take GET job/status apart, in this process, against the live data dir (reads only)."""
-    from fastapi.encoders import jsonable_encoder
-
-    from providers.jobs.manager import JobManager
-    from providers.jobs.store import JobStore
-    from providers.training.run_files import RunFiles
-
-    store = JobStore(svc.data_dir / "jobs.db")  # opens the same WAL database; creates nothing new
-    fake_manager = SimpleNamespace(store=store)
-    job = store.get(job_uuid)
-    files = RunFiles(job.run_dir)
-
-    def view():
-        return JobManager.job_view(fake_manager, job_uuid)
-
-    def encode():
-        return json.dumps(jsonable_encoder(view()), ensure_ascii=False, allow_nan=False,
-                          separators=(",", ":")).encode()
-
-    v = view()
-    parts = {
-        "store.get (SQLite)": lambda: store.get(job_uuid),
-        "read_status (status.json)": files.read_status,
-        "rank_reports (glob + json)": files.rank_reports,
-        "job_view total": view,
-        "jsonable_encoder(view)": lambda: jsonable_encoder(v),
-        "json.dumps (JSONResponse)": lambda: json.dumps(jsonable_encoder(v), separators=(",", ":")),
-        "view + encode": encode,
-    }
-    out = {}
-    for name, fn in parts.items():
-        fn()
-        samples = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t) * 1000)
-        out[name] = {"p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99), "max_ms": max(samples)}
-
-    # The real routes (routes.post_training_router) in a bare FastAPI app, called as ASGI in this process:
-    # FastAPI/Starlette routing, the sync auth dependency and sync handler (each a thread-pool hop), the
-    # response model and JSON encoding; no uvicorn, no socket. Once with create_app's auth dependency
-    # (a plain `def`, as there), once without it.
-    out.update(asgi_timings(fake_manager, view, job_uuid, iterations))
-
-    # serial HTTP probe: one request at a time, no concurrency (latency floor of the full stack)
-    serial = []
-    with httpx.Client(base_url=svc.url, timeout=10) as client:
-        client.get(STATUS, params={"job_uuid": job_uuid})
-        for _ in range(iterations):
-            t = time.perf_counter()
-            client.get(STATUS, params={"job_uuid": job_uuid})
-            serial.append((time.perf_counter() - t) * 1000)
-        health = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            client.get("/health")
-            health.append((time.perf_counter() - t) * 1000)
-    out["HTTP GET job/status, serial"] = {"p50_ms": pct(serial, 50), "p99_ms": pct(serial, 99), "max_ms": max(serial)}
-    out["HTTP GET /health, serial"] = {"p50_ms": pct(health, 50), "p99_ms": pct(health, 99), "max_ms": max(health)}
-
-    prof = cProfile.Profile()
-    prof.enable()
+def timed(fn, iterations: int) -> dict:
+    fn()
+    samples = []
     for _ in range(iterations):
-        encode()
-    prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(18)
-    out["_cprofile"] = text.getvalue()
-    out["_view_bytes"] = len(encode())
-    out["_status_json_bytes"] = files.status.stat().st_size if files.status.exists() else 0
-    out["_rank_files"] = len(list(files.ranks.glob("rank*.json")))
-    return out
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99), "max_ms": max(samples)}
 
 
-def asgi_timings(fake_manager, view, job_uuid: str, iterations: int) -> dict:
+def snapshot_data_dir(svc: Service, job_uuid: str, shadow: Path) -> Path:
+    """A copy of the service's data dir holding only `job_uuid`: jobs.db (SQLite backup API) and the job's
+    run dir (status.json, rank reports, spec), with the job's pid cleared so that an app started on it
+    (whose restart recovery marks in_progress jobs failed and kills their pid) cannot touch the live job.
+    shadow.json records what recovery will overwrite, for `open_snapshot` to put back."""
+    import sqlite3
+
+    data = shadow / "data"
+    (data / "runs").mkdir(parents=True)
+    src = sqlite3.connect(str(svc.data_dir / "jobs.db"))
+    dst = sqlite3.connect(str(data / "jobs.db"))
+    src.backup(dst)
+    src.close()
+    new_run = data / "runs" / job_uuid
+    shutil.copytree(svc.run_dir(job_uuid), new_run, ignore=shutil.ignore_patterns("checkpoints", "logs", "*.jsonl"))
+    (new_run / "logs").mkdir(exist_ok=True)
+    (status,) = dst.execute("SELECT status FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
+    dst.execute("DELETE FROM jobs WHERE job_uuid != ?", [job_uuid])
+    dst.execute("UPDATE jobs SET pid = NULL, run_dir = ? WHERE job_uuid = ?", [str(new_run), job_uuid])
+    dst.commit()
+    dst.close()
+    status_file = new_run / "status.json"
+    (data / "shadow.json").write_text(json.dumps({
+        "job_uuid": job_uuid, "status": status,
+        "status_json": status_file.read_text() if status_file.exists() else None}))
+    return data
+
+
+def open_snapshot(data: Path, port: int = 0):
+    """`create_app` on a snapshot made by `snapshot_data_dir`, the job's record and status.json put back."""
+    from providers.remote_fsdp.service.app import create_app
+    from providers.remote_fsdp.service.config import ServiceConfig
+
+    meta = json.loads((data / "shadow.json").read_text())
+    app = create_app(ServiceConfig(data_dir=str(data), host=HOST, port=port or free_port()))
+    service = app.state.service
+    service.jobs.store.update(meta["job_uuid"], status=meta["status"], error=None, completed_at=None)
+    if meta["status_json"] is not None:
+        (Path(service.jobs.store.get(meta["job_uuid"]).run_dir) / "status.json").write_text(meta["status_json"])
+    return app, service
+
+
+def shadow_app(svc: Service, job_uuid: str, shadow: Path):
+    return open_snapshot(snapshot_data_dir(svc, job_uuid, shadow))
+
+
+VARIANT_SYNC = "/bench/job/status-sync"
+VARIANT_ASYNC = "/bench/job/status-async"
+
+
+def shadow_server(data: str, port: int) -> None:
+    """Child process (--shadow-server): the real app on a snapshot, plus two variants of the status route
+    that produce the same JSON with fewer thread-pool hops, for an A/B under the same load:
+      VARIANT_SYNC   a plain `def` route, no auth dependency, returns a JSONResponse: 1 hop (the endpoint);
+      VARIANT_ASYNC  an `async def` route doing the same: 0 hops (the view runs on the event loop).
+    The real route has 3: the sync auth dependency, the sync endpoint, and the validation of its
+    `-> dict[str, Any]` return annotation (a response model), which FastAPI runs in the pool too."""
+    import uvicorn
+    from fastapi import Query
+    from fastapi.responses import JSONResponse
+
+    app, service = open_snapshot(Path(data), port)
+    view = service.view
+    for route in app.router.routes:  # the status route's own view (DistributedJobs.view where it exists)
+        endpoint = getattr(route, "endpoint", None)
+        if getattr(route, "path", "") == STATUS and getattr(endpoint, "__closure__", None):
+            cells = dict(zip(endpoint.__code__.co_freevars, (c.cell_contents for c in endpoint.__closure__)))
+            for name in ("distributed", "service"):
+                if hasattr(cells.get(name), "view"):
+                    view = cells[name].view
+                    break
+
+    def status_sync(job_uuid: str = Query(...)):
+        return JSONResponse(view(job_uuid))
+
+    async def status_async(job_uuid: str = Query(...)):
+        return JSONResponse(view(job_uuid))
+
+    app.add_api_route(VARIANT_SYNC, status_sync, methods=["GET"])
+    app.add_api_route(VARIANT_ASYNC, status_async, methods=["GET"])
+    print(f"shadow app: view = {getattr(view, '__qualname__', view)}", flush=True)
+    uvicorn.run(app, host=HOST, port=port, log_level="warning")
+
+
+def asgi_get(app, path: str, query: str = ""):
+    """One GET through the ASGI app in this process (routing, dependencies, thread pool, encoding)."""
     import asyncio
 
-    from fastapi import Depends, FastAPI, Request
-
-    from providers.remote_fsdp.service.routes import post_training_router
-
-    service = SimpleNamespace(view=lambda uuid: view(), jobs=fake_manager)
-
-    def require_token(request: Request) -> None:  # create_app's, with no api_token configured
-        return None
-
-    apps = {}
-    for label, deps in (("ASGI in-process, with auth dep", [Depends(require_token)]),
-                        ("ASGI in-process, no auth dep", [])):
-        app = FastAPI()
-        app.include_router(post_training_router(service), prefix="/v1/post-training", dependencies=deps)
-        apps[label] = app
-
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": STATUS, "raw_path": STATUS.encode(), "root_path": "",
-             "query_string": f"job_uuid={job_uuid}".encode(), "headers": [(b"host", b"127.0.0.1")],
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": query.encode(), "headers": [(b"host", b"127.0.0.1")],
              "client": (HOST, 1), "server": (HOST, 80)}
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def run() -> dict:
-        out = {}
-        for label, app in apps.items():
-            samples = []
-            for k in range(iterations + 5):
-                sent: list = []
+    async def call(n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            sent: list = []
 
-                async def send(message, sent=sent):
-                    sent.append(message)
+            async def send(message, sent=sent):
+                sent.append(message)
 
-                t = time.perf_counter()
-                await app(dict(scope), receive, send)
-                if k >= 5:
-                    samples.append((time.perf_counter() - t) * 1000)
-                if sent[0]["status"] != 200:
-                    raise RuntimeError(f"{label}: HTTP {sent[0]['status']}")
-            out[label] = {"p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99), "max_ms": max(samples)}
-        return out
+            t = time.perf_counter()
+            await app(dict(scope), receive, send)
+            samples.append((time.perf_counter() - t) * 1000)
+            if sent[0]["status"] != 200:
+                raise RuntimeError(f"ASGI GET {path}: HTTP {sent[0]['status']}")
+        return samples
 
-    return asyncio.run(run())
+    return lambda n: asyncio.run(call(n))
 
 
-def part_polling(svc: Service, model: str, args) -> dict:
+def profile_status_path(svc: Service, job_uuid: str, iterations: int, shadow: Path) -> dict:
+    """Take GET job/status apart in this process: its parts against the live data dir (reads only), and
+    the whole route through the real app (create_app) on a snapshot of the data dir, via ASGI."""
+    from fastapi.encoders import jsonable_encoder
+
+    from providers.jobs.store import JobStore
+    from providers.training.run_files import RunFiles
+
+    out: dict = {}
+
+    def attempt(label: str, fn) -> None:
+        try:
+            out[label] = timed(fn, iterations)
+        except Exception as e:  # noqa: BLE001 - the product is being edited; report, do not stop
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
+
+    store = JobStore(svc.data_dir / "jobs.db")  # the live WAL database; creates nothing new
+    files = RunFiles(store.get(job_uuid).run_dir)
+    attempt("store.get (SQLite, live)", lambda: store.get(job_uuid))
+    attempt("read_status (status.json, live)", files.read_status)
+    attempt("rank_reports (glob+json, live)", files.rank_reports)
+
+    app = service = None
+    try:
+        app, service = shadow_app(svc, job_uuid, shadow)
+    except Exception as e:  # noqa: BLE001
+        out["create_app on a snapshot"] = {"error": f"{type(e).__name__}: {e}"}
+    if service is not None:
+        attempt("service.view (job_view)", lambda: service.view(job_uuid))
+        with contextlib.suppress(Exception):
+            view = service.view(job_uuid)
+            attempt("jsonable_encoder(view)", lambda: jsonable_encoder(view))
+            attempt("json.dumps(view)", lambda: json.dumps(view, separators=(",", ":")))
+            out["_view_bytes"] = len(json.dumps(view))
+        for label, path, query in (("ASGI GET job/status (full route)", STATUS, f"job_uuid={job_uuid}"),
+                                   ("ASGI GET /health (sync, no auth)", "/health", ""),
+                                   ("ASGI GET /docs (async)", "/docs", "")):
+            try:
+                call = asgi_get(app, path, query)
+                call(5)
+                samples = call(iterations)
+                out[label] = {"p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99), "max_ms": max(samples)}
+            except Exception as e:  # noqa: BLE001
+                out[label] = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            prof = cProfile.Profile()
+            call = asgi_get(app, STATUS, f"job_uuid={job_uuid}")
+            prof.enable()
+            call(iterations)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
+            out["_cprofile"] = text.getvalue()
+        except Exception as e:  # noqa: BLE001
+            out["_cprofile"] = f"{type(e).__name__}: {e}"
+        with contextlib.suppress(Exception):
+            service.jobs.store._db.close()
+
+    # the live service, one request at a time (no concurrency): the latency floor of the whole stack
+    with httpx.Client(base_url=svc.url, timeout=10) as client:
+        attempt("HTTP GET job/status, serial", lambda: client.get(STATUS, params={"job_uuid": job_uuid}))
+        attempt("HTTP GET /docs, serial", lambda: client.get("/docs"))
+    out["_status_json_bytes"] = files.status.stat().st_size if files.status.exists() else 0
+    out["_rank_files"] = len(list(files.ranks.glob("rank*.json")))
+    return out
+
+
+def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:
+    """Start a second server (`--shadow-server`: the real app on a snapshot of the data dir, plus two
+    leaner status routes) and drive the real route and the variants on it, under the same training load."""
+    data = snapshot_data_dir(svc, job_uuid, shadow)
+    port = free_port()
+    log = shadow / "shadow-server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--shadow-server", str(data), str(port)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"shadow server exited: {log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("shadow server did not start")
+            time.sleep(0.3)
+        real = httpx.get(url + STATUS, params={"job_uuid": job_uuid}).json()
+        for path in (VARIANT_SYNC, VARIANT_ASYNC):
+            same = httpx.get(url + path, params={"job_uuid": job_uuid}).json() == real
+            print(f"  snapshot server: {path} answers {'the same JSON as' if same else 'DIFFERENT JSON from'} "
+                  f"job/status", flush=True)
+        phase("training: snap job/status", job_uuid, STATUS, url)
+        phase("training: snap 1-hop sync", job_uuid, VARIANT_SYNC, url)
+        phase("training: snap async", job_uuid, VARIANT_ASYNC, url)
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the product is being edited
+        print(f"  variants skipped: {type(e).__name__}: {e}", flush=True)
+    finally:
+        kill_group(proc.pid, grace_s=5)
+
+
+def renice_job(run_dir: Path, niceness: int) -> int:
+    """Set every thread of the job's processes (torchrun agent and ranks) to `niceness`; returns how many
+    processes. A diagnostic only: what launching the ranks at a lower priority would buy the service."""
+    pids = pids_mentioning(str(run_dir))
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+    return len(pids)
+
+
+def part_polling(svc: Service, model: str, work: Path, args) -> dict:
     name = "poll-long"
     print(f"\n== 2. GET job/status at {args.rate:g} req/s for {args.duration:g}s, {args.workers} client "
           f"threads, open loop ==", flush=True)
@@ -579,24 +693,40 @@ def part_polling(svc: Service, model: str, args) -> dict:
     run_dir = svc.run_dir(name)
     print(f"  long job training (step {svc.status(name)['resources_allocated'].get('step')}), load {loadavg()}",
           flush=True)
-    # training speed before the load, for comparison with the speed under it
     t_a = time.time()
-    time.sleep(args.duration / 3)
+    time.sleep(min(5.0, args.duration / 3))
     steps_before = steps_between(run_dir, t_a, time.time()) / (time.time() - t_a)
-    t_b = time.time()
-    loaded = drive(svc.url, name, args.rate, args.duration, args.workers)
-    t_c = time.time()
-    loaded["train_steps_per_s"] = steps_between(run_dir, t_b, t_c) / (t_c - t_b)
-    loaded["train_steps_per_s_before"] = steps_before
-    loaded["loadavg_after"] = loadavg()
-    still = svc.status(name)["status"]
-    print(f"  loaded: p50 {loaded['p50_ms']:.2f} ms, p99 {loaded['p99_ms']:.2f} ms, max {loaded['max_ms']:.1f} ms, "
-          f"errors {loaded['errors']}, {loaded['achieved_rate']:.1f} req/s; job {still}, load {loadavg()}", flush=True)
+    phases: dict[str, dict] = {}
 
+    def phase(label: str, job: str | None, path: str = STATUS, url: str | None = None) -> dict:
+        t_b = time.time()
+        r = drive(url or svc.url, job, args.rate, args.duration, args.workers, path)
+        t_c = time.time()
+        r["path"] = path
+        r["train_steps_per_s"] = steps_between(run_dir, t_b, t_c) / (t_c - t_b)
+        r["loadavg_after"] = loadavg()
+        phases[label] = r
+        print(f"  {label:28s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  max {r['max_ms']:7.1f} ms  "
+              f"errors {r['errors']}  {r['achieved_rate']:.1f} req/s  train {r['train_steps_per_s']:.1f} steps/s  "
+              f"load {loadavg()}", flush=True)
+        return r
+
+    loaded = phase("training: job/status", name)
     prof = None
     if args.profile or loaded["p99_ms"] >= args.p99_target_ms:
-        print("  profiling the status path (job still training) ...", flush=True)
-        prof = profile_status_path(svc, name, args.profile_iterations)
+        print(f"  p99 {'target missed' if loaded['p99_ms'] >= args.p99_target_ms else '(--profile)'}: taking "
+              f"the status path apart while the job still trains ...", flush=True)
+        prof = profile_status_path(svc, name, args.profile_iterations, work / "shadow-training")
+        # The same load on routes doing less: /docs is an async route (event loop only: uvicorn, h11,
+        # Starlette, the client); /health is a sync route without the auth dependency (one thread-pool
+        # hop, one SQLite query). If they are as slow as job/status, the status route's work is not the cause.
+        phase("training: /docs (async)", None, "/docs")
+        phase("training: /health (sync)", None, "/health")
+        if not args.no_variants:
+            variants(svc, name, work / "shadow-variants", phase)
+        n = renice_job(run_dir, 19)
+        print(f"  reniced {n} processes of the job (all threads) to nice 19", flush=True)
+        phase("training nice 19: job/status", name)
 
     t = time.time()
     svc.cancel(name)
@@ -605,15 +735,10 @@ def part_polling(svc: Service, model: str, args) -> dict:
     print(f"  cancelled in {cancel_s:.2f}s -> {final}; {len(pids_mentioning(str(run_dir)))} processes of it left",
           flush=True)
     time.sleep(2)  # let the machine settle after the ranks died
-    idle = drive(svc.url, name, args.rate, args.duration, args.workers)
-    idle["loadavg_after"] = loadavg()
-    print(f"  idle:   p50 {idle['p50_ms']:.2f} ms, p99 {idle['p99_ms']:.2f} ms, max {idle['max_ms']:.1f} ms, "
-          f"errors {idle['errors']}, {idle['achieved_rate']:.1f} req/s, load {loadavg()}", flush=True)
-    idle_prof = None
-    if prof is not None:
-        idle_prof = profile_status_path(svc, name, args.profile_iterations)
-    return {"loaded": loaded, "idle": idle, "cancel_s": cancel_s, "cancel_state": final,
-            "profile_loaded": prof, "profile_idle": idle_prof}
+    phase("idle: job/status", name)
+    idle_prof = profile_status_path(svc, name, args.profile_iterations, work / "shadow-idle") if prof else None
+    return {"phases": phases, "train_steps_per_s_before": steps_before, "cancel_s": cancel_s,
+            "cancel_state": final, "profile_loaded": prof, "profile_idle": idle_prof}
 
 
 # --------------------------------------------------------------------------- #
@@ -641,35 +766,48 @@ def report(results: dict, args) -> None:
         print(f"   all runs, t0 -> first step: service {svc_all} s; by hand {hand_all} s")
     po = results.get("polling")
     if po:
-        lo, idle = po["loaded"], po["idle"]
-        print(f"\n2. GET job/status, open loop {args.rate:g} req/s x {args.duration:g}s "
-              f"(target p99 < {args.p99_target_ms:g} ms, 0 errors)")
-        print(f"   {'':26s} {'training':>10s} {'idle':>10s} {'ratio':>7s}")
+        phases = po["phases"]
+        lo, idle = phases["training: job/status"], phases["idle: job/status"]
+        print(f"\n2. open-loop GETs, {args.rate:g} req/s x {args.duration:g}s each, {args.workers} client threads "
+              f"(target for job/status while training: p99 < {args.p99_target_ms:g} ms, 0 errors)")
+        cols = list(phases)
+        short = {c: c.replace("training", "train").replace(": ", "\n") for c in cols}
+        width = max(14, *(len(line) + 1 for c in cols for line in short[c].split("\n")))
+        for k in range(2):
+            print(f"   {'':26s}" + "".join(f"{(short[c].split(chr(10)) + [''])[k]:>{width}s}" for c in cols))
         for key, label in (("p50_ms", "p50 (ms)"), ("p90_ms", "p90 (ms)"), ("p99_ms", "p99 (ms)"),
                            ("max_ms", "max (ms)"), ("mean_ms", "mean (ms)"),
                            ("p99_from_due_ms", "p99 from due time (ms)"),
-                           ("p99_client_late_ms", "p99 client lateness (ms)")):
-            a, b = lo[key], idle[key]
-            print(f"   {label:26s} {a:10.2f} {b:10.2f} {a / b if b else float('nan'):7.2f}")
+                           ("p99_client_late_ms", "p99 client lateness (ms)"),
+                           ("achieved_rate", "achieved rate (req/s)"),
+                           ("train_steps_per_s", "training steps/s")):
+            print(f"   {label:26s}" + "".join(f"{phases[c][key]:{width}.2f}" for c in cols))
         for key, label in (("over_20ms", "requests > 20 ms"), ("errors", "errors"), ("requests", "requests")):
-            print(f"   {label:26s} {lo[key]:10d} {idle[key]:10d}")
-        print(f"   {'achieved rate (req/s)':26s} {lo['achieved_rate']:10.1f} {idle['achieved_rate']:10.1f}")
-        print(f"   training steps/s: {lo['train_steps_per_s_before']:.2f} before the load, "
-              f"{lo['train_steps_per_s']:.2f} under it; cancel took {po['cancel_s']:.2f}s -> {po['cancel_state']}")
-        if lo["error_kinds"] or idle["error_kinds"]:
-            print(f"   error kinds: training {lo['error_kinds']}, idle {idle['error_kinds']}")
+            print(f"   {label:26s}" + "".join(f"{phases[c][key]:{width}d}" for c in cols))
+        ratio = {k: lo[k] / idle[k] if idle[k] else float("nan") for k in ("p50_ms", "p99_ms", "max_ms")}
+        print(f"   job/status training / idle: p50 x{ratio['p50_ms']:.1f}, p99 x{ratio['p99_ms']:.1f}, "
+              f"max x{ratio['max_ms']:.1f}")
+        print(f"   training steps/s before any load: {po['train_steps_per_s_before']:.2f}; "
+              f"cancel took {po['cancel_s']:.2f}s -> {po['cancel_state']}")
+        for c in cols:
+            if phases[c]["error_kinds"]:
+                print(f"   error kinds, {c}: {phases[c]['error_kinds']}")
         for label, prof in (("while training", po.get("profile_loaded")), ("idle", po.get("profile_idle"))):
             if not prof:
                 continue
             print(f"\n   status path, in-process, {label} ({args.profile_iterations} calls each; view "
-                  f"{prof['_view_bytes']} B, status.json {prof['_status_json_bytes']} B, "
+                  f"{prof.get('_view_bytes', '?')} B, status.json {prof['_status_json_bytes']} B, "
                   f"{prof['_rank_files']} rank files)")
             print(f"   {'':34s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}")
             for name, v in prof.items():
-                if not name.startswith("_"):
+                if name.startswith("_"):
+                    continue
+                if "error" in v:
+                    print(f"   {name:34s} n/a: {v['error'][:120]}")
+                else:
                     print(f"   {name:34s} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f} {v['max_ms']:8.2f}")
         if po.get("profile_loaded") and args.verbose_profile:
-            print("\n   cProfile (view + encode, while training):")
+            print("\n   cProfile of the ASGI job/status route in-process (while training), by own time:")
             print(po["profile_loaded"]["_cprofile"])
     print("=" * 78)
 
@@ -696,7 +834,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job-timeout", type=float, default=600)
     p.add_argument("--json", help="write all results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir")
+    p.add_argument("--no-variants", action="store_true",
+                   help="when profiling, skip the A/B of status-route variants on a snapshot server")
+    p.add_argument("--shadow-server", nargs=2, metavar=("DATA_DIR", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.shadow_server:
+        return shadow_server(args.shadow_server[0], int(args.shadow_server[1]))
 
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
@@ -720,11 +863,16 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_overhead:
             results["overhead"] = part_overhead(svc, model, work, procs, args)
         if not args.skip_polling:
-            results["polling"] = part_polling(svc, model, args)
+            results["polling"] = part_polling(svc, model, work, args)
         report(results, args)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
             print(f"results in {args.json}")
+    except BaseException:
+        if svc is not None and svc.proc.poll() is not None:
+            print(f"the service exited with code {svc.proc.returncode}; last lines of {svc.log}:\n"
+                  + "\n".join(svc.log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+        raise
     finally:
         if svc is not None:
             with contextlib.suppress(Exception):

@@ -152,6 +152,8 @@ def start_llama_stack(
         server = LlamaStackServer(proc, chosen, data_dir, log_path)
         try:
             wait_for_health(server.base_url, timeout=timeout, proc=proc, log_file=log_path)
+            if proc.poll() is not None:  # something else answered on that port and ours could not bind
+                raise RuntimeError(f"llama stack exited with code {proc.returncode}" + server.log_tail())
             return server
         except Exception as e:  # noqa: BLE001 - retried with another port, then re-raised
             last_error = e

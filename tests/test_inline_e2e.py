@@ -396,8 +396,7 @@ def test_sft_full_trains_and_saves_a_loadable_model(client, student, base_studen
 
     # It loads with the Auto classes, generates, and fits the task better than the untrained student.
     model, tok = load_causal(final)
-    n_new, text = generate(model, tok, toy_data["heldout_prompts"][0]["input_query"])
-    assert n_new >= 1 and isinstance(text, str)
+    assert generate(model, tok, toy_data["heldout_prompts"][0]["input_query"])[0] >= 1
     heldout = toy_data["heldout_prompts"][:10]
     before, after = mean_answer_nll(*base_student, heldout), mean_answer_nll(model, tok, heldout)
     assert after < before - 0.5, (before, after)
@@ -456,8 +455,7 @@ def test_sft_peft_method_trains_and_loads(client, student, base_student, toy_dat
     tok = AutoTokenizer.from_pretrained(final)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), str(final)).eval()
     query = toy_data["heldout_prompts"][0]["input_query"]
-    n_new, text = generate(model, tok, query)
-    assert n_new >= 1 and isinstance(text, str)
+    assert generate(model, tok, query)[0] >= 1
     assert not torch.allclose(last_logits(model, tok, query), last_logits(*base_student, query), atol=1e-5)
 
 
@@ -621,21 +619,21 @@ def test_queue_runs_one_job_at_a_time(server, client, student):
 def test_cancel_stops_the_job_and_all_its_processes(server, client, student):
     job_uuid = new_id("cancel")
     sft(client, job_uuid, student, training_config("toy", **LONG))
-    running = wait_for_step(client, job_uuid, min_step=1)
-    run_dir = running.resources_allocated["run_dir"]
-    pid = run_status_file(run_dir)["pid"]
-    assert pid == stored_pid(server.data_dir, job_uuid)  # the training process is the group leader
-    assert process_group_exists(pid)
-    assert processes_mentioning(run_dir), "the training process should be running before the cancel"
+    try:
+        running = wait_for_step(client, job_uuid, min_step=1)
+        run_dir = running.resources_allocated["run_dir"]
+        pid = run_status_file(run_dir)["pid"]
+        assert pid == stored_pid(server.data_dir, job_uuid)  # the training process leads its process group
+        assert process_group_exists(pid)
+        assert processes_mentioning(run_dir), "the training process should be running before the cancel"
+    finally:
+        client.post_training.job.cancel(job_uuid=job_uuid)
 
-    client.post_training.job.cancel(job_uuid=job_uuid)
     status = client.post_training.job.status(job_uuid=job_uuid)
     assert status.status == "cancelled", status
-    assert status.completed_at is not None
+    assert status.completed_at is not None and status.started_at <= status.completed_at
     assert run_status_file(run_dir)["state"] == "cancelled"
     assert_no_process_left(pid, run_dir)
-    step_at_cancel = run_status_file(run_dir).get("step") or 0
-    assert step_at_cancel < 25 * 400
     assert not Path(run_dir, "checkpoints", "final").exists()
     # Cancelling a finished job changes nothing.
     client.post_training.job.cancel(job_uuid=job_uuid)

@@ -90,7 +90,7 @@ class JobManager:
         self.max_concurrent_jobs = max_concurrent_jobs
         self.env = env or {}
         self._procs: dict[str, subprocess.Popen] = {}
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
         self._recover()
 
@@ -161,7 +161,8 @@ class JobManager:
         if first_rank_error:
             status["error"] = first_rank_error
         if job_uuid in self._cancelled:
-            state, error = "cancelled", None
+            reason = self._cancelled[job_uuid]
+            state, error = ("failed", reason) if reason else ("cancelled", None)
         elif code == 0 and status.get("state") == "completed":
             state, error = "completed", None
         else:
@@ -175,17 +176,19 @@ class JobManager:
         log.info("job %s %s", job_uuid, state)
         self._pump()
 
-    def cancel(self, job_uuid: str) -> JobRecord:
-        """Stop a job and every process it started. Cancelling a finished job changes nothing."""
+    def cancel(self, job_uuid: str, reason: str | None = None) -> JobRecord:
+        """Stop a job and every process it started: `cancelled`, or `failed` with `reason` when the job is
+        stopped because something else failed. Cancelling a finished job changes nothing."""
         job = self.store.get(job_uuid)
         if job.status not in ACTIVE:
             return job
         with self._lock:
-            self._cancelled.add(job_uuid)
+            self._cancelled[job_uuid] = reason
             proc = self._procs.get(job_uuid)
             if proc is None:  # still queued
-                self.store.update(job_uuid, status="cancelled", completed_at=utc_now())
-                RunFiles(job.run_dir).update_status(state="cancelled")
+                state = "failed" if reason else "cancelled"
+                self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
+                RunFiles(job.run_dir).update_status(state=state, error=reason)
                 return self.store.get(job_uuid)
         kill_process_group(proc.pid)
         proc.wait()
@@ -201,7 +204,7 @@ class JobManager:
         if job.status not in ("failed", "cancelled"):
             raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
         with self._lock:
-            self._cancelled.discard(job_uuid)
+            self._cancelled.pop(job_uuid, None)
             self.store.update(job_uuid, status="scheduled", error=None, completed_at=None)
             files = RunFiles(job.run_dir)
             shutil.rmtree(files.ranks, ignore_errors=True)  # the previous attempt's rank reports
@@ -213,7 +216,7 @@ class JobManager:
         """Stop running jobs (they are marked failed on the next start if this process dies first)."""
         for job_uuid, proc in list(self._procs.items()):
             if proc.poll() is None:
-                self._cancelled.add(job_uuid)
+                self._cancelled[job_uuid] = "the server shut down while the job was running"
                 kill_process_group(proc.pid)
 
     # -- views -------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class RunReporter(TrainerCallback):
     def __init__(self, files: RunFiles, spec: JobSpec):
         self.files = files
         self.spec = spec
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.is_main = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one status writer per node
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
         self._last_tokens: tuple[float, float] | None = None  # (time, tokens seen) at the previous log
@@ -219,7 +219,7 @@ class RunReporter(TrainerCallback):
             self.last_eval_loss = float(metrics["eval_loss"])
 
     def on_save(self, args, state, control, **kw):
-        if not self.is_main:
+        if not state.is_world_process_zero:  # the consolidated model is written by global rank 0
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self.files.add_checkpoint(

@@ -57,7 +57,7 @@ def main(run_dir: str) -> int:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.load(run_dir)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one status writer per node
     if is_main:
         files.update_status(state="starting", process_started_at=utc_now(), pid=os.getpid(), error=None)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +14,9 @@ from fastapi.responses import JSONResponse
 from ...jobs.store import DuplicateJobError, UnknownJobError
 from .config import ServiceConfig
 from .jobs import FsdpJobService
-from .routes import datasets_router, post_training_router
+from .distributed import DistributedJobs
+from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
+from .routes import datasets_router, nodes_router, post_training_router
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -25,8 +28,30 @@ def _error(status: int, detail) -> JSONResponse:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     service = FsdpJobService(config)
-    app = FastAPI(title="TRL FSDP post-training service", version="0.1.0")
+    local = Node(node_id=config.node_id, url=config.url, capabilities=local_capabilities(
+        config.model_dirs, config.node_address, config.gloo_socket_ifname))
+    registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
+    distributed = DistributedJobs(service, registry, config.api_token)
+    heartbeat = None
+    if config.coordinator:
+        heartbeat = HeartbeatSender(
+            config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
+            config.api_token, lambda: len(service.jobs.store.list(statuses=("in_progress",))),
+            config.heartbeat_interval_s,
+        )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if heartbeat:
+            heartbeat.start()
+        yield
+        if heartbeat:
+            heartbeat.stop.set()
+        service.jobs.shutdown()
+
+    app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan)
     app.state.service = service
+    app.state.registry = registry
 
     def require_token(request: Request) -> None:
         if config.api_token is None:
@@ -37,12 +62,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     auth = [Depends(require_token)]
     for prefix in ("/v1/post-training", "/v1alpha/post-training"):
-        app.include_router(post_training_router(service), prefix=prefix, dependencies=auth)
+        app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
+    app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "OK", "jobs_running": len(service.jobs.store.list(statuses=("in_progress",)))}
+        return {"status": "OK", "node_id": local.node_id,
+                "jobs_running": len(service.jobs.store.list(statuses=("in_progress",)))}
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError):
@@ -65,10 +92,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def duplicate(_: Request, exc: Exception):
         return _error(409, str(exc))
 
-    @app.on_event("shutdown")
-    def stop_jobs() -> None:
-        service.jobs.shutdown()
-
     return app
 
 
@@ -82,11 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc-per-node", type=int, help="default torchrun processes per job")
     parser.add_argument("--allowed-checkpoint-root", action="append", dest="allowed_checkpoint_roots",
                         help="a directory checkpoint_dir may point into (repeatable; the data dir always is)")
+    parser.add_argument("--node-id", help="this node's name (default: host name; env TRL_FSDP_NODE_ID)")
+    parser.add_argument("--coordinator", help="coordinator URL to register with (env TRL_FSDP_COORDINATOR)")
+    parser.add_argument("--advertise-url", help="URL other nodes use for this one (default http://HOST:PORT)")
+    parser.add_argument("--address", help="this node's address for torchrun/gloo (default HOST)")
+    parser.add_argument("--gloo-socket-ifname", help="network interface for gloo (env GLOO_SOCKET_IFNAME)")
+    parser.add_argument("--model-dir", action="append", dest="model_dirs",
+                        help="a model directory (or a folder of them) to advertise (repeatable)")
+    parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "allowed_checkpoint_roots": args.allowed_checkpoint_roots,
+        "node_id": args.node_id, "coordinator": args.coordinator, "advertise_url": args.advertise_url,
+        "address": args.address, "gloo_socket_ifname": args.gloo_socket_ifname, "model_dirs": args.model_dirs,
+        "down_after_s": args.down_after_s,
     }
     config = ServiceConfig.from_env(**overrides)
     if args.nproc_per_node:

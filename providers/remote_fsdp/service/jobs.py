@@ -15,13 +15,14 @@ from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
 from ...jobs.store import JobStore, UnknownJobError
-from ...post_training_api import ProviderDefaults, TrainingConfig, prepare_job
+from ...post_training_api import ProviderDefaults, TrainingConfig, method_of, prepare_job
 from ...training.components import device_type
 from ...training.fsdp import backend, mesh_shape
 from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec
 from .config import ServiceConfig
 from .launcher import TorchRunOptions, torchrun_command
+from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 
 DATASET_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -41,7 +42,8 @@ class FsdpJobService:
         self.defaults = ProviderDefaults(
             data_dir=str(self.data_dir), dtype=config.dtype, allowed_checkpoint_roots=config.checkpoint_roots()
         )
-        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs)
+        env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
+        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env)
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
@@ -146,6 +148,20 @@ class FsdpJobService:
                 f"training_config.torch_run_config.nproc_per_node: {torch_run.nproc_per_node} processes on "
                 f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
             )
+
+    def submit_request(self, route: str, request: Any) -> dict[str, Any]:
+        """Submit a supervised-fine-tune or preference-optimize request (a model or its JSON dict)."""
+        if route == "preference-optimize":
+            req = PreferenceOptimizeRequest.model_validate(request)
+            method, model = "dpo", req.finetuned_model
+        else:
+            req = SupervisedFineTuneRequest.model_validate(request)
+            method, model = method_of(req.algorithm_config), req.model
+        return self.submit(
+            job_uuid=req.job_uuid, method=method, model=model, training_config=req.training_config,
+            algorithm_config=req.algorithm_config, logger_config=req.logger_config,
+            checkpoint_dir=req.checkpoint_dir, rows=req.rows, validation_rows=req.validation_rows,
+        )
 
     def view(self, job_uuid: str) -> dict[str, Any]:
         return self.jobs.job_view(job_uuid)

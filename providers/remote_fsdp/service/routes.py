@@ -14,62 +14,33 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from ...jobs.store import ACTIVE
-from ...post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig, method_of
+from .distributed import DistributedJobs
 from .jobs import FsdpJobService
+from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from .nodes import Heartbeat, Node, NodeRegistry, Registration
 
 
-class SupervisedFineTuneRequest(BaseModel):
-    job_uuid: str
-    training_config: TrainingConfig
-    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
-    logger_config: dict[str, Any] = Field(default_factory=dict)
-    model: str
-    checkpoint_dir: str | None = None
-    algorithm_config: SFTAlgorithmConfig | None = None
-    rows: list[dict[str, Any]] | None = None  # inline rows instead of an uploaded dataset
-    validation_rows: list[dict[str, Any]] | None = None
-
-
-class PreferenceOptimizeRequest(BaseModel):
-    job_uuid: str
-    finetuned_model: str
-    algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
-    training_config: TrainingConfig
-    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
-    logger_config: dict[str, Any] = Field(default_factory=dict)
-    checkpoint_dir: str | None = None
-    rows: list[dict[str, Any]] | None = None
-    validation_rows: list[dict[str, Any]] | None = None
-
-
-class JobRef(BaseModel):
-    job_uuid: str
-
-
-def post_training_router(service: FsdpJobService) -> APIRouter:
+def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
     r = APIRouter()
+
+    def submit(route: str, req: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> dict[str, str]:
+        tc = req.training_config.torch_run_config or {}
+        if req.part_of is None and service.torch_run_options(tc).nnodes > 1:
+            return distributed.submit(route, req.model_dump(mode="json"))
+        return service.submit_request(route, req)
 
     @r.post("/supervised-fine-tune")
     def supervised_fine_tune(req: SupervisedFineTuneRequest) -> dict[str, str]:
-        return service.submit(
-            job_uuid=req.job_uuid, method=method_of(req.algorithm_config), model=req.model,
-            training_config=req.training_config, algorithm_config=req.algorithm_config,
-            logger_config=req.logger_config, checkpoint_dir=req.checkpoint_dir, rows=req.rows,
-            validation_rows=req.validation_rows,
-        )
+        return submit("supervised-fine-tune", req)
 
     @r.post("/preference-optimize")
     def preference_optimize(req: PreferenceOptimizeRequest) -> dict[str, str]:
-        return service.submit(
-            job_uuid=req.job_uuid, method="dpo", model=req.finetuned_model, training_config=req.training_config,
-            algorithm_config=req.algorithm_config, logger_config=req.logger_config,
-            checkpoint_dir=req.checkpoint_dir, rows=req.rows, validation_rows=req.validation_rows,
-        )
+        return submit("preference-optimize", req)
 
     @r.get("/jobs")
     def list_jobs() -> dict[str, list[dict[str, str]]]:
@@ -77,11 +48,11 @@ def post_training_router(service: FsdpJobService) -> APIRouter:
 
     @r.get("/job/status")
     def job_status(job_uuid: str = Query(...)) -> dict[str, Any]:
-        return service.view(job_uuid)
+        return distributed.view(job_uuid)
 
     @r.post("/job/cancel")
     def job_cancel(ref: JobRef) -> None:
-        service.jobs.cancel(ref.job_uuid)
+        distributed.cancel(ref.job_uuid)
 
     @r.post("/job/resume")
     def job_resume(ref: JobRef) -> dict[str, str]:
@@ -191,3 +162,24 @@ def count_jsonl_rows(path: Path) -> int:
     if rows == 0:
         raise ValueError("body: no rows")
     return rows
+
+
+def nodes_router(registry: NodeRegistry) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/nodes/register")
+    def register(reg: Registration) -> Node:
+        return registry.register(reg)
+
+    @r.post("/nodes/{node_id}/heartbeat")
+    def heartbeat(node_id: str, beat: Heartbeat) -> Node:
+        try:
+            return registry.heartbeat(node_id, beat)
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"node_id: {node_id!r} is not registered") from None
+
+    @r.get("/nodes")
+    def list_nodes() -> dict[str, list[Node]]:
+        return {"data": registry.nodes()}
+
+    return r

@@ -1,0 +1,39 @@
+"""Request bodies of the FSDP training service: Llama Stack's, plus inline rows and multi-node parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ...post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig
+
+
+class SupervisedFineTuneRequest(BaseModel):
+    job_uuid: str
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
+    model: str
+    checkpoint_dir: str | None = None
+    algorithm_config: SFTAlgorithmConfig | None = None
+    rows: list[dict[str, Any]] | None = None  # inline rows instead of an uploaded dataset
+    validation_rows: list[dict[str, Any]] | None = None
+    part_of: str | None = None  # set by a coordinator: this node's part of a multi-node job
+
+
+class PreferenceOptimizeRequest(BaseModel):
+    job_uuid: str
+    finetuned_model: str
+    algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    rows: list[dict[str, Any]] | None = None
+    validation_rows: list[dict[str, Any]] | None = None
+    part_of: str | None = None
+
+
+class JobRef(BaseModel):
+    job_uuid: str

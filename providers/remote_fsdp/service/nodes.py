@@ -1,0 +1,167 @@
+"""Nodes: every machine runs the same service; workers register with a coordinator and send heartbeats.
+
+Nodes are named (a URL each); nothing scans the network. A node that misses heartbeats for
+`down_after_s` is marked down and gets no new work; jobs with parts on it fail (see distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("providers.remote_fsdp")
+
+
+class Gpu(BaseModel):
+    name: str
+    memory_gb: float
+
+
+class Capabilities(BaseModel):
+    cpu_cores: int
+    ram_gb: float
+    gpus: list[Gpu] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)  # model directories on this node's disk
+    address: str = "127.0.0.1"  # how other nodes reach this one (torchrun master_addr, gloo)
+    gloo_socket_ifname: str | None = None
+
+    @property
+    def gpu_memory_gb(self) -> float:
+        return sum(g.memory_gb for g in self.gpus)
+
+
+class Node(BaseModel):
+    node_id: str
+    url: str
+    capabilities: Capabilities
+    state: str = "up"  # up | down
+    load: int = 0  # jobs running
+    registered_at: float = Field(default_factory=time.time)
+    last_heartbeat: float = Field(default_factory=time.time)
+
+
+class Registration(BaseModel):
+    node_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    url: str
+    capabilities: Capabilities
+
+
+class Heartbeat(BaseModel):
+    load: int = 0
+
+
+def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: str | None) -> Capabilities:
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(Gpu(name=p.name, memory_gb=round(p.total_memory / 2**30, 1)))
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    models = []
+    for root in model_dirs:
+        root_path = Path(root).expanduser()
+        if (root_path / "config.json").exists():
+            models.append(str(root_path))
+        models += sorted(str(p.parent) for p in root_path.glob("*/config.json"))
+    return Capabilities(cpu_cores=os.cpu_count() or 1, ram_gb=round(ram_gb, 1), gpus=gpus, models=models,
+                        address=address, gloo_socket_ifname=gloo_socket_ifname)
+
+
+class NodeRegistry:
+    """The coordinator's view of its nodes (itself included), persisted so a restart keeps them."""
+
+    def __init__(self, path: Path, local: Node, down_after_s: float = 10.0):
+        self.path = path
+        self.local = local
+        self.down_after_s = down_after_s
+        self._lock = threading.Lock()
+        self._nodes: dict[str, Node] = {local.node_id: local}
+        if path.exists():
+            for raw in json.loads(path.read_text()):
+                node = Node(**raw)
+                if node.node_id != local.node_id:
+                    self._nodes[node.node_id] = node
+
+    def _save(self) -> None:
+        remote = [n.model_dump() for n in self._nodes.values() if n.node_id != self.local.node_id]
+        self.path.write_text(json.dumps(remote, indent=2))
+
+    def register(self, reg: Registration) -> Node:
+        with self._lock:
+            if reg.node_id == self.local.node_id:
+                raise ValueError(f"node_id: {reg.node_id!r} is this coordinator's own name")
+            node = Node(node_id=reg.node_id, url=reg.url.rstrip("/"), capabilities=reg.capabilities)
+            self._nodes[node.node_id] = node
+            self._save()
+        log.info("node %s registered at %s", node.node_id, node.url)
+        return node
+
+    def heartbeat(self, node_id: str, beat: Heartbeat) -> Node:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                raise KeyError(node_id)
+            node.last_heartbeat, node.load, node.state = time.time(), beat.load, "up"
+            return node
+
+    def nodes(self) -> list[Node]:
+        now = time.time()
+        with self._lock:
+            for node in self._nodes.values():
+                if node.node_id == self.local.node_id:
+                    node.last_heartbeat, node.state = now, "up"
+                elif now - node.last_heartbeat > self.down_after_s:
+                    node.state = "down"
+            return [n.model_copy() for n in self._nodes.values()]
+
+    def get(self, node_id: str) -> Node:
+        for node in self.nodes():
+            if node.node_id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    def live(self) -> list[Node]:
+        """Up nodes, this one first, then by load."""
+        up = [n for n in self.nodes() if n.state == "up"]
+        return sorted(up, key=lambda n: (n.node_id != self.local.node_id, n.load))
+
+
+class HeartbeatSender(threading.Thread):
+    """A worker's link to its coordinator: register, then heartbeat; register again if forgotten."""
+
+    def __init__(self, coordinator: str, registration: Registration, token: str | None, load, interval_s: float = 2.0):
+        super().__init__(daemon=True, name="heartbeat")
+        self.coordinator = coordinator.rstrip("/")
+        self.registration = registration
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.load = load
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        registered = False
+        with httpx.Client(base_url=self.coordinator, headers=self.headers, timeout=5) as http:
+            while not self.stop.is_set():
+                try:
+                    if not registered:
+                        http.post("/v1/nodes/register", json=self.registration.model_dump()).raise_for_status()
+                        registered = True
+                        log.info("registered with coordinator %s as %s", self.coordinator, self.registration.node_id)
+                    r = http.post(f"/v1/nodes/{self.registration.node_id}/heartbeat", json={"load": self.load()})
+                    if r.status_code == 404:
+                        registered = False
+                        continue
+                    r.raise_for_status()
+                except httpx.HTTPError as e:
+                    log.warning("coordinator %s: %s", self.coordinator, e)
+                    registered = registered and not isinstance(e, httpx.HTTPStatusError)
+                self.stop.wait(self.interval_s)

@@ -1,0 +1,202 @@
+"""Multi-node FSDP jobs from one API call: two services, a coordinator and a worker that registered
+with it, as two hosts in two network namespaces joined by a veth pair (GLOO_SOCKET_IFNAME set, as on
+real machines). Where namespaces cannot be created, the two services share loopback instead, and the
+test output says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import processes_mentioning, stop_process_group, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACTIVE = ("scheduled", "in_progress")
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+class Network:
+    """Hosts A and B: in namespaces (10.231.0.1/.2 on a veth pair; the test reaches A through a second
+    veth, 10.231.1.2), or both on 127.0.0.1."""
+
+    def __init__(self):
+        self.tag = uuid.uuid4().hex[:6]
+        self.namespaces: list[str] = []
+        try:
+            self._create()
+            self.kind = "network namespaces"
+        except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as e:
+            self.destroy()
+            self.kind = f"loopback (namespaces unavailable: {e})"
+            self.a_addr = self.b_addr = self.test_addr_of_a = "127.0.0.1"
+            self.ifname = {"a": None, "b": None}
+
+    def _create(self) -> None:
+        a, b = f"trla{self.tag}", f"trlb{self.tag}"
+        for ns in (a, b):
+            sh("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        va, vb, vt, vh = f"va{self.tag}", f"vb{self.tag}", f"vt{self.tag}", f"vh{self.tag}"
+        sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+        sh("ip", "link", "set", va, "netns", a)
+        sh("ip", "link", "set", vb, "netns", b)
+        sh("ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", va)
+        sh("ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", vb)
+        sh("ip", "-n", a, "link", "set", va, "up")
+        sh("ip", "-n", b, "link", "set", vb, "up")
+        # The test (root namespace) talks HTTP to host A over a second link.
+        sh("ip", "link", "add", vh, "type", "veth", "peer", "name", vt)
+        sh("ip", "link", "set", vt, "netns", a)
+        sh("ip", "addr", "add", "10.231.1.1/24", "dev", vh)
+        sh("ip", "-n", a, "addr", "add", "10.231.1.2/24", "dev", vt)
+        sh("ip", "link", "set", vh, "up")
+        sh("ip", "-n", a, "link", "set", vt, "up")
+        self.host_veth = vh
+        self.a_addr, self.b_addr, self.test_addr_of_a = "10.231.0.1", "10.231.0.2", "10.231.1.2"
+        self.ifname = {"a": va, "b": vb}
+
+    def prefix(self, host: str) -> list[str]:
+        if not self.namespaces:
+            return []
+        return ["ip", "netns", "exec", self.namespaces[0 if host == "a" else 1]]
+
+    def destroy(self) -> None:
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if getattr(self, "host_veth", None):
+            subprocess.run(["ip", "link", "del", self.host_veth], capture_output=True)
+        self.namespaces = []
+
+
+def start_service(net: Network, host: str, port: int, data_dir: Path, coordinator: str | None) -> subprocess.Popen:
+    addr = net.a_addr if host == "a" else net.b_addr
+    argv = [*net.prefix(host), sys.executable, "-m", "providers.remote_fsdp.service.app", "--host",
+            "0.0.0.0" if net.namespaces else "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+            "--node-id", f"node-{host}", "--advertise-url", f"http://{addr}:{port}", "--address", addr,
+            "--down-after-s", "4"]
+    if net.ifname[host]:
+        argv += ["--gloo-socket-ifname", net.ifname[host]]
+    if coordinator:
+        argv += ["--coordinator", coordinator]
+    log = open(data_dir.parent / f"service-{host}.log", "ab")
+    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, toy_data):
+    net = Network()
+    print(f"\nmulti-node test hosts: {net.kind}")
+    root = tmp_path_factory.mktemp("cluster")
+    dirs = {h: root / h / "data" for h in "ab"}
+    for d in dirs.values():
+        d.parent.mkdir(parents=True)
+    port_a, port_b = 18422, 18423
+    coordinator = f"http://{net.a_addr}:{port_a}"
+    procs = {"a": start_service(net, "a", port_a, dirs["a"], None)}
+    url = f"http://{net.test_addr_of_a}:{port_a}"
+    wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up")
+    procs["b"] = start_service(net, "b", port_b, dirs["b"], coordinator)
+    wait_until(lambda: len([n for n in requests.get(url + "/v1/nodes", timeout=5).json()["data"]
+                            if n["state"] == "up"]) == 2, 120, message="worker registered")
+    rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
+    assert requests.post(url + "/v1/datasets/toy/rows", data=rows, timeout=30).status_code == 200
+    yield {"url": url, "net": net, "procs": procs, "dirs": dirs}
+    for proc in procs.values():
+        if proc.poll() is None:
+            stop_process_group(proc)
+    for d in dirs.values():
+        for pid, _ in processes_mentioning(str(d)):
+            os.kill(pid, signal.SIGKILL)
+    net.destroy()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def body(job_uuid: str, model: str, nnodes: int, nproc: int, steps: int = 8, epochs: int = 1) -> dict:
+    return {
+        "job_uuid": job_uuid,
+        "model": model,
+        "training_config": {
+            "n_epochs": epochs, "max_steps_per_epoch": steps, "dtype": "fp32",
+            "data_config": {"dataset_id": "toy", "batch_size": 8 // (nnodes * nproc), "shuffle": False,
+                            "data_format": "instruct"},
+            "optimizer_config": {"optimizer_type": "adamw", "lr": 3e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
+            "fsdp_config": {"sharding_strategy": "FULL_SHARD"},
+            "torch_run_config": {"nproc_per_node": nproc, "nnodes": nnodes, "rdzv_timeout_s": 30},
+        },
+    }
+
+
+def status(url: str, job_uuid: str) -> dict:
+    return requests.get(url + "/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=10).json()
+
+
+def wait_done(url: str, job_uuid: str, timeout: float = 300) -> dict:
+    return wait_until(lambda: (s := status(url, job_uuid))["status"] not in ACTIVE and s, timeout, interval=0.5,
+                      message=f"{job_uuid} finished")
+
+
+def losses(data_dir: Path, job_uuid: str) -> list[float]:
+    path = data_dir / "runs" / job_uuid / "metrics.jsonl"
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def test_two_node_job_matches_one_node(cluster, tiny_models):
+    url, dirs = cluster["url"], cluster["dirs"]
+    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+                      json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1), timeout=60)
+    assert r.status_code == 200, r.text
+    two = wait_done(url, "two-nodes")
+    assert two["status"] == "completed", two["resources_allocated"].get("error")
+    nodes = two["resources_allocated"]["nodes"]
+    assert [n["node_id"] for n in nodes] == ["node-a", "node-b"] and [n["node_rank"] for n in nodes] == [0, 1]
+    wait_until(lambda: status(url, "two-nodes")["resources_allocated"]["nodes"][1].get("status") == "completed", 60)
+    ranks = status(url, "two-nodes")["resources_allocated"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(abs(r["local_params"] / r["total_params"] - 0.5) < 0.02 for r in ranks)
+
+    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+                      json=body("one-node", tiny_models["student"], nnodes=1, nproc=2), timeout=60)
+    assert wait_done(url, "one-node")["status"] == "completed"
+    a, b = losses(dirs["a"], "two-nodes"), losses(dirs["a"], "one-node")
+    assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_a_dead_node_fails_the_job_and_leaves_nothing_running(cluster, tiny_models):
+    url, dirs, procs = cluster["url"], cluster["dirs"], cluster["procs"]
+    job = body("node-dies", tiny_models["student"], nnodes=2, nproc=1, steps=25, epochs=200)
+    assert requests.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
+    wait_until(lambda: (status(url, "node-dies")["resources_allocated"].get("step") or 0) >= 2, 300,
+               message="both nodes training")
+    # Node B dies: its service and its ranks, as when a machine goes away.
+    os.killpg(procs["b"].pid, signal.SIGKILL)
+    for pid, _ in processes_mentioning(str(dirs["b"])):
+        os.kill(pid, signal.SIGKILL)
+    final = wait_done(url, "node-dies", timeout=120)
+    assert final["status"] == "failed"
+    assert "node-b" in final["resources_allocated"]["error"]
+    wait_until(lambda: processes_mentioning(str(dirs["a"] / "runs" / "node-dies")) == [], 30,
+               message="no rank left on node A")
+    assert processes_mentioning(str(dirs["b"] / "runs")) == []
+    # Without heartbeats, node B is marked down (after --down-after-s 4) and gets no new work.
+    wait_until(lambda: {n["node_id"]: n["state"] for n in requests.get(url + "/v1/nodes", timeout=5).json()["data"]}
+               == {"node-a": "up", "node-b": "down"}, 30, message="node-b marked down")
+    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+                      json=body("no-second-node", tiny_models["student"], nnodes=2, nproc=1), timeout=60)
+    assert r.status_code == 400 and "nnodes" in r.text
