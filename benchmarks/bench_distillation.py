@@ -14,12 +14,13 @@ Part 1, step time of the same student on the same prompts, same steps, seed and 
   sft     plain SFT on the ground-truth answers (TRL SFTTrainer)
   One discarded warm-up run of each, then --repeats rounds, the order rotated and reversed every round.
   ms/step = train_runtime / steps: the trainer's own timer around the training loop (model load, dataset
-  tokenization, the final save are outside it). Per step it is split, by wrapping methods, into
+  tokenization, the final save are outside it), wall clock. Per step it is split, by wrapping methods, into
     data   Trainer.get_batch_samples: dataset rows out of Arrow + the collator (cached: `collate` of it
            is CachedLogitsCollator.__call__ alone)
     fwd+loss  compute_loss: student forward + loss (+ the teacher's forward for live)
     rest   backward, optimizer, scheduler, callbacks (RunReporter writes metrics.jsonl every step)
-  and CPU ms/step = process CPU time of trainer.train() / steps (less sensitive to other load).
+  all in CPU time (time.thread_time, one torch thread), next to CPU ms/step = process CPU time over the same
+  span as train_runtime / steps, which is less sensitive to other load on a shared machine than wall time.
 
 Part 2, held-out exact-match accuracy (greedy answers on the 30 held-out prompts, `answer_accuracy`) of
 students trained from the same base student with the same steps / lr / batch:
@@ -34,7 +35,7 @@ excluded); the teacher is fixed, and a teacher task answers each seed's training
 
 Usage (from the repository root, venv active):
 
-    python benchmarks/bench_distillation.py                  # both parts, ~10 min on 2 shared CPU cores
+    python benchmarks/bench_distillation.py                  # both parts, ~5 min on 2 shared CPU cores
     python benchmarks/bench_distillation.py --part speed --speed-steps 100 --repeats 7
     python benchmarks/bench_distillation.py --part accuracy --acc-steps 300 --seeds 0 1 2 3 4
 
@@ -95,7 +96,8 @@ SPEED_LR = 3e-3
 # Timing hooks: the same wrappers for all three trainers
 # --------------------------------------------------------------------------- #
 _TRAIN_CALLS: list[dict] = []
-_ACC = {"data": 0.0, "collate": 0.0, "loss": 0.0, "tokens": 0, "answer_tokens": 0, "batches": 0, "loop_cpu": 0.0}
+_ACC = {"data": 0.0, "collate": 0.0, "loss": 0.0, "data_cpu": 0.0, "collate_cpu": 0.0, "loss_cpu": 0.0,
+        "tokens": 0, "answer_tokens": 0, "batches": 0, "loop_cpu": 0.0}
 _orig_train = Trainer.train
 
 
@@ -118,11 +120,12 @@ def _wrap(cls, name: str, key: str):
     orig = cls.__dict__[name]
 
     def wrapper(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return orig(self, *args, **kwargs)
         finally:
             _ACC[key] += time.perf_counter() - t0
+            _ACC[key + "_cpu"] += time.thread_time() - c0
 
     setattr(cls, name, wrapper)
 
@@ -155,11 +158,12 @@ for _cls in (SFTTrainer, core_distill.DistillationTrainer, core_distill.CachedDi
             _ACC["tokens"] += int(inputs["attention_mask"].sum())
             _ACC["answer_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
             _ACC["batches"] += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return _orig(self, model, inputs, *args, **kwargs)
         finally:
             _ACC["loss"] += time.perf_counter() - t0
+            _ACC["loss_cpu"] += time.thread_time() - c0
 
     _cls.compute_loss = _loss
 
@@ -184,7 +188,7 @@ def epochs_for(steps: int, rows: int) -> tuple[int, int]:
 
 
 def job(name: str, run_dir: Path, model: str, train_file: str, *, steps: int, rows: int, lr: float, seed: int,
-        distill: DistillSpec | None = None) -> JobSpec:
+        distill: DistillSpec | None = None, save_steps: int | None = None) -> JobSpec:
     n_epochs, per_epoch = epochs_for(steps, rows)
     return JobSpec(
         job_uuid=name,
@@ -198,7 +202,8 @@ def job(name: str, run_dir: Path, model: str, train_file: str, *, steps: int, ro
         dtype="fp32",
         seed=seed,
         distill=distill,
-        checkpoint=CheckpointSpec(output_dir=str(run_dir / "checkpoints"), resume=False),
+        checkpoint=CheckpointSpec(output_dir=str(run_dir / "checkpoints"), save_steps=save_steps,
+                                  save_total_limit=None, resume=False),
     )
 
 
@@ -276,31 +281,37 @@ def speed(args, paths: dict, work: Path) -> None:
 
     print(f"\n[speed] ms/step, median over {args.repeats} rounds; {steps} steps, batch {BATCH}, fp32, "
           f"{torch.get_num_threads()} torch thread(s), seed {SPEED_SEED}, lr {SPEED_LR}")
-    hdr = (f"{'side':7s} {'ms/step':>8s} {'min':>7s} {'max':>7s} {'CPU ms':>7s} | {'data':>6s} {'(collate)':>9s} "
-           f"{'fwd+loss':>8s} {'rest':>6s} | {'tok/step':>8s} {'ans tok':>7s}")
+    hdr = (f"{'side':7s} {'ms/step':>8s} {'min':>7s} {'max':>7s} | {'CPU ms':>7s} {'data':>6s} {'(collate)':>9s} "
+           f"{'fwd+loss':>8s} {'rest':>6s} | {'tok/step':>8s} {'ans tok':>7s} {'final loss':>10s}")
     print(hdr)
     print("-" * len(hdr))
     for side in sides:
         rs = results[side]
         ms = [1000 * r["runtime"] / r["steps"] for r in rs]
-        data = med(rs, lambda r: 1000 * r["data"] / r["steps"])
-        coll = med(rs, lambda r: 1000 * r["collate"] / r["steps"])
-        loss = med(rs, lambda r: 1000 * r["loss"] / r["steps"])
-        rest = statistics.median(ms) - data - loss
-        print(f"{side:7s} {statistics.median(ms):8.2f} {min(ms):7.2f} {max(ms):7.2f} "
-              f"{med(rs, lambda r: 1000 * r['cpu'] / r['steps']):7.2f} | {data:6.2f} "
+        cpu = med(rs, lambda r: 1000 * r["cpu"] / r["steps"])
+        data = med(rs, lambda r: 1000 * r["data_cpu"] / r["steps"])
+        coll = med(rs, lambda r: 1000 * r["collate_cpu"] / r["steps"])
+        loss = med(rs, lambda r: 1000 * r["loss_cpu"] / r["steps"])
+        rest = med(rs, lambda r: 1000 * (r["cpu"] - r["data_cpu"] - r["loss_cpu"]) / r["steps"])
+        print(f"{side:7s} {statistics.median(ms):8.2f} {min(ms):7.2f} {max(ms):7.2f} | {cpu:7.2f} {data:6.2f} "
               f"{(f'{coll:.2f}' if side == 'cached' else '-'):>9s} {loss:8.2f} {rest:6.2f} | "
-              f"{med(rs, lambda r: r['tokens'] / r['batches']):8.1f} {med(rs, lambda r: r['answer_tokens'] / r['batches']):7.1f}")
+              f"{med(rs, lambda r: r['tokens'] / r['batches']):8.1f} "
+              f"{med(rs, lambda r: r['answer_tokens'] / r['batches']):7.1f} {rs[-1]['losses'][-1]:10.4f}")
+    print("ms/step: wall, train_runtime / steps. CPU ms: process CPU time over the same span / steps, split into\n"
+          "data (get_batch_samples: rows out of Arrow + collator; collate = CachedLogitsCollator alone), fwd+loss\n"
+          "(compute_loss) and rest (backward, optimizer, callbacks). tok/step: tokens in a batch (attention mask),\n"
+          "ans tok: answer tokens in the loss. On a shared machine trust CPU ms more than wall ms/step.")
 
     def ratio(a: str, b: str, key: str = "runtime") -> tuple[float, float]:
         overall = (statistics.median(r[key] for r in results[a]) / statistics.median(r[key] for r in results[b]))
         paired = statistics.median(x[key] / y[key] for x, y in zip(results[a], results[b]))
         return overall, paired
 
-    print("\nratios (of median ms/step; 'paired' = median over rounds of the ratio within a round):")
+    print("\nratios of the medians, wall (train_runtime) and CPU; 'paired' = median over rounds of the wall ratio within "
+          "a round:")
     for a, b, target in (("cached", "sft", "target <= 1.15x"), ("live", "sft", ""), ("cached", "live", "")):
         (o, p), (oc, _) = ratio(a, b), ratio(a, b, "cpu")
-        print(f"  {a}/{b}: {o:.3f}x  (paired {p:.3f}x, CPU {oc:.3f}x)  {target}")
+        print(f"  {a + '/' + b:11s} wall {o:.3f}x  paired {p:.3f}x  CPU {oc:.3f}x  {target}")
 
 
 # --------------------------------------------------------------------------- #
@@ -319,7 +330,11 @@ def accuracy(args, paths: dict, work: Path) -> None:
     print(f"\n[accuracy] teacher held-out accuracy {t_acc:.1%}; base student "
           f"{accuracy_of(paths['student'], heldout):.1%}")
     methods = ["sft", "output", "logit", "hybrid"] + ([] if args.no_live_acc else ["logit-live"])
-    acc: dict[str, list[float]] = {m: [] for m in methods}
+    every = args.eval_every or args.acc_steps
+    points = list(range(every, args.acc_steps + 1, every))
+    if points[-1] != args.acc_steps:
+        points.append(args.acc_steps)
+    acc: dict[str, dict[int, list[float]]] = {m: {p: [] for p in points} for m in methods}
     loss: dict[str, list[float]] = {m: [] for m in methods}
     secs: dict[str, list[float]] = {m: [] for m in methods}
     teacher_train_acc = []
@@ -343,45 +358,104 @@ def accuracy(args, paths: dict, work: Path) -> None:
                                       alpha=args.alpha),
                 "logit-live": DistillSpec(method="logit", teacher_model=paths["teacher"], temperature=args.temperature),
             }[m]
+            # Intermediate checkpoints (save_steps) give the accuracy after fewer steps from the same run: saving
+            # touches no random state, so the trajectory is the one a run stopped there would have had.
             spec = job(f"acc-{m}-{seed}", d / m, paths["student"], train_file, steps=args.acc_steps, rows=len(rows),
-                       lr=args.lr, seed=seed, distill=distill)
+                       lr=args.lr, seed=seed, distill=distill, save_steps=every if len(points) > 1 else None)
             r = run_recipe(spec)
-            a = accuracy_of(r["summary"]["final_checkpoint"], heldout)
-            acc[m].append(a)
-            loss[m].append(r["losses"][-1])
+            ck = Path(spec.checkpoint.output_dir)
+            for p in points:
+                model_dir = ck / "final" if p == args.acc_steps else ck / f"checkpoint-{p}"
+                acc[m][p].append(accuracy_of(str(model_dir), heldout))
+            loss[m].append(statistics.mean(r["losses"][-10:]))
             secs[m].append(r["total"])
-            print(f"    {m:10s} held-out acc {a:6.1%}  (final logged loss {r['losses'][-1]:.4f}, {r['steps']} steps, "
-                  f"{r['total']:.1f}s)", flush=True)
+            curve = " ".join(f"{acc[m][p][-1]:6.1%}" for p in points)
+            print(f"    {m:10s} held-out acc at steps {points}: {curve}  (mean loss of the last 10 steps "
+                  f"{loss[m][-1]:.4f}, {r['total']:.1f}s)", flush=True)
 
     def ms(xs):
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
-    print(f"\n[accuracy] held-out exact match on {len(heldout)} prompts; {args.acc_steps} steps, batch {BATCH}, lr "
-          f"{args.lr} (AdamW, constant), full fine-tuning, fp32, T {args.temperature}, hybrid alpha {args.alpha}, "
-          f"top_k {args.top_k}, seeds {args.seeds} ({'data + shuffle' if args.vary_data else 'shuffle only'})")
-    hdr = f"{'student':11s} {'mean':>6s} {'std':>6s}  {'per seed':24s} {'final loss':>10s} {'s/run':>6s}"
+    print(f"\n[accuracy] held-out exact match (greedy) on {len(heldout)} prompts; batch {BATCH}, lr {args.lr} "
+          f"(AdamW, constant), full fine-tuning, fp32, T {args.temperature}, hybrid alpha {args.alpha}, top_k "
+          f"{args.top_k}, seeds {args.seeds} ({'data + shuffle' if args.vary_data else 'shuffle only'})")
+    last = args.acc_steps
+    w = 6 * len(args.seeds)
+    print(f"\nafter {last} steps:")
+    hdr = f"{'student':11s} {'mean':>6s} {'std':>6s}  {'per seed':{w}s} {'final loss':>10s} {'s/run':>6s}"
     print(hdr)
     print("-" * len(hdr))
     for m in methods:
-        mean, sd = ms(acc[m])
-        per = " ".join(f"{x:5.1%}" for x in acc[m])
-        print(f"{m:11s} {mean:6.1%} {sd:6.1%}  {per:24s} {statistics.mean(loss[m]):10.4f} {statistics.mean(secs[m]):6.1f}")
+        mean, sd = ms(acc[m][last])
+        per = " ".join(f"{x:5.1%}" for x in acc[m][last])
+        print(f"{m:11s} {mean:6.1%} {sd:6.1%}  {per:{w}s} {statistics.mean(loss[m]):10.4f} {statistics.mean(secs[m]):6.1f}")
     print(f"{'teacher':11s} {t_acc:6.1%} {'':6s}  (fixed; right on {statistics.mean(teacher_train_acc):.1%} of the "
           f"training prompts it answered)")
-    print("final loss: the last logged training loss (per method, not comparable across methods: CE for sft/output, "
-          "T^2*KL for logit, the mix for hybrid)")
+    print("final loss: mean training loss of the last 10 steps, mean over seeds; not comparable across methods (CE for "
+          "sft/output,\nT^2 * KL for logit-live, T^2 * cross-entropy against the renormalized teacher top-k for cached "
+          "logit, the mix for hybrid). s/run: whole recipe (load, train, checkpoint saves), wall.")
+    if len(points) > 1:
+        print(f"\nlearning curve, held-out accuracy mean +- std over {len(args.seeds)} seeds, by steps:")
+        hdr = f"{'student':11s} " + " ".join(f"{p:>13d}" for p in points)
+        print(hdr)
+        print("-" * len(hdr))
+        for m in methods:
+            print(f"{m:11s} " + " ".join(f"{ms(acc[m][p])[0]:6.1%} +-{ms(acc[m][p])[1]:5.1%}" for p in points))
+        print("(one run per seed and method, evaluated at its intermediate checkpoints)")
+    if min(teacher_train_acc) == 1.0:
+        print("note: the teacher answered every training prompt right, so 'output' trains on exactly the ground-truth "
+              "tokens: it is SFT again (same losses), as expected")
+
+
+# --------------------------------------------------------------------------- #
+# Part 3: checks of the two logit paths against each other (seconds; not part of "both")
+# --------------------------------------------------------------------------- #
+def checks(args, paths: dict, work: Path) -> None:
+    """Logged loss / grad norm of a few steps at a tiny lr:
+    - cached logit with top_k = the whole vocabulary must equal the live-teacher logit loss (same KL);
+    - gradient accumulation: batch 8 x 1 vs 4 x 2 vs 2 x 4 must log the same loss and grad norm."""
+    d = work / "checks"
+    rows = make_toy_datasets(seed=0)["instruct"]
+    train_file = write_rows(rows, d / "train.jsonl")
+    vocab = len(AutoTokenizer.from_pretrained(paths["teacher"]))
+    full, _ = teacher_task(d / "full-vocab", paths["teacher"], train_file, vocab)
+    topk, _ = teacher_task(d / "topk", paths["teacher"], train_file, args.top_k)
+
+    def logged(name: str, distill: DistillSpec | None, batch: int = BATCH, ga: int = 1) -> list[tuple]:
+        spec = JobSpec(job_uuid=name, method="distill" if distill else "sft", model=paths["student"],
+                       run_dir=str(d / name), data=DataSpec(train_file=train_file, batch_size=batch, shuffle=False),
+                       optimizer=OptimizerSpec(lr=1e-6), max_steps_per_epoch=3, gradient_accumulation_steps=ga,
+                       distill=distill, checkpoint=CheckpointSpec(output_dir=str(d / name / "ck"), resume=False))
+        run_recipe(spec)
+        return [(round(m["loss"], 4), round(m["grad_norm"], 4), round(m.get("soft_loss", float("nan")), 4))
+                for m in RunFiles(spec.run_dir).read_metrics() if "loss" in m]
+
+    print(f"\n[checks] logged (loss, grad_norm, soft_loss) of the first 3 steps, lr 1e-6, no shuffle")
+    live = DistillSpec(method="logit", teacher_model=paths["teacher"])
+    print(f"  live logit                       {logged('live', live)}")
+    print(f"  cached logit, top_k = vocab {vocab} {logged('cached-full', DistillSpec(method='logit', teacher_outputs_dir=full))}")
+    print(f"  cached logit, top_k = {args.top_k:<10d} {logged('cached-topk', DistillSpec(method='logit', teacher_outputs_dir=topk))}")
+    print("  (expected: the first two equal; top-k differs by design: cross-entropy against the renormalized top-k)")
+    for side, distill in (("sft", None), ("live", live),
+                          ("cached", DistillSpec(method="logit", teacher_outputs_dir=topk))):
+        for batch, ga in ((8, 1), (4, 2), (2, 4)):
+            print(f"  {side:6s} batch {batch} x GA {ga}: {logged(f'ga-{side}-{ga}', distill, batch, ga)}")
+    print("  (expected: the same numbers for batch 8 x 1, 4 x 2 and 2 x 4 within each side)")
 
 
 # --------------------------------------------------------------------------- #
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["speed", "accuracy", "both"], default="both")
-    p.add_argument("--speed-steps", type=int, default=50)
+    p.add_argument("--part", choices=["speed", "accuracy", "both", "checks"], default="both",
+                   help="both = speed + accuracy; checks = the consistency checks of the logit paths (~30 s)")
+    p.add_argument("--speed-steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=5, help="steps of the discarded warm-up run of each side")
-    p.add_argument("--acc-steps", type=int, default=200, help="a multiple of the steps per epoch's epochs count")
+    p.add_argument("--acc-steps", type=int, default=800, help="optimizer steps (epochs over the ~200 rows as needed)")
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="also evaluate the checkpoints saved every this many steps (0: only the final model)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--fixed-data", dest="vary_data", action="store_false",
                    help="train every seed on seed 0's prompts (the seed then only changes the shuffle order)")
     p.add_argument("--no-live-acc", action="store_true", help="skip the live-teacher logit students in part 2")
@@ -410,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         speed(args, paths, work)
     if args.part in ("accuracy", "both"):
         accuracy(args, paths, work)
+    if args.part == "checks":
+        checks(args, paths, work)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     with contextlib.suppress(OSError):

@@ -27,10 +27,18 @@ data dir, uploads the toy "reverse the letters" instruct rows, and measures:
    lateness of the client (coordinated omission), so a stalled server cannot hide. Then the job is
    cancelled and the same load is driven against the same (now idle) job, with no training running,
    as the baseline. p50 / p99 / max, errors and the achieved rate of both, and their ratio.
-   If the loaded p99 misses `--p99-target-ms` (or with --profile), the status path is taken apart
-   in-process against the live data dir while the job still runs (read-only: SQLite get, status.json,
-   rank reports, FastAPI's jsonable_encoder + json.dumps), plus a serial (one at a time) HTTP probe,
-   and a cProfile of the view + encoding.
+   The service's CPU time per request (from /proc) and the job's training steps/s are recorded too.
+   If the loaded p99 misses `--p99-target-ms` (or with --profile), while the job still trains:
+     - the status path is taken apart in-process: its parts against the live data dir (read-only:
+       SQLite get, status.json, rank reports), the encoding, and the whole route through the real app
+       (`create_app` on a snapshot copy of the data dir) called as ASGI, next to /health and /docs;
+       plus one-at-a-time HTTP requests to the live service;
+     - the live service is driven with job/status, /health (sync) and /docs (async) interleaved
+       (request i goes to route i % 3, so all three see the same conditions);
+     - a second server (this script with --shadow-server: the real app on a snapshot, plus two
+       variants of the status route returning the same JSON with 1 and 0 thread-pool hops instead of
+       the real route's 3) is driven with the three interleaved: an A/B of the proposed change;
+     - (unless --no-renice) job/status again with the job's processes reniced to 19.
 
 Usage (from the repository root, venv active):
 
@@ -246,11 +254,30 @@ class Service:
 # --------------------------------------------------------------------------- #
 # Part 1: submit-to-first-step overhead
 # --------------------------------------------------------------------------- #
-def timings(t0: float, run_dir: Path, t_returned: float | None = None) -> dict:
+def process_start_unix(pid: int) -> float | None:
+    """When a process was created (fork), as unix time, to ~10 ms (/proc/PID/stat starttime, /proc/uptime)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def torchrun_agent_pid(run_dir: Path) -> int | None:
+    for pid in pids_mentioning(str(run_dir)):
+        with contextlib.suppress(OSError):
+            if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+def timings(t0: float, run_dir: Path, t_returned: float | None = None, agent_start: float | None = None) -> dict:
     rec = first_step(run_dir)
     status = read_json(run_dir / "status.json")
     out = {
         "first_step_s": rec["time"] - t0 if rec else float("nan"),
+        "agent_started_s": agent_start - t0 if agent_start else float("nan"),
         "process_started_s": (iso_to_unix(status.get("process_started_at")) or float("nan")) - t0,
         "training_started_s": (iso_to_unix(status.get("training_started_at")) or float("nan")) - t0,
         "state": status.get("state"),
@@ -265,8 +292,10 @@ def service_run(svc: Service, name: str, model: str, args) -> dict:
     t0 = time.time()
     svc.submit(body)
     t_returned = time.time()
+    agent = torchrun_agent_pid(svc.run_dir(name))  # the service Popens torchrun before it answers
+    agent_start = process_start_unix(agent) if agent else None
     final = svc.wait(name, timeout=args.job_timeout)
-    out = timings(t0, svc.run_dir(name), t_returned)
+    out = timings(t0, svc.run_dir(name), t_returned, agent_start)
     out["state"] = final["status"]
     return out
 
@@ -303,11 +332,12 @@ def hand_run(template: Path, source_uuid: str, run_dir: Path, name: str, procs: 
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=run_dir)
     procs.append(proc)
+    agent_start = process_start_unix(proc.pid)
     try:
         code = proc.wait(timeout=args.job_timeout)
     finally:
         kill_group(proc.pid, grace_s=2)  # nothing of it may outlive it
-    out = timings(t0, run_dir)
+    out = timings(t0, run_dir, agent_start=agent_start)
     out["state"] = out["state"] if code == 0 else f"exit {code}"
     return out
 
@@ -333,7 +363,8 @@ def part_overhead(svc: Service, model: str, work: Path, procs: list, args) -> di
             r = hand_run(template, source, work / "hand" / name, name, procs, args)
         tag = "" if counted else "  (warm-up, not counted)"
         extra = f"  submit HTTP {r['submit_http_s']:.3f}s" if "submit_http_s" in r else ""
-        print(f"  {name:12s} first step {r['first_step_s']:7.3f}s  python {r['process_started_s']:6.3f}s  "
+        print(f"  {name:12s} first step {r['first_step_s']:7.3f}s  torchrun {r['agent_started_s']:6.3f}s  "
+              f"rank0 python {r['process_started_s']:6.3f}s  "
               f"train begin {r['training_started_s']:6.3f}s{extra}  [{r['state']}]  load {loadavg()}{tag}",
               flush=True)
         if counted:
@@ -352,9 +383,43 @@ def part_overhead(svc: Service, model: str, work: Path, procs: list, args) -> di
 # --------------------------------------------------------------------------- #
 # Part 2: status-poll latency, open loop
 # --------------------------------------------------------------------------- #
-def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers: int, path: str = STATUS) -> dict:
-    """Open-loop GETs of `path` (?job_uuid= when given) at `rate` req/s for `duration` s."""
-    params = {"job_uuid": job_uuid} if job_uuid else None
+def stats(rows: list[tuple], n: int, t0: float) -> dict:
+    """Latency statistics of (due, sent, received, error) rows; n requests were scheduled from t0."""
+    ok = [r for r in rows if r[3] is None]
+    lat = [(r[2] - r[1]) * 1000 for r in ok]
+    from_due = [(r[2] - r[0]) * 1000 for r in ok]
+    late = [(r[1] - r[0]) * 1000 for r in rows]
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r[3] is not None:
+            errors[r[3]] = errors.get(r[3], 0) + 1
+    if n > len(rows):
+        errors["not sent"] = n - len(rows)
+    span = (max(r[2] for r in rows) - t0) if rows else float("nan")  # from the first due time
+    nan = float("nan")
+    return {
+        "requests": n,
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "achieved_rate": len(rows) / span if rows else 0.0,
+        "p50_ms": pct(lat, 50) if lat else nan,
+        "p90_ms": pct(lat, 90) if lat else nan,
+        "p99_ms": pct(lat, 99) if lat else nan,
+        "max_ms": max(lat) if lat else nan,
+        "mean_ms": statistics.fmean(lat) if lat else nan,
+        "p99_from_due_ms": pct(from_due, 99) if from_due else nan,
+        "max_from_due_ms": max(from_due) if from_due else nan,
+        "p99_client_late_ms": pct(late, 99) if late else nan,
+        "over_20ms": sum(1 for x in lat if x > 20),
+    }
+
+
+def drive(url: str, targets: list[tuple[str, str, dict | None]], rate: float, duration: float,
+          workers: int) -> dict[str, dict]:
+    """Open-loop GETs at `rate` req/s in all for `duration` s: request i is due at t0 + i/rate and goes to
+    targets[i % len(targets)] (name, path, params), so interleaved targets see the same conditions.
+    Returns the statistics of each target by name."""
     n = int(rate * duration)
     results: list[tuple | None] = [None] * n
     counter = itertools.count()
@@ -364,8 +429,9 @@ def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers:
 
     def worker() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
-            with contextlib.suppress(httpx.HTTPError):
-                client.get(path, params=params)  # open the keep-alive connection
+            for _, path, params in targets:  # open the keep-alive connection, warm every route
+                with contextlib.suppress(httpx.HTTPError):
+                    client.get(path, params=params)
             ready.wait()
             t0 = start["t0"]
             while True:
@@ -373,6 +439,7 @@ def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers:
                     i = next(counter)
                 if i >= n:
                     return
+                _, path, params = targets[i % len(targets)]
                 due = t0 + i / rate
                 delay = due - time.perf_counter()
                 if delay > 0:
@@ -384,7 +451,7 @@ def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers:
                     if r.status_code != 200:
                         error = f"HTTP {r.status_code}"
                     else:
-                        r.content
+                        r.content  # noqa: B018 - the whole body is read
                 except Exception as e:  # noqa: BLE001 - every failure is a counted error
                     error = type(e).__name__
                 results[i] = (due, sent, time.perf_counter(), error)
@@ -396,35 +463,19 @@ def drive(url: str, job_uuid: str | None, rate: float, duration: float, workers:
     ready.wait()
     for t in threads:
         t.join(timeout=duration + 60)
-    done = [r for r in results if r is not None]
-    ok = [r for r in done if r[3] is None]
-    lat = [(r[2] - r[1]) * 1000 for r in ok]
-    from_due = [(r[2] - r[0]) * 1000 for r in ok]
-    late = [(r[1] - r[0]) * 1000 for r in done]
-    errors: dict[str, int] = {}
-    for r in done:
-        if r[3] is not None:
-            errors[r[3]] = errors.get(r[3], 0) + 1
-    missing = n - len(done)
-    if missing:
-        errors["not sent"] = missing
-    span = (max(r[2] for r in done) - start["t0"]) if done else float("nan")  # from the first due time
-    return {
-        "requests": n,
-        "ok": len(ok),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-        "achieved_rate": len(done) / span if done else 0.0,
-        "p50_ms": pct(lat, 50) if lat else float("nan"),
-        "p90_ms": pct(lat, 90) if lat else float("nan"),
-        "p99_ms": pct(lat, 99) if lat else float("nan"),
-        "max_ms": max(lat) if lat else float("nan"),
-        "mean_ms": statistics.fmean(lat) if lat else float("nan"),
-        "p99_from_due_ms": pct(from_due, 99) if from_due else float("nan"),
-        "max_from_due_ms": max(from_due) if from_due else float("nan"),
-        "p99_client_late_ms": pct(late, 99) if late else float("nan"),
-        "over_20ms": sum(1 for x in lat if x > 20),
-    }
+    k = len(targets)
+    return {name: stats([r for i, r in enumerate(results) if i % k == j and r is not None],
+                        len(range(j, n, k)), start["t0"])
+            for j, (name, _, _) in enumerate(targets)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def steps_between(run_dir: Path, t_from: float, t_to: float) -> int:
@@ -631,7 +682,7 @@ def profile_status_path(svc: Service, job_uuid: str, iterations: int, shadow: Pa
     return out
 
 
-def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:
+def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:  # noqa: C901
     """Start a second server (`--shadow-server`: the real app on a snapshot of the data dir, plus two
     leaner status routes) and drive the real route and the variants on it, under the same training load."""
     data = snapshot_data_dir(svc, job_uuid, shadow)
@@ -657,9 +708,9 @@ def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:
             same = httpx.get(url + path, params={"job_uuid": job_uuid}).json() == real
             print(f"  snapshot server: {path} answers {'the same JSON as' if same else 'DIFFERENT JSON from'} "
                   f"job/status", flush=True)
-        phase("training: snap job/status", job_uuid, STATUS, url)
-        phase("training: snap 1-hop sync", job_uuid, VARIANT_SYNC, url)
-        phase("training: snap async", job_uuid, VARIANT_ASYNC, url)
+        q = {"job_uuid": job_uuid}
+        phase("training, snapshot server", [("snap job/status", STATUS, q), ("snap 1-hop sync", VARIANT_SYNC, q),
+                                            ("snap async", VARIANT_ASYNC, q)], url, proc.pid)
     except Exception as e:  # noqa: BLE001 - a diagnostic; the product is being edited
         print(f"  variants skipped: {type(e).__name__}: {e}", flush=True)
     finally:
@@ -697,36 +748,44 @@ def part_polling(svc: Service, model: str, work: Path, args) -> dict:
     time.sleep(min(5.0, args.duration / 3))
     steps_before = steps_between(run_dir, t_a, time.time()) / (time.time() - t_a)
     phases: dict[str, dict] = {}
+    status_q = {"job_uuid": name}
 
-    def phase(label: str, job: str | None, path: str = STATUS, url: str | None = None) -> dict:
-        t_b = time.time()
-        r = drive(url or svc.url, job, args.rate, args.duration, args.workers, path)
-        t_c = time.time()
-        r["path"] = path
-        r["train_steps_per_s"] = steps_between(run_dir, t_b, t_c) / (t_c - t_b)
-        r["loadavg_after"] = loadavg()
-        phases[label] = r
-        print(f"  {label:28s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  max {r['max_ms']:7.1f} ms  "
-              f"errors {r['errors']}  {r['achieved_rate']:.1f} req/s  train {r['train_steps_per_s']:.1f} steps/s  "
-              f"load {loadavg()}", flush=True)
-        return r
+    def phase(label: str, targets: list, url: str | None = None, pid: int | None = None) -> dict:
+        pid = pid or svc.proc.pid
+        t_b, cpu_b = time.time(), cpu_seconds(pid)
+        by_name = drive(url or svc.url, targets, args.rate, args.duration, args.workers)
+        t_c, cpu_c = time.time(), cpu_seconds(pid)
+        steps = steps_between(run_dir, t_b, t_c) / (t_c - t_b)
+        cpu_ms = (cpu_c - cpu_b) * 1000 / int(args.rate * args.duration)
+        mixed = len(targets) > 1
+        print(f"  {label}: server CPU {cpu_ms:.2f} ms/request, training {steps:.1f} steps/s, load {loadavg()}"
+              + (" (targets interleaved, same conditions)" if mixed else ""), flush=True)
+        for target, r in by_name.items():
+            r.update(path=dict((t[0], t[1]) for t in targets)[target], train_steps_per_s=steps,
+                     server_cpu_ms_per_req=cpu_ms, loadavg_after=loadavg(), phase=label)
+            col = target if mixed else label
+            phases[col] = r
+            print(f"    {col:28s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  max {r['max_ms']:7.1f} ms  "
+                  f"errors {r['errors']}  {r['achieved_rate']:.1f} req/s", flush=True)
+        return by_name
 
-    loaded = phase("training: job/status", name)
+    loaded = phase("training: job/status", [("training: job/status", STATUS, status_q)])["training: job/status"]
     prof = None
     if args.profile or loaded["p99_ms"] >= args.p99_target_ms:
         print(f"  p99 {'target missed' if loaded['p99_ms'] >= args.p99_target_ms else '(--profile)'}: taking "
               f"the status path apart while the job still trains ...", flush=True)
         prof = profile_status_path(svc, name, args.profile_iterations, work / "shadow-training")
-        # The same load on routes doing less: /docs is an async route (event loop only: uvicorn, h11,
-        # Starlette, the client); /health is a sync route without the auth dependency (one thread-pool
-        # hop, one SQLite query). If they are as slow as job/status, the status route's work is not the cause.
-        phase("training: /docs (async)", None, "/docs")
-        phase("training: /health (sync)", None, "/health")
+        # The same load spread over routes doing less, interleaved: /docs is async (event loop only:
+        # uvicorn, h11, Starlette, the client); /health is sync without the auth dependency (two
+        # thread-pool hops: endpoint + return-annotation validation, one SQLite query).
+        phase("training, live service", [("live job/status", STATUS, status_q), ("live /health", "/health", None),
+                                         ("live /docs", "/docs", None)])
         if not args.no_variants:
             variants(svc, name, work / "shadow-variants", phase)
-        n = renice_job(run_dir, 19)
-        print(f"  reniced {n} processes of the job (all threads) to nice 19", flush=True)
-        phase("training nice 19: job/status", name)
+        if args.renice:
+            n = renice_job(run_dir, 19)
+            print(f"  reniced {n} processes of the job (all threads) to nice 19", flush=True)
+            phase("training nice 19: job/status", [("train nice 19: job/status", STATUS, status_q)])
 
     t = time.time()
     svc.cancel(name)
@@ -735,7 +794,7 @@ def part_polling(svc: Service, model: str, work: Path, args) -> dict:
     print(f"  cancelled in {cancel_s:.2f}s -> {final}; {len(pids_mentioning(str(run_dir)))} processes of it left",
           flush=True)
     time.sleep(2)  # let the machine settle after the ranks died
-    phase("idle: job/status", name)
+    phase("idle: job/status", [("idle: job/status", STATUS, status_q)])
     idle_prof = profile_status_path(svc, name, args.profile_iterations, work / "shadow-idle") if prof else None
     return {"phases": phases, "train_steps_per_s_before": steps_before, "cancel_s": cancel_s,
             "cancel_state": final, "profile_loaded": prof, "profile_idle": idle_prof}
@@ -753,10 +812,14 @@ def report(results: dict, args) -> None:
         print(f"\n1. submit -> first training step, median of {len(svc)} service / {len(hand)} by-hand runs")
         print(f"   {'':34s} {'service':>9s} {'by hand':>9s} {'diff':>9s}")
         for key, label in (("first_step_s", "t0 -> first step (metrics time)"),
+                           ("agent_started_s", "t0 -> torchrun process created"),
                            ("process_started_s", "t0 -> rank 0 Python running"),
                            ("training_started_s", "t0 -> Trainer.on_train_begin")):
             a, b = median([r[key] for r in svc]), median([r[key] for r in hand])
             print(f"   {label:34s} {a:8.3f}s {b:8.3f}s {a - b:+8.3f}s")
+        a = median([r["first_step_s"] - r["agent_started_s"] for r in svc])
+        b = median([r["first_step_s"] - r["agent_started_s"] for r in hand])
+        print(f"   {'torchrun created -> first step':34s} {a:8.3f}s {b:8.3f}s {a - b:+8.3f}s  (the same code on both sides)")
         print(f"   {'submit HTTP round trip (service)':34s} {median([r['submit_http_s'] for r in svc]):8.3f}s")
         diffs = [s["first_step_s"] - h["first_step_s"] for s, h in zip(svc, hand)]
         print(f"   paired diffs (service - hand): {', '.join(f'{d:+.3f}' for d in diffs)} s  "
@@ -771,7 +834,8 @@ def report(results: dict, args) -> None:
         print(f"\n2. open-loop GETs, {args.rate:g} req/s x {args.duration:g}s each, {args.workers} client threads "
               f"(target for job/status while training: p99 < {args.p99_target_ms:g} ms, 0 errors)")
         cols = list(phases)
-        short = {c: c.replace("training", "train").replace(": ", "\n") for c in cols}
+        short = {c: c.replace("training", "train").replace(": ", "\n").replace(" ", "\n", 1)
+                 if ": " not in c else c.replace("training", "train").replace(": ", "\n") for c in cols}
         width = max(14, *(len(line) + 1 for c in cols for line in short[c].split("\n")))
         for k in range(2):
             print(f"   {'':26s}" + "".join(f"{(short[c].split(chr(10)) + [''])[k]:>{width}s}" for c in cols))
@@ -780,6 +844,7 @@ def report(results: dict, args) -> None:
                            ("p99_from_due_ms", "p99 from due time (ms)"),
                            ("p99_client_late_ms", "p99 client lateness (ms)"),
                            ("achieved_rate", "achieved rate (req/s)"),
+                           ("server_cpu_ms_per_req", "server CPU ms / request"),
                            ("train_steps_per_s", "training steps/s")):
             print(f"   {label:26s}" + "".join(f"{phases[c][key]:{width}.2f}" for c in cols))
         for key, label in (("over_20ms", "requests > 20 ms"), ("errors", "errors"), ("requests", "requests")):
@@ -823,7 +888,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="discarded service/by-hand pairs first")
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--duration", type=float, default=15.0)
-    p.add_argument("--workers", type=int, default=16, help="client threads of the poll load")
+    p.add_argument("--workers", type=int, default=64,
+                   help="client threads of the poll load (enough that slow answers do not delay later sends)")
     p.add_argument("--long-epochs", type=int, default=400, help="epochs (25 steps each) of the long job")
     p.add_argument("--p99-target-ms", type=float, default=20.0)
     p.add_argument("--profile", action="store_true", help="profile the status path even if p99 is met")
@@ -834,6 +900,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job-timeout", type=float, default=600)
     p.add_argument("--json", help="write all results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir")
+    p.add_argument("--no-renice", dest="renice", action="store_false",
+                   help="when profiling, skip the run with the job's processes reniced to 19")
     p.add_argument("--no-variants", action="store_true",
                    help="when profiling, skip the A/B of status-route variants on a snapshot server")
     p.add_argument("--shadow-server", nargs=2, metavar=("DATA_DIR", "PORT"), help=argparse.SUPPRESS)

@@ -93,7 +93,8 @@ class DistillationConfig(BaseModel):
     """Knowledge distillation through supervised_fine_tune: `{"type": "distillation", ...}`."""
 
     type: Literal["distillation"] = "distillation"
-    teacher_model: str
+    teacher_model: str | None = None  # a live teacher, loaded beside the student
+    teacher_outputs_dir: str | None = None  # or a teacher task's outputs (answers + top-k log-probs)
     method: Literal["output", "logit", "hybrid"] = "logit"
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)
@@ -127,7 +128,7 @@ class DPOAlignmentConfig(BaseModel):
     loss_weights: list[float] | None = None
 
 
-def _peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSpec | None:
+def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSpec | None:
     if cfg is None:
         return None
     if isinstance(cfg, PeftFinetuningConfig):
@@ -233,6 +234,7 @@ def build_job_spec(
     dpo: DpoSpec | None = None,
     distill: DistillSpec | None = None,
     fsdp=None,
+    output_dir: str | None = None,
 ) -> JobSpec:
     """The request, validated and resolved against provider defaults, as the job's spec."""
     tc = training_config
@@ -240,7 +242,8 @@ def build_job_spec(
     oc = tc.optimizer_config
     logger_config = logger_config or {}
     check_checkpoint_dir(checkpoint_dir, defaults.allowed_checkpoint_roots)
-    output_dir = str(Path(checkpoint_dir).expanduser() / job_uuid) if checkpoint_dir else str(Path(run_dir) / "checkpoints")
+    if output_dir is None:
+        output_dir = str(Path(checkpoint_dir).expanduser() / job_uuid) if checkpoint_dir else str(Path(run_dir) / "checkpoints")
     return JobSpec(
         job_uuid=job_uuid,
         method=method,
@@ -289,18 +292,31 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any) -> dict[s
         raise ValueError("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
     if isinstance(algorithm_config, DistillationConfig):
         d = algorithm_config
-        check_model_path(d.teacher_model, "algorithm_config.teacher_model")
-        spec = DistillSpec(**d.model_dump(exclude={"type", "student_peft"}))
-        spec.teacher_model = str(Path(d.teacher_model).expanduser())
+        if (d.teacher_model is None) == (d.teacher_outputs_dir is None):
+            raise ValueError("algorithm_config: give exactly one of teacher_model and teacher_outputs_dir")
+        if d.teacher_model is not None:
+            field = "algorithm_config.teacher_model"
+            check_model_path(d.teacher_model, field)
+            teacher = str(Path(d.teacher_model).expanduser())
+        else:
+            field = "algorithm_config.teacher_outputs_dir"
+            teacher = str(Path(d.teacher_outputs_dir).expanduser())
+            if not (Path(teacher) / "teacher_task.json").exists():
+                raise ValueError(f"{field}: {teacher!r} holds no teacher task outputs")
+        spec = DistillSpec(
+            **d.model_dump(exclude={"type", "student_peft", "teacher_model", "teacher_outputs_dir"}),
+            teacher_model=teacher if d.teacher_model else None,
+            teacher_outputs_dir=None if d.teacher_model else teacher,
+        )
         if d.method != "output":
             from .training.components import check_same_tokenizer
 
             try:
-                check_same_tokenizer(model, spec.teacher_model)
+                check_same_tokenizer(model, teacher)
             except ValueError as e:
-                raise ValueError(f"algorithm_config.teacher_model: {e}") from None
-        return {"distill": spec, "peft": _peft_spec(d.student_peft)}
-    return {"peft": _peft_spec(algorithm_config)}
+                raise ValueError(f"{field}: {e}") from None
+        return {"distill": spec, "peft": peft_spec(d.student_peft)}
+    return {"peft": peft_spec(algorithm_config)}
 
 
 def method_of(algorithm_config: Any) -> str:
@@ -344,6 +360,7 @@ def prepare_job(
     train_rows: Any,
     validation_rows: Any | None,
     fsdp=None,
+    output_dir: str | None = None,
 ) -> JobSpec:
     """Validate a request, write its rows into a new run directory, and return the job's spec."""
     check_job_uuid(job_uuid)
@@ -371,5 +388,6 @@ def prepare_job(
         logger_config=logger_config,
         checkpoint_dir=checkpoint_dir,
         fsdp=fsdp,
+        output_dir=output_dir,
         **settings,
     )

@@ -126,7 +126,7 @@ def inline_demo(client, models: dict[str, str]) -> None:
         job_uuid="demo-sft", model=student, training_config=training_config("toy-instruct", 3, 1e-2),
         hyperparam_search_config={}, logger_config={},
         algorithm_config={"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                          "apply_lora_to_mlp": True, "apply_lora_to_output": False, "rank": 16, "alpha": 32},
+                          "apply_lora_to_mlp": True, "apply_lora_to_output": True, "rank": 16, "alpha": 32},
     )
     client.post_training.preference_optimize(
         job_uuid="demo-dpo", finetuned_model=student, training_config=training_config("toy-preference", 2, 3e-3),

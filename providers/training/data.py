@@ -2,14 +2,15 @@
 
 Accepted row formats:
 - instruct: `input_query` + `expected_answer`, or `chat_completion_input` (messages, list or JSON string)
-  + `expected_answer`
+  + `expected_answer`, or `prompt` + `completion` (strings or message lists, TRL's prompt-completion)
 - dialog: `messages` or `dialog` (list of `{role, content}` or a JSON string of one); the last message
   is the assistant answer that is trained on
 - preference: `prompt` + `chosen` + `rejected`, each a string or a list of messages; without `prompt`,
   the common leading messages of `chosen` and `rejected` are the prompt
 
 Output rows are `{"prompt": [msgs], "completion": [assistant msg]}` for SFT and distillation and
-`{"prompt": [msgs], "chosen": [msg], "rejected": [msg]}` for DPO, so the tokenizer's chat template is
+`{"prompt": [msgs], "chosen": [msg], "rejected": [msg]}` for DPO (and `{"prompt": [msgs]}` for teacher
+tasks), so the tokenizer's chat template is
 applied by TRL and `train_on_input` maps onto TRL's completion-only loss.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-RowKind = Literal["completion", "preference"]
+RowKind = Literal["completion", "preference", "prompt"]
 
 
 class DataFormatError(ValueError):
@@ -76,6 +77,9 @@ def completion_row(row: dict[str, Any], index: int) -> dict[str, Any]:
     for field in ("messages", "dialog"):
         if field in row and row[field] is not None:
             return _split_dialog(_messages(row[field], field, index), field, index)
+    if row.get("prompt") is not None and row.get("completion") is not None:  # TRL's prompt-completion rows
+        return {"prompt": _turn(row["prompt"], "prompt", index, "user"),
+                "completion": _turn(row["completion"], "completion", index, "assistant")}
     if "expected_answer" in row:
         answer = [{"role": "assistant", "content": _content_text(row["expected_answer"])}]
         if row.get("chat_completion_input") is not None:
@@ -84,7 +88,7 @@ def completion_row(row: dict[str, Any], index: int) -> dict[str, Any]:
             return {"prompt": [{"role": "user", "content": _content_text(row["input_query"])}], "completion": answer}
     raise DataFormatError(
         f"row {index} has fields {sorted(row)}; an instruct or dialog row needs 'input_query' + 'expected_answer', "
-        "'chat_completion_input' + 'expected_answer', 'messages' or 'dialog'"
+        "'chat_completion_input' + 'expected_answer', 'prompt' + 'completion', 'messages' or 'dialog'"
     )
 
 
@@ -110,9 +114,27 @@ def preference_row(row: dict[str, Any], index: int) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def prompt_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    """A row's prompt only (for teacher tasks): any instruct, dialog or preference row, or `prompt`.
+    A trailing assistant message is the old answer and is dropped."""
+    for field in ("messages", "dialog", "chat_completion_input"):
+        if row.get(field) is not None:
+            msgs = _messages(row[field], field, index)
+            msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" and len(msgs) > 1 else msgs
+            return {"prompt": msgs}
+    if row.get("input_query") is not None:
+        return {"prompt": [{"role": "user", "content": _content_text(row["input_query"])}]}
+    if row.get("prompt") is not None:
+        return {"prompt": _turn(row["prompt"], "prompt", index, "user")}
+    raise DataFormatError(
+        f"row {index} has fields {sorted(row)}; a prompt row needs 'input_query', 'prompt', 'messages', "
+        "'dialog' or 'chat_completion_input'"
+    )
+
+
 def normalize_rows(rows: Iterable[dict[str, Any]], kind: RowKind) -> Iterator[dict[str, Any]]:
     """Yield normalized rows; raises DataFormatError naming the first bad row."""
-    convert = preference_row if kind == "preference" else completion_row
+    convert = {"preference": preference_row, "prompt": prompt_row, "completion": completion_row}[kind]
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataFormatError(f"row {i} is a {type(row).__name__}, not an object")

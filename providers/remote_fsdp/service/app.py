@@ -16,7 +16,8 @@ from .config import ServiceConfig
 from .jobs import FsdpJobService
 from .distributed import DistributedJobs
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
-from .routes import datasets_router, nodes_router, post_training_router
+from .pipelines import Pipelines
+from .routes import datasets_router, nodes_router, pipelines_router, post_training_router
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -65,6 +66,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
+    app.include_router(pipelines_router(service, Pipelines(service)), prefix="/v1", dependencies=auth)
 
     @app.get("/health")
     def health() -> dict:

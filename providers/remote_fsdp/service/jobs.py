@@ -89,7 +89,8 @@ class FsdpJobService:
 
     def submit(self, *, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
                algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
-               rows: list[dict] | None, validation_rows: list[dict] | None) -> dict[str, Any]:
+               rows: list[dict] | None, validation_rows: list[dict] | None, output_dir: Path | None = None,
+               use_fsdp: bool = True) -> dict[str, Any]:
         if not job_uuid or not DATASET_ID.match(job_uuid):
             raise ValueError("job_uuid: must be 1-128 letters, digits, '.', '_' or '-'")
         try:
@@ -98,9 +99,10 @@ class FsdpJobService:
         except UnknownJobError:
             pass
         torch_run = self.torch_run_options(training_config.torch_run_config)
-        fsdp = self.fsdp_options(training_config.fsdp_config)
         world_size = torch_run.nproc_per_node * torch_run.nnodes
-        self._check_fsdp(fsdp, torch_run, world_size)
+        fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
+        if fsdp is not None:
+            self._check_fsdp(fsdp, torch_run, world_size)
         dc = training_config.data_config
         if dc is None:
             raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
@@ -113,6 +115,7 @@ class FsdpJobService:
                 job_uuid=job_uuid, method=method, model=model, training_config=training_config,
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
                 defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows, fsdp=fsdp,
+                output_dir=str(output_dir) if output_dir else None,
             )
             (Path(spec.run_dir) / "torchrun.json").write_text(torch_run.model_dump_json())
             resources = {
@@ -124,7 +127,7 @@ class FsdpJobService:
                 "node_rank": torch_run.node_rank,
                 "device_type": device_type(),
                 "backend": backend(),
-                "fsdp": fsdp.model_dump(),
+                "fsdp": fsdp.model_dump() if fsdp else None,
             }
             self.jobs.submit(spec, resources=resources)
         except ValueError:

@@ -18,11 +18,14 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from ...jobs.store import ACTIVE
+from ...jobs.store import ACTIVE, UnknownJobError
+from ...training.merge import merge_adapters
+from ...training.recipes.teacher import read_shards
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Heartbeat, Node, NodeRegistry, Registration
+from .pipelines import PipelineRequest, Pipelines, StudentConfig, TeacherTaskConfig
 
 
 def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
@@ -181,5 +184,86 @@ def nodes_router(registry: NodeRegistry) -> APIRouter:
     @r.get("/nodes")
     def list_nodes() -> dict[str, list[Node]]:
         return {"data": registry.nodes()}
+
+    return r
+
+
+class TeacherTaskRequest(BaseModel):
+    job_uuid: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    teacher: TeacherTaskConfig
+    dataset_id: str | None = None
+    rows: list[dict[str, Any]] | None = None
+
+
+class StudentTasksRequest(BaseModel):
+    teacher_task: str  # job_uuid of a completed teacher task
+    students: list[StudentConfig] = Field(min_length=1)
+
+
+class MergeRequest(BaseModel):
+    job_uuids: list[str] = Field(min_length=2)  # completed PEFT jobs
+    output_name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    method: str = "linear"
+    weights: list[float] | None = None
+
+
+def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter:
+    """Teacher-student pipelines as one call, and their steps as separate calls."""
+    r = APIRouter()
+    teacher_outputs = service.data_dir / "teacher_outputs"
+
+    @r.post("/pipelines/teacher-student")
+    def create_pipeline(req: PipelineRequest) -> dict[str, Any]:
+        return pipelines.submit(req)
+
+    @r.get("/pipelines")
+    def list_pipelines() -> dict[str, Any]:
+        return {"data": pipelines.list()}
+
+    @r.get("/pipelines/{pipeline_id}")
+    def pipeline_status(pipeline_id: str) -> dict[str, Any]:
+        return pipelines.get(pipeline_id)
+
+    @r.post("/pipelines/{pipeline_id}/cancel")
+    def cancel_pipeline(pipeline_id: str) -> None:
+        pipelines.cancel(pipeline_id)
+
+    @r.post("/teacher-tasks")
+    def create_teacher_task(req: TeacherTaskRequest) -> dict[str, str]:
+        if (req.rows is None) == (req.dataset_id is None):
+            raise ValueError("dataset_id/rows: give exactly one")
+        try:
+            service.jobs.store.get(req.job_uuid)
+            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists")
+        except UnknownJobError:
+            pass
+        rows = req.rows if req.rows is not None else service.dataset_rows(req.dataset_id, "dataset_id")
+        pipelines.create_teacher_task(req.job_uuid, req.teacher, rows, teacher_outputs / req.job_uuid)
+        return {"job_uuid": req.job_uuid, "teacher_outputs_dir": str(teacher_outputs / req.job_uuid)}
+
+    @r.post("/student-tasks")
+    def create_student_tasks(req: StudentTasksRequest) -> dict[str, list[str]]:
+        teacher = service.jobs.store.get(req.teacher_task)
+        if teacher.method != "teacher" or teacher.status != "completed":
+            raise ValueError(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
+                             "not a completed teacher task")
+        outputs = teacher_outputs / req.teacher_task
+        answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
+        return {"job_uuids": [
+            pipelines.create_student_task(f"{req.teacher_task}-student-{s.name}", s, outputs, answered,
+                                          service.data_dir / "runs" / f"{req.teacher_task}-student-{s.name}" / "checkpoints")
+            for s in req.students
+        ]}
+
+    @r.post("/adapters/merge")
+    def merge(req: MergeRequest) -> dict[str, Any]:
+        finals = []
+        for job_uuid in req.job_uuids:
+            view = service.view(job_uuid)
+            if view["status"] != "completed" or not view["checkpoints"]:
+                raise ValueError(f"job_uuids: {job_uuid!r} is {view['status']}, not a completed job")
+            finals.append(view["checkpoints"][-1]["path"])
+        out = service.data_dir / "merged" / req.output_name
+        return {"path": str(out), **merge_adapters(finals, out, req.weights, req.method)}
 
     return r

@@ -1,0 +1,244 @@
+"""Teacher-student pipelines: one teacher task, N students trained from its cached outputs, a merge.
+
+    teacher task   the teacher answers every prompt, with top-k log-probs per answer token
+                   -> PIPELINE_DIR/teacher_outputs/shard-*.jsonl
+    student tasks  each with its own base model, PEFT method and distillation method (output, logit or
+                   hybrid from the cached log-probs: no teacher in memory); they run in parallel as the
+                   service's job slots allow -> PIPELINE_DIR/students/NAME/final
+    merge          the students' adapters averaged (or combined by a peft method) -> PIPELINE_DIR/merged
+
+Every task is an ordinary job of the service (status, logs, cancel work as for any job). The
+pipeline's own state is PIPELINE_DIR/pipeline.json, so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from llama_stack.apis.post_training import LoraFinetuningConfig
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+
+from ...jobs.store import ACTIVE, UnknownJobError
+from ...post_training_api import DistillationConfig, PeftFinetuningConfig, TrainingConfig, peft_spec
+from ...training.merge import merge_adapters
+from ...training.recipes.teacher import read_shards
+from ...training.run_files import utc_now
+from ...training.spec import CheckpointSpec, DataSpec, JobSpec, TeacherSpec
+from .jobs import FsdpJobService
+
+log = logging.getLogger("providers.remote_fsdp")
+
+
+class TeacherTaskConfig(BaseModel):
+    model: str
+    top_k: PositiveInt | None = 20
+    max_new_tokens: PositiveInt = 32
+    generation_batch_size: PositiveInt = 16
+
+
+class StudentConfig(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    model: str
+    method: Literal["output", "logit", "hybrid"] = "logit"
+    peft: LoraFinetuningConfig | PeftFinetuningConfig | None = Field(None, discriminator="type")
+    temperature: PositiveFloat = 2.0
+    alpha: float = Field(0.5, ge=0, le=1)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    n_epochs: PositiveInt = 1
+    max_steps_per_epoch: PositiveInt = 50
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 3e-3
+    seed: int = 42
+
+
+class MergeConfig(BaseModel):
+    method: str = "linear"
+    weights: list[float] | None = None
+
+
+class PipelineRequest(BaseModel):
+    pipeline_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    dataset_id: str | None = None  # a dataset uploaded to this service
+    rows: list[dict[str, Any]] | None = None  # or the prompts inline
+    teacher: TeacherTaskConfig
+    students: list[StudentConfig] = Field(min_length=1)
+    merge: MergeConfig | None = None
+
+
+class Pipelines:
+    def __init__(self, service: FsdpJobService):
+        self.service = service
+        self.root = service.data_dir / "pipelines"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        for state_file in self.root.glob("*/pipeline.json"):  # pipelines interrupted by a restart go on
+            if json.loads(state_file.read_text())["state"] in ACTIVE:
+                self._start(state_file.parent.name)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _state_path(self, pipeline_id: str) -> Path:
+        return self.root / pipeline_id / "pipeline.json"
+
+    def get(self, pipeline_id: str) -> dict[str, Any]:
+        path = self._state_path(pipeline_id)
+        if not path.exists():
+            raise UnknownJobError(pipeline_id)
+        state = json.loads(path.read_text())
+        for task in [state["teacher"], *state["students"]]:
+            try:
+                view = self.service.view(task["job_uuid"])
+                task.update(status=view["status"], step=view["resources_allocated"].get("step"),
+                            total_steps=view["resources_allocated"].get("total_steps"),
+                            error=view["resources_allocated"].get("error"))
+            except UnknownJobError:
+                task.setdefault("status", "scheduled")
+        return state
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{"pipeline_id": p.parent.name, "state": json.loads(p.read_text())["state"]}
+                for p in sorted(self.root.glob("*/pipeline.json"))]
+
+    def _update(self, pipeline_id: str, **fields: Any) -> None:
+        with self._lock:
+            path = self._state_path(pipeline_id)
+            state = json.loads(path.read_text())
+            state.update(fields)
+            path.write_text(json.dumps(state, indent=2))
+
+    # -- tasks ---------------------------------------------------------------------------------------
+    def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
+        """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
+        from ...post_training_api import check_model_path, write_rows
+
+        check_model_path(teacher.model, "teacher.model")
+        run_dir = self.service.data_dir / "runs" / job_uuid
+        write_rows(rows, run_dir / "train.jsonl", "prompt", "rows")
+        spec = JobSpec(
+            job_uuid=job_uuid, method="teacher", model=teacher.model, run_dir=str(run_dir),
+            data=DataSpec(train_file=str(run_dir / "train.jsonl")),
+            checkpoint=CheckpointSpec(output_dir=str(output_dir)),
+            teacher=TeacherSpec(teacher_model=teacher.model, top_k=teacher.top_k,
+                                max_new_tokens=teacher.max_new_tokens,
+                                generation_batch_size=teacher.generation_batch_size),
+        )
+        (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
+        self.service.jobs.submit(spec, resources={"method": "teacher", "model": teacher.model, "world_size": 1})
+        return job_uuid
+
+    def create_student_task(self, job_uuid: str, student: StudentConfig, teacher_outputs_dir: Path,
+                            rows: list[dict], checkpoint_dir: Path) -> str:
+        """Submit one student: distillation from a teacher task's outputs (no teacher in memory); `rows`
+        are the teacher's prompt/completion rows (its answers, also the student's validation slice)."""
+        tc = TrainingConfig(
+            n_epochs=student.n_epochs, max_steps_per_epoch=student.max_steps_per_epoch, dtype="fp32",
+            seed=student.seed,
+            data_config={"dataset_id": "teacher-outputs", "batch_size": student.batch_size, "shuffle": True,
+                         "data_format": "instruct"},
+            optimizer_config={"optimizer_type": "adamw", "lr": student.lr, "weight_decay": 0.0, "num_warmup_steps": 0},
+            torch_run_config={"nproc_per_node": 1},
+        )
+        algorithm = DistillationConfig(
+            teacher_outputs_dir=str(teacher_outputs_dir), method=student.method, temperature=student.temperature,
+            alpha=student.alpha, kl_direction=student.kl_direction, student_peft=student.peft,
+        )
+        self.service.submit(job_uuid=job_uuid, method="distill", model=student.model, training_config=tc,
+                            algorithm_config=algorithm, logger_config={}, checkpoint_dir=None, rows=rows,
+                            validation_rows=None, output_dir=checkpoint_dir, use_fsdp=False)
+        return job_uuid
+
+    # -- pipelines -----------------------------------------------------------------------------------
+    def submit(self, req: PipelineRequest) -> dict[str, Any]:
+        if self._state_path(req.pipeline_id).exists():
+            raise FileExistsError(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists")
+        if (req.rows is None) == (req.dataset_id is None):
+            raise ValueError("dataset_id/rows: give exactly one")
+        names = [s.name for s in req.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students: names must be unique, got {names}")
+        if req.merge:
+            self._check_mergeable(req.students)
+        rows = req.rows if req.rows is not None else list(self.service.dataset_rows(req.dataset_id, "dataset_id"))
+        pdir = self.root / req.pipeline_id
+        pdir.mkdir(parents=True)
+        (pdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        state = {
+            "pipeline_id": req.pipeline_id, "state": "scheduled", "created_at": utc_now(), "finished_at": None,
+            "error": None, "output_dir": str(pdir), "request": req.model_dump(mode="json", exclude={"rows"}),
+            "teacher": {"job_uuid": f"{req.pipeline_id}-teacher", "outputs": str(pdir / "teacher_outputs")},
+            "students": [{"name": s.name, "job_uuid": f"{req.pipeline_id}-student-{s.name}",
+                          "output": str(pdir / "students" / s.name / "final")} for s in req.students],
+            "merge": {"state": "pending" if req.merge else "skipped", "output": str(pdir / "merged")},
+        }
+        try:
+            self.create_teacher_task(state["teacher"]["job_uuid"], req.teacher, rows, pdir / "teacher_outputs")
+        except Exception:
+            shutil.rmtree(pdir, ignore_errors=True)
+            raise
+        self._state_path(req.pipeline_id).write_text(json.dumps(state, indent=2))
+        self._start(req.pipeline_id)
+        return {"pipeline_id": req.pipeline_id, "state": "scheduled"}
+
+    @staticmethod
+    def _check_mergeable(students: list[StudentConfig]) -> None:
+        if any(s.peft is None for s in students):
+            raise ValueError("merge: every student needs a PEFT adapter (full fine-tunes cannot be merged)")
+        kinds = {(s.model, peft_spec(s.peft).method) for s in students}
+        if len(kinds) > 1:
+            raise ValueError(f"merge: students must share base model and PEFT method, got {sorted(map(str, kinds))}")
+
+    def _start(self, pipeline_id: str) -> None:
+        threading.Thread(target=self._run, args=(pipeline_id,), daemon=True, name=f"pipeline-{pipeline_id}").start()
+
+    def _wait(self, job_uuids: list[str]) -> dict[str, str]:
+        while True:
+            states = {j: self.service.jobs.store.get(j).status for j in job_uuids}
+            if all(s not in ACTIVE for s in states.values()):
+                return states
+            time.sleep(0.5)
+
+    def _run(self, pipeline_id: str) -> None:
+        try:
+            self._update(pipeline_id, state="in_progress")
+            state = json.loads(self._state_path(pipeline_id).read_text())
+            req = PipelineRequest(**state["request"], rows=[])
+            teacher = state["teacher"]["job_uuid"]
+            if self._wait([teacher])[teacher] != "completed":
+                raise RuntimeError(f"teacher task {teacher} {self.service.jobs.store.get(teacher).status}: "
+                                   f"{self.service.jobs.store.get(teacher).error}")
+            answered = [{"prompt": r["prompt"], "completion": r["completion"]}
+                        for r in read_shards(state["teacher"]["outputs"])]
+            for student, task in zip(req.students, state["students"]):
+                try:
+                    self.service.jobs.store.get(task["job_uuid"])  # already submitted before a restart
+                except UnknownJobError:
+                    self.create_student_task(task["job_uuid"], student, Path(state["teacher"]["outputs"]), answered,
+                                             Path(task["output"]).parent)
+            results = self._wait([t["job_uuid"] for t in state["students"]])
+            failed = {j: s for j, s in results.items() if s != "completed"}
+            if failed:
+                raise RuntimeError(f"students did not complete: {failed}")
+            if req.merge:
+                summary = merge_adapters([t["output"] for t in state["students"]], state["merge"]["output"],
+                                         req.merge.weights, req.merge.method)
+                self._update(pipeline_id, merge={**state["merge"], "state": "completed", **summary})
+            self._update(pipeline_id, state="completed", finished_at=utc_now())
+        except Exception as e:  # noqa: BLE001 - the pipeline's state must say why it stopped
+            if json.loads(self._state_path(pipeline_id).read_text())["state"] == "cancelled":
+                return
+            log.exception("pipeline %s failed", pipeline_id)
+            self._update(pipeline_id, state="failed", error=f"{type(e).__name__}: {e}", finished_at=utc_now())
+
+    def cancel(self, pipeline_id: str) -> None:
+        state = self.get(pipeline_id)
+        self._update(pipeline_id, state="cancelled", finished_at=utc_now())
+        for task in [state["teacher"], *state["students"]]:
+            try:
+                self.service.jobs.cancel(task["job_uuid"])
+            except UnknownJobError:
+                pass
