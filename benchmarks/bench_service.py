@@ -86,6 +86,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 
 HOST = "127.0.0.1"
+STOP = threading.Event()  # set on exit: load threads stop sending
 ACTIVE = ("scheduled", "in_progress")
 STATUS = "/v1/post-training/job/status"
 
@@ -140,13 +141,18 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def kill_group(pgid: int, grace_s: float = 5.0) -> None:
+def kill_group(pgid: int, grace_s: float = 5.0, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace_s`. `proc`, the group's leader when we
+    started it, is reaped as it exits (an unreaped zombie would keep the group "alive")."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is None:
+            time.sleep(0.05)
+            continue
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -154,6 +160,9 @@ def kill_group(pgid: int, grace_s: float = 5.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def pids_mentioning(text: str) -> list[int]:
@@ -246,9 +255,7 @@ class Service:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
-        kill_group(self.proc.pid, grace_s=20)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
+        kill_group(self.proc.pid, grace_s=20, proc=self.proc)
 
 
 # --------------------------------------------------------------------------- #
@@ -278,6 +285,7 @@ def timings(t0: float, run_dir: Path, t_returned: float | None = None, agent_sta
     out = {
         "first_step_s": rec["time"] - t0 if rec else float("nan"),
         "agent_started_s": agent_start - t0 if agent_start else float("nan"),
+        "first_loss": rec["loss"] if rec else None,
         "process_started_s": (iso_to_unix(status.get("process_started_at")) or float("nan")) - t0,
         "training_started_s": (iso_to_unix(status.get("training_started_at")) or float("nan")) - t0,
         "state": status.get("state"),
@@ -336,7 +344,7 @@ def hand_run(template: Path, source_uuid: str, run_dir: Path, name: str, procs: 
     try:
         code = proc.wait(timeout=args.job_timeout)
     finally:
-        kill_group(proc.pid, grace_s=2)  # nothing of it may outlive it
+        kill_group(proc.pid, grace_s=2, proc=proc)  # nothing of it may outlive it
     out = timings(t0, run_dir, agent_start=agent_start)
     out["state"] = out["state"] if code == 0 else f"exit {code}"
     return out
@@ -437,7 +445,7 @@ def drive(url: str, targets: list[tuple[str, str, dict | None]], rate: float, du
             while True:
                 with lock:
                     i = next(counter)
-                if i >= n:
+                if i >= n or STOP.is_set():
                     return
                 _, path, params = targets[i % len(targets)]
                 due = t0 + i / rate
@@ -714,7 +722,7 @@ def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:  # noqa:
     except Exception as e:  # noqa: BLE001 - a diagnostic; the product is being edited
         print(f"  variants skipped: {type(e).__name__}: {e}", flush=True)
     finally:
-        kill_group(proc.pid, grace_s=5)
+        kill_group(proc.pid, grace_s=5, proc=proc)
 
 
 def renice_job(run_dir: Path, niceness: int) -> int:
@@ -827,6 +835,9 @@ def report(results: dict, args) -> None:
         svc_all = ", ".join(f"{r['first_step_s']:.2f}" for r in svc)
         hand_all = ", ".join(f"{r['first_step_s']:.2f}" for r in hand)
         print(f"   all runs, t0 -> first step: service {svc_all} s; by hand {hand_all} s")
+        losses = {round(r["first_loss"], 6) for r in svc + hand if r.get("first_loss") is not None}
+        print(f"   first-step loss, every run: {sorted(losses)} "
+              f"({'identical: the same job on both sides' if len(losses) == 1 else 'DIFFERENT: not the same job?'})")
     po = results.get("polling")
     if po:
         phases = po["phases"]
@@ -936,12 +947,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
             print(f"results in {args.json}")
-    except BaseException:
+    except BaseException as e:
+        STOP.set()
+        if not isinstance(e, Exception):
+            print(f"interrupted ({type(e).__name__}); stopping the service and every job ...", file=sys.stderr)
         if svc is not None and svc.proc.poll() is not None:
             print(f"the service exited with code {svc.proc.returncode}; last lines of {svc.log}:\n"
                   + "\n".join(svc.log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
         raise
     finally:
+        STOP.set()
         if svc is not None:
             with contextlib.suppress(Exception):
                 for job in svc.client.get("/v1/post-training/jobs", timeout=5).json()["data"]:
@@ -949,7 +964,7 @@ def main(argv: list[str] | None = None) -> None:
                         svc.cancel(job["job_uuid"])
             svc.stop()
         for proc in procs:
-            kill_group(proc.pid, grace_s=2)
+            kill_group(proc.pid, grace_s=2, proc=proc)
         # anything still running from our unique work dir (torchrun agents, ranks) is ours: kill its group
         for pid in pids_mentioning(str(work)):
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -178,6 +178,35 @@ def test_two_node_job_matches_one_node(cluster, tiny_models):
     assert len(a) == len(b) == 8 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
 
 
+def test_pipeline_students_run_on_both_nodes(cluster, tiny_models, toy_data):
+    from test_pipelines import kl_to_teacher, load_student, teacher_sequences
+    from transformers import AutoModelForCausalLM
+
+    from providers.remote_fsdp.client import TrainingServiceClient
+
+    client = TrainingServiceClient(cluster["url"])
+    lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True,
+            "apply_lora_to_output": True, "rank": 16, "alpha": 32}
+    students = [{"name": n, "model": tiny_models["student"], "method": m, "peft": lora, "n_epochs": 4,
+                 "max_steps_per_epoch": 8, "lr": 1e-2} for n, m in (("s1", "logit"), ("s2", "hybrid"))]
+    state = client.run_pipeline({
+        "pipeline_id": "spread", "rows": [{"input_query": r["input_query"]} for r in toy_data["instruct"][:64]],
+        "teacher": {"model": tiny_models["teacher"], "top_k": 16, "max_new_tokens": 12},
+        "students": students, "merge": {"method": "linear"},
+    }, interval_s=0.5, timeout_s=600)
+    assert state["state"] == "completed", state
+    assert state["teacher"]["node_id"] == "node-a"  # equal RAM and no GPU: the coordinator keeps it
+    assert {s["node_id"] for s in state["students"]} == {"node-a", "node-b"}
+    out = Path(state["output_dir"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
+    sequences = teacher_sequences(out / "teacher_outputs")
+    before = kl_to_teacher(base, teacher, sequences)
+    for s in state["students"]:  # the remote student's adapter came back into the pipeline's layout
+        assert kl_to_teacher(load_student(s["output"]), teacher, sequences) < 0.9 * before
+    assert (out / "merged" / "adapter_model.safetensors").exists()
+
+
 def test_a_dead_node_fails_the_job_and_leaves_nothing_running(cluster, tiny_models):
     url, dirs, procs = cluster["url"], cluster["dirs"], cluster["procs"]
     job = body("node-dies", tiny_models["student"], nnodes=2, nproc=1, steps=25, epochs=200)

@@ -66,7 +66,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
-    app.include_router(pipelines_router(service, Pipelines(service)), prefix="/v1", dependencies=auth)
+    app.include_router(pipelines_router(service, Pipelines(service, registry, config.api_token)), prefix="/v1", dependencies=auth)
 
     @app.get("/health")
     def health() -> dict:

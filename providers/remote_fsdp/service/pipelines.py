@@ -7,20 +7,29 @@
                    service's job slots allow -> PIPELINE_DIR/students/NAME/final
     merge          the students' adapters averaged (or combined by a peft method) -> PIPELINE_DIR/merged
 
-Every task is an ordinary job of the service (status, logs, cancel work as for any job). The
-pipeline's own state is PIPELINE_DIR/pipeline.json, so a restart keeps it.
+Placement: the teacher task runs on the live node with the most accelerator memory (else the most
+RAM) that has the teacher model; students are spread over the live nodes, least loaded first. A task
+on another node is sent there over HTTP with what it needs (prompts, or the teacher outputs as a tar),
+and its results come back the same way, so the output layout is the same wherever tasks ran. Model
+paths mean the same directory on every node.
+
+Every task is an ordinary job of the service that runs it (status, logs, cancel work as for any job).
+The pipeline's own state is PIPELINE_DIR/pipeline.json, so a restart keeps it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import tarfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
@@ -31,6 +40,7 @@ from ...training.recipes.teacher import read_shards
 from ...training.run_files import utc_now
 from ...training.spec import CheckpointSpec, DataSpec, JobSpec, TeacherSpec
 from .jobs import FsdpJobService
+from .nodes import Node, NodeRegistry
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -72,11 +82,14 @@ class PipelineRequest(BaseModel):
 
 
 class Pipelines:
-    def __init__(self, service: FsdpJobService):
+    def __init__(self, service: FsdpJobService, registry: NodeRegistry, token: str | None = None):
         self.service = service
+        self.registry = registry
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
         self.root = service.data_dir / "pipelines"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._remotes: dict[str, RemoteNode] = {}
         for state_file in self.root.glob("*/pipeline.json"):  # pipelines interrupted by a restart go on
             if json.loads(state_file.read_text())["state"] in ACTIVE:
                 self._start(state_file.parent.name)
@@ -91,14 +104,40 @@ class Pipelines:
             raise UnknownJobError(pipeline_id)
         state = json.loads(path.read_text())
         for task in [state["teacher"], *state["students"]]:
+            if task.get("node_id") is None:
+                task.setdefault("status", "scheduled")
+                continue
             try:
-                view = self.service.view(task["job_uuid"])
-                task.update(status=view["status"], step=view["resources_allocated"].get("step"),
-                            total_steps=view["resources_allocated"].get("total_steps"),
-                            error=view["resources_allocated"].get("error"))
-            except UnknownJobError:
+                task.update(self.runner(task["node_id"]).status(task["job_uuid"]))
+            except (UnknownJobError, KeyError):
                 task.setdefault("status", "scheduled")
         return state
+
+    def runner(self, node_id: str) -> LocalNode | RemoteNode:
+        if node_id == self.registry.local.node_id:
+            return LocalNode(self, node_id)
+        if node_id not in self._remotes:  # kept: a remote runner remembers what it uploaded
+            self._remotes[node_id] = RemoteNode(self.registry.get(node_id), self.headers)
+        return self._remotes[node_id]
+
+    def place_teacher(self, model: str) -> Node:
+        """The live node with the most accelerator memory, else the most RAM, that has the model."""
+        nodes = [n for n in self.registry.live() if not n.capabilities.models or model in n.capabilities.models]
+        if not nodes:
+            raise ValueError(f"teacher.model: no live node has {model!r}")
+        local = self.registry.local.node_id
+        return max(nodes, key=lambda n: (n.capabilities.gpu_memory_gb, n.capabilities.ram_gb, n.node_id == local))
+
+    def place_students(self, students: list[StudentConfig]) -> list[Node]:
+        """Spread over live nodes that have each student's model, least loaded first, round-robin."""
+        live = sorted(self.registry.live(), key=lambda n: n.load)
+        placed: list[Node] = []
+        for i, s in enumerate(students):
+            nodes = [n for n in live if not n.capabilities.models or s.model in n.capabilities.models]
+            if not nodes:
+                raise ValueError(f"students[{i}].model: no live node has {s.model!r}")
+            placed.append(nodes[i % len(nodes)])
+        return placed
 
     def list(self) -> list[dict[str, Any]]:
         return [{"pipeline_id": p.parent.name, "state": json.loads(p.read_text())["state"]}
@@ -176,7 +215,10 @@ class Pipelines:
             "merge": {"state": "pending" if req.merge else "skipped", "output": str(pdir / "merged")},
         }
         try:
-            self.create_teacher_task(state["teacher"]["job_uuid"], req.teacher, rows, pdir / "teacher_outputs")
+            node = self.place_teacher(req.teacher.model)
+            state["teacher"]["node_id"] = node.node_id
+            self.runner(node.node_id).start_teacher(state["teacher"]["job_uuid"], req.teacher, rows,
+                                                    pdir / "teacher_outputs")
         except Exception:
             shutil.rmtree(pdir, ignore_errors=True)
             raise
@@ -195,10 +237,11 @@ class Pipelines:
     def _start(self, pipeline_id: str) -> None:
         threading.Thread(target=self._run, args=(pipeline_id,), daemon=True, name=f"pipeline-{pipeline_id}").start()
 
-    def _wait(self, job_uuids: list[str]) -> dict[str, str]:
+    def _wait(self, tasks: list[dict]) -> dict[str, dict]:
+        """Final status of each task (a dict with job_uuid and node_id), wherever it runs."""
         while True:
-            states = {j: self.service.jobs.store.get(j).status for j in job_uuids}
-            if all(s not in ACTIVE for s in states.values()):
+            states = {t["job_uuid"]: self.runner(t["node_id"]).status(t["job_uuid"]) for t in tasks}
+            if all(s["status"] not in ACTIVE for s in states.values()):
                 return states
             time.sleep(0.5)
 
@@ -207,22 +250,35 @@ class Pipelines:
             self._update(pipeline_id, state="in_progress")
             state = json.loads(self._state_path(pipeline_id).read_text())
             req = PipelineRequest(**state["request"], rows=[])
-            teacher = state["teacher"]["job_uuid"]
-            if self._wait([teacher])[teacher] != "completed":
-                raise RuntimeError(f"teacher task {teacher} {self.service.jobs.store.get(teacher).status}: "
-                                   f"{self.service.jobs.store.get(teacher).error}")
-            answered = [{"prompt": r["prompt"], "completion": r["completion"]}
-                        for r in read_shards(state["teacher"]["outputs"])]
+            teacher = state["teacher"]
+            result = self._wait([teacher])[teacher["job_uuid"]]
+            if result["status"] != "completed":
+                raise RuntimeError(f"teacher task {teacher['job_uuid']} on {teacher['node_id']} "
+                                   f"{result['status']}: {result['error']}")
+            outputs = Path(teacher["outputs"])
+            if not (outputs / "teacher_task.json").exists():
+                self.runner(teacher["node_id"]).fetch(teacher["job_uuid"], outputs)
+            answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
+            if any(t.get("node_id") is None for t in state["students"]):
+                for task, node in zip(state["students"], self.place_students(req.students)):
+                    task["node_id"] = node.node_id
+                self._update(pipeline_id, students=state["students"])
             for student, task in zip(req.students, state["students"]):
+                runner = self.runner(task["node_id"])
                 try:
-                    self.service.jobs.store.get(task["job_uuid"])  # already submitted before a restart
+                    runner.status(task["job_uuid"])  # already submitted before a restart
+                    continue
                 except UnknownJobError:
-                    self.create_student_task(task["job_uuid"], student, Path(state["teacher"]["outputs"]), answered,
-                                             Path(task["output"]).parent)
-            results = self._wait([t["job_uuid"] for t in state["students"]])
-            failed = {j: s for j, s in results.items() if s != "completed"}
+                    pass
+                runner.start_student(task["job_uuid"], student, outputs, answered, Path(task["output"]).parent,
+                                     pipeline_id)
+            results = self._wait(state["students"])
+            failed = {j: f"{r['status']}: {r['error']}" for j, r in results.items() if r["status"] != "completed"}
             if failed:
                 raise RuntimeError(f"students did not complete: {failed}")
+            for task in state["students"]:
+                if not Path(task["output"]).exists():
+                    self.runner(task["node_id"]).fetch(task["job_uuid"], Path(task["output"]))
             if req.merge:
                 summary = merge_adapters([t["output"] for t in state["students"]], state["merge"]["output"],
                                          req.merge.weights, req.merge.method)
@@ -238,7 +294,97 @@ class Pipelines:
         state = self.get(pipeline_id)
         self._update(pipeline_id, state="cancelled", finished_at=utc_now())
         for task in [state["teacher"], *state["students"]]:
+            if task.get("node_id") is None:
+                continue
             try:
-                self.service.jobs.cancel(task["job_uuid"])
-            except UnknownJobError:
+                if task["node_id"] == self.registry.local.node_id:
+                    self.service.jobs.cancel(task["job_uuid"])
+                else:
+                    self.runner(task["node_id"]).http.post(
+                        "/v1/post-training/job/cancel", json={"job_uuid": task["job_uuid"]})
+            except (UnknownJobError, KeyError, httpx.HTTPError):
                 pass
+
+
+def tar_dir(path: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                tar.add(f, arcname=str(f.relative_to(path)))
+    return buf.getvalue()
+
+
+def untar_into(data: bytes, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")  # refuses absolute paths, links out of dest, devices
+
+
+class LocalNode:
+    """Runs a pipeline's tasks as jobs of this service."""
+
+    def __init__(self, pipelines: Pipelines, node_id: str):
+        self.pipelines = pipelines
+        self.node_id = node_id
+
+    def start_teacher(self, job_uuid: str, teacher: TeacherTaskConfig, rows: list[dict], outputs: Path) -> None:
+        self.pipelines.create_teacher_task(job_uuid, teacher, rows, outputs)
+
+    def start_student(self, job_uuid: str, student: StudentConfig, outputs: Path, answered: list[dict],
+                      final_parent: Path, outputs_id: str) -> None:
+        self.pipelines.create_student_task(job_uuid, student, outputs, answered, final_parent)
+
+    def status(self, job_uuid: str) -> dict[str, Any]:
+        view = self.pipelines.service.view(job_uuid)
+        res = view["resources_allocated"]
+        return {"status": view["status"], "step": res.get("step"), "total_steps": res.get("total_steps"),
+                "error": res.get("error")}
+
+    def fetch(self, job_uuid: str, dest: Path) -> None:
+        pass  # written in place
+
+
+class RemoteNode:
+    """Runs a pipeline's tasks on another node's service."""
+
+    def __init__(self, node: Node, headers: dict[str, str]):
+        self.node_id = node.node_id
+        self.http = httpx.Client(base_url=node.url, headers=headers, timeout=120)
+        self.uploaded: set[str] = set()
+
+    def _ok(self, r: httpx.Response) -> dict:
+        if r.status_code >= 400:
+            raise RuntimeError(f"node {self.node_id}: {r.request.method} {r.request.url.path}: {r.status_code} {r.text}")
+        return r.json() if r.content else {}
+
+    def start_teacher(self, job_uuid: str, teacher: TeacherTaskConfig, rows: list[dict], outputs: Path) -> None:
+        self._ok(self.http.post("/v1/teacher-tasks", json={"job_uuid": job_uuid, "teacher": teacher.model_dump(),
+                                                            "rows": rows}))
+
+    def start_student(self, job_uuid: str, student: StudentConfig, outputs: Path, answered: list[dict],
+                      final_parent: Path, outputs_id: str) -> None:
+        if outputs_id not in self.uploaded:
+            self._ok(self.http.put(f"/v1/teacher-outputs/{outputs_id}", content=tar_dir(outputs)))
+            self.uploaded.add(outputs_id)
+        prefix = job_uuid[: -len(f"-student-{student.name}")]
+        self._ok(self.http.post("/v1/student-tasks", json={"teacher_outputs": outputs_id, "prefix": prefix,
+                                                            "students": [student.model_dump(mode="json")]}))
+
+    def status(self, job_uuid: str) -> dict[str, Any]:
+        try:
+            r = self.http.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=10)
+        except httpx.HTTPError as e:
+            return {"status": "failed", "error": f"node {self.node_id} unreachable: {e}"}
+        if r.status_code == 404:
+            raise UnknownJobError(job_uuid)
+        view = self._ok(r)
+        res = view["resources_allocated"]
+        return {"status": view["status"], "step": res.get("step"), "total_steps": res.get("total_steps"),
+                "error": res.get("error")}
+
+    def fetch(self, job_uuid: str, dest: Path) -> None:
+        r = self.http.get("/v1/post-training/job/download", params={"job_uuid": job_uuid})
+        if r.status_code >= 400:
+            raise RuntimeError(f"node {self.node_id}: download of {job_uuid}: {r.status_code} {r.text}")
+        untar_into(r.content, dest)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ...jobs.store import ACTIVE, UnknownJobError
@@ -25,7 +25,7 @@ from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Heartbeat, Node, NodeRegistry, Registration
-from .pipelines import PipelineRequest, Pipelines, StudentConfig, TeacherTaskConfig
+from .pipelines import PipelineRequest, Pipelines, StudentConfig, TeacherTaskConfig, tar_dir, untar_into
 
 
 def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
@@ -66,6 +66,14 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
     def job_artifacts(job_uuid: str = Query(...)) -> dict[str, Any]:
         view = service.view(job_uuid)
         return {"job_uuid": job_uuid, "checkpoints": view["checkpoints"]}
+
+    @r.get("/job/download")
+    def job_download(job_uuid: str = Query(...)) -> Response:
+        """The job's newest checkpoint (a teacher task's outputs) as a tar.gz."""
+        view = service.view(job_uuid)
+        if view["status"] != "completed" or not view["checkpoints"]:
+            raise ValueError(f"job_uuid: {job_uuid!r} is {view['status']} and has no final checkpoint yet")
+        return Response(tar_dir(Path(view["checkpoints"][-1]["path"])), media_type="application/gzip")
 
     @r.get("/job/logs")
     async def job_logs(job_uuid: str = Query(...), tail: int = Query(100, ge=0, le=100000),
@@ -196,7 +204,9 @@ class TeacherTaskRequest(BaseModel):
 
 
 class StudentTasksRequest(BaseModel):
-    teacher_task: str  # job_uuid of a completed teacher task
+    teacher_task: str | None = None  # job_uuid of a completed teacher task on this service
+    teacher_outputs: str | None = None  # or the id of teacher outputs uploaded to PUT /v1/teacher-outputs/{id}
+    prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")  # job_uuid: PREFIX-student-NAME
     students: list[StudentConfig] = Field(min_length=1)
 
 
@@ -243,17 +253,33 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
 
     @r.post("/student-tasks")
     def create_student_tasks(req: StudentTasksRequest) -> dict[str, list[str]]:
-        teacher = service.jobs.store.get(req.teacher_task)
-        if teacher.method != "teacher" or teacher.status != "completed":
-            raise ValueError(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
-                             "not a completed teacher task")
-        outputs = teacher_outputs / req.teacher_task
+        if (req.teacher_task is None) == (req.teacher_outputs is None):
+            raise ValueError("teacher_task/teacher_outputs: give exactly one")
+        if req.teacher_task is not None:
+            teacher = service.jobs.store.get(req.teacher_task)
+            if teacher.method != "teacher" or teacher.status != "completed":
+                raise ValueError(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
+                                 "not a completed teacher task")
+        outputs = teacher_outputs / service.dataset_path(req.teacher_task or req.teacher_outputs).stem
+        if not (outputs / "teacher_task.json").exists():
+            raise ValueError(f"teacher_outputs: no teacher outputs named {req.teacher_outputs!r} on this service")
         answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
-        return {"job_uuids": [
-            pipelines.create_student_task(f"{req.teacher_task}-student-{s.name}", s, outputs, answered,
-                                          service.data_dir / "runs" / f"{req.teacher_task}-student-{s.name}" / "checkpoints")
-            for s in req.students
-        ]}
+        prefix = req.prefix or req.teacher_task or req.teacher_outputs
+        job_uuids = [f"{prefix}-student-{s.name}" for s in req.students]
+        for job_uuid, s in zip(job_uuids, req.students):
+            pipelines.create_student_task(job_uuid, s, outputs, answered,
+                                          service.data_dir / "runs" / job_uuid / "checkpoints")
+        return {"job_uuids": job_uuids}
+
+    @r.put("/teacher-outputs/{outputs_id}")
+    async def upload_teacher_outputs(outputs_id: str, request: Request) -> dict[str, Any]:
+        """A teacher task's outputs from another node (a tar.gz of its directory)."""
+        dest = teacher_outputs / service.dataset_path(outputs_id).stem
+        untar_into(await request.body(), dest)
+        if not (dest / "teacher_task.json").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ValueError("body: not a teacher task's outputs (no teacher_task.json in the archive)")
+        return {"teacher_outputs": outputs_id, "rows": json.loads((dest / "teacher_task.json").read_text())["rows"]}
 
     @r.post("/adapters/merge")
     def merge(req: MergeRequest) -> dict[str, Any]:
