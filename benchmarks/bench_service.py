@@ -885,6 +885,17 @@ def report(results: dict, args) -> None:
         if po.get("profile_loaded") and args.verbose_profile:
             print("\n   cProfile of the ASGI job/status route in-process (while training), by own time:")
             print(po["profile_loaded"]["_cprofile"])
+    print("\nVERDICT")
+    if ov and ov["service"] and ov["hand"]:
+        d = median([a["first_step_s"] - b["first_step_s"] for a, b in zip(ov["service"], ov["hand"])])
+        own = median([r["agent_started_s"] for r in ov["service"]]) - median([r["agent_started_s"] for r in ov["hand"]])
+        print(f"   1. service - by hand, submit -> first step: {d:+.3f} s (median paired) -> target <= +1 s "
+              f"{'MET' if d <= 1 else 'MISSED'}; the service's own part (t0 -> torchrun created): {own * 1000:+.0f} ms")
+    if po:
+        lo, idle = po["phases"]["training: job/status"], po["phases"]["idle: job/status"]
+        ok = lo["p99_ms"] < args.p99_target_ms and lo["errors"] == 0
+        print(f"   2. job/status while training: p99 {lo['p99_ms']:.1f} ms, {lo['errors']} errors -> target "
+              f"{'MET' if ok else 'MISSED'} (idle: p99 {idle['p99_ms']:.1f} ms, {idle['errors']} errors)")
     print("=" * 78)
 
 

@@ -175,7 +175,9 @@ class ProviderDefaults(BaseModel):
 
 # A job_uuid names the job's run directory (and its checkpoint subdirectory): no path separators, and no
 # leading '.', so that '.' and '..' can never point a run directory (or its clean-up) outside data_dir/runs.
-JOB_UUID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+# Names that become directory names (job_uuid, dataset ids, pipeline and node names): never "." or "..".
+SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+JOB_UUID = re.compile(SAFE_NAME)
 
 
 def check_job_uuid(job_uuid: str) -> None:

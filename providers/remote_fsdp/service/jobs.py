@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
 from ...jobs.store import JobStore, UnknownJobError
-from ...post_training_api import ProviderDefaults, TrainingConfig, method_of, prepare_job
+from ...post_training_api import SAFE_NAME, ProviderDefaults, TrainingConfig, check_job_uuid, method_of, prepare_job
 from ...training.components import device_type
 from ...training.fsdp import backend, mesh_shape
 from ...training.run_files import RunFiles
@@ -24,7 +24,7 @@ from .config import ServiceConfig
 from .launcher import TorchRunOptions, torchrun_command
 from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 
-DATASET_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+DATASET_ID = re.compile(SAFE_NAME)
 
 
 def _validation_message(e: ValidationError, field: str) -> str:
@@ -48,7 +48,8 @@ class FsdpJobService:
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
         if not DATASET_ID.match(dataset_id):
-            raise ValueError(f"dataset_id: {dataset_id!r} must be 1-128 letters, digits, '.', '_' or '-'")
+            raise ValueError(f"dataset_id: {dataset_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                             "not starting with '.'")
         return self.datasets_dir / f"{dataset_id}.jsonl"
 
     def dataset_rows(self, dataset_id: str, field: str) -> Iterator[dict[str, Any]]:
@@ -91,8 +92,7 @@ class FsdpJobService:
                algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
                rows: list[dict] | None, validation_rows: list[dict] | None, output_dir: Path | None = None,
                use_fsdp: bool = True) -> dict[str, Any]:
-        if not job_uuid or not DATASET_ID.match(job_uuid):
-            raise ValueError("job_uuid: must be 1-128 letters, digits, '.', '_' or '-'")
+        check_job_uuid(job_uuid)
         try:
             self.jobs.store.get(job_uuid)
             raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
@@ -110,6 +110,8 @@ class FsdpJobService:
         val_rows = validation_rows
         if val_rows is None and dc.validation_dataset_id:
             val_rows = self.dataset_rows(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
+        run_dir = self.data_dir / "runs" / job_uuid
+        run_dir_existed = run_dir.exists()
         try:
             spec = prepare_job(
                 job_uuid=job_uuid, method=method, model=model, training_config=training_config,
@@ -131,7 +133,8 @@ class FsdpJobService:
             }
             self.jobs.submit(spec, resources=resources)
         except ValueError:
-            shutil.rmtree(self.data_dir / "runs" / job_uuid, ignore_errors=True)
+            if not run_dir_existed:  # only what this request created
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
         return {"job_uuid": job_uuid}
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field
 
+from ...post_training_api import SAFE_NAME
+
 log = logging.getLogger("providers.remote_fsdp")
 
 
@@ -48,7 +50,7 @@ class Node(BaseModel):
 
 
 class Registration(BaseModel):
-    node_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    node_id: str = Field(pattern=SAFE_NAME)
     url: str
     capabilities: Capabilities
 

@@ -33,6 +33,7 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from ...post_training_api import SAFE_NAME
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import DistillationConfig, PeftFinetuningConfig, TrainingConfig, peft_spec
 from ...training.merge import merge_adapters
@@ -53,7 +54,7 @@ class TeacherTaskConfig(BaseModel):
 
 
 class StudentConfig(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    name: str = Field(pattern=SAFE_NAME)
     model: str
     method: Literal["output", "logit", "hybrid"] = "logit"
     peft: LoraFinetuningConfig | PeftFinetuningConfig | None = Field(None, discriminator="type")
@@ -73,7 +74,7 @@ class MergeConfig(BaseModel):
 
 
 class PipelineRequest(BaseModel):
-    pipeline_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    pipeline_id: str = Field(pattern=SAFE_NAME)
     dataset_id: str | None = None  # a dataset uploaded to this service
     rows: list[dict[str, Any]] | None = None  # or the prompts inline
     teacher: TeacherTaskConfig

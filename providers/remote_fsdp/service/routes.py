@@ -18,6 +18,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from ...post_training_api import SAFE_NAME
+
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...training.merge import merge_adapters
 from ...training.recipes.teacher import read_shards
@@ -197,7 +199,7 @@ def nodes_router(registry: NodeRegistry) -> APIRouter:
 
 
 class TeacherTaskRequest(BaseModel):
-    job_uuid: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    job_uuid: str = Field(pattern=SAFE_NAME)
     teacher: TeacherTaskConfig
     dataset_id: str | None = None
     rows: list[dict[str, Any]] | None = None
@@ -206,13 +208,13 @@ class TeacherTaskRequest(BaseModel):
 class StudentTasksRequest(BaseModel):
     teacher_task: str | None = None  # job_uuid of a completed teacher task on this service
     teacher_outputs: str | None = None  # or the id of teacher outputs uploaded to PUT /v1/teacher-outputs/{id}
-    prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")  # job_uuid: PREFIX-student-NAME
+    prefix: str | None = Field(None, pattern=SAFE_NAME)  # job_uuid: PREFIX-student-NAME
     students: list[StudentConfig] = Field(min_length=1)
 
 
 class MergeRequest(BaseModel):
     job_uuids: list[str] = Field(min_length=2)  # completed PEFT jobs
-    output_name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    output_name: str = Field(pattern=SAFE_NAME)
     method: str = "linear"
     weights: list[float] | None = None
 

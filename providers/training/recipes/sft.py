@@ -56,5 +56,7 @@ def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer,
         callbacks=cbs,
         **trainer_kw,
     )
+    if len(trainer.train_dataset) == 0:
+        raise ValueError(f"no training row keeps an answer token within max_seq_len={spec.data.max_seq_len}")
     prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
     return save_final(trainer, spec, files, reporter)
