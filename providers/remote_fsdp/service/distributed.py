@@ -44,6 +44,8 @@ class DistributedJobs:
         """Place the job on `nnodes` live nodes and start every part."""
         tc = body["training_config"]
         opts = self.service.torch_run_options(tc.get("torch_run_config"))
+        fsdp = self.service.fsdp_options(tc.get("fsdp_config"))
+        self.service.check_fsdp(fsdp, opts, opts.nproc_per_node * opts.nnodes)
         live = self.registry.live()
         if len(live) < opts.nnodes:
             raise ValueError(

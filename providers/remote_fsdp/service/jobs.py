@@ -102,7 +102,7 @@ class FsdpJobService:
         world_size = torch_run.nproc_per_node * torch_run.nnodes
         fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
         if fsdp is not None:
-            self._check_fsdp(fsdp, torch_run, world_size)
+            self.check_fsdp(fsdp, torch_run, world_size)
         dc = training_config.data_config
         if dc is None:
             raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
@@ -139,7 +139,7 @@ class FsdpJobService:
         return {"job_uuid": job_uuid}
 
     @staticmethod
-    def _check_fsdp(fsdp: FsdpSpec, torch_run: TorchRunOptions, world_size: int) -> None:
+    def check_fsdp(fsdp: FsdpSpec, torch_run: TorchRunOptions, world_size: int) -> None:
         """Refuse what would train wrongly or cannot run here, before anything starts."""
         import torch
 
