@@ -70,7 +70,13 @@ from providers.training.data import normalize_rows, write_jsonl  # noqa: E402
 from providers.training.recipes import dpo as core_dpo  # noqa: E402
 from providers.training.recipes import sft as core_sft  # noqa: E402
 from providers.training.run_files import RunFiles  # noqa: E402
-from providers.training.spec import CheckpointSpec, DataSpec, DpoSpec, JobSpec, OptimizerSpec  # noqa: E402
+from providers.training.spec import (  # noqa: E402
+    CheckpointSpec,
+    DataSpec,
+    DpoSpec,
+    JobSpec,
+    OptimizerSpec,
+)
 from scripts.build_tiny_models import build_tiny_models, make_toy_datasets  # noqa: E402
 
 BATCH = 8

@@ -90,7 +90,11 @@ from providers.training.spec import (  # noqa: E402
     OptimizerSpec,
     TeacherSpec,
 )
-from scripts.build_tiny_models import answer_accuracy, build_tiny_models, make_toy_datasets  # noqa: E402
+from scripts.build_tiny_models import (  # noqa: E402
+    answer_accuracy,
+    build_tiny_models,
+    make_toy_datasets,
+)
 
 BATCH = 8
 MAX_LEN = 128
@@ -435,7 +439,7 @@ def checks(args, paths: dict, work: Path) -> None:
         return [(round(m["loss"], 4), round(m["grad_norm"], 4), round(m.get("soft_loss", float("nan")), 4))
                 for m in RunFiles(spec.run_dir).read_metrics() if "loss" in m]
 
-    print(f"\n[checks] logged (loss, grad_norm, soft_loss) of the first 3 steps, lr 1e-6, no shuffle")
+    print("\n[checks] logged (loss, grad_norm, soft_loss) of the first 3 steps, lr 1e-6, no shuffle")
     live = DistillSpec(method="logit", teacher_model=paths["teacher"])
     print(f"  live logit                       {logged('live', live)}")
     print(f"  cached logit, top_k = vocab {vocab} {logged('cached-full', DistillSpec(method='logit', teacher_outputs_dir=full))}")

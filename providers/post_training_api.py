@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from llama_stack.apis.post_training import DataConfig as _DataConfig
-from llama_stack.apis.post_training import EfficiencyConfig, LoraFinetuningConfig, QATFinetuningConfig
+from llama_stack.apis.post_training import (
+    EfficiencyConfig,
+    LoraFinetuningConfig,
+    QATFinetuningConfig,
+)
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from helpers import free_port, processes_mentioning, stop_process_group, wait_for_health, wait_until
+from helpers import (
+    free_port,
+    processes_mentioning,
+    stop_process_group,
+    wait_for_health,
+    wait_until,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")

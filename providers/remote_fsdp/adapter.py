@@ -17,7 +17,12 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
-from ..post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig, fetch_rows
+from ..post_training_api import (
+    DPOAlignmentConfig,
+    SFTAlgorithmConfig,
+    TrainingConfig,
+    fetch_rows,
+)
 from .config import TrlFsdpAdapterConfig
 
 

@@ -222,7 +222,10 @@ class FsdpCallback(TrainerCallback):
 
 def save_consolidated(model, out_dir: Path, tokenizer) -> None:
     """Gather the full state dict (a collective: every rank calls it) and save an HF model on rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:

@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
 Method = Literal["sft", "dpo", "distill", "teacher"]
 Dtype = Literal["fp32", "bf16", "fp16"]

@@ -13,11 +13,16 @@ from fastapi.responses import JSONResponse
 
 from ...jobs.store import DuplicateJobError, UnknownJobError
 from .config import ServiceConfig
-from .jobs import FsdpJobService
 from .distributed import DistributedJobs
+from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .pipelines import Pipelines
-from .routes import datasets_router, nodes_router, pipelines_router, post_training_router
+from .routes import (
+    datasets_router,
+    nodes_router,
+    pipelines_router,
+    post_training_router,
+)
 
 log = logging.getLogger("providers.remote_fsdp")
 

@@ -15,7 +15,14 @@ from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
 from ...jobs.store import JobStore, UnknownJobError
-from ...post_training_api import SAFE_NAME, ProviderDefaults, TrainingConfig, check_job_uuid, method_of, prepare_job
+from ...post_training_api import (
+    SAFE_NAME,
+    ProviderDefaults,
+    TrainingConfig,
+    check_job_uuid,
+    method_of,
+    prepare_job,
+)
 from ...training.components import device_type
 from ...training.fsdp import backend, mesh_shape
 from ...training.run_files import RunFiles

@@ -33,9 +33,14 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
-from ...post_training_api import SAFE_NAME
 from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import DistillationConfig, PeftFinetuningConfig, TrainingConfig, peft_spec
+from ...post_training_api import (
+    SAFE_NAME,
+    DistillationConfig,
+    PeftFinetuningConfig,
+    TrainingConfig,
+    peft_spec,
+)
 from ...training.merge import merge_adapters
 from ...training.recipes.teacher import read_shards
 from ...training.run_files import utc_now

@@ -18,16 +18,22 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from ...post_training_api import SAFE_NAME
-
 from ...jobs.store import ACTIVE, UnknownJobError
+from ...post_training_api import SAFE_NAME
 from ...training.merge import merge_adapters
 from ...training.recipes.teacher import read_shards
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Heartbeat, Node, NodeRegistry, Registration
-from .pipelines import PipelineRequest, Pipelines, StudentConfig, TeacherTaskConfig, tar_dir, untar_into
+from .pipelines import (
+    PipelineRequest,
+    Pipelines,
+    StudentConfig,
+    TeacherTaskConfig,
+    tar_dir,
+    untar_into,
+)
 
 
 def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
