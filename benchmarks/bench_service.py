@@ -431,8 +431,10 @@ def drive(url: str, targets: list[tuple[str, str, dict | None]], rate: float, du
     results: list[tuple | None] = [None] * n
     counter = itertools.count()
     lock = threading.Lock()
-    start = {}
-    ready = threading.Barrier(workers + 1)
+    start: dict[str, float] = {}
+    # t0 is set when every worker has opened its connection (the barrier's action), so no request is
+    # due before all workers are ready (else the schedule would start with a backlog sent as a burst).
+    ready = threading.Barrier(workers + 1, action=lambda: start.__setitem__("t0", time.perf_counter() + 0.1))
 
     def worker() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -466,7 +468,6 @@ def drive(url: str, targets: list[tuple[str, str, dict | None]], rate: float, du
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     for t in threads:
         t.start()
-    start["t0"] = time.perf_counter() + 0.1
     ready.wait()
     for t in threads:
         t.join(timeout=duration + 60)
@@ -689,9 +690,10 @@ def profile_status_path(svc: Service, job_uuid: str, iterations: int, shadow: Pa
     return out
 
 
-def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:  # noqa: C901
-    """Start a second server (`--shadow-server`: the real app on a snapshot of the data dir, plus two
-    leaner status routes) and drive the real route and the variants on it, under the same training load."""
+@contextlib.contextmanager
+def snapshot_server(svc: Service, job_uuid: str, shadow: Path):
+    """A second server (this script with `--shadow-server`: the real app on a snapshot of the data dir,
+    plus two leaner status routes), yielding (url, pid), or None if it cannot start; stopped on exit."""
     data = snapshot_data_dir(svc, job_uuid, shadow)
     port = free_port()
     log = shadow / "shadow-server.log"
@@ -700,26 +702,27 @@ def variants(svc: Service, job_uuid: str, shadow: Path, phase) -> None:  # noqa:
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shadow server exited: {log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("shadow server did not start")
-            time.sleep(0.3)
-        real = httpx.get(url + STATUS, params={"job_uuid": job_uuid}).json()
-        for path in (VARIANT_SYNC, VARIANT_ASYNC):
-            same = httpx.get(url + path, params={"job_uuid": job_uuid}).json() == real
-            print(f"  snapshot server: {path} answers {'the same JSON as' if same else 'DIFFERENT JSON from'} "
-                  f"job/status", flush=True)
-        q = {"job_uuid": job_uuid}
-        phase("training, snapshot server", [("snap job/status", STATUS, q), ("snap 1-hop sync", VARIANT_SYNC, q),
-                                            ("snap async", VARIANT_ASYNC, q)], url, proc.pid)
-    except Exception as e:  # noqa: BLE001 - a diagnostic; the product is being edited
-        print(f"  variants skipped: {type(e).__name__}: {e}", flush=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"shadow server exited: {log.read_text()[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("shadow server did not start")
+                time.sleep(0.3)
+            real = httpx.get(url + STATUS, params={"job_uuid": job_uuid}).json()
+            for path in (VARIANT_SYNC, VARIANT_ASYNC):
+                same = httpx.get(url + path, params={"job_uuid": job_uuid}).json() == real
+                print(f"  snapshot server: {path} answers {'the same JSON as' if same else 'DIFFERENT JSON from'} "
+                      f"job/status", flush=True)
+        except Exception as e:  # noqa: BLE001 - a diagnostic; the product is being edited
+            print(f"  snapshot server unavailable, variants skipped: {type(e).__name__}: {e}", flush=True)
+            yield None
+        else:
+            yield url, proc.pid
     finally:
         kill_group(proc.pid, grace_s=5, proc=proc)
 
@@ -757,13 +760,14 @@ def part_polling(svc: Service, model: str, work: Path, args) -> dict:
     phases: dict[str, dict] = {}
     status_q = {"job_uuid": name}
 
-    def phase(label: str, targets: list, url: str | None = None, pid: int | None = None) -> dict:
+    def phase(label: str, targets: list, url: str | None = None, pid: int | None = None,
+              cpu: bool = True) -> dict:
         pid = pid or svc.proc.pid
         t_b, cpu_b = time.time(), cpu_seconds(pid)
         by_name = drive(url or svc.url, targets, args.rate, args.duration, args.workers)
         t_c, cpu_c = time.time(), cpu_seconds(pid)
         steps = steps_between(run_dir, t_b, t_c) / (t_c - t_b)
-        cpu_ms = (cpu_c - cpu_b) * 1000 / int(args.rate * args.duration)
+        cpu_ms = (cpu_c - cpu_b) * 1000 / int(args.rate * args.duration) if cpu else float("nan")
         mixed = len(targets) > 1
         print(f"  {label}: server CPU {cpu_ms:.2f} ms/request, training {steps:.1f} steps/s, load {loadavg()}"
               + (" (targets interleaved, same conditions)" if mixed else ""), flush=True)
@@ -787,12 +791,19 @@ def part_polling(svc: Service, model: str, work: Path, args) -> dict:
         # thread-pool hops: endpoint + return-annotation validation, one SQLite query).
         phase("training, live service", [("live job/status", STATUS, status_q), ("live /health", "/health", None),
                                          ("live /docs", "/docs", None)])
-        if not args.no_variants:
-            variants(svc, name, work / "shadow-variants", phase)
-        if args.renice:
-            n = renice_job(run_dir, 19)
-            print(f"  reniced {n} processes of the job (all threads) to nice 19", flush=True)
-            phase("training nice 19: job/status", [("train nice 19: job/status", STATUS, status_q)])
+        with (contextlib.nullcontext() if args.no_variants
+              else snapshot_server(svc, name, work / "shadow-variants")) as snap:
+            if snap:
+                phase("training, snapshot server", [("snap job/status", STATUS, status_q),
+                                                    ("snap 1-hop sync", VARIANT_SYNC, status_q),
+                                                    ("snap async", VARIANT_ASYNC, status_q)], snap[0], snap[1])
+            if args.renice:
+                n = renice_job(run_dir, 19)
+                print(f"  reniced {n} processes of the job (all threads) to nice 19", flush=True)
+                targets = [("nice19 live job/status", STATUS, status_q)]
+                if snap:  # the two proposed changes together, next to the real route
+                    targets.append(("nice19 snap async", snap[0] + VARIANT_ASYNC, status_q))
+                phase("training, job reniced to 19", targets, cpu=not snap)
 
     t = time.time()
     svc.cancel(name)

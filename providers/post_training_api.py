@@ -325,6 +325,20 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any) -> dict[s
     return {"peft": peft_spec(algorithm_config)}
 
 
+def check_output_layer_adapter(settings: dict[str, Any]) -> None:
+    """TRL 1.16's trainers compute log-probs from `lm_head.weight` directly, so an adapter on the LM head
+    would never train: refuse it, except for distillation from cached logits (a plain Trainer)."""
+    peft, distill = settings.get("peft"), settings.get("distill")
+    if peft is None or "lm_head" not in (peft.target_modules or []):
+        return
+    if distill is not None and distill.teacher_outputs_dir and distill.method != "output":
+        return
+    raise ValueError(
+        "algorithm_config.apply_lora_to_output / target_modules: an adapter on lm_head is not trained by "
+        "TRL's trainers (they read lm_head.weight directly); leave lm_head out, or train it fully"
+    )
+
+
 def method_of(algorithm_config: Any) -> str:
     return "distill" if isinstance(algorithm_config, DistillationConfig) else "sft"
 
@@ -374,6 +388,7 @@ def prepare_job(
         raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
     check_model_path(model, "model" if method != "dpo" else "finetuned_model")
     settings = algorithm_settings(method, str(Path(model).expanduser()), algorithm_config)
+    check_output_layer_adapter(settings)
     run_dir = Path(defaults.data_dir).expanduser() / "runs" / job_uuid
     run_dir.mkdir(parents=True, exist_ok=True)
     kind = "preference" if method == "dpo" else "completion"

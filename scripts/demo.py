@@ -120,13 +120,11 @@ def training_config(dataset_id: str, epochs: int, lr: float) -> dict:
 
 
 def inline_demo(client, models: dict[str, str]) -> None:
-    print("\n== inline::trl: SFT (LoRA), DPO and logit distillation through llama stack run run.yaml")
+    print("\n== inline::trl: SFT, DPO and logit distillation through llama stack run run.yaml")
     student, teacher = models["student"], models["teacher"]
     client.post_training.supervised_fine_tune(
-        job_uuid="demo-sft", model=student, training_config=training_config("toy-instruct", 3, 1e-2),
-        hyperparam_search_config={}, logger_config={},
-        algorithm_config={"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                          "apply_lora_to_mlp": True, "apply_lora_to_output": True, "rank": 16, "alpha": 32},
+        job_uuid="demo-sft", model=student, training_config=training_config("toy-instruct", 6, 3e-3),
+        hyperparam_search_config={}, logger_config={}, algorithm_config=None,  # full fine-tuning
     )
     client.post_training.preference_optimize(
         job_uuid="demo-dpo", finetuned_model=student, training_config=training_config("toy-preference", 2, 3e-3),
@@ -134,15 +132,18 @@ def inline_demo(client, models: dict[str, str]) -> None:
         algorithm_config={"type": "dpo", "reward_scale": 0.5, "reward_clip": 5.0, "epsilon": 0.0, "gamma": 0.0},
     )
     client.post_training.supervised_fine_tune(
-        job_uuid="demo-distill", model=student, training_config=training_config("toy-instruct", 3, 3e-3),
+        job_uuid="demo-distill", model=student, training_config=training_config("toy-instruct", 6, 3e-3),
         hyperparam_search_config={}, logger_config={},
         algorithm_config={"type": "distillation", "teacher_model": teacher, "method": "logit", "temperature": 2.0},
     )
     statuses = watch(client, ["demo-sft", "demo-dpo", "demo-distill"])
     report(statuses)
-    distilled = statuses["demo-distill"].checkpoints[-1]["path"]
-    print(f"\n  generation of the distilled student for 'reverse: a b c': {generate(distilled, 'reverse: a b c')!r}")
-    print(f"  generation of the teacher                              : {generate(teacher, 'reverse: a b c')!r}")
+    prompt = "reverse: k q z"  # not in the training rows
+    print(f"\n  prompt {prompt!r}")
+    for name, path in (("teacher", teacher), ("student before training", student),
+                       ("SFT student", statuses["demo-sft"].checkpoints[-1]["path"]),
+                       ("distilled student", statuses["demo-distill"].checkpoints[-1]["path"])):
+        print(f"  {name:<24} -> {generate(path, prompt)!r}")
 
 
 def remote_demo(workdir: Path, models: dict[str, str], prefs: list[dict]) -> None:

@@ -233,6 +233,9 @@ def test_later_llama_stack_route_shapes(service, two_procs):
         (lambda b: b["training_config"]["data_config"].update(batch_size=0) or b, 400, "batch_size"),
         (lambda b: b.update(model="/no/such/model") or b, 400, "model"),
         (lambda b: b.update(job_uuid="two-procs") or b, 409, "two-procs"),
+        (lambda b: b.update(job_uuid="..") or b, 400, "job_uuid"),
+        (lambda b: b.update(algorithm_config={"type": "LoRA", "lora_attn_modules": ["q_proj"], "apply_lora_to_mlp": False,
+                                              "apply_lora_to_output": True, "rank": 4, "alpha": 8}) or b, 400, "lm_head"),
     ],
 )
 def test_bad_requests_get_4xx_naming_the_field(service, tiny_models, two_procs, mutate, status_code, needle):

@@ -72,22 +72,42 @@ class DistillationTrainer(SFTTrainer):
             teacher_logits = self.teacher(**model_inputs, use_cache=False).logits[:, :-1]
         target = labels[:, 1:]
         mask = target != -100
-        n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        n_tokens = torch.as_tensor(n_tokens, device=student_logits.device).clamp(min=1)
-        hard = F.cross_entropy(student_logits[mask], target[mask], reduction="sum") / n_tokens
+        n_tokens = token_count(mask, num_items_in_batch)
+        hard = hard_loss(student_logits[mask], target[mask], n_tokens, self.alpha)
         T = self.distill.temperature
         soft = T * T * distill_kl(student_logits, teacher_logits, mask, T, self.distill.kl_direction) / n_tokens
-        loss = self.alpha * hard + (1 - self.alpha) * soft
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        scale = self.accelerator.num_processes if num_items_in_batch is not None else 1
-        self._metrics[mode]["hard_loss"].append(hard.item() * scale)
-        self._metrics[mode]["soft_loss"].append(soft.item() * scale)
+        loss = mix(self, hard, soft, self.alpha, num_items_in_batch, self._metrics[mode])
         tokens = self.accelerator.gather_for_metrics(model_inputs["attention_mask"].sum()).sum().item()
         if mode == "train":
             self._total_train_tokens += tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+
+def token_count(mask, num_items_in_batch):
+    """The loss normalizer: answer tokens of the whole accumulated batch when the Trainer counted them
+    (then the loss is already scaled for gradient accumulation), else of this micro-batch."""
+    n = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    return torch.as_tensor(n, device=mask.device).clamp(min=1)
+
+
+def hard_loss(logits, target, n_tokens, alpha: float):
+    """Cross-entropy on the labels; without gradient when it has no weight (method `logit`)."""
+    with torch.set_grad_enabled(alpha > 0 and torch.is_grad_enabled()):
+        return F.cross_entropy(logits, target, reduction="sum") / n_tokens
+
+
+def mix(trainer, hard, soft, alpha: float, num_items_in_batch, metrics) -> torch.Tensor:
+    """alpha * hard + (1 - alpha) * soft, with hard/soft logged as per-micro-batch means."""
+    loss = alpha * hard + (1 - alpha) * soft
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes  # DDP/FSDP average gradients over ranks
+    scale = 1
+    if num_items_in_batch is not None:
+        scale = trainer.accelerator.num_processes * trainer.current_gradient_accumulation_steps
+    metrics["hard_loss"].append(hard.item() * scale)
+    metrics["soft_loss"].append(soft.item() * scale)
+    return loss
 
 
 @torch.no_grad()
@@ -134,14 +154,15 @@ class CachedLogitsCollator:
         }
         for i, r in enumerate(rows):
             ids = r["input_ids"][:width]
-            n, s = len(ids), r["completion_start"]
-            batch["input_ids"][i, :n] = torch.tensor(ids)
+            n, s = len(ids), int(r["completion_start"])
+            batch["input_ids"][i, :n] = ids
             batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, s:n] = torch.tensor(ids[s:])
             # Row t holds the teacher's distribution for token t + 1: answer token j sits at s + j.
-            m = min(len(r["topk_ids"]), n - s)
-            batch["topk_ids"][i, s - 1 : s - 1 + m] = torch.tensor(r["topk_ids"][:m])
-            batch["topk_logprobs"][i, s - 1 : s - 1 + m] = torch.tensor(r["topk_logprobs"][:m])
+            m = max(0, min(len(r["topk_ids"]), n - s))  # 0: the prompt alone fills max_seq_len
+            if m:
+                batch["labels"][i, s : s + m] = ids[s : s + m]
+                batch["topk_ids"][i, s - 1 : s - 1 + m] = r["topk_ids"][:m]
+                batch["topk_logprobs"][i, s - 1 : s - 1 + m] = r["topk_logprobs"][:m]
         return batch
 
 
@@ -160,10 +181,11 @@ class CachedDistillationTrainer(Trainer):
         logits = outputs.logits[:, -labels.shape[1]:][:, :-1]  # prompt-learning PEFT prepends virtual tokens
         target = labels[:, 1:]
         mask = target != -100
-        n_tokens = mask.sum().clamp(min=1)
+        n_tokens = token_count(mask, num_items_in_batch)
+        selected = logits[mask]  # [answer tokens, vocab], taken once
         T = self.distill.temperature
-        hard = F.cross_entropy(logits[mask], target[mask], reduction="sum") / n_tokens
-        student = F.log_softmax(logits[mask] / T, dim=-1).gather(-1, inputs["topk_ids"][:, :-1][mask])
+        hard = hard_loss(selected, target[mask], n_tokens, self.alpha)
+        student = F.log_softmax(selected / T, dim=-1).gather(-1, inputs["topk_ids"][:, :-1][mask])
         teacher = soft_targets(inputs["topk_logprobs"][:, :-1][mask], T)
         if self.distill.kl_direction == "forward":
             kl = (teacher.exp() * (teacher - student)).sum()
@@ -171,10 +193,8 @@ class CachedDistillationTrainer(Trainer):
             student = F.log_softmax(student, dim=-1)
             kl = (student.exp() * (student - teacher)).sum()
         soft = T * T * kl / n_tokens
-        if model.training:
-            self.extra_metrics["hard_loss"].append(hard.item())
-            self.extra_metrics["soft_loss"].append(soft.item())
-        loss = self.alpha * hard + (1 - self.alpha) * soft
+        metrics = self.extra_metrics if model.training else {"hard_loss": [], "soft_loss": []}
+        loss = mix(self, hard, soft, self.alpha, num_items_in_batch, metrics)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kw) -> None:
@@ -200,7 +220,9 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config(spec.peft))
-    train_ds = Dataset.from_list(rows)
+    # Tensors once, up front: converting nested top-k lists every step would cost more than the step.
+    columns = ["input_ids", "completion_start", "topk_ids", "topk_logprobs"]
+    train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in rows]).with_format("torch")
     reporter, cbs = callbacks(spec, files, tokenizer)
     args = TrainingArguments(**trainer_args(spec, len(train_ds), has_eval=False), remove_unused_columns=False)
     trainer = CachedDistillationTrainer(
