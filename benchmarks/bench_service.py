@@ -17,8 +17,9 @@ data dir, uploads the toy "reverse the letters" instruct rows, and measures:
    (written by rank 0 right after step 1), minus t0. Runs alternate ABBA (svc, hand, hand, svc, ...),
    each waits for the previous job to finish, after `--warmup` discarded pairs (the first submit pays
    the service's lazy imports; it is printed, not counted). Medians and their difference are reported,
-   with a breakdown from status.json (process_started_at: rank 0 running Python, training_started_at:
-   Trainer.on_train_begin).
+   with a breakdown: t0 -> torchrun process created (/proc starttime, ~10 ms resolution: the service's
+   own share), rank 0 running Python and Trainer.on_train_begin (status.json process_started_at,
+   training_started_at). The first-step loss of every run is printed: identical = the same job.
 
 2. Status-poll latency under load. A long job (thousands of steps) is submitted and, once it trains,
    GET /v1/post-training/job/status?job_uuid=... is driven open-loop at `--rate` req/s for
@@ -38,7 +39,10 @@ data dir, uploads the toy "reverse the letters" instruct rows, and measures:
      - a second server (this script with --shadow-server: the real app on a snapshot, plus two
        variants of the status route returning the same JSON with 1 and 0 thread-pool hops instead of
        the real route's 3) is driven with the three interleaved: an A/B of the proposed change;
-     - (unless --no-renice) job/status again with the job's processes reniced to 19.
+     - (unless --no-renice) the job's processes are reniced to 19 and the live job/status is driven
+       interleaved with the async variant on the snapshot server (both proposed changes together).
+   Every phase after the first is a diagnostic: the product is never changed; the variants live only
+   in the snapshot server this script starts.
 
 Usage (from the repository root, venv active):
 
@@ -922,7 +926,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--workers", type=int, default=64,
                    help="client threads of the poll load (enough that slow answers do not delay later sends)")
-    p.add_argument("--long-epochs", type=int, default=400, help="epochs (25 steps each) of the long job")
+    p.add_argument("--long-epochs", type=int, default=4000,
+                   help="epochs (25 steps each) of the long job, cancelled at the end (it must outlast the load)")
     p.add_argument("--p99-target-ms", type=float, default=20.0)
     p.add_argument("--profile", action="store_true", help="profile the status path even if p99 is met")
     p.add_argument("--verbose-profile", action="store_true", help="print the cProfile listing")

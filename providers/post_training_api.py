@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -367,6 +369,25 @@ def write_rows(rows: Any, path: Path, kind: str, field: str) -> int:
     return n
 
 
+def data_config_of(training_config: TrainingConfig) -> DataConfig:
+    if training_config.data_config is None:
+        raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+    return training_config.data_config
+
+
+@contextmanager
+def new_run_dir(run_dir: Path):
+    """Creating a job's run directory: if the block fails, remove the directory, but only if this block
+    created it (a bad request must never delete another job's files)."""
+    existed = run_dir.exists()
+    try:
+        yield run_dir
+    except BaseException:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def prepare_job(
     *,
     job_uuid: str,
@@ -384,8 +405,7 @@ def prepare_job(
 ) -> JobSpec:
     """Validate a request, write its rows into a new run directory, and return the job's spec."""
     check_job_uuid(job_uuid)
-    if training_config.data_config is None:
-        raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+    data_config_of(training_config)
     check_model_path(model, "model" if method != "dpo" else "finetuned_model")
     settings = algorithm_settings(method, str(Path(model).expanduser()), algorithm_config)
     check_output_layer_adapter(settings)

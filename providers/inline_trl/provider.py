@@ -6,7 +6,6 @@ Every parameter is annotated and named as in the 0.2.12 protocol: the server bui
 
 
 import asyncio
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,10 @@ from ..post_training_api import (
     SFTAlgorithmConfig,
     TrainingConfig,
     check_job_uuid,
+    data_config_of,
     fetch_rows,
     method_of,
+    new_run_dir,
     prepare_job,
 )
 from ..training.run_files import RunFiles
@@ -69,29 +70,22 @@ class TrlPostTrainingImpl:
             pass
         if training_config.fsdp_config or training_config.torch_run_config:
             raise ValueError("training_config.fsdp_config/torch_run_config: only remote::trl_fsdp runs FSDP jobs")
-        dc = training_config.data_config
-        if dc is None:
-            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        dc = data_config_of(training_config)
         train_rows = await fetch_rows(self.datasetio, dc.dataset_id, "training_config.data_config.dataset_id")
         val_rows = None
         if dc.validation_dataset_id:
             val_rows = await fetch_rows(self.datasetio, dc.validation_dataset_id,
                                         "training_config.data_config.validation_dataset_id")
-        run_dir = self.data_dir / "runs" / job_uuid
-        run_dir_existed = run_dir.exists()
-        try:
+        with new_run_dir(self.data_dir / "runs" / job_uuid):
             spec = prepare_job(
                 job_uuid=job_uuid, method=method, model=model, training_config=training_config,
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
                 defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows,
             )
-            self.jobs.submit(spec, resources={"method": method, "model": spec.model})
-        except DuplicateJobError as e:
-            raise ValueError(f"job_uuid: {e}") from None
-        except ValueError:
-            if not run_dir_existed:  # only what this request created
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+            try:
+                self.jobs.submit(spec, resources={"method": method, "model": spec.model})
+            except DuplicateJobError as e:
+                raise ValueError(f"job_uuid: {e}") from None
         return PostTrainingJob(job_uuid=job_uuid)
 
     async def supervised_fine_tune(

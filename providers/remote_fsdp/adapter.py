@@ -21,6 +21,7 @@ from ..post_training_api import (
     DPOAlignmentConfig,
     SFTAlgorithmConfig,
     TrainingConfig,
+    data_config_of,
     fetch_rows,
 )
 from .config import TrlFsdpAdapterConfig
@@ -73,9 +74,7 @@ class TrlFsdpAdapter:
         return tc
 
     async def _submit(self, route: str, training_config: TrainingConfig, body: dict[str, Any]) -> PostTrainingJob:
-        dc = training_config.data_config
-        if dc is None:
-            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        dc = data_config_of(training_config)
         await self._upload(dc.dataset_id, "training_config.data_config.dataset_id")
         if dc.validation_dataset_id:
             await self._upload(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")

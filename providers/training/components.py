@@ -267,7 +267,7 @@ def callbacks(spec: JobSpec, files: RunFiles, tokenizer) -> tuple[RunReporter, l
         return reporter, [reporter]
     from .fsdp import FsdpCallback
 
-    return reporter, [FsdpCallback(spec, files.dir / "ranks", tokenizer), reporter]
+    return reporter, [FsdpCallback(spec, files.ranks, tokenizer), reporter]
 
 
 def prepare(trainer, spec: JobSpec):

@@ -75,7 +75,7 @@ def main(run_dir: str) -> int:
         if spec.fsdp is not None:
             from .fsdp import write_rank_report
 
-            write_rank_report(files.dir / "ranks", error=error, failed_at=utc_now())
+            write_rank_report(files.ranks, error=error, failed_at=utc_now())
         files.update_status(
             state="failed",
             finished_at=utc_now(),
@@ -89,7 +89,7 @@ def main(run_dir: str) -> int:
     if spec.fsdp is not None:
         from .fsdp import shutdown_distributed, write_rank_report
 
-        write_rank_report(files.dir / "ranks", finished_at=utc_now())
+        write_rank_report(files.ranks, finished_at=utc_now())
         shutdown_distributed()
     if is_main:
         files.update_status(state="completed", finished_at=utc_now(), resources=resources_used(spec), **summary)

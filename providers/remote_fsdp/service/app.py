@@ -59,7 +59,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.service = service
     app.state.registry = registry
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: no thread-pool hop per request
         if config.api_token is None:
             return
         header = request.headers.get("authorization", "")
@@ -74,7 +74,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(pipelines_router(service, Pipelines(service, registry, config.api_token)), prefix="/v1", dependencies=auth)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "OK", "node_id": local.node_id,
                 "jobs_running": len(service.jobs.store.list(statuses=("in_progress",)))}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from ...post_training_api import (
     ProviderDefaults,
     TrainingConfig,
     check_job_uuid,
+    data_config_of,
     method_of,
+    new_run_dir,
     prepare_job,
 )
 from ...training.components import device_type
@@ -110,16 +111,12 @@ class FsdpJobService:
         fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
         if fsdp is not None:
             self.check_fsdp(fsdp, torch_run, world_size)
-        dc = training_config.data_config
-        if dc is None:
-            raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        dc = data_config_of(training_config)
         train_rows = rows if rows is not None else self.dataset_rows(dc.dataset_id, "training_config.data_config.dataset_id")
         val_rows = validation_rows
         if val_rows is None and dc.validation_dataset_id:
             val_rows = self.dataset_rows(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
-        run_dir = self.data_dir / "runs" / job_uuid
-        run_dir_existed = run_dir.exists()
-        try:
+        with new_run_dir(self.data_dir / "runs" / job_uuid):
             spec = prepare_job(
                 job_uuid=job_uuid, method=method, model=model, training_config=training_config,
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
@@ -139,10 +136,6 @@ class FsdpJobService:
                 "fsdp": fsdp.model_dump() if fsdp else None,
             }
             self.jobs.submit(spec, resources=resources)
-        except ValueError:
-            if not run_dir_existed:  # only what this request created
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
         return {"job_uuid": job_uuid}
 
     @staticmethod

@@ -159,11 +159,22 @@ class Pipelines:
     # -- tasks ---------------------------------------------------------------------------------------
     def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
         """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
-        from ...post_training_api import check_model_path, write_rows
+        from ...post_training_api import (
+            check_job_uuid,
+            check_model_path,
+            new_run_dir,
+            write_rows,
+        )
 
+        check_job_uuid(job_uuid)
         check_model_path(teacher.model, "teacher.model")
         run_dir = self.service.data_dir / "runs" / job_uuid
-        write_rows(rows, run_dir / "train.jsonl", "prompt", "rows")
+        with new_run_dir(run_dir):
+            write_rows(rows, run_dir / "train.jsonl", "prompt", "rows")
+            self._submit_teacher(job_uuid, teacher, run_dir, output_dir)
+        return job_uuid
+
+    def _submit_teacher(self, job_uuid: str, teacher: TeacherTaskConfig, run_dir: Path, output_dir: Path) -> None:
         spec = JobSpec(
             job_uuid=job_uuid, method="teacher", model=teacher.model, run_dir=str(run_dir),
             data=DataSpec(train_file=str(run_dir / "train.jsonl")),
@@ -174,7 +185,6 @@ class Pipelines:
         )
         (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
         self.service.jobs.submit(spec, resources={"method": "teacher", "model": teacher.model, "world_size": 1})
-        return job_uuid
 
     def create_student_task(self, job_uuid: str, student: StudentConfig, teacher_outputs_dir: Path,
                             rows: list[dict], checkpoint_dir: Path) -> str:
