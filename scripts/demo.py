@@ -160,7 +160,7 @@ def remote_demo(workdir: Path, models: dict[str, str], prefs: list[dict]) -> Non
         client = LlamaStackClient(base_url="http://127.0.0.1:8331")
         client.datasets.register(purpose="post-training/messages", source={"type": "rows", "rows": prefs},
                                  dataset_id="toy-preference")
-        config = training_config("toy-preference", 1, 3e-3)
+        config = training_config("toy-preference", 2, 5e-3)
         config["data_config"]["batch_size"] = 4  # per rank: a global batch of 8 on 2 processes
         config["torch_run_config"] = {"nproc_per_node": 2}
         config["fsdp_config"] = {"sharding_strategy": "FULL_SHARD"}
