@@ -128,7 +128,8 @@ def _ok(url: str) -> bool:
         return False
 
 
-def body(job_uuid: str, model: str, nnodes: int, nproc: int, steps: int = 8, epochs: int = 1) -> dict:
+def body(job_uuid: str, model: str, nnodes: int, nproc: int, steps: int = 8, epochs: int = 1,
+         rdzv_backend: str = "static") -> dict:
     return {
         "job_uuid": job_uuid,
         "model": model,
@@ -138,7 +139,8 @@ def body(job_uuid: str, model: str, nnodes: int, nproc: int, steps: int = 8, epo
                             "data_format": "instruct"},
             "optimizer_config": {"optimizer_type": "adamw", "lr": 3e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
             "fsdp_config": {"sharding_strategy": "FULL_SHARD"},
-            "torch_run_config": {"nproc_per_node": nproc, "nnodes": nnodes, "rdzv_timeout_s": 30},
+            "torch_run_config": {"nproc_per_node": nproc, "nnodes": nnodes, "rdzv_timeout_s": 30,
+                                 "rdzv_backend": rdzv_backend},
         },
     }
 
@@ -158,9 +160,11 @@ def losses(data_dir: Path, job_uuid: str) -> list[float]:
 
 
 def test_two_node_job_matches_one_node(cluster, tiny_models):
+    """c10d rendezvous here (node 0 hosts it, `is_host`); the dead-node test below uses static."""
     url, dirs = cluster["url"], cluster["dirs"]
     r = requests.post(url + "/v1/post-training/supervised-fine-tune",
-                      json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1), timeout=60)
+                      json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1, rdzv_backend="c10d"),
+                      timeout=60)
     assert r.status_code == 200, r.text
     two = wait_done(url, "two-nodes")
     assert two["status"] == "completed", two["resources_allocated"].get("error")

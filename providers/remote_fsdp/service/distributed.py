@@ -62,6 +62,7 @@ class DistributedJobs:
             part["part_of"] = self.registry.local.url
             part["training_config"]["torch_run_config"] = {
                 **opts.model_dump(), "node_rank": rank, "master_addr": master, "master_port": port,
+                "local_addr": node.capabilities.address,
             }
             parts.append((node, part))
         # Remote parts first: if a node refuses its part, nothing has started here yet.

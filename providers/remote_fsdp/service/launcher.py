@@ -23,6 +23,7 @@ class TorchRunOptions(BaseModel):
     master_port: int | None = Field(None, ge=1024, le=65535)  # None: a free port
     rdzv_backend: str = Field("static", pattern="^(static|c10d)$")
     rdzv_timeout_s: PositiveInt = 60  # torchrun's default is 600 s: a missing node fails the job sooner
+    local_addr: str | None = None  # this node's address for the rendezvous (default: its host name)
 
     def model_post_init(self, _: object) -> None:
         if self.node_rank >= self.nnodes:
@@ -49,6 +50,8 @@ def torchrun_command(spec: JobSpec, files: RunFiles, opts: TorchRunOptions) -> l
     if opts.rdzv_backend == "c10d":
         conf = f"join_timeout={opts.rdzv_timeout_s}" + (",is_host=1" if opts.node_rank == 0 else ",is_host=0")
         argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={opts.master_addr}:{port}", f"--rdzv_conf={conf}"]
+        if opts.local_addr:  # nodes may share a host name (containers, namespaces): name the address
+            argv.append(f"--local_addr={opts.local_addr}")
     else:
         argv += ["--rdzv_backend=static", f"--master_addr={opts.master_addr}", f"--master_port={port}",
                  f"--rdzv_conf=timeout={opts.rdzv_timeout_s}"]
