@@ -267,7 +267,3 @@ class JobManager:
                 return status
             time.sleep(0.2)
         raise TimeoutError(f"job {job_uuid} still running after {timeout_s}s")
-
-    @staticmethod
-    def run_dir_for(root: str | Path, job_uuid: str) -> str:
-        return str(Path(root) / "runs" / job_uuid)

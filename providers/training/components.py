@@ -58,10 +58,9 @@ def check_same_tokenizer(student_path: str, teacher_path: str) -> None:
         )
 
 
-def load_model(path: str, dtype: str = "fp32"):
-    # Weights stay fp32 and bf16/fp16 run as autocast (Trainer's bf16/fp16 flags): the optimizer
-    # keeps full-precision master weights, as torchtune and TRL do by default.
-    del dtype
+def load_model(path: str):
+    # Weights stay fp32 whatever the job's dtype: bf16/fp16 run as autocast (Trainer's bf16/fp16 flags),
+    # so the optimizer keeps full-precision master weights, as torchtune and TRL do by default.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 

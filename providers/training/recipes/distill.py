@@ -36,7 +36,7 @@ from ..components import (
 )
 from ..data import load_dataset, write_jsonl
 from ..run_files import RunFiles
-from ..spec import DistillSpec, JobSpec
+from ..spec import DistillSpec, JobSpec, TeacherSpec
 from . import sft
 
 log = logging.getLogger("providers.training")
@@ -112,20 +112,20 @@ def mix(trainer, hard, soft, alpha: float, num_items_in_batch, metrics) -> torch
 
 @torch.no_grad()
 def teacher_answers(spec: JobSpec, rows: list[dict]) -> list[dict]:
-    """Greedy teacher answers for each row's prompt, as new prompt/completion rows."""
+    """Greedy teacher answers for each row's prompt, as new prompt/completion rows (the teacher task's
+    generation, without top-k log-probs)."""
+    from .teacher import answer_batch
+
     d = spec.distill
+    settings = TeacherSpec(teacher_model=d.teacher_model, top_k=None, max_new_tokens=d.max_new_tokens,
+                           generation_batch_size=d.generation_batch_size)
     tokenizer = load_tokenizer(d.teacher_model)
-    tokenizer.padding_side = "left"  # generation continues from the end of every prompt
     teacher = load_model(d.teacher_model).eval()
     out = []
     for i in range(0, len(rows), d.generation_batch_size):
-        batch = rows[i : i + d.generation_batch_size]
-        texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = teacher.generate(**enc, max_new_tokens=d.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for r, ids in zip(batch, gen[:, enc["input_ids"].shape[1]:]):
-            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            out.append({"prompt": r["prompt"], "completion": [{"role": "assistant", "content": answer}]})
+        prompts = [r["prompt"] for r in rows[i : i + d.generation_batch_size]]
+        out += [{"prompt": r["prompt"], "completion": r["completion"]}
+                for r in answer_batch(teacher, tokenizer, prompts, settings)]
     return out
 
 
@@ -215,7 +215,7 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
                          f"method {d.method!r} needs them; use method 'output'")
     check_same_tokenizer(spec.model, d.teacher_outputs_dir)
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model, spec.dtype)
+    model = load_model(spec.model)
     if spec.peft:
         from peft import get_peft_model
 

@@ -38,8 +38,8 @@ def dpo_config(spec: JobSpec, num_rows: int, has_eval: bool = True) -> DPOConfig
 
 def train(spec: JobSpec, files: RunFiles) -> dict:
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model, spec.dtype)
-    ref_model = None if spec.peft else load_model(spec.model, spec.dtype)
+    model = load_model(spec.model)
+    ref_model = None if spec.peft else load_model(spec.model)
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
     reporter, cbs = callbacks(spec, files, tokenizer)

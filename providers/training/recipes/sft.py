@@ -42,7 +42,7 @@ def datasets(spec: JobSpec):
 def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer, **trainer_kw) -> dict:
     """Run SFT. `train_ds` and `trainer_cls` let the distillation recipe reuse this setup."""
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model, spec.dtype)
+    model = load_model(spec.model)
     default_train, eval_ds = datasets(spec)
     train_ds = default_train if train_ds is None else train_ds
     reporter, cbs = callbacks(spec, files, tokenizer)
