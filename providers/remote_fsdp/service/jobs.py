@@ -171,3 +171,11 @@ class FsdpJobService:
 
     def view(self, job_uuid: str) -> dict[str, Any]:
         return self.jobs.job_view(job_uuid)
+
+    def resolve_model(self, model: str, field: str) -> str:
+        """A request's model reference (a local model directory; hub ids and the allowed model roots are
+        resolved here) as a local directory; raises ValueError naming `field`."""
+        from ...post_training_api import check_model_path
+
+        check_model_path(model, field)
+        return str(Path(model).expanduser())
