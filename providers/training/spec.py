@@ -63,7 +63,8 @@ DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf/nan anywhere: pydantic would write them to spec.json as null, and the spec could not be read back.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSpec(Strict):
