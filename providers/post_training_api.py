@@ -28,6 +28,8 @@ from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator
 
+from .training.efficiency import check_4bit
+from .training.efficiency import from_training_config as efficiency_spec
 from .training.spec import (
     DPO_LOSS_TYPES,
     PEFT_METHODS,
@@ -71,6 +73,15 @@ class TrainingConfig(_TrainingConfig):
     seed: int = 42
     fsdp_config: dict[str, Any] | None = None  # remote::trl_fsdp only
     torch_run_config: dict[str, Any] | None = None  # remote::trl_fsdp only
+    # Speed and memory (providers/training/efficiency.py); a knob this host cannot run is a 400
+    gradient_checkpointing: bool | None = None  # None: efficiency_config.enable_activation_checkpointing
+    padding_free: bool = False
+    group_by_length: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "kernels"] = "sdpa"
+    load_in_4bit: bool = False
+    use_liger_kernel: bool = False
+    torch_compile: bool = False
+    precompute_ref_log_probs: bool = False
 
     @field_validator("dtype")
     @classmethod
@@ -145,11 +156,12 @@ def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSp
     if cfg.apply_lora_to_output:
         targets += ["lm_head"]
     if cfg.quantize_base:
-        raise ValueError("algorithm_config.quantize_base: quantized (QLoRA) training is not supported")
+        check_4bit("algorithm_config.quantize_base")  # QLoRA: a 400 naming what this host lacks
     if not targets:
         raise ValueError("algorithm_config.lora_attn_modules: no modules to adapt")
     return PeftSpec(
-        method="dora" if cfg.use_dora else "lora", target_modules=targets, rank=cfg.rank, alpha=cfg.alpha
+        method="dora" if cfg.use_dora else "lora", target_modules=targets, rank=cfg.rank, alpha=cfg.alpha,
+        quantize_base=bool(cfg.quantize_base),
     )
 
 
@@ -289,6 +301,7 @@ def build_job_spec(
             wandb_project=logger_config.get("wandb_project"),
         ),
         fsdp=fsdp,
+        efficiency=efficiency_spec(tc),
     )
 
 

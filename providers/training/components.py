@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from .efficiency import check_supported, model_kwargs, trainer_kwargs
 from .run_files import RunFiles, utc_now
 from .spec import JobSpec, PeftSpec
 
@@ -58,10 +59,18 @@ def check_same_tokenizer(student_path: str, teacher_path: str) -> None:
         )
 
 
-def load_model(path: str):
+def load_model(path: str, spec: JobSpec | None = None, trained: bool = True):
+    """A causal LM from `path`, with the job's attention implementation; `trained` models also get the job's
+    4-bit quantization (QLoRA), frozen models (references, teachers) do not."""
     # Weights stay fp32 whatever the job's dtype: bf16/fp16 run as autocast (Trainer's bf16/fp16 flags),
     # so the optimizer keeps full-precision master weights, as torchtune and TRL do by default.
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kw = {}
+    if spec is not None:
+        check_supported(spec.efficiency, prefix="")
+        kw = model_kwargs(spec, resolve_dtype(spec.dtype)[0])
+        if not trained:
+            kw.pop("quantization_config", None)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
 
 
 def peft_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
@@ -147,12 +156,14 @@ def trainer_args(spec: JobSpec, num_rows: int, has_eval: bool) -> dict[str, Any]
         optim=optim,
         warmup_steps=spec.optimizer.num_warmup_steps,
         lr_scheduler_type="linear" if spec.optimizer.num_warmup_steps else "constant",
-        # TRL defaults to bf16=True and gradient checkpointing: both wrong or slow on a CPU.
+        # TRL defaults to bf16=True: wrong or slow on a CPU.
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=False,
         use_cpu=device_type() == "cpu",
-        train_sampling_strategy="random" if spec.data.shuffle else "sequential",
+        train_sampling_strategy=("group_by_length" if spec.efficiency.group_by_length
+                                 else "random" if spec.data.shuffle else "sequential"),
+        # TRL defaults to gradient checkpointing: off unless the job asks, then non-reentrant (efficiency.py).
+        **trainer_kwargs(spec),
         seed=spec.seed,
         logging_steps=spec.logging.logging_steps,
         report_to=report_to or "none",

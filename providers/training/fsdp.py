@@ -139,7 +139,8 @@ def fsdp_trainer_args(spec: JobSpec) -> dict[str, Any]:
             "version": 2,
             "reshard_after_forward": fsdp.sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD"),
             "transformer_layer_cls_to_wrap": [decoder_layer_class(spec.model, fsdp.wrap_layer_cls)],
-            "activation_checkpointing": fsdp.activation_checkpointing,
+            # efficiency.gradient_checkpointing means the same under FSDP: checkpoint each wrapped layer.
+            "activation_checkpointing": fsdp.activation_checkpointing or spec.efficiency.gradient_checkpointing,
             "state_dict_type": "SHARDED_STATE_DICT",
             "cpu_ram_efficient_loading": False,
         },

@@ -31,6 +31,9 @@ def resources_used(spec: JobSpec) -> dict:
     }
     if note:
         used["precision_note"] = note
+    from .efficiency import in_force
+
+    used["efficiency"] = in_force(spec)
     if torch.cuda.is_available():
         used["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if spec.fsdp is not None:

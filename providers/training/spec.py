@@ -92,6 +92,7 @@ class PeftSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     num_virtual_tokens: PositiveInt = 8  # prompt-learning methods only
     merge_adapter: bool = False  # also save a merged full model next to the adapter
+    quantize_base: bool = False  # QLoRA: the frozen base in 4-bit NF4 (same as efficiency.load_in_4bit)
 
 
 class DpoSpec(Strict):
@@ -168,6 +169,20 @@ class LoggingSpec(Strict):
     wandb_project: str | None = None
 
 
+class EfficiencySpec(Strict):
+    """Speed and memory knobs. Combinations are checked here; what the hardware and installed packages
+    can run is checked by `providers/training/efficiency.py` (a ValueError naming the field)."""
+
+    gradient_checkpointing: bool = False  # recompute activations in backward (use_reentrant=False)
+    padding_free: bool = False  # SFT: each batch is one row of concatenated sequences with position ids
+    group_by_length: bool = False  # batches of similar lengths (when not packing): less padding
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "kernels"] = "sdpa"
+    load_in_4bit: bool = False  # QLoRA: frozen NF4 base through bitsandbytes; needs a PEFT method
+    use_liger_kernel: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
+    torch_compile: bool = False
+    precompute_ref_log_probs: bool = False  # DPO: one reference pass up front, no reference model after
+
+
 class JobSpec(Strict):
     job_uuid: str
     method: Method
@@ -188,6 +203,28 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     fsdp: FsdpSpec | None = None  # set: run under torchrun with FSDP
+    efficiency: EfficiencySpec = Field(default_factory=EfficiencySpec)
+
+    @model_validator(mode="after")
+    def _efficiency_settings(self) -> JobSpec:
+        e = self.efficiency
+        if self.peft is not None and self.peft.quantize_base:
+            e.load_in_4bit = True
+        if e.load_in_4bit and self.peft is None:
+            raise ValueError("load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: it needs a LoRA/PEFT algorithm_config")
+        if e.load_in_4bit and self.fsdp is not None:
+            raise ValueError("load_in_4bit: 4-bit bases are not sharded by this service's FSDP; train QLoRA on one device")
+        if e.precompute_ref_log_probs and self.method != "dpo":
+            raise ValueError(f"precompute_ref_log_probs is a DPO setting; this job is {self.method!r}")
+        if e.padding_free and self.method in ("dpo", "teacher"):
+            raise ValueError(f"padding_free: TRL 1.16 has no padding-free path for {self.method!r} (SFT and distillation only)")
+        if e.group_by_length and self.data.packed:
+            raise ValueError("group_by_length: packed batches have no padding to save; use one of packed and group_by_length")
+        if e.padding_free and self.peft is not None and self.peft.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+            raise ValueError(f"padding_free: {self.peft.method} prepends virtual tokens to every row; it needs padded rows")
+        if e.group_by_length and not self.data.shuffle:
+            raise ValueError("group_by_length reorders the rows; it cannot be combined with shuffle=false")
+        return self
 
     @model_validator(mode="after")
     def _method_settings(self) -> JobSpec:

@@ -35,6 +35,7 @@ from ..components import (
     trainer_args,
 )
 from ..data import load_dataset, write_jsonl
+from ..efficiency import padding_free
 from ..run_files import RunFiles
 from ..spec import DistillSpec, JobSpec, TeacherSpec
 from . import sft
@@ -77,7 +78,9 @@ class DistillationTrainer(SFTTrainer):
         T = self.distill.temperature
         soft = T * T * distill_kl(student_logits, teacher_logits, mask, T, self.distill.kl_direction) / n_tokens
         loss = mix(self, hard, soft, self.alpha, num_items_in_batch, self._metrics[mode])
-        tokens = self.accelerator.gather_for_metrics(model_inputs["attention_mask"].sum()).sum().item()
+        # Padding-free batches carry no attention mask: every position is a real token.
+        real = model_inputs["attention_mask"].sum() if "attention_mask" in model_inputs else labels.new_tensor(labels.numel())
+        tokens = self.accelerator.gather_for_metrics(real).sum().item()
         if mode == "train":
             self._total_train_tokens += tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
@@ -136,13 +139,23 @@ def soft_targets(topk_logprobs, temperature: float):
 
 class CachedLogitsCollator:
     """Pads teacher-task rows: input_ids, labels (answer tokens only) and, per position that predicts an
-    answer token, the teacher's top-k ids and log-probs."""
+    answer token, the teacher's top-k ids and log-probs. `padding_free`: the rows are concatenated into
+    one row with position_ids restarting at 0 per row (no attention mask: attention stays within each row)."""
 
-    def __init__(self, pad_token_id: int, max_len: int):
+    def __init__(self, pad_token_id: int, max_len: int, padding_free: bool = False):
         self.pad = pad_token_id
         self.max_len = max_len
+        self.padding_free = padding_free
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.padding_free:
+            parts = [self.pad_rows([r]) for r in rows]
+            flat = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0] if k != "attention_mask"}
+            flat["position_ids"] = torch.cat([torch.arange(p["input_ids"].shape[1]) for p in parts])[None]
+            return flat
+        return self.pad_rows(rows)
+
+    def pad_rows(self, rows: list[dict]) -> dict:
         width = min(self.max_len, max(len(r["input_ids"]) for r in rows))
         k = len(rows[0]["topk_ids"][0])
         batch = {
@@ -177,7 +190,8 @@ class CachedDistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        keep = ("input_ids", "attention_mask", "position_ids")
+        outputs = model(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
         logits = outputs.logits[:, -labels.shape[1]:][:, :-1]  # prompt-learning PEFT prepends virtual tokens
         target = labels[:, 1:]
         mask = target != -100
@@ -215,10 +229,12 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
                          f"method {d.method!r} needs them; use method 'output'")
     check_same_tokenizer(spec.model, d.teacher_outputs_dir)
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model)
+    model = load_model(spec.model, spec)
     if spec.peft:
-        from peft import get_peft_model
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if spec.efficiency.load_in_4bit:  # what TRL's trainers do for a 4-bit base: fp32 norms, input grads
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, peft_config(spec.peft))
     # Tensors once, up front: converting nested top-k lists every step would cost more than the step.
     columns = ["input_ids", "completion_start", "topk_ids", "topk_logprobs"]
@@ -227,7 +243,8 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
     args = TrainingArguments(**trainer_args(spec, len(train_ds), has_eval=False), remove_unused_columns=False)
     trainer = CachedDistillationTrainer(
         model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-        data_collator=CachedLogitsCollator(tokenizer.pad_token_id, spec.data.max_seq_len), callbacks=cbs, distill=d,
+        data_collator=CachedLogitsCollator(tokenizer.pad_token_id, spec.data.max_seq_len, padding_free(spec)),
+        callbacks=cbs, distill=d,
     )
     prepare(trainer, spec).train(
         resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None
@@ -257,5 +274,5 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
 
         return sft.train(spec, files, train_ds=Dataset.from_list(generated))
     check_same_tokenizer(spec.model, d.teacher_model)
-    teacher = load_model(d.teacher_model)
+    teacher = load_model(d.teacher_model, spec, trained=False)
     return sft.train(spec, files, trainer_cls=DistillationTrainer, teacher=teacher, distill=d)

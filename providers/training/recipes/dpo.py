@@ -1,7 +1,8 @@
 """Direct preference optimization on TRL's DPOTrainer.
 
 setup: tokenizer, policy, reference, datasets, DPOConfig -> train -> save_final.
-With PEFT the reference is the base model with its adapters disabled, so no second copy is loaded.
+With PEFT the reference is the base model with its adapters disabled, and with precompute_ref_log_probs
+the reference log-probs come from one pass of the policy before training: no second copy is loaded.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def dpo_config(spec: JobSpec, num_rows: int, has_eval: bool = True) -> DPOConfig
         loss_type=list(dpo.loss_type),
         loss_weights=dpo.loss_weights,
         label_smoothing=dpo.label_smoothing,
+        precompute_ref_log_probs=spec.efficiency.precompute_ref_log_probs,
     )
 
 
 def train(spec: JobSpec, files: RunFiles) -> dict:
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model)
-    ref_model = None if spec.peft else load_model(spec.model)
+    model = load_model(spec.model, spec)
+    # The reference is the initial policy: with PEFT the base with adapters disabled; with precomputed
+    # log-probs the policy itself, in one pass before training; otherwise a frozen copy.
+    shared_reference = spec.peft is not None or spec.efficiency.precompute_ref_log_probs
+    ref_model = None if shared_reference else load_model(spec.model, spec, trained=False)
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
     reporter, cbs = callbacks(spec, files, tokenizer)

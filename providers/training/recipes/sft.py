@@ -19,15 +19,23 @@ from ..components import (
     trainer_args,
 )
 from ..data import load_dataset
+from ..efficiency import padding_free
 from ..run_files import RunFiles
 from ..spec import JobSpec
+
+
+def truncates_itself(spec: JobSpec) -> bool:
+    """TRL refuses max_length with padding-free batches that are not packed (it would truncate while
+    padding); we truncate the tokenized rows ourselves instead, exactly as TRL does for padded batches."""
+    return padding_free(spec) and not spec.data.packed
 
 
 def sft_config(spec: JobSpec, num_rows: int, has_eval: bool = True) -> SFTConfig:
     return SFTConfig(
         **trainer_args(spec, num_rows, has_eval),
-        max_length=spec.data.max_seq_len,
-        packing=spec.data.packed,
+        max_length=None if truncates_itself(spec) else spec.data.max_seq_len,
+        packing=spec.data.packed,  # BFD packing: padding-free batches of whole sequences
+        padding_free=padding_free(spec),
         # Rows are prompt/completion messages: completion-only loss is "do not train on the input".
         completion_only_loss=not spec.data.train_on_input,
     )
@@ -39,10 +47,19 @@ def datasets(spec: JobSpec):
     return train_ds, eval_slice(train_ds, val_ds, spec)
 
 
+def truncate(dataset, max_len: int):
+    """Tokenized rows cut to max_len (keep the start), dropping rows left without a trained token: TRL's
+    truncation for padded batches."""
+    if dataset is None:
+        return None
+    dataset = dataset.map(lambda ex: {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]})
+    return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
+
+
 def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer, **trainer_kw) -> dict:
     """Run SFT. `train_ds` and `trainer_cls` let the distillation recipe reuse this setup."""
     tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec.model)
+    model = load_model(spec.model, spec)
     default_train, eval_ds = datasets(spec)
     train_ds = default_train if train_ds is None else train_ds
     reporter, cbs = callbacks(spec, files, tokenizer)
@@ -56,6 +73,9 @@ def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer,
         callbacks=cbs,
         **trainer_kw,
     )
+    if truncates_itself(spec):
+        trainer.train_dataset = truncate(trainer.train_dataset, spec.data.max_seq_len)
+        trainer.eval_dataset = truncate(trainer.eval_dataset, spec.data.max_seq_len)
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"no training row keeps an answer token within max_seq_len={spec.data.max_seq_len}")
     prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)

@@ -1,0 +1,188 @@
+"""Speed and memory knobs (`JobSpec.efficiency`): what each one becomes in the model load and the trainer
+config, whether this host can run it, and what is in force (for resources_allocated).
+
+| field                    | becomes                                                                       |
+|--------------------------|-------------------------------------------------------------------------------|
+| gradient_checkpointing   | TrainingArguments gradient_checkpointing + use_reentrant=False; under FSDP,  |
+|                          | FSDP2 activation checkpointing of each decoder layer                          |
+| padding_free             | SFTConfig padding_free: a batch is one row of concatenated sequences with     |
+|                          | position_ids; attention stays within each sequence (flash-attn varlen on GPUs,|
+|                          | a block-diagonal mask under sdpa/eager). packed=true (BFD packing) implies it |
+| group_by_length          | train_sampling_strategy "group_by_length": batches of similar lengths (set in |
+|                          | components.trainer_args, beside shuffle)                                      |
+| attn_implementation      | from_pretrained(attn_implementation=...); "kernels" = kernels-community/flash-attn |
+| load_in_4bit (QLoRA)     | BitsAndBytesConfig NF4, double quantization, compute dtype = the job's dtype  |
+| use_liger_kernel         | TrainingArguments use_liger_kernel (Triton kernels: CUDA only)                 |
+| torch_compile            | TrainingArguments torch_compile (inductor: a C++ compiler on CPU, Triton on GPU) |
+| precompute_ref_log_probs | DPOConfig precompute_ref_log_probs; the reference is the initial policy, so no |
+|                          | reference copy is ever loaded                                                 |
+
+A knob this host cannot run raises ValueError naming the field and what it needs (a 400 at the API);
+none is ever silently dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+from typing import Any
+
+from .spec import EfficiencySpec, JobSpec
+
+KERNELS_FLASH_ATTENTION = "kernels-community/flash-attn"
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    import torch  # here, not at import: the API layer imports this module for its checks
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+@functools.lru_cache(maxsize=1)
+def four_bit_trains_here() -> str | None:
+    """None when bitsandbytes trains a 4-bit layer on this host (probed once: a 64x64 NF4 linear, forward and
+    backward), else why not."""
+    if not _has("bitsandbytes"):
+        return "the bitsandbytes package is not installed (pip install 'bitsandbytes>=0.49')"
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(x).sum().backward()
+        if x.grad is None or not torch.isfinite(x.grad).all():
+            return f"bitsandbytes {bnb.__version__} gives no finite gradient through a 4-bit layer on {device}"
+    except Exception as e:  # noqa: BLE001 - any failure means: cannot train 4-bit here
+        return f"bitsandbytes cannot run a 4-bit layer on this host ({type(e).__name__}: {e})"
+    return None
+
+
+def check_4bit(field: str) -> None:
+    """Raise ValueError naming `field` when 4-bit (QLoRA) training cannot run here."""
+    why = four_bit_trains_here()
+    if why:
+        raise ValueError(f"{field}: 4-bit (QLoRA) training needs bitsandbytes with a 4-bit backend for this device: {why}")
+
+
+def check_supported(e: EfficiencySpec, prefix: str = "training_config.") -> None:
+    """Raise ValueError (naming the field and what is needed) for a knob this host cannot run."""
+    cap = _cuda_capability()
+    attn = e.attn_implementation
+    if attn in ("flash_attention_2", "flash_attention_3", "kernels"):
+        if cap is None:
+            raise ValueError(f"{prefix}attn_implementation: {attn!r} needs a CUDA GPU; this host has none: use 'sdpa'")
+        if cap < (8, 0):
+            raise ValueError(f"{prefix}attn_implementation: {attn!r} needs an Ampere or newer GPU (compute "
+                             f"capability >= 8.0); this GPU is {cap[0]}.{cap[1]}: use 'sdpa'")
+        need = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface", "kernels": "kernels"}[attn]
+        if not _has(need):
+            raise ValueError(f"{prefix}attn_implementation: {attn!r} needs the {need!r} package, which is not "
+                             "installed: install it or use 'sdpa'")
+        if attn == "flash_attention_3" and cap < (9, 0):
+            raise ValueError(f"{prefix}attn_implementation: 'flash_attention_3' needs a Hopper GPU (9.0); this GPU "
+                             f"is {cap[0]}.{cap[1]}: use 'flash_attention_2' or 'sdpa'")
+    if e.load_in_4bit:
+        check_4bit(f"{prefix}load_in_4bit")
+    if e.use_liger_kernel:
+        if cap is None:
+            raise ValueError(f"{prefix}use_liger_kernel: Liger's kernels are Triton GPU kernels and this host has no "
+                             "CUDA GPU: leave use_liger_kernel off")
+        if not (_has("liger_kernel") and _has("triton")):
+            raise ValueError(f"{prefix}use_liger_kernel: needs the liger-kernel and triton packages "
+                             "(pip install liger-kernel)")
+    if e.torch_compile:
+        if cap is None and not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++"):
+            raise ValueError(f"{prefix}torch_compile: torch.compile on CPU generates C++ and needs a C++ compiler "
+                             "(g++), which is not on PATH")
+        if cap is not None and not _has("triton"):
+            raise ValueError(f"{prefix}torch_compile: torch.compile on GPUs needs the triton package")
+
+
+def from_training_config(tc: Any) -> EfficiencySpec:
+    """The EfficiencySpec of a request's training_config (the extension fields, and 0.2.12's
+    `efficiency_config.enable_activation_checkpointing`), checked against this host."""
+    ec = getattr(tc, "efficiency_config", None)
+    if ec is not None:
+        if getattr(ec, "enable_activation_offloading", False):
+            raise ValueError("training_config.efficiency_config.enable_activation_offloading: not supported; "
+                             "use gradient_checkpointing (recompute) instead")
+        for name in ("fsdp_cpu_offload", "memory_efficient_fsdp_wrap"):
+            if getattr(ec, name, False):
+                raise ValueError(f"training_config.efficiency_config.{name}: FSDP options are set in "
+                                 "training_config.fsdp_config (remote::trl_fsdp), e.g. cpu_offload")
+    checkpointing = getattr(tc, "gradient_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = bool(ec is not None and ec.enable_activation_checkpointing)
+    spec = EfficiencySpec(
+        gradient_checkpointing=checkpointing,
+        **{name: getattr(tc, name) for name in EfficiencySpec.model_fields
+           if name != "gradient_checkpointing" and getattr(tc, name, None) is not None},
+    )
+    check_supported(spec)
+    return spec
+
+
+def model_kwargs(spec: JobSpec, precision: str) -> dict[str, Any]:
+    """from_pretrained arguments for the trained model: attention implementation and 4-bit quantization."""
+    e = spec.efficiency
+    kw: dict[str, Any] = {"attn_implementation": KERNELS_FLASH_ATTENTION if e.attn_implementation == "kernels"
+                          else e.attn_implementation}
+    if e.load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    return kw
+
+
+def trainer_kwargs(spec: JobSpec) -> dict[str, Any]:
+    """TrainingArguments fields (shared by SFT, DPO and the cached-logit Trainer) for the knobs."""
+    e = spec.efficiency
+    checkpointing = e.gradient_checkpointing and spec.fsdp is None  # FSDP: its own activation checkpointing
+    kw: dict[str, Any] = {
+        "gradient_checkpointing": checkpointing,
+        "use_liger_kernel": e.use_liger_kernel,
+        "torch_compile": e.torch_compile,
+    }
+    if checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (PEFT) and keyword arguments, the PyTorch default.
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return kw
+
+
+def padding_free(spec: JobSpec) -> bool:
+    """Whether SFT batches are padding-free: asked for, or implied by BFD packing."""
+    return spec.efficiency.padding_free or spec.data.packed
+
+
+def in_force(spec: JobSpec, model=None) -> dict[str, Any]:
+    """The knobs as they ran, for resources_allocated.efficiency."""
+    e = spec.efficiency
+    out: dict[str, Any] = e.model_dump()
+    out["gradient_checkpointing"] = e.gradient_checkpointing and spec.fsdp is None
+    if spec.fsdp is not None:
+        out["fsdp_activation_checkpointing"] = e.gradient_checkpointing or spec.fsdp.activation_checkpointing
+    if spec.method in ("sft", "distill"):
+        out["padding_free"] = padding_free(spec)
+        out["packing"] = "bfd" if spec.data.packed else None
+    if model is not None:
+        config = getattr(model, "config", None)
+        out["attn_implementation"] = getattr(config, "_attn_implementation", out["attn_implementation"])
+    if e.load_in_4bit:
+        out["load_in_4bit"] = "nf4, double quantization (bitsandbytes)"
+    if spec.method == "dpo":
+        out["reference"] = ("precomputed log-probs of the initial policy" if e.precompute_ref_log_probs
+                            else "the policy with adapters disabled" if spec.peft else "a frozen copy of the model")
+    return out

@@ -1,0 +1,245 @@
+"""The speed and memory knobs (`JobSpec.efficiency`): each one changes what runs and is recorded as in force,
+the ones that must not change the numbers do not, and the ones this host cannot run are refused with a
+message naming the field.
+
+Recipes run in this process (imports paid once) on the tiny student; a job takes 1-3 s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from providers.training import efficiency
+from providers.training.data import normalize_rows, write_jsonl
+from providers.training.run import resources_used
+from providers.training.run_files import RunFiles
+from providers.training.spec import (
+    CheckpointSpec,
+    DataSpec,
+    DpoSpec,
+    EfficiencySpec,
+    JobSpec,
+    OptimizerSpec,
+    PeftSpec,
+)
+
+
+def make_spec(tmp_path: Path, rows: list[dict], method: str = "sft", model: str = "", steps: int = 3,
+              name: str = "job", batch_size: int = 8, **fields) -> JobSpec:
+    run_dir = tmp_path / name
+    write_jsonl(rows, run_dir / "train.jsonl")
+    data = {"batch_size": batch_size, "shuffle": False, "max_seq_len": 128, **fields.pop("data", {})}
+    spec = JobSpec(
+        job_uuid=name, method=method, model=model, run_dir=str(run_dir),
+        data=DataSpec(train_file=str(run_dir / "train.jsonl"), **data),
+        optimizer=OptimizerSpec(lr=1e-3), max_steps_per_epoch=steps, max_validation_steps=1,
+        checkpoint=CheckpointSpec(output_dir=str(run_dir / "checkpoints"), resume=False),
+        dpo=DpoSpec(beta=0.1) if method == "dpo" else None,
+        **fields,
+    )
+    spec.save()
+    return spec
+
+
+def train(spec: JobSpec) -> tuple[list[float], dict]:
+    from providers.training.recipes import dpo, sft
+
+    files = RunFiles(spec.run_dir)
+    summary = {"sft": sft, "dpo": dpo}[spec.method].train(spec, files)
+    losses = [m["loss"] for m in files.read_metrics() if "loss" in m and "eval_loss" not in m]
+    return losses, summary
+
+
+@pytest.fixture(scope="module")
+def sft_rows(toy_data):
+    # Lengths vary (3-5 letters, and some long answers) so that a padded batch really holds padding.
+    rows = list(normalize_rows(toy_data["instruct"][:24], "completion"))
+    for i, r in enumerate(rows[::3]):
+        r["completion"][0]["content"] = " ".join(["x y z"] * (i + 2))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dpo_rows(toy_data):
+    return list(normalize_rows(toy_data["preference"][:16], "preference"))
+
+
+def test_padding_free_sft_trains_the_same_losses_as_padded(tmp_path, tiny_models, sft_rows):
+    student = tiny_models["student"]
+    padded, _ = train(make_spec(tmp_path, sft_rows, model=student, name="padded"))
+    free_spec = make_spec(tmp_path, sft_rows, model=student, name="free", efficiency=EfficiencySpec(padding_free=True))
+    free, _ = train(free_spec)
+    print(f"losses padded {padded} / padding-free {free}")
+    assert len(padded) == len(free) == 3
+    assert free == pytest.approx(padded, rel=1e-4, abs=1e-5)
+    assert resources_used(free_spec)["efficiency"]["padding_free"] is True
+
+
+def test_gradient_checkpointing_is_non_reentrant_and_changes_no_loss(tmp_path, tiny_models, sft_rows, monkeypatch):
+    from transformers import PreTrainedModel
+
+    calls = []
+    original = PreTrainedModel.activation_checkpointing_enable
+
+    def recording(self, *args, **kw):
+        calls.append(kw.get("activation_checkpointing_kwargs"))
+        original(self, *args, **kw)
+        assert self.is_gradient_checkpointing
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", recording)
+    student = tiny_models["student"]
+    plain, _ = train(make_spec(tmp_path, sft_rows, model=student, name="plain", steps=2))
+    assert not calls  # TRL's default (on) is turned off
+    spec = make_spec(tmp_path, sft_rows, model=student, name="ckpt", steps=2,
+                     efficiency=EfficiencySpec(gradient_checkpointing=True))
+    checkpointed, _ = train(spec)
+    assert calls == [{"use_reentrant": False}], calls
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    assert resources_used(spec)["efficiency"]["gradient_checkpointing"] is True
+
+
+def test_group_by_length_sft_trains(tmp_path, tiny_models, sft_rows):
+    spec = make_spec(tmp_path, sft_rows, model=tiny_models["student"], name="bucketed", data={"shuffle": True},
+                     efficiency=EfficiencySpec(group_by_length=True))
+    losses, _ = train(spec)
+    assert len(losses) == 3
+    assert resources_used(spec)["efficiency"]["group_by_length"] is True
+
+
+def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_rows):
+    if efficiency.four_bit_trains_here():
+        pytest.skip(efficiency.four_bit_trains_here())
+    spec = make_spec(tmp_path, sft_rows, model=tiny_models["student"], name="qlora", steps=2,
+                     peft=PeftSpec(method="lora", quantize_base=True))
+    assert spec.efficiency.load_in_4bit  # quantize_base (Llama Stack's field) is the same switch
+    losses, summary = train(spec)
+    assert len(losses) == 2 and all(map(lambda x: x == x, losses))
+    adapter = Path(summary["final_checkpoint"])
+    assert (adapter / "adapter_config.json").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert "nf4" in resources_used(spec)["efficiency"]["load_in_4bit"]
+
+
+def test_precomputed_reference_log_probs_match_the_reference_copy_without_loading_it(
+        tmp_path, tiny_models, dpo_rows, monkeypatch):
+    from providers.training.recipes import dpo
+
+    student = tiny_models["student"]
+    loads = []
+    original = dpo.load_model
+    monkeypatch.setattr(dpo, "load_model", lambda *a, **kw: loads.append(a) or original(*a, **kw))
+    copy, _ = train(make_spec(tmp_path, dpo_rows, method="dpo", model=student, name="refcopy", batch_size=4))
+    assert len(loads) == 2  # policy + frozen reference
+    loads.clear()
+    spec = make_spec(tmp_path, dpo_rows, method="dpo", model=student, name="precomputed", batch_size=4,
+                     efficiency=EfficiencySpec(precompute_ref_log_probs=True))
+    precomputed, _ = train(spec)
+    assert len(loads) == 1  # the policy only
+    print(f"DPO losses with a reference copy {copy} / precomputed {precomputed}")
+    assert precomputed == pytest.approx(copy, rel=1e-4)
+    assert resources_used(spec)["efficiency"]["reference"].startswith("precomputed")
+
+
+def test_padding_free_cached_logit_batches_give_the_same_logits(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from providers.training.recipes.distill import CachedLogitsCollator
+    from providers.training.recipes.teacher import answer_batch
+    from providers.training.spec import TeacherSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    prompts = [[{"role": "user", "content": f"reverse: {' '.join('abcdefgh'[: 3 + i])}"}] for i in range(4)]
+    with torch.no_grad():
+        rows = answer_batch(teacher, tok, prompts, TeacherSpec(teacher_model="t", top_k=5, max_new_tokens=6))
+    # As the trainer's dataset gives them (with_format("torch")): tensors.
+    rows = [{k: torch.tensor(r[k]) for k in ("input_ids", "completion_start", "topk_ids", "topk_logprobs")} for r in rows]
+    padded = CachedLogitsCollator(tok.pad_token_id, 128)(rows)
+    flat = CachedLogitsCollator(tok.pad_token_id, 128, padding_free=True)(rows)
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    assert flat["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) < padded["input_ids"].numel()
+    with torch.no_grad():
+        a = teacher(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+        b = teacher(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits
+    mask_a, mask_b = padded["labels"][:, 1:] != -100, flat["labels"][:, 1:] != -100
+    assert mask_a.sum() == mask_b.sum() > 0
+    torch.testing.assert_close(a[:, :-1][mask_a], b[:, :-1][mask_b], rtol=1e-4, atol=1e-4)
+    assert torch.equal(padded["topk_ids"][:, :-1][mask_a], flat["topk_ids"][:, :-1][mask_b])
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusals")
+@pytest.mark.parametrize("knob, words", [
+    ({"use_liger_kernel": True}, ["use_liger_kernel", "GPU"]),
+    ({"attn_implementation": "flash_attention_2"}, ["attn_implementation", "GPU", "sdpa"]),
+    ({"attn_implementation": "kernels"}, ["attn_implementation", "GPU"]),
+])
+def test_knob_this_host_cannot_run_is_refused_naming_the_field(knob, words):
+    with pytest.raises(ValueError) as e:
+        efficiency.check_supported(EfficiencySpec(**knob))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_torch_compile_without_a_compiler_is_refused(monkeypatch):
+    monkeypatch.setattr(efficiency, "_cuda_capability", lambda: None)
+    monkeypatch.setattr(efficiency.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="torch_compile.*C\\+\\+ compiler"):
+        efficiency.check_supported(EfficiencySpec(torch_compile=True))
+
+
+def test_4bit_without_bitsandbytes_is_refused(monkeypatch):
+    efficiency.four_bit_trains_here.cache_clear()
+    monkeypatch.setattr(efficiency, "_has", lambda module: module != "bitsandbytes")
+    try:
+        with pytest.raises(ValueError, match="algorithm_config.quantize_base: .*bitsandbytes"):
+            efficiency.check_4bit("algorithm_config.quantize_base")
+    finally:
+        efficiency.four_bit_trains_here.cache_clear()
+
+
+@pytest.mark.parametrize("method, fields, words", [
+    ("sft", {"efficiency": EfficiencySpec(load_in_4bit=True)}, ["load_in_4bit", "PEFT"]),
+    ("sft", {"efficiency": EfficiencySpec(precompute_ref_log_probs=True)}, ["precompute_ref_log_probs", "DPO"]),
+    ("dpo", {"efficiency": EfficiencySpec(padding_free=True)}, ["padding_free", "dpo"]),
+    ("sft", {"efficiency": EfficiencySpec(group_by_length=True), "data": {"packed": True}}, ["group_by_length"]),
+    ("sft", {"efficiency": EfficiencySpec(padding_free=True), "peft": PeftSpec(method="prompt_tuning")},
+     ["padding_free", "prompt_tuning"]),
+])
+def test_combination_that_cannot_work_is_refused(tmp_path, method, fields, words):
+    with pytest.raises(ValueError) as e:
+        make_spec(tmp_path, [], method=method, model="m", **fields)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_request_fields_become_the_spec(tmp_path, tiny_models):
+    from llama_stack.apis.post_training import EfficiencyConfig
+
+    from providers.post_training_api import ProviderDefaults, TrainingConfig, build_job_spec, peft_spec
+
+    def spec_for(**tc):
+        config = TrainingConfig(n_epochs=1, data_config={"dataset_id": "d", "batch_size": 2, "shuffle": True,
+                                                         "data_format": "instruct"}, **tc)
+        return build_job_spec(job_uuid="j", method="sft", model=tiny_models["student"], training_config=config,
+                              run_dir=str(tmp_path), train_file="t.jsonl", validation_file=None,
+                              defaults=ProviderDefaults(data_dir=str(tmp_path)))
+
+    e = spec_for(padding_free=True, gradient_checkpointing=True, group_by_length=True).efficiency
+    assert (e.padding_free, e.gradient_checkpointing, e.group_by_length) == (True, True, True)
+    e = spec_for(efficiency_config=EfficiencyConfig(enable_activation_checkpointing=True)).efficiency
+    assert e.gradient_checkpointing  # Llama Stack's own field means the same
+    with pytest.raises(ValueError, match="enable_activation_offloading"):
+        spec_for(efficiency_config=EfficiencyConfig(enable_activation_offloading=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="training_config.use_liger_kernel"):
+            spec_for(use_liger_kernel=True)
+    from llama_stack.apis.post_training import LoraFinetuningConfig
+
+    lora = LoraFinetuningConfig(lora_attn_modules=["q_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False,
+                                rank=4, alpha=8, quantize_base=True)
+    if efficiency.four_bit_trains_here() is None:
+        assert peft_spec(lora).quantize_base
