@@ -1,0 +1,1 @@
+"""`trl-post-training`: the command line for post-training jobs (typer + rich)."""

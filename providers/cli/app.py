@@ -1,0 +1,290 @@
+"""`trl-post-training`: submit, follow and manage post-training jobs from a terminal.
+
+Talks to the FSDP training service or to a Llama Stack server (told apart by their health routes):
+
+    trl-post-training submit examples/sft_lora.yaml --watch
+    trl-post-training list
+    trl-post-training watch JOB            # live bar: step/total, loss, lr, tokens/s, ETA (+ DPO / KD stats)
+    trl-post-training logs JOB -f --rank 1
+    trl-post-training pipeline run examples/pipeline_teacher_students.yaml --watch
+    trl-post-training dashboard --data-dir ~/.llama/trl_post_training
+
+`--url` (env TRL_POST_TRAINING_URL, default http://127.0.0.1:8322) and `--token` (env
+TRL_POST_TRAINING_TOKEN) apply to every command. Exit codes: 0 success / job completed, 1 error or job
+failed, 3 job cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .backends import CliError, connect
+from .jobfile import JobFileError, job_request, pipeline_request
+from .watch import watch_job, watch_pipeline
+
+DEFAULT_URL = "http://127.0.0.1:8322"
+
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+pipeline_app = typer.Typer(help="Teacher-student pipelines (FSDP service).", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+console = Console()
+err = Console(stderr=True)
+
+
+class Ctx:
+    def __init__(self, url: str, token: str | None):
+        self.url, self.token = url, token
+        self._backend = None
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = connect(self.url, self.token)
+        return self._backend
+
+
+def _ctx(ctx: typer.Context) -> Ctx:
+    return ctx.obj
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _run(fn):
+    """Run a command body; CliError / JobFileError become one line on stderr and exit code 1."""
+    try:
+        return fn()
+    except (CliError, JobFileError) as e:
+        _fail(str(e))
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         url: str = typer.Option(DEFAULT_URL, envvar="TRL_POST_TRAINING_URL",
+                                 help="FSDP service or Llama Stack server (detected from its health route)"),
+         token: Optional[str] = typer.Option(None, envvar=["TRL_POST_TRAINING_TOKEN", "TRL_FSDP_API_TOKEN"],
+                                             help="bearer token of the server")) -> None:
+    """Submit, follow and manage post-training jobs."""
+    ctx.obj = Ctx(url, token)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+@app.command()
+def submit(ctx: typer.Context, job_file: Path = typer.Argument(..., help="job YAML (see examples/)"),
+           watch: bool = typer.Option(False, "--watch", "-w", help="follow the job until it ends"),
+           job_uuid: Optional[str] = typer.Option(None, "--job-uuid", help="override the file's job_uuid"),
+           plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal")) -> None:
+    """Upload the job's data (once per content), submit the job, print its id."""
+    c = _ctx(ctx)
+
+    def go():
+        req = job_request(job_file, job_uuid)
+        b = c.backend
+        for ds in req.datasets:
+            if ds.rows is not None and not b.has_dataset(ds.dataset_id):
+                b.upload(ds.dataset_id, ds.rows)
+                print(f"uploaded {len(ds.rows)} rows from {ds.path} as dataset {ds.dataset_id}", file=sys.stderr)
+        uuid = b.submit(req.route, req.body)
+        print(uuid, flush=True)
+        if watch:
+            raise typer.Exit(watch_job(b, uuid, console, plain=plain or None))
+
+    _run(go)
+
+
+@app.command("list")
+def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Jobs with state, method, progress and loss."""
+    rows = _run(lambda: _ctx(ctx).backend.jobs())
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("job", "status", "method", "step", "ranks", "last loss", "final loss", "error")
+    for j in rows:
+        t.add_row(j["job_uuid"], j["status"], _fmt(j.get("method")), f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}",
+                  _fmt(j.get("world_size")), _fmt(j.get("last_loss")), _fmt(j.get("final_loss")),
+                  (j.get("error") or "")[:60])
+    console.print(t)
+
+
+@app.command()
+def status(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's status (state, progress, resources, checkpoints)."""
+    s = _run(lambda: _ctx(ctx).backend.status(job_uuid))
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    res = s.get("resources_allocated") or {}
+    t = Table(show_header=False, box=None)
+    for key, value in (("job", s["job_uuid"]), ("status", s["status"]), ("method", res.get("method")),
+                       ("model", res.get("model")), ("step", f"{_fmt(res.get('step'))}/{_fmt(res.get('total_steps'))}"),
+                       ("last loss", _fmt(res.get("last_loss"))), ("final loss", _fmt(res.get("final_train_loss"))),
+                       ("world size", _fmt(res.get("world_size"))), ("started", _fmt(s.get("started_at"))),
+                       ("completed", _fmt(s.get("completed_at"))), ("run dir", _fmt(res.get("run_dir"))),
+                       ("checkpoints", str(len(s.get("checkpoints") or []))), ("error", res.get("error") or "")):
+        t.add_row(f"[bold]{key}", str(value if value is not None else "-"))
+    console.print(t)
+
+
+@app.command()
+def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's checkpoints (with their metrics) and its plots (RUN_DIR/plots/*.png)."""
+    a = _run(lambda: _ctx(ctx).backend.artifacts(job_uuid))
+    if as_json:
+        print(json.dumps(a, indent=2))
+        return
+    t = Table("checkpoint", "step", "train loss", "validation loss")
+    t.add_column("path", overflow="fold")
+    for cp in a.get("checkpoints") or []:
+        m = cp.get("training_metrics") or {}
+        t.add_row(cp.get("identifier", ""), _fmt(cp.get("step")), _fmt(m.get("train_loss")),
+                  _fmt(m.get("validation_loss")), cp.get("path", ""))
+    console.print(t)
+    for p in a.get("plots") or []:
+        print(f"plot {p}")
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_uuid: str) -> None:
+    """Cancel a job (every process it started stops)."""
+    c = _ctx(ctx)
+    _run(lambda: c.backend.cancel(job_uuid))
+    print(f"{job_uuid}: {_run(lambda: c.backend.status(job_uuid))['status']}")
+
+
+@app.command()
+def resume(ctx: typer.Context, job_uuid: str,
+           watch: bool = typer.Option(False, "--watch", "-w")) -> None:
+    """Run a failed or cancelled job again from its newest checkpoint (FSDP service)."""
+    c = _ctx(ctx)
+    print(f"{job_uuid}: {_run(lambda: c.backend.resume(job_uuid))}")
+    if watch:
+        raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console)))
+
+
+@app.command()
+def watch(ctx: typer.Context, job_uuid: str,
+          interval: float = typer.Option(1.0, help="seconds between polls"),
+          plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal")) -> None:
+    """Follow a job: live bar with step/total, loss, lr, tokens/s, ETA (and DPO margin/accuracy, KD
+    hard/soft loss). Exit 0 when it completes, 1 when it fails, 3 when it is cancelled."""
+    c = _ctx(ctx)
+    raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console, interval, plain or None)))
+
+
+@app.command()
+def logs(ctx: typer.Context, job_uuid: str, follow: bool = typer.Option(False, "--follow", "-f"),
+         rank: Optional[int] = typer.Option(None, "--rank", help="a torchrun rank's log (default: rank 0 / main)"),
+         tail: int = typer.Option(100, "--tail", "-n")) -> None:
+    """A job's log; -f follows it until the job ends."""
+    c = _ctx(ctx)
+    if not follow:
+        for line in _run(lambda: c.backend.logs(job_uuid, tail, rank)):
+            print(line)
+        return
+
+    def go():
+        for chunk in c.backend.follow_logs(job_uuid, tail, rank):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        _run(go)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def nodes(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """The FSDP service's nodes: state, heartbeat age, load, capabilities."""
+    import time
+
+    rows = _run(lambda: _ctx(ctx).backend.nodes())
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("node", "state", "url", "heartbeat age", "load", "cpus", "ram GB", "gpus", "models")
+    now = time.time()
+    for n in rows:
+        cap = n.get("capabilities") or {}
+        t.add_row(n["node_id"], n["state"], n["url"], f"{now - n['last_heartbeat']:.1f}s", str(n.get("load", 0)),
+                  str(cap.get("cpu_cores")), str(cap.get("ram_gb")), str(len(cap.get("gpus") or [])),
+                  str(len(cap.get("models") or [])))
+    console.print(t)
+
+
+@pipeline_app.command("run")
+def pipeline_run(ctx: typer.Context, pipeline_file: Path,
+                 watch: bool = typer.Option(False, "--watch", "-w", help="one progress line per task until it ends"),
+                 pipeline_id: Optional[str] = typer.Option(None, "--pipeline-id"),
+                 plain: bool = typer.Option(False, "--plain")) -> None:
+    """Submit a teacher-student pipeline from a YAML file; print its id."""
+    c = _ctx(ctx)
+
+    def go():
+        body, _ = pipeline_request(pipeline_file, pipeline_id)
+        pid = c.backend.submit_pipeline(body)
+        print(pid, flush=True)
+        if watch:
+            raise typer.Exit(watch_pipeline(c.backend, pid, console, plain=plain or None))
+
+    _run(go)
+
+
+@pipeline_app.command("status")
+def pipeline_status(ctx: typer.Context, pipeline_id: str,
+                    watch: bool = typer.Option(False, "--watch", "-w"), plain: bool = typer.Option(False, "--plain")) -> None:
+    """A pipeline's state and its tasks'; --watch follows it."""
+    c = _ctx(ctx)
+    if watch:
+        raise typer.Exit(_run(lambda: watch_pipeline(c.backend, pipeline_id, console, plain=plain or None)))
+    print(json.dumps(_run(lambda: c.backend.pipeline(pipeline_id)), indent=2))
+
+
+@app.command()
+def dashboard(ctx: typer.Context,
+              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="a provider's data dir (jobs.db, runs/)"),
+              host: str = typer.Option("127.0.0.1", help="bind address"),
+              port: int = typer.Option(8323, help="port"),
+              token: Optional[str] = typer.Option(None, "--token", envvar="TRL_DASHBOARD_TOKEN",
+                                                  help="require this token; enables cancel (through --url)")) -> None:
+    """Serve the dashboard for a data dir (e.g. the inline provider's TRL_POST_TRAINING_DIR).
+
+    Read-only unless --token is set; then cancel goes through the server at --url (Llama Stack or the
+    FSDP service). Without --data-dir, points at the FSDP service's own /dashboard."""
+    c = _ctx(ctx)
+    if data_dir is None:
+        b = _run(lambda: c.backend)
+        if b.kind != "fsdp-service":
+            _fail("dashboard: a Llama Stack server serves no dashboard; pass --data-dir (its TRL_POST_TRAINING_DIR)")
+        print(f"The FSDP service serves its dashboard: {b.url}/dashboard/")
+        return
+    from .serve import serve_data_dir
+
+    _run(lambda: serve_data_dir(data_dir, host, port, token, c.url if token else None, c.token))
+
+
+def run() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,234 @@
+"""Job and pipeline files: YAML in, API request bodies out.
+
+A job file names a method, a model, a dataset (a local JSONL/JSON/CSV/Parquet file, or the id of a
+dataset the server already has) and the training, algorithm, FSDP and logger settings:
+
+    method: sft                          # sft | dpo | distill
+    job_uuid: my-job                     # optional: default FILE-STEM-YYYYMMDD-HHMMSS
+    model: ${TRL_MODELS_DIR}/student     # ${VAR} and ~ are expanded; relative paths are from this file
+    dataset: data/reverse.jsonl          # or {id: a-registered-dataset}
+    validation_dataset: data/val.jsonl   # optional
+    training:                            # training_config; shortcuts go where the API wants them:
+      n_epochs: 1                        #   batch_size, shuffle, data_format, packed, train_on_input
+      max_steps_per_epoch: 20            #     -> data_config
+      batch_size: 8                      #   lr, weight_decay, num_warmup_steps, optimizer_type
+      lr: 3.0e-3                         #     -> optimizer_config
+    algorithm: {type: LoRA, ...}         # algorithm_config (sft: LoRA / PEFT / none = full; dpo; distill)
+    fsdp: {sharding_strategy: FULL_SHARD}       # training_config.fsdp_config (FSDP service)
+    torch_run: {nproc_per_node: 2}              # training_config.torch_run_config (FSDP service)
+    logger: {report_to: [tensorboard]}          # logger_config
+    checkpoint_dir: null
+
+A pipeline file is the FSDP service's teacher-student pipeline request, with `dataset:` a local file
+(sent inline as `rows`) or a service dataset id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_KEYS = ("batch_size", "shuffle", "data_format", "packed", "train_on_input", "validation_dataset_id")
+OPTIMIZER_KEYS = ("optimizer_type", "lr", "weight_decay", "num_warmup_steps")
+METHODS = ("sft", "dpo", "distill")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class JobFileError(ValueError):
+    """A job file that cannot become a request; the message names the file, key and value."""
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expanduser(os.path.expandvars(value))
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise JobFileError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise JobFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand(data)
+    unresolved = re.findall(r"\$\{?(\w+)", json.dumps(data))
+    if unresolved:
+        raise JobFileError(f"{path}: environment variable(s) not set: {sorted(set(unresolved))}")
+    return data
+
+
+def _local(path_value: str, base: Path) -> Path:
+    p = Path(path_value)
+    return p if p.is_absolute() else (base / p)
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL, JSON (a list), CSV or Parquet file, as plain JSON-able dicts."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise JobFileError(f"{path}: line {n} is not JSON ({e})") from None
+    elif suffix == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise JobFileError(f"{path}: a .json dataset must be a list of rows")
+    elif suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        rows = json.loads(frame.to_json(orient="records"))  # numpy values -> JSON types, NaN -> null
+    else:
+        raise JobFileError(f"{path}: unknown dataset format {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise JobFileError(f"{path}: expected a non-empty list of row objects")
+    for row in rows:  # CSV/Parquet cells that held NaN come back as None; keep them JSON-clean
+        for k, v in list(row.items()):
+            if isinstance(v, float) and not math.isfinite(v):
+                row[k] = None
+    return rows
+
+
+def dataset_id_for(path: Path, rows: list[dict[str, Any]]) -> str:
+    """A stable id for a local file's rows: the same rows are uploaded once, changed rows get a new id."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{SAFE.sub('-', path.stem)[:80]}-{digest}"
+
+
+class Dataset:
+    """A job's dataset: either rows from a local file (to upload) or an id the server already has."""
+
+    def __init__(self, dataset_id: str, rows: list[dict[str, Any]] | None = None, path: Path | None = None):
+        self.dataset_id, self.rows, self.path = dataset_id, rows, path
+
+
+def resolve_dataset(value: Any, base: Path, key: str, source: Path) -> Dataset:
+    if isinstance(value, dict) and set(value) == {"id"}:
+        return Dataset(str(value["id"]))
+    if not isinstance(value, str):
+        raise JobFileError(f"{source}: {key}: expected a file path or {{id: DATASET_ID}}, got {value!r}")
+    path = _local(value, base)
+    if path.suffix.lower() in DATA_SUFFIXES:
+        if not path.is_file():
+            raise JobFileError(f"{source}: {key}: no such file {path}")
+        rows = load_rows(path)
+        return Dataset(dataset_id_for(path, rows), rows, path)
+    return Dataset(value)  # a registered dataset id
+
+
+class JobRequest:
+    """What `submit` sends: the route, the body, and the datasets to upload first."""
+
+    def __init__(self, route: str, body: dict[str, Any], datasets: list[Dataset]):
+        self.route, self.body, self.datasets = route, body, datasets
+
+    @property
+    def job_uuid(self) -> str:
+        return self.body["job_uuid"]
+
+
+def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
+    """Read a job file into a request body (dataset ids filled in; rows to upload kept aside)."""
+    path = Path(path)
+    spec = load_yaml(path)
+    known = {"method", "job_uuid", "model", "dataset", "validation_dataset", "training", "algorithm", "fsdp",
+             "torch_run", "logger", "checkpoint_dir", "description"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise JobFileError(f"{path}: unknown key(s) {unknown}; accepted: {sorted(known)}")
+    method = spec.get("method")
+    if method not in METHODS:
+        raise JobFileError(f"{path}: method: {method!r} is not one of {list(METHODS)}")
+    for key in ("model", "dataset"):
+        if key not in spec:
+            raise JobFileError(f"{path}: {key}: required")
+    base = path.parent
+    model = str(spec["model"])
+    if model.startswith((".", "..")):
+        model = str(_local(model, base).resolve())
+    datasets = [resolve_dataset(spec["dataset"], base, "dataset", path)]
+    training = dict(spec.get("training") or {})
+    data_config = dict(training.pop("data_config", None) or {})
+    optimizer_config = dict(training.pop("optimizer_config", None) or {})
+    for k in DATA_KEYS:
+        if k in training:
+            data_config[k] = training.pop(k)
+    for k in OPTIMIZER_KEYS:
+        if k in training:
+            optimizer_config[k] = training.pop(k)
+    data_config["dataset_id"] = datasets[0].dataset_id
+    if spec.get("validation_dataset") is not None:
+        val = resolve_dataset(spec["validation_dataset"], base, "validation_dataset", path)
+        datasets.append(val)
+        data_config["validation_dataset_id"] = val.dataset_id
+    data_config.setdefault("batch_size", 8)
+    data_config.setdefault("shuffle", True)
+    data_config.setdefault("data_format", "instruct")
+    optimizer_config.setdefault("optimizer_type", "adamw")
+    optimizer_config.setdefault("lr", 1e-4)
+    optimizer_config.setdefault("weight_decay", 0.0)
+    optimizer_config.setdefault("num_warmup_steps", 0)
+    training.setdefault("n_epochs", 1)
+    training["data_config"] = data_config
+    training["optimizer_config"] = optimizer_config
+    if spec.get("fsdp") is not None:
+        training["fsdp_config"] = spec["fsdp"]
+    if spec.get("torch_run") is not None:
+        training["torch_run_config"] = spec["torch_run"]
+    algorithm = dict(spec.get("algorithm") or {})
+    uuid = job_uuid or spec.get("job_uuid") or f"{SAFE.sub('-', path.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    body: dict[str, Any] = {"job_uuid": uuid, "training_config": training, "hyperparam_search_config": {},
+                            "logger_config": spec.get("logger") or {}}
+    if spec.get("checkpoint_dir"):
+        body["checkpoint_dir"] = spec["checkpoint_dir"]
+    if method == "dpo":
+        body["finetuned_model"] = model
+        body["algorithm_config"] = {"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0,
+                                    "gamma": 0.0, **algorithm}
+        return JobRequest("preference-optimize", body, datasets)
+    body["model"] = model
+    if method == "distill":
+        algorithm.setdefault("type", "distillation")
+        if "teacher_model" not in algorithm and "teacher_outputs_dir" not in algorithm:
+            raise JobFileError(f"{path}: algorithm.teacher_model: required for method distill")
+        body["algorithm_config"] = algorithm
+    elif algorithm:
+        body["algorithm_config"] = algorithm
+    return JobRequest("supervised-fine-tune", body, datasets)
+
+
+def pipeline_request(path: str | Path, pipeline_id: str | None = None) -> tuple[dict[str, Any], Dataset | None]:
+    """A pipeline file -> the teacher-student pipeline request body (rows inline for a local file)."""
+    path = Path(path)
+    spec = load_yaml(path)
+    body = dict(spec)
+    body["pipeline_id"] = pipeline_id or spec.get("pipeline_id") or f"{SAFE.sub('-', path.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dataset = None
+    if "dataset" in body:
+        dataset = resolve_dataset(body.pop("dataset"), path.parent, "dataset", path)
+        if dataset.rows is not None:
+            body["rows"] = dataset.rows
+        else:
+            body["dataset_id"] = dataset.dataset_id
+    return body, dataset

@@ -1,0 +1,88 @@
+"""The service's tools for the people who run it: the dashboard at /dashboard and Prometheus /metrics.
+
+`install_operator_tools` is the one call `create_app` makes. Environment switches (both default on):
+TRL_FSDP_DASHBOARD=0 and TRL_FSDP_METRICS=0 leave them out (benchmarks/bench_operator_tools.py uses
+them to measure what they cost).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from ...dashboard import JobsSource, dashboard_router
+from ...jobs.store import UnknownJobError
+from .distributed import DistributedJobs
+from .jobs import FsdpJobService
+from .metrics import install_metrics
+from .nodes import NodeRegistry
+
+
+def _enabled(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def service_source(service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
+                   token: str | None) -> JobsSource:
+    """The dashboard's view of this service: its job store, node registry, pipelines and actions."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+
+    def nodes() -> list[dict[str, Any]]:
+        return [{**n.model_dump(), "local": n.node_id == registry.local.node_id} for n in registry.nodes()]
+
+    source = JobsSource(store=service.jobs.store, data_dir=service.data_dir, view=distributed.view, nodes=nodes,
+                        cancel=distributed.cancel, resume=service.jobs.resume, kind="service")
+
+    def task_status(task: dict[str, Any]) -> dict[str, Any]:
+        node_id = task.get("node_id")
+        if node_id is None:
+            return {"status": "scheduled"}
+        if node_id == registry.local.node_id:
+            try:
+                return {k: v for k, v in source.summary(task["job_uuid"]).items() if k != "job_uuid"}
+            except UnknownJobError:
+                return {"status": "scheduled"}
+        try:  # a task placed on another node: ask it
+            url = registry.get(node_id).url
+            r = httpx.get(f"{url}/v1/post-training/job/status", params={"job_uuid": task["job_uuid"]},
+                          headers=headers, timeout=2.0)
+            r.raise_for_status()
+            res = r.json().get("resources_allocated") or {}
+            return {"status": r.json()["status"], "step": res.get("step"), "total_steps": res.get("total_steps"),
+                    "last_loss": res.get("last_loss"), "error": res.get("error")}
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            return {"status": "unknown", "error": f"node {node_id} did not answer: {e}"}
+
+    def pipeline_view(pipeline_id: str) -> dict[str, Any]:
+        state = JobsSource.pipeline(_FileOnly(source), pipeline_id)
+        for task in [state["teacher"], *state["students"]]:
+            task.update(task_status(task))
+        return state
+
+    source.pipeline_view = pipeline_view
+    return source
+
+
+class _FileOnly:
+    """A source whose pipeline() reads pipeline.json without task statuses (they are filled above)."""
+
+    def __init__(self, source: JobsSource):
+        self.data_dir = source.data_dir
+        self.pipeline_view = None
+
+    def summary(self, job_uuid: str) -> dict[str, Any]:
+        raise UnknownJobError(job_uuid)
+
+
+def install_operator_tools(app, service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
+                           token: str | None, auth: list) -> None:
+    """Add /dashboard (page public; data behind `auth`; cancel/resume only when a token is set) and
+    /metrics (behind `auth`) to the service's app."""
+    if _enabled("TRL_FSDP_METRICS"):
+        install_metrics(app, service.jobs.store, registry, auth)
+    if _enabled("TRL_FSDP_DASHBOARD"):
+        source = service_source(service, registry, distributed, token)
+        app.include_router(dashboard_router(source, auth=auth, actions=token is not None,
+                                            token_required=token is not None), prefix="/dashboard")
