@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 
+from .plots import write_plots_quietly
 from .run_files import RunFiles, utc_now
 from .spec import JobSpec
 
@@ -95,6 +96,7 @@ def main(run_dir: str) -> int:
         write_rank_report(files.ranks, finished_at=utc_now())
         shutdown_distributed()
     if is_main:
+        write_plots_quietly(files.dir)  # RUN_DIR/plots/*.png, before the job reads as completed
         files.update_status(state="completed", finished_at=utc_now(), resources=resources_used(spec), **summary)
     return 0
 

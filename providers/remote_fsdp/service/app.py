@@ -16,6 +16,7 @@ from .config import ServiceConfig
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
+from .operator_tools import install_operator_tools
 from .pipelines import Pipelines
 from .routes import (
     datasets_router,
@@ -72,6 +73,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
     app.include_router(pipelines_router(service, Pipelines(service, registry, config.api_token)), prefix="/v1", dependencies=auth)
+    install_operator_tools(app, service, registry, distributed, config.api_token, auth)  # /dashboard, /metrics
 
     @app.get("/health")
     async def health() -> dict:

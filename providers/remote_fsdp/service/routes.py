@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import SAFE_NAME
 from ...training.merge import merge_adapters
+from ...training.plots import plot_files
 from ...training.recipes.teacher import read_shards
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
@@ -75,7 +76,8 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
     @r.get("/job/artifacts", response_model=None)
     async def job_artifacts(job_uuid: str = Query(...)) -> dict[str, Any]:
         view = service.view(job_uuid)
-        return {"job_uuid": job_uuid, "checkpoints": view["checkpoints"]}
+        return {"job_uuid": job_uuid, "checkpoints": view["checkpoints"],
+                "plots": plot_files(view["resources_allocated"]["run_dir"])}  # RUN_DIR/plots/*.png
 
     @r.get("/job/download")
     def job_download(job_uuid: str = Query(...)) -> Response:
