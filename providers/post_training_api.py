@@ -13,64 +13,80 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from llama_stack.apis.post_training import DataConfig as _DataConfig
 from llama_stack.apis.post_training import (
+    DatasetFormat,
     EfficiencyConfig,
     LoraFinetuningConfig,
     QATFinetuningConfig,
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from .training.efficiency import check_4bit
 from .training.efficiency import from_training_config as efficiency_spec
 from .training.spec import (
     DPO_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSSES,
+    MAX_COUNT,
     PEFT_METHODS,
+    SAFE_NAME,
     CheckpointSpec,
+    Count,
     DataSpec,
     DistillSpec,
     DpoSpec,
     JobSpec,
     LoggingSpec,
+    NewTokens,
     OptimizerSpec,
     PeftSpec,
 )
 
 log = logging.getLogger("providers.api")
 
+# JSON allows 1e999 (parsed as inf) and Python's json also NaN/Infinity: refused in every request model,
+# since pydantic would write them back out as null and a job spec could not be read again.
+FINITE = ConfigDict(allow_inf_nan=False)
+
 
 class DataConfig(_DataConfig):
-    batch_size: PositiveInt
+    model_config = FINITE
+    batch_size: Count
+    # 0.2.12 marks both required; published examples omit them. The rows' own shape decides the format
+    # (preference rows for DPO), so a missing data_format changes nothing.
+    shuffle: bool = True
+    data_format: DatasetFormat | None = None
 
 
 class OptimizerConfig(_OptimizerConfig):
+    model_config = FINITE
     lr: PositiveFloat
     weight_decay: float = Field(ge=0)
-    num_warmup_steps: int = Field(ge=0)
+    num_warmup_steps: int = Field(ge=0, le=MAX_COUNT)
 
 
 class TrainingConfig(_TrainingConfig):
-    n_epochs: PositiveInt
-    max_steps_per_epoch: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
-    max_validation_steps: PositiveInt | None = 1
+    model_config = FINITE
+    n_epochs: Count
+    max_steps_per_epoch: Count = 1
+    gradient_accumulation_steps: Count = 1
+    max_validation_steps: Count | None = 1
     data_config: DataConfig | None = None
     optimizer_config: OptimizerConfig | None = None
     efficiency_config: EfficiencyConfig | None = None
     dtype: str | None = "bf16"
     # Extensions (ignored by nothing: each has a documented meaning)
-    max_seq_len: PositiveInt = 512
-    save_steps: PositiveInt | None = None
-    save_total_limit: PositiveInt | None = 3
+    learning_rate: PositiveFloat | None = None  # AdamW at this rate when optimizer_config is absent
+    max_seq_len: Count = 512
+    save_steps: Count | None = None
+    save_total_limit: Count | None = 3
     resume_from_checkpoint: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     fsdp_config: dict[str, Any] | None = None  # remote::trl_fsdp only
     torch_run_config: dict[str, Any] | None = None  # remote::trl_fsdp only
     # Speed and memory (providers/training/efficiency.py); a knob this host cannot run is a 400
@@ -96,19 +112,21 @@ class TrainingConfig(_TrainingConfig):
 class PeftFinetuningConfig(BaseModel):
     """Any PEFT method that trains under TRL: `{"type": "PEFT", "method": "ia3", ...}`."""
 
+    model_config = FINITE
     type: Literal["PEFT"] = "PEFT"
     method: Literal[PEFT_METHODS]  # type: ignore[valid-type]
     target_modules: list[str] | None = None
-    rank: PositiveInt = 8
+    rank: Count = 8
     alpha: PositiveFloat = 16
     dropout: float = Field(0.0, ge=0, lt=1)
-    num_virtual_tokens: PositiveInt = 8
+    num_virtual_tokens: Count = 8
     merge_adapter: bool = False
 
 
 class DistillationConfig(BaseModel):
     """Knowledge distillation through supervised_fine_tune: `{"type": "distillation", ...}`."""
 
+    model_config = FINITE
     type: Literal["distillation"] = "distillation"
     teacher_model: str | None = None  # a live teacher, loaded beside the student
     teacher_outputs_dir: str | None = None  # or a teacher task's outputs (answers + top-k log-probs)
@@ -116,7 +134,7 @@ class DistillationConfig(BaseModel):
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)
     kl_direction: Literal["forward", "reverse"] = "forward"
-    max_new_tokens: PositiveInt = 32
+    max_new_tokens: NewTokens = 32
     student_peft: LoraFinetuningConfig | PeftFinetuningConfig | None = None
 
 
@@ -127,22 +145,43 @@ SFTAlgorithmConfig = Annotated[
 
 
 class DPOAlignmentConfig(BaseModel):
-    """0.2.12's DPO config, with defaults, and the `beta`/`loss_type` of later releases.
+    """0.2.12's DPO config (its client sends all four fields), with defaults, and the `beta`/`loss_type`
+    of later releases.
 
     Mapping onto TRL's DPOTrainer:
     - reward_scale -> beta (the implicit reward is beta * log-ratio); `beta` wins when both are given.
-    - epsilon -> label_smoothing (probability a preference label is flipped); only for 'robust'/'exo_pair'.
-    - reward_clip, gamma: DPO has no such parameter; a value other than the default is logged and ignored.
+    - epsilon -> label_smoothing where the loss reads it (robust, exo_pair, aot, aot_unpaired); with any
+      other loss it is accepted, logged, and listed in resources_allocated.not_applied.
+    - reward_clip, gamma: DPO has no such parameter; accepted, logged, and listed as not applied.
     """
 
+    model_config = FINITE
     type: Literal["dpo"] = "dpo"
     reward_scale: PositiveFloat | None = None
     reward_clip: float | None = None
-    epsilon: float = Field(0.0, ge=0, lt=0.5)
-    gamma: float = 0.0
+    epsilon: float | None = None
+    gamma: float | None = None
     beta: PositiveFloat | None = None
     loss_type: Literal[DPO_LOSS_TYPES] | list[Literal[DPO_LOSS_TYPES]] = "sigmoid"  # type: ignore[valid-type]
     loss_weights: list[float] | None = None
+
+
+def logging_spec(logger_config: dict[str, Any] | None, default_steps: int) -> LoggingSpec:
+    """logger_config (a free-form dict in the API) as the job's logging settings; errors name the field."""
+    from pydantic import ValidationError
+
+    cfg = logger_config or {}
+    if not isinstance(cfg, dict):
+        raise ValueError("logger_config: must be an object")
+    try:
+        return LoggingSpec(
+            logging_steps=cfg.get("logging_steps", default_steps),
+            tensorboard=cfg.get("tensorboard", False),
+            wandb_project=cfg.get("wandb_project"),
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"logger_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSpec | None:
@@ -165,21 +204,32 @@ def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSp
     )
 
 
-def dpo_spec(cfg: DPOAlignmentConfig) -> DpoSpec:
-    if cfg.reward_clip not in (None, 0.0):
-        log.warning("algorithm_config.reward_clip=%s has no meaning for DPO and is ignored", cfg.reward_clip)
-    if cfg.gamma:
-        log.warning("algorithm_config.gamma=%s has no meaning for DPO and is ignored", cfg.gamma)
+def dpo_spec(cfg: DPOAlignmentConfig) -> tuple[DpoSpec, dict[str, str]]:
+    """The DPO settings of a request, and the 0.2.12 settings it carried that have no effect (with why)."""
     loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    not_applied: dict[str, str] = {}
+    if cfg.reward_clip not in (None, 0.0):
+        not_applied["reward_clip"] = f"{cfg.reward_clip}: DPO has no reward clipping"
+    if cfg.gamma not in (None, 0.0):
+        not_applied["gamma"] = f"{cfg.gamma}: DPO has no discount factor"
+    smoothing = 0.0
+    if cfg.epsilon not in (None, 0.0):
+        if set(LABEL_SMOOTHING_LOSSES) & set(loss_type):
+            if not 0 <= cfg.epsilon < 0.5:
+                raise ValueError(f"algorithm_config.epsilon: {cfg.epsilon} is label smoothing for loss_type "
+                                 f"{loss_type} and must be in [0, 0.5)")
+            smoothing = cfg.epsilon
+        else:
+            not_applied["epsilon"] = (f"{cfg.epsilon}: label smoothing is read only by loss_type "
+                                      f"{list(LABEL_SMOOTHING_LOSSES)}, not {loss_type}")
+    for field, why in not_applied.items():
+        log.warning("algorithm_config.%s=%s is accepted but not applied", field, why)
     try:
-        return DpoSpec(
-            beta=cfg.beta or cfg.reward_scale or 0.1,
-            loss_type=loss_type,
-            loss_weights=cfg.loss_weights,
-            label_smoothing=cfg.epsilon,
-        )
+        spec = DpoSpec(beta=cfg.beta or cfg.reward_scale or 0.1, loss_type=loss_type,
+                       loss_weights=cfg.loss_weights, label_smoothing=smoothing)
     except ValueError as e:
         raise ValueError(f"algorithm_config: {e}") from None
+    return spec, {f"algorithm_config.{k}": v for k, v in not_applied.items()}
 
 
 class ProviderDefaults(BaseModel):
@@ -188,30 +238,130 @@ class ProviderDefaults(BaseModel):
     data_dir: str
     dtype: str = "fp32"
     logging_steps: int = 1
-    allowed_checkpoint_roots: list[str] | None = None  # None: anywhere
+    # Where a request's checkpoint_dir may point, besides DATA_DIR/checkpoints; None: anywhere.
+    allowed_checkpoint_roots: list[str] | None = None
+    # Where a request's model directories may lie (the HF cache is added); None: anywhere.
+    allowed_model_roots: list[str] | None = None
+    # How an operator allows another directory, for error messages ("start the service with ...").
+    checkpoint_roots_hint: str = "add it to allowed_checkpoint_roots in the provider config"
+    model_roots_hint: str = "add it to allowed_model_roots in the provider config"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where relative checkpoint_dir values land (the Llama Stack examples send ./checkpoints)."""
+        return Path(self.data_dir).expanduser() / "checkpoints"
 
 
-# A job_uuid names the job's run directory (and its checkpoint subdirectory): no path separators, and no
-# leading '.', so that '.' and '..' can never point a run directory (or its clean-up) outside data_dir/runs.
-# Names that become directory names (job_uuid, dataset ids, pipeline and node names): never "." or "..".
-SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 JOB_UUID = re.compile(SAFE_NAME)
+# A Hugging Face hub id: "org/name" (or a bare "name"), as users write `meta-llama/Llama-3.2-1B-Instruct`.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
 def check_job_uuid(job_uuid: str) -> None:
     if not isinstance(job_uuid, str) or not JOB_UUID.match(job_uuid):
         raise ValueError(
-            f"job_uuid: {job_uuid!r} must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+            f"job_uuid: {str(job_uuid)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
         )
 
 
-def check_checkpoint_dir(path: str | None, allowed_roots: list[str] | None) -> None:
-    if path is None or allowed_roots is None:
-        return
-    resolved = Path(path).expanduser().resolve()
-    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
-    if not any(resolved == r or r in resolved.parents for r in roots):
-        raise ValueError(f"checkpoint_dir {path!r} is outside the allowed roots {[str(r) for r in roots]}")
+def check_path_text(value: str, field: str) -> None:
+    """A path from a request: no NUL, no '..' component (a request never climbs out of a directory)."""
+    if "\x00" in value:
+        raise ValueError(f"{field}: contains a NUL character")
+    if len(value) > 4096:
+        raise ValueError(f"{field}: longer than 4096 characters")
+    if ".." in PurePath(value).parts:
+        raise ValueError(f"{field}: {value!r} has a '..' component; name the directory without parent references")
+
+
+def is_within(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def confine(path: Path, roots: list[str] | None, field: str, value: str, hint: str) -> Path:
+    """`path` with symlinks resolved, which must lie under one of `roots` (None: anywhere)."""
+    resolved = path.expanduser().resolve()
+    if roots is None:
+        return resolved
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not is_within(resolved, allowed):
+        raise ValueError(f"{field}: {value!r} is outside the allowed directories {[str(r) for r in allowed]}; "
+                         f"to allow it, {hint}")
+    return resolved
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_snapshot(repo_id: str, field: str) -> Path:
+    """A hub model's snapshot directory from the Hugging Face cache, downloaded first when the network is
+    allowed (HF_HUB_OFFLINE unset)."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - not cached, unknown repo, no network: all bad input here
+        if offline:
+            raise ValueError(
+                f"{field}: {repo_id!r} is not a local directory and not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it. Download it on a "
+                f"machine with network access (`hf download {repo_id}`) into that cache, or give a local directory"
+            ) from None
+        raise ValueError(f"{field}: {repo_id!r} is not a local directory and could not be fetched from the "
+                         f"Hugging Face Hub: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
+    """A request's model (a local directory, or a hub id resolved through the Hugging Face cache) as a
+    local causal-LM directory inside the allowed model roots; errors name the field."""
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"{field}: required (a model directory or a Hugging Face model id)")
+    check_path_text(ref, field)
+    local = Path(ref).expanduser()
+    is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.match(ref)
+    path = local if is_path or local.is_dir() else hub_snapshot(ref, field)
+    roots = None
+    if defaults.allowed_model_roots is not None:
+        roots = [*defaults.allowed_model_roots, str(hf_cache_dir())]
+    path = confine(path, roots, field, ref, defaults.model_roots_hint)  # before any existence check
+    check_model_path(str(path), field)
+    return str(path)
+
+
+def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults: ProviderDefaults) -> str | None:
+    """Where a new job writes its checkpoints: CHECKPOINT_DIR/RESULT_NAME (None: inside its run dir).
+
+    A relative checkpoint_dir is taken under DATA_DIR/checkpoints, never the server's working directory.
+    The directory must be new: a job resumes only from checkpoints it wrote itself."""
+    if checkpoint_dir is None:
+        return None
+    if not isinstance(checkpoint_dir, str) or not checkpoint_dir:
+        raise ValueError("checkpoint_dir: must be a non-empty path")
+    check_path_text(checkpoint_dir, "checkpoint_dir")
+    base = Path(checkpoint_dir).expanduser()
+    if not base.is_absolute():
+        base = defaults.checkpoints_dir / base
+    roots = None
+    if defaults.allowed_checkpoint_roots is not None:
+        roots = [str(defaults.checkpoints_dir), *defaults.allowed_checkpoint_roots]
+    out = confine(base, roots, "checkpoint_dir", checkpoint_dir, defaults.checkpoint_roots_hint) / result_name
+    if out.exists():
+        raise ValueError(f"checkpoint_dir: {str(out)!r} already exists; a new job writes a new directory "
+                         "(choose another checkpoint_dir or result name)")
+    return str(out)
+
+
+def result_name_of(finetuned_model: str, field: str = "finetuned_model") -> str:
+    """The name a trained model is given (artifacts, checkpoint directory): `org/name` becomes `org--name`."""
+    name = finetuned_model.replace("/", "--")
+    if not JOB_UUID.match(name):
+        raise ValueError(f"{field}: {finetuned_model[:200]!r} names the trained model, so it must be 1-128 letters, "
+                         "digits, '.', '_', '-' or '/'")
+    return name
 
 
 def check_model_path(path: str, field: str) -> None:
@@ -249,25 +399,31 @@ def build_job_spec(
     validation_file: str | None,
     defaults: ProviderDefaults,
     logger_config: dict[str, Any] | None = None,
-    checkpoint_dir: str | None = None,
+    output_dir: str | None = None,
+    result_name: str | None = None,
     peft: PeftSpec | None = None,
     dpo: DpoSpec | None = None,
     distill: DistillSpec | None = None,
+    not_applied: dict[str, str] | None = None,
     fsdp=None,
-    output_dir: str | None = None,
 ) -> JobSpec:
     """The request, validated and resolved against provider defaults, as the job's spec."""
     tc = training_config
     dc = tc.data_config
     oc = tc.optimizer_config
-    logger_config = logger_config or {}
-    check_checkpoint_dir(checkpoint_dir, defaults.allowed_checkpoint_roots)
-    if output_dir is None:
-        output_dir = str(Path(checkpoint_dir).expanduser() / job_uuid) if checkpoint_dir else str(Path(run_dir) / "checkpoints")
+    if oc is not None:
+        optimizer = OptimizerSpec(optimizer_type=oc.optimizer_type.value, lr=oc.lr, weight_decay=oc.weight_decay,
+                                  num_warmup_steps=oc.num_warmup_steps)
+    elif tc.learning_rate is not None:
+        optimizer = OptimizerSpec(lr=tc.learning_rate)
+    else:
+        optimizer = OptimizerSpec()
     return JobSpec(
         job_uuid=job_uuid,
+        result_name=result_name,
+        not_applied=not_applied or {},
         method=method,
-        model=str(Path(model).expanduser()),
+        model=model,
         run_dir=run_dir,
         data=DataSpec(
             train_file=train_file,
@@ -278,10 +434,7 @@ def build_job_spec(
             train_on_input=bool(dc.train_on_input),
             max_seq_len=tc.max_seq_len,
         ),
-        optimizer=OptimizerSpec(
-            optimizer_type=oc.optimizer_type.value, lr=oc.lr, weight_decay=oc.weight_decay,
-            num_warmup_steps=oc.num_warmup_steps,
-        ) if oc else OptimizerSpec(),
+        optimizer=optimizer,
         n_epochs=tc.n_epochs,
         max_steps_per_epoch=tc.max_steps_per_epoch,
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
@@ -292,23 +445,21 @@ def build_job_spec(
         dpo=dpo,
         distill=distill,
         checkpoint=CheckpointSpec(
-            output_dir=output_dir, save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
-            resume=tc.resume_from_checkpoint,
+            output_dir=output_dir or str(Path(run_dir) / "checkpoints"), save_steps=tc.save_steps,
+            save_total_limit=tc.save_total_limit, resume=tc.resume_from_checkpoint,
         ),
-        logging=LoggingSpec(
-            logging_steps=int(logger_config.get("logging_steps", defaults.logging_steps)),
-            tensorboard=bool(logger_config.get("tensorboard", False)),
-            wandb_project=logger_config.get("wandb_project"),
-        ),
+        logging=logging_spec(logger_config, defaults.logging_steps),
         fsdp=fsdp,
         efficiency=efficiency_spec(tc),
     )
 
 
-def algorithm_settings(method: str, model: str, algorithm_config: Any) -> dict[str, Any]:
-    """peft / dpo / distill spec parts for a request's algorithm_config; raises ValueError naming the field."""
+def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults) -> dict[str, Any]:
+    """peft / dpo / distill spec parts (and not-applied settings) for a request's algorithm_config; raises
+    ValueError naming the field."""
     if method == "dpo":
-        return {"dpo": dpo_spec(algorithm_config or DPOAlignmentConfig())}
+        dpo, not_applied = dpo_spec(algorithm_config or DPOAlignmentConfig())
+        return {"dpo": dpo, "not_applied": not_applied}
     if isinstance(algorithm_config, QATFinetuningConfig):
         raise ValueError("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
     if isinstance(algorithm_config, DistillationConfig):
@@ -317,11 +468,15 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any) -> dict[s
             raise ValueError("algorithm_config: give exactly one of teacher_model and teacher_outputs_dir")
         if d.teacher_model is not None:
             field = "algorithm_config.teacher_model"
-            check_model_path(d.teacher_model, field)
-            teacher = str(Path(d.teacher_model).expanduser())
+            teacher = resolve_model(d.teacher_model, field, defaults)
         else:
             field = "algorithm_config.teacher_outputs_dir"
-            teacher = str(Path(d.teacher_outputs_dir).expanduser())
+            check_path_text(d.teacher_outputs_dir, field)
+            roots = None
+            if defaults.allowed_model_roots is not None:  # a server that confines paths: outputs of its own tasks
+                roots = [defaults.data_dir, *defaults.allowed_model_roots]
+            teacher = str(confine(Path(d.teacher_outputs_dir), roots, field, d.teacher_outputs_dir,
+                                  defaults.model_roots_hint))
             if not (Path(teacher) / "teacher_task.json").exists():
                 raise ValueError(f"{field}: {teacher!r} holds no teacher task outputs")
         spec = DistillSpec(
@@ -358,12 +513,21 @@ def method_of(algorithm_config: Any) -> str:
     return "distill" if isinstance(algorithm_config, DistillationConfig) else "sft"
 
 
+def preference_target(finetuned_model: str, model: str | None) -> tuple[str, str | None]:
+    """(model to train, result name) of a preference_optimize call. In 0.2.12, `finetuned_model` is the
+    model to train. Published examples send `model` (the base) and `finetuned_model` (the result's name):
+    with `model` given, it is trained and `finetuned_model` names the result."""
+    if model:
+        return model, result_name_of(finetuned_model)
+    return finetuned_model, None
+
+
 async def fetch_rows(datasetio: Any, dataset_id: str, field: str) -> list[dict[str, Any]]:
     """All rows of a registered dataset through Llama Stack's datasetio; errors name the field."""
     try:
         page = await datasetio.iterrows(dataset_id=dataset_id, limit=-1)
     except Exception as e:  # noqa: BLE001 - the datasetio router raises several types for unknown ids
-        raise ValueError(f"{field}: dataset {dataset_id!r} cannot be read: {e}") from None
+        raise ValueError(f"{field}: dataset {str(dataset_id)[:200]!r} cannot be read: {e}") from None
     if not page.data:
         raise ValueError(f"{field}: dataset {dataset_id!r} is empty")
     return page.data
@@ -384,26 +548,14 @@ def write_rows(rows: Any, path: Path, kind: str, field: str) -> int:
 
 def data_config_of(training_config: TrainingConfig) -> DataConfig:
     if training_config.data_config is None:
-        raise ValueError("training_config.data_config: required (dataset_id, batch_size, shuffle, data_format)")
+        raise ValueError("training_config.data_config: required (dataset_id, batch_size)")
     return training_config.data_config
-
-
-@contextmanager
-def new_run_dir(run_dir: Path):
-    """Creating a job's run directory: if the block fails, remove the directory, but only if this block
-    created it (a bad request must never delete another job's files)."""
-    existed = run_dir.exists()
-    try:
-        yield run_dir
-    except BaseException:
-        if not existed:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 def prepare_job(
     *,
     job_uuid: str,
+    run_dir: Path,
     method: str,
     model: str,
     training_config: TrainingConfig,
@@ -413,17 +565,17 @@ def prepare_job(
     defaults: ProviderDefaults,
     train_rows: Any,
     validation_rows: Any | None,
+    result_name: str | None = None,
     fsdp=None,
     output_dir: str | None = None,
 ) -> JobSpec:
-    """Validate a request, write its rows into a new run directory, and return the job's spec."""
-    check_job_uuid(job_uuid)
+    """Validate a request, write its rows into its (new, reserved) run directory, and return its spec."""
     data_config_of(training_config)
-    check_model_path(model, "model" if method != "dpo" else "finetuned_model")
-    settings = algorithm_settings(method, str(Path(model).expanduser()), algorithm_config)
+    model = resolve_model(model, "model" if method != "dpo" or result_name else "finetuned_model", defaults)
+    settings = algorithm_settings(method, model, algorithm_config, defaults)
     check_output_layer_adapter(settings)
-    run_dir = Path(defaults.data_dir).expanduser() / "runs" / job_uuid
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir is None:
+        output_dir = checkpoint_output_dir(checkpoint_dir, result_name or job_uuid, defaults)
     kind = "preference" if method == "dpo" else "completion"
     write_rows(train_rows, run_dir / "train.jsonl", kind, "training_config.data_config.dataset_id")
     validation_file = None
@@ -440,8 +592,8 @@ def prepare_job(
         validation_file=validation_file,
         defaults=defaults,
         logger_config=logger_config,
-        checkpoint_dir=checkpoint_dir,
-        fsdp=fsdp,
         output_dir=output_dir,
+        result_name=result_name,
+        fsdp=fsdp,
         **settings,
     )

@@ -15,8 +15,12 @@ class TrlPostTrainingConfig(BaseModel):
     # Precision used when a request gives no dtype ("bf16" on a CPU without bf16 kernels falls back to fp32).
     dtype: str = "fp32"
     logging_steps: PositiveInt = 1
-    # Where checkpoint_dir may point; null allows any directory.
+    # Where checkpoint_dir may point besides DATA_DIR/checkpoints (where relative ones land); null: anywhere.
     allowed_checkpoint_roots: list[str] | None = None
+    # Where model directories may lie (the Hugging Face cache is always allowed); null: anywhere.
+    allowed_model_roots: list[str] | None = None
+    # Jobs waiting beyond this are refused (400) until some have run.
+    max_queued_jobs: PositiveInt = 100
     # Threads per training process (torch.set_num_threads); null leaves torch's default.
     num_threads: PositiveInt | None = Field(default=None)
 

@@ -17,8 +17,8 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
-from ..jobs.manager import JobManager
-from ..jobs.store import DuplicateJobError, JobStore, UnknownJobError
+from ..jobs.manager import JobManager, QueueFullError
+from ..jobs.store import JobStore, UnknownJobError
 from ..post_training_api import (
     DPOAlignmentConfig,
     ProviderDefaults,
@@ -28,7 +28,7 @@ from ..post_training_api import (
     data_config_of,
     fetch_rows,
     method_of,
-    new_run_dir,
+    preference_target,
     prepare_job,
 )
 from ..training.run_files import RunFiles
@@ -44,15 +44,17 @@ class TrlPostTrainingImpl:
     def __init__(self, config: TrlPostTrainingConfig, datasetio: Any, datasets: Any = None) -> None:
         self.config = config
         self.datasetio = datasetio
-        self.data_dir = Path(config.data_dir).expanduser()
+        self.data_dir = Path(config.data_dir).expanduser().resolve()
         self.defaults = ProviderDefaults(
             data_dir=str(self.data_dir),
             dtype=config.dtype,
             logging_steps=config.logging_steps,
             allowed_checkpoint_roots=config.allowed_checkpoint_roots,
+            allowed_model_roots=config.allowed_model_roots,
         )
         env = {"OMP_NUM_THREADS": str(config.num_threads)} if config.num_threads else {}
-        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), training_command, config.max_concurrent_jobs, env)
+        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), training_command, config.max_concurrent_jobs, env,
+                               runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs)
 
     async def initialize(self) -> None:
         pass
@@ -61,13 +63,11 @@ class TrlPostTrainingImpl:
         self.jobs.shutdown()
 
     async def _submit(self, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
-                      algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None) -> PostTrainingJob:
+                      algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
+                      result_name: str | None = None) -> PostTrainingJob:
         check_job_uuid(job_uuid)  # before anything touches data_dir/runs/<job_uuid>
-        try:
-            self.jobs.store.get(job_uuid)
+        if self.jobs.store.exists(job_uuid):
             raise ValueError(f"job_uuid: a job named {job_uuid!r} already exists")
-        except UnknownJobError:
-            pass
         if training_config.fsdp_config or training_config.torch_run_config:
             raise ValueError("training_config.fsdp_config/torch_run_config: only remote::trl_fsdp runs FSDP jobs")
         dc = data_config_of(training_config)
@@ -76,16 +76,20 @@ class TrlPostTrainingImpl:
         if dc.validation_dataset_id:
             val_rows = await fetch_rows(self.datasetio, dc.validation_dataset_id,
                                         "training_config.data_config.validation_dataset_id")
-        with new_run_dir(self.data_dir / "runs" / job_uuid):
-            spec = prepare_job(
-                job_uuid=job_uuid, method=method, model=model, training_config=training_config,
-                algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
-                defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows,
-            )
-            try:
+
+        def submit() -> None:  # file and model checks: off the server's event loop
+            with self.jobs.reserve(job_uuid) as run_dir:
+                spec = prepare_job(
+                    job_uuid=job_uuid, run_dir=run_dir, method=method, model=model, training_config=training_config,
+                    algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
+                    defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows, result_name=result_name,
+                )
                 self.jobs.submit(spec, resources={"method": method, "model": spec.model})
-            except DuplicateJobError as e:
-                raise ValueError(f"job_uuid: {e}") from None
+
+        try:
+            await asyncio.to_thread(submit)
+        except QueueFullError as e:
+            raise ValueError(str(e)) from None
         return PostTrainingJob(job_uuid=job_uuid)
 
     async def supervised_fine_tune(
@@ -99,7 +103,7 @@ class TrlPostTrainingImpl:
         algorithm_config: SFTAlgorithmConfig | None = None,
     ) -> PostTrainingJob:
         if not model:
-            raise ValueError("model: required (a local model directory)")
+            raise ValueError("model: required (a local model directory or a Hugging Face model id)")
         return await self._submit(job_uuid, method_of(algorithm_config), model, training_config, algorithm_config,
                                   logger_config, checkpoint_dir)
 
@@ -111,9 +115,14 @@ class TrlPostTrainingImpl:
         training_config: TrainingConfig,
         hyperparam_search_config: dict[str, Any],
         logger_config: dict[str, Any],
+        model: str | None = None,
+        checkpoint_dir: str | None = None,
     ) -> PostTrainingJob:
-        return await self._submit(job_uuid, "dpo", finetuned_model, training_config, algorithm_config,
-                                  logger_config, None)
+        """0.2.12's preference_optimize; `model` and `checkpoint_dir` are extensions (with `model`,
+        `finetuned_model` names the result: see `preference_target`)."""
+        target, result_name = preference_target(finetuned_model, model)
+        return await self._submit(job_uuid, "dpo", target, training_config, algorithm_config,
+                                  logger_config, checkpoint_dir, result_name)
 
     async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
         return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=j.job_uuid) for j in self.jobs.store.list()])

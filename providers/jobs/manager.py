@@ -7,24 +7,35 @@ server stays responsive and cancel can stop every process of a job with one sign
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..training.run_files import RunFiles, utc_now
-from ..training.spec import JobSpec
-from .store import ACTIVE, JobRecord, JobStore
+from ..training.spec import SAFE_NAME, JobSpec
+from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
 
 log = logging.getLogger("providers.jobs")
 
 # (spec, run files) -> argv of the job's process group leader. No shell strings.
 CommandBuilder = Callable[[JobSpec, RunFiles], list[str]]
+SAFE_NAME_RE = re.compile(SAFE_NAME)
+
+
+class QueueFullError(RuntimeError):
+    """Too many jobs are waiting: the service answers 429."""
+
+# The server's own settings and secrets never reach a job's processes.
+SERVER_ENV_PREFIXES = ("TRL_FSDP_",)
 
 
 def process_group_alive(pgid: int) -> bool:
@@ -77,6 +88,27 @@ def process_group_runs(pgid: int, run_dir: str) -> bool:
     return False
 
 
+def finite(value: Any) -> Any:
+    """`value` with non-finite floats (a diverged loss) as None: JSON responses cannot carry NaN or inf."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def unowned_checkpoints(spec: JobSpec, files: RunFiles) -> list[str]:
+    """Checkpoint directories in the job's output dir that this job did not record writing. Resuming
+    unpickles optimizer and distributed-checkpoint state, so only checkpoints the job wrote itself count."""
+    out = Path(spec.checkpoint.output_dir)
+    if not out.is_dir():
+        return []
+    recorded = {c.get("path") for c in files.read_status().get("checkpoints", [])}
+    return sorted(str(p) for p in out.glob("checkpoint-*") if str(p) not in recorded)
+
+
 class JobManager:
     def __init__(
         self,
@@ -85,11 +117,15 @@ class JobManager:
         max_concurrent_jobs: int = 1,
         env: dict[str, str] | None = None,
         niceness: int | None = None,
+        runs_dir: str | Path | None = None,
+        max_queued_jobs: int = 100,
     ):
         self.store = store
         self.command = command
         self.max_concurrent_jobs = max_concurrent_jobs
+        self.max_queued_jobs = max_queued_jobs
         self.env = env or {}
+        self.runs_dir = Path(runs_dir).resolve() if runs_dir else None
         if niceness is None:
             import torch
 
@@ -103,58 +139,149 @@ class JobManager:
     # -- lifecycle ---------------------------------------------------------------------------------
     def _recover(self) -> None:
         """After a restart: jobs that were running lost their supervisor; stop what is left of them and
-        mark them failed. Jobs still waiting in the queue stay scheduled and will run."""
+        mark them failed. Queued jobs stay scheduled and run, unless their run dir or spec is gone. Run
+        dirs without a record (a submission cut short) are removed. Nothing here may stop start-up."""
         for job in self.store.list(statuses=("in_progress",)):
-            if job.pid and process_group_runs(job.pid, job.run_dir):
-                kill_process_group(job.pid)
-            reason = "the server restarted while the job was running"
-            RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())
-            self.store.update(job.job_uuid, status="failed", error=reason, completed_at=utc_now())
+            try:
+                if job.pid and process_group_runs(job.pid, job.run_dir):
+                    kill_process_group(job.pid)
+            except OSError as e:
+                log.warning("job %s: could not stop its old processes: %s", job.job_uuid, e)
+            self._fail(job.job_uuid, "the server restarted while the job was running")
+        for job in self.store.list(statuses=("scheduled",)):
+            problem = self._unstartable(job)
+            if problem:
+                self._fail(job.job_uuid, problem)
+        if self.runs_dir is not None and self.runs_dir.is_dir():
+            for run_dir in self.runs_dir.iterdir():
+                if run_dir.is_dir() and not self.store.exists(run_dir.name):
+                    log.warning("removing %s: a submission that never completed (no job record)", run_dir)
+                    shutil.rmtree(run_dir, ignore_errors=True)
         self._pump()
 
+    @staticmethod
+    def _unstartable(job: JobRecord) -> str | None:
+        """Why a queued job cannot start (its run dir or spec is missing or unreadable), or None."""
+        if not Path(job.run_dir).is_dir():
+            return f"the job's run directory {job.run_dir} is missing"
+        try:
+            JobSpec.load(job.run_dir)
+        except Exception as e:  # noqa: BLE001 - any unreadable spec
+            return f"the job's spec cannot be read: {type(e).__name__}: {str(e)[:300]}"
+        return None
+
+    def _fail(self, job_uuid: str, reason: str) -> None:
+        """Mark a job failed with `reason`, in the store first (the source of truth), then its status file."""
+        self.store.update(job_uuid, status="failed", error=reason, completed_at=utc_now())
+        try:
+            job = self.store.get(job_uuid)
+            if Path(job.run_dir).is_dir():
+                RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())
+        except (OSError, UnknownJobError) as e:
+            log.warning("job %s: could not write its status file: %s", job_uuid, e)
+        log.warning("job %s failed: %s", job_uuid, reason)
+
+    @contextmanager
+    def reserve(self, job_uuid: str):
+        """Reserve `job_uuid` and its run directory (an exclusive mkdir, so concurrent submissions of one id
+        cannot both win), yield the directory, and remove it again if the block fails: a job's record and
+        its run directory exist together or not at all."""
+        if not isinstance(job_uuid, str) or not SAFE_NAME_RE.match(job_uuid):
+            raise ValueError(f"job_uuid: {str(job_uuid)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                             "not starting with '.'")
+        if self.store.exists(job_uuid):
+            raise DuplicateJobError(f"job_uuid: a job named {job_uuid!r} already exists")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self.runs_dir / job_uuid
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise DuplicateJobError(f"job_uuid: a job named {job_uuid!r} already exists") from None
+        try:
+            yield run_dir
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
     def submit(self, spec: JobSpec, resources: dict[str, Any] | None = None) -> JobRecord:
-        """Record the job (raises DuplicateJobError), write its spec, and start it when a slot is free."""
+        """Write the job's spec and record it (the record last: it is what makes the job exist), then start
+        it when a slot is free. Raises DuplicateJobError. Call inside `reserve`."""
+        queued = len(self.store.list(statuses=("scheduled",)))
+        if queued >= self.max_queued_jobs:
+            raise QueueFullError(f"job_uuid: {queued} jobs are already queued (the limit is {self.max_queued_jobs}); "
+                                 "submit again when some have run")
+        resources = dict(resources or {})
+        if spec.not_applied:
+            resources["not_applied"] = spec.not_applied
+        if spec.result_name:
+            resources["result_name"] = spec.result_name
         job = JobRecord(
             job_uuid=spec.job_uuid,
             method=spec.method,
             run_dir=spec.run_dir,
             scheduled_at=utc_now(),
-            resources=resources or {},
+            resources=resources,
         )
-        self.store.create(job)
         spec.save()
         RunFiles(spec.run_dir).update_status(state="scheduled")
+        self.store.create(job)
         self._pump()
         return job
 
     def _pump(self) -> None:
+        """Start queued jobs while slots are free. A job that cannot start fails alone, with the reason:
+        it never blocks the queue."""
         with self._lock:
             running = sum(1 for p in self._procs.values() if p.poll() is None)
             for job in self.store.list(statuses=("scheduled",)):
                 if running >= self.max_concurrent_jobs:
                     break
-                self._start(job)
-                running += 1
+                try:
+                    problem = self._unstartable(job)
+                    if problem:
+                        self._fail(job.job_uuid, problem)
+                        continue
+                    self._start(job)
+                    running += 1
+                except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
+                    log.exception("job %s could not be started", job.job_uuid)
+                    self._fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
 
     def _start(self, job: JobRecord) -> None:
         files = RunFiles(job.run_dir)
-        files.logs.mkdir(parents=True, exist_ok=True)
+        files.logs.mkdir(exist_ok=True)
         spec = JobSpec.load(job.run_dir)
+        if spec.checkpoint.resume:
+            planted = unowned_checkpoints(spec, files)
+            if planted:
+                raise ValueError(f"checkpoint_dir holds checkpoints this job did not write ({planted[:3]}); "
+                                 "a job resumes only from its own checkpoints")
         argv = self.command(spec, files)
-        with open(files.log, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: cancel signals the whole tree
-                preexec_fn=self._lower_priority,
-                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
-                cwd=job.run_dir,
-            )
+        proc = self._launch(argv, files, job.run_dir)
         self._procs[job.job_uuid] = proc
         self.store.update(job.job_uuid, status="in_progress", started_at=utc_now(), pid=proc.pid)
         log.info("job %s started: pid %d: %s", job.job_uuid, proc.pid, " ".join(argv))
         threading.Thread(target=self._supervise, args=(job.job_uuid, proc), daemon=True).start()
+
+    def job_env(self) -> dict[str, str]:
+        """The environment of a job's processes: the server's, without its secrets and settings
+        (TRL_FSDP_*: the API token among them), plus the provider's job settings. PYTHONSAFEPATH keeps the
+        working directory off sys.path, so no file in it can shadow a module."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
+        return {**env, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+
+    def _launch(self, argv: list[str], files: RunFiles, run_dir: str) -> subprocess.Popen:
+        with open(files.log, "ab") as out:
+            return subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: cancel signals the whole tree
+                preexec_fn=self._lower_priority,
+                env=self.job_env(),
+                cwd=run_dir,
+            )
 
     def _lower_priority(self) -> None:
         # On a CPU-only host the job's processes compete with the server for cores: a lower priority
@@ -164,6 +291,17 @@ class JobManager:
 
     def _supervise(self, job_uuid: str, proc: subprocess.Popen) -> None:
         code = proc.wait()
+        try:
+            self._record_exit(job_uuid, proc, code)
+        except Exception as e:  # noqa: BLE001 - the job must end in a final state, whatever happened
+            log.exception("job %s: recording its end failed", job_uuid)
+            self._fail(job_uuid, f"training process exited with code {code}; its end could not be recorded: {e}")
+        finally:
+            with self._lock:
+                self._procs.pop(job_uuid, None)
+            self._pump()
+
+    def _record_exit(self, job_uuid: str, proc: subprocess.Popen, code: int) -> None:
         job = self.store.get(job_uuid)
         files = RunFiles(job.run_dir)
         # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
@@ -182,12 +320,10 @@ class JobManager:
             error = status.get("error") or f"training process exited with code {code}"
             tail = files.tail_log(5)
             state, error = "failed", error + ("\n" + "\n".join(tail) if tail and not status.get("error") else "")
-        files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
         self.store.update(job_uuid, status=state, error=error, completed_at=utc_now())
-        with self._lock:
-            self._procs.pop(job_uuid, None)
+        if files.dir.is_dir():
+            files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
         log.info("job %s %s", job_uuid, state)
-        self._pump()
 
     def cancel(self, job_uuid: str, reason: str | None = None) -> JobRecord:
         """Stop a job and every process it started: `cancelled`, or `failed` with `reason` when the job is
@@ -201,7 +337,8 @@ class JobManager:
             if proc is None:  # still queued
                 state = "failed" if reason else "cancelled"
                 self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
-                RunFiles(job.run_dir).update_status(state=state, error=reason)
+                if Path(job.run_dir).is_dir():
+                    RunFiles(job.run_dir).update_status(state=state, error=reason)
                 return self.store.get(job_uuid)
         kill_process_group(proc.pid)
         proc.wait()
@@ -216,6 +353,9 @@ class JobManager:
         job = self.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
             raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+        problem = self._unstartable(job)
+        if problem:
+            raise ValueError(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
         with self._lock:
             self._cancelled.pop(job_uuid, None)
             self.store.update(job_uuid, status="scheduled", error=None, completed_at=None)
@@ -249,7 +389,7 @@ class JobManager:
             resources["error"] = job.error
         resources["run_dir"] = job.run_dir
         resources["log_file"] = str(RunFiles(job.run_dir).log)
-        return {
+        return finite({
             "job_uuid": job.job_uuid,
             "status": job.status,
             "scheduled_at": job.scheduled_at,
@@ -257,7 +397,7 @@ class JobManager:
             "completed_at": job.completed_at,
             "resources_allocated": resources,
             "checkpoints": status.get("checkpoints", []),
-        }
+        })
 
     def wait(self, job_uuid: str, timeout_s: float = 600) -> str:
         deadline = time.monotonic() + timeout_s

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("providers.jobs")
 
 ACTIVE = ("scheduled", "in_progress")
 FINISHED = ("completed", "failed", "cancelled")
@@ -41,16 +46,36 @@ _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
 
 class JobStore:
     def __init__(self, db_path: str | Path):
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        db_path = Path(db_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._open(db_path)
+        except sqlite3.DatabaseError as e:
+            # A corrupt store must not keep the server from starting: set it aside (for the operator to
+            # inspect) and start an empty one.
+            aside = db_path.with_name(f"{db_path.name}.corrupt-{int(time.time())}")
+            log.error("job store %s is corrupt (%s); moved to %s, starting with no job records", db_path, e, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{db_path}{suffix}")
+                if src.exists():
+                    os.replace(src, f"{aside}{suffix}")
+            self._open(db_path)
+
+    def _open(self, db_path: Path) -> None:
         # One connection shared by the server's threads, serialized by a lock; WAL keeps readers cheap.
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._lock = threading.Lock()
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, method TEXT, run_dir TEXT, status TEXT, "
             "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
             "seq INTEGER)"
         )
+        self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+
+    def exists(self, job_uuid: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone() is not None
 
     def create(self, job: JobRecord) -> None:
         row = asdict(job)
@@ -91,8 +116,15 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
         return [self._record(r) for r in rows]
 
+    def delete(self, job_uuid: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE job_uuid = ?", [job_uuid])
+
     @staticmethod
     def _record(row) -> JobRecord:
         values = dict(zip(_COLUMNS, row))
-        values["resources"] = json.loads(values["resources"] or "{}")
+        try:
+            values["resources"] = json.loads(values["resources"] or "{}")
+        except json.JSONDecodeError:
+            values["resources"] = {}
         return JobRecord(**values)

@@ -47,7 +47,8 @@ class TrlFsdpAdapter:
                 r = await self.http.request(method, path, **kw)
             except httpx.TransportError as e:
                 if attempt + 1 == attempts:
-                    raise ConnectionError(f"FSDP service at {self.config.url} unreachable: {e}") from None
+                    # TimeoutError: Llama Stack answers 504 with this message (any other type is a bare 500).
+                    raise TimeoutError(f"training service at {self.config.url} unreachable: {e}") from None
                 await asyncio.sleep(0.5 * 2**attempt)
                 continue
             if r.status_code >= 500 and attempt + 1 < attempts:
@@ -55,8 +56,12 @@ class TrlFsdpAdapter:
                 continue
             if 400 <= r.status_code < 500:
                 detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
-                raise ValueError(detail if isinstance(detail, str) else json.dumps(detail))
-            r.raise_for_status()
+                detail = detail if isinstance(detail, str) else json.dumps(detail)
+                if r.status_code in (401, 403):
+                    raise PermissionError(f"training service at {self.config.url}: {detail}")
+                raise ValueError(detail)
+            if r.status_code >= 500:
+                raise TimeoutError(f"training service at {self.config.url} answered {r.status_code}: {r.text[:300]}")
             return r.json() if r.content else None
 
     async def _upload(self, dataset_id: str, field: str) -> None:
@@ -109,9 +114,13 @@ class TrlFsdpAdapter:
         training_config: TrainingConfig,
         hyperparam_search_config: dict[str, Any],
         logger_config: dict[str, Any],
+        model: str | None = None,
+        checkpoint_dir: str | None = None,
     ) -> PostTrainingJob:
+        """0.2.12's preference_optimize; `model` and `checkpoint_dir` are extensions (with `model`,
+        `finetuned_model` names the result)."""
         body = {
-            "job_uuid": job_uuid, "finetuned_model": finetuned_model,
+            "job_uuid": job_uuid, "finetuned_model": finetuned_model, "model": model, "checkpoint_dir": checkpoint_dir,
             "algorithm_config": algorithm_config.model_dump(mode="json"),
             "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,
         }

@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PositiveFloat,
-    PositiveInt,
     model_validator,
 )
+
+# Every count a request can set is bounded: a huge literal must be a 400, not an overflow inside torch.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+# Generation sizes are bounded tighter: they decide memory per request.
+MAX_NEW_TOKENS = 8192
+MAX_GENERATION_BATCH = 1024
+NewTokens = Annotated[int, Field(gt=0, le=MAX_NEW_TOKENS)]
+GenerationBatch = Annotated[int, Field(gt=0, le=MAX_GENERATION_BATCH)]
+
+# Names that become directory names (job_uuid, result names, dataset ids, pipeline and node names): no path
+# separators and no leading '.', so that '.' and '..' can never point a directory (or its clean-up) elsewhere.
+SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 
 Method = Literal["sft", "dpo", "distill", "teacher"]
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -60,6 +72,8 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
+# The losses whose TRL 1.16 implementation reads label_smoothing (the others ignore it).
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class Strict(BaseModel):
@@ -70,27 +84,27 @@ class Strict(BaseModel):
 class DataSpec(Strict):
     train_file: str  # JSONL of normalized rows, written by the API layer into the run dir
     validation_file: str | None = None
-    batch_size: PositiveInt = 4
+    batch_size: Count = 4
     shuffle: bool = True
     packed: bool = False
     train_on_input: bool = False
-    max_seq_len: PositiveInt = 512
+    max_seq_len: Count = 512
 
 
 class OptimizerSpec(Strict):
     optimizer_type: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 5e-5
     weight_decay: float = Field(0.0, ge=0)
-    num_warmup_steps: int = Field(0, ge=0)
+    num_warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
 
 
 class PeftSpec(Strict):
     method: PeftMethod = "lora"
     target_modules: list[str] | None = None  # None: the method's default for the architecture
-    rank: PositiveInt = 8
+    rank: Count = 8
     alpha: PositiveFloat = 16
     dropout: float = Field(0.0, ge=0, lt=1)
-    num_virtual_tokens: PositiveInt = 8  # prompt-learning methods only
+    num_virtual_tokens: Count = 8  # prompt-learning methods only
     merge_adapter: bool = False  # also save a merged full model next to the adapter
     quantize_base: bool = False  # QLoRA: the frozen base in 4-bit NF4 (same as efficiency.load_in_4bit)
 
@@ -107,9 +121,9 @@ class DpoSpec(Strict):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
             )
-        if self.label_smoothing > 0 and not {"robust", "exo_pair"} & set(self.loss_type):
+        if self.label_smoothing > 0 and not set(LABEL_SMOOTHING_LOSSES) & set(self.loss_type):
             raise ValueError(
-                "epsilon/label_smoothing only has a meaning for loss_type 'robust' or 'exo_pair'; "
+                f"label_smoothing only has a meaning for loss_type {list(LABEL_SMOOTHING_LOSSES)}; "
                 f"got loss_type={self.loss_type}"
             )
         return self
@@ -119,10 +133,10 @@ class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
 
     teacher_model: str
-    top_k: PositiveInt | None = 20  # None: answers only (enough for the output method)
-    max_new_tokens: PositiveInt = 32
-    generation_batch_size: PositiveInt = 16
-    shard_rows: PositiveInt = 1000  # rows per JSONL shard
+    top_k: Annotated[int, Field(gt=0, le=1000)] | None = 20  # None: answers only (enough for the output method)
+    max_new_tokens: NewTokens = 32
+    generation_batch_size: GenerationBatch = 16
+    shard_rows: Count = 1000  # rows per JSONL shard
 
 
 class DistillSpec(Strict):
@@ -132,8 +146,8 @@ class DistillSpec(Strict):
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)  # hybrid: alpha * CE + (1 - alpha) * T^2 * KL
     kl_direction: Literal["forward", "reverse"] = "forward"
-    max_new_tokens: PositiveInt = 32  # output method: teacher generation length
-    generation_batch_size: PositiveInt = 16
+    max_new_tokens: NewTokens = 32  # output method: teacher generation length
+    generation_batch_size: GenerationBatch = 16
 
     @model_validator(mode="after")
     def _check(self) -> DistillSpec:
@@ -144,8 +158,8 @@ class DistillSpec(Strict):
 
 class CheckpointSpec(Strict):
     output_dir: str
-    save_steps: PositiveInt | None = None  # None: only the final checkpoint
-    save_total_limit: PositiveInt | None = 3
+    save_steps: Count | None = None  # None: only the final checkpoint
+    save_total_limit: Count | None = 3
     resume: bool = True  # resume from the newest checkpoint in output_dir if there is one
 
 
@@ -160,11 +174,11 @@ class FsdpSpec(Strict):
     backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST"] | None = "BACKWARD_PRE"
     activation_checkpointing: bool = False
     wrap_layer_cls: str | None = None  # None: the model's decoder layer class, found from the model
-    shard_group_size: PositiveInt | None = None  # HYBRID_SHARD: ranks per shard group
+    shard_group_size: Count | None = None  # HYBRID_SHARD: ranks per shard group
 
 
 class LoggingSpec(Strict):
-    logging_steps: PositiveInt = 1
+    logging_steps: Count = 1
     tensorboard: bool = False
     wandb_project: str | None = None
 
@@ -184,18 +198,21 @@ class EfficiencySpec(Strict):
 
 
 class JobSpec(Strict):
-    job_uuid: str
+    job_uuid: str = Field(pattern=SAFE_NAME)
+    result_name: str | None = Field(None, pattern=SAFE_NAME)  # the trained model's name (default: job_uuid)
+    # Request settings accepted for compatibility but without effect on this job: setting -> why.
+    not_applied: dict[str, str] = Field(default_factory=dict)
     method: Method
     model: str  # local path of a causal LM with its tokenizer
     run_dir: str
     data: DataSpec
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    n_epochs: PositiveInt = 1
-    max_steps_per_epoch: PositiveInt | None = None
-    gradient_accumulation_steps: PositiveInt = 1
-    max_validation_steps: PositiveInt | None = 1
+    n_epochs: Count = 1
+    max_steps_per_epoch: Count | None = None
+    gradient_accumulation_steps: Count = 1
+    max_validation_steps: Count | None = 1
     dtype: Dtype = "fp32"
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     peft: PeftSpec | None = None
     dpo: DpoSpec | None = None
     distill: DistillSpec | None = None

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ...jobs.manager import QueueFullError
 from ...jobs.store import DuplicateJobError, UnknownJobError
-from .config import ServiceConfig
+from .config import ServiceConfig, read_secret
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .operator_tools import install_operator_tools
 from .pipelines import Pipelines
+from .docs import install_offline_docs
 from .routes import (
     datasets_router,
+    job_parts_router,
+    node_membership_router,
     nodes_router,
     pipelines_router,
     post_training_router,
+    teacher_outputs_router,
 )
+from .security import BodyTooLarge, LimitsAndAudit, client_auth, node_auth, node_headers
+from .workflow_routes import include_workflow_routes
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -38,12 +44,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
     local = Node(node_id=config.node_id, url=config.url, capabilities=local_capabilities(
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
     registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
-    distributed = DistributedJobs(service, registry, config.api_token)
+    peer_headers = node_headers(config.api_token, config.node_token)
+    distributed = DistributedJobs(service, registry, peer_headers)
+    pipelines = Pipelines(service, registry, peer_headers, max_running=config.max_pipelines)
     heartbeat = None
     if config.coordinator:
         heartbeat = HeartbeatSender(
             config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
-            config.api_token, lambda: len(service.jobs.store.list(statuses=("in_progress",))),
+            peer_headers, lambda: len(service.jobs.store.list(statuses=("in_progress",))),
             config.heartbeat_interval_s,
         )
 
@@ -54,26 +62,29 @@ def create_app(config: ServiceConfig) -> FastAPI:
         yield
         if heartbeat:
             heartbeat.stop.set()
+        pipelines.stop.set()
         service.jobs.shutdown()
 
-    app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.registry = registry
 
-    async def require_token(request: Request) -> None:  # async: no thread-pool hop per request
-        if config.api_token is None:
-            return
-        header = request.headers.get("authorization", "")
-        if not secrets.compare_digest(header, f"Bearer {config.api_token}"):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
-
-    auth = [Depends(require_token)]
+    auth = [Depends(client_auth(config.api_token))]
+    node_only = [Depends(node_auth(config.node_token))]
     for prefix in ("/v1/post-training", "/v1alpha/post-training"):
         app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
+    app.include_router(job_parts_router(service, config), prefix="/v1/post-training", dependencies=node_only)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
-    app.include_router(pipelines_router(service, Pipelines(service, registry, config.api_token)), prefix="/v1", dependencies=auth)
+    app.include_router(node_membership_router(registry), prefix="/v1", dependencies=node_only)
+    app.include_router(pipelines_router(service, pipelines), prefix="/v1", dependencies=auth)
+    app.include_router(teacher_outputs_router(service), prefix="/v1", dependencies=node_only)
+    include_workflow_routes(app, service, auth)  # OpenAI chat, data enhancement, validation, export, workflows
     install_operator_tools(app, service, registry, distributed, config.api_token, auth)  # /dashboard, /metrics
+    install_offline_docs(app)
+    app.add_middleware(LimitsAndAudit, body_limit=config.max_body_mb << 20, upload_limit=config.max_upload_mb << 20,
+                       upload_prefixes=("/v1/datasets/", "/v1/teacher-outputs/"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -101,6 +112,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def duplicate(_: Request, exc: Exception):
         return _error(409, str(exc))
 
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, exc: QueueFullError):
+        return _error(429, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge):
+        return _error(413, f"body: over this route's limit of {exc.limit} bytes")
+
     return app
 
 
@@ -109,35 +128,72 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1, env TRL_FSDP_HOST)")
     parser.add_argument("--port", type=int, help="port (default 8322, env TRL_FSDP_PORT)")
     parser.add_argument("--data-dir", help="jobs, runs and datasets (env TRL_FSDP_DATA_DIR)")
-    parser.add_argument("--api-token", help="require this bearer token (env TRL_FSDP_API_TOKEN)")
+    parser.add_argument("--api-token-file", help="file holding the clients' bearer token (env TRL_FSDP_API_TOKEN "
+                                                 "also works; a token on the command line is visible in ps)")
+    parser.add_argument("--api-token", help=argparse.SUPPRESS)  # deprecated: visible in ps
+    parser.add_argument("--node-token-file", help="file holding the cluster's node (join) token: needed to take "
+                                                  "or join nodes (env TRL_FSDP_NODE_TOKEN)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve a non-loopback address without an API token (anyone who reaches it can train "
+                             "and read models)")
     parser.add_argument("--max-concurrent-jobs", type=int)
+    parser.add_argument("--max-queued-jobs", type=int)
     parser.add_argument("--nproc-per-node", type=int, help="default torchrun processes per job")
     parser.add_argument("--allowed-checkpoint-root", action="append", dest="allowed_checkpoint_roots",
-                        help="a directory checkpoint_dir may point into (repeatable; the data dir always is)")
+                        help="a directory checkpoint_dir may point into (repeatable; DATA_DIR/checkpoints always is)")
+    parser.add_argument("--allowed-model-root", action="append", dest="allowed_model_roots",
+                        help="a directory models may be read from (repeatable; the --model-dir entries and the "
+                             "Hugging Face cache always are)")
     parser.add_argument("--node-id", help="this node's name (default: host name; env TRL_FSDP_NODE_ID)")
     parser.add_argument("--coordinator", help="coordinator URL to register with (env TRL_FSDP_COORDINATOR)")
-    parser.add_argument("--advertise-url", help="URL other nodes use for this one (default http://HOST:PORT)")
+    parser.add_argument("--advertise-url", help="URL other nodes use for this one (default http://ADDRESS:PORT)")
     parser.add_argument("--address", help="this node's address for torchrun/gloo (default HOST)")
     parser.add_argument("--gloo-socket-ifname", help="network interface for gloo (env GLOO_SOCKET_IFNAME)")
     parser.add_argument("--model-dir", action="append", dest="model_dirs",
-                        help="a model directory (or a folder of them) to advertise (repeatable)")
+                        help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
-        "max_concurrent_jobs": args.max_concurrent_jobs, "allowed_checkpoint_roots": args.allowed_checkpoint_roots,
+        "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,
+        "allowed_checkpoint_roots": args.allowed_checkpoint_roots, "allowed_model_roots": args.allowed_model_roots,
         "node_id": args.node_id, "coordinator": args.coordinator, "advertise_url": args.advertise_url,
         "address": args.address, "gloo_socket_ifname": args.gloo_socket_ifname, "model_dirs": args.model_dirs,
-        "down_after_s": args.down_after_s,
+        "down_after_s": args.down_after_s, "insecure_no_auth": args.insecure_no_auth or None,
     }
+    if args.api_token_file:
+        overrides["api_token"] = read_secret(args.api_token_file, "--api-token-file")
+    if args.node_token_file:
+        overrides["node_token"] = read_secret(args.node_token_file, "--node-token-file")
     config = ServiceConfig.from_env(**overrides)
     if args.nproc_per_node:
         config.torch_run.nproc_per_node = args.nproc_per_node
+    check_exposure(config)
     import uvicorn
 
     log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
+    # Access lines come from our audit log (client, route, status), which never prints headers.
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+def check_exposure(config: ServiceConfig) -> None:
+    """Refuse to serve a network address without a token: whoever reaches the port could run training
+    code and read every model. `--insecure-no-auth` overrides, loudly."""
+    if config.loopback_only:
+        return
+    if config.api_token is None:
+        if not config.insecure_no_auth:
+            raise SystemExit(
+                f"refusing to serve {config.host} without an API token: anyone who can reach it could train and "
+                "read models. Give --api-token-file FILE (or TRL_FSDP_API_TOKEN), bind 127.0.0.1, or pass "
+                "--insecure-no-auth if this network is yours alone."
+            )
+        log.warning("SERVING %s WITHOUT AUTHENTICATION (--insecure-no-auth): anyone who reaches port %d can "
+                    "start training jobs and read models", config.host, config.port)
+    if config.coordinator and not (config.advertise_url or config.address) and config.host in ("0.0.0.0", "::"):
+        raise SystemExit("a worker bound to a wildcard address needs --advertise-url (or --address): other "
+                         f"nodes cannot reach http://{config.host}:{config.port}")
 
 
 if __name__ == "__main__":

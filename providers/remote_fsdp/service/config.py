@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -12,14 +13,48 @@ from ...training.spec import FsdpSpec
 from .launcher import TorchRunOptions
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(path: str, what: str) -> str:
+    """A token from a file (its first line): tokens on the command line are visible in `ps`."""
+    try:
+        token = Path(path).expanduser().read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError):
+        raise SystemExit(f"{what}: cannot read a token from {path}") from None
+    if len(token) < 16:
+        raise SystemExit(f"{what}: the token in {path} is shorter than 16 characters")
+    return token
+
+
 class ServiceConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8322
     data_dir: str = "~/.llama/trl_fsdp_service"
     api_token: str | None = None  # set: every /v1 route needs `Authorization: Bearer <token>`
-    # checkpoint_dir in a request must lie under one of these (the data dir is always allowed)
+    # The nodes' credential (a join token, separate from the clients' API token): registration, heartbeats
+    # and the parts of multi-node jobs a coordinator sends carry it. Unset: this service takes no nodes
+    # and no job parts.
+    node_token: str | None = None
+    insecure_no_auth: bool = False  # serve a non-loopback address without a token (loudly)
+    # checkpoint_dir in a request must lie under DATA_DIR/checkpoints or one of these
     allowed_checkpoint_roots: list[str] = Field(default_factory=list)
+    # model directories in a request must lie under one of these, the model dirs or the HF cache
+    allowed_model_roots: list[str] = Field(default_factory=list)
     max_concurrent_jobs: PositiveInt = 1
+    max_queued_jobs: PositiveInt = 100
+    max_pipelines: PositiveInt = 20  # pipelines running at once
+    max_body_mb: PositiveInt = 64  # JSON request bodies
+    max_upload_mb: PositiveInt = 4096  # dataset uploads (streamed to disk)
+    max_archive_mb: PositiveInt = 4096  # extracted size of an archive (teacher outputs, results)
+    max_archive_members: PositiveInt = 100_000
+    max_nproc_per_node: PositiveInt = 64
     dtype: str = "fp32"
     fsdp: FsdpSpec = Field(default_factory=FsdpSpec)
     torch_run: TorchRunOptions = Field(default_factory=TorchRunOptions)
@@ -35,7 +70,17 @@ class ServiceConfig(BaseModel):
 
     @property
     def url(self) -> str:
-        return (self.advertise_url or f"http://{self.host}:{self.port}").rstrip("/")
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        # A wildcard bind is no address another node can call: advertise this node's address instead.
+        return f"http://{self.node_address}:{self.port}"
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    def model_roots(self) -> list[str]:
+        return [*self.model_dirs, *self.allowed_model_roots]
 
     @property
     def node_address(self) -> str:
@@ -43,10 +88,8 @@ class ServiceConfig(BaseModel):
 
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir).expanduser()
+        return Path(self.data_dir).expanduser().resolve()
 
-    def checkpoint_roots(self) -> list[str]:
-        return [str(self.data_path), *self.allowed_checkpoint_roots]
 
     @classmethod
     def from_env(cls, **overrides) -> ServiceConfig:
@@ -54,10 +97,15 @@ class ServiceConfig(BaseModel):
         env = os.environ
         values: dict = {}
         for key, var in (("host", "TRL_FSDP_HOST"), ("port", "TRL_FSDP_PORT"), ("data_dir", "TRL_FSDP_DATA_DIR"),
-                         ("api_token", "TRL_FSDP_API_TOKEN"), ("coordinator", "TRL_FSDP_COORDINATOR"),
+                         ("api_token", "TRL_FSDP_API_TOKEN"), ("node_token", "TRL_FSDP_NODE_TOKEN"),
+                         ("coordinator", "TRL_FSDP_COORDINATOR"),
                          ("node_id", "TRL_FSDP_NODE_ID"), ("gloo_socket_ifname", "GLOO_SOCKET_IFNAME")):
             if env.get(var):
                 values[key] = env[var]
+        for key, var in (("allowed_model_roots", "TRL_FSDP_ALLOWED_MODEL_ROOTS"),
+                         ("allowed_checkpoint_roots", "TRL_FSDP_ALLOWED_CHECKPOINT_ROOTS")):
+            if env.get(var):
+                values[key] = [p for p in env[var].split(os.pathsep) if p]
         torch_run = {}
         if env.get("NODE_RANK"):
             torch_run["node_rank"] = int(env["NODE_RANK"])

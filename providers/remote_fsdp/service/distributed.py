@@ -22,15 +22,16 @@ from ...jobs.store import ACTIVE, UnknownJobError
 from .jobs import FsdpJobService
 from .launcher import free_port
 from .nodes import Node, NodeRegistry
+from .state_files import load_state, save_state
 
 log = logging.getLogger("providers.remote_fsdp")
 
 
 class DistributedJobs:
-    def __init__(self, service: FsdpJobService, registry: NodeRegistry, token: str | None, poll_s: float = 1.0):
+    def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0):
         self.service = service
         self.registry = registry
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.headers = headers  # the API token and the node token: parts go to the node-only parts route
         self.poll_s = poll_s
         self.part_status: dict[str, dict[str, Any]] = {}  # job_uuid -> node_id -> last seen status
         for job in service.jobs.store.list(statuses=ACTIVE):  # jobs of a previous run of this service
@@ -71,14 +72,14 @@ class DistributedJobs:
             for node, part in parts[1:]:
                 self._send_part(node, route, part)
                 started.append(node)
-            self.service.submit_request(route, parts[0][1])
+            self.service.submit_request(route, parts[0][1], trusted=True)
         except Exception:
             self._cancel_remote(job_uuid, started)
             raise
         placement = [{"node_id": n.node_id, "url": n.url, "node_rank": r, "address": n.capabilities.address}
                      for r, n in enumerate(nodes)]
         job = self.service.jobs.store.get(job_uuid)
-        (Path(job.run_dir) / "nodes.json").write_text(json.dumps(placement, indent=2))
+        save_state(Path(job.run_dir) / "nodes.json", placement)
         self.service.jobs.store.update(job_uuid, resources={**job.resources, "nodes": placement,
                                                             "master_addr": master, "master_port": port})
         self._watch(job_uuid)
@@ -93,14 +94,14 @@ class DistributedJobs:
                     raise ValueError(f"training_config.data_config.dataset_id: no dataset {dataset_id!r} here")
                 with open(path, "rb") as f:
                     http.post(f"{node.url}/v1/datasets/{dataset_id}/rows", content=f).raise_for_status()
-            r = http.post(f"{node.url}/v1/post-training/{route}", json=part)
+            r = http.post(f"{node.url}/v1/post-training/parts/{route}", json=part)
         if r.status_code != 200:
             raise ValueError(f"node {node.node_id} refused its part: {r.status_code} {r.text}")
 
     def _parts(self, job_uuid: str) -> list[dict[str, Any]]:
         job = self.service.jobs.store.get(job_uuid)
-        path = Path(job.run_dir) / "nodes.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        parts = load_state(Path(job.run_dir) / "nodes.json", default=[])
+        return parts if isinstance(parts, list) else []
 
     def _remote(self, job_uuid: str) -> list[dict[str, Any]]:
         return [p for p in self._parts(job_uuid) if p["node_id"] != self.registry.local.node_id]

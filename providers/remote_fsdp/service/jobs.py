@@ -21,8 +21,9 @@ from ...post_training_api import (
     check_job_uuid,
     data_config_of,
     method_of,
-    new_run_dir,
+    preference_target,
     prepare_job,
+    resolve_model,
 )
 from ...training.components import device_type
 from ...training.fsdp import backend, mesh_shape
@@ -31,6 +32,10 @@ from ...training.spec import FsdpSpec, JobSpec
 from .config import ServiceConfig
 from .launcher import TorchRunOptions, torchrun_command
 from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from .security import clean_partial_files
+
+# What a client may set in torch_run_config; the rest (placement) comes from a coordinator.
+CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s"}
 
 DATASET_ID = re.compile(SAFE_NAME)
 
@@ -48,17 +53,33 @@ class FsdpJobService:
         self.datasets_dir = self.data_dir / "datasets"
         self.datasets_dir.mkdir(parents=True, exist_ok=True)
         self.defaults = ProviderDefaults(
-            data_dir=str(self.data_dir), dtype=config.dtype, allowed_checkpoint_roots=config.checkpoint_roots()
+            data_dir=str(self.data_dir), dtype=config.dtype,
+            allowed_checkpoint_roots=config.allowed_checkpoint_roots,
+            allowed_model_roots=config.model_roots(),
+            checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
+            model_roots_hint="start the service with --allowed-model-root DIR (or --model-dir)",
         )
+        clean_partial_files(self.datasets_dir)
         env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
-        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env)
+        self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
+                               runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs)
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
-        if not DATASET_ID.match(dataset_id):
-            raise ValueError(f"dataset_id: {dataset_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+        if not isinstance(dataset_id, str) or not DATASET_ID.match(dataset_id):
+            raise ValueError(f"dataset_id: {str(dataset_id)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
                              "not starting with '.'")
         return self.datasets_dir / f"{dataset_id}.jsonl"
+
+    def teacher_outputs_dir(self, job_uuid: str) -> Path:
+        """Where a local teacher task writes its outputs."""
+        check_job_uuid(job_uuid)
+        return self.data_dir / "teacher_outputs" / job_uuid
+
+    def uploaded_outputs_dir(self, outputs_id: str) -> Path:
+        """Where teacher outputs pushed by a coordinator land: apart from local teacher tasks' outputs."""
+        self.dataset_path(outputs_id)  # the same name rules
+        return self.data_dir / "uploaded_teacher_outputs" / outputs_id
 
     def dataset_rows(self, dataset_id: str, field: str) -> Iterator[dict[str, Any]]:
         path = self.dataset_path(dataset_id)
@@ -84,13 +105,30 @@ class FsdpJobService:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
         return torchrun_command(spec, files, opts)
 
-    def torch_run_options(self, overrides: dict[str, Any] | None) -> TorchRunOptions:
+    def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions:
+        """The job's torchrun options: the service's, with a request's overrides. Rendezvous placement
+        (node rank, master address and port, local address) comes only from a coordinator (`trusted`):
+        torch's rendezvous unpickles what the master's store sends."""
+        overrides = overrides or {}
+        if not isinstance(overrides, dict):
+            raise ValueError("training_config.torch_run_config: must be an object")
+        if not trusted:
+            placement = sorted(set(overrides) - CLIENT_TORCH_RUN_KEYS)
+            if placement:
+                raise ValueError(f"training_config.torch_run_config: {placement} are set by the coordinator, not by "
+                                 f"clients (clients may set {sorted(CLIENT_TORCH_RUN_KEYS)})")
         try:
-            return TorchRunOptions(**{**self.config.torch_run.model_dump(), **(overrides or {})})
+            opts = TorchRunOptions(**{**self.config.torch_run.model_dump(), **overrides})
         except ValidationError as e:
             raise ValueError(_validation_message(e, "training_config.torch_run_config")) from None
+        if opts.nproc_per_node > self.config.max_nproc_per_node:
+            raise ValueError(f"training_config.torch_run_config.nproc_per_node: {opts.nproc_per_node} is over this "
+                             f"service's limit of {self.config.max_nproc_per_node}")
+        return opts
 
     def fsdp_options(self, overrides: dict[str, Any] | None) -> FsdpSpec:
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ValueError("training_config.fsdp_config: must be an object")
         try:
             return FsdpSpec(**{**self.config.fsdp.model_dump(), **(overrides or {})})
         except ValidationError as e:
@@ -99,14 +137,11 @@ class FsdpJobService:
     def submit(self, *, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
                algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
                rows: list[dict] | None, validation_rows: list[dict] | None, output_dir: Path | None = None,
-               use_fsdp: bool = True) -> dict[str, Any]:
+               use_fsdp: bool = True, result_name: str | None = None, trusted: bool = False) -> dict[str, Any]:
         check_job_uuid(job_uuid)
-        try:
-            self.jobs.store.get(job_uuid)
+        if self.jobs.store.exists(job_uuid):
             raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
-        except UnknownJobError:
-            pass
-        torch_run = self.torch_run_options(training_config.torch_run_config)
+        torch_run = self.torch_run_options(training_config.torch_run_config, trusted=trusted)
         world_size = torch_run.nproc_per_node * torch_run.nnodes
         fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
         if fsdp is not None:
@@ -116,14 +151,14 @@ class FsdpJobService:
         val_rows = validation_rows
         if val_rows is None and dc.validation_dataset_id:
             val_rows = self.dataset_rows(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
-        with new_run_dir(self.data_dir / "runs" / job_uuid):
+        with self.jobs.reserve(job_uuid) as run_dir:
             spec = prepare_job(
-                job_uuid=job_uuid, method=method, model=model, training_config=training_config,
+                job_uuid=job_uuid, run_dir=run_dir, method=method, model=model, training_config=training_config,
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
                 defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows, fsdp=fsdp,
-                output_dir=str(output_dir) if output_dir else None,
+                output_dir=str(output_dir) if output_dir else None, result_name=result_name,
             )
-            (Path(spec.run_dir) / "torchrun.json").write_text(torch_run.model_dump_json())
+            (run_dir / "torchrun.json").write_text(torch_run.model_dump_json())
             resources = {
                 "method": method,
                 "model": spec.model,
@@ -155,27 +190,29 @@ class FsdpJobService:
                 f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
             )
 
-    def submit_request(self, route: str, request: Any) -> dict[str, Any]:
-        """Submit a supervised-fine-tune or preference-optimize request (a model or its JSON dict)."""
+    def submit_request(self, route: str, request: Any, trusted: bool = False) -> dict[str, Any]:
+        """Submit a supervised-fine-tune or preference-optimize request (a model or its JSON dict);
+        `trusted`: a coordinator's part of a multi-node job, which carries the rendezvous placement."""
         if route == "preference-optimize":
             req = PreferenceOptimizeRequest.model_validate(request)
-            method, model = "dpo", req.finetuned_model
+            method = "dpo"
+            model, result_name = preference_target(req.finetuned_model, req.model)
         else:
             req = SupervisedFineTuneRequest.model_validate(request)
-            method, model = method_of(req.algorithm_config), req.model
+            method, model, result_name = method_of(req.algorithm_config), req.model, None
+        if req.part_of is not None and not trusted:
+            raise ValueError("part_of: set only by a coordinator (on its node-authenticated parts route)")
         return self.submit(
             job_uuid=req.job_uuid, method=method, model=model, training_config=req.training_config,
             algorithm_config=req.algorithm_config, logger_config=req.logger_config,
             checkpoint_dir=req.checkpoint_dir, rows=req.rows, validation_rows=req.validation_rows,
+            result_name=result_name, trusted=trusted,
         )
 
     def view(self, job_uuid: str) -> dict[str, Any]:
         return self.jobs.job_view(job_uuid)
 
     def resolve_model(self, model: str, field: str) -> str:
-        """A request's model reference (a local model directory; hub ids and the allowed model roots are
-        resolved here) as a local directory; raises ValueError naming `field`."""
-        from ...post_training_api import check_model_path
-
-        check_model_path(model, field)
-        return str(Path(model).expanduser())
+        """A request's model reference (a local directory or a Hugging Face hub id) as a local causal-LM
+        directory inside the allowed model roots; raises ValueError naming `field`."""
+        return resolve_model(model, field, self.defaults)

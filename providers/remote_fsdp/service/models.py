@@ -6,10 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ...post_training_api import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig
+from ...post_training_api import FINITE, DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig
 
 
 class SupervisedFineTuneRequest(BaseModel):
+    model_config = FINITE
     job_uuid: str
     training_config: TrainingConfig
     hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
@@ -23,8 +24,13 @@ class SupervisedFineTuneRequest(BaseModel):
 
 
 class PreferenceOptimizeRequest(BaseModel):
+    """0.2.12's body, plus `model` and `checkpoint_dir` as published examples send them (with `model`,
+    `finetuned_model` names the result instead of being the model to train)."""
+
+    model_config = FINITE
     job_uuid: str
     finetuned_model: str
+    model: str | None = None
     algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
     training_config: TrainingConfig
     hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)

@@ -6,33 +6,51 @@ Nodes are named (a URL each); nothing scans the network. A node that misses hear
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from ...post_training_api import SAFE_NAME
+from ...post_training_api import FINITE, SAFE_NAME
+from .state_files import load_state, save_state
+
+HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 
 log = logging.getLogger("providers.remote_fsdp")
 
 
 class Gpu(BaseModel):
-    name: str
-    memory_gb: float
+    model_config = FINITE
+    name: str = Field(max_length=200)
+    memory_gb: float = Field(ge=0, le=10_000)
 
 
 class Capabilities(BaseModel):
-    cpu_cores: int
-    ram_gb: float
-    gpus: list[Gpu] = Field(default_factory=list)
-    models: list[str] = Field(default_factory=list)  # model directories on this node's disk
-    address: str = "127.0.0.1"  # how other nodes reach this one (torchrun master_addr, gloo)
-    gloo_socket_ifname: str | None = None
+    """What a node says it has. Bounded: a node claiming absurd hardware would attract every task."""
+
+    model_config = FINITE
+    cpu_cores: int = Field(ge=1, le=100_000)
+    ram_gb: float = Field(ge=0, le=1_000_000)
+    gpus: list[Gpu] = Field(default_factory=list, max_length=64)
+    models: list[str] = Field(default_factory=list, max_length=10_000)  # model directories on this node's disk
+    address: str = Field("127.0.0.1", max_length=255)  # how other nodes reach this one (torchrun master_addr, gloo)
+    gloo_socket_ifname: str | None = Field(None, max_length=64)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            if not HOSTNAME.match(v):
+                raise ValueError(f"{v[:100]!r} is not an IP address or host name") from None
+            return v
 
     @property
     def gpu_memory_gb(self) -> float:
@@ -50,13 +68,14 @@ class Node(BaseModel):
 
 
 class Registration(BaseModel):
+    model_config = FINITE
     node_id: str = Field(pattern=SAFE_NAME)
-    url: str
+    url: str = Field(max_length=512)
     capabilities: Capabilities
 
 
 class Heartbeat(BaseModel):
-    load: int = 0
+    load: int = Field(0, ge=0, le=100_000)
 
 
 def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: str | None) -> Capabilities:
@@ -87,24 +106,35 @@ class NodeRegistry:
         self.down_after_s = down_after_s
         self._lock = threading.Lock()
         self._nodes: dict[str, Node] = {local.node_id: local}
-        if path.exists():
-            for raw in json.loads(path.read_text()):
+        for raw in load_state(path, default=[]):
+            try:
                 node = Node(**raw)
-                if node.node_id != local.node_id:
-                    self._nodes[node.node_id] = node
+            except (TypeError, ValueError) as e:
+                log.error("nodes file %s: skipping an unreadable entry: %s", path, e)
+                continue
+            if node.node_id != local.node_id:
+                self._nodes[node.node_id] = node
 
     def _save(self) -> None:
         remote = [n.model_dump() for n in self._nodes.values() if n.node_id != self.local.node_id]
-        self.path.write_text(json.dumps(remote, indent=2))
+        save_state(self.path, remote)
 
     def register(self, reg: Registration) -> Node:
+        """Add a node, or renew a known one. A node id that is up under another URL is not taken over
+        (a second machine, or an impostor, must pick its own name)."""
         with self._lock:
             if reg.node_id == self.local.node_id:
                 raise ValueError(f"node_id: {reg.node_id!r} is this coordinator's own name")
-            node = Node(node_id=reg.node_id, url=reg.url.rstrip("/"), capabilities=reg.capabilities)
+            url = reg.url.rstrip("/")
+            known = self._nodes.get(reg.node_id)
+            if known is not None and known.url != url and time.time() - known.last_heartbeat <= self.down_after_s:
+                raise FileExistsError(f"node_id: {reg.node_id!r} is registered and up at {known.url}; "
+                                      "a node cannot take over another's name")
+            node = Node(node_id=reg.node_id, url=url, capabilities=reg.capabilities)
             self._nodes[node.node_id] = node
             self._save()
-        log.info("node %s registered at %s", node.node_id, node.url)
+        log.info("node %s registered at %s%s", node.node_id, node.url,
+                 f" (was {known.url})" if known is not None and known.url != url else "")
         return node
 
     def heartbeat(self, node_id: str, beat: Heartbeat) -> Node:
@@ -140,11 +170,12 @@ class NodeRegistry:
 class HeartbeatSender(threading.Thread):
     """A worker's link to its coordinator: register, then heartbeat; register again if forgotten."""
 
-    def __init__(self, coordinator: str, registration: Registration, token: str | None, load, interval_s: float = 2.0):
+    def __init__(self, coordinator: str, registration: Registration, headers: dict[str, str], load,
+                 interval_s: float = 2.0):
         super().__init__(daemon=True, name="heartbeat")
         self.coordinator = coordinator.rstrip("/")
         self.registration = registration
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.headers = headers
         self.load = load
         self.interval_s = interval_s
         self.stop = threading.Event()

@@ -19,11 +19,11 @@ The pipeline's own state is PIPELINE_DIR/pipeline.json, so a restart keeps it.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import re
 import shutil
-import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +33,7 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from ...jobs.manager import QueueFullError
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import (
     SAFE_NAME,
@@ -47,6 +48,8 @@ from ...training.run_files import utc_now
 from ...training.spec import CheckpointSpec, DataSpec, JobSpec, TeacherSpec
 from .jobs import FsdpJobService
 from .nodes import Node, NodeRegistry
+from .security import extract_archive, write_archive
+from .state_files import load_state, save_state
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -87,28 +90,49 @@ class PipelineRequest(BaseModel):
     merge: MergeConfig | None = None
 
 
+class PipelineCancelled(Exception):
+    pass
+
+
 class Pipelines:
-    def __init__(self, service: FsdpJobService, registry: NodeRegistry, token: str | None = None):
+    def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str] | None = None,
+                 max_running: int = 20, task_timeout_s: float = 7 * 24 * 3600):
         self.service = service
         self.registry = registry
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.headers = headers or {}  # calls to other nodes carry the API token and the node token
+        self.max_running = max_running
+        self.task_timeout_s = task_timeout_s  # a node that answers in_progress forever cannot pin a thread
         self.root = service.data_dir / "pipelines"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.stop = threading.Event()
         self._lock = threading.Lock()
         self._remotes: dict[str, RemoteNode] = {}
+        self._running: set[str] = set()
         for state_file in self.root.glob("*/pipeline.json"):  # pipelines interrupted by a restart go on
-            if json.loads(state_file.read_text())["state"] in ACTIVE:
-                self._start(state_file.parent.name)
+            pipeline_id = state_file.parent.name
+            state = load_state(state_file, default=None)
+            if not isinstance(state, dict) or "teacher" not in state:
+                log.error("pipeline %s: its state file is unreadable; it is not resumed", pipeline_id)
+                continue
+            if state.get("state") in ACTIVE:
+                self._start(pipeline_id)
 
     # -- state ---------------------------------------------------------------------------------------
     def _state_path(self, pipeline_id: str) -> Path:
+        if not isinstance(pipeline_id, str) or not re.match(SAFE_NAME, pipeline_id):
+            raise UnknownJobError(str(pipeline_id)[:200])
         return self.root / pipeline_id / "pipeline.json"
 
-    def get(self, pipeline_id: str) -> dict[str, Any]:
+    def _read(self, pipeline_id: str) -> dict[str, Any]:
         path = self._state_path(pipeline_id)
-        if not path.exists():
+        state = load_state(path, default=None) if path.exists() else None
+        if not isinstance(state, dict) or "teacher" not in state:
             raise UnknownJobError(pipeline_id)
-        state = json.loads(path.read_text())
+        return state
+
+    def get(self, pipeline_id: str) -> dict[str, Any]:
+        with self._lock:
+            state = self._read(pipeline_id)
         for task in [state["teacher"], *state["students"]]:
             if task.get("node_id") is None:
                 task.setdefault("status", "scheduled")
@@ -122,9 +146,14 @@ class Pipelines:
     def runner(self, node_id: str) -> LocalNode | RemoteNode:
         if node_id == self.registry.local.node_id:
             return LocalNode(self, node_id)
-        if node_id not in self._remotes:  # kept: a remote runner remembers what it uploaded
-            self._remotes[node_id] = RemoteNode(self.registry.get(node_id), self.headers)
-        return self._remotes[node_id]
+        node = self.registry.get(node_id)
+        with self._lock:
+            runner = self._remotes.get(node_id)
+            if runner is None or runner.url != node.url:  # kept per URL: a re-registered node gets a new client
+                if runner is not None:
+                    runner.close()
+                runner = self._remotes[node_id] = RemoteNode(node, self.headers)
+        return runner
 
     def place_teacher(self, model: str) -> Node:
         """The live node with the most accelerator memory, else the most RAM, that has the model."""
@@ -146,45 +175,41 @@ class Pipelines:
         return placed
 
     def list(self) -> list[dict[str, Any]]:
-        return [{"pipeline_id": p.parent.name, "state": json.loads(p.read_text())["state"]}
-                for p in sorted(self.root.glob("*/pipeline.json"))]
+        out = []
+        with self._lock:
+            for p in sorted(self.root.glob("*/pipeline.json")):
+                state = load_state(p, default=None)
+                if isinstance(state, dict):
+                    out.append({"pipeline_id": p.parent.name, "state": state.get("state")})
+        return out
 
     def _update(self, pipeline_id: str, **fields: Any) -> None:
+        """Change the pipeline's state file; a cancelled pipeline stays cancelled."""
         with self._lock:
-            path = self._state_path(pipeline_id)
-            state = json.loads(path.read_text())
+            state = self._read(pipeline_id)
+            if state.get("state") == "cancelled" and fields.get("state") not in (None, "cancelled"):
+                raise PipelineCancelled(pipeline_id)
             state.update(fields)
-            path.write_text(json.dumps(state, indent=2))
+            save_state(self._state_path(pipeline_id), state)
 
     # -- tasks ---------------------------------------------------------------------------------------
     def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
         """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
-        from ...post_training_api import (
-            check_job_uuid,
-            check_model_path,
-            new_run_dir,
-            write_rows,
-        )
+        from ...post_training_api import write_rows
 
-        check_job_uuid(job_uuid)
-        check_model_path(teacher.model, "teacher.model")
-        run_dir = self.service.data_dir / "runs" / job_uuid
-        with new_run_dir(run_dir):
+        model = self.service.resolve_model(teacher.model, "teacher.model")
+        with self.service.jobs.reserve(job_uuid) as run_dir:
             write_rows(rows, run_dir / "train.jsonl", "prompt", "rows")
-            self._submit_teacher(job_uuid, teacher, run_dir, output_dir)
+            spec = JobSpec(
+                job_uuid=job_uuid, method="teacher", model=model, run_dir=str(run_dir),
+                data=DataSpec(train_file=str(run_dir / "train.jsonl")),
+                checkpoint=CheckpointSpec(output_dir=str(output_dir)),
+                teacher=TeacherSpec(teacher_model=model, top_k=teacher.top_k, max_new_tokens=teacher.max_new_tokens,
+                                    generation_batch_size=teacher.generation_batch_size),
+            )
+            (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
+            self.service.jobs.submit(spec, resources={"method": "teacher", "model": model, "world_size": 1})
         return job_uuid
-
-    def _submit_teacher(self, job_uuid: str, teacher: TeacherTaskConfig, run_dir: Path, output_dir: Path) -> None:
-        spec = JobSpec(
-            job_uuid=job_uuid, method="teacher", model=teacher.model, run_dir=str(run_dir),
-            data=DataSpec(train_file=str(run_dir / "train.jsonl")),
-            checkpoint=CheckpointSpec(output_dir=str(output_dir)),
-            teacher=TeacherSpec(teacher_model=teacher.model, top_k=teacher.top_k,
-                                max_new_tokens=teacher.max_new_tokens,
-                                generation_batch_size=teacher.generation_batch_size),
-        )
-        (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
-        self.service.jobs.submit(spec, resources={"method": "teacher", "model": teacher.model, "world_size": 1})
 
     def create_student_task(self, job_uuid: str, student: StudentConfig, teacher_outputs_dir: Path,
                             rows: list[dict], checkpoint_dir: Path) -> str:
@@ -209,8 +234,11 @@ class Pipelines:
 
     # -- pipelines -----------------------------------------------------------------------------------
     def submit(self, req: PipelineRequest) -> dict[str, Any]:
-        if self._state_path(req.pipeline_id).exists():
+        if self._state_path(req.pipeline_id).parent.exists():
             raise FileExistsError(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists")
+        if len(self._running) >= self.max_running:
+            raise QueueFullError(f"pipeline_id: {len(self._running)} pipelines are running (the limit is "
+                                 f"{self.max_running}); submit again when some have finished")
         if (req.rows is None) == (req.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
         names = [s.name for s in req.students]
@@ -220,7 +248,10 @@ class Pipelines:
             self._check_mergeable(req.students)
         rows = req.rows if req.rows is not None else list(self.service.dataset_rows(req.dataset_id, "dataset_id"))
         pdir = self.root / req.pipeline_id
-        pdir.mkdir(parents=True)
+        try:
+            pdir.mkdir()  # exclusive: concurrent submissions of one id cannot both win
+        except FileExistsError:
+            raise FileExistsError(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists") from None
         (pdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state = {
             "pipeline_id": req.pipeline_id, "state": "scheduled", "created_at": utc_now(), "finished_at": None,
@@ -235,10 +266,10 @@ class Pipelines:
             state["teacher"]["node_id"] = node.node_id
             self.runner(node.node_id).start_teacher(state["teacher"]["job_uuid"], req.teacher, rows,
                                                     pdir / "teacher_outputs")
+            save_state(self._state_path(req.pipeline_id), state)
         except Exception:
             shutil.rmtree(pdir, ignore_errors=True)
             raise
-        self._state_path(req.pipeline_id).write_text(json.dumps(state, indent=2))
         self._start(req.pipeline_id)
         return {"pipeline_id": req.pipeline_id, "state": "scheduled"}
 
@@ -251,23 +282,36 @@ class Pipelines:
             raise ValueError(f"merge: students must share base model and PEFT method, got {sorted(map(str, kinds))}")
 
     def _start(self, pipeline_id: str) -> None:
+        with self._lock:
+            self._running.add(pipeline_id)
         threading.Thread(target=self._run, args=(pipeline_id,), daemon=True, name=f"pipeline-{pipeline_id}").start()
 
-    def _wait(self, tasks: list[dict]) -> dict[str, dict]:
-        """Final status of each task (a dict with job_uuid and node_id), wherever it runs."""
+    def _wait(self, pipeline_id: str, tasks: list[dict]) -> dict[str, dict]:
+        """Final status of each task (a dict with job_uuid and node_id), wherever it runs. Stops when the
+        pipeline is cancelled, the service shuts down, or the tasks outlive `task_timeout_s`."""
+        deadline = time.monotonic() + self.task_timeout_s
         while True:
+            self._check_live(pipeline_id)
             states = {t["job_uuid"]: self.runner(t["node_id"]).status(t["job_uuid"]) for t in tasks}
             if all(s["status"] not in ACTIVE for s in states.values()):
                 return states
-            time.sleep(0.5)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tasks {sorted(states)} still running after {self.task_timeout_s:.0f}s")
+            self.stop.wait(0.5)
+
+    def _check_live(self, pipeline_id: str) -> None:
+        if self._read(pipeline_id).get("state") == "cancelled":
+            raise PipelineCancelled(pipeline_id)
+        if self.stop.is_set():
+            raise PipelineCancelled(pipeline_id)
 
     def _run(self, pipeline_id: str) -> None:
         try:
             self._update(pipeline_id, state="in_progress")
-            state = json.loads(self._state_path(pipeline_id).read_text())
+            state = self._read(pipeline_id)
             req = PipelineRequest(**state["request"], rows=[])
             teacher = state["teacher"]
-            result = self._wait([teacher])[teacher["job_uuid"]]
+            result = self._wait(pipeline_id, [teacher])[teacher["job_uuid"]]
             if result["status"] != "completed":
                 raise RuntimeError(f"teacher task {teacher['job_uuid']} on {teacher['node_id']} "
                                    f"{result['status']}: {result['error']}")
@@ -280,6 +324,7 @@ class Pipelines:
                     task["node_id"] = node.node_id
                 self._update(pipeline_id, students=state["students"])
             for student, task in zip(req.students, state["students"]):
+                self._check_live(pipeline_id)  # a cancelled pipeline starts no more students
                 runner = self.runner(task["node_id"])
                 try:
                     runner.status(task["job_uuid"])  # already submitted before a restart
@@ -288,7 +333,7 @@ class Pipelines:
                     pass
                 runner.start_student(task["job_uuid"], student, outputs, answered, Path(task["output"]).parent,
                                      pipeline_id)
-            results = self._wait(state["students"])
+            results = self._wait(pipeline_id, state["students"])
             failed = {j: f"{r['status']}: {r['error']}" for j, r in results.items() if r["status"] != "completed"}
             if failed:
                 raise RuntimeError(f"students did not complete: {failed}")
@@ -296,18 +341,28 @@ class Pipelines:
                 if not Path(task["output"]).exists():
                     self.runner(task["node_id"]).fetch(task["job_uuid"], Path(task["output"]))
             if req.merge:
+                self._check_live(pipeline_id)
                 summary = merge_adapters([t["output"] for t in state["students"]], state["merge"]["output"],
                                          req.merge.weights, req.merge.method)
                 self._update(pipeline_id, merge={**state["merge"], "state": "completed", **summary})
             self._update(pipeline_id, state="completed", finished_at=utc_now())
+        except PipelineCancelled:
+            return  # cancelled, or the service stops (a restart picks an in-progress pipeline up again)
         except Exception as e:  # noqa: BLE001 - the pipeline's state must say why it stopped
-            if json.loads(self._state_path(pipeline_id).read_text())["state"] == "cancelled":
-                return
             log.exception("pipeline %s failed", pipeline_id)
-            self._update(pipeline_id, state="failed", error=f"{type(e).__name__}: {e}", finished_at=utc_now())
+            try:
+                self._update(pipeline_id, state="failed", error=f"{type(e).__name__}: {str(e)[:2000]}",
+                             finished_at=utc_now())
+            except (PipelineCancelled, UnknownJobError):
+                pass
+        finally:
+            with self._lock:
+                self._running.discard(pipeline_id)
 
     def cancel(self, pipeline_id: str) -> None:
         state = self.get(pipeline_id)
+        if state.get("state") not in ACTIVE:
+            return
         self._update(pipeline_id, state="cancelled", finished_at=utc_now())
         for task in [state["teacher"], *state["students"]]:
             if task.get("node_id") is None:
@@ -320,21 +375,6 @@ class Pipelines:
                         "/v1/post-training/job/cancel", json={"job_uuid": task["job_uuid"]})
             except (UnknownJobError, KeyError, httpx.HTTPError):
                 pass
-
-
-def tar_dir(path: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                tar.add(f, arcname=str(f.relative_to(path)))
-    return buf.getvalue()
-
-
-def untar_into(data: bytes, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(dest, filter="data")  # refuses absolute paths, links out of dest, devices
 
 
 class LocalNode:
@@ -362,12 +402,17 @@ class LocalNode:
 
 
 class RemoteNode:
-    """Runs a pipeline's tasks on another node's service."""
+    """Runs a pipeline's tasks on another node's service (the node the task was placed on: results are
+    fetched from that node's registered URL and nowhere else)."""
 
     def __init__(self, node: Node, headers: dict[str, str]):
         self.node_id = node.node_id
+        self.url = node.url
         self.http = httpx.Client(base_url=node.url, headers=headers, timeout=120)
         self.uploaded: set[str] = set()
+
+    def close(self) -> None:
+        self.http.close()
 
     def _ok(self, r: httpx.Response) -> dict:
         if r.status_code >= 400:
@@ -381,7 +426,13 @@ class RemoteNode:
     def start_student(self, job_uuid: str, student: StudentConfig, outputs: Path, answered: list[dict],
                       final_parent: Path, outputs_id: str) -> None:
         if outputs_id not in self.uploaded:
-            self._ok(self.http.put(f"/v1/teacher-outputs/{outputs_id}", content=tar_dir(outputs)))
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = Path(tmp) / "outputs.tar.gz"
+                write_archive(outputs, archive)
+                with open(archive, "rb") as f:
+                    r = self.http.put(f"/v1/teacher-outputs/{outputs_id}", content=f)
+            if r.status_code != 409:  # 409: uploaded before a restart of this service
+                self._ok(r)
             self.uploaded.add(outputs_id)
         prefix = job_uuid[: -len(f"-student-{student.name}")]
         self._ok(self.http.post("/v1/student-tasks", json={"teacher_outputs": outputs_id, "prefix": prefix,
@@ -399,8 +450,15 @@ class RemoteNode:
         return {"status": view["status"], "step": res.get("step"), "total_steps": res.get("total_steps"),
                 "error": res.get("error")}
 
-    def fetch(self, job_uuid: str, dest: Path) -> None:
-        r = self.http.get("/v1/post-training/job/download", params={"job_uuid": job_uuid})
-        if r.status_code >= 400:
-            raise RuntimeError(f"node {self.node_id}: download of {job_uuid}: {r.status_code} {r.text}")
-        untar_into(r.content, dest)
+    def fetch(self, job_uuid: str, dest: Path, max_bytes: int = 64 << 30, max_members: int = 100_000) -> None:
+        """The task's result from its node, streamed to disk and extracted as plain files only."""
+        with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+            archive = Path(tmp) / "result.tar.gz"
+            with self.http.stream("GET", "/v1/post-training/job/download", params={"job_uuid": job_uuid}) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise RuntimeError(f"node {self.node_id}: download of {job_uuid}: {r.status_code} {r.text}")
+                with open(archive, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+            extract_archive(archive, dest, max_bytes, max_members)

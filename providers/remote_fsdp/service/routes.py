@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import SAFE_NAME
+from ...post_training_api import FINITE, SAFE_NAME
 from ...training.merge import merge_adapters
 from ...training.plots import plot_files
 from ...training.recipes.teacher import read_shards
+from .config import ServiceConfig
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
@@ -32,9 +36,13 @@ from .pipelines import (
     Pipelines,
     StudentConfig,
     TeacherTaskConfig,
-    tar_dir,
-    untar_into,
 )
+from .security import ArchiveError, check_node_url, extract_archive, host_is, temp_path, write_archive
+
+# Log streams: how many may be open at once, and how long one may follow a job.
+MAX_LOG_FOLLOWERS = 32
+MAX_FOLLOW_S = 6 * 3600
+_followers = 0
 
 
 def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
@@ -80,26 +88,36 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
                 "plots": plot_files(view["resources_allocated"]["run_dir"])}  # RUN_DIR/plots/*.png
 
     @r.get("/job/download")
-    def job_download(job_uuid: str = Query(...)) -> Response:
-        """The job's newest checkpoint (a teacher task's outputs) as a tar.gz."""
+    def job_download(job_uuid: str = Query(...)) -> FileResponse:
+        """The job's newest checkpoint (a teacher task's outputs) as a tar.gz, built on disk and streamed."""
         view = service.view(job_uuid)
         if view["status"] != "completed" or not view["checkpoints"]:
             raise ValueError(f"job_uuid: {job_uuid!r} is {view['status']} and has no final checkpoint yet")
-        return Response(tar_dir(Path(view["checkpoints"][-1]["path"])), media_type="application/gzip")
+        archive = temp_path(service.data_dir / "tmp", job_uuid)
+        try:
+            write_archive(Path(view["checkpoints"][-1]["path"]), archive)
+        except BaseException:
+            archive.unlink(missing_ok=True)
+            raise
+        return FileResponse(archive, media_type="application/gzip", filename=f"{job_uuid}.tar.gz",
+                            background=BackgroundTask(archive.unlink, missing_ok=True))
 
     @r.get("/job/logs")
     async def job_logs(job_uuid: str = Query(...), tail: int = Query(100, ge=0, le=100000),
-                       follow: bool = False, rank: int | None = Query(None, ge=0)):
+                       follow: bool = False, rank: int | None = Query(None, ge=0, le=100000)):
         """The job's log (rank 0's under torchrun, or `rank`'s); `follow` streams new lines until it ends."""
+        global _followers
         job = service.jobs.store.get(job_uuid)
         logs = Path(job.run_dir) / "logs"
         path = logs / (f"rank{rank}.log" if rank is not None else "rank0.log")
         if not path.exists():
             path = logs / "train.log"
+        lines = await asyncio.to_thread(tail_lines, path, tail)
         if not follow:
-            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
             return {"job_uuid": job_uuid, "log_file": str(path), "log_lines": lines}
-        return StreamingResponse(_follow(service, job_uuid, path, tail), media_type="text/plain")
+        if _followers >= MAX_LOG_FOLLOWERS:
+            raise HTTPException(status_code=429, detail=f"follow: {MAX_LOG_FOLLOWERS} log streams are open already")
+        return StreamingResponse(_follow(service, job_uuid, path, lines), media_type="text/plain")
 
     # Later Llama Stack releases: jobs/{job_uuid}/status|cancel|artifacts
     @r.get("/jobs/{job_uuid}/status", response_model=None)
@@ -117,21 +135,77 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
     return r
 
 
-async def _follow(service: FsdpJobService, job_uuid: str, path: Path, tail: int):
-    lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
-    for line in lines:
-        yield line + "\n"
-    pos = path.stat().st_size if path.exists() else 0
-    while True:
-        if path.exists() and path.stat().st_size > pos:
-            with open(path, errors="replace") as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            yield chunk
-        elif service.jobs.store.get(job_uuid).status not in ACTIVE:
-            return
-        await asyncio.sleep(0.5)
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last `n` lines of a file, reading only its end (logs grow to gigabytes)."""
+    if n == 0 or not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        block, data = 1 << 16, b""
+        while end > 0 and data.count(b"\n") <= n:
+            start = max(0, end - block)
+            f.seek(start)
+            data = f.read(end - start) + data
+            end = start
+            block *= 2
+    return data.decode(errors="replace").splitlines()[-n:]
+
+
+async def _follow(service: FsdpJobService, job_uuid: str, path: Path, lines: list[str]):
+    """New log text until the job ends (or MAX_FOLLOW_S passes); file reads happen off the event loop."""
+    global _followers
+    _followers += 1
+    try:
+        for line in lines:
+            yield line + "\n"
+        pos = path.stat().st_size if path.exists() else 0
+        deadline = time.monotonic() + MAX_FOLLOW_S
+        while time.monotonic() < deadline:
+            size = path.stat().st_size if path.exists() else 0
+            if size > pos:
+                chunk, pos = await asyncio.to_thread(_read_from, path, pos)
+                yield chunk
+            elif service.jobs.store.get(job_uuid).status not in ACTIVE:
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        _followers -= 1
+
+
+def _read_from(path: Path, pos: int, limit: int = 1 << 20) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        f.seek(pos)
+        data = f.read(limit)
+    return data.decode(errors="replace"), pos + len(data)
+
+
+def job_parts_router(service: FsdpJobService, config: ServiceConfig) -> APIRouter:
+    """Where a coordinator sends this node its part of a multi-node job (node token required): the only
+    way rendezvous placement (node rank, master address and port) gets into a job."""
+    r = APIRouter()
+
+    def submit_part(route: str, body: dict[str, Any]) -> dict[str, str]:
+        master = (body.get("training_config") or {}).get("torch_run_config", {}).get("master_addr")
+        coordinator = config.coordinator
+        if not coordinator:
+            raise ValueError("part_of: this node has no coordinator, so it takes no job parts")
+        from urllib.parse import urlsplit
+
+        if not isinstance(master, str) or not host_is(urlsplit(coordinator).hostname or "", master):
+            raise ValueError(f"training_config.torch_run_config.master_addr: {str(master)[:100]!r} is not this "
+                             f"node's coordinator ({coordinator})")
+        return service.submit_request(route, body, trusted=True)
+
+    @r.post("/parts/supervised-fine-tune")
+    def supervised_fine_tune_part(req: SupervisedFineTuneRequest) -> dict[str, str]:
+        return submit_part("supervised-fine-tune", req.model_dump(mode="json"))
+
+    @r.post("/parts/preference-optimize")
+    def preference_optimize_part(req: PreferenceOptimizeRequest) -> dict[str, str]:
+        return submit_part("preference-optimize", req.model_dump(mode="json"))
+
+    return r
 
 
 def datasets_router(service: FsdpJobService) -> APIRouter:
@@ -139,35 +213,36 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
 
     @r.post("/datasets/{dataset_id}/rows")
     async def upload_rows(dataset_id: str, request: Request, append: bool = False) -> dict[str, Any]:
-        """Store rows as the service dataset `dataset_id`: a JSONL body (streamed to disk, any size) or,
-        with content-type application/json, a JSON list. `append=true` adds to an existing dataset, so
-        large datasets can also be sent in chunks."""
+        """Store rows as the service dataset `dataset_id`: a JSONL body (streamed to disk, up to the upload
+        limit) or, with content-type application/json, a JSON list (up to the body limit). `append=true`
+        adds to an existing dataset, so large datasets can also be sent in chunks."""
         path = service.dataset_path(dataset_id)
-        tmp = path.with_suffix(f".upload-{id(request)}")
-        if request.headers.get("content-type", "").startswith("application/json"):
-            data = json.loads(await request.body())
-            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-                raise ValueError("body: a JSON body must be a list of row objects")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in data))
-        else:
-            last = b"\n"
-            with open(tmp, "wb") as f:
-                async for chunk in request.stream():
-                    f.write(chunk)
-                    last = chunk[-1:] or last
-                if last != b"\n":  # keep appended chunks on separate lines
-                    f.write(b"\n")
+        tmp = temp_path(path.parent, path.name)
         try:
+            if request.headers.get("content-type", "").startswith("application/json"):
+                body = await request.body()
+                if len(body) > service.config.max_body_mb << 20:
+                    raise HTTPException(status_code=413, detail="body: a JSON list is limited to "
+                                        f"{service.config.max_body_mb} MB; send JSONL (streamed) instead")
+                data = json.loads(body)
+                if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+                    raise ValueError("body: a JSON body must be a list of row objects")
+                await asyncio.to_thread(tmp.write_text, "".join(json.dumps(row) + "\n" for row in data))
+            else:
+                last = b"\n"
+                with open(tmp, "wb") as f:
+                    async for chunk in request.stream():
+                        f.write(chunk)
+                        last = chunk[-1:] or last
+                    if last != b"\n":  # keep appended chunks on separate lines
+                        f.write(b"\n")
             rows = await asyncio.to_thread(count_jsonl_rows, tmp)
-        except ValueError:
-            tmp.unlink()
-            raise
-        if append and path.exists():
-            with open(path, "ab") as out, open(tmp, "rb") as src:
-                shutil.copyfileobj(src, out)
-            tmp.unlink()
-        else:
-            tmp.replace(path)
+            if append and path.exists():
+                await asyncio.to_thread(_append_file, tmp, path)
+            else:
+                tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return {"dataset_id": dataset_id, "rows": rows, "appended": append}
 
     @r.get("/datasets")
@@ -177,17 +252,22 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
     return r
 
 
+def _append_file(src: Path, dest: Path) -> None:
+    with open(dest, "ab") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+
+
 def count_jsonl_rows(path: Path) -> int:
     """Rows in a JSONL file; raises ValueError naming the first line that is not a JSON object."""
     rows = 0
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(_lines(f), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"body: line {n} is not JSON ({e})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"body: line {n} is not JSON ({str(e)[:200]})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"body: line {n} is a {type(row).__name__}, not a row object")
             rows += 1
@@ -196,19 +276,16 @@ def count_jsonl_rows(path: Path) -> int:
     return rows
 
 
+def _lines(f):
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"body: not UTF-8 text ({e})") from None
+
+
 def nodes_router(registry: NodeRegistry) -> APIRouter:
+    """The registry as clients see it (client token)."""
     r = APIRouter()
-
-    @r.post("/nodes/register")
-    def register(reg: Registration) -> Node:
-        return registry.register(reg)
-
-    @r.post("/nodes/{node_id}/heartbeat")
-    def heartbeat(node_id: str, beat: Heartbeat) -> Node:
-        try:
-            return registry.heartbeat(node_id, beat)
-        except KeyError:
-            raise HTTPException(status_code=404, detail=f"node_id: {node_id!r} is not registered") from None
 
     @r.get("/nodes")
     def list_nodes() -> dict[str, list[Node]]:
@@ -217,7 +294,28 @@ def nodes_router(registry: NodeRegistry) -> APIRouter:
     return r
 
 
+def node_membership_router(registry: NodeRegistry) -> APIRouter:
+    """Joining the cluster (node token): registration and heartbeats."""
+    r = APIRouter()
+
+    @r.post("/nodes/register")
+    def register(reg: Registration, request: Request) -> Node:
+        peer = request.client.host if request.client else None
+        reg.url = check_node_url(reg.url, peer)
+        return registry.register(reg)
+
+    @r.post("/nodes/{node_id}/heartbeat")
+    def heartbeat(node_id: str, beat: Heartbeat) -> Node:
+        try:
+            return registry.heartbeat(node_id, beat)
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"node_id: {node_id[:200]!r} is not registered") from None
+
+    return r
+
+
 class TeacherTaskRequest(BaseModel):
+    model_config = FINITE
     job_uuid: str = Field(pattern=SAFE_NAME)
     teacher: TeacherTaskConfig
     dataset_id: str | None = None
@@ -225,6 +323,7 @@ class TeacherTaskRequest(BaseModel):
 
 
 class StudentTasksRequest(BaseModel):
+    model_config = FINITE
     teacher_task: str | None = None  # job_uuid of a completed teacher task on this service
     teacher_outputs: str | None = None  # or the id of teacher outputs uploaded to PUT /v1/teacher-outputs/{id}
     prefix: str | None = Field(None, pattern=SAFE_NAME)  # job_uuid: PREFIX-student-NAME
@@ -232,7 +331,8 @@ class StudentTasksRequest(BaseModel):
 
 
 class MergeRequest(BaseModel):
-    job_uuids: list[str] = Field(min_length=2)  # completed PEFT jobs
+    model_config = FINITE
+    job_uuids: list[str] = Field(min_length=2, max_length=64)  # completed PEFT jobs
     output_name: str = Field(pattern=SAFE_NAME)
     method: str = "linear"
     weights: list[float] | None = None
@@ -241,7 +341,6 @@ class MergeRequest(BaseModel):
 def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter:
     """Teacher-student pipelines as one call, and their steps as separate calls."""
     r = APIRouter()
-    teacher_outputs = service.data_dir / "teacher_outputs"
 
     @r.post("/pipelines/teacher-student")
     def create_pipeline(req: PipelineRequest) -> dict[str, Any]:
@@ -263,14 +362,12 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
     def create_teacher_task(req: TeacherTaskRequest) -> dict[str, str]:
         if (req.rows is None) == (req.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
-        try:
-            service.jobs.store.get(req.job_uuid)
+        if service.jobs.store.exists(req.job_uuid):
             raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists")
-        except UnknownJobError:
-            pass
         rows = req.rows if req.rows is not None else service.dataset_rows(req.dataset_id, "dataset_id")
-        pipelines.create_teacher_task(req.job_uuid, req.teacher, rows, teacher_outputs / req.job_uuid)
-        return {"job_uuid": req.job_uuid, "teacher_outputs_dir": str(teacher_outputs / req.job_uuid)}
+        outputs = service.teacher_outputs_dir(req.job_uuid)
+        pipelines.create_teacher_task(req.job_uuid, req.teacher, rows, outputs)
+        return {"job_uuid": req.job_uuid, "teacher_outputs_dir": str(outputs)}
 
     @r.post("/student-tasks")
     def create_student_tasks(req: StudentTasksRequest) -> dict[str, list[str]]:
@@ -281,7 +378,9 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
             if teacher.method != "teacher" or teacher.status != "completed":
                 raise ValueError(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
                                  "not a completed teacher task")
-        outputs = teacher_outputs / service.dataset_path(req.teacher_task or req.teacher_outputs).stem
+            outputs = service.teacher_outputs_dir(req.teacher_task)
+        else:
+            outputs = service.uploaded_outputs_dir(req.teacher_outputs)
         if not (outputs / "teacher_task.json").exists():
             raise ValueError(f"teacher_outputs: no teacher outputs named {req.teacher_outputs!r} on this service")
         answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
@@ -292,16 +391,6 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
                                           service.data_dir / "runs" / job_uuid / "checkpoints")
         return {"job_uuids": job_uuids}
 
-    @r.put("/teacher-outputs/{outputs_id}")
-    async def upload_teacher_outputs(outputs_id: str, request: Request) -> dict[str, Any]:
-        """A teacher task's outputs from another node (a tar.gz of its directory)."""
-        dest = teacher_outputs / service.dataset_path(outputs_id).stem
-        untar_into(await request.body(), dest)
-        if not (dest / "teacher_task.json").exists():
-            shutil.rmtree(dest, ignore_errors=True)
-            raise ValueError("body: not a teacher task's outputs (no teacher_task.json in the archive)")
-        return {"teacher_outputs": outputs_id, "rows": json.loads((dest / "teacher_task.json").read_text())["rows"]}
-
     @r.post("/adapters/merge")
     def merge(req: MergeRequest) -> dict[str, Any]:
         finals = []
@@ -311,6 +400,42 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
                 raise ValueError(f"job_uuids: {job_uuid!r} is {view['status']}, not a completed job")
             finals.append(view["checkpoints"][-1]["path"])
         out = service.data_dir / "merged" / req.output_name
+        if out.exists():
+            raise FileExistsError(f"output_name: a merged adapter named {req.output_name!r} already exists")
         return {"path": str(out), **merge_adapters(finals, out, req.weights, req.method)}
+
+    return r
+
+
+def teacher_outputs_router(service: FsdpJobService) -> APIRouter:
+    """Teacher outputs a coordinator pushes to this node for its students (node token)."""
+    r = APIRouter()
+
+    @r.put("/teacher-outputs/{outputs_id}")
+    async def upload_teacher_outputs(outputs_id: str, request: Request) -> dict[str, Any]:
+        """A teacher task's outputs (a tar.gz of its directory), streamed to disk, then extracted off the
+        event loop into a new directory of its own (uploads never share a directory with local outputs)."""
+        dest = service.uploaded_outputs_dir(outputs_id)
+        if dest.exists():
+            raise FileExistsError(f"outputs_id: teacher outputs named {outputs_id!r} were uploaded already")
+        archive = temp_path(dest.parent, outputs_id)
+        try:
+            with open(archive, "wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+            cfg = service.config
+            try:
+                await asyncio.to_thread(extract_archive, archive, dest, cfg.max_archive_mb << 20,
+                                        cfg.max_archive_members)
+            except ArchiveError as e:
+                raise ValueError(f"body: {e}") from None
+        finally:
+            archive.unlink(missing_ok=True)
+        try:
+            rows = json.loads((dest / "teacher_task.json").read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ValueError("body: not a teacher task's outputs (no readable teacher_task.json in the archive)") from None
+        return {"teacher_outputs": outputs_id, "rows": rows}
 
     return r

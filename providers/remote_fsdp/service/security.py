@@ -1,0 +1,255 @@
+"""What stands between the network and the service: credentials, request limits, the audit log, and
+archives that may only ever write plain files inside one fresh directory.
+
+Two credentials, as in Kubernetes (API token vs kubeadm join token) or Ray (job token vs cluster token):
+- the API token (`Authorization: Bearer ...`) for clients: every /v1 route;
+- the node token (`X-Node-Token: ...`) for nodes: registration, heartbeats, the parts of multi-node jobs
+  and teacher outputs a coordinator pushes. A client token never makes a node, and vice versa.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, Request
+
+audit = logging.getLogger("providers.remote_fsdp.audit")
+
+NODE_TOKEN_HEADER = "x-node-token"
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    # Bytes, not str: compare_digest refuses non-ASCII str (a 500), and headers may carry any byte.
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def client_auth(api_token: str | None):
+    """A FastAPI dependency: the bearer API token, when one is configured."""
+
+    async def require_token(request: Request) -> None:  # async: no thread-pool hop per request
+        if api_token is None:
+            return
+        if not _same_secret(request.headers.get("authorization", ""), f"Bearer {api_token}"):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+    return require_token
+
+
+def node_auth(node_token: str | None):
+    """A FastAPI dependency: the node (join) token. Without one configured, this service takes no nodes."""
+
+    async def require_node(request: Request) -> None:
+        if node_token is None:
+            raise HTTPException(status_code=403, detail="this service accepts no nodes or job parts: start it "
+                                                        "with --node-token-file (the cluster's join token)")
+        if not _same_secret(request.headers.get(NODE_TOKEN_HEADER, ""), node_token):
+            raise HTTPException(status_code=403, detail=f"missing or wrong node token ({NODE_TOKEN_HEADER})")
+
+    return require_node
+
+
+def node_headers(api_token: str | None, node_token: str | None) -> dict[str, str]:
+    """Headers of a node's calls to another node: both credentials."""
+    headers = {}
+    if api_token:
+        headers["authorization"] = f"Bearer {api_token}"
+    if node_token:
+        headers[NODE_TOKEN_HEADER] = node_token
+    return headers
+
+
+# -- request limits and the audit log ---------------------------------------------------------------
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        self.limit = limit
+
+
+class LimitsAndAudit:
+    """ASGI middleware: refuses bodies over the route's limit (413) without reading them, and writes one
+    audit line per request (client address, method, path and query, status, duration; never headers)."""
+
+    def __init__(self, app, body_limit: int, upload_limit: int, upload_prefixes: tuple[str, ...]):
+        self.app = app
+        self.body_limit = body_limit
+        self.upload_limit = upload_limit
+        self.upload_prefixes = upload_prefixes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        limit = self.upload_limit if path.startswith(self.upload_prefixes) else self.body_limit
+        started = time.monotonic()
+        status = {"code": 0}
+        client = scope.get("client") or ("-", 0)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            declared = int(length) if length is not None else 0
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            await _send_json(send, 413, f"body: {declared} bytes is over this route's limit of {limit} bytes")
+            status["code"] = 413
+        else:
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge(limit)
+                return message
+
+            async def tracking_send(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            await self.app(scope, limited_receive, tracking_send)
+        if path not in ("/health", "/metrics"):
+            query = scope.get("query_string", b"").decode("latin-1")[:300]
+            audit.info("%s %s %s%s -> %s in %.0f ms", client[0], scope.get("method"), path,
+                       f"?{query}" if query else "", status["code"], (time.monotonic() - started) * 1000)
+
+
+async def _send_json(send, code: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"), (b"x-should-retry", b"false"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- archives ---------------------------------------------------------------------------------------
+class ArchiveError(ValueError):
+    pass
+
+
+def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int) -> None:
+    """Extract a tar(.gz) into `dest`, which must not exist yet: only regular files and directories, with
+    relative names and no '..', at most `max_members` entries and `max_bytes` in all. Everything lands in a
+    fresh temporary directory beside `dest` first and is renamed into place, so a refused archive leaves
+    nothing behind. No tarfile extraction filter is relied on (they have had bypasses)."""
+    if dest.exists():
+        raise ArchiveError(f"{dest.name} already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+    try:
+        total = members = 0
+        try:
+            tar = tarfile.open(archive, mode="r:*")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ArchiveError(f"not a tar archive: {e}") from None
+        with tar:
+            try:
+                for member in tar:
+                    members += 1
+                    if members > max_members:
+                        raise ArchiveError(f"more than {max_members} entries")
+                    name = member.name
+                    parts = Path(name).parts
+                    if (not name or name.startswith(("/", "\\")) or "\x00" in name or ".." in parts
+                            or any(p.startswith("/") for p in parts)):
+                        raise ArchiveError(f"entry {name[:200]!r}: only relative names without '..'")
+                    target = staging.joinpath(*[p for p in parts if p != "."]) if parts else staging
+                    if target != staging and staging not in target.parents:
+                        raise ArchiveError(f"entry {name[:200]!r} points outside the archive's directory")
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True, mode=0o755)
+                        continue
+                    if not member.isreg():
+                        raise ArchiveError(f"entry {name[:200]!r}: only regular files and directories are "
+                                           "accepted (no links, devices or fifos)")
+                    total += member.size
+                    if total > max_bytes:
+                        raise ArchiveError(f"extracts to more than {max_bytes} bytes")
+                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                    # A path component that is a file already (a name repeated as a directory) fails here.
+                    source = tar.extractfile(member)
+                    written = 0
+                    with open(target, "xb") as out:  # "x": never follow or overwrite anything
+                        while chunk := source.read(1 << 20):
+                            written += len(chunk)
+                            if written > member.size:
+                                raise ArchiveError(f"entry {name[:200]!r} is larger than its header says")
+                            out.write(chunk)
+                    os.chmod(target, 0o644)
+            except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
+                raise ArchiveError(f"archive cannot be read: {type(e).__name__}: {e}") from None
+        os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_archive(path: Path, archive: Path) -> None:
+    """`path`'s regular files as a tar.gz written to `archive` (on disk: any size; never links)."""
+    with tarfile.open(archive, mode="w:gz") as tar:
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                tar.add(f, arcname=str(f.relative_to(path)), recursive=False)
+
+
+def temp_path(directory: Path, stem: str) -> Path:
+    """A unique temporary file name in `directory` (cleaned up by whoever made it, and at start-up)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f".{stem}.part-{uuid.uuid4().hex}"
+
+
+def clean_partial_files(directory: Path) -> None:
+    """Remove what interrupted uploads and extractions left behind (names from `temp_path`/extract)."""
+    if not directory.is_dir():
+        return
+    for p in directory.glob(".*"):
+        if ".part-" in p.name or ".extract-" in p.name or ".upload-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# -- node URLs ---------------------------------------------------------------------------------------
+def check_node_url(url: str, peer: str | None) -> str:
+    """A node's advertised URL: plain http(s)://HOST:PORT, no credentials, path, query or fragment, and
+    HOST must be the address the registration came from (so nobody can point the coordinator at a third
+    machine). Returns the normalized URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"url: {url[:200]!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ValueError(f"url: {url[:200]!r} must be http(s)://HOST:PORT")
+    if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(f"url: {url[:200]!r} must be http(s)://HOST:PORT, with no credentials, path or query")
+    if peer is not None and not host_is(parts.hostname, peer):
+        raise ValueError(f"url: host {parts.hostname!r} is not the address this registration came from ({peer})")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def host_is(host: str, address: str) -> bool:
+    """Whether `host` (an IP or a name) is `address`."""
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return host == address
+    try:
+        return ipaddress.ip_address(host) == peer
+    except ValueError:
+        pass
+    try:
+        return any(ipaddress.ip_address(info[4][0]) == peer for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,40 @@
+"""The service's JSON state files (nodes.json, pipeline.json): written atomically, read defensively.
+
+A reader never sees half a file (temp file + fsync + os.replace), and a file that is corrupt anyway (a disk
+problem, a hand edit) is set aside with a logged error instead of stopping the service from starting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("providers.remote_fsdp")
+
+
+def save_state(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, default: Any) -> Any:
+    """The file's value; `default` when it is missing; a corrupt file is renamed PATH.corrupt-TIME."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = path
+        log.error("state file %s is unreadable (%s); set aside as %s", path, e, aside)
+        return default
