@@ -15,6 +15,7 @@ Everything is created locally (no model hub access):
 Usage::
 
     python scripts/build_tiny_models.py --out /tmp/tiny_models [--data-out /tmp/toy_data]
+    python scripts/build_tiny_models.py --out /tmp/bench_models --size 25m --size 125m   # random, for benchmarks
 
 or from Python::
 
@@ -224,15 +225,27 @@ TEACHER_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2)
 
 
-def make_model(tokenizer, arch: dict, seed: int):
-    """A randomly initialised LlamaForCausalLM sized for ``tokenizer``."""
+# Benchmark sizes (random init): real vocabularies make the LM head a real share of the work, so these use
+# a 32,000-row vocabulary (the tokenizer uses the first 768 rows). Parameters: about 25M, 125M and 0.5B.
+SIZED_ARCH = {
+    "25m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=32000),
+    "125m": dict(hidden_size=768, intermediate_size=1792, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000),
+    "500m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def make_model(tokenizer, arch: dict, seed: int, max_positions: int = 512):
+    """A randomly initialised LlamaForCausalLM sized for ``tokenizer`` (or ``arch["vocab_size"]``)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=False, **arch, **ids)
+    arch = {"vocab_size": len(tokenizer), **arch}
+    config = LlamaConfig(max_position_embeddings=max_positions, tie_word_embeddings=False, **arch, **ids)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     # Explicit generation config: greedy by default so demos are deterministic.
@@ -422,6 +435,30 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     return paths
 
 
+def build_sized_model(out_dir: str | Path, size: str, seed: int = 0, dtype: str = "float32",
+                      max_positions: int = 4096) -> str:
+    """A random Llama of a benchmark size (``SIZED_ARCH``) with the tiny tokenizer, saved to ``out_dir/size``
+    (reused when already there). Returns the model directory."""
+    import torch
+
+    path = Path(out_dir) / size
+    marker = path / MARKER_FILE
+    want = {"version": BUILD_VERSION, "seed": seed, "size": size, "dtype": dtype}
+    try:
+        if json.loads(marker.read_text()) == want:
+            return str(path)
+    except (OSError, ValueError):
+        pass
+    tokenizer = build_tokenizer(vocab_size=768, seed=seed)
+    tokenizer.model_max_length = max_positions
+    model = make_model(tokenizer, SIZED_ARCH[size], seed, max_positions=max_positions).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    marker.write_text(json.dumps(want))
+    print(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {path}")
+    return str(path)
+
+
 def _dir_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -431,6 +468,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="directory for the tiny models")
     parser.add_argument("--data-out", help="directory for the toy JSONL datasets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", action="append", choices=sorted(SIZED_ARCH),
+                        help="also build a random Llama of this size under --out/SIZE (repeatable)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights of the --size models as saved")
     args = parser.parse_args(argv)
     # CLI only (library callers keep their settings): never touch the hub, and
     # keep the output readable without per-shard progress bars.
@@ -439,7 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.out and not args.data_out:
         parser.error("give --out and/or --data-out")
 
-    if args.out:
+    if args.out and args.size:
+        for size in args.size:
+            build_sized_model(args.out, size, seed=args.seed, dtype=args.dtype)
+    elif args.out:
         start = time.perf_counter()
         paths = build_tiny_models(args.out, seed=args.seed)
         print(f"models ready in {time.perf_counter() - start:.1f}s")

@@ -23,6 +23,7 @@ from typing import Any
 from ..training.run_files import RunFiles, utc_now
 from ..training.spec import SAFE_NAME, JobSpec
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
+from .zygote import launch_job_process
 
 log = logging.getLogger("providers.jobs")
 
@@ -272,7 +273,8 @@ class JobManager:
 
     def _launch(self, argv: list[str], files: RunFiles, run_dir: str) -> subprocess.Popen:
         with open(files.log, "ab") as out:
-            return subprocess.Popen(
+            # Forked from the preloaded zygote when it can (the same session, env, cwd and log), else Popen.
+            return launch_job_process(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -281,6 +283,7 @@ class JobManager:
                 preexec_fn=self._lower_priority,
                 env=self.job_env(),
                 cwd=run_dir,
+                niceness=self.niceness,
             )
 
     def _lower_priority(self) -> None:

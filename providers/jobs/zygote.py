@@ -1,0 +1,435 @@
+"""Job processes forked from a preloaded process (a "zygote"), instead of a fresh interpreter per job.
+
+A fresh `python -m providers.training.run RUN_DIR` spends most of a short job importing torch,
+transformers, TRL, peft and datasets (7-9 s on a 2-core machine). The zygote is a separate process,
+started once per server and job environment (`python -m providers.jobs.zygote SOCKET`), that imports the
+training stack and then only waits on a Unix socket. It never runs a torch op, so no OpenMP/MKL thread
+pool and no CUDA context exists when it forks (it checks, before it serves anything, that importing
+started no thread beyond the fork-safe pools of numpy's OpenBLAS and pyarrow's jemalloc, and that CUDA
+is not initialised). For each job it forks a child that:
+
+- becomes the leader of its own session and process group (setsid: cancel kills all of it),
+- lowers its priority (niceness), changes to the job's cwd, replaces its environment with the job's,
+  points stdin at /dev/null and stdout/stderr at the job's log file (the server's open file, passed
+  over the socket), and shows the job's command line in /proc (so a restarted server recognises it),
+- runs `-m MODULE args` (runpy, as `python -m` does) or `-c CODE`, and exits with its exit status.
+
+The zygote reaps its children and reports each exit status over the job's connection; `ZygoteProcess`
+turns that into the Popen interface the JobManager uses (pid, poll, wait, returncode). A job that crashes
+(a segfault included) only ends its own process; if the zygote itself dies or cannot start, jobs are
+started the usual way (subprocess.Popen), and the next job starts a new zygote. `TRL_JOB_ZYGOTE=0` turns
+the zygote off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("providers.jobs")
+
+# What a training job imports before its first step; importing them here is the whole point.
+PRELOAD = (
+    "torch",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "peft",
+    "trl",
+    "providers.training.run",
+    "providers.training.components",
+    "providers.training.recipes.sft",
+    "providers.training.recipes.dpo",
+    "providers.training.recipes.distill",
+    "providers.training.recipes.teacher",
+)
+READY_TIMEOUT_S = 120.0
+
+
+# -- the server side -----------------------------------------------------------------------------------
+class ZygoteProcess:
+    """A job forked by the zygote, with the subprocess.Popen methods the JobManager uses."""
+
+    def __init__(self, pid: int, conn: socket.socket, cwd: str, argv: list[str]):
+        self.pid = pid
+        self.args = argv
+        self.returncode: int | None = None
+        self._conn = conn
+        self._cwd = cwd
+        self._lock = threading.Lock()
+        self._buffer = b""
+
+    def _read_exit(self, timeout: float | None) -> None:
+        """Read the zygote's exit report for this job (or notice that the zygote is gone)."""
+        with self._lock:
+            if self.returncode is not None:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while b"\n" not in self._buffer:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([self._conn], [], [], left)
+                if not ready:
+                    return
+                chunk = self._conn.recv(4096)
+                if not chunk:  # the zygote died: follow the process itself
+                    self._lost_zygote(deadline)
+                    return
+                self._buffer += chunk
+            self.returncode = int(json.loads(self._buffer.split(b"\n", 1)[0])["returncode"])
+            self._conn.close()
+
+    def _lost_zygote(self, deadline: float | None) -> None:
+        # The job was reparented and is reaped by init; its exit status is lost. status.json (written by
+        # the training entry point in its run dir, the cwd) still says whether it completed.
+        while _pid_running(self.pid):
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
+        log.warning("zygote exited while job pid %d ran; its exit status comes from status.json", self.pid)
+        try:
+            state = json.loads((Path(self._cwd) / "status.json").read_text()).get("state")
+        except (OSError, ValueError):
+            state = None
+        self.returncode = 0 if state == "completed" else 1
+        self._conn.close()
+
+    def poll(self) -> int | None:
+        self._read_exit(timeout=0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._read_exit(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+class Zygote:
+    """One preloaded process for one job environment (started by the server, in its own session)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = dict(env)
+        self.dir = Path(tempfile.mkdtemp(prefix="trl-zygote-"))  # 0700: only this user can connect
+        self.socket_path = self.dir / "zygote.sock"
+        self.log_path = self.dir / "zygote.log"
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "providers.jobs.zygote", str(self.socket_path)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                env=self.env, start_new_session=True,
+            )
+        self.started = time.monotonic()
+
+    def ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait until the zygote has imported everything and listens; False if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if self.socket_path.exists():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, argv: list[str], stdout, cwd: str, env: dict[str, str], niceness: int = 0) -> ZygoteProcess:
+        """Fork a job; `stdout` is the open log file (stderr goes there too)."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(self.socket_path))
+            request = json.dumps({"argv": argv, "cwd": cwd, "env": env, "niceness": niceness}).encode()
+            socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [stdout.fileno()])
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the zygote closed the connection before starting the job")
+                reply += chunk
+            answer = json.loads(reply)
+            if "error" in answer:
+                raise RuntimeError(answer["error"])
+            return ZygoteProcess(int(answer["pid"]), conn, cwd, argv)
+        except BaseException:
+            conn.close()
+            raise
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+_zygotes: dict[frozenset, Zygote] = {}
+_zygotes_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get("TRL_JOB_ZYGOTE", "1") not in ("0", "false", "no")
+
+
+def forkable(argv: list[str]) -> bool:
+    """Commands the zygote runs as a fresh interpreter would: this interpreter with `-m` or `-c`."""
+    return len(argv) >= 3 and argv[0] == sys.executable and argv[1] in ("-m", "-c")
+
+
+def zygote_for(env: dict[str, str]) -> Zygote:
+    """The zygote for this environment, started if needed (a job's environment is the zygote's own, so
+    settings read at import time, such as OMP_NUM_THREADS or HF_HUB_OFFLINE, mean the same as in a
+    fresh process)."""
+    key = frozenset(env.items())
+    with _zygotes_lock:
+        z = _zygotes.get(key)
+        if z is None or not z.alive():
+            if z is not None:
+                log.warning("job zygote exited (code %s); starting a new one. Its log:\n%s", z.proc.returncode,
+                            z.log_tail())
+                z.stop()
+            if len(_zygotes) >= 4:  # environments changed: keep the newest few
+                _zygotes.pop(next(iter(_zygotes))).stop()
+            z = _zygotes[key] = Zygote(env)
+        return z
+
+
+def prestart(env: dict[str, str]) -> None:
+    """Start the zygote for this environment now, so that the first job finds it ready."""
+    if enabled():
+        zygote_for(env)
+
+
+def launch_job_process(argv: list[str], *, stdout, env: dict[str, str], cwd: str, niceness: int = 0,
+                       **popen_kwargs: Any):
+    """Start a job: forked from the zygote when possible, else subprocess.Popen(argv, stdout=..., env=...,
+    cwd=..., **popen_kwargs) (which must put the job in its own session, as the zygote does)."""
+    if enabled() and forkable(argv):
+        z = zygote_for(env)
+        try:
+            if not z.ready():
+                raise RuntimeError(f"not ready after {time.monotonic() - z.started:.0f}s")
+            return z.spawn(argv, stdout, cwd, env, niceness)
+        except Exception as e:  # noqa: BLE001 - any zygote failure: start the job the usual way
+            log.warning("job zygote unavailable (%s: %s); starting the job as a new process. Zygote log:\n%s",
+                        type(e).__name__, e, z.log_tail())
+            if not z.alive():
+                with _zygotes_lock:
+                    _zygotes.pop(frozenset(env.items()), None)
+    return subprocess.Popen(argv, stdout=stdout, env=env, cwd=cwd, **popen_kwargs)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for z in list(_zygotes.values()):
+        z.stop()
+
+
+# -- the zygote process ----------------------------------------------------------------------------------
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, int]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
+    if len(fds) != 1 or len(data) < 8:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("expected one request with one file descriptor")
+    size = int.from_bytes(data[:8], "big")
+    body = data[8:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ConnectionError("request cut short")
+        body += chunk
+    return json.loads(body), fds[0]
+
+
+def _run_child(request: dict, log_fd: int) -> None:
+    """In the forked child: become the job, run it, exit. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if request.get("niceness"):
+            os.nice(int(request["niceness"]))
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        os.chdir(request["cwd"])
+        argv = request["argv"]
+        if "setproctitle" in sys.modules:  # /proc/PID/cmdline names the run dir, as a spawned job's does
+            sys.modules["setproctitle"].setproctitle(" ".join(argv))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads and threads.isdigit():
+            import torch
+
+            torch.set_num_threads(int(threads))
+        if argv[1] == "-m":
+            import runpy
+            import warnings
+
+            sys.argv = [argv[2], *argv[3:]]
+            with warnings.catch_warnings():  # the module was preloaded; running it as __main__ is intended
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+                runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = ["-c", *argv[3:]]
+            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 - what `python -c` does
+        code = 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what interpreter exit runs (logging flush, libraries' handlers)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code & 0xFF if code >= 0 else 1)
+
+
+def serve(socket_path: str) -> None:
+    """The zygote's main loop: import the training stack, check nothing forked would inherit threads or a
+    CUDA context, then fork one child per request and report each child's exit status."""
+    import importlib
+
+    parent = os.getppid()
+    started = time.monotonic()
+    try:
+        import setproctitle  # noqa: F401 - must see the original environment: imported before any job changes it
+    except ImportError:
+        print("zygote: setproctitle is not installed: jobs show the zygote's command line in /proc", flush=True)
+    # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import; both libraries
+    # stop and restart them around fork (pthread_atfork). Any other thread after the imports (torch's
+    # OpenMP or inter-op pools would only start with a torch op) means the zygote must not fork.
+    import numpy  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    baseline = _thread_count()
+    for module in PRELOAD:
+        importlib.import_module(module)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        sys.exit("zygote: CUDA was initialised while importing; refusing to fork")
+    if _thread_count() > baseline:
+        sys.exit(f"zygote: {_thread_count() - baseline} threads started while importing; refusing to fork")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = socket_path + ".tmp"
+    listener.bind(tmp)
+    listener.listen(64)
+    os.replace(tmp, socket_path)  # the socket appears once it accepts connections: the server's "ready"
+    print(f"zygote {os.getpid()}: preloaded {len(PRELOAD)} modules in {time.monotonic() - started:.1f}s", flush=True)
+    conns: dict[int, socket.socket] = {}  # job pid -> its connection
+    while os.getppid() == parent:  # the server is gone: stop (running jobs go on, as spawned ones would)
+        ready, _, _ = select.select([listener], [], [], 0.05)
+        if ready:
+            conn, _ = listener.accept()
+            try:
+                request, log_fd = _recv_request(conn)
+            except Exception as e:  # noqa: BLE001 - a bad request must not stop the zygote
+                conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+                conn.close()
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for other in conns.values():
+                    other.close()
+                conn.close()
+                _run_child(request, log_fd)
+            os.close(log_fd)
+            conns[pid] = conn
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        while conns:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = conns.pop(pid, None)
+            if conn is not None:
+                try:
+                    conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+                except OSError:
+                    pass
+                conn.close()
+    listener.close()
+    os.unlink(socket_path)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
