@@ -20,10 +20,12 @@ from typing import Any
 
 import requests
 
+from .workflow_client import WorkflowClientMixin
+
 ACTIVE = ("scheduled", "in_progress")
 
 
-class TrainingServiceClient:
+class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, validate_model, export_model, run_workflow
     def __init__(self, base_url: str = "http://127.0.0.1:8322", api_token: str | None = None, timeout_s: float = 120):
         self.base_url = base_url.rstrip("/")
         self.http = requests.Session()

@@ -1,0 +1,87 @@
+"""What an enhancement run is configured with: the three roles, the judge, the loop's limits and formats."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_HINT_TEMPLATE = (
+    "Question:\n{question}\n\nReference answer:\n{reference}\n\nA student answered:\n{answer}\n\n"
+    "The answer is wrong. Give one short hint that helps the student find the correct answer, "
+    "without stating the answer."
+)
+DEFAULT_RETRY_TEMPLATE = "That is not correct. Hint: {hint}\nTry again and give only the final answer."
+DEFAULT_JUDGE_TEMPLATE = (
+    "Question:\n{question}\n\nReference answer:\n{reference}\n\nAnswer to check:\n{answer}\n\n"
+    "Is the answer to check correct? Reply with exactly one word: CORRECT or INCORRECT."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RoleConfig(_Strict):
+    """A chat model: an OpenAI-compatible endpoint (vLLM, Ollama, Llama Stack, hosted APIs), or with no
+    `base_url` a model served by the training service itself (a model directory, `job:<uuid>`, ...)."""
+
+    model: str = Field(min_length=1, max_length=1000)
+    base_url: str | None = Field(None, max_length=2000)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # the key's env variable
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1, le=4096)
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+    max_retries: int = Field(4, ge=0, le=20)  # on 429, 5xx, timeouts and refused connections
+    backoff_s: float = Field(0.5, ge=0, le=60)  # first wait; doubles per retry (a Retry-After header wins)
+    system_prompt: str | None = Field(None, max_length=20_000)
+
+
+class RuleJudgeConfig(_Strict):
+    """Compare the answer with the row's reference answer, no model involved."""
+
+    type: Literal["rule"] = "rule"
+    mode: Literal["exact", "normalized", "regex", "numeric"] = "normalized"
+    pattern: str | None = Field(None, max_length=2000)  # regex mode: this pattern (else the reference is one)
+    extract: str | None = Field(None, max_length=2000)  # a regex whose group 1 is the answer (e.g. '####\s*(.+)')
+    rel_tol: float = Field(1e-6, ge=0, le=1)
+    abs_tol: float = Field(1e-9, ge=0)
+
+    @field_validator("pattern", "extract")
+    @classmethod
+    def _compiles(cls, v):
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
+class ModelJudgeConfig(_Strict):
+    """A model says CORRECT or INCORRECT (the reference answer, when the row has one, is in its prompt)."""
+
+    type: Literal["model"] = "model"
+    role: RoleConfig
+    template: str = Field(DEFAULT_JUDGE_TEMPLATE, max_length=20_000)
+
+
+JudgeConfig = Annotated[RuleJudgeConfig | ModelJudgeConfig, Field(discriminator="type")]
+
+
+class EnhanceConfig(_Strict):
+    student: RoleConfig
+    teacher: RoleConfig
+    judge: JudgeConfig = Field(default_factory=RuleJudgeConfig)
+    max_iterations: int = Field(3, ge=1, le=16)  # student attempts per row (the first one included)
+    concurrency: int = Field(4, ge=1, le=256)  # rows in flight at once
+    thinking_format: Literal["iterative", "final-only"] = "iterative"
+    output_format: Literal["messages", "instruct"] = "messages"
+    # A row the student never gets right: use the teacher's own answer when the judge accepts it
+    # ('teacher_answer'), drop it ('drop'), or keep the student's last attempt marked incorrect ('keep').
+    on_failure: Literal["teacher_answer", "drop", "keep"] = "teacher_answer"
+    hint_template: str = Field(DEFAULT_HINT_TEMPLATE, max_length=20_000)
+    retry_template: str = Field(DEFAULT_RETRY_TEMPLATE, max_length=20_000)
+    max_rows: int | None = Field(None, ge=1)

@@ -1,0 +1,91 @@
+"""One async OpenAI client per role, with retries and backoff on 429 / 5xx / timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from dataclasses import dataclass, field
+
+import openai
+
+from .config import RoleConfig
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+
+
+@dataclass
+class RoleStats:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChatRole:
+    """A chat model behind an OpenAI-compatible endpoint."""
+
+    name: str
+    config: RoleConfig
+    base_url: str
+    api_key: str
+    stats: RoleStats = field(default_factory=RoleStats)
+
+    def __post_init__(self):
+        # Retries are ours (counted, and with the configured backoff), not the client's.
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
+                                         timeout=self.config.timeout_s, max_retries=0)
+
+    @classmethod
+    def create(cls, name: str, config: RoleConfig, local_base_url: str | None, local_api_key: str | None) -> ChatRole:
+        """`config.base_url` or, without one, the local service (`local_base_url`)."""
+        base_url = config.base_url or local_base_url
+        if not base_url:
+            raise ValueError(f"{name}.base_url: needed when no local service serves {config.model!r}")
+        if config.api_key_env:
+            if config.api_key_env not in os.environ:
+                raise ValueError(f"{name}.api_key_env: the environment variable {config.api_key_env} is not set")
+            key = os.environ[config.api_key_env]
+        else:
+            key = local_api_key if not config.base_url else "none"
+        return cls(name, config, base_url.rstrip("/"), key or "none")
+
+    async def chat(self, messages: list[dict[str, str]]) -> str:
+        cfg = self.config
+        if cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        for attempt in range(cfg.max_retries + 1):
+            self.stats.requests += 1
+            try:
+                r = await self.client.chat.completions.create(
+                    model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+            except RETRYABLE as e:
+                if attempt == cfg.max_retries:
+                    self.stats.failures += 1
+                    raise RuntimeError(f"{self.name} ({cfg.model} at {self.base_url}): {type(e).__name__} after "
+                                       f"{attempt + 1} tries: {e}") from e
+                self.stats.retries += 1
+                await asyncio.sleep(self._wait(e, attempt))
+                continue
+            except openai.APIStatusError as e:  # 4xx other than 429: the request is wrong, retrying will not help
+                self.stats.failures += 1
+                raise RuntimeError(f"{self.name} ({cfg.model} at {self.base_url}): {e.status_code} {e.message}") from e
+            if r.usage:
+                self.stats.prompt_tokens += r.usage.prompt_tokens
+                self.stats.completion_tokens += r.usage.completion_tokens
+            return (r.choices[0].message.content or "").strip()
+        raise AssertionError("unreachable")
+
+    def _wait(self, error: Exception, attempt: int) -> float:
+        response = getattr(error, "response", None)
+        if response is not None:
+            try:
+                return min(float(response.headers.get("retry-after", "")), 60.0)
+            except ValueError:
+                pass
+        return self.config.backoff_s * (2**attempt) * (0.75 + 0.5 * random.random())
+
+    async def close(self) -> None:
+        await self.client.close()

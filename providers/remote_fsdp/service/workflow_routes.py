@@ -1,0 +1,109 @@
+"""Routes of the adapter workflow: OpenAI-compatible chat over local checkpoints, data enhancement,
+validation, export, and the one-call enhance -> train -> validate -> export pipeline.
+
+    POST /v1/openai/v1/chat/completions, /v1/chat/completions     GET /v1/openai/v1/models, /v1/models
+    POST /v1/data-enhancement   GET /v1/data-enhancement[/{id}[/artifacts|/files/{name}]]   POST .../{id}/cancel|resume
+    POST /v1/validations        (same GET/cancel shapes)
+    POST /v1/exports            (same)
+    POST /v1/workflows          (same; the one-call pipeline, pipeline_results.json)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
+
+from ...serving.engine import ModelCache
+from ...serving.openai_api import chat_router
+from .jobs import FsdpJobService
+from .workflows import EnhanceRequest, ExportRequest, ModelRefs, ValidationRequest, WorkflowRequest, WorkflowTasks
+
+
+def train_model(req: WorkflowRequest) -> str:
+    """What the workflow trains: train.model, else the student when this service serves it."""
+    if req.train.model:
+        return req.train.model
+    if req.enhance.student.base_url:
+        raise ValueError("train.model: required when the student is an external endpoint "
+                         f"({req.enhance.student.base_url}): name the local model directory to train")
+    return req.enhance.student.model
+
+
+def _task_routes(r: APIRouter, path: str, kind: str, tasks: WorkflowTasks) -> None:
+    @r.get(path, name=f"list_{kind}")
+    def list_tasks() -> dict[str, Any]:
+        return {"data": tasks.list(kind)}
+
+    @r.get(path + "/{task_id}", name=f"get_{kind}")
+    def get_task(task_id: str) -> dict[str, Any]:
+        return tasks.get(kind, task_id)
+
+    @r.post(path + "/{task_id}/cancel", name=f"cancel_{kind}")
+    def cancel_task(task_id: str) -> dict[str, Any]:
+        return tasks.cancel(kind, task_id)
+
+    @r.get(path + "/{task_id}/artifacts", name=f"artifacts_{kind}")
+    def task_artifacts(task_id: str) -> dict[str, Any]:
+        return tasks.artifacts(kind, task_id)
+
+    @r.get(path + "/{task_id}/files/{name:path}", name=f"file_{kind}")
+    def task_file(task_id: str, name: str) -> FileResponse:
+        return FileResponse(tasks.file(kind, task_id, name))
+
+
+def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies: list, cache_size: int = 2) -> WorkflowTasks:
+    """Mount the workflow routes on the service app (behind `dependencies`, the bearer-token check)."""
+    config = service.config
+    refs = ModelRefs(service)
+    cache = ModelCache(cache_size)
+    local_url = f"http://{config.node_address}:{config.port}/v1/openai/v1"
+    tasks = WorkflowTasks(service, refs, local_url, config.api_token)
+    app.state.workflow_tasks = tasks
+
+    def available_models() -> list[str]:
+        done = service.jobs.store.list(statuses=("completed",))
+        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in ("sft", "dpo", "distill"))]
+
+    chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models)
+    app.include_router(chat, prefix="/v1/openai/v1", dependencies=dependencies)
+    app.include_router(chat, prefix="/v1", dependencies=dependencies)
+
+    r = APIRouter()
+
+    def rows_of(req) -> list[dict]:
+        return req.rows if req.rows is not None else list(service.dataset_rows(req.dataset_id, "dataset_id"))
+
+    @r.post("/data-enhancement")
+    def create_enhancement(req: EnhanceRequest) -> dict[str, Any]:
+        return tasks.create("enhancements", req.enhancement_id, req, rows_of(req))
+
+    @r.post("/data-enhancement/{task_id}/resume")
+    def resume_enhancement(task_id: str) -> dict[str, Any]:
+        return tasks.resume("enhancements", task_id)
+
+    _task_routes(r, "/data-enhancement", "enhancements", tasks)
+
+    @r.post("/validations")
+    def create_validation(req: ValidationRequest) -> dict[str, Any]:
+        refs.resolve(req.model, "model")  # a bad reference is a 400 now, not a failed task later
+        return tasks.create("validations", req.validation_id, req)
+
+    _task_routes(r, "/validations", "validations", tasks)
+
+    @r.post("/exports")
+    def create_export(req: ExportRequest) -> dict[str, Any]:
+        refs.resolve(req.model, "model")
+        return tasks.create("exports", req.export_id, req)
+
+    _task_routes(r, "/exports", "exports", tasks)
+
+    @r.post("/workflows")
+    def create_workflow(req: WorkflowRequest) -> dict[str, Any]:
+        refs.resolve(train_model(req), "train.model")
+        return tasks.create("workflows", req.workflow_id, req, rows_of(req))
+
+    _task_routes(r, "/workflows", "workflows", tasks)
+    app.include_router(r, prefix="/v1", dependencies=dependencies)
+    return tasks

@@ -1,0 +1,507 @@
+"""Workflow tasks of the training service: data enhancement, validation, export, and the one-call
+pipeline enhance -> train -> validate -> export.
+
+Each task has a directory DATA_DIR/workflows/KIND/ID/ with its state in task.json (state, timestamps,
+progress, outputs, error) beside its outputs. Enhancement runs in a thread of the service (it waits on
+HTTP: the student, judge and teacher, which may be this service's own chat API); validation and export
+run as child processes (their own memory, and cancel kills them); training is an ordinary job.
+Tasks that were running when the service stopped go on when it starts again (enhancement resumes at
+the first unfinished row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...enhance import EnhanceConfig, enhance_rows
+from ...jobs.store import ACTIVE, UnknownJobError
+from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig
+from ...serving.engine import is_adapter
+from ...training.run_files import utc_now
+from .jobs import FsdpJobService
+
+log = logging.getLogger("providers.remote_fsdp")
+
+MAX_ROWS = 200_000
+MAX_PROMPTS = 5_000
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class EnhanceRequest(_Strict):
+    enhancement_id: str = Field(pattern=SAFE_NAME)
+    config: EnhanceConfig
+    dataset_id: str | None = None  # a dataset uploaded to this service
+    rows: list[dict[str, Any]] | None = Field(None, max_length=MAX_ROWS)  # or the rows inline
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.rows is None) == (self.dataset_id is None):
+            raise ValueError("dataset_id/rows: give exactly one")
+        return self
+
+
+class ValidationSettings(_Strict):
+    prompts: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_PROMPTS)  # held-out rows
+    base_model: str | None = None  # default: the adapter's base (none for a full model)
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    match: Literal["exact", "normalized", "contains"] = "normalized"
+    min_pass_rate: float | None = Field(None, ge=0, le=1)
+    compare_base: bool = True
+
+
+class ValidationRequest(ValidationSettings):
+    validation_id: str = Field(pattern=SAFE_NAME)
+    model: str
+
+
+class HubSettings(_Strict):
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,96}/[A-Za-z0-9_.-]{1,96}$")
+    private: bool = True
+    upload: Literal["adapter", "merged"] = "adapter"
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # the service's env variable
+
+
+class ExportSettings(_Strict):
+    formats: list[Literal["merged", "gguf", "hub"]] = Field(default_factory=lambda: ["merged", "gguf"], min_length=1)
+    gguf_dtype: Literal["f32", "f16", "bf16"] = "f16"
+    hub: HubSettings | None = None  # without a token (token_env unset): a dry run
+    name: str | None = Field(None, pattern=SAFE_NAME)
+
+
+class ExportRequest(ExportSettings):
+    export_id: str = Field(pattern=SAFE_NAME)
+    model: str
+    validation_id: str | None = Field(None, pattern=SAFE_NAME)  # its results go into the model card
+
+
+class TrainSettings(_Strict):
+    method: Literal["sft", "dpo"] = "sft"  # SFT on the enhanced rows, or DPO on the preference pairs
+    model: str | None = None  # default: the student's model
+    peft: PeftFinetuningConfig | None = None  # any PEFT method; none: full fine-tuning
+    dpo: DPOAlignmentConfig | None = None
+    n_epochs: int = Field(1, ge=1, le=1000)
+    max_steps_per_epoch: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=1)
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+
+
+class WorkflowRequest(_Strict):
+    """enhance -> train -> validate -> export in one call."""
+
+    workflow_id: str = Field(pattern=SAFE_NAME)
+    dataset_id: str | None = None
+    rows: list[dict[str, Any]] | None = Field(None, max_length=MAX_ROWS)
+    enhance: EnhanceConfig
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    validate_: ValidationSettings | None = Field(None, alias="validate")
+    export: ExportSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.rows is None) == (self.dataset_id is None):
+            raise ValueError("dataset_id/rows: give exactly one")
+        return self
+
+
+KINDS = {"enhancements": EnhanceRequest, "validations": ValidationRequest, "exports": ExportRequest,
+         "workflows": WorkflowRequest}
+
+
+class Cancelled(Exception):
+    pass
+
+
+class ModelRefs:
+    """A request's model reference as a local directory:
+    - a model directory (checked by the service's resolve_model: allowed roots, hub cache);
+    - `job:<job_uuid>`: the final checkpoint of a completed job (an adapter is applied over its base);
+    - `pipeline:<id>` (the merged adapter) or `pipeline:<id>/<student>` of a teacher-student pipeline;
+    - `workflow:<id>`: the model a one-call workflow trained;
+    - an adapter directory inside the service's data dir."""
+
+    def __init__(self, service: FsdpJobService):
+        self.service = service
+        self.data_dir = service.data_dir.resolve()
+
+    def resolve(self, ref: str, field: str = "model") -> str:
+        kind, sep, name = ref.partition(":")
+        if sep and kind in ("job", "pipeline", "workflow"):
+            return self._named(kind, name, ref, field)
+        path = Path(ref).expanduser()
+        if (path / "adapter_config.json").is_file():
+            resolved = path.resolve()
+            if self.data_dir not in resolved.parents:
+                raise ValueError(f"{field}: adapter directory {ref!r} is outside the service's data dir; "
+                                 "name it as job:<job_uuid> or copy it under the data dir")
+            return str(resolved)
+        return self.service.resolve_model(ref, field)
+
+    def _named(self, kind: str, name: str, ref: str, field: str) -> str:
+        first, _, rest = name.partition("/")
+        if not re.match(SAFE_NAME, first) or (rest and not re.match(SAFE_NAME, rest)):
+            raise ValueError(f"{field}: {ref!r} is not {kind}:<name>")
+        if kind == "job":
+            try:
+                view = self.service.view(first)
+            except UnknownJobError:
+                raise ValueError(f"{field}: no job {first!r}") from None
+            if view["status"] != "completed" or not view["checkpoints"]:
+                raise ValueError(f"{field}: job {first!r} is {view['status']}, not completed with a checkpoint")
+            path = Path(view["checkpoints"][-1]["path"])
+            if not (path / "config.json").is_file() and not is_adapter(path):
+                raise ValueError(f"{field}: job {first!r} produced no model (a teacher task's outputs?)")
+            return str(path)
+        if kind == "pipeline":
+            root = self.service.data_dir / "pipelines" / first
+            path = root / "students" / rest / "final" if rest else root / "merged"
+        else:
+            state = self.service.data_dir / "workflows" / "workflows" / first / "task.json"
+            trained = json.loads(state.read_text()).get("outputs", {}).get("model") if state.exists() else None
+            if not trained:
+                raise ValueError(f"{field}: workflow {first!r} has no trained model (yet)")
+            path = Path(trained)
+        if not path.exists():
+            raise ValueError(f"{field}: {ref!r} has no model at {path}")
+        return str(path)
+
+
+class WorkflowTasks:
+    def __init__(self, service: FsdpJobService, refs: ModelRefs, local_base_url: str, api_token: str | None):
+        self.service, self.refs = service, refs
+        self.local_base_url, self.api_token = local_base_url, api_token
+        self.root = service.data_dir / "workflows"
+        self._lock = threading.Lock()
+        self._stops: dict[tuple[str, str], threading.Event] = {}
+        self._procs: dict[tuple[str, str], subprocess.Popen] = {}
+        for kind in KINDS:
+            for state_file in sorted((self.root / kind).glob("*/task.json")):
+                if json.loads(state_file.read_text())["state"] in ACTIVE:
+                    self._start(kind, state_file.parent.name)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def task_dir(self, kind: str, task_id: str) -> Path:
+        if kind not in KINDS or not re.match(SAFE_NAME, task_id):
+            raise UnknownJobError(task_id)
+        return self.root / kind / task_id
+
+    def get(self, kind: str, task_id: str) -> dict[str, Any]:
+        path = self.task_dir(kind, task_id) / "task.json"
+        if not path.exists():
+            raise UnknownJobError(task_id)
+        state = json.loads(path.read_text())
+        state.pop("request", None)
+        return state
+
+    def request(self, kind: str, task_id: str):
+        body = json.loads((self.task_dir(kind, task_id) / "task.json").read_text())["request"]
+        if "rows" in KINDS[kind].model_fields and body.get("dataset_id") is None:
+            body = {**body, "rows": []}  # the rows themselves are in request_rows.jsonl
+        return KINDS[kind].model_validate(body)
+
+    def list(self, kind: str) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted((self.root / kind).glob("*/task.json")):
+            s = json.loads(p.read_text())
+            out.append({"id": s["id"], "state": s["state"], "created_at": s["created_at"]})
+        return out
+
+    def update(self, kind: str, task_id: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            path = self.task_dir(kind, task_id) / "task.json"
+            state = json.loads(path.read_text())
+            state.update(fields)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2, default=str))
+            os.replace(tmp, path)
+            return state
+
+    def artifacts(self, kind: str, task_id: str) -> dict[str, Any]:
+        d = self.task_dir(kind, task_id)
+        state = self.get(kind, task_id)
+        files = [{"path": str(p.relative_to(d)), "bytes": p.stat().st_size}
+                 for p in sorted(d.rglob("*")) if p.is_file() and p.name not in ("task.json", "request_rows.jsonl")]
+        return {"id": task_id, "state": state["state"], "dir": str(d), "outputs": state.get("outputs", {}),
+                "files": files}
+
+    def file(self, kind: str, task_id: str, name: str) -> Path:
+        d = self.task_dir(kind, task_id).resolve()
+        path = (d / name).resolve()
+        if d not in path.parents or not path.is_file():
+            raise ValueError(f"name: no file {name!r} in {kind}/{task_id}")
+        return path
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def create(self, kind: str, task_id: str, request: BaseModel, rows: list[dict] | None = None) -> dict[str, Any]:
+        d = self.task_dir(kind, task_id)
+        if d.exists():
+            raise FileExistsError(f"{kind}: {task_id!r} already exists")
+        d.mkdir(parents=True)
+        if rows is not None:  # the input rows, kept beside the task so a restart can resume it
+            with open(d / "request_rows.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        body = request.model_dump(mode="json", by_alias=True, exclude={"rows"})
+        state = {"id": task_id, "kind": kind, "state": "scheduled", "created_at": utc_now(), "started_at": None,
+                 "finished_at": None, "error": None, "progress": {}, "outputs": {}, "request": body}
+        (d / "task.json").write_text(json.dumps(state, indent=2))
+        self._start(kind, task_id)
+        return self.get(kind, task_id)
+
+    def _start(self, kind: str, task_id: str) -> None:
+        self._stops[(kind, task_id)] = threading.Event()
+        threading.Thread(target=self._run, args=(kind, task_id), daemon=True, name=f"{kind}-{task_id}").start()
+
+    def cancel(self, kind: str, task_id: str) -> dict[str, Any]:
+        state = self.get(kind, task_id)
+        if state["state"] not in ACTIVE:
+            return state
+        self.update(kind, task_id, state="cancelled", finished_at=utc_now())
+        stop = self._stops.get((kind, task_id))
+        if stop:
+            stop.set()
+        proc = self._procs.get((kind, task_id))
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        if kind == "workflows":
+            train = state.get("outputs", {}).get("train_job")
+            if train:
+                try:
+                    self.service.jobs.cancel(train)
+                except (UnknownJobError, ValueError):
+                    pass
+        return self.get(kind, task_id)
+
+    def resume(self, kind: str, task_id: str) -> dict[str, Any]:
+        """Run a failed or cancelled enhancement again; finished rows are kept."""
+        state = self.get(kind, task_id)
+        if kind != "enhancements":
+            raise ValueError(f"{kind}: only data enhancements resume")
+        if state["state"] in ACTIVE:
+            raise ValueError(f"enhancement_id: {task_id!r} is {state['state']}")
+        self.update(kind, task_id, state="scheduled", error=None, finished_at=None)
+        self._start(kind, task_id)
+        return self.get(kind, task_id)
+
+    def _stopped(self, kind: str, task_id: str) -> bool:
+        return self._stops[(kind, task_id)].is_set()
+
+    def _run(self, kind: str, task_id: str) -> None:
+        try:
+            self.update(kind, task_id, state="in_progress", started_at=utc_now())
+            outputs = getattr(self, f"_run_{kind}")(task_id, self.request(kind, task_id))
+            if self._stopped(kind, task_id):
+                raise Cancelled()
+            self.update(kind, task_id, state="completed", finished_at=utc_now(), outputs=outputs)
+        except Cancelled:
+            self.update(kind, task_id, state="cancelled", finished_at=self.get(kind, task_id)["finished_at"] or utc_now())
+        except Exception as e:  # noqa: BLE001 - the task's state must say why it stopped
+            if self._stopped(kind, task_id):
+                return
+            log.exception("%s %s failed", kind, task_id)
+            self.update(kind, task_id, state="failed", error=f"{type(e).__name__}: {e}", finished_at=utc_now())
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _rows(self, kind: str, task_id: str) -> list[dict]:
+        path = self.task_dir(kind, task_id) / "request_rows.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _enhance(self, kind: str, task_id: str, config: EnhanceConfig, out: Path) -> dict[str, Any]:
+        def progress(counts: dict) -> None:
+            self.update(kind, task_id, progress={**self.get(kind, task_id)["progress"], "enhance": counts})
+
+        report = asyncio.run(enhance_rows(
+            self._rows(kind, task_id), config, out, local_base_url=self.local_base_url,
+            local_api_key=self.api_token, progress=progress, should_stop=lambda: self._stopped(kind, task_id)))
+        if self._stopped(kind, task_id):
+            raise Cancelled()
+        return report
+
+    def _run_enhancements(self, task_id: str, req: EnhanceRequest) -> dict[str, Any]:
+        out = self.task_dir("enhancements", task_id)
+        report = self._enhance("enhancements", task_id, req.config, out)
+        return {"report": str(out / "enhancement_report.json"), "enhanced_dataset": str(out / "enhanced_dataset.jsonl"),
+                "preferences": str(out / "preferences.jsonl"), "results": str(out / "results.jsonl"),
+                "rows_kept": report["rows_kept"], "training_data_correct_share": report["training_data_correct_share"]}
+
+    def _child(self, kind: str, task_id: str, module: str, config: dict[str, Any], out: Path) -> None:
+        """`python -m MODULE CONFIG.json` in its own process group; raises with its log tail on failure."""
+        out.mkdir(parents=True, exist_ok=True)
+        config_file = out / f"{module.rsplit('.', 1)[-1]}_config.json"
+        config_file.write_text(json.dumps(config, indent=2))
+        log_file = out / f"{module.rsplit('.', 1)[-1]}.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+        with open(log_file, "ab") as log_out:
+            proc = subprocess.Popen([sys.executable, "-m", module, str(config_file)], cwd=str(REPO_ROOT), env=env,
+                                    stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self._procs[(kind, task_id)] = proc
+        try:
+            rc = proc.wait()
+        finally:
+            self._procs.pop((kind, task_id), None)
+        if self._stopped(kind, task_id):
+            raise Cancelled()
+        if rc != 0:
+            tail = log_file.read_text(errors="replace").splitlines()[-5:]
+            raise RuntimeError(f"{module} exited with {rc}: {' | '.join(tail)}")
+
+    def _validate(self, kind: str, task_id: str, model: str, s: ValidationSettings, out: Path,
+                  default_base: str | None = None) -> dict[str, Any]:
+        base = self.refs.resolve(s.base_model, "base_model") if s.base_model else default_base
+        config = {"model": model, "out_dir": str(out), "prompts": s.prompts, "base_model": base,
+                  "max_new_tokens": s.max_new_tokens, "match": s.match, "min_pass_rate": s.min_pass_rate,
+                  "compare_base": s.compare_base}
+        self._child(kind, task_id, "providers.validation", config, out)
+        report = json.loads((out / "validation.json").read_text())
+        return {"validation": str(out / "validation.json"), "report_md": str(out / "validation.md"),
+                "passed": report["passed"], "summary": report.get("summary")}
+
+    def _run_validations(self, task_id: str, req: ValidationRequest) -> dict[str, Any]:
+        model = self.refs.resolve(req.model, "model")
+        return self._validate("validations", task_id, model, req, self.task_dir("validations", task_id))
+
+    def _export(self, kind: str, task_id: str, model: str, s: ExportSettings, out: Path,
+                validation_dir: Path | None, card: dict[str, Any]) -> dict[str, Any]:
+        hub = s.hub.model_dump() if s.hub else None
+        config = {"model": model, "out_dir": str(out), "formats": s.formats, "gguf_dtype": s.gguf_dtype, "hub": hub,
+                  "card": {**card, "name": s.name}, "validation_dir": str(validation_dir) if validation_dir else None}
+        self._child(kind, task_id, "providers.export", config, out)
+        return json.loads((out / "export.json").read_text())
+
+    def _run_exports(self, task_id: str, req: ExportRequest) -> dict[str, Any]:
+        model = self.refs.resolve(req.model, "model")
+        vdir = self.task_dir("validations", req.validation_id) if req.validation_id else None
+        return self._export("exports", task_id, model, req, self.task_dir("exports", task_id), vdir,
+                            {"training": {"model": req.model}})
+
+    # -- enhance -> train -> validate -> export --------------------------------------------------------
+    def _run_workflows(self, task_id: str, req: WorkflowRequest) -> dict[str, Any]:
+        kind, d = "workflows", self.task_dir("workflows", task_id)
+        results: dict[str, Any] = {"workflow_id": task_id, "started_at": utc_now(), "steps": {}}
+        outputs: dict[str, Any] = {}
+
+        def step(name: str, fn):
+            info = {"status": "in_progress", "started_at": utc_now()}
+            results["steps"][name] = info
+            (d / "pipeline_results.json").write_text(json.dumps(results, indent=2, default=str))
+            t0 = time.monotonic()
+            try:
+                info["outputs"] = fn()
+                info["status"] = "completed"
+                return info["outputs"]
+            except Cancelled:
+                info["status"] = "cancelled"
+                raise
+            except Exception as e:
+                info.update(status="failed", error=f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                info.update(finished_at=utc_now(), elapsed_s=round(time.monotonic() - t0, 3))
+                (d / "pipeline_results.json").write_text(json.dumps(results, indent=2, default=str))
+                self.update(kind, task_id, progress={**self.get(kind, task_id)["progress"],
+                                                     "steps": {k: v["status"] for k, v in results["steps"].items()}})
+
+        try:
+            report = step("enhance", lambda: self._enhance(kind, task_id, req.enhance, d / "enhance"))
+            outputs["enhancement_report"] = str(d / "enhance" / "enhancement_report.json")
+            job_uuid = f"{task_id}-train"
+            outputs["train_job"] = job_uuid
+            self.update(kind, task_id, outputs=outputs)
+            trained = step("train", lambda: self._train(task_id, job_uuid, req, d / "enhance", report))
+            outputs["model"] = trained["model"]
+            self.update(kind, task_id, outputs=outputs)
+            vdir = None
+            if req.validate_:
+                vdir = d / "validate"
+                vdir.mkdir(exist_ok=True)
+                step("validate", lambda: self._validate(kind, task_id, trained["model"], req.validate_, vdir,
+                                                        default_base=trained["base_model"]))
+                outputs["validation"] = str(vdir / "validation.json")
+            else:
+                results["steps"]["validate"] = {"status": "skipped"}
+            if req.export:
+                card = {"method": req.train.method, "base_model": trained["base_model"],
+                        "training": {"method": req.train.method, "peft": req.train.peft.method if req.train.peft else "full",
+                                     "epochs": req.train.n_epochs, "lr": req.train.lr, "job": job_uuid},
+                        "data": {"rows": report["rows_total"], "rows_kept": report["rows_kept"],
+                                 "preference_pairs": report["preference_pairs"],
+                                 "correct_share_before": report["training_data_correct_share"]["before"],
+                                 "correct_share_after": report["training_data_correct_share"]["after"],
+                                 "enhancement": "student -> judge -> teacher hint -> retry"}}
+                step("export", lambda: self._export(kind, task_id, trained["model"], req.export, d / "export", vdir, card))
+                outputs["export"] = str(d / "export" / "export.json")
+            else:
+                results["steps"]["export"] = {"status": "skipped"}
+        finally:
+            results["finished_at"] = utc_now()
+            results["state"] = ("completed" if all(s["status"] in ("completed", "skipped") for s in results["steps"].values())
+                                and len(results["steps"]) == 4 else "stopped")
+            (d / "pipeline_results.json").write_text(json.dumps(results, indent=2, default=str))
+        outputs["pipeline_results"] = str(d / "pipeline_results.json")
+        return outputs
+
+    def _train(self, task_id: str, job_uuid: str, req: WorkflowRequest, enhance_dir: Path,
+               report: dict[str, Any]) -> dict[str, Any]:
+        t = req.train
+        source = enhance_dir / ("preferences.jsonl" if t.method == "dpo" else "enhanced_dataset.jsonl")
+        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise ValueError(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
+                             f"to train on (report: {report['rows_dropped']})")
+        from .workflow_routes import train_model
+
+        model = self.refs.resolve(train_model(req), "train.model")
+        training_config = {
+            "n_epochs": t.n_epochs, "max_steps_per_epoch": t.max_steps_per_epoch, "dtype": "fp32", "seed": t.seed,
+            "max_seq_len": t.max_seq_len,
+            "data_config": {"dataset_id": f"{task_id}-enhanced", "batch_size": t.batch_size, "shuffle": True,
+                            "data_format": "instruct"},
+            "optimizer_config": {"optimizer_type": "adamw", "lr": t.lr, "weight_decay": 0.0, "num_warmup_steps": 0},
+            "torch_run_config": {"nproc_per_node": 1},
+        }
+        peft = t.peft.model_dump(mode="json") if t.peft else None
+        if t.method == "dpo":
+            if peft:
+                raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
+            body = {"job_uuid": job_uuid, "finetuned_model": model, "training_config": training_config,
+                    "algorithm_config": (t.dpo or DPOAlignmentConfig()).model_dump(mode="json"), "rows": rows}
+            self.service.submit_request("preference-optimize", body)
+        else:
+            body = {"job_uuid": job_uuid, "model": model, "training_config": training_config,
+                    "algorithm_config": peft, "rows": rows}
+            self.service.submit_request("supervised-fine-tune", body)
+        while True:
+            view = self.service.view(job_uuid)
+            if view["status"] not in ACTIVE:
+                break
+            if self._stopped("workflows", task_id):
+                self.service.jobs.cancel(job_uuid)
+                raise Cancelled()
+            self.update("workflows", task_id, progress={**self.get("workflows", task_id)["progress"],
+                                                        "train": {"step": view["resources_allocated"].get("step"),
+                                                                  "total_steps": view["resources_allocated"].get("total_steps")}})
+            time.sleep(1.0)
+        if view["status"] != "completed":
+            raise RuntimeError(f"training job {job_uuid} {view['status']}: {view['resources_allocated'].get('error')}")
+        final = view["checkpoints"][-1]["path"]
+        return {"job_uuid": job_uuid, "model": final, "base_model": model, "rows": len(rows),
+                "final_train_loss": view["resources_allocated"].get("final_train_loss")}

@@ -1,0 +1,156 @@
+"""Commands of the adapter workflow for the `trl-post-training` CLI (registered by providers/cli/app.py
+with `register_workflow_commands(app)`), also runnable alone: `python -m providers.workflow_cli --help`.
+
+    trl-post-training chat job:sft-1 "reverse: a b c"
+    trl-post-training enhance enhance.yaml --rows qa.jsonl --id e1          # on the service
+    trl-post-training enhance enhance.yaml --rows qa.jsonl --local --out e1/ # here, against the endpoints
+    trl-post-training validate job:sft-1 --prompts heldout.jsonl --id v1
+    trl-post-training validate ./adapter --prompts heldout.jsonl --local --out v1/
+    trl-post-training export job:sft-1 --id x1 --format merged --format gguf --format hub --hub-repo me/m
+    trl-post-training workflow workflow.yaml --rows qa.jsonl                 # enhance -> train -> validate -> export
+
+With `--local` nothing goes through the service (models are local directories, endpoints are URLs).
+Exit code 0 when the task completed (and, for validate, passed), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+DEFAULT_URL = "http://127.0.0.1:8322"
+
+
+def _load(path: Path) -> Any:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def _rows(path: Optional[Path]) -> Optional[list[dict]]:
+    if path is None:
+        return None
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = _load(path)
+    if not isinstance(data, list):
+        raise typer.BadParameter(f"{path}: expected a list of rows")
+    return data
+
+
+def _client(ctx: typer.Context):
+    from .remote_fsdp.client import TrainingServiceClient
+
+    obj = ctx.obj
+    url = getattr(obj, "url", None) or os.environ.get("TRL_POST_TRAINING_URL", DEFAULT_URL)
+    token = getattr(obj, "token", None) or os.environ.get("TRL_POST_TRAINING_TOKEN")
+    return TrainingServiceClient(url, token)
+
+
+def _progress(state: dict) -> None:
+    typer.echo(f"{state['id']}: {state['state']} {json.dumps(state.get('progress') or {})}", err=True)
+
+
+def _finish(state: dict, ok: bool | None = None) -> None:
+    typer.echo(json.dumps(state, indent=2))
+    raise typer.Exit(0 if (ok if ok is not None else state.get("state") == "completed") else 1)
+
+
+def chat(ctx: typer.Context, model: str = typer.Argument(..., help="model dir, job:<uuid>, pipeline:<id>, ..."),
+         message: str = typer.Argument(...), max_tokens: int = typer.Option(128), temperature: float = 0.0) -> None:
+    """Ask a served checkpoint one question (OpenAI chat API of the service)."""
+    typer.echo(_client(ctx).chat(model, [{"role": "user", "content": message}], max_tokens=max_tokens,
+                                 temperature=temperature))
+
+
+def enhance(ctx: typer.Context, config: Path = typer.Argument(..., help="EnhanceConfig as YAML/JSON"),
+            rows: Optional[Path] = typer.Option(None, help="rows as JSONL/JSON"),
+            dataset_id: Optional[str] = typer.Option(None, help="a dataset uploaded to the service"),
+            id: str = typer.Option("enhance-1", "--id", help="enhancement id (service)"),
+            local: bool = typer.Option(False, help="run here, not on the service"),
+            out: Path = typer.Option(Path("enhanced"), help="output directory with --local (resumes if present)"),
+            local_url: Optional[str] = typer.Option(None, help="--local: base URL for roles without base_url"),
+            wait: bool = True) -> None:
+    """Student -> judge -> teacher hint -> retry over Q&A rows; writes the SFT/DPO datasets and a report."""
+    cfg = _load(config)
+    if local:
+        from .enhance import EnhanceConfig, enhance_rows
+
+        report = asyncio.run(enhance_rows(_rows(rows) or [], EnhanceConfig.model_validate(cfg), out,
+                                          local_base_url=local_url, progress=lambda c: typer.echo(json.dumps(c), err=True)))
+        _finish({"state": "completed", "report": {k: v for k, v in report.items() if k != "config"}})
+    state = _client(ctx).enhance_data(id, cfg, rows=_rows(rows), dataset_id=dataset_id, wait=wait, callback=_progress)
+    _finish(state)
+
+
+def validate(ctx: typer.Context, model: str = typer.Argument(...),
+             prompts: Path = typer.Option(..., help="held-out rows (JSONL/JSON) with optional expected answers"),
+             base: Optional[str] = typer.Option(None, help="base model (default: the adapter's base)"),
+             id: str = typer.Option("validate-1", "--id"), match: str = "normalized",
+             max_new_tokens: int = 64, min_pass_rate: Optional[float] = None,
+             local: bool = False, out: Path = typer.Option(Path("validation"))) -> None:
+    """Validation report (validation.json + validation.md) of an adapter or model against its base."""
+    if local:
+        from .validation import validate_model
+
+        report = validate_model(model, str(out), _rows(prompts) or [], base_model=base, max_new_tokens=max_new_tokens,
+                                match=match, min_pass_rate=min_pass_rate)
+        typer.echo((out / "validation.md").read_text())
+        raise typer.Exit(0 if report["passed"] else 1)
+    state = _client(ctx).validate_model(id, model, _rows(prompts) or [], base_model=base, match=match,
+                                        max_new_tokens=max_new_tokens, min_pass_rate=min_pass_rate, callback=_progress)
+    _finish(state, state["state"] == "completed" and state["outputs"].get("passed"))
+
+
+def export(ctx: typer.Context, model: str = typer.Argument(...),
+           format: list[str] = typer.Option(["merged", "gguf"], "--format", help="merged, gguf, hub (repeatable)"),
+           gguf_dtype: str = "f16", hub_repo: Optional[str] = None,
+           hub_token_env: Optional[str] = typer.Option(None, help="env variable holding the Hub token (none: dry run)"),
+           validation_id: Optional[str] = None, id: str = typer.Option("export-1", "--id"),
+           local: bool = False, out: Path = typer.Option(Path("export"))) -> None:
+    """Merged model, GGUF + Ollama Modelfile, Hub push (dry run without a token)."""
+    hub = {"repo_id": hub_repo, "token_env": hub_token_env} if hub_repo else None
+    if local:
+        from .export import export_model
+
+        hub_local = {"repo_id": hub_repo, "token": os.environ.get(hub_token_env) if hub_token_env else None} if hub_repo else None
+        _finish({"state": "completed", "export": export_model(model, str(out), format, gguf_dtype, hub_local)})
+    settings: dict[str, Any] = {"gguf_dtype": gguf_dtype, "hub": hub, "validation_id": validation_id}
+    _finish(_client(ctx).export_model(id, model, format, callback=_progress, **settings))
+
+
+def workflow(ctx: typer.Context, request: Path = typer.Argument(..., help="WorkflowRequest as YAML/JSON"),
+             rows: Optional[Path] = typer.Option(None, help="rows (JSONL/JSON) if the file has none"),
+             id: Optional[str] = typer.Option(None, "--id", help="overrides workflow_id"), wait: bool = True) -> None:
+    """enhance -> train -> validate -> export in one call; prints the final state (pipeline_results.json)."""
+    body = _load(request)
+    if rows is not None:
+        body["rows"] = _rows(rows)
+    if id:
+        body["workflow_id"] = id
+    _finish(_client(ctx).run_workflow(body, wait=wait, callback=_progress))
+
+
+COMMANDS = {"chat": chat, "enhance": enhance, "validate": validate, "export": export, "workflow": workflow}
+
+
+def register_workflow_commands(app: typer.Typer) -> None:
+    """Add chat, enhance, validate, export and workflow to a typer app (trl-post-training's)."""
+    for name, fn in COMMANDS.items():
+        app.command(name)(fn)
+
+
+standalone = typer.Typer(help="Adapter workflow commands", no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False)
+register_workflow_commands(standalone)
+
+if __name__ == "__main__":
+    standalone()
