@@ -150,8 +150,9 @@ def remote_demo(workdir: Path, models: dict[str, str], prefs: list[dict]) -> Non
     from llama_stack_client import LlamaStackClient
 
     print("\n== remote::trl_fsdp: DPO on 2 FSDP processes through llama stack run run_fsdp.yaml")
+    models_root = str(Path(models["student"]).parent)  # the service reads models only from allowed roots
     service = start([sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", "8322",
-                     "--data-dir", str(workdir / "fsdp-service")],
+                     "--data-dir", str(workdir / "fsdp-service"), "--model-dir", models_root],
                     workdir / "fsdp-service.log", "http://127.0.0.1:8322/health", {})
     stack = None
     try:
@@ -167,7 +168,8 @@ def remote_demo(workdir: Path, models: dict[str, str], prefs: list[dict]) -> Non
         client.post_training.preference_optimize(
             job_uuid="demo-fsdp-dpo", finetuned_model=models["student"], training_config=config,
             hyperparam_search_config={}, logger_config={},
-            algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0},
+            # The full payload of llama-stack-client 0.2.12 (all four fields are Required in its types).
+            algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
         )
         statuses = watch(client, ["demo-fsdp-dpo"])
         report(statuses)

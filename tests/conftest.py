@@ -65,7 +65,11 @@ def tiny_models(tiny_builder, tmp_path_factory) -> dict[str, str]:
 
     Set TRL_TEST_MODELS_DIR to reuse a build across sessions (the builder checks its version marker)."""
     out = os.environ.get("TRL_TEST_MODELS_DIR") or str(tmp_path_factory.mktemp("tiny_models"))
-    return tiny_builder.build_tiny_models(out)
+    models = tiny_builder.build_tiny_models(out)
+    # Training services started by the tests (and their children) may read models from here: the service
+    # refuses model directories outside its allowed roots.
+    os.environ["TRL_FSDP_ALLOWED_MODEL_ROOTS"] = str(Path(out).resolve())
+    return models
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,18 @@ def wait_for_step(client, job_uuid: str, min_step: int = 1, timeout: float = 300
         return s if s.status == "in_progress" and step >= min_step else None
 
     return wait_until(check, timeout, interval=0.1, message=f"job {job_uuid} at step >= {min_step}")
+
+
+# -- Hugging Face cache --------------------------------------------------------------------------------
+def hf_cache_with(model_dir: str | Path, repo_id: str, hf_home: str | Path) -> Path:
+    """Place a local model in a Hugging Face cache at `hf_home` in the standard snapshot layout
+    (hub/models--ORG--NAME/{refs/main, snapshots/COMMIT/...}), as `hf download` leaves it; returns hf_home."""
+    import shutil
+
+    commit = "0" * 40
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    return Path(hf_home)

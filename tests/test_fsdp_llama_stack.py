@@ -54,11 +54,14 @@ def test_dpo_through_llama_stack_on_two_fsdp_processes(stack, tiny_models, toy_d
     client.post_training.preference_optimize(
         job_uuid="ls-fsdp-dpo", finetuned_model=tiny_models["student"], training_config=training_config("prefs", 2, 5e-3),
         hyperparam_search_config={}, logger_config={},
-        algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0},  # the short guide payload
+        # The full payload of 0.2.12's typed client: all four fields are Required there.
+        algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
     )
     status = wait_for_job(client, "ls-fsdp-dpo", timeout=600)
     assert status.status == "completed", status.resources_allocated
     assert_sharded(status)
+    assert set(status.resources_allocated["not_applied"]) == {
+        "algorithm_config.reward_clip", "algorithm_config.gamma", "algorithm_config.epsilon"}
     artifacts = client.post_training.job.artifacts(job_uuid="ls-fsdp-dpo")
     final = artifacts.checkpoints[-1]
     final = final if isinstance(final, dict) else final.model_dump()
@@ -99,3 +102,59 @@ def test_bad_fsdp_options_are_400_through_llama_stack(stack, tiny_models):
         client.post_training.supervised_fine_tune(job_uuid="ls-bad", model=tiny_models["student"],
                                                   training_config=config, hyperparam_search_config={},
                                                   logger_config={})
+
+
+def test_published_example_shape_through_llama_stack(stack, tiny_models):
+    """The remote provider's published DPO example (model + finetuned_model as the result's name, a relative
+    checkpoint_dir, learning_rate, no data_format) through Llama Stack's route: the checkpoints land under
+    the service's data dir, named after finetuned_model."""
+    import requests
+
+    client, service = stack
+    body = {
+        "job_uuid": "ls-published", "model": tiny_models["student"], "finetuned_model": "student-dpo-fsdp",
+        "checkpoint_dir": "./fsdp_checkpoints",
+        "algorithm_config": {"type": "dpo", "reward_scale": 1.0, "reward_clip": 5.0},
+        "training_config": {"n_epochs": 1, "max_steps_per_epoch": 2, "learning_rate": 5e-5,
+                            "data_config": {"dataset_id": "prefs", "batch_size": 4, "shuffle": True}},
+        "hyperparam_search_config": {}, "logger_config": {},
+    }
+    r = requests.post(f"{client.base_url}/v1/post-training/preference-optimize".replace("//v1", "/v1"),
+                      json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    status = wait_for_job(client, "ls-published", timeout=600)
+    assert status.status == "completed", status.resources_allocated
+    final = status.checkpoints[-1]
+    path = Path(final["path"] if isinstance(final, dict) else final.path)
+    assert path == service.data_dir.resolve() / "checkpoints" / "fsdp_checkpoints" / "student-dpo-fsdp" / "final"
+
+
+def test_llama_stack_client_cli_against_the_fsdp_stack(stack, tiny_models):
+    import subprocess
+    import sys
+
+    client, _ = stack
+    cli = [str(Path(sys.executable).parent / "llama-stack-client"), "--endpoint", str(client.base_url).rstrip("/"),
+           "post_training"]
+    out = subprocess.run([*cli, "list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ls-fsdp-sft" in out.stdout, out.stderr
+    out = subprocess.run([*cli, "status", "--job-uuid", "ls-fsdp-sft"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "completed" in out.stdout, out.stderr
+    out = subprocess.run([*cli, "artifacts", "--job-uuid", "ls-fsdp-sft"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "final" in out.stdout, out.stderr
+    out = subprocess.run([*cli, "cancel", "--job-uuid", "ls-fsdp-sft"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr  # cancelling a finished job changes nothing
+    assert client.post_training.job.status(job_uuid="ls-fsdp-sft").status == "completed"
+
+
+def test_service_down_is_a_504_that_says_so(stack, llama_stack_factory, tmp_path):
+    """With the training service unreachable, Llama Stack answers 504 naming the URL (not a bare 500)."""
+    from helpers import free_port
+    from llama_stack_client import APIStatusError
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = llama_stack_factory(REPO_ROOT / "run_fsdp.yaml", tmp_path / "stack",
+                                 env={"TRL_FSDP_URL": dead, "TRL_FSDP_STACK_DIR": str(tmp_path / "stack")})
+    with pytest.raises(APIStatusError) as e:
+        server.client().post_training.job.list()
+    assert e.value.status_code == 504 and dead in str(e.value)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    hf_cache_with,
     kill_pids,
     process_group_exists,
     processes_mentioning,
@@ -114,9 +115,14 @@ def checkpoint_dict(c) -> dict:
 
 
 # -- module fixtures ----------------------------------------------------------------------------------
+HUB_ID = "tiny-org/tiny-student"  # the tiny student, placed in the server's Hugging Face cache
+
+
 @pytest.fixture(scope="module")
 def server(llama_stack_factory, run_yaml, tmp_path_factory, tiny_models):
-    return llama_stack_factory(run_yaml, tmp_path_factory.mktemp("inline_e2e_data"))
+    hf_home = hf_cache_with(tiny_models["student"], HUB_ID, tmp_path_factory.mktemp("hf_home"))
+    return llama_stack_factory(run_yaml, tmp_path_factory.mktemp("inline_e2e_data"),
+                               env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -384,8 +390,9 @@ def test_sft_peft_method_trains_and_loads(client, student, base_student, toy_dat
 
 # -- preference optimization ------------------------------------------------------------------------------
 DPO_CONFIGS = {
-    # The short payload of Llama Stack 0.2.12 clients: reward_scale is DPO's beta, reward_clip is ignored.
-    "reward_scale": {"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0},
+    # The full payload of Llama Stack 0.2.12's typed client (all four fields Required): reward_scale is DPO's
+    # beta; reward_clip, gamma, and epsilon (label smoothing, unread by the sigmoid loss) are not applied.
+    "reward_scale": {"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
     # Later releases' fields.
     "beta_loss_type": {"type": "dpo", "beta": 0.1, "loss_type": "ipo"},
 }
@@ -401,6 +408,10 @@ def test_dpo_widens_the_chosen_rejected_margin(client, student, base_student, to
     cfg = DPO_CONFIGS[name]
     assert spec["beta"] == cfg.get("beta", cfg.get("reward_scale"))
     assert spec["loss_type"] == [cfg.get("loss_type", "sigmoid")]
+    if "epsilon" in cfg:
+        assert spec["label_smoothing"] == 0.0
+        assert set(status.resources_allocated["not_applied"]) == {
+            "algorithm_config.reward_clip", "algorithm_config.gamma", "algorithm_config.epsilon"}
     assert len(step_losses(run_dir)) == 50
 
     final = run_dir / "checkpoints" / "final"
@@ -670,3 +681,105 @@ def test_restart_leaves_a_reused_pid_alone(llama_stack_factory, run_yaml, tmp_pa
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# -- real clients, published request shapes, hostile input ---------------------------------------------------
+def raw_post(server, route: str, body: dict | str):
+    """POST as any HTTP client would (a str body is sent as is: JSON that Python's encoder would not write)."""
+    import requests
+
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(f"{server.base_url}/v1/post-training/{route}", data=data,
+                         headers={"content-type": "application/json"}, timeout=120)
+
+
+def test_dpo_epsilon_is_label_smoothing_where_the_loss_reads_it(client, student):
+    job_uuid = new_id("dpo-robust")
+    cfg = {"type": "dpo", "reward_scale": 0.1, "reward_clip": 0.0, "epsilon": 0.1, "gamma": 0.0, "loss_type": "robust"}
+    status = run_job(client, dpo, job_uuid, student, training_config("pref", steps=2), cfg)
+    spec = json.loads((Path(status.resources_allocated["run_dir"]) / "spec.json").read_text())
+    assert spec["dpo"]["label_smoothing"] == 0.1 and spec["dpo"]["loss_type"] == ["robust"]
+    assert "not_applied" not in status.resources_allocated
+
+
+def test_published_example_shape_trains_model_and_names_the_result(server, client, student):
+    """The remote provider's published DPO example: `model` is the base, `finetuned_model` the result's name,
+    a relative checkpoint_dir, a top-level learning_rate, no data_format, no epsilon/gamma."""
+    job_uuid = new_id("published")
+    body = {
+        "job_uuid": job_uuid, "model": student, "finetuned_model": "tiny-student-dpo",
+        "checkpoint_dir": "./fsdp_checkpoints",
+        "algorithm_config": {"type": "dpo", "reward_scale": 1.0, "reward_clip": 5.0},
+        "training_config": {"n_epochs": 1, "max_steps_per_epoch": 3, "learning_rate": 5e-5,
+                            "data_config": {"dataset_id": "pref", "batch_size": 4, "shuffle": True}},
+        "hyperparam_search_config": {}, "logger_config": {},
+    }
+    r = raw_post(server, "preference-optimize", body)
+    assert r.status_code == 200, r.text
+    status = wait_for_job(client, job_uuid, JOB_TIMEOUT)
+    assert status.status == "completed", status.resources_allocated.get("error")
+    final = Path(checkpoint_dict(client.post_training.job.artifacts(job_uuid=job_uuid).checkpoints[-1])["path"])
+    assert final == server.data_dir / "checkpoints" / "fsdp_checkpoints" / "tiny-student-dpo" / "final"
+    assert status.resources_allocated["result_name"] == "tiny-student-dpo"
+    spec = json.loads((Path(status.resources_allocated["run_dir"]) / "spec.json").read_text())
+    assert spec["optimizer"]["lr"] == 5e-5 and spec["model"] == student
+    load_causal(final)
+
+
+def test_hub_model_id_resolves_through_the_offline_cache(server, client):
+    job_uuid = new_id("hub-id")
+    status = run_job(client, sft, job_uuid, HUB_ID, training_config(steps=2))
+    assert status.resources_allocated["model"].endswith("snapshots/" + "0" * 40)
+    with pytest.raises(BadRequestError) as e:
+        sft(client, new_id("hub-missing"), "tiny-org/not-in-cache", training_config(steps=2))
+    message = str(e.value)
+    assert "model" in message and "not in the Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize("literal", ["1e999", "-1e999", "NaN", "Infinity"])
+def test_non_finite_numbers_are_400_and_the_queue_keeps_working(server, client, student, literal):
+    job_uuid = new_id("nonfinite")
+    body = {"job_uuid": job_uuid, "model": student, "training_config": training_config(steps=2, lr=0.125),
+            "hyperparam_search_config": {}, "logger_config": {}}
+    r = raw_post(server, "supervised-fine-tune", json.dumps(body).replace("0.125", literal))
+    assert r.status_code == 400, r.text
+    assert "lr" in r.text and "finite" in r.text
+    r = raw_post(server, "supervised-fine-tune", json.dumps(body).replace('"max_steps_per_epoch": 2', '"max_steps_per_epoch": ' + "9" * 40))
+    assert r.status_code == 400 and "max_steps_per_epoch" in r.text, r.text
+    assert not (server.data_dir / "runs" / job_uuid).exists()
+    assert job_uuid not in {j.job_uuid for j in client.post_training.job.list()}
+
+
+@pytest.mark.parametrize("checkpoint_dir", ["../outside", "ckpts/../../outside", "/tmp/../etc/x"])
+def test_checkpoint_dir_with_parent_references_is_400(server, client, student, checkpoint_dir):
+    job_uuid = new_id("dotdot")
+    with pytest.raises(BadRequestError) as e:
+        client.post_training.supervised_fine_tune(
+            job_uuid=job_uuid, model=student, training_config=training_config(steps=2), hyperparam_search_config={},
+            logger_config={}, checkpoint_dir=checkpoint_dir)
+    assert "checkpoint_dir" in str(e.value) and ".." in str(e.value)
+    assert not (server.data_dir / "runs" / job_uuid).exists()
+
+
+def test_llama_stack_client_cli_drives_jobs(server, client, student):
+    """`llama-stack-client post_training list / status / artifacts / cancel`, the 0.2.12 CLI, unmodified."""
+    import subprocess
+    import sys
+
+    cli = [str(Path(sys.executable).parent / "llama-stack-client"), "--endpoint", server.base_url, "post_training"]
+
+    def run(*args):
+        out = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    done = new_id("cli-done")
+    run_job(client, sft, done, student, training_config(steps=2))
+    assert done in run("list")
+    assert "completed" in run("status", "--job-uuid", done)
+    assert "final" in run("artifacts", "--job-uuid", done)
+    long = new_id("cli-cancel")
+    sft(client, long, student, training_config(steps=2000, epochs=50))
+    run("cancel", "--job-uuid", long)
+    assert wait_for_job(client, long, 60).status == "cancelled"
+    assert "cancelled" in run("status", "--job-uuid", long)

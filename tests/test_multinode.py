@@ -19,6 +19,12 @@ from helpers import processes_mentioning, stop_process_group, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")
+# The services bind a network address, so they need an API token (clients) and a node token (joining);
+# this session carries the client's.
+API_TOKEN = "test-api-token-" + uuid.uuid4().hex
+NODE_TOKEN = "test-node-token-" + uuid.uuid4().hex
+HTTP = requests.Session()
+HTTP.headers["authorization"] = f"Bearer {API_TOKEN}"
 
 
 def sh(*args: str) -> None:
@@ -81,10 +87,15 @@ class Network:
 
 def start_service(net: Network, host: str, port: int, data_dir: Path, coordinator: str | None) -> subprocess.Popen:
     addr = net.a_addr if host == "a" else net.b_addr
+    secrets = data_dir.parent / "secrets"
+    secrets.mkdir(mode=0o700, exist_ok=True)
+    (secrets / "api-token").write_text(API_TOKEN)
+    (secrets / "node-token").write_text(NODE_TOKEN)
     argv = [*net.prefix(host), sys.executable, "-m", "providers.remote_fsdp.service.app", "--host",
             "0.0.0.0" if net.namespaces else "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
             "--node-id", f"node-{host}", "--advertise-url", f"http://{addr}:{port}", "--address", addr,
-            "--down-after-s", "4"]
+            "--down-after-s", "4", "--api-token-file", str(secrets / "api-token"),
+            "--node-token-file", str(secrets / "node-token")]
     if net.ifname[host]:
         argv += ["--gloo-socket-ifname", net.ifname[host]]
     if coordinator:
@@ -107,10 +118,10 @@ def cluster(tmp_path_factory, toy_data):
     url = f"http://{net.test_addr_of_a}:{port_a}"
     wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up")
     procs["b"] = start_service(net, "b", port_b, dirs["b"], coordinator)
-    wait_until(lambda: len([n for n in requests.get(url + "/v1/nodes", timeout=5).json()["data"]
+    wait_until(lambda: len([n for n in HTTP.get(url + "/v1/nodes", timeout=5).json()["data"]
                             if n["state"] == "up"]) == 2, 120, message="worker registered")
     rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
-    assert requests.post(url + "/v1/datasets/toy/rows", data=rows, timeout=30).status_code == 200
+    assert HTTP.post(url + "/v1/datasets/toy/rows", data=rows, timeout=30).status_code == 200
     yield {"url": url, "net": net, "procs": procs, "dirs": dirs}
     for proc in procs.values():
         if proc.poll() is None:
@@ -146,7 +157,7 @@ def body(job_uuid: str, model: str, nnodes: int, nproc: int, steps: int = 8, epo
 
 
 def status(url: str, job_uuid: str) -> dict:
-    return requests.get(url + "/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=10).json()
+    return HTTP.get(url + "/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=10).json()
 
 
 def wait_done(url: str, job_uuid: str, timeout: float = 300) -> dict:
@@ -162,7 +173,7 @@ def losses(data_dir: Path, job_uuid: str) -> list[float]:
 def test_two_node_job_matches_one_node(cluster, tiny_models):
     """c10d rendezvous here (node 0 hosts it, `is_host`); the dead-node test below uses static."""
     url, dirs = cluster["url"], cluster["dirs"]
-    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+    r = HTTP.post(url + "/v1/post-training/supervised-fine-tune",
                       json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1, rdzv_backend="c10d"),
                       timeout=60)
     assert r.status_code == 200, r.text
@@ -175,7 +186,7 @@ def test_two_node_job_matches_one_node(cluster, tiny_models):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(abs(r["local_params"] / r["total_params"] - 0.5) < 0.02 for r in ranks)
 
-    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+    r = HTTP.post(url + "/v1/post-training/supervised-fine-tune",
                       json=body("one-node", tiny_models["student"], nnodes=1, nproc=2), timeout=60)
     assert wait_done(url, "one-node")["status"] == "completed"
     a, b = losses(dirs["a"], "two-nodes"), losses(dirs["a"], "one-node")
@@ -188,7 +199,7 @@ def test_pipeline_students_run_on_both_nodes(cluster, tiny_models, toy_data):
 
     from providers.remote_fsdp.client import TrainingServiceClient
 
-    client = TrainingServiceClient(cluster["url"])
+    client = TrainingServiceClient(cluster["url"], api_token=API_TOKEN)
     lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True,
             "apply_lora_to_output": True, "rank": 16, "alpha": 32}
     students = [{"name": n, "model": tiny_models["student"], "method": m, "peft": lora, "n_epochs": 4,
@@ -214,7 +225,7 @@ def test_pipeline_students_run_on_both_nodes(cluster, tiny_models, toy_data):
 def test_a_dead_node_fails_the_job_and_leaves_nothing_running(cluster, tiny_models):
     url, dirs, procs = cluster["url"], cluster["dirs"], cluster["procs"]
     job = body("node-dies", tiny_models["student"], nnodes=2, nproc=1, steps=25, epochs=200)
-    assert requests.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
+    assert HTTP.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
     wait_until(lambda: (status(url, "node-dies")["resources_allocated"].get("step") or 0) >= 2, 300,
                message="both nodes training")
     # Node B dies: its service and its ranks, as when a machine goes away.
@@ -228,8 +239,8 @@ def test_a_dead_node_fails_the_job_and_leaves_nothing_running(cluster, tiny_mode
                message="no rank left on node A")
     assert processes_mentioning(str(dirs["b"] / "runs")) == []
     # Without heartbeats, node B is marked down (after --down-after-s 4) and gets no new work.
-    wait_until(lambda: {n["node_id"]: n["state"] for n in requests.get(url + "/v1/nodes", timeout=5).json()["data"]}
+    wait_until(lambda: {n["node_id"]: n["state"] for n in HTTP.get(url + "/v1/nodes", timeout=5).json()["data"]}
                == {"node-a": "up", "node-b": "down"}, 30, message="node-b marked down")
-    r = requests.post(url + "/v1/post-training/supervised-fine-tune",
+    r = HTTP.post(url + "/v1/post-training/supervised-fine-tune",
                       json=body("no-second-node", tiny_models["student"], nnodes=2, nproc=1), timeout=60)
     assert r.status_code == 400 and "nnodes" in r.text

@@ -32,6 +32,7 @@ from ..post_training_api import (
     prepare_job,
 )
 from ..training.run_files import RunFiles
+from ..versions import warn_untested_versions
 from ..training.spec import JobSpec
 from .config import TrlPostTrainingConfig
 
@@ -42,6 +43,7 @@ def training_command(spec: JobSpec, files: RunFiles) -> list[str]:
 
 class TrlPostTrainingImpl:
     def __init__(self, config: TrlPostTrainingConfig, datasetio: Any, datasets: Any = None) -> None:
+        warn_untested_versions()
         self.config = config
         self.datasetio = datasetio
         self.data_dir = Path(config.data_dir).expanduser().resolve()

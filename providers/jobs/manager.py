@@ -100,14 +100,23 @@ def finite(value: Any) -> Any:
     return value
 
 
-def unowned_checkpoints(spec: JobSpec, files: RunFiles) -> list[str]:
-    """Checkpoint directories in the job's output dir that this job did not record writing. Resuming
-    unpickles optimizer and distributed-checkpoint state, so only checkpoints the job wrote itself count."""
+def set_aside_unrecorded_checkpoints(spec: JobSpec, files: RunFiles) -> list[str]:
+    """Rename checkpoint directories in the job's output dir that the job did not record writing (one cut
+    short by a crash, or one planted there) so that resume never sees them: resuming unpickles optimizer,
+    RNG and distributed-checkpoint state, so only checkpoints the job finished writing itself may load."""
     out = Path(spec.checkpoint.output_dir)
     if not out.is_dir():
         return []
     recorded = {c.get("path") for c in files.read_status().get("checkpoints", [])}
-    return sorted(str(p) for p in out.glob("checkpoint-*") if str(p) not in recorded)
+    moved = []
+    for p in sorted(out.glob("checkpoint-*")):
+        if str(p) not in recorded and re.fullmatch(r"checkpoint-\d+", p.name):
+            aside = p.with_name(f"unrecorded-{p.name}-{int(time.time())}")
+            os.rename(p, aside)
+            moved.append(str(aside))
+    if moved:
+        log.warning("job %s: set aside checkpoints it did not record writing: %s", spec.job_uuid, moved)
+    return moved
 
 
 class JobManager:
@@ -253,10 +262,9 @@ class JobManager:
         files.logs.mkdir(exist_ok=True)
         spec = JobSpec.load(job.run_dir)
         if spec.checkpoint.resume:
-            planted = unowned_checkpoints(spec, files)
-            if planted:
-                raise ValueError(f"checkpoint_dir holds checkpoints this job did not write ({planted[:3]}); "
-                                 "a job resumes only from its own checkpoints")
+            moved = set_aside_unrecorded_checkpoints(spec, files)
+            if moved:
+                files.update_status(unrecorded_checkpoints_set_aside=moved)
         argv = self.command(spec, files)
         proc = self._launch(argv, files, job.run_dir)
         self._procs[job.job_uuid] = proc

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ...jobs.manager import QueueFullError
+from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
 from .config import ServiceConfig, read_secret
 from .distributed import DistributedJobs
@@ -40,6 +41,7 @@ def _error(status: int, detail) -> JSONResponse:
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
+    warn_untested_versions()
     service = FsdpJobService(config)
     local = Node(node_id=config.node_id, url=config.url, capabilities=local_capabilities(
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
@@ -137,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve a non-loopback address without an API token (anyone who reaches it can train "
                              "and read models)")
     parser.add_argument("--max-concurrent-jobs", type=int)
-    parser.add_argument("--max-queued-jobs", type=int)
+    parser.add_argument("--max-queued-jobs", type=int, help="queued jobs beyond this are refused (429)")
+    parser.add_argument("--max-body-mb", type=int, help="JSON request bodies (default 64)")
+    parser.add_argument("--max-upload-mb", type=int, help="dataset and archive uploads (default 4096)")
+    parser.add_argument("--max-archive-mb", type=int, help="extracted size of an uploaded archive (default 4096)")
     parser.add_argument("--nproc-per-node", type=int, help="default torchrun processes per job")
     parser.add_argument("--allowed-checkpoint-root", action="append", dest="allowed_checkpoint_roots",
                         help="a directory checkpoint_dir may point into (repeatable; DATA_DIR/checkpoints always is)")
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,
+        "max_body_mb": args.max_body_mb, "max_upload_mb": args.max_upload_mb, "max_archive_mb": args.max_archive_mb,
         "allowed_checkpoint_roots": args.allowed_checkpoint_roots, "allowed_model_roots": args.allowed_model_roots,
         "node_id": args.node_id, "coordinator": args.coordinator, "advertise_url": args.advertise_url,
         "address": args.address, "gloo_socket_ifname": args.gloo_socket_ifname, "model_dirs": args.model_dirs,

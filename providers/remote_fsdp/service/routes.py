@@ -224,7 +224,10 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
                 if len(body) > service.config.max_body_mb << 20:
                     raise HTTPException(status_code=413, detail="body: a JSON list is limited to "
                                         f"{service.config.max_body_mb} MB; send JSONL (streamed) instead")
-                data = json.loads(body)
+                try:
+                    data = json.loads(body)
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"body: not JSON ({str(e)[:200]})") from None
                 if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
                     raise ValueError("body: a JSON body must be a list of row objects")
                 await asyncio.to_thread(tmp.write_text, "".join(json.dumps(row) + "\n" for row in data))
