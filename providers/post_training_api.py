@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 
 from .training.efficiency import check_4bit
 from .training.efficiency import from_training_config as efficiency_spec
+from .training.loggers import check_report_to
 from .training.spec import (
     DPO_LOSS_TYPES,
     LABEL_SMOOTHING_LOSSES,
@@ -178,6 +179,9 @@ def logging_spec(logger_config: dict[str, Any] | None, default_steps: int) -> Lo
             logging_steps=cfg.get("logging_steps", default_steps),
             tensorboard=cfg.get("tensorboard", False),
             wandb_project=cfg.get("wandb_project"),
+            report_to=check_report_to(cfg.get("report_to")),
+            project=cfg.get("project"),
+            run_name=cfg.get("run_name"),
         )
     except ValidationError as e:
         first = e.errors()[0]

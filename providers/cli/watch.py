@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from .backends import ACTIVE
 
@@ -54,9 +55,12 @@ def watch_job(backend, job_uuid: str, console: Console, interval: float = 1.0, p
     offset = 0
     last_state = None
     last_printed_step = -1
+    # The stats column gives way first on a narrow terminal (ellipsis); the bar and counts stay.
     progress = None if plain else Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-        TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)), BarColumn(bar_width=24),
+        MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        console=console, transient=False, expand=True,
     )
     task = None
     if progress is not None:

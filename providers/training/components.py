@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from .efficiency import check_supported, model_kwargs, trainer_kwargs
+from .loggers import logger_args
 from .run_files import RunFiles, utc_now
 from .spec import JobSpec, PeftSpec
 
@@ -129,13 +130,6 @@ def trainer_args(spec: JobSpec, num_rows: int, has_eval: bool) -> dict[str, Any]
     ck = spec.checkpoint
     steps = total_steps(spec, num_rows)
     optim = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd"}[spec.optimizer.optimizer_type]
-    report_to = []
-    if spec.logging.tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(spec.run_dir) / "tensorboard"))
-        report_to.append("tensorboard")
-    if spec.logging.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", spec.logging.wandb_project)
-        report_to.append("wandb")
     # Without save_steps only the final model is saved (by `save_final`), not a resumable checkpoint.
     save_steps = ck.save_steps or steps
     fsdp = {}
@@ -166,7 +160,7 @@ def trainer_args(spec: JobSpec, num_rows: int, has_eval: bool) -> dict[str, Any]
         **trainer_kwargs(spec),
         seed=spec.seed,
         logging_steps=spec.logging.logging_steps,
-        report_to=report_to or "none",
+        **logger_args(spec.logging, spec.job_uuid, spec.run_dir),  # report_to, run_name, project
         save_strategy="steps" if ck.save_steps else "no",
         save_steps=save_steps,
         save_total_limit=ck.save_total_limit,

@@ -181,6 +181,9 @@ class LoggingSpec(Strict):
     logging_steps: Count = 1
     tensorboard: bool = False
     wandb_project: str | None = None
+    report_to: list[str] = Field(default_factory=list)  # TRL/transformers loggers: providers/training/loggers.py
+    project: str | None = None
+    run_name: str | None = None
 
 
 class EfficiencySpec(Strict):

@@ -1,0 +1,193 @@
+"""The dashboard in a real headless browser (Debian's chromium through playwright-python), Prometheus
+/metrics, and `trl-post-training dashboard --data-dir` (read-only).
+
+Checks: the page loads with no console errors, a running job appears, its loss chart has points and
+gains more while it trains, cancel from the page stops the job (and every process of it); the pipeline
+page shows teacher -> students -> merge. Screenshots and timings go to test-artifacts/ (or
+TRL_TEST_ARTIFACTS_DIR)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import pytest
+from helpers import free_port, processes_mentioning, stop_process_group, wait_for_health, wait_until
+from operator_fixtures import (  # noqa: F401 - fixtures
+    EXAMPLES,
+    REPO_ROOT,
+    artifacts_dir,
+    chromium_path,
+    cli,
+    cli_command,
+    cli_env,
+    long_sft_file,
+    ops_service,
+    save_json,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    executable = chromium_path()
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+class Page:
+    """A browser page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser, base_url: str):
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        self.page = self.context.new_page()
+        self.base_url = base_url
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=str(artifacts_dir() / name), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def points(page, chart: str) -> int:
+    return int(page.get_attribute(f"#chart-{chart}", "data-points") or 0)
+
+
+def test_live_job_in_the_browser_and_cancel_from_the_page(browser, ops_service, cli_env, tmp_path):
+    timings = {}
+    job_file = long_sft_file(tmp_path, "dash-live", steps=3000)
+    assert cli(cli_env, "submit", str(job_file)).stdout.strip() == "dash-live"
+    run_dir = str(ops_service.data_dir / "runs" / "dash-live")
+
+    p = Page(browser, ops_service.url)
+    page = p.page
+    t0 = time.monotonic()
+    page.goto(f"{ops_service.url}/dashboard/")
+    page.wait_for_selector("#login[open]")  # the service has a token: the page asks for it first
+    timings["page_load_to_login_s"] = time.monotonic() - t0
+    page.fill("#token", ops_service.token)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("tr[data-job='dash-live']", timeout=60_000)
+    timings["login_to_job_listed_s"] = time.monotonic() - t0 - timings["page_load_to_login_s"]
+    wait_until(lambda: "in_progress" in page.inner_text("tr[data-job='dash-live']"), 300,
+               message="dash-live in_progress in the jobs table")
+    p.shot("dashboard-jobs.png")
+
+    page.click("tr[data-job='dash-live'] a")
+    page.wait_for_selector("#chart-loss", timeout=120_000)
+    t1 = time.monotonic()
+    first = wait_until(lambda: points(page, "loss"), 120, message="loss points")
+    timings["job_page_to_first_loss_point_s"] = time.monotonic() - t1
+    more = wait_until(lambda: (n := points(page, "loss")) > first and n, 120, message="more loss points")
+    timings["loss_points_first_then_more"] = [first, more]
+    for chart in ("lr", "tokens"):
+        assert points(page, chart) > 0, chart
+    assert page.inner_text("#job-facts").count("sft") >= 1
+    assert "rank0" in page.inner_text("#job-log") or page.inner_text("#job-log").strip()
+    p.shot("dashboard-job-running.png")
+
+    t2 = time.monotonic()
+    page.click("#cancel-job")  # first click arms, second cancels (no modal confirm)
+    page.click("#cancel-job")
+    page.wait_for_selector("main[data-status='cancelled'], #view[data-status='cancelled']", timeout=60_000)
+    timings["cancel_click_to_cancelled_shown_s"] = time.monotonic() - t2
+    assert ops_service.status("dash-live")["status"] == "cancelled"
+    assert processes_mentioning(run_dir) == []
+    assert page.is_enabled("#resume-job")
+    p.shot("dashboard-job-cancelled.png")
+
+    page.click("a[data-nav='nodes']")
+    page.wait_for_selector("#nodes tbody tr td")
+    assert "up" in page.inner_text("#nodes")
+    p.shot("dashboard-nodes.png")
+    assert p.errors == [], p.errors
+    p.close()
+    save_json("dashboard-browser-timings.json", timings)
+
+
+def test_metrics_in_prometheus_format(ops_service, cli_env, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{ops_service.url}/metrics").status_code == 401  # token-protected like /v1
+    job_file = long_sft_file(tmp_path, "metrics-live", steps=3000)
+    cli(cli_env, "submit", str(job_file))
+    try:
+        wait_until(lambda: ops_service.step("metrics-live") >= 3, 300, message="metrics-live at step 3")
+        time.sleep(1.5)
+        for _ in range(5):
+            ops_service.http.get("/v1/post-training/job/status", params={"job_uuid": "metrics-live"})
+        r = ops_service.http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        samples = {}
+        for family in text_string_to_metric_families(r.text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        (artifacts_dir() / "metrics-sample.txt").write_text(r.text)
+    finally:
+        cli(cli_env, "cancel", "metrics-live")
+    job = (("job_uuid", "metrics-live"), ("method", "sft"))
+    assert samples[("trl_jobs", (("state", "in_progress"),))] == 1
+    assert samples[("trl_queue_length", ())] >= 0
+    assert samples[("trl_job_step", job)] >= 3
+    assert samples[("trl_job_total_steps", job)] > samples[("trl_job_step", job)]
+    assert samples[("trl_job_last_loss", job)] > 0
+    assert samples[("trl_job_steps_per_second", job)] > 0
+    assert samples[("trl_job_tokens_per_second", job)] > 0
+    ages = [v for (name, labels), v in samples.items() if name == "trl_node_heartbeat_age_seconds"]
+    assert len(ages) == 1 and 0 <= ages[0] < 10
+    status_route = (("method", "GET"), ("route", "/v1/post-training/job/status"), ("status", "200"))
+    assert samples[("trl_http_request_duration_seconds_count", status_route)] >= 5
+
+
+def test_pipeline_page_shows_teacher_students_and_merge(browser, ops_service, cli_env):
+    assert cli(cli_env, "pipeline", "run", str(EXAMPLES / "pipeline_teacher_students.yaml"),
+               "--pipeline-id", "dash-pipe").stdout.strip() == "dash-pipe"
+    p = Page(browser, ops_service.url)
+    page = p.page
+    page.goto(f"{ops_service.url}/dashboard/")
+    page.evaluate(f"localStorage.setItem('trl-dashboard-token', {ops_service.token!r})")
+    page.goto(f"{ops_service.url}/dashboard/#/pipeline/dash-pipe")
+    page.wait_for_selector("#p-graph .task", timeout=60_000)
+    graph = page.inner_text("#p-graph")
+    assert "teacher" in graph and "student logit" in graph and "student hybrid" in graph and "merge" in graph
+    wait_until(lambda: "completed" in page.inner_text("#p-state"), 600, interval=1, message="pipeline completed")
+    page.wait_for_timeout(2500)  # one more refresh: every task card shows its final state
+    assert page.inner_text("#p-graph").count("completed") == 4, page.inner_text("#p-graph")
+    p.shot("dashboard-pipeline.png")
+    assert p.errors == [], p.errors
+    p.close()
+
+
+def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, cli_env):
+    port = free_port()
+    proc = subprocess.Popen([*cli_command(), "dashboard", "--data-dir", str(ops_service.data_dir), "--port", str(port)],
+                            cwd=REPO_ROOT, env={k: v for k, v in cli_env.items() if k != "TRL_POST_TRAINING_TOKEN"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, timeout=60, proc=proc, path="/dashboard/api/info")
+        info = httpx.get(f"{url}/dashboard/api/info").json()
+        assert info == {"source": "data-dir", "actions": False, "auth_required": False}
+        jobs = {j["job_uuid"]: j for j in httpx.get(f"{url}/dashboard/api/jobs").json()["data"]}
+        assert jobs, "the service's jobs are listed from its data dir"
+        some = next(iter(jobs))
+        assert httpx.post(f"{url}/dashboard/api/jobs/{some}/cancel").status_code == 403
+        p = Page(browser, url)
+        p.page.goto(f"{url}/dashboard/#/job/{some}")
+        p.page.wait_for_selector("#job-facts div")
+        assert "Read-only" in p.page.inner_text("#job-actions")
+        assert p.page.query_selector("#cancel-job") is None
+        p.shot("dashboard-data-dir-read-only.png")
+        assert p.errors == [], p.errors
+        p.close()
+    finally:
+        stop_process_group(proc)
