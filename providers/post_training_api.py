@@ -274,8 +274,15 @@ def check_path_text(value: str, field: str) -> None:
         raise ValueError(f"{field}: contains a NUL character")
     if len(value) > 4096:
         raise ValueError(f"{field}: longer than 4096 characters")
-    if ".." in PurePath(value).parts:
+    parts = PurePath(value).parts
+    if ".." in parts:
         raise ValueError(f"{field}: {value!r} has a '..' component; name the directory without parent references")
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts):
+        raise ValueError(f"{field}: a path component is longer than 255 bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field}: not valid UTF-8 text") from None
 
 
 def is_within(path: Path, roots: list[Path]) -> bool:

@@ -65,7 +65,7 @@ def service_args(root: Path, coordinator_port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory, toy_data):
+def svc(tmp_path_factory, toy_data, tiny_models):
     root = tmp_path_factory.mktemp("security")
     service = Authed(root / "data", extra=service_args(root, free_port()))
     rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,

@@ -186,7 +186,9 @@ def job_parts_router(service: FsdpJobService, config: ServiceConfig) -> APIRoute
     r = APIRouter()
 
     def submit_part(route: str, body: dict[str, Any]) -> dict[str, str]:
-        master = (body.get("training_config") or {}).get("torch_run_config", {}).get("master_addr")
+        tc = body.get("training_config")
+        torch_run = tc.get("torch_run_config") if isinstance(tc, dict) else None
+        master = torch_run.get("master_addr") if isinstance(torch_run, dict) else None
         coordinator = config.coordinator
         if not coordinator:
             raise ValueError("part_of: this node has no coordinator, so it takes no job parts")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...enhance import EnhanceConfig, enhance_rows
 from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig
+from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
 from ...serving.engine import is_adapter
 from ...training.run_files import utc_now
 from .jobs import FsdpJobService
@@ -146,12 +146,10 @@ class ModelRefs:
         kind, sep, name = ref.partition(":")
         if sep and kind in ("job", "pipeline", "workflow"):
             return self._named(kind, name, ref, field)
-        path = Path(ref).expanduser()
-        if (path / "adapter_config.json").is_file():
-            resolved = path.resolve()
-            if self.data_dir not in resolved.parents:
-                raise ValueError(f"{field}: adapter directory {ref!r} is outside the service's data dir; "
-                                 "name it as job:<job_uuid> or copy it under the data dir")
+        check_path_text(ref, field)  # before any file system call: NUL, '..', over-long names
+        resolved = Path(ref).expanduser().resolve()
+        # An adapter directory is looked at only inside the data dir (a path elsewhere reveals nothing).
+        if self.data_dir in resolved.parents and (resolved / "adapter_config.json").is_file():
             return str(resolved)
         return self.service.resolve_model(ref, field)
 
@@ -192,6 +190,7 @@ class WorkflowTasks:
         self._lock = threading.Lock()
         self._stops: dict[tuple[str, str], threading.Event] = {}
         self._procs: dict[tuple[str, str], subprocess.Popen] = {}
+        self._threads: dict[tuple[str, str], threading.Thread] = {}
         for kind in KINDS:
             for state_file in sorted((self.root / kind).glob("*/task.json")):
                 if json.loads(state_file.read_text())["state"] in ACTIVE:
@@ -268,7 +267,9 @@ class WorkflowTasks:
 
     def _start(self, kind: str, task_id: str) -> None:
         self._stops[(kind, task_id)] = threading.Event()
-        threading.Thread(target=self._run, args=(kind, task_id), daemon=True, name=f"{kind}-{task_id}").start()
+        thread = threading.Thread(target=self._run, args=(kind, task_id), daemon=True, name=f"{kind}-{task_id}")
+        self._threads[(kind, task_id)] = thread
+        thread.start()
 
     def cancel(self, kind: str, task_id: str) -> dict[str, Any]:
         state = self.get(kind, task_id)
@@ -297,6 +298,11 @@ class WorkflowTasks:
             raise ValueError(f"{kind}: only data enhancements resume")
         if state["state"] in ACTIVE:
             raise ValueError(f"enhancement_id: {task_id!r} is {state['state']}")
+        previous = self._threads.get((kind, task_id))
+        if previous is not None:  # a cancelled run finishes its rows in flight first: never two writers
+            previous.join(timeout=300)
+            if previous.is_alive():
+                raise ValueError(f"enhancement_id: {task_id!r} is still finishing its rows in flight; try again")
         self.update(kind, task_id, state="scheduled", error=None, finished_at=None)
         self._start(kind, task_id)
         return self.get(kind, task_id)
