@@ -33,7 +33,7 @@ def test_submit_sft_lora_example_and_watch_to_completion(cli_env, ops_service):
     assert lines[0] == "cli-sft-lora"
     assert "uploaded 200 rows" in p.stderr and "reverse_instruct-" in p.stderr
     steps = [line for line in lines if line.startswith("step ")]
-    assert steps[-1].startswith("step 20/20") and "loss" in steps[-1] and "lr 3.00e-03" in steps[-1]
+    assert steps[-1].startswith("step 12/12") and "loss" in steps[-1] and "lr 3.00e-03" in steps[-1]
     assert "tok/s" in steps[-1] and "eta" in steps[1]
     assert lines[-1].startswith("cli-sft-lora completed: final loss")
 
@@ -45,7 +45,7 @@ def test_submit_sft_lora_example_and_watch_to_completion(cli_env, ops_service):
     listed = {j["job_uuid"]: j for j in json.loads(cli(cli_env, "list", "--json").stdout)}
     assert listed["cli-sft-lora"]["status"] == "completed" and listed["cli-sft-lora"]["method"] == "sft"
     table = cli(cli_env, "list").stdout
-    assert "cli-sft-lora" in table and "completed" in table and "20/20" in table
+    assert "cli-sft-lora" in table and "completed" in table and "12/12" in table
 
     # the same file again: its rows are already on the service (same content, same dataset id)
     again = cli(cli_env, "submit", str(EXAMPLES / "sft_lora.yaml"), "--job-uuid", "cli-sft-lora-2")
@@ -85,7 +85,7 @@ def test_watch_in_a_terminal_shows_a_live_bar_for_a_two_process_fsdp_dpo_job(cli
     assert "ETA" in live[-1] and "acc" in live[-1] and "loss" in live[-1] and "lr" in live[-1]
     (artifacts_dir() / "watch-tmux-live.txt").write_text(live[len(live) // 2])
     assert "EXIT=0" in final, final
-    assert "12/12" in final and "cli-dpo-fsdp completed" in final
+    assert "8/8" in final and "cli-dpo-fsdp completed" in final
 
     status = ops_service.status(job)
     shares = [r["local_params"] / r["total_params"] for r in status["resources_allocated"]["ranks"]]
@@ -147,19 +147,10 @@ def test_bad_job_files_are_refused_naming_the_key(cli_env, tmp_path):
 def test_distillation_example_shows_hard_and_soft_loss_and_nodes(cli_env, ops_service):
     p = cli(cli_env, "submit", str(EXAMPLES / "distillation.yaml"), "--watch", "--job-uuid", "cli-distill")
     last = [line for line in p.stdout.splitlines() if line.startswith("step ")][-1]
-    assert last.startswith("step 16/16") and "hard " in last and "soft " in last
+    assert last.startswith("step 8/8") and "hard " in last and "soft " in last
     nodes = json.loads(cli(cli_env, "nodes", "--json").stdout)
     assert [n["state"] for n in nodes] == ["up"]
     assert "heartbeat age" in cli(cli_env, "nodes").stdout
-
-
-def test_pipeline_run_follows_every_task(cli_env, ops_service):
-    p = cli(cli_env, "pipeline", "run", str(EXAMPLES / "pipeline_teacher_students.yaml"), "--watch",
-            "--pipeline-id", "cli-pipe", timeout=600)
-    out = p.stdout
-    for task in ("teacher", "student logit", "student hybrid", "merge"):
-        assert f"cli-pipe {task}: completed" in out, out
-    assert "pipeline cli-pipe completed: merged adapter in" in out
 
 
 def test_llama_stack_server_is_detected_and_drives_the_inline_provider(llama_stack_factory, tmp_path, cli_env):
@@ -168,14 +159,14 @@ def test_llama_stack_server_is_detected_and_drives_the_inline_provider(llama_sta
     env.pop("TRL_POST_TRAINING_TOKEN")
     p = cli(env, "submit", str(EXAMPLES / "dpo.yaml"), "--watch", "--job-uuid", "stack-dpo")
     steps = [line for line in p.stdout.splitlines() if line.startswith("step ")]
-    assert steps and steps[-1].startswith("step 16/16") and "margin" in steps[-1] and "acc" in steps[-1]
+    assert steps and steps[-1].startswith("step 10/10") and "margin" in steps[-1] and "acc" in steps[-1]
     assert "stack-dpo completed" in p.stdout
     assert any(Path(x).name == "loss.png" for x in json.loads(cli(env, "artifacts", "stack-dpo", "--json").stdout)["plots"])
     assert "resume" in cli(env, "resume", "stack-dpo", check=1).stderr
     assert cli(env, "logs", "stack-dpo", "-n", "5").stdout.strip()
 
 
-def test_logger_config_reaches_trls_offline_loggers(cli_env, ops_service, tmp_path):
+def test_logger_config_reaches_trls_offline_loggers(cli_env, ops_service, tmp_path, monkeypatch):
     import yaml
 
     pytest.importorskip("mlflow", reason="mlflow(-skinny) is not installed")
@@ -191,9 +182,15 @@ def test_logger_config_reaches_trls_offline_loggers(cli_env, ops_service, tmp_pa
     cli(cli_env, "submit", str(path), "--watch", "--job-uuid", "cli-loggers")
     run_dir = ops_service.data_dir / "runs" / "cli-loggers"
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    mlflow_loss = list((run_dir / "mlruns").rglob("metrics/loss"))
-    assert mlflow_loss and len(mlflow_loss[0].read_text().splitlines()) == 4
-    assert any((run_dir / "mlruns").rglob("tags/mlflow.runName"))
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the job's process set for itself
+
+    mlflow = MlflowClient((run_dir / "mlruns").resolve().as_uri())
+    experiment = mlflow.get_experiment_by_name("ops-test")
+    (run,) = mlflow.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run-a"
+    assert len(mlflow.get_metric_history(run.info.run_id, "loss")) == 4
     assert any(p.is_file() for p in (run_dir / "trackio").rglob("*"))
 
     spec["logger"] = {"report_to": ["neptune"]}  # not installed on the training host: refused up front

@@ -78,8 +78,9 @@ def test_live_job_in_the_browser_and_cancel_from_the_page(browser, ops_service, 
     page.click("#login button[type=submit]")
     page.wait_for_selector("tr[data-job='dash-live']", timeout=60_000)
     timings["login_to_job_listed_s"] = time.monotonic() - t0 - timings["page_load_to_login_s"]
-    wait_until(lambda: "in_progress" in page.inner_text("tr[data-job='dash-live']"), 300,
-               message="dash-live in_progress in the jobs table")
+    wait_until(lambda: ops_service.step("dash-live") >= 2, 300, message="dash-live at step 2")
+    wait_until(lambda: "in_progress" in (row := page.inner_text("tr[data-job='dash-live']")) and "– /" not in row,
+               60, message="dash-live in_progress with its step in the jobs table")
     p.shot("dashboard-jobs.png")
 
     page.click("tr[data-job='dash-live'] a")
@@ -148,14 +149,29 @@ def test_metrics_in_prometheus_format(ops_service, cli_env, tmp_path):
     assert samples[("trl_http_request_duration_seconds_count", status_route)] >= 5
 
 
-def test_pipeline_page_shows_teacher_students_and_merge(browser, ops_service, cli_env):
-    assert cli(cli_env, "pipeline", "run", str(EXAMPLES / "pipeline_teacher_students.yaml"),
-               "--pipeline-id", "dash-pipe").stdout.strip() == "dash-pipe"
+def test_pipeline_page_and_cli_follow_teacher_students_and_merge(browser, ops_service, cli_env):
+    """`pipeline run --watch` (one line per task) and the pipeline page, on the same running pipeline."""
+    watcher = subprocess.Popen([*cli_command(), "pipeline", "run", str(EXAMPLES / "pipeline_teacher_students.yaml"),
+                                "--pipeline-id", "dash-pipe", "--watch"], cwd=REPO_ROOT, env=cli_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = follow_pipeline_in_the_browser(browser, ops_service, watcher)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, (out, err)
+    for task in ("teacher", "student logit", "student hybrid", "merge"):
+        assert f"dash-pipe {task}: completed" in out, out
+    assert "pipeline dash-pipe completed: merged adapter in" in out
+
+
+def follow_pipeline_in_the_browser(browser, ops_service, watcher) -> tuple[str, str]:
+    assert watcher.stdout.readline().strip() == "dash-pipe"  # submitted: the page can open it
     p = Page(browser, ops_service.url)
     page = p.page
     page.goto(f"{ops_service.url}/dashboard/")
     page.evaluate(f"localStorage.setItem('trl-dashboard-token', {ops_service.token!r})")
     page.goto(f"{ops_service.url}/dashboard/#/pipeline/dash-pipe")
+    page.reload()
     page.wait_for_selector("#p-graph .task", timeout=60_000)
     graph = page.inner_text("#p-graph")
     assert "teacher" in graph and "student logit" in graph and "student hybrid" in graph and "merge" in graph
@@ -165,6 +181,7 @@ def test_pipeline_page_shows_teacher_students_and_merge(browser, ops_service, cl
     p.shot("dashboard-pipeline.png")
     assert p.errors == [], p.errors
     p.close()
+    return watcher.communicate(timeout=120)
 
 
 def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, cli_env):

@@ -83,7 +83,9 @@ def logger_args(logging_spec, job_uuid: str, run_dir: str | Path) -> dict[str, A
     if "tensorboard" in names:
         env.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     if "mlflow" in names:
-        env.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+        if "MLFLOW_TRACKING_URI" not in env:  # a file store in the run dir: offline, no server, no database
+            env["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").resolve().as_uri()
+            env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants an opt-in for file stores
         if project:
             env.setdefault("MLFLOW_EXPERIMENT_NAME", project)
     if "trackio" in names:

@@ -247,7 +247,8 @@ function taskCard(title, t) {
   const progress = t.total_steps ? t.step / t.total_steps : (t.status === "completed" ? 1 : 0);
   return `<div class="task" data-task="${esc(t.job_uuid || title)}"><h4>${esc(title)}</h4>${badge(t.status || t.state || "scheduled")}
     ${t.job_uuid ? `<div><a href="#/job/${encodeURIComponent(t.job_uuid)}">${esc(t.job_uuid)}</a></div>` : ""}
-    <div class="muted">node ${esc(t.node_id || "–")}</div><div>${bar(progress)} ${fmt(t.step)} / ${fmt(t.total_steps)}</div>
+    <div class="muted">${t.note ? esc(t.note) : "node " + esc(t.node_id || "–")}</div>
+    ${t.note ? "" : `<div>${bar(progress)} ${fmt(t.step)} / ${fmt(t.total_steps)}</div>`}
     ${t.last_loss !== undefined && t.last_loss !== null ? `<div>loss ${fmt(t.last_loss)}</div>` : ""}
     ${t.error ? `<div class="error">${esc(t.error)}</div>` : ""}</div>`;
 }
@@ -262,7 +263,8 @@ async function pipelineView(el, pipelineId) {
     const merge = p.merge || {};
     $("#p-graph", el).innerHTML = `${taskCard("teacher", p.teacher)}<span class="arrow">→</span>
       <div class="students">${p.students.map((s) => taskCard(`student ${s.name}`, s)).join("")}</div><span class="arrow">→</span>
-      ${taskCard("merge", { status: merge.state, job_uuid: null, node_id: merge.method || (p.request?.merge?.method) })}`;
+      ${taskCard("merge", { status: merge.state, job_uuid: null,
+        note: merge.state === "skipped" ? "no merge requested" : `method ${p.request?.merge?.method || "linear"}` })}`;
   };
 }
 
