@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .engine import Completion, ModelCache, generate, generate_stream
@@ -94,8 +94,12 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
 
     @r.post("/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest):
-        path = await asyncio.to_thread(resolve, req.model)
-        loaded = await asyncio.to_thread(cache.get, path)
+        try:
+            path = await asyncio.to_thread(resolve, req.model)
+            loaded = await asyncio.to_thread(cache.get, path)
+        except ValueError as e:  # OpenAI's error shape, so OpenAI clients show the reason
+            return JSONResponse(status_code=400, headers={"x-should-retry": "false"}, content={
+                "error": {"message": str(e), "type": "invalid_request_error", "param": "model", "code": None}})
         args = (loaded, req.chat(), req.token_limit(), req.temperature, req.top_p, req.stop, req.seed)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:

@@ -10,6 +10,7 @@ validation, export, and the one-call enhance -> train -> validate -> export pipe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -53,11 +54,13 @@ def _task_routes(r: APIRouter, path: str, kind: str, tasks: WorkflowTasks) -> No
         return FileResponse(tasks.file(kind, task_id, name))
 
 
-def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies: list, cache_size: int = 2) -> WorkflowTasks:
-    """Mount the workflow routes on the service app (behind `dependencies`, the bearer-token check)."""
+def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies: list,
+                            cache_size: int | None = None) -> WorkflowTasks:
+    """Mount the workflow routes on the service app (behind `dependencies`, the bearer-token check).
+    The chat API keeps `cache_size` models loaded (env TRL_FSDP_SERVED_MODELS, default 2)."""
     config = service.config
     refs = ModelRefs(service)
-    cache = ModelCache(cache_size)
+    cache = ModelCache(cache_size or int(os.environ.get("TRL_FSDP_SERVED_MODELS", "2")))
     local_url = f"http://{config.node_address}:{config.port}/v1/openai/v1"
     tasks = WorkflowTasks(service, refs, local_url, config.api_token)
     app.state.workflow_tasks = tasks

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ...enhance import EnhanceConfig, enhance_rows
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
-from ...serving.engine import is_adapter
+from ...serving.engine import adapter_base, is_adapter
 from ...training.run_files import utc_now
 from .jobs import FsdpJobService
 
@@ -44,6 +44,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def check_key_names(config: EnhanceConfig) -> None:
+    """A request names the environment variable holding an endpoint's key; on the service only `*_API_KEY`
+    variables qualify, so no request can send the service's own tokens to an endpoint it chose."""
+    roles = {"student": config.student, "teacher": config.teacher}
+    if getattr(config.judge, "role", None) is not None:
+        roles["judge.role"] = config.judge.role
+    for name, role in roles.items():
+        env = role.api_key_env
+        if env and (not env.upper().endswith("_API_KEY") or env.upper().startswith("TRL_")):
+            raise ValueError(f"{name}.api_key_env: {env!r} is not allowed on the service; name a variable ending "
+                             "in _API_KEY (e.g. OPENAI_API_KEY) set in the service's environment")
+
+
 class EnhanceRequest(_Strict):
     enhancement_id: str = Field(pattern=SAFE_NAME)
     config: EnhanceConfig
@@ -54,6 +67,7 @@ class EnhanceRequest(_Strict):
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
+        check_key_names(self.config)
         return self
 
 
@@ -75,7 +89,8 @@ class HubSettings(_Strict):
     repo_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,96}/[A-Za-z0-9_.-]{1,96}$")
     private: bool = True
     upload: Literal["adapter", "merged"] = "adapter"
-    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # the service's env variable
+    # the service's environment variable with the Hub token (HF_TOKEN, HF_...); unset: a dry run
+    token_env: str | None = Field(None, pattern=r"^(HF_[A-Z0-9_]{1,64}|HUGGING_FACE_HUB_TOKEN)$")
 
 
 class ExportSettings(_Strict):
@@ -119,6 +134,7 @@ class WorkflowRequest(_Strict):
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
+        check_key_names(self.enhance)
         return self
 
 
@@ -150,8 +166,14 @@ class ModelRefs:
         resolved = Path(ref).expanduser().resolve()
         # An adapter directory is looked at only inside the data dir (a path elsewhere reveals nothing).
         if self.data_dir in resolved.parents and (resolved / "adapter_config.json").is_file():
-            return str(resolved)
+            return self._checked_adapter(resolved, field)
         return self.service.resolve_model(ref, field)
+
+    def _checked_adapter(self, path: Path, field: str) -> str:
+        """An adapter's base model must pass the same checks as a model named in a request."""
+        if is_adapter(path):
+            self.service.resolve_model(adapter_base(path), f"{field} (the adapter's base_model_name_or_path)")
+        return str(path)
 
     def _named(self, kind: str, name: str, ref: str, field: str) -> str:
         first, _, rest = name.partition("/")
@@ -167,7 +189,7 @@ class ModelRefs:
             path = Path(view["checkpoints"][-1]["path"])
             if not (path / "config.json").is_file() and not is_adapter(path):
                 raise ValueError(f"{field}: job {first!r} produced no model (a teacher task's outputs?)")
-            return str(path)
+            return self._checked_adapter(path, field)
         if kind == "pipeline":
             root = self.service.data_dir / "pipelines" / first
             path = root / "students" / rest / "final" if rest else root / "merged"
@@ -179,7 +201,7 @@ class ModelRefs:
             path = Path(trained)
         if not path.exists():
             raise ValueError(f"{field}: {ref!r} has no model at {path}")
-        return str(path)
+        return self._checked_adapter(path, field)
 
 
 class WorkflowTasks:
