@@ -19,8 +19,10 @@ def data_dir_app(data_dir: str | Path, token: str | None = None, url: str | None
     if token and url:
         from .backends import connect
 
-        def cancel(job_uuid: str) -> None:
+        def cancel_on_server(job_uuid: str) -> None:
             connect(url, server_token).cancel(job_uuid)
+
+        cancel = cancel_on_server
 
     source = data_dir_source(data_dir, cancel=cancel)
 

@@ -99,7 +99,6 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
             raise _unknown("job_uuid", job_uuid) from None
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
-        source.forget(job_uuid)
         return source.summary(job_uuid)
 
     @api.post("/jobs/{job_uuid}/cancel")

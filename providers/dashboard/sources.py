@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,20 +121,22 @@ class JobsSource:
     resume: Callable[[str], Any] | None = None
     cancel_pipeline: Callable[[str], Any] | None = None
     kind: str = "service"
-    _summary_cache: dict[str, tuple[float, dict]] = field(default_factory=dict)
+    _summary_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def actions(self) -> bool:
         return self.cancel is not None
 
     def jobs(self) -> list[dict[str, Any]]:
-        return [self.summary(job.job_uuid) for job in reversed(self.store.list())]
+        out = []
+        for job in reversed(self.store.list()):
+            cached = self._summary_cache.get(job.job_uuid)
+            # A finished job's files no longer change: its row is cached while the store says the same state.
+            out.append(cached if cached and cached["status"] == job.status else self.summary(job.job_uuid))
+        return out
 
     def summary(self, job_uuid: str) -> dict[str, Any]:
-        """One row of the jobs table. Finished jobs are cached (their files no longer change)."""
-        cached = self._summary_cache.get(job_uuid)
-        if cached:
-            return cached[1]
+        """One row of the jobs table."""
         v = self.view(job_uuid)
         res = v.get("resources_allocated") or {}
         step, total = res.get("step"), res.get("total_steps")
@@ -161,12 +162,8 @@ class JobsSource:
             "error": res.get("error"),
         }
         if v["status"] not in ACTIVE:
-            self._summary_cache[job_uuid] = (time.monotonic(), row)
+            self._summary_cache[job_uuid] = row
         return row
-
-    def forget(self, job_uuid: str) -> None:
-        """Drop a cached summary (after a resume the job runs again)."""
-        self._summary_cache.pop(job_uuid, None)
 
     def job(self, job_uuid: str) -> dict[str, Any]:
         v = self.view(job_uuid)
@@ -198,16 +195,22 @@ class JobsSource:
     def pipeline(self, pipeline_id: str) -> dict[str, Any]:
         if self.pipeline_view is not None:
             return self.pipeline_view(pipeline_id)
-        path = self.data_dir / "pipelines" / pipeline_id / "pipeline.json"
-        if not path.is_file() or path.parent.parent != self.data_dir / "pipelines":
-            raise UnknownJobError(pipeline_id)
-        state = json.loads(path.read_text())
+        state = read_pipeline(self.data_dir, pipeline_id)
         for task in [state["teacher"], *state["students"]]:
             try:
                 task.update({k: v for k, v in self.summary(task["job_uuid"]).items() if k != "job_uuid"})
             except UnknownJobError:
                 task.setdefault("status", "scheduled")
         return state
+
+
+def read_pipeline(data_dir: Path, pipeline_id: str) -> dict[str, Any]:
+    """DATA_DIR/pipelines/ID/pipeline.json (UnknownJobError when there is none)."""
+    root = Path(data_dir) / "pipelines"
+    path = root / pipeline_id / "pipeline.json"
+    if not path.is_file() or path.parent.parent != root:
+        raise UnknownJobError(pipeline_id)
+    return json.loads(path.read_text())
 
 
 def data_dir_source(data_dir: str | Path, cancel: Callable[[str], Any] | None = None) -> JobsSource:

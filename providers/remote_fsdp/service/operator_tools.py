@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from ...dashboard import JobsSource, dashboard_router
+from ...dashboard.sources import read_pipeline
 from ...jobs.store import UnknownJobError
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
@@ -56,24 +57,13 @@ def service_source(service: FsdpJobService, registry: NodeRegistry, distributed:
             return {"status": "unknown", "error": f"node {node_id} did not answer: {e}"}
 
     def pipeline_view(pipeline_id: str) -> dict[str, Any]:
-        state = JobsSource.pipeline(_FileOnly(source), pipeline_id)
+        state = read_pipeline(service.data_dir, pipeline_id)
         for task in [state["teacher"], *state["students"]]:
             task.update(task_status(task))
         return state
 
     source.pipeline_view = pipeline_view
     return source
-
-
-class _FileOnly:
-    """A source whose pipeline() reads pipeline.json without task statuses (they are filled above)."""
-
-    def __init__(self, source: JobsSource):
-        self.data_dir = source.data_dir
-        self.pipeline_view = None
-
-    def summary(self, job_uuid: str) -> dict[str, Any]:
-        raise UnknownJobError(job_uuid)
 
 
 def install_operator_tools(app, service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
