@@ -42,7 +42,7 @@ STATUS = "/v1/post-training/job/status"
 
 
 class Service:
-    def __init__(self, work: Path, env: dict[str, str]):
+    def __init__(self, work: Path, env: dict[str, str], models_root: str):
         self.data_dir = work / "data"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +50,7 @@ class Service:
         log = open(work / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--nproc-per-node", "1"],
+             "--data-dir", str(self.data_dir), "--nproc-per-node", "1", "--allowed-model-root", models_root],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
         deadline = time.monotonic() + 120
         while True:
@@ -103,7 +103,8 @@ def phase(svc: Service, variant: str, n: int, model: str, args) -> dict:
     job = f"{variant}-{n}"
     r = svc.client.post("/v1/post-training/supervised-fine-tune",
                         json=sft_body(job, model, nproc=1, steps=25, n_epochs=400))
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"submit {job}: HTTP {r.status_code} {r.text}")
     deadline = time.monotonic() + 300
     while (svc.status(job)["resources_allocated"].get("step") or 0) < 2:
         if time.monotonic() > deadline:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for variant, env in (("off", {"TRL_FSDP_DASHBOARD": "0", "TRL_FSDP_METRICS": "0"}), ("on", {})):
             (work / variant).mkdir()
-            svc = services[variant] = Service(work / variant, env)
+            svc = services[variant] = Service(work / variant, env, str(Path(models["student"]).parent))
             svc.client.post("/v1/datasets/toy/rows", content=rows.encode()).raise_for_status()
         assert services["off"].client.get("/metrics").status_code == 404
         assert services["on"].client.get("/metrics").status_code == 200
