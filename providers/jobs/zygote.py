@@ -17,8 +17,11 @@ is not initialised). For each job it forks a child that:
 The zygote reaps its children and reports each exit status over the job's connection; `ZygoteProcess`
 turns that into the Popen interface the JobManager uses (pid, poll, wait, returncode). A job that crashes
 (a segfault included) only ends its own process; if the zygote itself dies or cannot start, jobs are
-started the usual way (subprocess.Popen), and the next job starts a new zygote. `TRL_JOB_ZYGOTE=0` turns
-the zygote off.
+started the usual way (subprocess.Popen), and the next job starts a new zygote. Nothing waits for a
+zygote that is still importing: jobs submitted meanwhile start as new processes. When the server is gone
+the zygote takes no new jobs and exits once its running jobs have ended (it stays their parent and reaps
+them; like spawned jobs they run on, and a restarted server stops them). `TRL_JOB_ZYGOTE=0` turns the
+zygote off.
 """
 
 from __future__ import annotations
@@ -73,8 +76,12 @@ class ZygoteProcess:
         self._buffer = b""
 
     def _read_exit(self, timeout: float | None) -> None:
-        """Read the zygote's exit report for this job (or notice that the zygote is gone)."""
-        with self._lock:
+        """Read the zygote's exit report for this job (or notice that the zygote is gone). Another thread
+        may be waiting for it already (the supervisor's wait() holds the lock for the job's lifetime):
+        then a poll must not block, it answers from what is known."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return
+        try:
             if self.returncode is not None:
                 return
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -90,6 +97,8 @@ class ZygoteProcess:
                 self._buffer += chunk
             self.returncode = int(json.loads(self._buffer.split(b"\n", 1)[0])["returncode"])
             self._conn.close()
+        finally:
+            self._lock.release()
 
     def _lost_zygote(self, deadline: float | None) -> None:
         # The job was reparented and is reaped by init; its exit status is lost. status.json (written by
@@ -161,15 +170,17 @@ class Zygote:
         self.started = time.monotonic()
 
     def ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
-        """Wait until the zygote has imported everything and listens; False if it died or timed out."""
+        """Whether the zygote has imported everything and listens, waiting up to `timeout` seconds (0: just
+        look); False if it died or is still importing."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             if self.proc.poll() is not None:
                 return False
             if self.socket_path.exists():
                 return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.02)
-        return False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -250,20 +261,21 @@ def prestart(env: dict[str, str]) -> None:
 
 def launch_job_process(argv: list[str], *, stdout, env: dict[str, str], cwd: str, niceness: int = 0,
                        **popen_kwargs: Any):
-    """Start a job: forked from the zygote when possible, else subprocess.Popen(argv, stdout=..., env=...,
-    cwd=..., **popen_kwargs) (which must put the job in its own session, as the zygote does)."""
+    """Start a job: forked from the zygote when it is ready, else subprocess.Popen(argv, stdout=...,
+    env=..., cwd=..., **popen_kwargs) (which must put the job in its own session, as the zygote does).
+    Never waits for a zygote that is still importing: the first jobs after a server starts are spawned
+    while it warms up, so no request ever waits on it."""
     if enabled() and forkable(argv):
         z = zygote_for(env)
-        try:
-            if not z.ready():
-                raise RuntimeError(f"not ready after {time.monotonic() - z.started:.0f}s")
-            return z.spawn(argv, stdout, cwd, env, niceness)
-        except Exception as e:  # noqa: BLE001 - any zygote failure: start the job the usual way
-            log.warning("job zygote unavailable (%s: %s); starting the job as a new process. Zygote log:\n%s",
-                        type(e).__name__, e, z.log_tail())
-            if not z.alive():
-                with _zygotes_lock:
-                    _zygotes.pop(frozenset(env.items()), None)
+        if z.ready(timeout=0):
+            try:
+                return z.spawn(argv, stdout, cwd, env, niceness)
+            except Exception as e:  # noqa: BLE001 - any zygote failure: start the job the usual way
+                log.warning("job zygote failed to start a job (%s: %s); starting it as a new process. Zygote "
+                            "log:\n%s", type(e).__name__, e, z.log_tail())
+        elif z.alive():
+            log.info("job zygote still importing (%.0fs); this job starts as a new process",
+                     time.monotonic() - z.started)
     return subprocess.Popen(argv, stdout=stdout, env=env, cwd=cwd, **popen_kwargs)
 
 
@@ -391,8 +403,16 @@ def serve(socket_path: str) -> None:
     os.replace(tmp, socket_path)  # the socket appears once it accepts connections: the server's "ready"
     print(f"zygote {os.getpid()}: preloaded {len(PRELOAD)} modules in {time.monotonic() - started:.1f}s", flush=True)
     conns: dict[int, socket.socket] = {}  # job pid -> its connection
-    while os.getppid() == parent:  # the server is gone: stop (running jobs go on, as spawned ones would)
-        ready, _, _ = select.select([listener], [], [], 0.05)
+    while True:
+        if listener is not None and os.getppid() != parent:
+            # The server is gone: take no new jobs, but stay the parent of the running ones until they end
+            # (as spawned jobs, they run on; a restarted server stops them), so each is reaped here.
+            listener.close()
+            listener = None
+            Path(socket_path).unlink(missing_ok=True)
+        if listener is None and not conns:
+            break
+        ready, _, _ = select.select([listener] if listener is not None else [], [], [], 0.05)
         if ready:
             conn, _ = listener.accept()
             try:
@@ -417,6 +437,7 @@ def serve(socket_path: str) -> None:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
+                conns.clear()
                 break
             if pid == 0:
                 break
@@ -427,8 +448,6 @@ def serve(socket_path: str) -> None:
                 except OSError:
                     pass
                 conn.close()
-    listener.close()
-    os.unlink(socket_path)
 
 
 if __name__ == "__main__":
