@@ -243,3 +243,17 @@ def test_request_fields_become_the_spec(tmp_path, tiny_models):
                                 rank=4, alpha=8, quantize_base=True)
     if efficiency.four_bit_trains_here() is None:
         assert peft_spec(lora).quantize_base
+
+
+def test_trainer_arguments_carry_the_knobs(tmp_path, tiny_models):
+    from providers.training.components import load_model, trainer_args
+
+    spec = make_spec(tmp_path, [], model=tiny_models["student"], name="args", data={"shuffle": True},
+                     efficiency=EfficiencySpec(torch_compile=True, gradient_checkpointing=True, group_by_length=True,
+                                               attn_implementation="eager"))
+    args = trainer_args(spec, num_rows=8, has_eval=False)
+    assert args["torch_compile"] is True and args["use_liger_kernel"] is False
+    assert args["gradient_checkpointing"] is True and args["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert args["train_sampling_strategy"] == "group_by_length"
+    assert load_model(spec.model, spec).config._attn_implementation == "eager"
+    assert trainer_args(make_spec(tmp_path, [], model="m", name="plain"), 8, False)["gradient_checkpointing"] is False
