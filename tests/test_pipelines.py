@@ -141,3 +141,27 @@ def test_pipeline_merge_of_unlike_students_is_refused(service, tiny_models):
                          {"name": "b", "model": tiny_models["student"], "peft": {"type": "PEFT", "method": "lora"}}],
             "merge": {"method": "linear"},
         })
+
+
+def test_a_cancelled_pipeline_starts_nothing_more_and_stays_cancelled(service, tiny_models, toy_data):
+    """Cancel while the teacher runs: the teacher task stops, no student is ever started, and the running
+    pipeline thread does not overwrite `cancelled` when it notices."""
+    import time
+
+    import requests
+
+    client, _ = service
+    pipeline_id = client._call("POST", "/v1/pipelines/teacher-student", json={
+        "pipeline_id": "p-cancel", "rows": [{"input_query": r["input_query"]} for r in toy_data["instruct"][:200]],
+        "teacher": {"model": tiny_models["teacher"], "top_k": 8, "max_new_tokens": 32, "generation_batch_size": 1},
+        "students": [{"name": n, "model": tiny_models["student"], "max_steps_per_epoch": 4} for n in ("a", "b")],
+    })["pipeline_id"]
+    client._call("POST", f"/v1/pipelines/{pipeline_id}/cancel")
+    time.sleep(3)  # the pipeline thread polls every 0.5 s: give it time to notice
+    state = client._call("GET", f"/v1/pipelines/{pipeline_id}")
+    assert state["state"] == "cancelled", state
+    assert state["teacher"]["status"] == "cancelled"
+    for student in ("a", "b"):
+        r = requests.get(f"{client.base_url}/v1/post-training/job/status",
+                         params={"job_uuid": f"{pipeline_id}-student-{student}"}, timeout=10)
+        assert r.status_code == 404, r.text  # never started

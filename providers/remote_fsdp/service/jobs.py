@@ -59,7 +59,8 @@ class FsdpJobService:
             checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
             model_roots_hint="start the service with --allowed-model-root DIR (or --model-dir)",
         )
-        clean_partial_files(self.datasets_dir)
+        for directory in (self.datasets_dir, self.data_dir / "uploaded_teacher_outputs", self.data_dir / "tmp"):
+            clean_partial_files(directory)  # what uploads and extractions cut short by a crash left
         env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs)
