@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+TOKEN = "bench-workflow-token-0123"  # the service wants 16+ characters
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-workflow-"))
     models = build_tiny_models(args.models or work / "models")
     data = make_toy_datasets()
-    (work / "token").write_text("bench")
+    (work / "token").write_text(TOKEN)
     port = args.port or __import__("socket").create_server(("127.0.0.1", 0)).getsockname()[1]
     log = open(work / "service.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port),
@@ -66,12 +67,14 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
+            if proc.poll() is not None:
+                raise SystemExit(f"service exited: {(work / 'service.log').read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(url + "/health", timeout=2)
                 break
             except OSError:
                 time.sleep(0.5)
-        svc = TrainingServiceClient(url, api_token="bench")
+        svc = TrainingServiceClient(url, api_token=TOKEN)
         request = {
             "workflow_id": "bench",
             "rows": data["instruct"][: args.rows],

@@ -273,3 +273,21 @@ def test_validation_and_export_routes_alone(service, tiny_models, toy_data):
         svc.export_model("../x", "job:w1-train", ["gguf"])
     with pytest.raises(RuntimeError, match="404"):
         svc.task("validations", "nope")
+
+
+def test_workflow_dpo_on_the_preference_pairs(service, tiny_models, toy_data):
+    """train.method dpo: the corrected answers chosen over the first wrong attempts; steps alone skipped."""
+    svc = service["client"]
+    state = svc.run_workflow({
+        "workflow_id": "w-dpo", "rows": toy_data["instruct"][:12],
+        "enhance": roles(tiny_models, max_iterations=1, concurrency=4),
+        "train": {"method": "dpo", "n_epochs": 1, "max_steps_per_epoch": 3, "batch_size": 4, "lr": 1e-3,
+                  "dpo": {"beta": 0.1}},
+    }, interval_s=1.0)
+    assert state["state"] == "completed", state
+    results = json.loads((service["data"] / "workflows/workflows/w-dpo/pipeline_results.json").read_text())
+    assert {k: v["status"] for k, v in results["steps"].items()} == {
+        "enhance": "completed", "train": "completed", "validate": "skipped", "export": "skipped"}
+    job = svc.status("w-dpo-train")
+    assert job["status"] == "completed" and job["resources_allocated"]["method"] == "dpo"
+    assert results["steps"]["train"]["outputs"]["rows"] == results["steps"]["enhance"]["outputs"]["preference_pairs"] > 0

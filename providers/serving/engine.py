@@ -62,6 +62,8 @@ def load_for_inference(path: str | Path, base_model: str | None = None, dtype: t
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if torch.cuda.is_available():  # untested here (CPU only); generation follows the model's device
+        model = model.to("cuda")
     return LoadedModel(str(path), model.eval(), tokenizer, base)
 
 
@@ -85,10 +87,13 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            loaded = load_for_inference(key)
+            try:
+                loaded = load_for_inference(key)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
             with self._lock:
                 self._models[key] = loaded
-                self._loading.pop(key, None)
                 while len(self._models) > self.capacity:
                     self._models.popitem(last=False)
             return loaded
@@ -136,14 +141,14 @@ def stream_tokens(loaded: LoadedModel, ids: list[int], max_tokens: int, temperat
     model = loaded.model
     eos = set(_eos_ids(loaded))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     past = None
     cache_kw = _cache_keyword(model)
     with torch.inference_mode():
         for _ in range(max_tokens):
             out = model(input_ids=x, use_cache=True, **{cache_kw: past})
             past = getattr(out, cache_kw)
-            logits = out.logits[0, -1].float()
+            logits = out.logits[0, -1].float().cpu()
             if temperature <= 0:
                 nxt = int(logits.argmax())
             else:
@@ -156,7 +161,7 @@ def stream_tokens(loaded: LoadedModel, ids: list[int], max_tokens: int, temperat
             if nxt in eos:
                 return
             yield nxt
-            x = torch.tensor([[nxt]])
+            x = torch.tensor([[nxt]], device=model.device)
 
 
 def _cache_keyword(model) -> str:
@@ -225,7 +230,9 @@ def _generate_whole(loaded: LoadedModel, ids: list[int], max_tokens: int, temper
         torch.manual_seed(seed)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with loaded.lock, torch.inference_mode():
-        out = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        device = loaded.model.device
+        out = loaded.model.generate(input_ids=torch.tensor([ids], device=device),
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                     max_new_tokens=max_tokens, pad_token_id=loaded.tokenizer.pad_token_id, **kw)
     new = out[0, len(ids):].tolist() if out.shape[1] > len(ids) else out[0].tolist()
     eos = set(_eos_ids(loaded))

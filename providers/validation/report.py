@@ -118,8 +118,8 @@ def answer_perplexity(loaded, items: list[dict[str, Any]]) -> float | None:
             continue
         p = prompt_ids(loaded, it["prompt"])
         answer = tok(it["expected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + answer])
-        logits = loaded.model(input_ids=ids).logits[0, -len(answer) - 1 : -1].float()
+        ids = torch.tensor([p + answer], device=loaded.model.device)
+        logits = loaded.model(input_ids=ids).logits[0, -len(answer) - 1 : -1].float().cpu()
         total += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
         count += len(answer)
     return math.exp(total / count) if count else None

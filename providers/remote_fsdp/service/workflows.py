@@ -135,6 +135,8 @@ class WorkflowRequest(_Strict):
         if (self.rows is None) == (self.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
         check_key_names(self.enhance)
+        if self.train.method == "dpo" and self.train.peft is not None:
+            raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
         return self
 
 
@@ -507,13 +509,19 @@ class WorkflowTasks:
             "torch_run_config": {"nproc_per_node": 1},
         }
         peft = t.peft.model_dump(mode="json") if t.peft else None
-        if t.method == "dpo":
+        try:  # the workflow ran before a restart: pick its job up again instead of submitting a second one
+            previous = self.service.view(job_uuid)["status"]
+        except UnknownJobError:
+            previous = None
+        if previous in ("failed", "cancelled"):
+            self.service.jobs.resume(job_uuid)
+        elif previous is None and t.method == "dpo":
             if peft:
                 raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
             body = {"job_uuid": job_uuid, "finetuned_model": model, "training_config": training_config,
                     "algorithm_config": (t.dpo or DPOAlignmentConfig()).model_dump(mode="json"), "rows": rows}
             self.service.submit_request("preference-optimize", body)
-        else:
+        elif previous is None:
             body = {"job_uuid": job_uuid, "model": model, "training_config": training_config,
                     "algorithm_config": peft, "rows": rows}
             self.service.submit_request("supervised-fine-tune", body)
