@@ -19,6 +19,13 @@ from ..jobs.store import UnknownJobError
 from .sources import JobsSource, log_path, read_metrics, tail_lines
 
 STATIC = Path(__file__).resolve().parent / "static"
+# The page runs only its own files (no inline script, no CDN) and cannot be framed (its buttons act).
+PAGE_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+}
 
 
 def _unknown(what: str, name: str) -> HTTPException:
@@ -40,7 +47,7 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
 
     @r.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     @r.get("/static/{name:path}", include_in_schema=False)
     async def static(name: str) -> FileResponse:

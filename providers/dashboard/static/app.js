@@ -73,7 +73,7 @@ async function jobsView(el) {
   return async () => {
     const { data } = await api("/jobs");
     $("#jobs tbody", el).innerHTML = data.length ? data.map((j) => `
-      <tr class="clickable" data-job="${esc(j.job_uuid)}" onclick="location.hash='#/job/${encodeURIComponent(j.job_uuid)}'">
+      <tr class="clickable" data-job="${esc(j.job_uuid)}" data-href="#/job/${encodeURIComponent(j.job_uuid)}">
         <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a></td><td>${badge(j.status)}</td>
         <td>${esc(j.method)}</td><td class="wrap" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
         <td>${bar(j.progress)}</td><td>${fmt(j.step)} / ${fmt(j.total_steps)}</td>
@@ -236,7 +236,7 @@ async function pipelinesView(el) {
   el.innerHTML = `<h2>Pipelines</h2><table id="pipelines"><thead><tr><th>pipeline</th><th>state</th><th>students</th><th>created</th><th>error</th></tr></thead><tbody></tbody></table>`;
   return async () => {
     const { data } = await api("/pipelines");
-    $("#pipelines tbody", el).innerHTML = data.length ? data.map((p) => `<tr class="clickable" onclick="location.hash='#/pipeline/${encodeURIComponent(p.pipeline_id)}'">
+    $("#pipelines tbody", el).innerHTML = data.length ? data.map((p) => `<tr class="clickable" data-href="#/pipeline/${encodeURIComponent(p.pipeline_id)}">
       <td><a href="#/pipeline/${encodeURIComponent(p.pipeline_id)}">${esc(p.pipeline_id)}</a></td><td>${badge(p.state)}</td><td>${fmt(p.students)}</td>
       <td>${p.created_at ? new Date(p.created_at).toLocaleString() : "–"}</td><td class="wrap error">${esc(p.error || "")}</td></tr>`).join("")
       : `<tr><td colspan="5" class="muted">No pipelines.</td></tr>`;
@@ -294,5 +294,9 @@ async function route() {
     else el.innerHTML = `<p class="error">${esc(e.message)}</p>`;
   }
 }
+document.addEventListener("click", (e) => {  // whole table rows link to their page
+  const row = e.target.closest("tr[data-href]");
+  if (row && !e.target.closest("a")) location.hash = row.dataset.href;
+});
 window.addEventListener("hashchange", route);
 route();
