@@ -78,6 +78,7 @@ def enhance(ctx: typer.Context, config: Path = typer.Argument(..., help="Enhance
             local: bool = typer.Option(False, help="run here, not on the service"),
             out: Path = typer.Option(Path("enhanced"), help="output directory with --local (resumes if present)"),
             local_url: Optional[str] = typer.Option(None, help="--local: base URL for roles without base_url"),
+            local_key_env: Optional[str] = typer.Option(None, help="--local: env variable with that URL's key"),
             wait: bool = True) -> None:
     """Student -> judge -> teacher hint -> retry over Q&A rows; writes the SFT/DPO datasets and a report."""
     cfg = _load(config)
@@ -85,7 +86,9 @@ def enhance(ctx: typer.Context, config: Path = typer.Argument(..., help="Enhance
         from .enhance import EnhanceConfig, enhance_rows
 
         report = asyncio.run(enhance_rows(_rows(rows) or [], EnhanceConfig.model_validate(cfg), out,
-                                          local_base_url=local_url, progress=lambda c: typer.echo(json.dumps(c), err=True)))
+                                          local_base_url=local_url,
+                                          local_api_key=os.environ.get(local_key_env) if local_key_env else None,
+                                          progress=lambda c: typer.echo(json.dumps(c), err=True)))
         _finish({"state": "completed", "report": {k: v for k, v in report.items() if k != "config"}})
     state = _client(ctx).enhance_data(id, cfg, rows=_rows(rows), dataset_id=dataset_id, wait=wait, callback=_progress)
     _finish(state)

@@ -25,6 +25,8 @@ from helpers import free_port, processes_mentioning, stop_process_group, wait_fo
 
 from providers.remote_fsdp.client import TrainingServiceClient
 
+pytestmark = pytest.mark.slow  # trains
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "workflow-test-token"
 
@@ -291,3 +293,23 @@ def test_workflow_dpo_on_the_preference_pairs(service, tiny_models, toy_data):
     job = svc.status("w-dpo-train")
     assert job["status"] == "completed" and job["resources_allocated"]["method"] == "dpo"
     assert results["steps"]["train"]["outputs"]["rows"] == results["steps"]["enhance"]["outputs"]["preference_pairs"] > 0
+
+
+def test_cli_chat_and_local_enhance(service, tiny_models, toy_data, tmp_path):
+    """`trl-post-training chat` against the service, and `enhance --local` (the loop in the CLI's process,
+    roles served by the service)."""
+    env = {**os.environ, "TRL_POST_TRAINING_URL": service["url"], "TRL_POST_TRAINING_TOKEN": TOKEN}
+    cli = [sys.executable, "-m", "providers.cli"]
+    out = subprocess.run([*cli, "chat", tiny_models["teacher"], "reverse: a b c", "--max-tokens", "8"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "c b a", out.stderr[-2000:]
+
+    (tmp_path / "config.json").write_text(json.dumps(roles(tiny_models, max_iterations=1)))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_data["instruct"][:3]))
+    out = subprocess.run([*cli, "enhance", str(tmp_path / "config.json"), "--rows", str(tmp_path / "rows.jsonl"),
+                          "--local", "--out", str(tmp_path / "enhanced"),
+                          "--local-url", service["url"] + "/v1/openai/v1", "--local-key-env", "TRL_POST_TRAINING_TOKEN"],
+                         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "enhanced" / "enhancement_report.json").read_text())
+    assert report["rows_processed"] == 3 and report["training_data_correct_share"]["after"] == 1.0
