@@ -73,6 +73,72 @@ def test_gguf_metadata_and_tokenizer(tiny_models, teacher_gguf):
     assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
 
 
+def gguf_llama_logits(path, ids, tensors=None):
+    """llama.cpp's `llama` forward in numpy on the GGUF tensors: interleaved (NORM) RoPE on adjacent pairs."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.")}
+    t = read_gguf_tensors(path) if tensors is None else tensors
+    n_head, n_kv = f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
+    eps, base, hd = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"], f["llama.rope.dimension_count"]
+
+    def norm(x, w):
+        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * w
+
+    def rope(x):  # x: (T, heads, hd); rotate (x[2i], x[2i+1]) by pos * base^(-2i/hd)
+        T = x.shape[0]
+        ang = np.arange(T)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None, :]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        return out
+
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    T = len(ids)
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(f["llama.block_count"]):
+        def p(n, i=i):
+            return t[f"blk.{i}.{n}.weight"].astype(np.float64)
+
+        h = norm(x, p("attn_norm"))
+        q = rope((h @ p("attn_q").T).reshape(T, n_head, hd))
+        k = rope((h @ p("attn_k").T).reshape(T, n_kv, hd)).repeat(n_head // n_kv, axis=1)
+        v = (h @ p("attn_v").T).reshape(T, n_kv, hd).repeat(n_head // n_kv, axis=1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", a, v).reshape(T, -1) @ p("attn_output").T
+        h = norm(x, p("ffn_norm"))
+        g = h @ p("ffn_gate").T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ p("ffn_up").T)) @ p("ffn_down").T
+    return norm(x, t["output_norm.weight"]) @ t["output.weight"].T.astype(np.float64)
+
+
+def test_gguf_computes_the_hf_logits_under_llama_cpp_rope(tiny_models, teacher_gguf):
+    """llama.cpp's `llama` forward (adjacent-pair RoPE), in numpy on the file's tensors, gives the
+    transformers logits; with q/k left in HF order it would not (so the check sees the permutation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    ids = tok.apply_chat_template([{"role": "user", "content": "reverse: a b c d"}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()(torch.tensor([ids])).logits[0].double().numpy()
+    got = gguf_llama_logits(teacher_gguf["f32"]["path"], ids)
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max() and (got.argmax(-1) == want.argmax(-1)).all()
+    unpermuted = read_gguf_tensors(teacher_gguf["f32"]["path"])
+    for name, t in hf_state(tiny_models["teacher"]).items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            layer, proj = name.split(".")[2], "attn_q" if "q_proj" in name else "attn_k"
+            unpermuted[f"blk.{layer}.{proj}.weight"] = t.numpy()
+    wrong = gguf_llama_logits(teacher_gguf["f32"]["path"], ids, unpermuted)
+    assert np.abs(wrong - want).max() > 1e-2 * np.abs(want).max()
+    f16 = gguf_llama_logits(teacher_gguf["f16"]["path"], ids)
+    assert (f16.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
 def lora_adapter(student: str, out: Path) -> Path:
     """A LoRA adapter with random (non-zero) weights, so merging changes the model."""
     from peft import LoraConfig, get_peft_model

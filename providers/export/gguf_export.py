@@ -46,8 +46,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config) -> dict[str, tuple[str,
         elif base.endswith("k_proj"):
             t = permute_qk(t, n_kv)
         out[name + suffix] = (hf_name, t)
-    if "output.weight" not in out and getattr(config, "tie_word_embeddings", False):
-        pass  # llama.cpp reuses token_embd for tied embeddings
+    # Tied embeddings: safetensors holds no lm_head.weight, and llama.cpp reuses token_embd without output.weight.
     return out
 
 
