@@ -313,3 +313,22 @@ def test_cli_chat_and_local_enhance(service, tiny_models, toy_data, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "enhanced" / "enhancement_report.json").read_text())
     assert report["rows_processed"] == 3 and report["training_data_correct_share"]["after"] == 1.0
+
+
+def test_bad_workflow_requests_are_400s_naming_the_field(service, tiny_models):
+    svc = service["client"]
+    bad_model = {**roles(tiny_models), "student": {"model": "job:missing"}}
+    with pytest.raises(RuntimeError, match="400.*config.student.model"):
+        svc.enhance_data("bad1", bad_model, rows=[{"input_query": "reverse: a", "expected_answer": "a"}], wait=False)
+    secret = {**roles(tiny_models), "teacher": {"model": "m", "base_url": "http://127.0.0.1:9/v1",
+                                                 "api_key_env": "TRL_FSDP_API_TOKEN"}}
+    with pytest.raises(RuntimeError, match="400.*api_key_env"):
+        svc.enhance_data("bad2", secret, rows=[{"input_query": "q", "expected_answer": "a"}], wait=False)
+    with pytest.raises(RuntimeError, match="400.*max_iterations"):
+        svc.enhance_data("bad3", {**roles(tiny_models), "max_iterations": 0}, rows=[{"input_query": "q"}], wait=False)
+    with pytest.raises(RuntimeError, match="400.*train.peft"):
+        svc.run_workflow({"workflow_id": "bad4", "rows": [{"input_query": "q", "expected_answer": "a"}],
+                          "enhance": roles(tiny_models), "train": {"method": "dpo", "peft": {"method": "lora"}}},
+                         wait=False)
+    with pytest.raises(RuntimeError, match="400.*token_env"):
+        svc.export_model("bad5", "job:w1-train", ["hub"], wait=False, hub={"repo_id": "me/x", "token_env": "TRL_FSDP_API_TOKEN"})

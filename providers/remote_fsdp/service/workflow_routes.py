@@ -75,11 +75,19 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     r = APIRouter()
 
+    def check_local_roles(config, field: str) -> None:
+        """Roles this service serves must name models it can load: a 400 now, not failed rows later."""
+        roles = {"student": config.student, "teacher": config.teacher, "judge.role": getattr(config.judge, "role", None)}
+        for name, role in roles.items():
+            if role is not None and role.base_url is None:
+                refs.resolve(role.model, f"{field}.{name}.model")
+
     def rows_of(req) -> list[dict]:
         return req.rows if req.rows is not None else list(service.dataset_rows(req.dataset_id, "dataset_id"))
 
     @r.post("/data-enhancement")
     def create_enhancement(req: EnhanceRequest) -> dict[str, Any]:
+        check_local_roles(req.config, "config")
         return tasks.create("enhancements", req.enhancement_id, req, rows_of(req))
 
     @r.post("/data-enhancement/{task_id}/resume")
@@ -104,6 +112,7 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     @r.post("/workflows")
     def create_workflow(req: WorkflowRequest) -> dict[str, Any]:
+        check_local_roles(req.enhance, "enhance")
         refs.resolve(train_model(req), "train.model")
         return tasks.create("workflows", req.workflow_id, req, rows_of(req))
 
