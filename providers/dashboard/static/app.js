@@ -93,7 +93,8 @@ function makeChart(def, container) {
   const opts = {
     width: Math.max(400, box.clientWidth - 16), height: 220,
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { size: 60 }],
+    // learning rates are small numbers: exponent labels, or the ticks read 0.001 0.001 0.002
+    axes: [{ label: "step" }, { size: 60, ...(def.id === "lr" ? { values: (u, ticks) => ticks.map((v) => v.toExponential(1)) } : {}) }],
     series: [{ label: "step" }, ...def.keys.map((k, i) => ({
       label: def.labels[i], stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
       points: { show: k.startsWith("eval") ? true : undefined },
