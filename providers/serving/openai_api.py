@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -103,7 +104,12 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
         args = (loaded, req.chat(), req.token_limit(), req.temperature, req.top_p, req.stop, req.seed)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            c = await asyncio.to_thread(generate, *args)
+            try:
+                c = await asyncio.to_thread(generate, *args)
+            except TemplateError as e:  # messages the model's chat template refuses (roles, order)
+                return JSONResponse(status_code=400, headers={"x-should-retry": "false"}, content={
+                    "error": {"message": f"messages: the model's chat template refused them: {e}",
+                              "type": "invalid_request_error", "param": "messages", "code": None}})
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
