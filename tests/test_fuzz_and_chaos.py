@@ -21,22 +21,17 @@ from helpers import free_port, processes_mentioning, wait_for_job, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fsdp_service import Service
-from test_security import API_TOKEN, NODE_TOKEN, Authed, secret_files
+from test_security import API_TOKEN, NODE_TOKEN, Authed, secret_files, sft
 
 ACTIVE = ("scheduled", "in_progress")
 FUZZ_COUNTS = {"requests": 0, "5xx": 0}
 
 
 def sft_body(job_uuid: str, model: str, steps: int = 2, **tc) -> dict:
-    return {
-        "job_uuid": job_uuid, "model": model,
-        "training_config": {
-            "n_epochs": 1, "max_steps_per_epoch": steps, "dtype": "fp32",
-            "data_config": {"dataset_id": "toy", "batch_size": 4, "shuffle": False},
-            "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
-            "torch_run_config": {"nproc_per_node": 1}, **tc,
-        },
-    }
+    """test_security's one-process SFT body, with training_config extras."""
+    body = sft(job_uuid, model, steps)
+    body["training_config"].update(tc)
+    return body
 
 
 def job_processes(run_dir: Path) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
-from ...jobs.store import JobStore, UnknownJobError
+from ...jobs.store import JobStore
 from ...post_training_api import (
     SAFE_NAME,
     ProviderDefaults,

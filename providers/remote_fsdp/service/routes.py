@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from ...jobs.store import ACTIVE, UnknownJobError
+from ...jobs.store import ACTIVE
 from ...post_training_api import FINITE, SAFE_NAME
 from ...training.merge import merge_adapters
 from ...training.plots import plot_files
