@@ -380,7 +380,9 @@ def serve(socket_path: str) -> None:
     try:
         import setproctitle  # noqa: F401 - must see the original environment: imported before any job changes it
     except ImportError:
-        print("zygote: setproctitle is not installed: jobs show the zygote's command line in /proc", flush=True)
+        # Without it a forked job's /proc cmdline would not name its run dir, and a restarted server could
+        # not recognise (and stop) it: jobs start as new processes instead.
+        sys.exit("zygote: the setproctitle package is not installed; jobs start as new processes")
     # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import; both libraries
     # stop and restart them around fork (pthread_atfork). Any other thread after the imports (torch's
     # OpenMP or inter-op pools would only start with a torch op) means the zygote must not fork.
