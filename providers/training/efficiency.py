@@ -1,21 +1,21 @@
 """Speed and memory knobs (`JobSpec.efficiency`): what each one becomes in the model load and the trainer
 config, whether this host can run it, and what is in force (for resources_allocated).
 
-| field                    | becomes                                                                       |
-|--------------------------|-------------------------------------------------------------------------------|
-| gradient_checkpointing   | TrainingArguments gradient_checkpointing + use_reentrant=False; under FSDP,  |
-|                          | FSDP2 activation checkpointing of each decoder layer                          |
-| padding_free             | SFTConfig padding_free: a batch is one row of concatenated sequences with     |
-|                          | position_ids; attention stays within each sequence (flash-attn varlen on GPUs,|
-|                          | a block-diagonal mask under sdpa/eager). packed=true (BFD packing) implies it |
-| group_by_length          | train_sampling_strategy "group_by_length": batches of similar lengths (set in |
-|                          | components.trainer_args, beside shuffle)                                      |
-| attn_implementation      | from_pretrained(attn_implementation=...); "kernels" = kernels-community/flash-attn |
-| load_in_4bit (QLoRA)     | BitsAndBytesConfig NF4, double quantization, compute dtype = the job's dtype  |
-| use_liger_kernel         | TrainingArguments use_liger_kernel (Triton kernels: CUDA only)                 |
-| torch_compile            | TrainingArguments torch_compile (inductor: a C++ compiler on CPU, Triton on GPU) |
-| precompute_ref_log_probs | DPOConfig precompute_ref_log_probs; the reference is the initial policy, so no |
-|                          | reference copy is ever loaded                                                 |
+| field                    | becomes                                                                         |
+|--------------------------|---------------------------------------------------------------------------------|
+| gradient_checkpointing   | TrainingArguments gradient_checkpointing, use_reentrant=False; under FSDP:      |
+|                          | FSDP2 activation checkpointing of each decoder layer                            |
+| padding_free             | SFTConfig padding_free (and CachedLogitsCollator for cached-logit distillation):|
+|                          | a batch is one row of concatenated sequences with position_ids; attention stays |
+|                          | inside each sequence (flash-attn varlen on GPUs, a block-diagonal mask under    |
+|                          | sdpa/eager). packed=true (TRL's BFD packing) is padding-free too                |
+| group_by_length          | train_sampling_strategy "group_by_length" (components.trainer_args)             |
+| attn_implementation      | from_pretrained(attn_implementation=...); "kernels": kernels-community/flash-attn |
+| load_in_4bit (QLoRA)     | BitsAndBytesConfig: NF4, double quantization, compute dtype = the job's dtype   |
+| use_liger_kernel         | TrainingArguments use_liger_kernel (Triton kernels: CUDA only)                  |
+| torch_compile            | TrainingArguments torch_compile (inductor: C++ on CPU, Triton on GPUs)          |
+| precompute_ref_log_probs | DPOConfig precompute_ref_log_probs: the reference is the initial policy, so no  |
+|                          | reference copy is ever loaded                                                   |
 
 A knob this host cannot run raises ValueError naming the field and what it needs (a 400 at the API);
 none is ever silently dropped.
