@@ -194,7 +194,10 @@ def test_crafted_archives_are_refused_and_write_nothing(svc, tmp_path):
         assert not (svc.data_dir / "uploaded_teacher_outputs" / outputs_id).exists(), name
         assert not (svc.data_dir / "runs" / outputs_id).exists(), name
     assert list(outside.iterdir()) == []
-    assert files_outside(svc.data_dir, started, [tmp_path, Path("/tmp")]) == []
+    # Where the crafted names point: the directory above the data dir (../../..), this test's directory.
+    written = files_outside(svc.data_dir, started, [tmp_path, svc.data_dir.parent])
+    assert [p for p in written if p != svc.log] == []
+    assert not Path("/tmp/pwned").exists()
     leftovers = [p.name for p in (svc.data_dir / "uploaded_teacher_outputs").iterdir()]
     assert leftovers == [], leftovers  # no temp or half-extracted directories
     # Without the node token, nobody gets as far as an archive.
