@@ -21,9 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-WORDS = ("the quick brown fox jumps over lazy dog a small model can still learn simple task when data is clean "
-         "teacher knows answer student tries imitate distillation transfers knowledge from large one please "
-         "question briefly stop done reverse letters count numbers one two three ten forty two hundred").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "small", "model", "can", "still", "learn", "simple", "task", "when", "data", "is", "clean", "teacher", "knows", "answer", "student", "tries", "imitate", "distillation", "transfers", "knowledge", "from", "large", "one", "please", "question", "briefly", "stop", "done", "reverse", "letters", "count", "numbers", "one", "two", "three", "ten", "forty", "two", "hundred"]
 
 
 def load_average() -> str:
@@ -163,7 +161,7 @@ def peak_rss_mb() -> float:
 
 
 def median(xs):
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     return statistics.median(xs) if xs else float("nan")
 
 

@@ -33,12 +33,18 @@ from pathlib import Path
 
 import bench_common as bc
 
-from providers.jobs import zygote  # noqa: E402
-from providers.jobs.manager import JobManager  # noqa: E402
-from providers.jobs.store import JobStore  # noqa: E402
-from providers.training.data import normalize_rows, write_jsonl  # noqa: E402
-from providers.training.run_files import RunFiles  # noqa: E402
-from providers.training.spec import CheckpointSpec, DataSpec, FsdpSpec, JobSpec, OptimizerSpec  # noqa: E402
+from providers.jobs import zygote
+from providers.jobs.manager import JobManager
+from providers.jobs.store import JobStore
+from providers.training.data import normalize_rows, write_jsonl
+from providers.training.run_files import RunFiles
+from providers.training.spec import (
+    CheckpointSpec,
+    DataSpec,
+    FsdpSpec,
+    JobSpec,
+    OptimizerSpec,
+)
 
 
 def inline_command(spec, files):

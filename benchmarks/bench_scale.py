@@ -69,7 +69,13 @@ def child(run_dir: str) -> None:
 
 def job(work: Path, name: str, method: str, model: str, rows: list[dict], steps: int, **fields) -> Path:
     from providers.training.data import write_jsonl
-    from providers.training.spec import CheckpointSpec, DataSpec, DpoSpec, JobSpec, OptimizerSpec
+    from providers.training.spec import (
+        CheckpointSpec,
+        DataSpec,
+        DpoSpec,
+        JobSpec,
+        OptimizerSpec,
+    )
 
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -118,6 +124,7 @@ def mb(x: float) -> str:
 
 
 def main(argv=None) -> None:
+    global BATCH
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--parts", nargs="+", default=["dpo-memory", "checkpoint", "fsdp", "distill"],
@@ -125,11 +132,13 @@ def main(argv=None) -> None:
     p.add_argument("--size", default="125m")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=4, help="rows per batch (per rank)")
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "bench_models"))
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench_scale"))
     args = p.parse_args(argv)
     if args.child:
         return child(args.child)
+    BATCH = args.batch
 
     from providers.training.spec import EfficiencySpec, FsdpSpec, PeftSpec
 
@@ -144,7 +153,11 @@ def main(argv=None) -> None:
     if "dpo-memory" in args.parts:
         variants = [("DPO, frozen reference copy", {}),
                     ("LoRA-DPO, PEFT reference (adapters off)", {"peft": PeftSpec(method="lora", rank=16, alpha=32)}),
-                    ("DPO, precomputed reference log-probs", {"efficiency": EfficiencySpec(precompute_ref_log_probs=True)})]
+                    ("DPO, precomputed reference log-probs", {"efficiency": EfficiencySpec(precompute_ref_log_probs=True)}),
+                    ("LoRA-DPO + gradient checkpointing", {"peft": PeftSpec(method="lora", rank=16, alpha=32),
+                                                           "efficiency": EfficiencySpec(gradient_checkpointing=True)}),
+                    ("DPO, precomputed + gradient checkpointing",
+                     {"efficiency": EfficiencySpec(precompute_ref_log_probs=True, gradient_checkpointing=True)})]
         out = []
         for name, fields in variants:
             r = run(job(work, f"dpo-{len(out)}", "dpo", model, pref_rows, args.steps, **fields), args.threads)[0]

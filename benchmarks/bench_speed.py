@@ -40,18 +40,17 @@ import warnings
 from pathlib import Path
 
 import bench_common as bc
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
-
-from providers.training.data import write_jsonl  # noqa: E402
-from providers.training.recipes import dpo as core_dpo  # noqa: E402
-from providers.training.recipes import sft as core_sft  # noqa: E402
-from providers.training.run_files import RunFiles  # noqa: E402
-from providers.training.spec import (  # noqa: E402
+from providers.training.data import write_jsonl
+from providers.training.recipes import dpo as core_dpo
+from providers.training.recipes import sft as core_sft
+from providers.training.run_files import RunFiles
+from providers.training.spec import (
     CheckpointSpec,
     DataSpec,
     DpoSpec,
@@ -85,8 +84,8 @@ core_dpo.callbacks = _with_timer(core_dpo.callbacks)
 
 def common(out_dir: str, steps: int, method: str, eff: EfficiencySpec) -> dict:
     return dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
-                optim="adamw_torch", lr_scheduler_type="constant", bf16=False, fp16=False,
-                gradient_checkpointing=eff.gradient_checkpointing, torch_compile=eff.torch_compile,
+                lr_scheduler_type="constant", bf16=False, fp16=False,  # optimizer: TRL's default (fused AdamW)
+                activation_checkpointing=eff.gradient_checkpointing, torch_compile=eff.torch_compile,
                 use_cpu=not torch.cuda.is_available(), seed=42, logging_steps=1, report_to="none",
                 save_strategy="no", eval_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
                 train_sampling_strategy="sequential")
@@ -156,7 +155,7 @@ def measure(side: str, method: str, model_path: str, rows, steps: int, work: Pat
     counter.reset()
     n = (run_bare if side == "bare" else run_core)(method, model_path, rows, steps, work, eff)
     s_per_step, grad_tps, nograd_tps, timed = TIMER.rate("cpu")
-    wall_s_per_step, wall_tps, wall_nograd, _ = TIMER.rate("wall")
+    _, wall_tps, wall_nograd, _ = TIMER.rate("wall")
     per_token = 4 if method == "lora" else 6
     flops = per_token * n * grad_tps + 2 * n * nograd_tps
     wall_flops = per_token * n * wall_tps + 2 * n * wall_nograd

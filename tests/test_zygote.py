@@ -157,8 +157,8 @@ def test_a_dead_zygote_is_replaced_and_its_running_job_still_ends(env, tmp_path)
     z = zygote.zygote_for(env)
     assert z.ready()
     run = tmp_path / "run"
-    proc = launch([sys.executable, "-c", "import time, json; time.sleep(1.5); "
-                   "open('status.json', 'w').write(json.dumps({'state': 'completed'}))"], env, run, tmp_path / "log")
+    code = "import time, json; time.sleep(1.5); open('status.json', 'w').write(json.dumps({'state': 'completed'}))"
+    proc = launch([sys.executable, "-c", code], env, run, tmp_path / "log")
     os.kill(z.proc.pid, signal.SIGKILL)
     assert proc.wait(60) == 0  # exit status from status.json: the zygote that knew it is gone
     again = launch([sys.executable, "-c", "print('new zygote')"], env, tmp_path / "run2", tmp_path / "log2")

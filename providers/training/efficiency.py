@@ -3,7 +3,7 @@ config, whether this host can run it, and what is in force (for resources_alloca
 
 | field                    | becomes                                                                         |
 |--------------------------|---------------------------------------------------------------------------------|
-| gradient_checkpointing   | TrainingArguments gradient_checkpointing, use_reentrant=False; under FSDP:      |
+| gradient_checkpointing   | TrainingArguments activation_checkpointing, use_reentrant=False; under FSDP:    |
 |                          | FSDP2 activation checkpointing of each decoder layer                            |
 | padding_free             | SFTConfig padding_free (and CachedLogitsCollator for cached-logit distillation):|
 |                          | a batch is one row of concatenated sequences with position_ids; attention stays |
@@ -151,14 +151,15 @@ def trainer_kwargs(spec: JobSpec) -> dict[str, Any]:
     """TrainingArguments fields (shared by SFT, DPO and the cached-logit Trainer) for the knobs."""
     e = spec.efficiency
     checkpointing = e.gradient_checkpointing and spec.fsdp is None  # FSDP: its own activation checkpointing
+    # transformers 5 names it activation_checkpointing (gradient_checkpointing is its deprecated alias).
     kw: dict[str, Any] = {
-        "gradient_checkpointing": checkpointing,
+        "activation_checkpointing": checkpointing,
         "use_liger_kernel": e.use_liger_kernel,
         "torch_compile": e.torch_compile,
     }
     if checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs (PEFT) and keyword arguments, the PyTorch default.
-        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        kw["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kw
 
 
