@@ -184,6 +184,17 @@ def remote_demo(workdir: Path, models: dict[str, str], prefs: list[dict]) -> Non
         stop(service)
 
 
+def quiet_libraries() -> None:
+    """The demo prints progress and results: importing llama_stack_client sets the root logger to INFO
+    (httpx then logs every request), and transformers draws a progress bar per model load."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None, help="where models, jobs and logs go (default: a temp dir)")
@@ -200,6 +211,7 @@ def main() -> None:
 
     from llama_stack_client import LlamaStackClient
 
+    quiet_libraries()
     stack = start(["llama", "stack", "run", "run.yaml", "--port", "8321"], workdir / "stack.log",
                   "http://127.0.0.1:8321/v1/health", {"TRL_POST_TRAINING_DIR": str(workdir / "stack")})
     try:
