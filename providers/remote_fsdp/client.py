@@ -20,9 +20,7 @@ from typing import Any
 
 import requests
 
-from .workflow_client import WorkflowClientMixin
-
-ACTIVE = ("scheduled", "in_progress")
+from .workflow_client import ACTIVE, WorkflowClientMixin, follow_state
 
 
 class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, validate_model, export_model, run_workflow
@@ -85,17 +83,8 @@ class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, valid
                      interval_s: float = 1.0, timeout_s: float = 3600) -> dict:
         """POST /v1/pipelines/teacher-student and follow it to the end; returns its final state."""
         pipeline_id = self._call("POST", "/v1/pipelines/teacher-student", json=request)["pipeline_id"]
-        deadline = time.monotonic() + timeout_s
-        seen = None
-        while True:
-            state = self._call("GET", f"/v1/pipelines/{pipeline_id}")
-            summary = (state["state"], state["teacher"].get("status"), state["teacher"].get("step"),
-                       tuple((s.get("status"), s.get("step")) for s in state["students"]))
-            if callback and summary != seen:
-                callback(state)
-            seen = summary
-            if state["state"] not in ACTIVE:
-                return state
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"pipeline {pipeline_id} still {state['state']} after {timeout_s}s")
-            time.sleep(interval_s)
+        return follow_state(
+            lambda: self._call("GET", f"/v1/pipelines/{pipeline_id}"),
+            lambda s: (s["state"], s["teacher"].get("status"), s["teacher"].get("step"),
+                       tuple((t.get("status"), t.get("step")) for t in s["students"])),
+            f"pipeline {pipeline_id}", callback, interval_s, timeout_s)

@@ -17,6 +17,25 @@ from collections.abc import Callable
 from typing import Any
 
 ACTIVE = ("scheduled", "in_progress")
+
+
+def follow_state(fetch: Callable[[], dict], summary: Callable[[dict], Any], what: str,
+                 callback: Callable[[dict], None] | None, interval_s: float, timeout_s: float) -> dict:
+    """Poll `fetch()` until its `state` is no longer active; `callback` sees every change of `summary`."""
+    deadline, seen = time.monotonic() + timeout_s, None
+    while True:
+        state = fetch()
+        key = summary(state)
+        if callback and key != seen:
+            callback(state)
+        seen = key
+        if state["state"] not in ACTIVE:
+            return state
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still {state['state']} after {timeout_s}s")
+        time.sleep(interval_s)
+
+
 PATHS = {"enhancements": "/v1/data-enhancement", "validations": "/v1/validations", "exports": "/v1/exports",
          "workflows": "/v1/workflows"}
 
@@ -51,18 +70,8 @@ class WorkflowClientMixin:
     def wait_task(self, kind: str, task_id: str, callback: Callable[[dict], None] | None = None,
                   interval_s: float = 1.0, timeout_s: float = 3600) -> dict:
         """Poll a task until it ends; `callback(state)` sees every change of state or progress."""
-        deadline, seen = time.monotonic() + timeout_s, None
-        while True:
-            state = self.task(kind, task_id)
-            key = (state["state"], repr(state.get("progress")))
-            if callback and key != seen:
-                callback(state)
-            seen = key
-            if state["state"] not in ACTIVE:
-                return state
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{kind} {task_id} still {state['state']} after {timeout_s}s")
-            time.sleep(interval_s)
+        return follow_state(lambda: self.task(kind, task_id), lambda s: (s["state"], repr(s.get("progress"))),
+                            f"{kind} {task_id}", callback, interval_s, timeout_s)
 
     def _submit(self, kind: str, body: dict, wait: bool, callback, interval_s: float) -> dict:
         state = self._call("POST", PATHS[kind], json=body)
