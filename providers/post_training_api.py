@@ -25,7 +25,7 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from .training.efficiency import check_4bit
 from .training.efficiency import from_training_config as efficiency_spec
@@ -46,6 +46,7 @@ from .training.spec import (
     NewTokens,
     OptimizerSpec,
     PeftSpec,
+    SchedulingSpec,
 )
 
 log = logging.getLogger("providers.api")
@@ -90,6 +91,8 @@ class TrainingConfig(_TrainingConfig):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     fsdp_config: dict[str, Any] | None = None  # remote::trl_fsdp only
     torch_run_config: dict[str, Any] | None = None  # remote::trl_fsdp only
+    # priority, max_retries and per-node resources (gpus, gpu_memory_gb, cpu_cores, ram_gb): SchedulingSpec
+    scheduling: dict[str, Any] | None = None
     # Speed and memory (providers/training/efficiency.py); a knob this host cannot run is a 400
     gradient_checkpointing: bool | None = None  # None: efficiency_config.enable_activation_checkpointing
     padding_free: bool = False
@@ -462,7 +465,20 @@ def build_job_spec(
         logging=logging_spec(logger_config, defaults.logging_steps),
         fsdp=fsdp,
         efficiency=efficiency_spec(tc),
+        scheduling=scheduling_spec(tc),
     )
+
+
+def scheduling_spec(tc: TrainingConfig) -> SchedulingSpec:
+    """training_config.scheduling as a SchedulingSpec; raises ValueError naming the field."""
+    if tc.scheduling is not None and not isinstance(tc.scheduling, dict):
+        raise ValueError("training_config.scheduling: must be an object")
+    try:
+        return SchedulingSpec.model_validate(tc.scheduling or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"training_config.scheduling{'.' + loc if loc else ''}: {first['msg']}") from None
 
 
 def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults) -> dict[str, Any]:

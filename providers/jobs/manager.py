@@ -11,8 +11,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,8 +20,19 @@ from typing import Any
 
 from ..training.run_files import RunFiles, utc_now
 from ..training.spec import SAFE_NAME, JobSpec
+from .launcher import (
+    RUNNING,
+    Launcher,
+    LaunchState,
+    LocalLauncher,
+    final_state,
+    kill_process_group,
+    process_group_alive,
+    process_group_runs,
+)
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
-from .zygote import launch_job_process
+
+__all__ = ["JobManager", "QueueFullError", "kill_process_group", "process_group_alive", "process_group_runs"]
 
 log = logging.getLogger("providers.jobs")
 
@@ -37,56 +46,6 @@ class QueueFullError(RuntimeError):
 
 # The server's own settings and secrets never reach a job's processes.
 SERVER_ENV_PREFIXES = ("TRL_FSDP_",)
-
-
-def process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the group, then SIGKILL whatever is left after `grace_s`."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and process_group_alive(pgid):
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def process_group_runs(pgid: int, run_dir: str) -> bool:
-    """Whether process group `pgid` still holds a process of the job in `run_dir` (its command line names
-    the run dir). After a reboot a recorded pid may belong to an unrelated process group, which must not
-    be signalled. Where /proc is missing the group is assumed to be the job's."""
-    if not process_group_alive(pgid):
-        return False
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    needle = str(run_dir).encode()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            if needle in (entry / "cmdline").read_bytes():
-                return True
-        except (OSError, IndexError, ValueError):
-            continue
-    return False
 
 
 def finite(value: Any) -> Any:
@@ -129,10 +88,11 @@ class JobManager:
         niceness: int | None = None,
         runs_dir: str | Path | None = None,
         max_queued_jobs: int = 100,
+        launchers: dict[str, Launcher] | None = None,
     ):
         self.store = store
         self.command = command
-        self.max_concurrent_jobs = max_concurrent_jobs
+        self.max_concurrent_jobs = max_concurrent_jobs  # jobs on this host (`local`); schedulers keep their own queue
         self.max_queued_jobs = max_queued_jobs
         self.env = env or {}
         self.runs_dir = Path(runs_dir).resolve() if runs_dir else None
@@ -141,27 +101,42 @@ class JobManager:
 
             niceness = 0 if torch.cuda.is_available() else 10
         self.niceness = niceness
-        self._procs: dict[str, subprocess.Popen] = {}
+        self.local = LocalLauncher(niceness)
+        self.launchers: dict[str, Launcher] = {"local": self.local, **(launchers or {})}
+        self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
         self._recover()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _recover(self) -> None:
-        """After a restart: jobs that were running lost their supervisor; stop what is left of them and
-        mark them failed. Queued jobs stay scheduled and run, unless their run dir or spec is gone. Run
-        dirs without a record (a submission cut short) are removed. Nothing here may stop start-up."""
-        for job in self.store.list(statuses=("in_progress",)):
+        """After a restart: jobs a scheduler runs (Slurm, Ray) are followed again by their external id;
+        local jobs lost their supervisor, so what is left of them is stopped and they are marked failed.
+        Queued jobs stay scheduled and run, unless their run dir or spec is gone. Run dirs without a record
+        (a submission cut short) are removed. Nothing here may stop start-up."""
+        for job in self.store.list(statuses=ACTIVE):
+            external_id = job.external_id or (str(job.pid) if job.status == "in_progress" and job.pid else None)
+            if external_id is None:
+                problem = self._unstartable(job)
+                if problem:
+                    self._fail(job.job_uuid, problem)
+                continue
+            launcher = self.launchers.get(job.launcher)
+            files = RunFiles(job.run_dir)
             try:
-                if job.pid and process_group_runs(job.pid, job.run_dir):
-                    kill_process_group(job.pid)
-            except OSError as e:
-                log.warning("job %s: could not stop its old processes: %s", job.job_uuid, e)
-            self._fail(job.job_uuid, "the server restarted while the job was running")
-        for job in self.store.list(statuses=("scheduled",)):
-            problem = self._unstartable(job)
-            if problem:
-                self._fail(job.job_uuid, problem)
+                if launcher is None:
+                    self._fail(job.job_uuid, f"the server restarted without the {job.launcher!r} launcher; the "
+                                             f"job ({job.launcher} id {external_id}) may still run there")
+                elif launcher.alive(external_id, files):
+                    log.info("job %s: following %s job %s again", job.job_uuid, job.launcher, external_id)
+                    self._follow(job.job_uuid, launcher, external_id)
+                else:
+                    if launcher is self.local:
+                        self.local.stop_orphan(external_id, files)
+                    self._fail(job.job_uuid, "the server restarted while the job was running")
+            except Exception as e:  # noqa: BLE001 - one job's recovery must not stop start-up
+                log.exception("job %s: recovery failed", job.job_uuid)
+                self._fail(job.job_uuid, f"the server restarted and could not follow the job: {type(e).__name__}: {e}")
         if self.runs_dir is not None and self.runs_dir.is_dir():
             for run_dir in self.runs_dir.iterdir():
                 if run_dir.is_dir() and not self.store.exists(run_dir.name):
@@ -213,9 +188,12 @@ class JobManager:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
-    def submit(self, spec: JobSpec, resources: dict[str, Any] | None = None) -> JobRecord:
+    def submit(self, spec: JobSpec, resources: dict[str, Any] | None = None, launcher: str = "local") -> JobRecord:
         """Write the job's spec and record it (the record last: it is what makes the job exist), then start
         it when a slot is free. Raises DuplicateJobError. Call inside `reserve`."""
+        if launcher not in self.launchers:
+            raise ValueError(f"training_config.torch_run_config.launcher: {launcher!r} is not enabled on this server "
+                             f"(enabled: {sorted(self.launchers)})")
         queued = len(self.store.list(statuses=("scheduled",)))
         if queued >= self.max_queued_jobs:
             raise QueueFullError(f"job_uuid: {queued} jobs are already queued (the limit is {self.max_queued_jobs}); "
@@ -231,6 +209,8 @@ class JobManager:
             run_dir=spec.run_dir,
             scheduled_at=utc_now(),
             resources=resources,
+            launcher=launcher,
+            priority=spec.scheduling.priority,
         )
         spec.save()
         RunFiles(spec.run_dir).update_status(state="scheduled")
@@ -239,25 +219,31 @@ class JobManager:
         return job
 
     def _pump(self) -> None:
-        """Start queued jobs while slots are free. A job that cannot start fails alone, with the reason:
-        it never blocks the queue."""
+        """Start queued jobs, highest priority first: local ones while this host has a free slot, the others
+        (a scheduler queues them) at once. A job that cannot start fails alone, with the reason: it never
+        blocks the queue."""
         with self._lock:
-            running = sum(1 for p in self._procs.values() if p.poll() is None)
-            for job in self.store.list(statuses=("scheduled",)):
-                if running >= self.max_concurrent_jobs:
-                    break
+            running = self.local.running()
+            for job in self.store.list(statuses=("scheduled",), by_priority=True):
+                if job.external_id is not None or job.job_uuid in self._running:
+                    continue  # handed to its launcher already (pending in a scheduler's queue)
+                if job.launcher == "local" and running >= self.max_concurrent_jobs:
+                    continue
                 try:
                     problem = self._unstartable(job)
                     if problem:
                         self._fail(job.job_uuid, problem)
                         continue
                     self._start(job)
-                    running += 1
+                    running += job.launcher == "local"
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
                     self._fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
 
     def _start(self, job: JobRecord) -> None:
+        launcher = self.launchers.get(job.launcher)
+        if launcher is None:
+            raise ValueError(f"launcher {job.launcher!r} is not enabled on this server")
         files = RunFiles(job.run_dir)
         files.logs.mkdir(exist_ok=True)
         spec = JobSpec.load(job.run_dir)
@@ -266,11 +252,19 @@ class JobManager:
             if moved:
                 files.update_status(unrecorded_checkpoints_set_aside=moved)
         argv = self.command(spec, files)
-        proc = self._launch(argv, files, job.run_dir)
-        self._procs[job.job_uuid] = proc
-        self.store.update(job.job_uuid, status="in_progress", started_at=utc_now(), pid=proc.pid)
-        log.info("job %s started: pid %d: %s", job.job_uuid, proc.pid, " ".join(argv))
-        threading.Thread(target=self._supervise, args=(job.job_uuid, proc), daemon=True).start()
+        external_id = launcher.submit(job.job_uuid, spec, files, argv, self.job_env())
+        fields: dict[str, Any] = {"external_id": external_id, "attempts": job.attempts + 1}
+        if launcher is self.local:
+            fields.update(status="in_progress", started_at=utc_now(), pid=int(external_id))
+        self.store.update(job.job_uuid, **fields)
+        log.info("job %s started (%s %s): %s", job.job_uuid, job.launcher, external_id, " ".join(argv))
+        self._follow(job.job_uuid, launcher, external_id)
+
+    def _follow(self, job_uuid: str, launcher: Launcher, external_id: str) -> None:
+        with self._lock:
+            self._running[job_uuid] = (launcher, external_id)
+        threading.Thread(target=self._supervise, args=(job_uuid, launcher, external_id), daemon=True,
+                         name=f"job-{job_uuid}").start()
 
     def job_env(self) -> dict[str, str]:
         """The environment of a job's processes: the server's, without its secrets and settings
@@ -279,62 +273,73 @@ class JobManager:
         env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
         return {**env, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
 
-    def _launch(self, argv: list[str], files: RunFiles, run_dir: str) -> subprocess.Popen:
-        with open(files.log, "ab") as out:
-            # Forked from the preloaded zygote when it can (the same session, env, cwd and log), else Popen.
-            return launch_job_process(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: cancel signals the whole tree
-                preexec_fn=self._lower_priority,
-                env=self.job_env(),
-                cwd=run_dir,
-                niceness=self.niceness,
-            )
-
-    def _lower_priority(self) -> None:
-        # On a CPU-only host the job's processes compete with the server for cores: a lower priority
-        # keeps status polls and cancels quick without slowing training when cores are free.
-        if self.niceness:
-            os.nice(self.niceness)
-
-    def _supervise(self, job_uuid: str, proc: subprocess.Popen) -> None:
-        code = proc.wait()
+    def _supervise(self, job_uuid: str, launcher: Launcher, external_id: str) -> None:
+        files = RunFiles(self.store.get(job_uuid).run_dir)
         try:
-            self._record_exit(job_uuid, proc, code)
+            outcome = launcher.wait(external_id, files, lambda state: self._launch_state(job_uuid, state))
+            self._record_exit(job_uuid, launcher, outcome)
         except Exception as e:  # noqa: BLE001 - the job must end in a final state, whatever happened
-            log.exception("job %s: recording its end failed", job_uuid)
-            self._fail(job_uuid, f"training process exited with code {code}; its end could not be recorded: {e}")
+            log.exception("job %s: following it failed", job_uuid)
+            self._fail(job_uuid, f"the job's end could not be recorded: {type(e).__name__}: {e}")
         finally:
             with self._lock:
-                self._procs.pop(job_uuid, None)
+                self._running.pop(job_uuid, None)
             self._pump()
 
-    def _record_exit(self, job_uuid: str, proc: subprocess.Popen, code: int) -> None:
+    def _launch_state(self, job_uuid: str, state: LaunchState) -> None:
+        """What the launcher says while the job is active: shown in resources_allocated; running means the
+        job is in progress."""
         job = self.store.get(job_uuid)
+        if job.status not in ACTIVE:
+            return
+        resources = {**job.resources, "launcher_state": state.detail or state.state}
+        resources.pop("launcher_reason", None)
+        if state.reason:
+            resources["launcher_reason"] = state.reason
+        fields: dict[str, Any] = {"resources": resources}
+        if state.state == RUNNING and job.status == "scheduled":
+            fields.update(status="in_progress", started_at=utc_now())
+        self.store.update(job_uuid, **fields)
+
+    def _record_exit(self, job_uuid: str, launcher: Launcher, outcome: LaunchState) -> None:
+        job = self.store.get(job_uuid)
+        if job.status not in ACTIVE:
+            return  # already recorded (a cancel that gave up waiting)
         files = RunFiles(job.run_dir)
-        # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
-        if process_group_alive(proc.pid):
-            kill_process_group(proc.pid, grace_s=2.0)
         status = files.read_status()
         first_rank_error = files.first_rank_error()
         if first_rank_error:
             status["error"] = first_rank_error
-        if job_uuid in self._cancelled:
-            reason = self._cancelled[job_uuid]
-            state, error = ("failed", reason) if reason else ("cancelled", None)
-        elif code == 0 and status.get("state") == "completed":
-            state, error = "completed", None
-        else:
-            error = status.get("error") or f"training process exited with code {code}"
+        cancelled = job_uuid in self._cancelled
+        state, error = final_state(outcome, status, cancelled, self._cancelled.get(job_uuid), launcher.name)
+        if state == "failed" and not cancelled and not status.get("error"):
             tail = files.tail_log(5)
-            state, error = "failed", error + ("\n" + "\n".join(tail) if tail and not status.get("error") else "")
+            error = (error or "") + ("\n" + "\n".join(tail) if tail else "")
+        if state == "failed" and not cancelled and self._retry(job, error):
+            return
         self.store.update(job_uuid, status=state, error=error, completed_at=utc_now())
         if files.dir.is_dir():
             files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
         log.info("job %s %s", job_uuid, state)
+
+    def _retry(self, job: JobRecord, error: str | None) -> bool:
+        """Queue a failed job again if its spec allows another try; it resumes from its newest checkpoint."""
+        try:
+            max_retries = JobSpec.load(job.run_dir).scheduling.max_retries
+        except Exception:  # noqa: BLE001 - an unreadable spec cannot run again
+            return False
+        retries = list(job.resources.get("retries", []))
+        if len(retries) >= max_retries:
+            return False
+        retries.append({"attempt": job.attempts, "error": (error or "")[:2000], "failed_at": utc_now()})
+        log.warning("job %s failed (attempt %d); trying again (%d of %d retries): %s", job.job_uuid, job.attempts,
+                    len(retries), max_retries, (error or "")[:300])
+        files = RunFiles(job.run_dir)
+        shutil.rmtree(files.ranks, ignore_errors=True)  # the failed attempt's rank reports
+        files.update_status(state="scheduled", error=None, last_attempt_error=error)
+        self.store.update(job.job_uuid, status="scheduled", external_id=None, error=None,
+                          resources={**job.resources, "retries": retries})
+        return True
 
     def cancel(self, job_uuid: str, reason: str | None = None) -> JobRecord:
         """Stop a job and every process it started: `cancelled`, or `failed` with `reason` when the job is
@@ -344,19 +349,23 @@ class JobManager:
             return job
         with self._lock:
             self._cancelled[job_uuid] = reason
-            proc = self._procs.get(job_uuid)
-            if proc is None:  # still queued
+            followed = self._running.get(job_uuid)
+            if followed is None:  # still queued here
                 state = "failed" if reason else "cancelled"
                 self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
                 if Path(job.run_dir).is_dir():
                     RunFiles(job.run_dir).update_status(state=state, error=reason)
                 return self.store.get(job_uuid)
-        kill_process_group(proc.pid)
-        proc.wait()
+        launcher, external_id = followed
+        launcher.cancel(external_id)
         # The supervisor thread records the final state; wait for it so the caller sees it.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         while self.store.get(job_uuid).status in ACTIVE and time.monotonic() < deadline:
             time.sleep(0.02)
+        if self.store.get(job_uuid).status in ACTIVE:  # the launcher never confirmed: our record says it anyway
+            state = "failed" if reason else "cancelled"
+            self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
+            RunFiles(job.run_dir).update_status(state=state, error=reason, finished_at=utc_now())
         return self.store.get(job_uuid)
 
     def resume(self, job_uuid: str) -> JobRecord:
@@ -369,7 +378,7 @@ class JobManager:
             raise ValueError(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
         with self._lock:
             self._cancelled.pop(job_uuid, None)
-            self.store.update(job_uuid, status="scheduled", error=None, completed_at=None)
+            self.store.update(job_uuid, status="scheduled", error=None, completed_at=None, external_id=None)
             files = RunFiles(job.run_dir)
             shutil.rmtree(files.ranks, ignore_errors=True)  # the previous attempt's rank reports
             files.update_status(state="scheduled", error=None)
@@ -377,11 +386,14 @@ class JobManager:
         return self.store.get(job_uuid)
 
     def shutdown(self) -> None:
-        """Stop running jobs (they are marked failed on the next start if this process dies first)."""
-        for job_uuid, proc in list(self._procs.items()):
-            if proc.poll() is None:
+        """Stop the jobs running on this host (they are marked failed on the next start if this process dies
+        first). Jobs a scheduler runs go on; the next start follows them again."""
+        for job_uuid, (launcher, external_id) in list(self._running.items()):
+            if launcher is self.local:
                 self._cancelled[job_uuid] = "the server shut down while the job was running"
-                kill_process_group(proc.pid)
+                proc = self.local._procs.get(external_id)
+                if proc is not None and proc.poll() is None:
+                    kill_process_group(proc.pid)
 
     # -- views -------------------------------------------------------------------------------------
     def job_view(self, job_uuid: str) -> dict[str, Any]:
@@ -398,6 +410,11 @@ class JobManager:
                 resources[key] = status[key]
         if job.error:
             resources["error"] = job.error
+        resources["launcher"] = job.launcher
+        if job.external_id and job.launcher != "local":
+            resources["external_id"] = job.external_id
+        if job.attempts > 1:
+            resources["attempts"] = job.attempts
         resources["run_dir"] = job.run_dir
         resources["log_file"] = str(RunFiles(job.run_dir).log)
         return finite({

@@ -39,6 +39,10 @@ class JobRecord:
     pid: int | None = None
     error: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
+    launcher: str = "local"  # the launcher that runs it (providers/jobs/launcher.py)
+    external_id: str | None = None  # the launcher's id of the current run: pgid, Slurm job id, Ray submission id
+    priority: int = 0  # higher starts first
+    attempts: int = 0  # runs started so far (retries and resumes included)
 
 
 _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
@@ -71,6 +75,12 @@ class JobStore:
             "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
             "seq INTEGER)"
         )
+        # Columns added after the first release: a store written by an older version gains them.
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in (("launcher", "TEXT DEFAULT 'local'"), ("external_id", "TEXT"),
+                             ("priority", "INTEGER DEFAULT 0"), ("attempts", "INTEGER DEFAULT 0")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
 
     def exists(self, job_uuid: str) -> bool:
@@ -106,14 +116,15 @@ class JobStore:
             raise UnknownJobError(job_uuid)
         return self._record(row)
 
-    def list(self, statuses: tuple[str, ...] | None = None) -> list[JobRecord]:
+    def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False) -> list[JobRecord]:
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
         args: list[str] = []
         if statuses:
             query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             args = list(statuses)
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+            rows = self._db.execute(query + (" ORDER BY priority DESC, seq" if by_priority else " ORDER BY seq"),
+                                    args).fetchall()
         return [self._record(r) for r in rows]
 
     def delete(self, job_uuid: str) -> None:
@@ -123,6 +134,9 @@ class JobStore:
     @staticmethod
     def _record(row) -> JobRecord:
         values = dict(zip(_COLUMNS, row))
+        values["launcher"] = values["launcher"] or "local"
+        values["priority"] = values["priority"] or 0
+        values["attempts"] = values["attempts"] or 0
         try:
             values["resources"] = json.loads(values["resources"] or "{}")
         except json.JSONDecodeError:

@@ -200,6 +200,25 @@ class EfficiencySpec(Strict):
     precompute_ref_log_probs: bool = False  # DPO: one reference pass up front, no reference model after
 
 
+class ResourceRequest(Strict):
+    """What each node of a task needs. The `nodes` launcher places a task only on nodes that have it (it
+    waits otherwise); Slurm gets it as --gres/--cpus-per-task/--mem, Ray as the task's resources. 0: no
+    request."""
+
+    gpus: int = Field(0, ge=0, le=64)
+    gpu_memory_gb: float = Field(0, ge=0, le=10_000)  # in total over the node's GPUs
+    cpu_cores: int = Field(0, ge=0, le=100_000)
+    ram_gb: float = Field(0, ge=0, le=1_000_000)
+
+
+class SchedulingSpec(Strict):
+    """Where and in which order a job runs, and how often it is tried; the training core ignores it."""
+
+    priority: int = Field(0, ge=-100, le=100)  # higher starts first; equal priorities start in submit order
+    max_retries: int = Field(0, ge=0, le=10)  # a failed run starts again, from its newest checkpoint
+    resources: ResourceRequest = Field(default_factory=ResourceRequest)
+
+
 class JobSpec(Strict):
     job_uuid: str = Field(pattern=SAFE_NAME)
     result_name: str | None = Field(None, pattern=SAFE_NAME)  # the trained model's name (default: job_uuid)
@@ -224,6 +243,7 @@ class JobSpec(Strict):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     fsdp: FsdpSpec | None = None  # set: run under torchrun with FSDP
     efficiency: EfficiencySpec = Field(default_factory=EfficiencySpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
 
     @model_validator(mode="after")
     def _efficiency_settings(self) -> JobSpec:
