@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from .efficiency import check_supported, model_kwargs, trainer_kwargs
 from .loggers import logger_args
-from .run_files import RunFiles, utc_now
+from .run_files import RunFiles, utc_now, writes_status
 from .spec import JobSpec, PeftSpec
 
 log = logging.getLogger("providers.training")
@@ -186,7 +186,7 @@ class RunReporter(TrainerCallback):
     def __init__(self, files: RunFiles, spec: JobSpec):
         self.files = files
         self.spec = spec
-        self.is_main = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one status writer per node
+        self.is_main = writes_status()
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
         self._last_tokens: tuple[float, float] | None = None  # (time, tokens seen) at the previous log

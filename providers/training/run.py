@@ -6,14 +6,17 @@ The inline provider runs it as a plain process; the remote service runs it under
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-import traceback
 
-from .plots import write_plots_quietly
-from .run_files import RunFiles, utc_now
-from .spec import JobSpec
+PARENT = os.getppid()  # first, before any import: the torchrun agent that started this rank
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+from .plots import write_plots_quietly  # noqa: E402
+from .run_files import RunFiles, utc_now, writes_status  # noqa: E402
+from .spec import JobSpec  # noqa: E402
 
 
 def resources_used(spec: JobSpec) -> dict:
@@ -55,13 +58,31 @@ def redirect_rank_output(files: RunFiles) -> None:
     os.close(fd)
 
 
+def die_with_parent(parent: int) -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when its torchrun agent dies. torchrun starts ranks
+    in their own sessions, so when a scheduler kills the agent (Ray stopping a node, Slurm, a SIGKILL) the
+    ranks would live on as orphans holding memory and devices."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        print(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}", file=sys.stderr)
+    if os.getppid() != parent:  # the agent died before the request took effect
+        os._exit(1)
+
+
 def main(run_dir: str) -> int:
+    die_with_parent(PARENT)
     files = RunFiles(run_dir)
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.load(run_dir)
-    is_main = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one status writer per node
+    is_main = writes_status()
     if is_main:
         files.update_status(state="starting", process_started_at=utc_now(), pid=os.getpid(), error=None)
     try:

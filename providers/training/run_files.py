@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 
+def writes_status() -> bool:
+    """Whether this process writes the job's status.json: global rank 0 when the run dir is shared by every
+    node (Slurm, Ray: TRL_SHARED_RUN_DIR=1), else each node's local rank 0 (a single process, or the
+    `nodes` launcher, where every node keeps its own run dir)."""
+    if os.environ.get("TRL_SHARED_RUN_DIR") == "1":
+        return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
 

@@ -7,7 +7,9 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, Field, PositiveInt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from ...training.spec import FsdpSpec
 from .launcher import TorchRunOptions
@@ -31,6 +33,48 @@ def read_secret(path: str, what: str) -> str:
     if len(token) < 16:
         raise SystemExit(f"{what}: the token in {path} is shorter than 16 characters")
     return token
+
+
+class SlurmConfig(BaseModel):
+    """The `slurm` launcher: sbatch/squeue/scontrol/scancel on this host (a login node of the cluster)."""
+
+    model_config = ConfigDict(extra="forbid")
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = None  # sbatch --time, e.g. "24:00:00"
+    extra_sbatch: list[str] = Field(default_factory=list)  # more #SBATCH options, e.g. ["--exclusive"]
+    nice_base: int = Field(100, ge=0, le=10_000)  # --nice = nice_base - priority: higher priority, lower nice
+    poll_s: float = Field(2.0, gt=0, le=600)
+
+
+class RayConfig(BaseModel):
+    """The `ray` launcher: the Ray Jobs REST API of a cluster's dashboard (no Ray import in the service)."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str = "http://127.0.0.1:8265"
+    token_env: str | None = "RAY_AUTH_TOKEN"  # environment variable holding the cluster's token, if it has one
+    # Where the job's driver (the small process that places one torchrun per node) runs: the head node.
+    entrypoint_resources: dict[str, float] = Field(default_factory=lambda: {"node:__internal_head__": 0.001})
+    cpus_per_node: float = Field(1.0, gt=0)  # each node's torchrun reserves this much unless the job asks
+    poll_s: float = Field(2.0, gt=0, le=600)
+
+
+class LaunchersConfig(BaseModel):
+    """Which launchers jobs may ask for (torch_run_config.launcher) and their settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: list[Literal["local", "nodes", "slurm", "ray"]] = Field(default_factory=lambda: ["local", "nodes"])
+    default: Literal["local", "nodes", "slurm", "ray"] = "local"
+    # Run directories (spec, status, logs, checkpoints) of slurm/ray jobs: a file system every cluster node
+    # mounts at this path. Default: the service's data dir (enough for one-host clusters and tests).
+    shared_dir: str | None = None
+    python: str | None = None  # the interpreter on the cluster's nodes (default: this service's)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def model_post_init(self, _: object) -> None:
+        if self.default not in self.enabled:
+            raise ValueError(f"launchers.default: {self.default!r} is not in launchers.enabled {self.enabled}")
 
 
 class ServiceConfig(BaseModel):
@@ -67,6 +111,7 @@ class ServiceConfig(BaseModel):
     model_dirs: list[str] = Field(default_factory=list)  # models on disk, advertised to the coordinator
     heartbeat_interval_s: float = 2.0
     down_after_s: float = 10.0  # a node that sent no heartbeat for this long is down
+    launchers: LaunchersConfig = Field(default_factory=LaunchersConfig)
 
     @property
     def url(self) -> str:
@@ -89,6 +134,12 @@ class ServiceConfig(BaseModel):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def shared_path(self) -> Path:
+        """Where run directories live: the launchers' shared dir, else the data dir."""
+        shared = self.launchers.shared_dir
+        return Path(shared).expanduser().resolve() if shared else self.data_path
 
 
     @classmethod

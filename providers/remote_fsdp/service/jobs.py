@@ -31,11 +31,12 @@ from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec
 from .config import ServiceConfig
 from .launcher import TorchRunOptions, torchrun_command
+from .launchers import build_launchers
 from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .security import clean_partial_files
 
 # What a client may set in torch_run_config; the rest (placement) comes from a coordinator.
-CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s"}
+CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s", "launcher"}
 
 DATASET_ID = re.compile(SAFE_NAME)
 
@@ -52,8 +53,10 @@ class FsdpJobService:
         self.data_dir = config.data_path
         self.datasets_dir = self.data_dir / "datasets"
         self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        # Run dirs and default checkpoint dirs lie where every node that runs a job sees them (shared_dir).
+        self.runs_dir = config.shared_path / "runs"
         self.defaults = ProviderDefaults(
-            data_dir=str(self.data_dir), dtype=config.dtype,
+            data_dir=str(config.shared_path), dtype=config.dtype,
             allowed_checkpoint_roots=config.allowed_checkpoint_roots,
             allowed_model_roots=config.model_roots(),
             checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
@@ -63,7 +66,8 @@ class FsdpJobService:
             clean_partial_files(directory)  # what uploads and extractions cut short by a crash left
         env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
-                               runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs)
+                               runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
+                               launchers=build_launchers(config))
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
@@ -122,6 +126,9 @@ class FsdpJobService:
             opts = TorchRunOptions(**{**self.config.torch_run.model_dump(), **overrides})
         except ValidationError as e:
             raise ValueError(_validation_message(e, "training_config.torch_run_config")) from None
+        if opts.launcher is not None and opts.launcher not in self.config.launchers.enabled:
+            raise ValueError(f"training_config.torch_run_config.launcher: {opts.launcher!r} is not enabled on this "
+                             f"service (enabled: {self.config.launchers.enabled}; see --launchers-config)")
         if opts.nproc_per_node > self.config.max_nproc_per_node:
             raise ValueError(f"training_config.torch_run_config.nproc_per_node: {opts.nproc_per_node} is over this "
                              f"service's limit of {self.config.max_nproc_per_node}")
@@ -171,8 +178,22 @@ class FsdpJobService:
                 "backend": backend(),
                 "fsdp": fsdp.model_dump() if fsdp else None,
             }
-            self.jobs.submit(spec, resources=resources)
+            launcher = self.launcher_of(torch_run)
+            resources["launcher"] = launcher
+            self.jobs.submit(spec, resources=resources, launcher=launcher)
         return {"job_uuid": job_uuid}
+
+    def launcher_of(self, opts: TorchRunOptions) -> str:
+        """The JobManager launcher of a job on this service: the one it asks for, else the service's default.
+        `nodes` jobs are placed by this service's registry (spans_registry_nodes); each node runs its part
+        `local`."""
+        name = opts.launcher or self.config.launchers.default
+        return "local" if name == "nodes" else name
+
+    def spans_registry_nodes(self, opts: TorchRunOptions) -> bool:
+        """Whether this service places the job on its registered nodes (the `nodes` launcher): a job on
+        more than one node whose launcher is this service's own."""
+        return opts.nnodes > 1 and (opts.launcher or self.config.launchers.default) in ("local", "nodes")
 
     @staticmethod
     def check_fsdp(fsdp: FsdpSpec, torch_run: TorchRunOptions, world_size: int) -> None:

@@ -24,6 +24,9 @@ class TorchRunOptions(BaseModel):
     rdzv_backend: str = Field("static", pattern="^(static|c10d)$")
     rdzv_timeout_s: PositiveInt = 60  # torchrun's default is 600 s: a missing node fails the job sooner
     local_addr: str | None = None  # this node's address for the rendezvous (default: its host name)
+    # Who starts the processes: local (this host), nodes (this service's node registry), slurm or ray
+    # (providers/remote_fsdp/service/launchers/). None: the service's default; `nodes` when nnodes > 1.
+    launcher: str | None = Field(None, pattern="^(local|nodes|slurm|ray)$")
 
     def model_post_init(self, _: object) -> None:
         if self.node_rank >= self.nnodes:

@@ -50,7 +50,7 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
 
     def submit(route: str, req: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> dict[str, str]:
         tc = req.training_config.torch_run_config or {}
-        if req.part_of is None and service.torch_run_options(tc).nnodes > 1:
+        if req.part_of is None and service.spans_registry_nodes(service.torch_run_options(tc)):
             return distributed.submit(route, req.model_dump(mode="json"))
         return service.submit_request(route, req)
 
@@ -393,7 +393,7 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
         job_uuids = [f"{prefix}-student-{s.name}" for s in req.students]
         for job_uuid, s in zip(job_uuids, req.students):
             pipelines.create_student_task(job_uuid, s, outputs, answered,
-                                          service.data_dir / "runs" / job_uuid / "checkpoints")
+                                          service.runs_dir / job_uuid / "checkpoints")
         return {"job_uuids": job_uuids}
 
     @r.post("/adapters/merge")

@@ -1,0 +1,177 @@
+"""The `slurm` launcher: one sbatch job per training job, one torchrun per node under srun.
+
+The batch script asks for `nnodes` nodes with one task each; every task runs torchrun, which starts the
+node's ranks, and torchrun's c10d rendezvous joins the nodes on the allocation's first node (the layout
+of torchtitan's and torchtune's multi-node Slurm scripts). The service talks to Slurm through its
+commands (sbatch, scontrol, sacct where accounting exists, scancel), so it runs on any login node and
+needs no Python binding. Run directories must be on a file system every node mounts
+(`launchers.shared_dir`); only global rank 0 writes the job's status there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+
+from ....jobs.launcher import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    UNKNOWN,
+    LaunchState,
+    poll_until_final,
+)
+from ....training.run_files import RunFiles
+from ....training.spec import JobSpec, SchedulingSpec
+from ..config import SlurmConfig
+from ..launcher import TorchRunOptions
+
+log = logging.getLogger("providers.remote_fsdp")
+
+# Slurm job states (squeue(1), "JOB STATE CODES") -> launcher states.
+SLURM_STATES = {
+    "PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING,
+    "REQUEUE_FED": PENDING, "RESV_DEL_HOLD": PENDING, "SPECIAL_EXIT": PENDING,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "SIGNALING": RUNNING,
+    "SUSPENDED": RUNNING, "STOPPED": RUNNING, "RESIZING": RUNNING,
+    "COMPLETED": SUCCEEDED,
+    "CANCELLED": CANCELLED,
+    "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "OUT_OF_MEMORY": FAILED, "PREEMPTED": FAILED,
+    "BOOT_FAIL": FAILED, "DEADLINE": FAILED, "REVOKED": FAILED,
+}
+WHY = {
+    "TIMEOUT": "the job reached its Slurm time limit", "NODE_FAIL": "a node of the job failed",
+    "OUT_OF_MEMORY": "a node ran out of memory", "PREEMPTED": "Slurm preempted the job",
+    "BOOT_FAIL": "a node failed to boot", "DEADLINE": "the job reached its Slurm deadline",
+}
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling: SchedulingSpec, cfg: SlurmConfig,
+                  python: str) -> str:
+    """The batch script of a job. Paths reach the shell quoted; the resource lines come from validated
+    numbers and the operator's config, never from a request's strings."""
+    res = scheduling.resources
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=trl-{job_uuid}",
+        f"#SBATCH --nodes={opts.nnodes}",
+        "#SBATCH --ntasks-per-node=1",  # one torchrun per node; it starts the node's ranks
+        f"#SBATCH --cpus-per-task={max(res.cpu_cores, opts.nproc_per_node)}",
+    ]
+    if res.gpus:
+        lines.append(f"#SBATCH --gres=gpu:{res.gpus}")
+    if res.ram_gb:
+        lines.append(f"#SBATCH --mem={math.ceil(res.ram_gb * 1024)}M")
+    lines.append(f"#SBATCH --nice={max(0, cfg.nice_base - scheduling.priority)}")
+    for flag, value in (("partition", cfg.partition), ("account", cfg.account), ("time", cfg.time_limit)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    lines += [f"#SBATCH {extra}" for extra in cfg.extra_sbatch]
+    node_command = " ".join([
+        "exec", shlex.quote(python), "-m", "torch.distributed.run",
+        '--nnodes="$SLURM_NNODES"',
+        f"--nproc_per_node={opts.nproc_per_node}",
+        '--rdzv_id="$SLURM_JOB_ID"',
+        "--rdzv_backend=c10d",
+        '--rdzv_endpoint="$TRL_RDZV_ENDPOINT"',
+        # is_host: nodes may share a host name (containers, one-host test clusters); only node 0 hosts
+        f'--rdzv_conf="join_timeout={opts.rdzv_timeout_s},is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)"',
+        "--max_restarts=0",
+        "-m", "providers.training.run", shlex.quote(run_dir),
+    ])
+    lines += [
+        "set -euo pipefail",
+        "# The allocation's first node hosts the rendezvous; the port comes from the job id, so jobs sharing",
+        "# a node do not collide.",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        'head_addr=$(scontrol show node "$head" | sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')',
+        'export TRL_RDZV_ENDPOINT="${head_addr:-$head}:$((20000 + SLURM_JOB_ID % 20000))"',
+        "export TRL_SHARED_RUN_DIR=1  # the run dir is shared: only global rank 0 writes status.json",
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(node_command)}",
+    ]
+    for extra in cfg.extra_sbatch:
+        if "\n" in extra:
+            raise ValueError(f"launchers.slurm.extra_sbatch: {extra!r} has a line break")
+    return "\n".join(lines) + "\n"
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """`scontrol show job -o ID` output as a dict of its Key=Value fields (values without spaces)."""
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def state_of(slurm_state: str, reason: str | None, exit_code: str | None) -> LaunchState:
+    base = slurm_state.split()[0].rstrip("+") if slurm_state else ""
+    state = SLURM_STATES.get(base, UNKNOWN if not base else RUNNING)
+    code = None
+    if exit_code and re.fullmatch(r"\d+:\d+", exit_code):
+        rc, sig = (int(x) for x in exit_code.split(":"))
+        code = rc or (128 + sig if sig else 0)
+    why = WHY.get(base)
+    if reason and reason not in ("None", "(null)"):
+        why = f"{why} ({reason})" if why else reason
+    if state == FAILED and not why:
+        why = f"Slurm job {base}" + (f" with exit code {exit_code}" if exit_code else "")
+    return LaunchState(state, detail=base, reason=why, exit_code=code)
+
+
+class SlurmLauncher:
+    name = "slurm"
+
+    def __init__(self, cfg: SlurmConfig, python: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+        self.cfg = cfg
+        self.python = python
+        self.run = runner
+        missing = [c for c in ("sbatch", "scontrol", "scancel") if shutil.which(c) is None]
+        if missing:
+            raise SlurmError(f"launchers.enabled: slurm needs the Slurm commands {missing} on this host's PATH")
+
+    def _cmd(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return self.run(argv, capture_output=True, text=True, timeout=60, env=env)
+
+    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
+        opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
+        script = files.dir / "slurm.sbatch"
+        script.write_text(render_sbatch(job_uuid, str(files.dir), opts, spec.scheduling, self.cfg, self.python))
+        # The job's environment (the service's secrets removed) is what sbatch exports to the job.
+        r = self._cmd(["sbatch", "--parsable", f"--chdir={files.dir}", f"--output={files.log}", "--open-mode=append",
+                       str(script)], env=env)
+        if r.returncode != 0:
+            raise SlurmError(f"sbatch refused the job: {(r.stderr or r.stdout).strip()[:1000]}")
+        return r.stdout.strip().split(";")[0]
+
+    def poll(self, external_id: str, files: RunFiles) -> LaunchState:
+        r = self._cmd(["scontrol", "show", "job", "-o", external_id])
+        if r.returncode == 0 and "JobState=" in r.stdout:
+            f = parse_scontrol(r.stdout)
+            return state_of(f.get("JobState", ""), f.get("Reason"), f.get("ExitCode"))
+        # scontrol forgets finished jobs after MinJobAge; sacct remembers them where accounting is on.
+        if shutil.which("sacct"):
+            a = self._cmd(["sacct", "-n", "-P", "-X", "-j", external_id, "-o", "State,ExitCode,Reason"])
+            line = a.stdout.strip().splitlines()[0] if a.returncode == 0 and a.stdout.strip() else ""
+            if line.count("|") >= 2:
+                state, code, reason = line.split("|")[:3]
+                return state_of(state, reason, code)
+        return LaunchState(UNKNOWN, reason=(r.stderr or r.stdout).strip()[:300] or "no record")
+
+    def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
+        return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)
+
+    def cancel(self, external_id: str) -> None:
+        r = self._cmd(["scancel", external_id])
+        if r.returncode != 0:
+            log.warning("scancel %s: %s", external_id, (r.stderr or r.stdout).strip())
+
+    def alive(self, external_id: str, files: RunFiles) -> bool:
+        return True  # always followed again: even a job Slurm forgot ends from its status.json
