@@ -26,7 +26,8 @@ ACTIVE = ("scheduled", "in_progress")
 
 
 class Service:
-    def __init__(self, data_dir: Path, port: int | None = None, extra: list[str] | None = None):
+    def __init__(self, data_dir: Path, port: int | None = None, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,6 +37,7 @@ class Service:
                 [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(self.port),
                  "--data-dir", str(data_dir), *(extra or [])],
                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         wait_for_health(self.url, timeout=120, proc=self.proc, path="/health", log_file=self.log)
 
@@ -198,6 +200,24 @@ def test_cancel_stops_every_rank_and_the_agent(service, tiny_models):
     status = service.status("to-cancel")
     assert status["status"] == "cancelled" and status["completed_at"]
     assert processes_mentioning(run_dir) == []
+
+
+def test_ranks_die_with_their_torchrun_agent(service, tiny_models):
+    """SIGKILL only the torchrun agent (as Ray or a node loss does): torchrun starts ranks in their own
+    sessions, so only each rank's PR_SET_PDEATHSIG stops them; none may be left within 2 s."""
+    body = sft_body("agent-killed", tiny_models["student"], steps=25)
+    body["training_config"]["n_epochs"] = 40
+    assert service.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    run_dir = str(service.data_dir / "runs" / "agent-killed")
+    wait_until(lambda: (service.status("agent-killed")["resources_allocated"].get("step") or 0) >= 1, 300)
+    agent = [pid for pid, cmd in processes_mentioning(run_dir) if "torch.distributed.run" in cmd]
+    ranks = [pid for pid, cmd in processes_mentioning(run_dir) if "torch.distributed.run" not in cmd]
+    assert len(agent) == 1 and len(ranks) == 2, processes_mentioning(run_dir)
+    assert all(os.getsid(r) != os.getsid(agent[0]) for r in ranks)  # the ranks' own sessions: a group kill misses them
+    os.kill(agent[0], signal.SIGKILL)
+    wait_until(lambda: processes_mentioning(run_dir) == [], 2.0, interval=0.05, message="no rank left")
+    status = service.wait("agent-killed", timeout=30)
+    assert status["status"] == "failed"
 
 
 def test_log_endpoint_tails_rank_logs(service, two_procs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,9 +94,23 @@ class RunFiles:
         return sorted(reports, key=lambda r: r.get("rank", 0))
 
     def first_rank_error(self) -> str | None:
-        """The error of the rank that failed first (the others usually fail because it did)."""
+        """The error of the rank that failed first (the others usually fail because it did). A rank that was
+        killed writes no report of its own: torchrun's "Root Cause" names it, and it comes first."""
         failed = [r for r in self.rank_reports() if r.get("error")]
-        if not failed:
+        killed = self.killed_rank()
+        earliest = min(failed, key=lambda r: r.get("failed_at", "")) if failed else None
+        first = f"rank {earliest['rank']}: {earliest['error']}" if earliest else None
+        if killed and not any(str(r.get("rank")) == killed[0] for r in failed):
+            return f"rank {killed[0]} died: {killed[1]}" + (f"; then {first}" if first else "")
+        return first
+
+    def killed_rank(self) -> tuple[str, str] | None:
+        """(rank, why) from torchrun's failure summary in logs/train.log when a rank died by a signal."""
+        try:
+            text = self.log.read_text(errors="replace")[-20_000:]
+        except OSError:
             return None
-        first = min(failed, key=lambda r: r.get("failed_at", ""))
-        return f"rank {first['rank']}: {first['error']}"
+        cause = text.rfind("Root Cause (first observed failure)")
+        rank = re.search(r"rank\s*:\s*(\d+)", text[cause:]) if cause >= 0 else None
+        signal = re.search(r"traceback\s*:\s*(Signal \d+ \(\w+\)[^\n]*)", text[cause:]) if cause >= 0 else None
+        return (rank.group(1), signal.group(1).strip()) if rank and signal else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -13,9 +15,10 @@ from fastapi.responses import JSONResponse
 from ...jobs.manager import QueueFullError
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
-from .config import ServiceConfig, read_secret
+from .config import LaunchersConfig, ServiceConfig, read_secret
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
+from .launchers import LauncherUnavailable
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .operator_tools import install_operator_tools
 from .pipelines import Pipelines
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", action="append", dest="model_dirs",
                         help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
+    parser.add_argument("--launchers-config", help="YAML file: which launchers jobs may use (local, nodes, slurm, "
+                                                   "ray), their settings and the shared run dir "
+                                                   "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
     args = parser.parse_args(argv)
     # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -173,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         overrides["api_token"] = read_secret(args.api_token_file, "--api-token-file")
     if args.node_token_file:
         overrides["node_token"] = read_secret(args.node_token_file, "--node-token-file")
+    launchers_file = args.launchers_config or os.environ.get("TRL_FSDP_LAUNCHERS_CONFIG")
+    if launchers_file:
+        overrides["launchers"] = read_launchers_config(launchers_file)
     config = ServiceConfig.from_env(**overrides)
     if args.nproc_per_node:
         config.torch_run.nproc_per_node = args.nproc_per_node
@@ -181,7 +190,26 @@ def main(argv: list[str] | None = None) -> None:
 
     log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
     # Access lines come from our audit log (client, route, status), which never prints headers.
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    try:
+        app = create_app(config)
+    except LauncherUnavailable as e:
+        raise SystemExit(str(e)) from None
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+def read_launchers_config(path: str) -> LaunchersConfig:
+    """The launchers' settings from a YAML (or JSON) file; a bad file stops start-up naming the key."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text()) or {}
+        return LaunchersConfig.model_validate(data.get("launchers", data))
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"--launchers-config: cannot read {path}: {e}") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise SystemExit(f"--launchers-config {path}: launchers.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def check_exposure(config: ServiceConfig) -> None:

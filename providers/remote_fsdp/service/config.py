@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -42,7 +42,7 @@ class SlurmConfig(BaseModel):
     partition: str | None = None
     account: str | None = None
     time_limit: str | None = None  # sbatch --time, e.g. "24:00:00"
-    extra_sbatch: list[str] = Field(default_factory=list)  # more #SBATCH options, e.g. ["--exclusive"]
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[^\n\r]*$")]] = Field(default_factory=list)  # e.g. ["--exclusive"]
     nice_base: int = Field(100, ge=0, le=10_000)  # --nice = nice_base - priority: higher priority, lower nice
     poll_s: float = Field(2.0, gt=0, le=600)
 

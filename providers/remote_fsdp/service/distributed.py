@@ -5,6 +5,13 @@ other node its part (the same request with its `node_rank`, the master address a
 `part_of` set), and each node starts its own torchrun; torchrun's rendezvous joins them. A watcher
 thread follows the parts: when one fails, or its node goes down, the job fails with that node's error
 and every other part is stopped, so nothing is left running anywhere. Cancel stops every part.
+
+A job with `training_config.scheduling.resources` goes only to live nodes that have them (node 0 is still
+this coordinator, so it must have them too: workers take parts only from their coordinator as master).
+When too few such nodes are up, the job waits in DATA_DIR/pending_jobs/JOB_UUID.json (status `scheduled`,
+with the reason) until they are, and a thread places waiting jobs, higher `priority` first, then in submit
+order. A waiting job has no JobManager record yet; one cancelled (or whose placement fails) before it was
+placed gets a record of that final state, so the job lists and status show it like any other.
 """
 
 from __future__ import annotations
@@ -18,42 +25,136 @@ from typing import Any
 
 import httpx
 
-from ...jobs.store import ACTIVE, UnknownJobError
+from ...jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
+from ...post_training_api import check_job_uuid, method_of, preference_target, scheduling_spec
+from ...training.run_files import RunFiles, utc_now
+from ...training.spec import ResourceRequest
 from .jobs import FsdpJobService
-from .launcher import free_port
-from .nodes import Node, NodeRegistry
+from .launcher import TorchRunOptions, free_port
+from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from .nodes import Node, NodeRegistry, describe, misfit, requested
 from .state_files import load_state, save_state
 
 log = logging.getLogger("providers.remote_fsdp")
 
 
 class DistributedJobs:
-    def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0):
+    def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0,
+                 place_interval_s: float = 1.0):
         self.service = service
         self.registry = registry
         self.headers = headers  # the API token and the node token: parts go to the node-only parts route
         self.poll_s = poll_s
+        self.place_interval_s = place_interval_s
         self.part_status: dict[str, dict[str, Any]] = {}  # job_uuid -> node_id -> last seen status
+        self.pending_dir = service.data_dir / "pending_jobs"
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, Any]] = {}  # job_uuid -> a waiting job's entry (its body stays on disk)
+        self._placing: set[str] = set()
+        self.stop = threading.Event()
         for job in service.jobs.store.list(statuses=ACTIVE):  # jobs of a previous run of this service
             if (Path(job.run_dir) / "nodes.json").exists():
                 self._watch(job.job_uuid)
+        for path in sorted(self.pending_dir.glob("*.json")):  # jobs that were waiting for nodes
+            entry = load_state(path, default=None)
+            if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict):
+                log.error("pending job file %s is unreadable; that job is dropped", path)
+                continue
+            if service.jobs.store.exists(entry["job_uuid"]):  # placed just before a restart
+                path.unlink(missing_ok=True)
+                continue
+            self._pending[entry["job_uuid"]] = {k: v for k, v in entry.items() if k != "body"}
+        threading.Thread(target=self._place_loop, daemon=True, name="place-pending-jobs").start()
 
     def _http(self) -> httpx.Client:
         return httpx.Client(headers=self.headers, timeout=30)
 
     def submit(self, route: str, body: dict[str, Any]) -> dict[str, str]:
-        """Place the job on `nnodes` live nodes and start every part."""
+        """Place the job on `nnodes` live nodes (that have its requested resources) and start every part; a
+        job whose resources too few live nodes have waits for them (see `place_pending`)."""
         tc = body["training_config"]
         opts = self.service.torch_run_options(tc.get("torch_run_config"))
         fsdp = self.service.fsdp_options(tc.get("fsdp_config"))
         self.service.check_fsdp(fsdp, opts, opts.nproc_per_node * opts.nnodes)
-        live = self.registry.live()
-        if len(live) < opts.nnodes:
+        job_uuid = body["job_uuid"]
+        check_job_uuid(job_uuid)
+        if job_uuid in self._pending:
+            raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists (waiting for nodes)")
+        request = self._request(route, body)
+        scheduling = scheduling_spec(request.training_config)
+        if not requested(scheduling.resources):
+            live = self.registry.live()
+            if len(live) < opts.nnodes:
+                raise ValueError(
+                    f"training_config.torch_run_config.nnodes: {opts.nnodes} nodes needed, {len(live)} up "
+                    f"({[n.node_id for n in live]})"
+                )
+            return self._start(route, body, opts, live[: opts.nnodes])
+        self._check_placeable(scheduling.resources, opts.nnodes)
+        with self._lock:
+            if job_uuid in self._pending or self.service.jobs.store.exists(job_uuid):
+                raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
+            nodes = self._fitting(scheduling.resources, opts.nnodes)
+            if nodes is None:
+                self._check_inputs(route, request)
+                entry = {
+                    "job_uuid": job_uuid, "route": route, "status": "scheduled", "submitted_at": utc_now(),
+                    "seq": time.time_ns(), "priority": scheduling.priority, "nnodes": opts.nnodes,
+                    "nproc_per_node": opts.nproc_per_node, "resources": scheduling.resources.model_dump(),
+                    "method": "dpo" if route == "preference-optimize" else method_of(request.algorithm_config),
+                    "model": request.model,
+                }
+                save_state(self._pending_path(job_uuid), {**entry, "body": body})
+                self._pending[job_uuid] = entry
+                log.info("job %s waits: %s", job_uuid, self._waiting_reason(entry))
+                return {"job_uuid": job_uuid}
+        return self._start(route, body, opts, nodes)
+
+    @staticmethod
+    def _request(route: str, body: dict[str, Any]) -> SupervisedFineTuneRequest | PreferenceOptimizeRequest:
+        model = PreferenceOptimizeRequest if route == "preference-optimize" else SupervisedFineTuneRequest
+        return model.model_validate(body)
+
+    def _check_inputs(self, route: str, request: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> None:
+        """What a waiting job can be refused for now rather than when it is placed: its model and dataset."""
+        if route == "preference-optimize":
+            model = preference_target(request.finetuned_model, request.model)[0]
+            self.service.resolve_model(model, "model" if request.model else "finetuned_model")
+        else:
+            self.service.resolve_model(request.model, "model")
+        dc = request.training_config.data_config
+        if request.rows is None and dc is not None and not self.service.dataset_path(dc.dataset_id).exists():
+            raise ValueError(f"training_config.data_config.dataset_id: no dataset {dc.dataset_id!r} on this service "
+                             "(upload its rows first)")
+
+    def _check_placeable(self, resources: ResourceRequest, nnodes: int) -> None:
+        """A 400 for a job that the registered nodes can never hold, whichever of them are up."""
+        local = self.registry.local
+        short = misfit(local.capabilities, resources)
+        if short:
             raise ValueError(
-                f"training_config.torch_run_config.nnodes: {opts.nnodes} nodes needed, {len(live)} up "
-                f"({[n.node_id for n in live]})"
+                f"training_config.scheduling.resources: node 0 of a multi-node job is this coordinator "
+                f"({local.node_id}), which has {short}; the most any registered node has: {self.registry.largest()}"
             )
-        nodes = live[: opts.nnodes]
+        fitting = self.registry.fitting(resources, live_only=False)
+        if len(fitting) < nnodes:
+            raise ValueError(
+                f"training_config.scheduling.resources: {nnodes} nodes with {describe(resources)} needed, "
+                f"{len(fitting)} registered ({[n.node_id for n in fitting]}); the most any registered node has: "
+                f"{self.registry.largest()}"
+            )
+
+    def _fitting(self, resources: ResourceRequest, nnodes: int) -> list[Node] | None:
+        """`nnodes` live nodes with `resources`, this coordinator first, then the least loaded; None if too few."""
+        nodes = self.registry.fitting(resources)
+        if len(nodes) < nnodes or nodes[0].node_id != self.registry.local.node_id:
+            return None
+        return nodes[:nnodes]
+
+    def _start(self, route: str, body: dict[str, Any], opts: TorchRunOptions, nodes: list[Node],
+               waited_since: str | None = None) -> dict[str, str]:
+        """Send every other node its part, then start this node's (node 0)."""
         master = nodes[0].capabilities.address
         port = opts.master_port or free_port()
         job_uuid = body["job_uuid"]
@@ -61,10 +162,11 @@ class DistributedJobs:
         for rank, node in enumerate(nodes):
             part = json.loads(json.dumps(body))
             part["part_of"] = self.registry.local.url
-            part["training_config"]["torch_run_config"] = {
-                **opts.model_dump(), "node_rank": rank, "master_addr": master, "master_port": port,
-                "local_addr": node.capabilities.address,
-            }
+            torch_run = {**opts.model_dump(), "node_rank": rank, "master_addr": master, "master_port": port,
+                         "local_addr": node.capabilities.address}
+            if "launcher" in TorchRunOptions.model_fields:  # each node runs its own part on its own host
+                torch_run["launcher"] = "local"
+            part["training_config"]["torch_run_config"] = torch_run
             parts.append((node, part))
         # Remote parts first: if a node refuses its part, nothing has started here yet.
         started: list[Node] = []
@@ -80,10 +182,100 @@ class DistributedJobs:
                      for r, n in enumerate(nodes)]
         job = self.service.jobs.store.get(job_uuid)
         save_state(Path(job.run_dir) / "nodes.json", placement)
+        waited = {"waited_since": waited_since, "placed_at": utc_now()} if waited_since else {}
         self.service.jobs.store.update(job_uuid, resources={**job.resources, "nodes": placement,
-                                                            "master_addr": master, "master_port": port})
+                                                            "master_addr": master, "master_port": port, **waited})
         self._watch(job_uuid)
         return {"job_uuid": job_uuid}
+
+    # -- jobs waiting for nodes ----------------------------------------------------------------------
+    def _pending_path(self, job_uuid: str) -> Path:
+        return self.pending_dir / f"{job_uuid}.json"
+
+    def _waiting_reason(self, entry: dict[str, Any]) -> str:
+        resources = ResourceRequest(**entry["resources"])
+        live = len(self.registry.fitting(resources))
+        return f"waiting for {entry['nnodes']} nodes with {describe(resources)} ({live} fit{'s' if live == 1 else ''} now)"
+
+    def _place_loop(self) -> None:
+        while not self.stop.wait(self.place_interval_s):
+            if self._pending:
+                try:
+                    self.place_pending()
+                except Exception:  # noqa: BLE001 - the placing thread must outlive one bad pass
+                    log.exception("placing waiting jobs failed")
+
+    def place_pending(self) -> None:
+        """Start the waiting jobs that enough live nodes can now hold: higher priority first, then submit order.
+        A job whose placement fails (a node refuses its part) fails with that error."""
+        with self._lock:
+            order = sorted(self._pending.values(), key=lambda e: (-e["priority"], e["seq"]))
+        for entry in order:
+            job_uuid = entry["job_uuid"]
+            with self._lock:
+                if job_uuid not in self._pending:  # cancelled meanwhile
+                    continue
+                nodes = self._fitting(ResourceRequest(**entry["resources"]), entry["nnodes"])
+                if nodes is None:
+                    continue
+                self._placing.add(job_uuid)
+            try:
+                body = load_state(self._pending_path(job_uuid), default={}).get("body")
+                if not isinstance(body, dict):
+                    raise ValueError(f"its pending file {self._pending_path(job_uuid)} is unreadable")
+                opts = self.service.torch_run_options(body["training_config"].get("torch_run_config"))
+                log.info("job %s: placing on %s", job_uuid, [n.node_id for n in nodes])
+                self._start(entry["route"], body, opts, nodes, waited_since=entry["submitted_at"])
+            except Exception as e:  # noqa: BLE001 - the job records why it could not start
+                log.warning("job %s could not be placed: %s", job_uuid, e)
+                with self._lock:
+                    self._end_waiting(entry, "failed", f"placing the job on {[n.node_id for n in nodes]} failed: "
+                                                       f"{type(e).__name__}: {str(e)[:2000]}")
+            else:
+                with self._lock:
+                    self._pending.pop(job_uuid, None)
+                    self._pending_path(job_uuid).unlink(missing_ok=True)
+            finally:
+                with self._lock:
+                    self._placing.discard(job_uuid)
+
+    def _end_waiting(self, entry: dict[str, Any], status: str, error: str | None) -> None:
+        """A waiting job that will not be placed (cancelled, or its placement failed) becomes a job record in
+        that final state, so it shows in the job lists. Call with the lock held."""
+        job_uuid = entry["job_uuid"]
+        now = utc_now()
+        try:
+            with self.service.jobs.reserve(job_uuid) as run_dir:
+                RunFiles(run_dir).update_status(state=status, error=error, finished_at=now)
+                resources = {k: entry[k] for k in ("method", "model", "nnodes", "nproc_per_node")}
+                self.service.jobs.store.create(JobRecord(
+                    job_uuid=job_uuid, method=entry["method"], run_dir=str(run_dir), status=status,
+                    scheduled_at=entry["submitted_at"], completed_at=now, error=error, priority=entry["priority"],
+                    resources={**resources, "launcher": "nodes", "requested_resources": entry["resources"]},
+                ))
+        except DuplicateJobError:  # a job of that name was started meanwhile (the single-node routes)
+            log.error("job %s: a job of the same name exists; the waiting one is dropped", job_uuid)
+        self._pending.pop(job_uuid, None)
+        self._pending_path(job_uuid).unlink(missing_ok=True)
+
+    def _pending_view(self, entry: dict[str, Any]) -> dict[str, Any]:
+        placing = entry["job_uuid"] in self._placing
+        return {
+            "job_uuid": entry["job_uuid"], "status": "scheduled", "scheduled_at": entry["submitted_at"],
+            "started_at": None, "completed_at": None, "checkpoints": [],
+            "resources_allocated": {
+                "method": entry["method"], "model": entry["model"], "nnodes": entry["nnodes"],
+                "nproc_per_node": entry["nproc_per_node"], "launcher": "nodes", "priority": entry["priority"],
+                "requested_resources": entry["resources"],
+                "waiting_for": "being placed" if placing else self._waiting_reason(entry),
+            },
+        }
+
+    def list_jobs(self) -> list[dict[str, str]]:
+        """Every job: the JobManager's records, then the jobs still waiting for nodes."""
+        jobs = [{"job_uuid": j.job_uuid, "status": j.status} for j in self.service.jobs.store.list()]
+        known = {j["job_uuid"] for j in jobs}
+        return jobs + [{"job_uuid": u, "status": "scheduled"} for u in list(self._pending) if u not in known]
 
     def _send_part(self, node: Node, route: str, part: dict[str, Any]) -> None:
         dataset_id = part["training_config"]["data_config"]["dataset_id"]
@@ -165,11 +357,26 @@ class DistributedJobs:
                     log.warning("could not cancel job %s on node %s: %s", job_uuid, part["node_id"], e)
 
     def cancel(self, job_uuid: str) -> None:
-        """Cancel on the coordinator: this node's part and every other node's."""
+        """Cancel on the coordinator: this node's part and every other node's, or the job while it waits."""
+        deadline = time.monotonic() + 120
+        while True:
+            with self._lock:
+                if job_uuid not in self._placing:
+                    entry = self._pending.get(job_uuid)
+                    if entry is not None:
+                        self._end_waiting(entry, "cancelled", None)
+                        return
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_uuid}: still being placed after 120 s")
+            time.sleep(0.05)  # being placed: cancel it once it has its record
         self.service.jobs.cancel(job_uuid)
         self._cancel_remote(job_uuid, None)
 
     def view(self, job_uuid: str) -> dict[str, Any]:
+        entry = self._pending.get(job_uuid)
+        if entry is not None:
+            return self._pending_view(entry)
         view = self.service.view(job_uuid)
         parts = self._parts(job_uuid)
         if parts:

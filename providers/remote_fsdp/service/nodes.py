@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, Field, field_validator
 
 from ...post_training_api import FINITE, SAFE_NAME
+from ...training.spec import ResourceRequest
 from .state_files import load_state, save_state
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
@@ -55,6 +56,34 @@ class Capabilities(BaseModel):
     @property
     def gpu_memory_gb(self) -> float:
         return sum(g.memory_gb for g in self.gpus)
+
+
+def requested(resources: ResourceRequest) -> bool:
+    """Whether a task asks for any resources at all (all zero: it fits every node)."""
+    return any(getattr(resources, f) for f in ResourceRequest.model_fields)
+
+
+def describe(resources: ResourceRequest) -> str:
+    """A request in words: '>= 2 GPUs, >= 16 GB GPU memory'."""
+    parts = [f">= {resources.gpus} GPUs" if resources.gpus else "",
+             f">= {resources.gpu_memory_gb:g} GB GPU memory" if resources.gpu_memory_gb else "",
+             f">= {resources.cpu_cores} CPU cores" if resources.cpu_cores else "",
+             f">= {resources.ram_gb:g} GB RAM" if resources.ram_gb else ""]
+    return ", ".join(p for p in parts if p) or "any resources"
+
+
+def misfit(capabilities: Capabilities, resources: ResourceRequest) -> str | None:
+    """Why a node with `capabilities` cannot hold one node's share of a task asking for `resources`
+    ('1 GPUs (needs 2), 8 GB GPU memory (needs 16)'), or None when it fits."""
+    c = capabilities
+    short = [
+        f"{len(c.gpus)} GPUs (needs {resources.gpus})" if len(c.gpus) < resources.gpus else "",
+        f"{c.gpu_memory_gb:g} GB GPU memory (needs {resources.gpu_memory_gb:g})"
+        if c.gpu_memory_gb < resources.gpu_memory_gb else "",
+        f"{c.cpu_cores} CPU cores (needs {resources.cpu_cores})" if c.cpu_cores < resources.cpu_cores else "",
+        f"{c.ram_gb:g} GB RAM (needs {resources.ram_gb:g})" if c.ram_gb < resources.ram_gb else "",
+    ]
+    return ", ".join(s for s in short if s) or None
 
 
 class Node(BaseModel):
@@ -165,6 +194,18 @@ class NodeRegistry:
         """Up nodes, this one first, then by load."""
         up = [n for n in self.nodes() if n.state == "up"]
         return sorted(up, key=lambda n: (n.node_id != self.local.node_id, n.load))
+
+    def fitting(self, resources: ResourceRequest, live_only: bool = True) -> list[Node]:
+        """The nodes that can hold one node's share of a task asking for `resources`: the live ones (this
+        one first, then by load), or with `live_only=False` every registered one (down ones may come back)."""
+        nodes = self.live() if live_only else self.nodes()
+        return [n for n in nodes if misfit(n.capabilities, resources) is None]
+
+    def largest(self) -> str:
+        """The most any registered node has, per resource, for error messages."""
+        caps = [n.capabilities for n in self.nodes()]
+        return (f"{max(len(c.gpus) for c in caps)} GPUs, {max(c.gpu_memory_gb for c in caps):g} GB GPU memory, "
+                f"{max(c.cpu_cores for c in caps)} CPU cores, {max(c.ram_gb for c in caps):g} GB RAM")
 
 
 class HeartbeatSender(threading.Thread):

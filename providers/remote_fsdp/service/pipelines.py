@@ -8,7 +8,9 @@
     merge          the students' adapters averaged (or combined by a peft method) -> PIPELINE_DIR/merged
 
 Placement: the teacher task runs on the live node with the most accelerator memory (else the most
-RAM) that has the teacher model; students are spread over the live nodes, least loaded first. A task
+RAM) that has the teacher model; students are spread over the live nodes, least loaded first, higher
+`scheduling.priority` first. A task with `scheduling.resources` goes only to nodes that have them; while
+no live node does (but a registered one could), the pipeline waits and its state says for what. A task
 on another node is sent there over HTTP with what it needs (prompts, or the teacher outputs as a tar),
 and its results come back the same way, so the output layout is the same wherever tasks ran. Model
 paths mean the same directory on every node.
@@ -45,9 +47,9 @@ from ...post_training_api import (
 from ...training.merge import merge_adapters
 from ...training.recipes.teacher import read_shards
 from ...training.run_files import utc_now
-from ...training.spec import CheckpointSpec, DataSpec, JobSpec, TeacherSpec
+from ...training.spec import CheckpointSpec, DataSpec, JobSpec, ResourceRequest, SchedulingSpec, TeacherSpec
 from .jobs import FsdpJobService
-from .nodes import Node, NodeRegistry
+from .nodes import Node, NodeRegistry, describe, misfit
 from .security import extract_archive, write_archive
 from .state_files import load_state, save_state
 
@@ -59,6 +61,8 @@ class TeacherTaskConfig(BaseModel):
     top_k: PositiveInt | None = 20
     max_new_tokens: PositiveInt = 32
     generation_batch_size: PositiveInt = 16
+    # priority, max_retries and resources per node, as in training_config.scheduling
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
 
 
 class StudentConfig(BaseModel):
@@ -74,6 +78,7 @@ class StudentConfig(BaseModel):
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 3e-3
     seed: int = 42
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
 
 
 class MergeConfig(BaseModel):
@@ -155,24 +160,50 @@ class Pipelines:
                 runner = self._remotes[node_id] = RemoteNode(node, self.headers)
         return runner
 
-    def place_teacher(self, model: str) -> Node:
-        """The live node with the most accelerator memory, else the most RAM, that has the model."""
-        nodes = [n for n in self.registry.live() if not n.capabilities.models or model in n.capabilities.models]
+    def _candidates(self, model: str, resources: ResourceRequest, live_only: bool = True) -> list[Node]:
+        """Nodes that have `model` (or advertise no models) and `resources`: live ones, or every registered one."""
+        return [n for n in self.registry.fitting(resources, live_only)
+                if not n.capabilities.models or model in n.capabilities.models]
+
+    def place_teacher(self, teacher: TeacherTaskConfig) -> Node | None:
+        """The live node with the most accelerator memory, else the most RAM, that has the teacher model and
+        its resources; None while no live node does."""
+        nodes = self._candidates(teacher.model, teacher.scheduling.resources)
         if not nodes:
-            raise ValueError(f"teacher.model: no live node has {model!r}")
+            return None
         local = self.registry.local.node_id
         return max(nodes, key=lambda n: (n.capabilities.gpu_memory_gb, n.capabilities.ram_gb, n.node_id == local))
 
-    def place_students(self, students: list[StudentConfig]) -> list[Node]:
-        """Spread over live nodes that have each student's model, least loaded first, round-robin."""
+    def place_students(self, students: list[StudentConfig]) -> list[Node | None]:
+        """Spread over live nodes that have each student's model and resources, least loaded first,
+        round-robin, higher priority first; None for a student no live node can take now."""
         live = sorted(self.registry.live(), key=lambda n: n.load)
-        placed: list[Node] = []
-        for i, s in enumerate(students):
-            nodes = [n for n in live if not n.capabilities.models or s.model in n.capabilities.models]
-            if not nodes:
-                raise ValueError(f"students[{i}].model: no live node has {s.model!r}")
-            placed.append(nodes[i % len(nodes)])
+        placed: list[Node | None] = [None] * len(students)
+        k = 0
+        for i in sorted(range(len(students)), key=lambda i: -students[i].scheduling.priority):
+            s = students[i]
+            nodes = [n for n in live if (not n.capabilities.models or s.model in n.capabilities.models)
+                     and misfit(n.capabilities, s.scheduling.resources) is None]
+            if nodes:
+                placed[i] = nodes[k % len(nodes)]
+                k += 1
         return placed
+
+    def _check_placeable(self, req: PipelineRequest) -> None:
+        """A 400 for a task that no registered node (up or down) could ever take."""
+        tasks = [("teacher", req.teacher.model, req.teacher.scheduling.resources)]
+        tasks += [(f"students[{i}]", s.model, s.scheduling.resources) for i, s in enumerate(req.students)]
+        for field, model, resources in tasks:
+            if not self._candidates(model, ResourceRequest(), live_only=False):
+                raise ValueError(f"{field}.model: no registered node has {model!r}")
+            if not self._candidates(model, resources, live_only=False):
+                raise ValueError(f"{field}.scheduling.resources: no registered node with {model!r} has "
+                                 f"{describe(resources)}; the most any registered node has: {self.registry.largest()}")
+
+    def _waiting_reason(self, model: str, resources: ResourceRequest) -> str:
+        down = [n.node_id for n in self._candidates(model, resources, live_only=False)]
+        return (f"waiting for a live node with {describe(resources)} that has {model!r} "
+                f"(none is up; {', '.join(down)} could take it)")
 
     def list(self) -> list[dict[str, Any]]:
         out = []
@@ -206,6 +237,7 @@ class Pipelines:
                 checkpoint=CheckpointSpec(output_dir=str(output_dir)),
                 teacher=TeacherSpec(teacher_model=model, top_k=teacher.top_k, max_new_tokens=teacher.max_new_tokens,
                                     generation_batch_size=teacher.generation_batch_size),
+                scheduling=teacher.scheduling,
             )
             (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
             self.service.jobs.submit(spec, resources={"method": "teacher", "model": model, "world_size": 1})
@@ -221,7 +253,7 @@ class Pipelines:
             data_config={"dataset_id": "teacher-outputs", "batch_size": student.batch_size, "shuffle": True,
                          "data_format": "instruct"},
             optimizer_config={"optimizer_type": "adamw", "lr": student.lr, "weight_decay": 0.0, "num_warmup_steps": 0},
-            torch_run_config={"nproc_per_node": 1},
+            torch_run_config={"nproc_per_node": 1}, scheduling=student.scheduling.model_dump(),
         )
         algorithm = DistillationConfig(
             teacher_outputs_dir=str(teacher_outputs_dir), method=student.method, temperature=student.temperature,
@@ -246,6 +278,7 @@ class Pipelines:
             raise ValueError(f"students: names must be unique, got {names}")
         if req.merge:
             self._check_mergeable(req.students)
+        self._check_placeable(req)
         rows = req.rows if req.rows is not None else list(self.service.dataset_rows(req.dataset_id, "dataset_id"))
         pdir = self.root / req.pipeline_id
         try:
@@ -262,10 +295,14 @@ class Pipelines:
             "merge": {"state": "pending" if req.merge else "skipped", "output": str(pdir / "merged")},
         }
         try:
-            node = self.place_teacher(req.teacher.model)
-            state["teacher"]["node_id"] = node.node_id
-            self.runner(node.node_id).start_teacher(state["teacher"]["job_uuid"], req.teacher, rows,
-                                                    pdir / "teacher_outputs")
+            node = self.place_teacher(req.teacher)
+            if node is None:  # the pipeline's thread starts it once a node that fits is up
+                state["teacher"].update(node_id=None, waiting_for=self._waiting_reason(
+                    req.teacher.model, req.teacher.scheduling.resources))
+            else:
+                state["teacher"]["node_id"] = node.node_id
+                self.runner(node.node_id).start_teacher(state["teacher"]["job_uuid"], req.teacher, rows,
+                                                        pdir / "teacher_outputs")
             save_state(self._state_path(req.pipeline_id), state)
         except Exception:
             shutil.rmtree(pdir, ignore_errors=True)
@@ -311,6 +348,7 @@ class Pipelines:
             state = self._read(pipeline_id)
             req = PipelineRequest(**state["request"], rows=[])
             teacher = state["teacher"]
+            self._start_teacher(pipeline_id, req, teacher)
             result = self._wait(pipeline_id, [teacher])[teacher["job_uuid"]]
             if result["status"] != "completed":
                 raise RuntimeError(f"teacher task {teacher['job_uuid']} on {teacher['node_id']} "
@@ -319,20 +357,7 @@ class Pipelines:
             if not (outputs / "teacher_task.json").exists():
                 self.runner(teacher["node_id"]).fetch(teacher["job_uuid"], outputs)
             answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
-            if any(t.get("node_id") is None for t in state["students"]):
-                for task, node in zip(state["students"], self.place_students(req.students)):
-                    task["node_id"] = node.node_id
-                self._update(pipeline_id, students=state["students"])
-            for student, task in zip(req.students, state["students"]):
-                self._check_live(pipeline_id)  # a cancelled pipeline starts no more students
-                runner = self.runner(task["node_id"])
-                try:
-                    runner.status(task["job_uuid"])  # already submitted before a restart
-                    continue
-                except UnknownJobError:
-                    pass
-                runner.start_student(task["job_uuid"], student, outputs, answered, Path(task["output"]).parent,
-                                     pipeline_id)
+            self._start_students(pipeline_id, req, state["students"], outputs, answered)
             results = self._wait(pipeline_id, state["students"])
             failed = {j: f"{r['status']}: {r['error']}" for j, r in results.items() if r["status"] != "completed"}
             if failed:
@@ -358,6 +383,60 @@ class Pipelines:
         finally:
             with self._lock:
                 self._running.discard(pipeline_id)
+
+    def _start_teacher(self, pipeline_id: str, req: PipelineRequest, task: dict[str, Any]) -> None:
+        """Start the teacher task unless it runs already: placed at submit, or once a node that fits is up."""
+        if task.get("node_id") is not None:
+            try:
+                self.runner(task["node_id"]).status(task["job_uuid"])
+                return  # started at submit (or before a restart)
+            except UnknownJobError:
+                pass  # placed, then the service stopped before it started
+        else:
+            while (node := self.place_teacher(req.teacher)) is None:
+                self._check_live(pipeline_id)
+                self.stop.wait(1.0)
+            task.update(node_id=node.node_id)
+            task.pop("waiting_for", None)
+            self._update(pipeline_id, teacher=task)  # before the start: a restart then finds it placed
+        pdir = self.root / pipeline_id
+        rows = [json.loads(line) for line in (pdir / "prompts.jsonl").read_text().splitlines() if line.strip()]
+        self.runner(task["node_id"]).start_teacher(task["job_uuid"], req.teacher, rows, Path(task["outputs"]))
+
+    def _start_students(self, pipeline_id: str, req: PipelineRequest, tasks: list[dict[str, Any]], outputs: Path,
+                        answered: list[dict]) -> None:
+        """Start every student, higher priority first, each on a live node that fits it; students no live
+        node fits wait (the reason in their task's `waiting_for`) until one is up."""
+        order = sorted(range(len(tasks)), key=lambda i: -req.students[i].scheduling.priority)
+        started: set[int] = set()
+        while True:
+            self._check_live(pipeline_id)  # a cancelled pipeline starts no more students
+            unplaced = [i for i in range(len(tasks)) if tasks[i].get("node_id") is None]
+            before = json.dumps(tasks)
+            for i, node in zip(unplaced, self.place_students([req.students[i] for i in unplaced])):
+                s = req.students[i]
+                if node is None:
+                    tasks[i]["waiting_for"] = self._waiting_reason(s.model, s.scheduling.resources)
+                else:
+                    tasks[i]["node_id"] = node.node_id
+                    tasks[i].pop("waiting_for", None)
+            if json.dumps(tasks) != before:
+                self._update(pipeline_id, students=tasks)
+            for i in order:
+                task = tasks[i]
+                if task.get("node_id") is None or i in started:
+                    continue
+                self._check_live(pipeline_id)
+                runner = self.runner(task["node_id"])
+                try:
+                    runner.status(task["job_uuid"])  # already submitted before a restart
+                except UnknownJobError:
+                    runner.start_student(task["job_uuid"], req.students[i], outputs, answered,
+                                         Path(task["output"]).parent, pipeline_id)
+                started.add(i)
+            if len(started) == len(tasks):
+                return
+            self.stop.wait(1.0)
 
     def cancel(self, pipeline_id: str) -> None:
         state = self.get(pipeline_id)

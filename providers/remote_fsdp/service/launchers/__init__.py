@@ -11,6 +11,10 @@ import sys
 from ....jobs.launcher import Launcher
 
 
+class LauncherUnavailable(RuntimeError):
+    """An enabled launcher cannot work on this host (its commands are missing): the service does not start."""
+
+
 def build_launchers(config) -> dict[str, Launcher]:
     """The launchers the service config enables, beyond `local`."""
     cfg = config.launchers

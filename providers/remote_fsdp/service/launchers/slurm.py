@@ -32,6 +32,7 @@ from ....training.run_files import RunFiles
 from ....training.spec import JobSpec, SchedulingSpec
 from ..config import SlurmConfig
 from ..launcher import TorchRunOptions
+from . import LauncherUnavailable
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -54,6 +55,10 @@ WHY = {
 
 
 class SlurmError(RuntimeError):
+    pass
+
+
+class SlurmUnavailable(LauncherUnavailable):
     pass
 
 
@@ -100,9 +105,6 @@ def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling
         "export TRL_SHARED_RUN_DIR=1  # the run dir is shared: only global rank 0 writes status.json",
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(node_command)}",
     ]
-    for extra in cfg.extra_sbatch:
-        if "\n" in extra:
-            raise ValueError(f"launchers.slurm.extra_sbatch: {extra!r} has a line break")
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +137,7 @@ class SlurmLauncher:
         self.run = runner
         missing = [c for c in ("sbatch", "scontrol", "scancel") if shutil.which(c) is None]
         if missing:
-            raise SlurmError(f"launchers.enabled: slurm needs the Slurm commands {missing} on this host's PATH")
+            raise SlurmUnavailable(f"launchers.enabled: slurm needs the Slurm commands {missing} on this host's PATH")
 
     def _cmd(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run(argv, capture_output=True, text=True, timeout=60, env=env)

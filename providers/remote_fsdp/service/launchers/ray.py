@@ -1,0 +1,202 @@
+"""The `ray` launcher: one Ray job per training job, one torchrun per node inside it.
+
+The service talks to the cluster's Jobs REST API on the dashboard port (submit, poll, stop), so it needs
+no `ray` import and no version match with the cluster. The job's entry point is a small driver on the
+cluster, `python -m providers.remote_fsdp.ray_launch RUN_DIR ...`: it reserves one placement-group bundle
+per node (STRICT_SPREAD), starts one actor in each and has every actor run torchrun with c10d rendezvous
+on the first one. The ranks are the same `providers.training.run` processes as with `local` and `slurm`.
+Run directories must be on a file system every node mounts (`launchers.shared_dir`); only global rank 0
+writes the job's status there.
+
+Ray has no job priority: `scheduling.priority` orders this service's own queue only (recorded in the Ray
+job's metadata as not applied), and `resources.gpu_memory_gb` has no Ray resource either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from ....jobs.launcher import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    UNKNOWN,
+    LaunchState,
+    poll_until_final,
+)
+from ....training.run_files import RunFiles
+from ....training.spec import JobSpec, SchedulingSpec
+from ..config import RayConfig
+from ..launcher import TorchRunOptions
+
+log = logging.getLogger("providers.remote_fsdp")
+
+# Ray job states (ray.job_submission.JobStatus) -> launcher states.
+RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED, "STOPPED": CANCELLED}
+
+# What of the job's environment reaches the ranks through the Ray job's runtime_env. Ray shows a job's
+# runtime_env to whoever can read its Jobs API, so nothing secret goes there (the service's TRL_FSDP_*,
+# tokens, keys): the nodes' own environment provides those. Nor does any RAY_* variable: the cluster's
+# settings are the operator's (RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper=1, for one,
+# makes Ray report failed jobs as SUCCEEDED).
+PASSED_VARS = ("PYTHONSAFEPATH", "PYTHONUNBUFFERED", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS",
+               "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
+PASSED_PREFIXES = ("HF_",)
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+UNREACHABLE_GIVE_UP_S = 600.0  # an API unreachable this long: the job is followed from its status.json alone
+
+
+class RayError(RuntimeError):
+    pass
+
+
+def runtime_env_vars(env: dict[str, str]) -> dict[str, str]:
+    """The variables of the job's environment that the ranks get (see PASSED_VARS), plus the shared run
+    dir marker: only global rank 0 writes status.json."""
+    picked = {k: v for k, v in env.items()
+              if (k in PASSED_VARS or k.startswith(PASSED_PREFIXES))
+              and not k.startswith(("TRL_FSDP_", "RAY_")) and not any(w in k.upper() for w in SECRET_WORDS)}
+    return {**dict(sorted(picked.items())), "TRL_SHARED_RUN_DIR": "1"}
+
+
+def node_resources(opts: TorchRunOptions, scheduling: SchedulingSpec, cfg: RayConfig) -> dict[str, float]:
+    """One node's bundle: the job's request per node, else `cpus_per_node` CPUs."""
+    res = scheduling.resources
+    out: dict[str, float] = {"cpus": float(res.cpu_cores or cfg.cpus_per_node), "gpus": float(res.gpus)}
+    if res.ram_gb:
+        out["memory_gb"] = float(res.ram_gb)
+    return out
+
+
+def render_job_request(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling: SchedulingSpec,
+                       cfg: RayConfig, python: str, env: dict[str, str], suffix: str | None = None) -> dict:
+    """The body of `POST /api/jobs/` for a job. `suffix` makes the submission id unique per run (retries
+    and resumes submit the job again); None: a short random one."""
+    res = node_resources(opts, scheduling, cfg)
+    argv = [python, "-m", "providers.remote_fsdp.ray_launch", run_dir,
+            "--nnodes", str(opts.nnodes), "--nproc-per-node", str(opts.nproc_per_node),
+            "--cpus", f"{res['cpus']:g}", "--gpus", f"{res['gpus']:g}"]
+    if "memory_gb" in res:
+        argv += ["--memory-gb", f"{res['memory_gb']:g}"]
+    argv += ["--rdzv-timeout-s", str(opts.rdzv_timeout_s)]
+    metadata = {"job_uuid": job_uuid, "service": "trl-fsdp"}
+    if scheduling.priority:
+        metadata["priority"] = f"{scheduling.priority} (not applied: Ray has no job priority)"
+    if scheduling.resources.gpu_memory_gb:
+        metadata["gpu_memory_gb"] = f"{scheduling.resources.gpu_memory_gb:g} (not applied: no Ray resource)"
+    return {
+        "entrypoint": shlex.join(argv),
+        "submission_id": f"trl-{job_uuid}-{suffix or secrets.token_hex(4)}",
+        "runtime_env": {"env_vars": runtime_env_vars(env)},
+        "entrypoint_resources": dict(cfg.entrypoint_resources),  # the driver runs on the head node
+        "metadata": metadata,
+    }
+
+
+def short_message(message: str | None, lines: int = 6, limit: int = 2000) -> str | None:
+    """Ray's job message without most of the driver log it quotes (up to 20,000 characters): its first
+    line and the last lines of the log."""
+    if not message:
+        return None
+    parts = [line for line in message.splitlines() if line.strip()]
+    if len(parts) > lines + 1:
+        parts = [parts[0], *parts[-lines:]]
+    text = "\n".join(parts)
+    return text if len(text) <= limit else text[:limit // 2] + " ... " + text[-limit // 2:]
+
+
+def state_of(info: dict) -> LaunchState:
+    """A launch state from `GET /api/jobs/{id}` (Ray's JobDetails)."""
+    ray_state = str(info.get("status") or "")
+    state = RAY_STATES.get(ray_state, RUNNING if ray_state else UNKNOWN)
+    reason = None
+    if state in (PENDING, FAILED, CANCELLED):
+        reason = short_message(info.get("message"))
+        if state == FAILED and info.get("error_type"):
+            reason = f"{info['error_type']}: {reason}" if reason else info["error_type"]
+    code = info.get("driver_exit_code")
+    return LaunchState(state, detail=ray_state or None, reason=reason, exit_code=code if isinstance(code, int) else None)
+
+
+class RayLauncher:
+    name = "ray"
+
+    def __init__(self, cfg: RayConfig, python: str, transport: httpx.BaseTransport | None = None):
+        self.cfg = cfg
+        self.python = python
+        headers = {}
+        token = os.environ.get(cfg.token_env) if cfg.token_env else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.http = httpx.Client(base_url=cfg.address.rstrip("/"), headers=headers, timeout=30, transport=transport)
+        self._lock = threading.Lock()
+        self._last: dict[str, LaunchState] = {}  # external id -> last state the API gave
+        self._unreachable_since: dict[str, float] = {}
+
+    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
+        opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
+        body = render_job_request(job_uuid, str(files.dir), opts, spec.scheduling, self.cfg, self.python, env)
+        if spec.scheduling.priority:
+            log.warning("job %s: priority %d orders this service's queue only (Ray has no job priority)",
+                        job_uuid, spec.scheduling.priority)
+        try:
+            r = self.http.post("/api/jobs/", json=body)
+        except httpx.HTTPError as e:
+            raise RayError(f"the Ray Jobs API at {self.cfg.address} is unreachable: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise RayError(f"Ray refused the job (HTTP {r.status_code}): {r.text.strip()[:1000]}")
+        return r.json().get("submission_id") or body["submission_id"]
+
+    def poll(self, external_id: str, files: RunFiles) -> LaunchState:
+        try:
+            r = self.http.get(f"/api/jobs/{external_id}")
+        except httpx.HTTPError as e:
+            return self._unreachable(external_id, f"{type(e).__name__}: {e}")
+        if r.status_code == 404:
+            return LaunchState(UNKNOWN, reason=f"Ray has no job {external_id} (HTTP 404)")
+        if r.status_code != 200:
+            return self._unreachable(external_id, f"HTTP {r.status_code}: {r.text.strip()[:300]}")
+        state = state_of(r.json())
+        with self._lock:
+            self._unreachable_since.pop(external_id, None)
+            if state.final:
+                self._last.pop(external_id, None)
+            else:
+                self._last[external_id] = state
+        return state
+
+    def _unreachable(self, external_id: str, why: str) -> LaunchState:
+        """While the API cannot answer (a head restarting, a network blip) the job keeps its last state;
+        after UNREACHABLE_GIVE_UP_S it is unknown, and its status.json decides."""
+        with self._lock:
+            since = self._unreachable_since.setdefault(external_id, time.monotonic())
+            last = self._last.get(external_id, LaunchState(PENDING))
+        if time.monotonic() - since > UNREACHABLE_GIVE_UP_S:
+            return LaunchState(UNKNOWN, reason=f"the Ray Jobs API at {self.cfg.address} was unreachable for "
+                                               f"{UNREACHABLE_GIVE_UP_S:.0f} s ({why})")
+        return LaunchState(last.state, detail=last.detail, reason=f"Ray Jobs API unreachable: {why}")
+
+    def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
+        return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)
+
+    def cancel(self, external_id: str) -> None:
+        try:
+            r = self.http.post(f"/api/jobs/{external_id}/stop")
+            if r.status_code != 200:
+                log.warning("ray job stop %s: HTTP %d %s", external_id, r.status_code, r.text.strip()[:300])
+        except httpx.HTTPError as e:
+            log.warning("ray job stop %s: %s", external_id, e)
+
+    def alive(self, external_id: str, files: RunFiles) -> bool:
+        # Always followed again: a job Ray forgot (404) is unknown, and its status.json decides how it ended.
+        return True

@@ -1,0 +1,225 @@
+"""The `slurm` launcher: the batch script it writes (golden file), how Slurm's states become ours, and,
+end to end, a real two-node Slurm cluster on this host (tests/slurm_cluster.py) running jobs that users
+submit to the service: a 2-node SFT with the loss of one node, cancel, a killed rank, and a service
+restart that follows its Slurm job again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import processes_mentioning, wait_until
+from slurm_cluster import SlurmCluster, missing_commands
+from test_fsdp_service import Service, sft_body
+
+from providers.jobs.launcher import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
+from providers.remote_fsdp.service.config import SlurmConfig
+from providers.remote_fsdp.service.launcher import TorchRunOptions
+from providers.remote_fsdp.service.launchers.slurm import parse_scontrol, render_sbatch, state_of
+from providers.training.spec import SchedulingSpec
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# -- always on: what is sent to Slurm, and what its answers mean ------------------------------------------
+def test_batch_script_matches_golden_file():
+    opts = TorchRunOptions(nnodes=2, nproc_per_node=4, rdzv_timeout_s=90, launcher="slurm")
+    scheduling = SchedulingSpec(priority=30, resources={"gpus": 4, "cpu_cores": 16, "ram_gb": 64.5})
+    cfg = SlurmConfig(partition="gpu", account="ml", time_limit="24:00:00", extra_sbatch=["--exclusive"])
+    script = render_sbatch("sft-7", "/mnt/shared dir/runs/sft-7", opts, scheduling, cfg, "/opt/venv/bin/python")
+    expected = (GOLDEN / "slurm_2node.sbatch").read_text()
+    assert script == expected, "rendered script changed; if intended, update tests/golden/slurm_2node.sbatch"
+    # The script really parses as bash, and the node command keeps the path with a space in one word.
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_batch_script_defaults_ask_for_nothing_special():
+    script = render_sbatch("j", "/d/runs/j", TorchRunOptions(nnodes=1, nproc_per_node=1), SchedulingSpec(),
+                           SlurmConfig(), "/usr/bin/python3")
+    assert "--gres" not in script and "--mem" not in script and "--partition" not in script
+    assert "#SBATCH --nice=100" in script and "#SBATCH --cpus-per-task=1" in script
+
+
+@pytest.mark.parametrize("scontrol, expected", [
+    ("JobId=5 JobState=PENDING Reason=Resources ExitCode=0:0", (PENDING, "PENDING", "Resources", 0)),
+    ("JobId=5 JobState=RUNNING Reason=None ExitCode=0:0", (RUNNING, "RUNNING", None, 0)),
+    ("JobId=5 JobState=COMPLETING Reason=None ExitCode=0:0", (RUNNING, "COMPLETING", None, 0)),
+    ("JobId=5 JobState=COMPLETED Reason=None ExitCode=0:0", (SUCCEEDED, "COMPLETED", None, 0)),
+    ("JobId=5 JobState=CANCELLED Reason=None ExitCode=0:15", (CANCELLED, "CANCELLED", None, 143)),
+    ("JobId=5 JobState=FAILED Reason=NonZeroExitCode ExitCode=1:0", (FAILED, "FAILED", "NonZeroExitCode", 1)),
+    ("JobId=5 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15",
+     (FAILED, "TIMEOUT", "the job reached its Slurm time limit (TimeLimit)", 143)),
+    ("JobId=5 JobState=NODE_FAIL Reason=None ExitCode=0:0", (FAILED, "NODE_FAIL", "a node of the job failed", 0)),
+    ("JobId=5 JobState=OUT_OF_MEMORY Reason=OutOfMemory ExitCode=0:125",
+     (FAILED, "OUT_OF_MEMORY", "a node ran out of memory (OutOfMemory)", 253)),
+    ("JobId=5 JobState=PREEMPTED Reason=None ExitCode=0:0", (FAILED, "PREEMPTED", "Slurm preempted the job", 0)),
+])
+def test_slurm_states_map_to_launcher_states(scontrol, expected):
+    f = parse_scontrol(scontrol)
+    s = state_of(f["JobState"], f["Reason"], f["ExitCode"])
+    assert (s.state, s.detail, s.reason, s.exit_code) == expected
+
+
+@pytest.mark.parametrize("launch, status, cancelled, expected", [
+    (LaunchState(SUCCEEDED), {"state": "completed"}, False, ("completed", None)),
+    # trap 2 of the study: a scheduler's success is not the trainer's
+    (LaunchState(SUCCEEDED), {"state": "in_progress"}, False,
+     ("failed", "the launcher (slurm) said success, the trainer did not: its status is in_progress")),
+    (LaunchState(SUCCEEDED), {}, False, ("failed", "the launcher (slurm) said success, the trainer did not: its status is missing")),
+    (LaunchState(FAILED, "TIMEOUT", "the job reached its Slurm time limit"), {"state": "in_progress"}, False,
+     ("failed", "slurm: the job reached its Slurm time limit")),
+    (LaunchState(FAILED, "FAILED", exit_code=1), {"state": "failed", "error": "RuntimeError: gloo (rank 1)"}, False,
+     ("failed", "RuntimeError: gloo (rank 1)")),
+    (LaunchState(CANCELLED, "CANCELLED"), {"state": "in_progress"}, True, ("cancelled", None)),
+    (LaunchState(CANCELLED, "CANCELLED"), {"state": "in_progress"}, False,
+     ("cancelled", "cancelled outside this service (slurm: CANCELLED)")),
+    (LaunchState(UNKNOWN, reason="Invalid job id"), {"state": "completed"}, False, ("completed", None)),
+    (LaunchState(UNKNOWN, reason="Invalid job id"), {"state": "in_progress"}, False,
+     ("failed", "slurm no longer knows the job (Invalid job id); its trainer status is in_progress")),
+])
+def test_final_state_joins_launcher_and_trainer(launch, status, cancelled, expected):
+    assert final_state(launch, status, cancelled, None, "slurm") == expected
+
+
+# -- end to end on a two-node Slurm cluster on this host ------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"Slurm is not installed here ({missing} missing): run scripts/install-slurm.sh (Debian: "
+                    "slurmctld slurmd slurm-client munge)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_service(slurm, tmp_path_factory, toy_data):
+    root = tmp_path_factory.mktemp("slurm-service")
+    config = root / "launchers.yaml"
+    config.write_text("launchers:\n  enabled: [local, nodes, slurm]\n  slurm: {partition: debug, poll_s: 0.3}\n")
+    svc = Service(root / "data", extra=["--launchers-config", str(config)], env={"SLURM_CONF": str(slurm.conf)})
+    rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
+    assert svc.post("/v1/datasets/toy/rows", data=rows).status_code == 200
+    yield svc
+    svc.stop()
+    for pid, _ in processes_mentioning(str(svc.data_dir)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def slurm_body(job_uuid: str, model: str, steps: int = 8, epochs: int = 1) -> dict:
+    body = sft_body(job_uuid, model, nproc=1, global_batch=4, steps=steps)
+    body["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, "launcher": "slurm"}
+    body["training_config"]["n_epochs"] = epochs
+    return body
+
+
+def submit(svc: Service, body: dict) -> str:
+    r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
+    assert r.status_code == 200, r.text
+    return body["job_uuid"]
+
+
+def rank_pids(run_dir: str) -> dict[int, int]:
+    """{global rank: pid} of the job's training processes (the ranks, not torchrun or srun)."""
+    ranks = {}
+    for pid, cmd in processes_mentioning(run_dir):
+        if "providers.training.run" in cmd and "torch.distributed.run" not in cmd and "srun" not in cmd:
+            try:
+                env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+                ranks[int(env["RANK"])] = pid
+            except (OSError, KeyError, ValueError):
+                continue
+    return ranks
+
+
+def slurm_state(slurm: SlurmCluster, job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm.env, capture_output=True, text=True).stdout
+    return parse_scontrol(out).get("JobState", "")
+
+
+@pytest.mark.slow
+def test_two_node_sft_on_slurm_matches_one_node(slurm, slurm_service, tiny_models):
+    svc = slurm_service
+    submit(svc, slurm_body("slurm-2n", tiny_models["student"]))
+    one = sft_body("local-1n", tiny_models["student"], nproc=2, global_batch=8)  # the same world: 2 ranks x 4 rows
+    submit(svc, one)
+    two = svc.wait("slurm-2n", timeout=300)
+    assert two["status"] == "completed", (two["resources_allocated"].get("error"), slurm.logs())
+    res = two["resources_allocated"]
+    assert res["launcher"] == "slurm" and res["external_id"].isdigit()
+    assert slurm_state(slurm, res["external_id"]) == "COMPLETED"
+    assert len(res["ranks"]) == 2 and res["world_size"] == 2
+    # one rank per node: global ranks 0 and 1, each its node's local rank 0, each holding half the parameters
+    assert [(r["rank"], r["local_rank"]) for r in res["ranks"]] == [(0, 0), (1, 0)]
+    assert all(r["local_params"] * 2 == r["total_params"] for r in res["ranks"])
+    assert svc.wait("local-1n", timeout=300)["status"] == "completed"
+    slurm_losses, local_losses = svc.losses("slurm-2n"), svc.losses("local-1n")
+    assert len(slurm_losses) == 8 and slurm_losses == pytest.approx(local_losses, abs=1e-5)
+    assert slurm_losses[-1] < slurm_losses[0]
+    # The batch script and its log sit in the run dir; Slurm wrote torchrun's output there.
+    run_dir = svc.data_dir / "runs" / "slurm-2n"
+    assert (run_dir / "slurm.sbatch").exists() and (run_dir / "logs" / "rank1.log").exists()
+
+
+@pytest.mark.slow
+def test_cancel_on_slurm_leaves_no_process(slurm, slurm_service, tiny_models):
+    svc = slurm_service
+    submit(svc, slurm_body("slurm-cancel", tiny_models["student"], steps=25, epochs=40))
+    run_dir = str(svc.data_dir / "runs" / "slurm-cancel")
+    wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status("slurm-cancel")["resources_allocated"].get("step") or 0) >= 1,
+               300, message="both ranks training")
+    job_id = svc.status("slurm-cancel")["resources_allocated"]["external_id"]
+    t0 = time.monotonic()
+    assert svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"}).status_code == 200
+    assert svc.status("slurm-cancel")["status"] == "cancelled"
+    wait_until(lambda: processes_mentioning(run_dir) == [], 5.0, interval=0.1, message="no process of the job")
+    assert time.monotonic() - t0 < 5.0 + 15  # the cancel call itself returns once the record says cancelled
+    assert slurm_state(slurm, job_id) == "CANCELLED"
+    status_file = json.loads((Path(run_dir) / "status.json").read_text())
+    assert status_file["state"] == "cancelled"  # Slurm left it in_progress; the service wrote the end
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_slurm_job_with_the_reason(slurm, slurm_service, tiny_models):
+    svc = slurm_service
+    submit(svc, slurm_body("slurm-kill", tiny_models["student"], steps=25, epochs=40))
+    run_dir = str(svc.data_dir / "runs" / "slurm-kill")
+    wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status("slurm-kill")["resources_allocated"].get("step") or 0) >= 1,
+               300, message="both ranks training")
+    os.kill(rank_pids(run_dir)[1], signal.SIGKILL)  # rank 1 runs on the second node, vm2
+    t0 = time.monotonic()
+    status = svc.wait("slurm-kill", timeout=10)
+    assert time.monotonic() - t0 < 10
+    assert status["status"] == "failed"
+    error = status["resources_allocated"]["error"]
+    assert error.startswith("rank 1 died: Signal 9 (SIGKILL)"), error  # torchrun's root cause, not a peer's gloo error
+    wait_until(lambda: processes_mentioning(run_dir) == [], 10, message="no process of the failed job")
+
+
+@pytest.mark.slow
+def test_restarted_service_follows_its_slurm_job_again(slurm, slurm_service, tiny_models, tmp_path):
+    svc = slurm_service
+    submit(svc, slurm_body("slurm-restart", tiny_models["student"], steps=25, epochs=2))
+    wait_until(lambda: svc.status("slurm-restart")["status"] == "in_progress", 300, message="job running")
+    job_id = svc.status("slurm-restart")["resources_allocated"]["external_id"]
+    os.kill(svc.proc.pid, signal.SIGKILL)  # the service dies; the Slurm job does not depend on it
+    svc.proc.wait()
+    assert slurm_state(slurm, job_id) in ("RUNNING", "COMPLETING", "COMPLETED")
+    config = next(a for a in svc.proc.args if a.endswith("launchers.yaml"))
+    again = Service(svc.data_dir, extra=["--launchers-config", config], env={"SLURM_CONF": str(slurm.conf)})
+    svc.proc, svc.port, svc.url = again.proc, again.port, again.url  # the module's other tests use the new one
+    status = again.wait("slurm-restart", timeout=300)
+    assert status["status"] == "completed", status["resources_allocated"].get("error")
+    assert status["resources_allocated"]["external_id"] == job_id  # the same Slurm job, followed again
+    assert len(again.losses("slurm-restart")) == 50
