@@ -89,10 +89,12 @@ def test_final_state_joins_launcher_and_trainer(launch, status, cancelled, expec
 # -- end to end on a two-node Slurm cluster on this host ------------------------------------------------
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    missing = missing_commands()
-    if missing:
-        pytest.skip(f"Slurm is not installed here ({missing} missing): run scripts/install-slurm.sh (Debian: "
-                    "slurmctld slurmd slurm-client munge)")
+    if missing_commands():
+        script = Path(__file__).resolve().parent.parent / "scripts" / "install-slurm.sh"
+        p = subprocess.run([str(script)], capture_output=True, text=True, timeout=900)
+        if missing_commands():
+            pytest.skip(f"Slurm is not installed here ({missing_commands()} missing) and scripts/install-slurm.sh "
+                        f"could not install it (exit {p.returncode}): {p.stderr.strip()[-300:]}")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
