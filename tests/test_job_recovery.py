@@ -60,3 +60,34 @@ def test_a_job_that_cannot_start_fails_and_the_next_one_runs(tmp_path):
     failed = manager.store.get("unlaunchable")
     assert failed.status == "failed" and "no such interpreter" in failed.error
     assert calls == ["unlaunchable", "next"]
+
+
+def test_higher_priority_starts_first_and_a_failed_run_is_retried(tmp_path):
+    """One slot: while a job holds it, three wait; they start highest priority first (equal priorities in
+    submit order). A job with max_retries 1 that fails once runs again and completes, its record keeping
+    the first run's error."""
+    runs = tmp_path / "runs"
+    started = []
+
+    def command(spec: JobSpec, files: RunFiles) -> list[str]:
+        started.append(spec.job_uuid)
+        if spec.job_uuid == "blocker":
+            return [sys.executable, "-c", "import time, json; time.sleep(1.5); "
+                    "json.dump({'state': 'completed'}, open('status.json', 'w'))"]
+        if spec.job_uuid == "flaky" and not (files.dir / "tried").exists():
+            return [sys.executable, "-c", "open('tried', 'w'); raise SystemExit('first run fails')"]
+        return exits_at_once(spec, files)
+
+    manager = JobManager(JobStore(tmp_path / "jobs.db"), command, max_concurrent_jobs=1, runs_dir=runs, niceness=0)
+    for name, priority, retries in (("blocker", 0, 0), ("low", -5, 0), ("flaky", 0, 1), ("high", 50, 0),
+                                    ("later-high", 50, 0)):
+        with manager.reserve(name) as run_dir:
+            spec = spec_for(run_dir, name)
+            spec.scheduling.priority, spec.scheduling.max_retries = priority, retries
+            manager.submit(spec)
+    for name in ("blocker", "low", "flaky", "high", "later-high"):
+        assert manager.wait(name, timeout_s=60) == "completed", manager.store.get(name).error
+    assert started == ["blocker", "high", "later-high", "flaky", "flaky", "low"]
+    flaky = manager.store.get("flaky")
+    assert flaky.attempts == 2 and "first run fails" in flaky.resources["retries"][0]["error"]
+    assert manager.job_view("flaky")["resources_allocated"]["attempts"] == 2
