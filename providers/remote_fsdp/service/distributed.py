@@ -97,13 +97,13 @@ class DistributedJobs:
                 raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
             nodes = self._fitting(scheduling.resources, opts.nnodes)
             if nodes is None:
-                self._check_inputs(route, request)
+                model = self._check_inputs(route, request)
                 entry = {
-                    "job_uuid": job_uuid, "route": route, "status": "scheduled", "submitted_at": utc_now(),
+                    "job_uuid": job_uuid, "route": route, "submitted_at": utc_now(),
                     "seq": time.time_ns(), "priority": scheduling.priority, "nnodes": opts.nnodes,
                     "nproc_per_node": opts.nproc_per_node, "resources": scheduling.resources.model_dump(),
                     "method": "dpo" if route == "preference-optimize" else method_of(request.algorithm_config),
-                    "model": request.model,
+                    "model": model,
                 }
                 save_state(self._pending_path(job_uuid), {**entry, "body": body})
                 self._pending[job_uuid] = entry
@@ -116,17 +116,20 @@ class DistributedJobs:
         model = PreferenceOptimizeRequest if route == "preference-optimize" else SupervisedFineTuneRequest
         return model.model_validate(body)
 
-    def _check_inputs(self, route: str, request: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> None:
-        """What a waiting job can be refused for now rather than when it is placed: its model and dataset."""
+    def _check_inputs(self, route: str, request: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> str:
+        """What a waiting job can be refused for now rather than when it is placed: its model and dataset.
+        Returns the model it trains."""
         if route == "preference-optimize":
             model = preference_target(request.finetuned_model, request.model)[0]
             self.service.resolve_model(model, "model" if request.model else "finetuned_model")
         else:
-            self.service.resolve_model(request.model, "model")
+            model = request.model
+            self.service.resolve_model(model, "model")
         dc = request.training_config.data_config
         if request.rows is None and dc is not None and not self.service.dataset_path(dc.dataset_id).exists():
             raise ValueError(f"training_config.data_config.dataset_id: no dataset {dc.dataset_id!r} on this service "
                              "(upload its rows first)")
+        return model
 
     def _check_placeable(self, resources: ResourceRequest, nnodes: int) -> None:
         """A 400 for a job that the registered nodes can never hold, whichever of them are up."""
@@ -195,14 +198,15 @@ class DistributedJobs:
     def _waiting_reason(self, entry: dict[str, Any]) -> str:
         resources = ResourceRequest(**entry["resources"])
         live = len(self.registry.fitting(resources))
-        return f"waiting for {entry['nnodes']} nodes with {describe(resources)} ({live} fit{'s' if live == 1 else ''} now)"
+        fit = "fits" if live == 1 else "fit"
+        return f"waiting for {entry['nnodes']} nodes with {describe(resources)} ({live} {fit} now)"
 
     def _place_loop(self) -> None:
         while not self.stop.wait(self.place_interval_s):
             if self._pending:
                 try:
                     self.place_pending()
-                except Exception:  # noqa: BLE001 - the placing thread must outlive one bad pass
+                except Exception:  # the placing thread must outlive one bad pass
                     log.exception("placing waiting jobs failed")
 
     def place_pending(self) -> None:
