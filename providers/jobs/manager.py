@@ -31,6 +31,7 @@ from .launcher import (
     process_group_runs,
 )
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
+from .zygote import prestart
 
 __all__ = ["JobManager", "QueueFullError", "kill_process_group", "process_group_alive", "process_group_runs"]
 
@@ -89,6 +90,7 @@ class JobManager:
         runs_dir: str | Path | None = None,
         max_queued_jobs: int = 100,
         launchers: dict[str, Launcher] | None = None,
+        prestart_zygote: bool = False,
     ):
         self.store = store
         self.command = command
@@ -107,6 +109,8 @@ class JobManager:
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
         self._recover()
+        if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
+            prestart(self.job_env())
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _recover(self) -> None:

@@ -67,7 +67,7 @@ class FsdpJobService:
         env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
-                               launchers=build_launchers(config))
+                               launchers=build_launchers(config), prestart_zygote=True)
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
