@@ -275,6 +275,10 @@ class DistributedJobs:
             },
         }
 
+    def is_waiting(self, job_uuid: str) -> bool:
+        """Whether `job_uuid` names a job waiting for nodes (it has no JobManager record yet)."""
+        return job_uuid in self._pending
+
     def list_jobs(self) -> list[dict[str, str]]:
         """Every job: the JobManager's records, then the jobs still waiting for nodes."""
         jobs = [{"job_uuid": j.job_uuid, "status": j.status} for j in self.service.jobs.store.list()]
