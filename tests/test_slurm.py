@@ -225,3 +225,23 @@ def test_restarted_service_follows_its_slurm_job_again(slurm, slurm_service, tin
     assert status["status"] == "completed", status["resources_allocated"].get("error")
     assert status["resources_allocated"]["external_id"] == job_id  # the same Slurm job, followed again
     assert len(again.losses("slurm-restart")) == 50
+
+
+@pytest.mark.slow
+def test_a_request_slurm_cannot_place_fails_alone_with_slurms_reason(slurm, slurm_service, tiny_models):
+    """A GPU request on a cluster without GPUs: sbatch refuses it; the job fails saying so and the
+    service goes on taking jobs."""
+    svc = slurm_service
+    body = slurm_body("slurm-no-gpu", tiny_models["student"])
+    body["training_config"]["scheduling"] = {"resources": {"gpus": 1}, "priority": 10}
+    submit(svc, body)
+    status = svc.wait("slurm-no-gpu", timeout=60)
+    assert status["status"] == "failed"
+    error = status["resources_allocated"]["error"]
+    assert "sbatch refused the job" in error and "gres" in error.lower(), error
+    assert "#SBATCH --gres=gpu:1" in (svc.data_dir / "runs" / "slurm-no-gpu" / "slurm.sbatch").read_text()
+    assert "#SBATCH --nice=90" in (svc.data_dir / "runs" / "slurm-no-gpu" / "slurm.sbatch").read_text()
+    r = svc.post("/v1/post-training/supervised-fine-tune",
+                 json={**slurm_body("slurm-bad-launcher", tiny_models["student"]),
+                       "training_config": {**body["training_config"], "torch_run_config": {"launcher": "ray"}}})
+    assert r.status_code == 400 and "launcher" in r.text and "not enabled" in r.text
