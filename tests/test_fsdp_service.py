@@ -256,6 +256,12 @@ def test_later_llama_stack_route_shapes(service, two_procs):
         (lambda b: b.update(job_uuid="..") or b, 400, "job_uuid"),
         (lambda b: b.update(algorithm_config={"type": "LoRA", "lora_attn_modules": ["q_proj"], "apply_lora_to_mlp": False,
                                               "apply_lora_to_output": True, "rank": 4, "alpha": 8}) or b, 400, "lm_head"),
+        (lambda b: b["training_config"].update(scheduling={"resources": {"gpus": 8}}) or b, 400,
+         "scheduling.resources: this host cannot hold the job: 0 GPUs (needs 8)"),
+        (lambda b: b["training_config"].update(scheduling={"priority": 1000}) or b, 400, "scheduling.priority"),
+        (lambda b: b["training_config"].update(scheduling={"max_retries": -1}) or b, 400, "scheduling.max_retries"),
+        (lambda b: b["training_config"]["torch_run_config"].update(launcher="slurm") or b, 400, "not enabled"),
+        (lambda b: b["training_config"]["torch_run_config"].update(launcher="pbs") or b, 400, "launcher"),
     ],
 )
 def test_bad_requests_get_4xx_naming_the_field(service, tiny_models, two_procs, mutate, status_code, needle):

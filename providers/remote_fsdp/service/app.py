@@ -68,6 +68,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if heartbeat:
             heartbeat.stop.set()
         pipelines.stop.set()
+        distributed.stop.set()
         service.jobs.shutdown()
 
     app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,

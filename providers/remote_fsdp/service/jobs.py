@@ -126,7 +126,7 @@ class FsdpJobService:
             opts = TorchRunOptions(**{**self.config.torch_run.model_dump(), **overrides})
         except ValidationError as e:
             raise ValueError(_validation_message(e, "training_config.torch_run_config")) from None
-        if opts.launcher is not None and opts.launcher not in self.config.launchers.enabled:
+        if not trusted and opts.launcher is not None and opts.launcher not in self.config.launchers.enabled:
             raise ValueError(f"training_config.torch_run_config.launcher: {opts.launcher!r} is not enabled on this "
                              f"service (enabled: {self.config.launchers.enabled}; see --launchers-config)")
         if opts.nproc_per_node > self.config.max_nproc_per_node:

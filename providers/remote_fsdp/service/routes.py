@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from ...jobs.store import ACTIVE
-from ...post_training_api import FINITE, SAFE_NAME
+from ...post_training_api import FINITE, SAFE_NAME, scheduling_spec
 from ...training.merge import merge_adapters
 from ...training.plots import plot_files
 from ...training.recipes.teacher import read_shards
@@ -30,7 +30,7 @@ from .config import ServiceConfig
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from .nodes import Heartbeat, Node, NodeRegistry, Registration
+from .nodes import Heartbeat, Node, NodeRegistry, Registration, misfit
 from .pipelines import (
     PipelineRequest,
     Pipelines,
@@ -50,8 +50,16 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
 
     def submit(route: str, req: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> dict[str, str]:
         tc = req.training_config.torch_run_config or {}
-        if req.part_of is None and service.spans_registry_nodes(service.torch_run_options(tc)):
+        if distributed.is_waiting(req.job_uuid):
+            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists (waiting for nodes)")
+        opts = service.torch_run_options(tc)
+        if req.part_of is None and service.spans_registry_nodes(opts):
             return distributed.submit(route, req.model_dump(mode="json"))
+        if service.launcher_of(opts) == "local":  # this host runs it: it must be able to hold it
+            resources = scheduling_spec(req.training_config).resources
+            why = misfit(distributed.registry.local.capabilities, resources)
+            if why:
+                raise ValueError(f"training_config.scheduling.resources: this host cannot hold the job: {why}")
         return service.submit_request(route, req)
 
     @r.post("/supervised-fine-tune")
@@ -66,7 +74,7 @@ def post_training_router(service: FsdpJobService, distributed: DistributedJobs) 
     # training load each hop waits for a core twice, which is what stretches the p99 of status polls).
     @r.get("/jobs")
     async def list_jobs() -> dict[str, list[dict[str, str]]]:
-        return {"data": [{"job_uuid": j.job_uuid, "status": j.status} for j in service.jobs.store.list()]}
+        return {"data": distributed.list_jobs()}
 
     @r.get("/job/status", response_model=None)
     async def job_status(job_uuid: str = Query(...)) -> dict[str, Any]:
