@@ -24,6 +24,7 @@ from providers.remote_fsdp.service.launchers.slurm import parse_scontrol, render
 from providers.training.spec import SchedulingSpec
 
 GOLDEN = Path(__file__).parent / "golden"
+ACTIVE_STATES = ("scheduled", "in_progress")
 
 
 # -- always on: what is sent to Slurm, and what its answers mean ------------------------------------------
@@ -245,3 +246,32 @@ def test_a_request_slurm_cannot_place_fails_alone_with_slurms_reason(slurm, slur
                  json={**slurm_body("slurm-bad-launcher", tiny_models["student"]),
                        "training_config": {**body["training_config"], "torch_run_config": {"launcher": "ray"}}})
     assert r.status_code == 400 and "launcher" in r.text and "not enabled" in r.text
+
+
+@pytest.mark.slow
+def test_pipeline_teacher_and_student_run_through_slurm(slurm, slurm_service, tiny_models, toy_data):
+    """A teacher-student pipeline whose teacher and one student go to Slurm and the other student runs on
+    the service's own host: all three complete and the students' outputs load."""
+    svc = slurm_service
+    prompts = [{"input_query": r["input_query"]} for r in toy_data["instruct"][:16]]
+    body = {"pipeline_id": "slurm-pipe", "rows": prompts,
+            "teacher": {"model": tiny_models["teacher"], "top_k": 4, "max_new_tokens": 8, "launcher": "slurm"},
+            "students": [
+                {"name": "on-slurm", "model": tiny_models["student"], "max_steps_per_epoch": 3, "launcher": "slurm",
+                 "scheduling": {"priority": 5}},
+                {"name": "here", "model": tiny_models["student"], "max_steps_per_epoch": 3},
+            ]}
+    r = svc.post("/v1/pipelines/teacher-student", json=body)
+    assert r.status_code == 200, r.text
+    state = wait_until(lambda: (s := svc.get("/v1/pipelines/slurm-pipe").json())["state"] not in ACTIVE_STATES and s,
+                       300, interval=0.5, message="pipeline finished")
+    assert state["state"] == "completed", state
+    jobs = {j: svc.status(j)["resources_allocated"] for j in
+            ("slurm-pipe-teacher", "slurm-pipe-student-on-slurm", "slurm-pipe-student-here")}
+    assert [jobs[j]["launcher"] for j in jobs] == ["slurm", "slurm", "local"]
+    assert all(slurm_state(slurm, jobs[j]["external_id"]) == "COMPLETED" for j in list(jobs)[:2])
+    for student in state["students"]:
+        assert (Path(student["output"]) / "config.json").exists()
+    bad = {**body, "pipeline_id": "ray-pipe", "teacher": {**body["teacher"], "launcher": "ray"}}
+    r = svc.post("/v1/pipelines/teacher-student", json=bad)
+    assert r.status_code == 400 and "teacher.launcher" in r.text, r.text

@@ -63,6 +63,9 @@ class TeacherTaskConfig(BaseModel):
     generation_batch_size: PositiveInt = 16
     # priority, max_retries and resources per node, as in training_config.scheduling
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    # slurm / ray: the coordinator hands the task to that scheduler; None, local, nodes: placed on this
+    # service's registered nodes
+    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None
 
 
 class StudentConfig(BaseModel):
@@ -79,6 +82,7 @@ class StudentConfig(BaseModel):
     lr: PositiveFloat = 3e-3
     seed: int = 42
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None  # as TeacherTaskConfig.launcher
 
 
 class MergeConfig(BaseModel):
@@ -93,6 +97,11 @@ class PipelineRequest(BaseModel):
     teacher: TeacherTaskConfig
     students: list[StudentConfig] = Field(min_length=1)
     merge: MergeConfig | None = None
+
+
+def scheduled_elsewhere(task: TeacherTaskConfig | StudentConfig) -> bool:
+    """Whether a scheduler (Slurm, Ray) places the task rather than this service's node registry."""
+    return task.launcher in ("slurm", "ray")
 
 
 class PipelineCancelled(Exception):
@@ -168,6 +177,8 @@ class Pipelines:
     def place_teacher(self, teacher: TeacherTaskConfig) -> Node | None:
         """The live node with the most accelerator memory, else the most RAM, that has the teacher model and
         its resources; None while no live node does."""
+        if scheduled_elsewhere(teacher):
+            return self.registry.local  # this service hands it to the scheduler, which places it
         nodes = self._candidates(teacher.model, teacher.scheduling.resources)
         if not nodes:
             return None
@@ -182,6 +193,9 @@ class Pipelines:
         k = 0
         for i in sorted(range(len(students)), key=lambda i: -students[i].scheduling.priority):
             s = students[i]
+            if scheduled_elsewhere(s):
+                placed[i] = self.registry.local
+                continue
             nodes = [n for n in live if (not n.capabilities.models or s.model in n.capabilities.models)
                      and misfit(n.capabilities, s.scheduling.resources) is None]
             if nodes:
@@ -191,8 +205,13 @@ class Pipelines:
 
     def _check_placeable(self, req: PipelineRequest) -> None:
         """A 400 for a task that no registered node (up or down) could ever take."""
-        tasks = [("teacher", req.teacher.model, req.teacher.scheduling.resources)]
-        tasks += [(f"students[{i}]", s.model, s.scheduling.resources) for i, s in enumerate(req.students)]
+        enabled = self.service.config.launchers.enabled
+        for field, task in [("teacher", req.teacher), *((f"students[{i}]", s) for i, s in enumerate(req.students))]:
+            if task.launcher is not None and task.launcher not in enabled:
+                raise ValueError(f"{field}.launcher: {task.launcher!r} is not enabled on this service (enabled: {enabled})")
+        tasks = [("teacher", req.teacher.model, req.teacher.scheduling.resources)] if not scheduled_elsewhere(req.teacher) else []
+        tasks += [(f"students[{i}]", s.model, s.scheduling.resources) for i, s in enumerate(req.students)
+                  if not scheduled_elsewhere(s)]
         for field, model, resources in tasks:
             if not self._candidates(model, ResourceRequest(), live_only=False):
                 raise ValueError(f"{field}.model: no registered node has {model!r}")
@@ -239,8 +258,10 @@ class Pipelines:
                                     generation_batch_size=teacher.generation_batch_size),
                 scheduling=teacher.scheduling,
             )
-            (run_dir / "torchrun.json").write_text(self.service.torch_run_options({"nproc_per_node": 1}).model_dump_json())
-            self.service.jobs.submit(spec, resources={"method": "teacher", "model": model, "world_size": 1})
+            opts = self.service.torch_run_options({"nproc_per_node": 1, "launcher": teacher.launcher})
+            (run_dir / "torchrun.json").write_text(opts.model_dump_json())
+            self.service.jobs.submit(spec, resources={"method": "teacher", "model": model, "world_size": 1},
+                                     launcher=self.service.launcher_of(opts))
         return job_uuid
 
     def create_student_task(self, job_uuid: str, student: StudentConfig, teacher_outputs_dir: Path,
@@ -253,7 +274,8 @@ class Pipelines:
             data_config={"dataset_id": "teacher-outputs", "batch_size": student.batch_size, "shuffle": True,
                          "data_format": "instruct"},
             optimizer_config={"optimizer_type": "adamw", "lr": student.lr, "weight_decay": 0.0, "num_warmup_steps": 0},
-            torch_run_config={"nproc_per_node": 1}, scheduling=student.scheduling.model_dump(),
+            torch_run_config={"nproc_per_node": 1, "launcher": student.launcher},
+            scheduling=student.scheduling.model_dump(),
         )
         algorithm = DistillationConfig(
             teacher_outputs_dir=str(teacher_outputs_dir), method=student.method, temperature=student.temperature,
