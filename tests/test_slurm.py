@@ -146,6 +146,15 @@ def rank_pids(run_dir: str) -> dict[int, int]:
     return ranks
 
 
+def start_long_job(svc: Service, job_uuid: str, model: str) -> str:
+    """Submit a 1000-step 2-node job and return its run dir once both ranks are training."""
+    submit(svc, slurm_body(job_uuid, model, steps=25, epochs=40))
+    run_dir = str(svc.data_dir / "runs" / job_uuid)
+    wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status(job_uuid)["resources_allocated"].get("step") or 0) >= 1,
+               300, message="both ranks training")
+    return run_dir
+
+
 def slurm_state(slurm: SlurmCluster, job_id: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm.env, capture_output=True, text=True).stdout
     return parse_scontrol(out).get("JobState", "")
@@ -178,10 +187,7 @@ def test_two_node_sft_on_slurm_matches_one_node(slurm, slurm_service, tiny_model
 @pytest.mark.slow
 def test_cancel_on_slurm_leaves_no_process(slurm, slurm_service, tiny_models):
     svc = slurm_service
-    submit(svc, slurm_body("slurm-cancel", tiny_models["student"], steps=25, epochs=40))
-    run_dir = str(svc.data_dir / "runs" / "slurm-cancel")
-    wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status("slurm-cancel")["resources_allocated"].get("step") or 0) >= 1,
-               300, message="both ranks training")
+    run_dir = start_long_job(svc, "slurm-cancel", tiny_models["student"])
     job_id = svc.status("slurm-cancel")["resources_allocated"]["external_id"]
     t0 = time.monotonic()
     assert svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"}).status_code == 200
@@ -196,10 +202,7 @@ def test_cancel_on_slurm_leaves_no_process(slurm, slurm_service, tiny_models):
 @pytest.mark.slow
 def test_killed_rank_fails_the_slurm_job_with_the_reason(slurm, slurm_service, tiny_models):
     svc = slurm_service
-    submit(svc, slurm_body("slurm-kill", tiny_models["student"], steps=25, epochs=40))
-    run_dir = str(svc.data_dir / "runs" / "slurm-kill")
-    wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status("slurm-kill")["resources_allocated"].get("step") or 0) >= 1,
-               300, message="both ranks training")
+    run_dir = start_long_job(svc, "slurm-kill", tiny_models["student"])
     os.kill(rank_pids(run_dir)[1], signal.SIGKILL)  # rank 1 runs on the second node, vm2
     t0 = time.monotonic()
     status = svc.wait("slurm-kill", timeout=10)
