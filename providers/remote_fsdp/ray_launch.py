@@ -7,8 +7,9 @@ The service submits this module as a Ray job's entry point (providers/remote_fsd
 
 It reserves one placement-group bundle per node (STRICT_SPREAD), starts an actor in each, and every actor
 runs torchrun with its c10d rendezvous on the first actor's node; the ranks are `providers.training.run`
-as everywhere else. It exits with the first failing node's exit code (0 when all succeed). Only this
-module imports Ray; the training core does not know it runs under Ray.
+as everywhere else. When a node fails the others are stopped at once (as srun --kill-on-bad-exit does)
+and the driver exits with that node's exit code; 0 when all succeed. Only this module imports Ray; the
+training core does not know it runs under Ray.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-FAIL_GRACE_S = 5.0  # after a node fails, the others get this long to fail by themselves and report why
 SUBREAPER_FLAG = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
 
@@ -56,7 +56,8 @@ class NodeRunner:
 def torchrun_argv(args: argparse.Namespace, node_rank: int, node_ip: str, endpoint: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={args.nnodes}", f"--nproc_per_node={args.nproc_per_node}", f"--node_rank={node_rank}",
+        # no --node_rank: c10d assigns ranks in join order (torchrun ignores the flag, with a warning)
+        f"--nnodes={args.nnodes}", f"--nproc_per_node={args.nproc_per_node}",
         f"--rdzv_id={Path(args.run_dir).name}-{endpoint.rsplit(':', 1)[1]}",
         "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
         # is_host: nodes may share a host name (containers, one-host test clusters); only node 0 hosts
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     addresses = ray.get([a.address.remote() for a in actors])
     endpoint = f"{addresses[0][0]}:{addresses[0][1]}"
     print(f"nodes {[ip for ip, _ in addresses]}, rendezvous on {endpoint}", flush=True)
-    runs = {actor.run.remote(torchrun_argv(args, i, addresses[i][0], endpoint),
-                             str(logs / ("train.log" if i == 0 else f"torchrun-node{i}.log"))): i
+    # Every node's torchrun appends to logs/train.log (as srun's tasks do): its failure summary names a
+    # killed rank, whichever node it ran on.
+    runs = {actor.run.remote(torchrun_argv(args, i, addresses[i][0], endpoint), str(logs / "train.log")): i
             for i, actor in enumerate(actors)}
     code, pending = 0, list(runs)
     while pending and not code:
@@ -118,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             if node_code:
                 print(f"node {runs[ref]} ({addresses[runs[ref]][0]}) failed: {why}", flush=True)
                 code = code or node_code
-    if code and pending:
-        ray.wait(pending, num_returns=len(pending), timeout=FAIL_GRACE_S)
+    if code:  # as srun --kill-on-bad-exit: the failed node's torchrun summary names the root cause
         for actor in actors:
             ray.kill(actor)
     print(f"exit code {code}", flush=True)

@@ -14,6 +14,7 @@ job's metadata as not applied), and `resources.gpu_memory_gb` has no Ray resourc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -69,7 +70,7 @@ def runtime_env_vars(env: dict[str, str]) -> dict[str, str]:
     return {**dict(sorted(picked.items())), "TRL_SHARED_RUN_DIR": "1"}
 
 
-def node_resources(opts: TorchRunOptions, scheduling: SchedulingSpec, cfg: RayConfig) -> dict[str, float]:
+def node_resources(scheduling: SchedulingSpec, cfg: RayConfig) -> dict[str, float]:
     """One node's bundle: the job's request per node, else `cpus_per_node` CPUs."""
     res = scheduling.resources
     out: dict[str, float] = {"cpus": float(res.cpu_cores or cfg.cpus_per_node), "gpus": float(res.gpus)}
@@ -82,7 +83,7 @@ def render_job_request(job_uuid: str, run_dir: str, opts: TorchRunOptions, sched
                        cfg: RayConfig, python: str, env: dict[str, str], suffix: str | None = None) -> dict:
     """The body of `POST /api/jobs/` for a job. `suffix` makes the submission id unique per run (retries
     and resumes submit the job again); None: a short random one."""
-    res = node_resources(opts, scheduling, cfg)
+    res = node_resources(scheduling, cfg)
     argv = [python, "-m", "providers.remote_fsdp.ray_launch", run_dir,
             "--nnodes", str(opts.nnodes), "--nproc-per-node", str(opts.nproc_per_node),
             "--cpus", f"{res['cpus']:g}", "--gpus", f"{res['gpus']:g}"]
@@ -121,9 +122,7 @@ def state_of(info: dict) -> LaunchState:
     state = RAY_STATES.get(ray_state, RUNNING if ray_state else UNKNOWN)
     reason = None
     if state in (PENDING, FAILED, CANCELLED):
-        reason = short_message(info.get("message"))
-        if state == FAILED and info.get("error_type"):
-            reason = f"{info['error_type']}: {reason}" if reason else info["error_type"]
+        reason = short_message(info.get("message")) or info.get("error_type")
     code = info.get("driver_exit_code")
     return LaunchState(state, detail=ray_state or None, reason=reason, exit_code=code if isinstance(code, int) else None)
 
@@ -146,6 +145,8 @@ class RayLauncher:
     def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
         body = render_job_request(job_uuid, str(files.dir), opts, spec.scheduling, self.cfg, self.python, env)
+        # What was asked of Ray, beside the job's other files (it holds no secret: see PASSED_VARS).
+        (files.dir / "ray_job.json").write_text(json.dumps(body, indent=2) + "\n")
         if spec.scheduling.priority:
             log.warning("job %s: priority %d orders this service's queue only (Ray has no job priority)",
                         job_uuid, spec.scheduling.priority)
