@@ -29,6 +29,7 @@ class Service:
     def __init__(self, data_dir: Path, port: int | None = None, extra: list[str] | None = None,
                  env: dict[str, str] | None = None):
         self.data_dir = data_dir
+        self.runs_dir = data_dir / "runs"  # launchers.shared_dir/runs when the service has one
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"service-{self.port}.log"
@@ -57,7 +58,7 @@ class Service:
                           interval=0.25, message=f"job {job_uuid} finished")
 
     def losses(self, job_uuid: str) -> list[float]:
-        path = self.data_dir / "runs" / job_uuid / "metrics.jsonl"
+        path = self.runs_dir / job_uuid / "metrics.jsonl"
         return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
     def stop(self) -> None:

@@ -110,13 +110,16 @@ def slurm(tmp_path_factory):
 def slurm_service(slurm, tmp_path_factory, toy_data):
     root = tmp_path_factory.mktemp("slurm-service")
     config = root / "launchers.yaml"
-    config.write_text("launchers:\n  enabled: [local, nodes, slurm]\n  slurm: {partition: debug, poll_s: 0.3}\n")
+    # Run dirs in a shared dir apart from the service's data dir, as on a cluster with an NFS mount
+    config.write_text(f"launchers:\n  enabled: [local, nodes, slurm]\n  shared_dir: {root / 'shared'}\n"
+                      "  slurm: {partition: debug, poll_s: 0.3}\n")
     svc = Service(root / "data", extra=["--launchers-config", str(config)], env={"SLURM_CONF": str(slurm.conf)})
+    svc.runs_dir = root / "shared" / "runs"
     rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
     assert svc.post("/v1/datasets/toy/rows", data=rows).status_code == 200
     yield svc
     svc.stop()
-    for pid, _ in processes_mentioning(str(svc.data_dir)):
+    for pid, _ in processes_mentioning(str(svc.data_dir.parent)):  # the data dir and the shared dir
         os.kill(pid, signal.SIGKILL)
 
 
@@ -149,7 +152,7 @@ def rank_pids(run_dir: str) -> dict[int, int]:
 def start_long_job(svc: Service, job_uuid: str, model: str) -> str:
     """Submit a 1000-step 2-node job and return its run dir once both ranks are training."""
     submit(svc, slurm_body(job_uuid, model, steps=25, epochs=40))
-    run_dir = str(svc.data_dir / "runs" / job_uuid)
+    run_dir = str(svc.runs_dir / job_uuid)
     wait_until(lambda: len(rank_pids(run_dir)) == 2 and (svc.status(job_uuid)["resources_allocated"].get("step") or 0) >= 1,
                300, message="both ranks training")
     return run_dir
@@ -180,7 +183,7 @@ def test_two_node_sft_on_slurm_matches_one_node(slurm, slurm_service, tiny_model
     assert len(slurm_losses) == 8 and slurm_losses == pytest.approx(local_losses, abs=1e-5)
     assert slurm_losses[-1] < slurm_losses[0]
     # The batch script and its log sit in the run dir; Slurm wrote torchrun's output there.
-    run_dir = svc.data_dir / "runs" / "slurm-2n"
+    run_dir = svc.runs_dir / "slurm-2n"
     assert (run_dir / "slurm.sbatch").exists() and (run_dir / "logs" / "rank1.log").exists()
 
 
@@ -224,6 +227,7 @@ def test_restarted_service_follows_its_slurm_job_again(slurm, slurm_service, tin
     assert slurm_state(slurm, job_id) in ("RUNNING", "COMPLETING", "COMPLETED")
     config = next(a for a in svc.proc.args if a.endswith("launchers.yaml"))
     again = Service(svc.data_dir, extra=["--launchers-config", config], env={"SLURM_CONF": str(slurm.conf)})
+    again.runs_dir = svc.runs_dir
     svc.proc, svc.port, svc.url = again.proc, again.port, again.url  # the module's other tests use the new one
     status = again.wait("slurm-restart", timeout=300)
     assert status["status"] == "completed", status["resources_allocated"].get("error")
@@ -243,8 +247,8 @@ def test_a_request_slurm_cannot_place_fails_alone_with_slurms_reason(slurm, slur
     assert status["status"] == "failed"
     error = status["resources_allocated"]["error"]
     assert "sbatch refused the job" in error and "gres" in error.lower(), error
-    assert "#SBATCH --gres=gpu:1" in (svc.data_dir / "runs" / "slurm-no-gpu" / "slurm.sbatch").read_text()
-    assert "#SBATCH --nice=90" in (svc.data_dir / "runs" / "slurm-no-gpu" / "slurm.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:1" in (svc.runs_dir / "slurm-no-gpu" / "slurm.sbatch").read_text()
+    assert "#SBATCH --nice=90" in (svc.runs_dir / "slurm-no-gpu" / "slurm.sbatch").read_text()
     r = svc.post("/v1/post-training/supervised-fine-tune",
                  json={**slurm_body("slurm-bad-launcher", tiny_models["student"]),
                        "training_config": {**body["training_config"], "torch_run_config": {"launcher": "ray"}}})

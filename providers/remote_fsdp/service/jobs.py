@@ -55,10 +55,11 @@ class FsdpJobService:
         self.datasets_dir.mkdir(parents=True, exist_ok=True)
         # Run dirs and default checkpoint dirs lie where every node that runs a job sees them (shared_dir).
         self.runs_dir = config.shared_path / "runs"
+        own_dirs = [str(self.data_dir)] if config.launchers.shared_dir else []  # pipelines' teacher outputs
         self.defaults = ProviderDefaults(
             data_dir=str(config.shared_path), dtype=config.dtype,
             allowed_checkpoint_roots=config.allowed_checkpoint_roots,
-            allowed_model_roots=config.model_roots(),
+            allowed_model_roots=[*config.model_roots(), *own_dirs],
             checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
             model_roots_hint="start the service with --allowed-model-root DIR (or --model-dir)",
         )
