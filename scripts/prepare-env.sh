@@ -14,5 +14,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # constraints.txt pins the tested set (pip freeze of the environment the suite passed in); regenerate it
 # with `pip freeze --exclude-editable > constraints.txt` after changing dependencies and re-running the tests.
-pip install -q -c constraints.txt -e ".[test]"
+pip install -q -c constraints.txt -e ".[test,ray]"  # ray: the Ray launcher's end-to-end test (tests/test_ray_e2e.py)
 python -c "import torch, trl, transformers, peft, llama_stack; print(f'env ready: torch {torch.__version__}, trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

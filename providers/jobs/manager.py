@@ -256,6 +256,7 @@ class JobManager:
             if moved:
                 files.update_status(unrecorded_checkpoints_set_aside=moved)
         argv = self.command(spec, files)
+        files.mark_run_start(job.attempts + 1, job.launcher)
         external_id = launcher.submit(job.job_uuid, spec, files, argv, self.job_env())
         fields: dict[str, Any] = {"external_id": external_id, "attempts": job.attempts + 1}
         if launcher is self.local:

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 
+RUN_STARTED = "=== run"
+
+
 def writes_status() -> bool:
     """Whether this process writes the job's status.json: global rank 0 when the run dir is shared by every
     node (Slurm, Ray: TRL_SHARED_RUN_DIR=1), else each node's local rank 0 (a single process, or the
@@ -104,13 +107,24 @@ class RunFiles:
             return f"rank {killed[0]} died: {killed[1]}" + (f"; then {first}" if first else "")
         return first
 
+    def mark_run_start(self, attempt: int, launcher: str) -> None:
+        """A line in logs/train.log where a run of the job begins (retries and resumes append to the log)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(f"{RUN_STARTED} {attempt} ({launcher}) at {utc_now()} ===\n")
+
     def killed_rank(self) -> tuple[str, str] | None:
-        """(rank, why) from torchrun's failure summary in logs/train.log when a rank died by a signal."""
+        """(rank, why) from torchrun's failure summary in logs/train.log when a rank of the latest run died by
+        a signal."""
         try:
-            text = self.log.read_text(errors="replace")[-20_000:]
+            text = self.log.read_text(errors="replace")[-50_000:]
         except OSError:
             return None
-        cause = text.rfind("Root Cause (first observed failure)")
-        rank = re.search(r"rank\s*:\s*(\d+)", text[cause:]) if cause >= 0 else None
-        signal = re.search(r"traceback\s*:\s*(Signal \d+ \(\w+\)[^\n]*)", text[cause:]) if cause >= 0 else None
-        return (rank.group(1), signal.group(1).strip()) if rank and signal else None
+        text = text[text.rfind(RUN_STARTED) + 1:]  # this run's part of the log
+        # Several torchruns (one per node) may append their summaries: the first that names a signal counts.
+        for block in text.split("Root Cause (first observed failure)")[1:]:
+            rank = re.search(r"rank\s*:\s*(\d+)", block)
+            signal = re.search(r"traceback\s*:\s*(Signal \d+ \(\w+\)[^\n]*)", block)
+            if rank and signal:
+                return rank.group(1), signal.group(1).strip()
+        return None

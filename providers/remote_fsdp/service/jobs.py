@@ -47,6 +47,18 @@ def _validation_message(e: ValidationError, field: str) -> str:
     return f"{field}{'.' + loc if loc else ''}: {first['msg']}"
 
 
+def unapplied_scheduling(spec: JobSpec, launcher: str) -> dict[str, str]:
+    """Scheduling settings the job's launcher has no way to honour, with the reason."""
+    res = spec.scheduling.resources
+    out = {}
+    if launcher == "ray" and spec.scheduling.priority:
+        out["scheduling.priority"] = "Ray has no job priority"
+    if launcher in ("slurm", "ray") and res.gpu_memory_gb:
+        out["scheduling.resources.gpu_memory_gb"] = (f"{launcher} has no request for GPU memory (name a node feature "
+                                                     "or custom resource in the launcher's config)")
+    return out
+
+
 class FsdpJobService:
     def __init__(self, config: ServiceConfig):
         self.config = config
@@ -181,6 +193,8 @@ class FsdpJobService:
             }
             launcher = self.launcher_of(torch_run)
             resources["launcher"] = launcher
+            for setting, why in unapplied_scheduling(spec, launcher).items():
+                spec.not_applied[setting] = why
             self.jobs.submit(spec, resources=resources, launcher=launcher)
         return {"job_uuid": job_uuid}
 
