@@ -282,3 +282,28 @@ def test_pipeline_teacher_and_student_run_through_slurm(slurm, slurm_service, ti
     bad = {**body, "pipeline_id": "ray-pipe", "teacher": {**body["teacher"], "launcher": "ray"}}
     r = svc.post("/v1/pipelines/teacher-student", json=bad)
     assert r.status_code == 400 and "teacher.launcher" in r.text, r.text
+
+
+def test_a_silent_slurm_is_not_a_verdict(tmp_path):
+    """While slurmctld does not answer (a restart), a job keeps its last state; only Slurm saying it does
+    not know the job makes it unknown (then the trainer's status.json decides)."""
+    from providers.remote_fsdp.service.launchers.slurm import SlurmLauncher
+
+    answers = iter([
+        (0, "JobId=7 JobState=RUNNING Reason=None ExitCode=0:0", ""),
+        (1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"),
+        (1, "", "slurm_load_jobs error: Invalid job id specified"),
+        (1, "", "sacct: error: Slurm accounting storage is disabled"),  # asked only where sacct is installed
+    ])
+
+    def fake_run(argv, **kw):
+        code, out, err = next(answers)
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    launcher = SlurmLauncher(SlurmConfig(), "/usr/bin/python3", runner=fake_run)
+    files = None  # poll does not read the run dir
+    assert launcher.poll("7", files).state == RUNNING
+    silent = launcher.poll("7", files)
+    assert silent.state == RUNNING and not silent.final and "Unable to contact" in silent.reason
+    forgotten = launcher.poll("7", files)
+    assert forgotten.state == UNKNOWN and "Invalid job id" in forgotten.reason
