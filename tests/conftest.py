@@ -194,3 +194,10 @@ def llama_stack_factory():
 @pytest.fixture(scope="session")
 def run_yaml() -> Path:
     return RUN_YAML
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The cluster end-to-end modules run last, Slurm's before Ray's, each cluster torn down before the next
+    starts: on two cores, two clusters (and Ray's 2 GB) must never overlap."""
+    order = {"test_slurm.py": 1, "test_ray_e2e.py": 2}
+    items.sort(key=lambda item: order.get(item.path.name, 0))  # stable: everything else keeps its order
