@@ -307,3 +307,39 @@ def test_a_silent_slurm_is_not_a_verdict(tmp_path):
     assert silent.state == RUNNING and not silent.final and "Unable to contact" in silent.reason
     forgotten = launcher.poll("7", files)
     assert forgotten.state == UNKNOWN and "Invalid job id" in forgotten.reason
+
+
+@pytest.mark.slow
+def test_llama_stack_client_trains_on_slurm(slurm, slurm_service, llama_stack_factory, tiny_models, toy_data, tmp_path):
+    """A user of `llama stack run run_fsdp.yaml` sends DPO with the typed client's full payload, asking for
+    Slurm, two nodes and a priority: it runs as a Slurm job and the preference margin grows."""
+    from helpers import wait_for_job
+    from measures import dpo_margin, load_causal
+
+    server = llama_stack_factory(Path(__file__).resolve().parent.parent / "run_fsdp.yaml", tmp_path / "stack",
+                                 env={"TRL_FSDP_URL": slurm_service.url, "TRL_FSDP_STACK_DIR": str(tmp_path / "stack")})
+    client = server.client()
+    client.datasets.register(purpose="post-training/messages", source={"type": "rows", "rows": toy_data["preference"]},
+                             dataset_id="prefs")
+    client.post_training.preference_optimize(
+        job_uuid="ls-slurm-dpo", finetuned_model=tiny_models["student"], hyperparam_search_config={}, logger_config={},
+        algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
+        training_config={
+            "n_epochs": 2, "max_steps_per_epoch": 25, "dtype": "fp32",
+            "data_config": {"dataset_id": "prefs", "batch_size": 4, "shuffle": True, "data_format": "instruct"},
+            "optimizer_config": {"optimizer_type": "adamw", "lr": 5e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
+            "torch_run_config": {"nproc_per_node": 1, "nnodes": 2, "launcher": "slurm"},
+            "scheduling": {"priority": 20, "max_retries": 1},
+        },
+    )
+    status = wait_for_job(client, "ls-slurm-dpo", timeout=600)
+    res = status.resources_allocated
+    assert status.status == "completed", res
+    assert res["launcher"] == "slurm" and slurm_state(slurm, res["external_id"]) == "COMPLETED"
+    assert [(r["rank"], r["local_rank"]) for r in res["ranks"]] == [(0, 0), (1, 0)]
+    assert "#SBATCH --nice=80" in (slurm_service.runs_dir / "ls-slurm-dpo" / "slurm.sbatch").read_text()
+    final = client.post_training.job.artifacts(job_uuid="ls-slurm-dpo").checkpoints[-1]
+    final = final if isinstance(final, dict) else final.model_dump()
+    pairs = toy_data["preference"][:100]
+    before, after = dpo_margin(*load_causal(tiny_models["student"]), pairs), dpo_margin(*load_causal(final["path"]), pairs)
+    assert after > before + 0.5, f"margin before {before:.3f}, after {after:.3f}"
