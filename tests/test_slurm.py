@@ -343,3 +343,27 @@ def test_llama_stack_client_trains_on_slurm(slurm, slurm_service, llama_stack_fa
     pairs = toy_data["preference"][:100]
     before, after = dpo_margin(*load_causal(tiny_models["student"]), pairs), dpo_margin(*load_causal(final["path"]), pairs)
     assert after > before + 0.5, f"margin before {before:.3f}, after {after:.3f}"
+
+
+@pytest.mark.slow
+def test_a_job_slurm_holds_pending_is_scheduled_with_slurms_reason(slurm, slurm_service, tiny_models):
+    """While Slurm cannot start a job (its partition is down) the job is `scheduled` with Slurm's reason;
+    when the partition comes back it runs and completes."""
+    svc = slurm_service
+
+    def partition(state: str) -> None:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"State={state}"], env=slurm.env, check=True)
+
+    partition("DOWN")
+    try:
+        submit(svc, slurm_body("slurm-pending", tiny_models["student"]))
+        res = wait_until(lambda: (r := svc.status("slurm-pending")["resources_allocated"]).get("launcher_state") and r,
+                         60, message="the launcher's state in the job's status")
+        status = svc.status("slurm-pending")
+        assert status["status"] == "scheduled" and status["started_at"] is None
+        assert res["launcher_state"] == "PENDING" and res["launcher_reason"] == "PartitionDown", res
+    finally:
+        partition("UP")
+    done = svc.wait("slurm-pending", timeout=300)
+    assert done["status"] == "completed" and done["started_at"], done["resources_allocated"].get("error")
+    assert "launcher_reason" not in done["resources_allocated"]
