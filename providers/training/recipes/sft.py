@@ -5,6 +5,8 @@ setup: tokenizer, model, datasets, SFTConfig -> train -> save_final.
 
 from __future__ import annotations
 
+import torch
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from ..components import (
@@ -19,7 +21,7 @@ from ..components import (
     trainer_args,
 )
 from ..data import load_dataset
-from ..efficiency import padding_free
+from ..efficiency import chunked_lm_head, padding_free
 from ..run_files import RunFiles
 from ..spec import JobSpec
 
@@ -56,8 +58,38 @@ def truncate(dataset, max_len: int):
     return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
 
 
-def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=SFTTrainer, **trainer_kw) -> dict:
+class LogitsLossSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's own over full logits (transformers' Trainer.compute_loss: one fused
+    cross-entropy) instead of TRL's chunked LM head. Same losses; on a CPU about half the step time at 25M
+    (1.38 vs 2.69 CPU-s). Logs num_tokens and mean_token_accuracy as SFTTrainer does (no entropy)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        if labels is not None and outputs.logits.shape[1] == labels.shape[1]:  # prompt learning adds positions
+            with torch.no_grad():
+                target = labels[:, 1:]
+                valid = target != -100
+                correct = (outputs.logits[:, :-1].argmax(-1) == target) & valid
+                n_valid = self.accelerator.gather_for_metrics(valid.sum()).sum()
+                n_correct = self.accelerator.gather_for_metrics(correct.sum()).sum()
+                self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid.clamp(min=1)).item())
+        if mode == "train":
+            # padding-free batches have position_ids instead of an attention mask
+            local = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(
+                inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+
+def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=None, **trainer_kw) -> dict:
     """Run SFT. `train_ds` and `trainer_cls` let the distillation recipe reuse this setup."""
+    if trainer_cls is None:
+        trainer_cls = SFTTrainer if chunked_lm_head(spec) else LogitsLossSFTTrainer
     tokenizer = load_tokenizer(spec.model)
     model = load_model(spec.model, spec)
     default_train, eval_ds = datasets(spec)
