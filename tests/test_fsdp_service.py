@@ -93,6 +93,20 @@ def sft_body(job_uuid: str, model: str, nproc: int = 2, global_batch: int = 8, s
     return {"job_uuid": job_uuid, "model": model, "training_config": config}
 
 
+def two_node_body(job_uuid: str, model: str, launcher: str, steps: int = 8, epochs: int = 1) -> dict:
+    """An SFT job on 2 nodes x 1 rank through a cluster launcher (the Slurm and Ray tests)."""
+    body = sft_body(job_uuid, model, nproc=1, global_batch=4, steps=steps)
+    body["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, "launcher": launcher}
+    body["training_config"]["n_epochs"] = epochs
+    return body
+
+
+def submit(service: Service, body: dict, route: str = "supervised-fine-tune") -> str:
+    r = service.post(f"/v1/post-training/{route}", json=body)
+    assert r.status_code == 200, r.text
+    return body["job_uuid"]
+
+
 def run_job(service: Service, body: dict, route: str = "supervised-fine-tune") -> dict:
     r = service.post(f"/v1/post-training/{route}", json=body)
     assert r.status_code == 200, r.text

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import free_port, processes_mentioning, wait_until
-from test_fsdp_service import Service, sft_body
+from test_fsdp_service import Service, sft_body, submit, two_node_body
 
 pytestmark = pytest.mark.slow
 
@@ -160,16 +160,7 @@ def ray_service(ray_cluster, tmp_path_factory, toy_data, tiny_models):
 
 
 def ray_body(job_uuid: str, model: str, steps: int = 8, epochs: int = 1) -> dict:
-    body = sft_body(job_uuid, model, nproc=1, global_batch=4, steps=steps)
-    body["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, "launcher": "ray"}
-    body["training_config"]["n_epochs"] = epochs
-    return body
-
-
-def submit(svc: Service, body: dict) -> str:
-    r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
-    assert r.status_code == 200, r.text
-    return body["job_uuid"]
+    return two_node_body(job_uuid, model, "ray", steps, epochs)
 
 
 def rank_envs(run_dir: str) -> dict[int, tuple[int, dict[str, str]]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import processes_mentioning, wait_until
 from slurm_cluster import SlurmCluster, missing_commands
-from test_fsdp_service import Service, sft_body
+from test_fsdp_service import Service, sft_body, submit, two_node_body
 
 from providers.jobs.launcher import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
 from providers.remote_fsdp.service.config import SlurmConfig
@@ -124,16 +124,7 @@ def slurm_service(slurm, tmp_path_factory, toy_data):
 
 
 def slurm_body(job_uuid: str, model: str, steps: int = 8, epochs: int = 1) -> dict:
-    body = sft_body(job_uuid, model, nproc=1, global_batch=4, steps=steps)
-    body["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, "launcher": "slurm"}
-    body["training_config"]["n_epochs"] = epochs
-    return body
-
-
-def submit(svc: Service, body: dict) -> str:
-    r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
-    assert r.status_code == 200, r.text
-    return body["job_uuid"]
+    return two_node_body(job_uuid, model, "slurm", steps, epochs)
 
 
 def rank_pids(run_dir: str) -> dict[int, int]:
