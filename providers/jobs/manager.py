@@ -396,9 +396,7 @@ class JobManager:
         for job_uuid, (launcher, external_id) in list(self._running.items()):
             if launcher is self.local:
                 self._cancelled[job_uuid] = "the server shut down while the job was running"
-                proc = self.local._procs.get(external_id)
-                if proc is not None and proc.poll() is None:
-                    kill_process_group(proc.pid)
+                self.local.cancel(external_id)
 
     # -- views -------------------------------------------------------------------------------------
     def job_view(self, job_uuid: str) -> dict[str, Any]:
