@@ -190,7 +190,7 @@ def test_unreachable_api_keeps_the_last_state_then_gives_up(job, monkeypatch):
     api.down = True
     blip = launcher.poll(job_id, run_files)
     assert blip.state == RUNNING and "unreachable" in blip.reason  # a head restarting is not the job's end
-    monkeypatch.setattr(ray_launcher, "UNREACHABLE_GIVE_UP_S", 0.0)
+    monkeypatch.setattr(launcher.last_known, "give_up_s", 0.0)
     gone = launcher.poll(job_id, run_files)
     assert gone.state == UNKNOWN and "unreachable" in gone.reason
     api.down = False

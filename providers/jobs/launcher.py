@@ -82,6 +82,36 @@ def poll_until_final(launcher: Launcher, external_id: str, files: RunFiles, on_c
             time.sleep(poll_s)
 
 
+class LastKnownStates:
+    """What a polled scheduler last said about each job, so that a scheduler that does not answer (a
+    controller or head restarting, a network blip) is not taken for the job's end: the job keeps its last
+    state until `who` has been unreachable for `give_up_s`; then it is unknown and status.json decides."""
+
+    def __init__(self, who: str, give_up_s: float = 600.0):
+        self.who = who
+        self.give_up_s = give_up_s
+        self._lock = threading.Lock()
+        self._last: dict[str, LaunchState] = {}
+        self._silent_since: dict[str, float] = {}
+
+    def answered(self, external_id: str, state: LaunchState) -> LaunchState:
+        with self._lock:
+            self._silent_since.pop(external_id, None)
+            if state.final:
+                self._last.pop(external_id, None)
+            else:
+                self._last[external_id] = state
+        return state
+
+    def unreachable(self, external_id: str, why: str) -> LaunchState:
+        with self._lock:
+            since = self._silent_since.setdefault(external_id, time.monotonic())
+            last = self._last.get(external_id, LaunchState(PENDING))
+        if time.monotonic() - since > self.give_up_s:
+            return LaunchState(UNKNOWN, reason=f"{self.who} was unreachable for {self.give_up_s:.0f} s ({why})")
+        return LaunchState(last.state, detail=last.detail, reason=f"{self.who} is unreachable: {why}")
+
+
 def final_state(launch: LaunchState, status: dict, cancelled: bool, cancel_reason: str | None,
                 launcher: str) -> tuple[str, str | None]:
     """The job's final (state, error) from the launcher's final state and the trainer's status.json.

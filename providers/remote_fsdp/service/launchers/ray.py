@@ -19,8 +19,6 @@ import logging
 import os
 import secrets
 import shlex
-import threading
-import time
 from collections.abc import Callable
 
 import httpx
@@ -32,6 +30,7 @@ from ....jobs.launcher import (
     RUNNING,
     SUCCEEDED,
     UNKNOWN,
+    LastKnownStates,
     LaunchState,
     poll_until_final,
 )
@@ -54,7 +53,6 @@ PASSED_VARS = ("PYTHONSAFEPATH", "PYTHONUNBUFFERED", "GLOO_SOCKET_IFNAME", "NCCL
                "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
 PASSED_PREFIXES = ("HF_",)
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
-UNREACHABLE_GIVE_UP_S = 600.0  # an API unreachable this long: the job is followed from its status.json alone
 
 
 class RayError(RuntimeError):
@@ -138,9 +136,7 @@ class RayLauncher:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.http = httpx.Client(base_url=cfg.address.rstrip("/"), headers=headers, timeout=30, transport=transport)
-        self._lock = threading.Lock()
-        self._last: dict[str, LaunchState] = {}  # external id -> last state the API gave
-        self._unreachable_since: dict[str, float] = {}
+        self.last_known = LastKnownStates(f"the Ray Jobs API at {cfg.address}")
 
     def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
@@ -162,30 +158,12 @@ class RayLauncher:
         try:
             r = self.http.get(f"/api/jobs/{external_id}")
         except httpx.HTTPError as e:
-            return self._unreachable(external_id, f"{type(e).__name__}: {e}")
+            return self.last_known.unreachable(external_id, f"{type(e).__name__}: {e}")
         if r.status_code == 404:
             return LaunchState(UNKNOWN, reason=f"Ray has no job {external_id} (HTTP 404)")
         if r.status_code != 200:
-            return self._unreachable(external_id, f"HTTP {r.status_code}: {r.text.strip()[:300]}")
-        state = state_of(r.json())
-        with self._lock:
-            self._unreachable_since.pop(external_id, None)
-            if state.final:
-                self._last.pop(external_id, None)
-            else:
-                self._last[external_id] = state
-        return state
-
-    def _unreachable(self, external_id: str, why: str) -> LaunchState:
-        """While the API cannot answer (a head restarting, a network blip) the job keeps its last state;
-        after UNREACHABLE_GIVE_UP_S it is unknown, and its status.json decides."""
-        with self._lock:
-            since = self._unreachable_since.setdefault(external_id, time.monotonic())
-            last = self._last.get(external_id, LaunchState(PENDING))
-        if time.monotonic() - since > UNREACHABLE_GIVE_UP_S:
-            return LaunchState(UNKNOWN, reason=f"the Ray Jobs API at {self.cfg.address} was unreachable for "
-                                               f"{UNREACHABLE_GIVE_UP_S:.0f} s ({why})")
-        return LaunchState(last.state, detail=last.detail, reason=f"Ray Jobs API unreachable: {why}")
+            return self.last_known.unreachable(external_id, f"HTTP {r.status_code}: {r.text.strip()[:300]}")
+        return self.last_known.answered(external_id, state_of(r.json()))
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)

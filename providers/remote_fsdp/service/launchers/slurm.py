@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 
 from ....jobs.launcher import (
@@ -26,6 +25,7 @@ from ....jobs.launcher import (
     RUNNING,
     SUCCEEDED,
     UNKNOWN,
+    LastKnownStates,
     LaunchState,
     poll_until_final,
 )
@@ -53,9 +53,6 @@ WHY = {
     "OUT_OF_MEMORY": "a node ran out of memory", "PREEMPTED": "Slurm preempted the job",
     "BOOT_FAIL": "a node failed to boot", "DEADLINE": "the job reached its Slurm deadline",
 }
-
-
-UNREACHABLE_GIVE_UP_S = 600.0  # Slurm silent this long: the job is followed from its status.json alone
 
 
 class SlurmError(RuntimeError):
@@ -139,8 +136,7 @@ class SlurmLauncher:
         self.cfg = cfg
         self.python = python
         self.run = runner
-        self._last: dict[str, LaunchState] = {}  # job id -> the last state Slurm gave
-        self._unreachable_since: dict[str, float] = {}
+        self.last_known = LastKnownStates("Slurm")
         missing = [c for c in ("sbatch", "scontrol", "scancel") if shutil.which(c) is None]
         if missing and runner is subprocess.run:
             raise SlurmUnavailable(f"launchers.enabled: slurm needs the Slurm commands {missing} on this host's PATH")
@@ -163,18 +159,13 @@ class SlurmLauncher:
         try:
             r = self._cmd(["scontrol", "show", "job", "-o", external_id])
         except subprocess.TimeoutExpired:
-            return self._unreachable(external_id, "scontrol timed out")
+            return self.last_known.unreachable(external_id, "scontrol timed out")
         if r.returncode == 0 and "JobState=" in r.stdout:
-            self._unreachable_since.pop(external_id, None)
             f = parse_scontrol(r.stdout)
-            state = state_of(f.get("JobState", ""), f.get("Reason"), f.get("ExitCode"))
-            if state.final:
-                self._last.pop(external_id, None)
-            else:
-                self._last[external_id] = state
-            return state
+            return self.last_known.answered(external_id, state_of(f.get("JobState", ""), f.get("Reason"),
+                                                                  f.get("ExitCode")))
         if "invalid job id" not in (r.stderr + r.stdout).lower():  # slurmctld down or restarting, not a verdict
-            return self._unreachable(external_id, (r.stderr or r.stdout).strip()[:300])
+            return self.last_known.unreachable(external_id, (r.stderr or r.stdout).strip()[:300])
         # scontrol forgets finished jobs after MinJobAge; sacct remembers them where accounting is on.
         if shutil.which("sacct"):
             a = self._cmd(["sacct", "-n", "-P", "-X", "-j", external_id, "-o", "State,ExitCode,Reason"])
@@ -183,15 +174,6 @@ class SlurmLauncher:
                 state, code, reason = line.split("|")[:3]
                 return state_of(state, reason, code)
         return LaunchState(UNKNOWN, reason=(r.stderr or r.stdout).strip()[:300] or "no record")
-
-    def _unreachable(self, external_id: str, why: str) -> LaunchState:
-        """While Slurm cannot answer, the job keeps its last state; after UNREACHABLE_GIVE_UP_S it is unknown
-        and its status.json decides."""
-        since = self._unreachable_since.setdefault(external_id, time.monotonic())
-        if time.monotonic() - since > UNREACHABLE_GIVE_UP_S:
-            return LaunchState(UNKNOWN, reason=f"Slurm did not answer for {UNREACHABLE_GIVE_UP_S:.0f} s ({why})")
-        last = self._last.get(external_id, LaunchState(PENDING))
-        return LaunchState(last.state, detail=last.detail, reason=f"Slurm does not answer: {why}")
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)
