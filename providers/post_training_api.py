@@ -102,7 +102,7 @@ class TrainingConfig(_TrainingConfig):
     use_liger_kernel: bool = False
     torch_compile: bool = False
     precompute_ref_log_probs: bool = False
-    chunked_lm_head: bool | None = None  # SFT: TRL's chunked LM head; None: with CUDA only
+    chunked_lm_head: bool | None = None  # SFT and DPO: TRL's chunked LM head; None: with CUDA only
 
     @field_validator("dtype")
     @classmethod

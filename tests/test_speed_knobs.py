@@ -165,6 +165,68 @@ def test_precomputed_reference_log_probs_match_the_reference_copy_without_loadin
     assert resources_used(spec)["efficiency"]["reference"].startswith("precomputed")
 
 
+@pytest.mark.parametrize("peft", [None, PeftSpec(method="lora")], ids=["reference-copy", "lora"])
+def test_dpo_from_full_logits_logs_what_trls_chunked_lm_head_logs(tmp_path, tiny_models, dpo_rows, peft):
+    """On CPU the core answers DPOTrainer's log-prob call from full logits (recipes/dpo.LogitsDPOTrainer);
+    with TRL's chunked LM head as the reference, every logged figure agrees: losses, log-probs, rewards,
+    margins and the metric fields (entropy, mean logits, token accuracy), for the policy and the reference."""
+    runs = {}
+    for chunked in (True, False):
+        spec = make_spec(tmp_path, dpo_rows, method="dpo", model=tiny_models["student"], batch_size=4, peft=peft,
+                         name=f"dpo-chunked-{chunked}-{peft is not None}",
+                         efficiency=EfficiencySpec(chunked_lm_head=chunked))
+        train(spec)
+        assert resources_used(spec)["efficiency"]["chunked_lm_head"] is chunked
+        runs[chunked] = [m for m in RunFiles(spec.run_dir).read_metrics() if "loss" in m and "eval_loss" not in m]
+    keys = ["loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/chosen", "entropy",
+            "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"]
+    chunked, full = ([[m[k] for k in keys] for m in runs[c]] for c in (True, False))
+    print(f"chunked {chunked}\nfull logits {full}")
+    assert len(full) == 3 and any(abs(m[keys.index("rewards/margins")]) > 1e-4 for m in full[1:])
+    for a, b in zip(chunked, full):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_full_logits_lm_head_returns_trls_fields_and_gradients(tiny_models):
+    """Field by field against TRL's add_fused_lm_head on one batch with padding, prompt masks and labels the
+    model predicts (so is_top1 is true somewhere): log-probs and their gradient, entropy, mean logits,
+    top-1 and WPO's log-sum-of-squared-probs."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from providers.training.recipes.dpo import add_logits_lm_head
+
+    fields = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 8:] = 0
+    with torch.no_grad():
+        greedy = model(input_ids=input_ids).logits.argmax(-1)
+    input_ids[:, 1::2] = greedy[:, :-1:2]  # every other token is the model's own top-1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    results = []
+    for patch in (add_fused_lm_head, add_logits_lm_head):
+        patch(model, outputs=fields)
+        model.zero_grad()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        results.append((out, model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (trl_out, *trl_grads), (ours, *our_grads) = results
+    assert trl_out.is_top1.any() and torch.equal(ours.is_top1, trl_out.is_top1)
+    assert torch.equal(ours.label_mask, trl_out.label_mask)
+    for f in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        mask = trl_out.label_mask
+        torch.testing.assert_close(getattr(ours, f)[mask], getattr(trl_out, f)[mask], rtol=1e-5, atol=1e-5, msg=f)
+    torch.testing.assert_close(ours.log_probs, trl_out.log_probs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(our_grads, trl_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    plain = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    assert plain.logits.shape == (3, 12, model.config.vocab_size) and plain.loss is not None  # generation path
+
+
 def test_padding_free_cached_logit_batches_give_the_same_logits(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,9 +16,10 @@ config, whether this host can run it, and what is in force (for resources_alloca
 | torch_compile            | TrainingArguments torch_compile (inductor: C++ on CPU, Triton on GPUs)          |
 | precompute_ref_log_probs | DPOConfig precompute_ref_log_probs: the reference is the initial policy, so no  |
 |                          | reference copy is ever loaded                                                   |
-| chunked_lm_head          | SFT: SFTTrainer's chunked LM head (TRL's default), or recipes/sft.py's          |
-|                          | LogitsLossSFTTrainer (the model's own loss over full logits); default: chunked  |
-|                          | with CUDA, full logits on CPU (about 2x faster per step there, same losses)     |
+| chunked_lm_head          | SFT and DPO: TRL's chunked LM head (TRL's default), or the model's own forward  |
+|                          | over full logits (recipes/sft.py LogitsLossSFTTrainer, recipes/dpo.py           |
+|                          | LogitsDPOTrainer); default: chunked with CUDA, full logits on CPU (about 2x     |
+|                          | faster per step there, same losses)                                             |
 
 A knob this host cannot run raises ValueError naming the field and what it needs (a 400 at the API);
 none is ever silently dropped.
@@ -172,9 +173,10 @@ def padding_free(spec: JobSpec) -> bool:
 
 
 def chunked_lm_head(spec: JobSpec) -> bool:
-    """Whether SFT computes its loss with TRL's chunked LM head. On GPUs it keeps [tokens x vocab] logits out
-    of memory; on a CPU memory is plentiful and the chunked head's per-chunk log-softmax, entropy and top-1
-    (forward and backward) take about half of a 25M model's step, so there the model's own loss is used."""
+    """Whether SFT and DPO compute their log-probs with TRL's chunked LM head. On GPUs it keeps [tokens x
+    vocab] logits out of memory; on a CPU memory is plentiful and the chunked head's per-chunk log-softmax,
+    entropy and top-1 (forward and backward) take about half of a 25M model's step, so there the model's
+    own logits are used."""
     chosen = spec.efficiency.chunked_lm_head
     if chosen is None:
         import torch
@@ -193,7 +195,7 @@ def in_force(spec: JobSpec, model=None) -> dict[str, Any]:
     if spec.method in ("sft", "distill"):
         out["padding_free"] = padding_free(spec)
         out["packing"] = "bfd" if spec.data.packed else None
-    out["chunked_lm_head"] = chunked_lm_head(spec) if spec.method == "sft" else None
+    out["chunked_lm_head"] = chunked_lm_head(spec) if spec.method in ("sft", "dpo") else None
     if model is not None:
         config = getattr(model, "config", None)
         out["attn_implementation"] = getattr(config, "_attn_implementation", out["attn_implementation"])

@@ -198,7 +198,7 @@ class EfficiencySpec(Strict):
     use_liger_kernel: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
     torch_compile: bool = False
     precompute_ref_log_probs: bool = False  # DPO: one reference pass up front, no reference model after
-    # SFT: TRL's chunked LM head (per-chunk log-probs, no full logits: less memory with large vocabularies)
+    # SFT and DPO: TRL's chunked LM head (per-chunk log-probs, no full logits: less memory with large vocabularies)
     # or the model's own loss over full logits (half the CPU time per step). None: chunked with CUDA only.
     chunked_lm_head: bool | None = None
 
