@@ -6,10 +6,12 @@ Through the real JobManager (the one both providers use), the tiny student, a sh
 10 ms) and submit -> job completed (whole job), alternating spawn / zygote --repeats times after one
 discarded warm-up of each (the zygote is started once, before, as a server does at start).
 
-Then the same for a 2-rank torchrun FSDP job (the remote service's command line): with the zygote only the
-torchrun agent is forked; each rank is still a new interpreter. Measured: submit -> every rank has joined
-the process group (the last rank's "joined" log line: interpreter start, imports, init_process_group),
-first step, whole job; and, for scale, what a new interpreter and the imports cost alone.
+Then the same for a 2-rank FSDP job (the remote service's command line), each way its ranks can start:
+torchrun (each rank a new interpreter) or forked ranks (`providers.training.local_ranks`: the agent imports
+the training stack once and forks the ranks), with the agent spawned or forked from the zygote. Measured:
+submit -> every rank has joined the process group (the last rank's "joined" log line: interpreter start,
+imports, init_process_group), first step, whole job; and, for scale, what a new interpreter and the
+imports cost alone.
 
 Usage (repository root, venv active):
     python benchmarks/bench_job_start.py                  # ~4 min on 2 busy cores
@@ -51,11 +53,11 @@ def inline_command(spec, files):
     return [sys.executable, "-m", "providers.training.run", str(files.dir)]
 
 
-def torchrun_command(spec, files):
-    from providers.remote_fsdp.service.launcher import TorchRunOptions
-    from providers.remote_fsdp.service.launcher import torchrun_command as command
+def fsdp_command(rank_start: str):
+    from providers.remote_fsdp.service.launcher import TorchRunOptions, torchrun_command
 
-    return command(spec, files, TorchRunOptions(nproc_per_node=2, rdzv_timeout_s=60))
+    return lambda spec, files: torchrun_command(
+        spec, files, TorchRunOptions(nproc_per_node=2, rdzv_timeout_s=60, rank_start=rank_start))
 
 
 def make_spec(root: Path, name: str, model: str, rows, steps: int, fsdp: bool) -> JobSpec:
@@ -164,27 +166,32 @@ def main(argv=None) -> None:
 
     if not args.no_torchrun:
         bare, imports = bare_interpreter_and_imports()
-        fsdp = {"spawn": [], "zygote": []}
-        for mode in ("spawn", "zygote", "zygote", "spawn"):
+        variants = [("torchrun", "spawn"), ("torchrun", "zygote"), ("fork", "spawn"), ("fork", "zygote")]
+        fsdp = {v: [] for v in variants}
+        for rank_start, mode in variants + variants[::-1]:
             use(mode)
-            manager = JobManager(JobStore(work / f"fsdp-{mode}" / "jobs.db"), torchrun_command,
+            root = work / f"fsdp-{rank_start}-{mode}"
+            manager = JobManager(JobStore(root / "jobs.db"), fsdp_command(rank_start),
                                  env={"OMP_NUM_THREADS": "1", "TRL_JOB_ZYGOTE": "1" if mode == "zygote" else "0"},
                                  niceness=0)
             if mode == "zygote":
                 zygote.prestart(manager.job_env())
                 zygote.zygote_for(manager.job_env()).ready()
-            spec = make_spec(work / f"fsdp-{mode}", f"fsdp-{len(fsdp[mode])}", model, rows, args.steps, fsdp=True)
+            spec = make_spec(root, f"fsdp-{len(fsdp[rank_start, mode])}", model, rows, args.steps, fsdp=True)
             r = run_job(manager, spec)
             r.update(rank_phases(spec, r["t0"]))
-            fsdp[mode].append(r)
-            print(f"  torchrun {mode}: ranks joined {r['joined']:.2f}s, "
+            fsdp[rank_start, mode].append(r)
+            print(f"  {rank_start}, agent {mode}: ranks joined {r['joined']:.2f}s, "
                   f"first step {r['first']:.2f}s, whole {r['whole']:.2f}s", flush=True)
-        table = [[mode] + [f"{statistics.median(r[k] for r in rs):.2f} s" for k in ("joined", "first", "whole")]
-                 for mode, rs in fsdp.items()]
-        bc.print_table("2-rank torchrun FSDP job (tiny student), median of 2 runs each; the zygote forks the agent only",
-                       ["agent", "ranks joined", "first step", "whole job"], table,
+        base = statistics.median(r["whole"] for r in fsdp["torchrun", "spawn"])
+        table = [[{"torchrun": "torchrun", "fork": "forked ranks"}[rank_start], mode]
+                 + [f"{statistics.median(r[k] for r in rs):.2f} s" for k in ("joined", "first", "whole")]
+                 + [f"{statistics.median(r['whole'] for r in rs) / base:.2f}x"]
+                 for (rank_start, mode), rs in fsdp.items()]
+        bc.print_table("2-rank FSDP job (tiny student), median of 2 runs each",
+                       ["ranks", "agent", "ranks joined", "first step", "whole job", "vs torchrun, spawned"], table,
                        note=(f"a new interpreter: {bare:.2f} s; + importing the training stack: {imports:.2f} s "
-                             f"(what every rank pays); {bc.load_average()}"))
+                             f"(what every torchrun rank pays); {bc.load_average()}"))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def _proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+def is_rank_agent(cmdline: str) -> bool:
+    """A job's process that starts ranks: torchrun, or the agent that forks them (providers.training.local_ranks)."""
+    return "torch.distributed.run" in cmdline or "providers.training.local_ranks" in cmdline
+
+
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
     """(pid, cmdline) of every live (non-zombie) process whose command line contains `text`."""
     found = []

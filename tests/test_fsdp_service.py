@@ -15,6 +15,7 @@ import requests
 import torch
 from helpers import (
     free_port,
+    is_rank_agent,
     processes_mentioning,
     stop_process_group,
     wait_for_health,
@@ -210,29 +211,54 @@ def test_cancel_stops_every_rank_and_the_agent(service, tiny_models):
     assert service.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     run_dir = str(service.data_dir / "runs" / "to-cancel")
     wait_until(lambda: (service.status("to-cancel")["resources_allocated"].get("step") or 0) >= 2, 300)
-    assert len(processes_mentioning(run_dir)) >= 3  # the torchrun agent and two ranks
+    assert len(processes_mentioning(run_dir)) >= 3  # the agent and two ranks
     assert service.post("/v1/post-training/job/cancel", json={"job_uuid": "to-cancel"}).status_code == 200
     status = service.status("to-cancel")
     assert status["status"] == "cancelled" and status["completed_at"]
     assert processes_mentioning(run_dir) == []
 
 
-def test_ranks_die_with_their_torchrun_agent(service, tiny_models):
-    """SIGKILL only the torchrun agent (as Ray or a node loss does): torchrun starts ranks in their own
-    sessions, so only each rank's PR_SET_PDEATHSIG stops them; none may be left within 2 s."""
-    body = sft_body("agent-killed", tiny_models["student"], steps=25)
+@pytest.mark.parametrize("rank_start", ["fork", "torchrun"])
+def test_ranks_die_with_their_torchrun_agent(service, tiny_models, rank_start):
+    """SIGKILL only the agent (as Ray or a node loss does): torchrun starts ranks in their own sessions, and
+    forked ranks (the default for one node) share the agent's, but a signal to the agent alone reaches
+    neither: only each rank's PR_SET_PDEATHSIG stops them; none may be left within 2 s."""
+    name = f"agent-killed-{rank_start}"
+    body = sft_body(name, tiny_models["student"], steps=25)
     body["training_config"]["n_epochs"] = 40
+    body["training_config"]["torch_run_config"] = {"rank_start": rank_start}
     assert service.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
-    run_dir = str(service.data_dir / "runs" / "agent-killed")
-    wait_until(lambda: (service.status("agent-killed")["resources_allocated"].get("step") or 0) >= 1, 300)
-    agent = [pid for pid, cmd in processes_mentioning(run_dir) if "torch.distributed.run" in cmd]
-    ranks = [pid for pid, cmd in processes_mentioning(run_dir) if "torch.distributed.run" not in cmd]
+    run_dir = str(service.data_dir / "runs" / name)
+    wait_until(lambda: (service.status(name)["resources_allocated"].get("step") or 0) >= 1, 300)
+    agent = [pid for pid, cmd in processes_mentioning(run_dir) if is_rank_agent(cmd)]
+    ranks = [pid for pid, cmd in processes_mentioning(run_dir) if not is_rank_agent(cmd)]
     assert len(agent) == 1 and len(ranks) == 2, processes_mentioning(run_dir)
-    assert all(os.getsid(r) != os.getsid(agent[0]) for r in ranks)  # the ranks' own sessions: a group kill misses them
+    marker = {"fork": "providers.training.local_ranks", "torchrun": "torch.distributed.run"}[rank_start]
+    assert marker in dict(processes_mentioning(run_dir))[agent[0]]
+    if rank_start == "torchrun":  # the ranks' own sessions: a group kill of the agent's misses them
+        assert all(os.getsid(r) != os.getsid(agent[0]) for r in ranks)
     os.kill(agent[0], signal.SIGKILL)
     wait_until(lambda: processes_mentioning(run_dir) == [], 2.0, interval=0.05, message="no rank left")
-    status = service.wait("agent-killed", timeout=30)
+    status = service.wait(name, timeout=30)
     assert status["status"] == "failed"
+
+
+def test_a_killed_forked_rank_fails_the_job_with_its_root_cause(service, tiny_models):
+    """Forked ranks (one node): when rank 1 is SIGKILLed the agent stops rank 0, the job fails at once with
+    the killed rank named first (torchrun's Root Cause format), and no process is left."""
+    body = sft_body("rank-killed", tiny_models["student"], steps=25)
+    body["training_config"]["n_epochs"] = 40
+    assert service.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    run_dir = str(service.data_dir / "runs" / "rank-killed")
+    wait_until(lambda: (service.status("rank-killed")["resources_allocated"].get("step") or 0) >= 1, 300)
+    rank1 = [pid for pid, cmd in processes_mentioning(run_dir) if cmd.endswith("(rank 1)")]
+    assert len(rank1) == 1, processes_mentioning(run_dir)
+    os.kill(rank1[0], signal.SIGKILL)
+    status = service.wait("rank-killed", timeout=30)
+    assert status["status"] == "failed"
+    error = status["resources_allocated"]["error"]
+    assert error.startswith("rank 1 died: Signal 9 (SIGKILL)"), error
+    assert processes_mentioning(run_dir) == []
 
 
 def test_log_endpoint_tails_rank_logs(service, two_procs):

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from helpers import free_port, processes_mentioning, stop_process_group, wait_for_health, wait_until
+from helpers import free_port, is_rank_agent, processes_mentioning, stop_process_group, wait_for_health, wait_until
 
 from providers.remote_fsdp.service.nodes import (
     Capabilities,
@@ -435,7 +435,7 @@ def test_a_failed_run_is_retried_from_its_checkpoint(cluster, tiny_models, toy_d
     run_dir = coordinator.data_dir / "runs" / "retried"
     wait_until(lambda: coordinator.status("retried")["checkpoints"], 180, interval=0.1, message="first checkpoint")
     ranks = [pid for pid, cmd in processes_mentioning(str(run_dir))
-             if "providers.training.run" in cmd and "torch.distributed.run" not in cmd]
+             if "providers.training.run" in cmd and not is_rank_agent(cmd)]
     assert ranks, processes_mentioning(str(run_dir))
     for pid in ranks:
         os.kill(pid, signal.SIGKILL)  # the machine loses the process: the run fails

@@ -286,6 +286,28 @@ def _stop_all() -> None:
 
 
 # -- the zygote process ----------------------------------------------------------------------------------
+def preload() -> str | None:
+    """Import the training stack (PRELOAD); None when this process may fork afterwards, else why not."""
+    import importlib
+
+    # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import; both libraries
+    # stop and restart them around fork (pthread_atfork). Any other thread after the imports (torch's
+    # OpenMP or inter-op pools would only start with a torch op) means the process must not fork.
+    import numpy  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    baseline = _thread_count()
+    for module in PRELOAD:
+        importlib.import_module(module)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "CUDA was initialised while importing; refusing to fork"
+    if _thread_count() > baseline:
+        return f"{_thread_count() - baseline} threads started while importing; refusing to fork"
+    return None
+
+
 def _thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -373,8 +395,6 @@ def _run_child(request: dict, log_fd: int) -> None:
 def serve(socket_path: str) -> None:
     """The zygote's main loop: import the training stack, check nothing forked would inherit threads or a
     CUDA context, then fork one child per request and report each child's exit status."""
-    import importlib
-
     parent = os.getppid()
     started = time.monotonic()
     try:
@@ -383,21 +403,9 @@ def serve(socket_path: str) -> None:
         # Without it a forked job's /proc cmdline would not name its run dir, and a restarted server could
         # not recognise (and stop) it: jobs start as new processes instead.
         sys.exit("zygote: the setproctitle package is not installed; jobs start as new processes")
-    # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import; both libraries
-    # stop and restart them around fork (pthread_atfork). Any other thread after the imports (torch's
-    # OpenMP or inter-op pools would only start with a torch op) means the zygote must not fork.
-    import numpy  # noqa: F401
-    import pyarrow  # noqa: F401
-
-    baseline = _thread_count()
-    for module in PRELOAD:
-        importlib.import_module(module)
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        sys.exit("zygote: CUDA was initialised while importing; refusing to fork")
-    if _thread_count() > baseline:
-        sys.exit(f"zygote: {_thread_count() - baseline} threads started while importing; refusing to fork")
+    why = preload()
+    if why:
+        sys.exit(f"zygote: {why}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = socket_path + ".tmp"
     listener.bind(tmp)

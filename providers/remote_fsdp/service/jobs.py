@@ -36,7 +36,7 @@ from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .security import clean_partial_files
 
 # What a client may set in torch_run_config; the rest (placement) comes from a coordinator.
-CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s", "launcher"}
+CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s", "launcher", "rank_start"}
 
 DATASET_ID = re.compile(SAFE_NAME)
 

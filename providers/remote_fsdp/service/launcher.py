@@ -27,6 +27,9 @@ class TorchRunOptions(BaseModel):
     # Who starts the processes: local (this host), nodes (this service's node registry), slurm or ray
     # (providers/remote_fsdp/service/launchers/). None: the service's default; `nodes` when nnodes > 1.
     launcher: str | None = Field(None, pattern="^(local|nodes|slurm|ray)$")
+    # How a one-node job with the static rendezvous starts its ranks: forked from one preloaded process
+    # (providers/training/local_ranks.py: the training stack imported once, not once per rank) or torchrun.
+    rank_start: str = Field("fork", pattern="^(fork|torchrun)$")
 
     def model_post_init(self, _: object) -> None:
         if self.node_rank >= self.nnodes:
@@ -40,8 +43,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def torchrun_command(spec: JobSpec, files: RunFiles, opts: TorchRunOptions) -> list[str]:
-    """`python -m torch.distributed.run ... -m providers.training.run RUN_DIR` for this node."""
+    """`python -m torch.distributed.run ... -m providers.training.run RUN_DIR` for this node, or for a one-node
+    job with the static rendezvous `python -m providers.training.local_ranks ...` (ranks forked)."""
     port = opts.master_port or free_port()
+    if opts.rank_start == "fork" and opts.nnodes == 1 and opts.rdzv_backend == "static":
+        return [sys.executable, "-m", "providers.training.local_ranks", f"--nproc-per-node={opts.nproc_per_node}",
+                f"--master-addr={opts.master_addr}", f"--master-port={port}", f"--run-id={spec.job_uuid}",
+                str(files.dir)]
     argv = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={opts.nproc_per_node}",
