@@ -333,7 +333,6 @@ def _recv_request(conn: socket.socket) -> tuple[dict, int]:
 
 def _run_child(request: dict, log_fd: int) -> None:
     """In the forked child: become the job, run it, exit. Never returns."""
-    code = 1
     try:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -358,17 +357,30 @@ def _run_child(request: dict, log_fd: int) -> None:
             import torch
 
             torch.set_num_threads(int(threads))
-        if argv[1] == "-m":
+    except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    run_as_main(argv[1:])
+
+
+def run_as_main(args: list[str]) -> None:
+    """`python -m MODULE ...` or `python -c CODE ...` (args: what follows the interpreter) in this forked
+    process, as the interpreter would run it, then exit with its status. Never returns."""
+    code = 1
+    try:
+        if args[0] == "-m":
             import runpy
             import warnings
 
-            sys.argv = [argv[2], *argv[3:]]
+            sys.argv = [args[1], *args[2:]]
             with warnings.catch_warnings():  # the module was preloaded; running it as __main__ is intended
                 warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
-                runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+                runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         else:
-            sys.argv = ["-c", *argv[3:]]
-            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 - what `python -c` does
+            sys.argv = ["-c", *args[2:]]
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 - what `python -c` does
         code = 0
     except SystemExit as e:
         if e.code is None:

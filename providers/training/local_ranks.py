@@ -60,7 +60,8 @@ def rank_environment(args: argparse.Namespace, local_rank: int) -> dict[str, str
 
 def run_rank(args: argparse.Namespace, local_rank: int) -> None:
     """In the forked child: become rank `local_rank` and run the training entry point. Never returns."""
-    code = 1
+    from ..jobs.zygote import run_as_main
+
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -71,29 +72,12 @@ def run_rank(args: argparse.Namespace, local_rank: int) -> None:
         if "setproctitle" in sys.modules:  # /proc names the run dir, as a torchrun rank's command line does
             sys.modules["setproctitle"].setproctitle(
                 f"{sys.executable} -m providers.training.run {args.run_dir} (rank {local_rank})")
-        import runpy
-        import warnings
-
-        sys.argv = ["providers.training.run", args.run_dir]
-        with warnings.catch_warnings():  # the module was preloaded; running it as __main__ is intended
-            warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
-            runpy.run_module("providers.training.run", run_name="__main__", alter_sys=True)  # reads PARENT anew
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit
         import traceback
 
         traceback.print_exc()
-    finally:
-        try:
-            import atexit
-
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code & 0xFF if code >= 0 else 1)
+        os._exit(1)
+    run_as_main(["-m", "providers.training.run", args.run_dir])  # as __main__: run.py reads PARENT anew
 
 
 def root_cause(rank: int, pid: int, code: int) -> str:
