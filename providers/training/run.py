@@ -90,8 +90,13 @@ def main(run_dir: str) -> int:
             from .fsdp import init_distributed
 
             init_distributed(spec)
+        from transformers import set_seed
+
         from .recipes import distill, dpo, sft, teacher
 
+        # Before any model exists: TRL wraps PEFT adapters (random init) before Trainer seeds itself, and a
+        # job forked from the preloaded process would otherwise start from that process's RNG state.
+        set_seed(spec.seed)
         recipe = {"sft": sft, "dpo": dpo, "distill": distill, "teacher": teacher}[spec.method]
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
