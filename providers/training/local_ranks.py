@@ -7,12 +7,12 @@ Under torchrun every rank is a new interpreter that imports torch, transformers,
 each on a quiet 2-core machine, all ranks at once). Here the agent imports the training stack once (or
 already has it: the JobManager forks it from the preloaded zygote), checks that nothing it would hand on
 (threads, a CUDA context) exists, and forks the N ranks. Each rank gets the environment torchrun gives
-(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID, OMP_NUM_THREADS=1 unless set) and
-runs `providers.training.run` as `python -m` would. What torchrun's agent does for a failed job, this does
-too: the first rank to fail stops the others (SIGTERM, then SIGKILL after a grace period), its failure is
-printed in torchrun's "Root Cause" format (which `RunFiles.killed_rank` reads) and the agent exits 1.
-Ranks stay in the agent's process group (cancel kills all of it) and die with the agent (PR_SET_PDEATHSIG
-in `run.py`, as under torchrun).
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID; OMP_NUM_THREADS=1 with several
+ranks unless set) and runs `providers.training.run` as `python -m` would. What torchrun's agent does for
+a failed job, this does too: the first rank to fail stops the others (SIGTERM, then SIGKILL after a grace
+period), its failure is printed in torchrun's "Root Cause" format (which `RunFiles.killed_rank` reads)
+and the agent exits 1. Ranks stay in the agent's process group (cancel kills all of it) and die with the
+agent (PR_SET_PDEATHSIG in `run.py`, as under torchrun).
 
 When forking is not safe here it runs torchrun instead (exec), with the same arguments.
 """
@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 GRACE_S = 15.0  # a failed job's other ranks get this long after SIGTERM (torchrun: 30 s), then SIGKILL
 
@@ -49,13 +49,15 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
 
 def rank_environment(args: argparse.Namespace, local_rank: int) -> dict[str, str]:
     n = str(args.nproc_per_node)
-    return {
+    env = {
         "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": "0", "ROLE_RANK": str(local_rank),
         "WORLD_SIZE": n, "LOCAL_WORLD_SIZE": n, "ROLE_WORLD_SIZE": n, "GROUP_WORLD_SIZE": "1",
         "ROLE_NAME": "default", "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(args.master_port),
         "TORCHELASTIC_RUN_ID": args.run_id, "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default with several ranks
     }
+    if args.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"  # what torchrun sets with several ranks on a node; one rank keeps all cores
+    return env
 
 
 def run_rank(args: argparse.Namespace, local_rank: int) -> None:
@@ -66,9 +68,11 @@ def run_rank(args: argparse.Namespace, local_rank: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(rank_environment(args, local_rank))
-        import torch
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit():  # OpenMP read the variable when torch was imported, before it was set
+            import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+            torch.set_num_threads(int(threads))
         if "setproctitle" in sys.modules:  # /proc names the run dir, as a torchrun rank's command line does
             sys.modules["setproctitle"].setproctitle(
                 f"{sys.executable} -m providers.training.run {args.run_dir} (rank {local_rank})")
@@ -88,7 +92,7 @@ def root_cause(rank: int, pid: int, code: int) -> str:
     else:
         traceback = f"exit code {code}: see logs/rank{rank}.log"
     return (f"{'=' * 60}\nproviders.training.run FAILED\n{'-' * 60}\nRoot Cause (first observed failure):\n[0]:\n"
-            f"  time      : {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+            f"  time      : {datetime.now(UTC).isoformat(timespec='seconds')}\n"
             f"  host      : {socket.gethostname()}\n  rank      : {rank} (local_rank: {rank})\n"
             f"  exitcode  : {code} (pid: {pid})\n  error_file: <N/A>\n  traceback : {traceback}\n{'=' * 60}")
 
