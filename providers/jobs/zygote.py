@@ -352,17 +352,23 @@ def _run_child(request: dict, log_fd: int) -> None:
             sys.modules["setproctitle"].setproctitle(" ".join(argv))
         os.environ.clear()
         os.environ.update(request["env"])
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads and threads.isdigit():
-            import torch
-
-            torch.set_num_threads(int(threads))
+        set_threads_from_env()
     except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit
         import traceback
 
         traceback.print_exc()
         os._exit(1)
     run_as_main(argv[1:])
+
+
+def set_threads_from_env() -> None:
+    """torch's thread count from OMP_NUM_THREADS as it is now: OpenMP read the variable when torch was
+    imported here, before a forked job set its own environment."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def run_as_main(args: list[str]) -> None:

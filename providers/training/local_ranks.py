@@ -62,17 +62,13 @@ def rank_environment(args: argparse.Namespace, local_rank: int) -> dict[str, str
 
 def run_rank(args: argparse.Namespace, local_rank: int) -> None:
     """In the forked child: become rank `local_rank` and run the training entry point. Never returns."""
-    from ..jobs.zygote import run_as_main
+    from ..jobs.zygote import run_as_main, set_threads_from_env
 
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(rank_environment(args, local_rank))
-        threads = os.environ.get("OMP_NUM_THREADS", "")
-        if threads.isdigit():  # OpenMP read the variable when torch was imported, before it was set
-            import torch
-
-            torch.set_num_threads(int(threads))
+        set_threads_from_env()
         if "setproctitle" in sys.modules:  # /proc names the run dir, as a torchrun rank's command line does
             sys.modules["setproctitle"].setproctitle(
                 f"{sys.executable} -m providers.training.run {args.run_dir} (rank {local_rank})")
