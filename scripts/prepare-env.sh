@@ -8,11 +8,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
+# This kind of machine's pip config names local index folders that may be absent; pip warns about each
+# one on every install, a warning no user can act on. Every other line of pip's output passes through.
+quiet_pip() { { pip "$@" 2>&1 1>&3 | sed '/is ignored: it is neither a file nor a directory/d' >&2; } 3>&1; }
 python -m pip install -q --upgrade pip 2>/dev/null || true
 if ! python -c "import torch" 2>/dev/null; then
-  pip install -q "torch==2.13.0"
+  quiet_pip install -q "torch==2.13.0"
 fi
-# constraints.txt pins the tested set (pip freeze of the environment the suite passed in); regenerate it
-# with `pip freeze --exclude-editable > constraints.txt` after changing dependencies and re-running the tests.
-pip install -q -c constraints.txt -e ".[test,ray]"  # ray: the Ray launcher's end-to-end test (tests/test_ray_e2e.py)
+# constraints.txt pins the tested set: plain name==version pins a registry serves. After changing
+# dependencies and re-running the tests, regenerate it with scripts/freeze-constraints.sh (never a raw
+# `pip freeze`: it writes `name @ file:///...` for local wheels); scripts/check-install.sh checks it.
+quiet_pip install -q -c constraints.txt -e ".[test,ray]"  # ray: the Ray launcher's end-to-end test (tests/test_ray_e2e.py)
 python -c "import torch, trl, transformers, peft, llama_stack; print(f'env ready: torch {torch.__version__}, trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

@@ -1,0 +1,1 @@
+"""Llama Stack post-training providers (inline::trl, remote::trl_fsdp) and the training core they share."""

@@ -1,0 +1,1 @@
+"""Jobs shared by both providers: run directories, the SQLite job store, the queue, launchers and process supervision."""
