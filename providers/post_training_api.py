@@ -81,7 +81,9 @@ class TrainingConfig(_TrainingConfig):
     data_config: DataConfig | None = None
     optimizer_config: OptimizerConfig | None = None
     efficiency_config: EfficiencyConfig | None = None
-    dtype: str | None = "bf16"
+    # None (0.2.12 says "bf16"): a request without dtype gets the provider config's dtype, not a value
+    # the typed client never sent.
+    dtype: str | None = None
     # Extensions (ignored by nothing: each has a documented meaning)
     learning_rate: PositiveFloat | None = None  # AdamW at this rate when optimizer_config is absent
     max_seq_len: Count = 512
@@ -107,11 +109,18 @@ class TrainingConfig(_TrainingConfig):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        aliases = {None: None, "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
-                   "fp32": "fp32", "float32": "fp32"}
-        if v not in aliases:
-            raise ValueError(f"dtype {v!r} is not one of bf16, fp16, fp32")
-        return aliases[v]
+        return None if v is None else normalize_dtype(v)
+
+
+DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
+                 "float32": "fp32"}
+
+
+def normalize_dtype(value: str, field: str = "dtype") -> str:
+    """bf16 / fp16 / fp32 (or their torch names) as the job spec's name; raises ValueError naming the field."""
+    if value not in DTYPE_ALIASES:
+        raise ValueError(f"{field}: {value!r} is not one of bf16, fp16, fp32 (or bfloat16, float16, float32)")
+    return DTYPE_ALIASES[value]
 
 
 class PeftFinetuningConfig(BaseModel):
@@ -192,20 +201,90 @@ def logging_spec(logger_config: dict[str, Any] | None, default_steps: int) -> Lo
         raise ValueError(f"logger_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None) -> PeftSpec | None:
+# Llama Stack's LoraFinetuningConfig names modules as torchtune does (q_proj, k_proj, v_proj, output_proj,
+# apply_lora_to_mlp, apply_lora_to_output); each architecture's Hugging Face modules, as peft target names.
+# peft ignores a target no module has, so every name is mapped here and then checked against the model.
+_LLAMA_LIKE = {
+    "q_proj": ["q_proj"], "k_proj": ["k_proj"], "v_proj": ["v_proj"], "output_proj": ["o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"], "output": ["lm_head"],
+}
+LORA_MODULE_NAMES: dict[str, dict[str, list[str]]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text"), _LLAMA_LIKE),
+    # Phi-3 fuses q, k and v into one projection, and gate and up into another: adapting q adapts all three.
+    "phi3": {"q_proj": ["qkv_proj"], "k_proj": ["qkv_proj"], "v_proj": ["qkv_proj"], "output_proj": ["o_proj"],
+             "mlp": ["gate_up_proj", "down_proj"], "output": ["lm_head"]},
+    # GPT-2 fuses q, k and v (c_attn); its attention output and MLP output are both `c_proj`, told apart by parent.
+    "gpt2": {"q_proj": ["c_attn"], "k_proj": ["c_attn"], "v_proj": ["c_attn"], "output_proj": ["attn.c_proj"],
+             "mlp": ["mlp.c_fc", "mlp.c_proj"], "output": ["lm_head"]},
+}
+
+
+def lora_targets(model_type: str, attn_modules: list[str], mlp: bool, output: bool) -> list[str]:
+    """Llama Stack's LoRA module names as the model's own (peft target names), in request order, once each.
+
+    Names outside the table (a model's own names, such as `o_proj`) pass through unchanged; `check_targets`
+    then refuses any the model does not have."""
+    table = LORA_MODULE_NAMES.get(model_type, _LLAMA_LIKE)
+    names = [t for name in attn_modules for t in table.get(name, [name])]
+    names += table["mlp"] if mlp else []
+    names += table["output"] if output else []
+    return list(dict.fromkeys(names))
+
+
+def has_module(module_names: set[str], target: str) -> bool:
+    """peft's rule: a target names a module whose full name is the target or ends with '.' + target."""
+    return target in module_names or any(n.endswith("." + target) for n in module_names)
+
+
+def check_targets(model_type: str, modules: dict[str, str], targets: list[str], field: str,
+                  requested: list[str] | None = None) -> None:
+    """Every target must name one of the model's modules; raises ValueError naming the field, the value and
+    what the model has."""
+    missing = [t for t in targets if not has_module(set(modules), t)]
+    if not missing:
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind in ("Linear", "Conv1D")})
+    llama_stack_names = [k for k in LORA_MODULE_NAMES.get(model_type, _LLAMA_LIKE) if k not in ("mlp", "output")]
+    asked = f" (from {requested})" if requested and requested != targets else ""
+    raise ValueError(
+        f"{field}: {missing}{asked} is not a module of this {model_type!r} model; accepted: Llama Stack's names "
+        f"{llama_stack_names} or the model's own module names, such as {linear}"
+    )
+
+
+def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None, model: str | None = None,
+              field: str = "algorithm_config") -> PeftSpec | None:
+    """A request's LoRA / PEFT settings as the job's PeftSpec. With `model` (a local model directory), Llama
+    Stack's module names become the model's own and every target is checked against the model's modules
+    (read from its config: no weights are loaded)."""
     if cfg is None:
         return None
+    from .training.components import model_modules
+
+    model_type, modules = "llama", None
+    if model is not None:
+        try:
+            model_type, modules = model_modules(model)
+        except Exception as e:  # noqa: BLE001 - a config that builds no model cannot be trained either
+            raise ValueError(f"model: {model!r}: no model can be built from its config: {type(e).__name__}: "
+                             f"{str(e)[:300]}") from None
     if isinstance(cfg, PeftFinetuningConfig):
-        return PeftSpec(**cfg.model_dump(exclude={"type"}))
-    targets = list(cfg.lora_attn_modules)
-    if cfg.apply_lora_to_mlp:
-        targets += ["gate_proj", "up_proj", "down_proj"]
-    if cfg.apply_lora_to_output:
-        targets += ["lm_head"]
+        spec = PeftSpec(**cfg.model_dump(exclude={"type"}))
+        if modules is not None and spec.target_modules:
+            check_targets(model_type, modules, spec.target_modules, f"{field}.target_modules")
+        return spec
     if cfg.quantize_base:
-        check_4bit("algorithm_config.quantize_base")  # QLoRA: a 400 naming what this host lacks
-    if not targets:
-        raise ValueError("algorithm_config.lora_attn_modules: no modules to adapt")
+        check_4bit(f"{field}.quantize_base")  # QLoRA: a 400 naming what this host lacks
+    attn = list(cfg.lora_attn_modules)
+    if not attn and not cfg.apply_lora_to_mlp and not cfg.apply_lora_to_output:
+        raise ValueError(f"{field}.lora_attn_modules: no modules to adapt (and apply_lora_to_mlp, "
+                         "apply_lora_to_output are false)")
+    targets = lora_targets(model_type, attn, cfg.apply_lora_to_mlp, cfg.apply_lora_to_output)
+    if modules is not None:
+        # The attention names on their own first, so that the error names the field holding a bad name.
+        check_targets(model_type, modules, lora_targets(model_type, attn, False, False),
+                      f"{field}.lora_attn_modules", attn)
+        check_targets(model_type, modules, targets, f"{field}.apply_lora_to_mlp/apply_lora_to_output")
     return PeftSpec(
         method="dora" if cfg.use_dora else "lora", target_modules=targets, rank=cfg.rank, alpha=cfg.alpha,
         quantize_base=bool(cfg.quantize_base),
@@ -253,6 +332,11 @@ class ProviderDefaults(BaseModel):
     # How an operator allows another directory, for error messages ("start the service with ...").
     checkpoint_roots_hint: str = "add it to allowed_checkpoint_roots in the provider config"
     model_roots_hint: str = "add it to allowed_model_roots in the provider config"
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return normalize_dtype(v, "dtype (the provider config's default precision)")
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -347,6 +431,16 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
     return str(path)
 
 
+def hub_origin(ref: str, path: str) -> tuple[str | None, str | None]:
+    """(hub id, snapshot commit) when a request's model `ref` was a hub id that resolved to its snapshot in the
+    Hugging Face cache (`.../models--ORG--NAME/snapshots/COMMIT`); (None, None) for a local directory."""
+    snapshot = Path(path)
+    if (HUB_ID.fullmatch(ref) and snapshot.parent.name == "snapshots"
+            and snapshot.parent.parent.name == "models--" + ref.replace("/", "--")):
+        return ref, snapshot.name
+    return None, None
+
+
 def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults: ProviderDefaults) -> str | None:
     """Where a new job writes its checkpoints: CHECKPOINT_DIR/RESULT_NAME (None: inside its run dir).
 
@@ -410,6 +504,8 @@ def build_job_spec(
     model: str,
     training_config: TrainingConfig,
     run_dir: str,
+    model_id: str | None = None,
+    model_revision: str | None = None,
     train_file: str,
     validation_file: str | None,
     defaults: ProviderDefaults,
@@ -439,6 +535,8 @@ def build_job_spec(
         not_applied=not_applied or {},
         method=method,
         model=model,
+        model_id=model_id,
+        model_revision=model_revision,
         run_dir=run_dir,
         data=DataSpec(
             train_file=train_file,
@@ -454,6 +552,7 @@ def build_job_spec(
         max_steps_per_epoch=tc.max_steps_per_epoch,
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         max_validation_steps=tc.max_validation_steps,
+        # A request without dtype takes the provider config's (TrainingConfig.dtype defaults to None).
         dtype=tc.dtype or defaults.dtype,
         seed=tc.seed,
         peft=peft,
@@ -519,8 +618,8 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
                 check_same_tokenizer(model, teacher)
             except ValueError as e:
                 raise ValueError(f"{field}: {e}") from None
-        return {"distill": spec, "peft": peft_spec(d.student_peft)}
-    return {"peft": peft_spec(algorithm_config)}
+        return {"distill": spec, "peft": peft_spec(d.student_peft, model, "algorithm_config.student_peft")}
+    return {"peft": peft_spec(algorithm_config, model)}
 
 
 def check_output_layer_adapter(settings: dict[str, Any]) -> None:
@@ -599,7 +698,9 @@ def prepare_job(
 ) -> JobSpec:
     """Validate a request, write its rows into its (new, reserved) run directory, and return its spec."""
     data_config_of(training_config)
-    model = resolve_model(model, "model" if method != "dpo" or result_name else "finetuned_model", defaults)
+    ref = model
+    model = resolve_model(ref, "model" if method != "dpo" or result_name else "finetuned_model", defaults)
+    model_id, model_revision = hub_origin(ref, model)
     settings = algorithm_settings(method, model, algorithm_config, defaults)
     check_output_layer_adapter(settings)
     if output_dir is None:
@@ -614,6 +715,8 @@ def prepare_job(
         job_uuid=job_uuid,
         method=method,
         model=model,
+        model_id=model_id,
+        model_revision=model_revision,
         training_config=training_config,
         run_dir=str(run_dir),
         train_file=str(run_dir / "train.jsonl"),

@@ -3,6 +3,7 @@ and the callback that reports progress into the run directory."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -72,6 +73,17 @@ def load_model(path: str, spec: JobSpec | None = None, trained: bool = True):
         if not trained:
             kw.pop("quantization_config", None)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def model_modules(path: str) -> tuple[str, dict[str, str]]:
+    """A model's type and its modules (full name -> class name), built from its config on the meta device:
+    no weights are read and no memory is taken, so a request can be checked against a 70B model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return config.model_type, {name: type(module).__name__ for name, module in model.named_modules() if name}
 
 
 def peft_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
@@ -229,6 +241,7 @@ class RunReporter(TrainerCallback):
         if not state.is_world_process_zero:  # the consolidated model is written by global rank 0
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        record_model_origin(path, self.spec)
         self.files.add_checkpoint(
             checkpoint_record(self.spec, str(path), state, self.last_train_loss, self.last_eval_loss),
             keep={str(p) for p in Path(args.output_dir).glob("checkpoint-*")} | {str(path)},
@@ -300,8 +313,10 @@ def save_final(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -
         trainer.save_model(str(final_dir))
         trainer.processing_class.save_pretrained(str(final_dir))
     if trainer.accelerator.is_main_process:
+        record_model_origin(final_dir, spec)
         if spec.peft is not None and spec.peft.merge_adapter:
-            save_merged(final_dir)
+            save_merged(final_dir, base=spec.model)
+            record_model_origin(final_dir / "merged", spec)
         record = checkpoint_record(spec, str(final_dir), trainer.state, reporter.last_train_loss, reporter.last_eval_loss)
         record["identifier"] = f"{spec.job_uuid}-final"
         files.add_checkpoint(record)
@@ -309,10 +324,38 @@ def save_final(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -
             "final_validation_loss": reporter.last_eval_loss}
 
 
-def save_merged(adapter_dir: Path) -> None:
-    """Base model + adapter from disk, merged into one full model at adapter_dir/merged."""
-    from peft import AutoPeftModelForCausalLM
+def record_model_origin(directory: Path, spec: JobSpec) -> None:
+    """Name the hub model a job trained from (id and revision, as Hugging Face does), not this machine's cache
+    path, as the base of a saved adapter or model: adapter_config.json, config.json's `_name_or_path` and
+    the model card. The run's spec.json keeps the local path."""
+    if spec.model_id is None or not directory.is_dir():
+        return
+    adapter = directory / "adapter_config.json"
+    if adapter.exists():
+        config = json.loads(adapter.read_text())
+        config["base_model_name_or_path"] = spec.model_id
+        config["revision"] = spec.model_revision
+        adapter.write_text(json.dumps(config, indent=2, sort_keys=True))
+    model_config = directory / "config.json"
+    if model_config.exists():
+        config = json.loads(model_config.read_text())
+        if "_name_or_path" in config:
+            config["_name_or_path"] = spec.model_id
+            model_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = directory / "README.md"
+    if card.exists():  # peft's card: `base_model: PATH` and a `base_model:adapter:PATH` tag
+        card.write_text(card.read_text().replace(spec.model, spec.model_id))
 
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+
+def save_merged(adapter_dir: Path, base: str | None = None) -> None:
+    """Base model + adapter from disk, merged into one full model at adapter_dir/merged. `base`: the base
+    model's local directory (default: the adapter's base_model_name_or_path and revision)."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    if base is None:
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
+    else:
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(adapter_dir / "merged"))
     load_tokenizer(str(adapter_dir)).save_pretrained(str(adapter_dir / "merged"))

@@ -35,7 +35,7 @@ def check_mergeable(adapter_dirs: list[Path]) -> list[dict]:
     configs = [_adapter_config(p) for p in adapter_dirs]
     first = configs[0]
     for path, config in zip(adapter_dirs[1:], configs[1:]):
-        for key in ("base_model_name_or_path", "peft_type"):
+        for key in ("base_model_name_or_path", "revision", "peft_type"):
             if config.get(key) != first.get(key):
                 raise ValueError(
                     f"cannot merge {adapter_dirs[0]} and {path}: different {key} "
@@ -61,7 +61,7 @@ def merge_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, weights:
     elif method in LORA_COMBINATIONS:
         if configs[0]["peft_type"] != "LORA":
             raise ValueError(f"merge method {method!r} is for LoRA adapters, not {configs[0]['peft_type']}")
-        _merge_with_peft(dirs, out, weights, method, configs[0]["base_model_name_or_path"])
+        _merge_with_peft(dirs, out, weights, method, configs[0]["base_model_name_or_path"], configs[0].get("revision"))
     else:
         raise ValueError(f"unknown merge method {method!r}: use 'linear' or one of {LORA_COMBINATIONS}")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
@@ -89,11 +89,14 @@ def _merge_linear(dirs: list[Path], out: Path, weights: list[float]) -> None:
     shutil.copy(dirs[0] / "adapter_config.json", out / "adapter_config.json")
 
 
-def _merge_with_peft(dirs: list[Path], out: Path, weights: list[float], method: str, base: str) -> None:
+def _merge_with_peft(dirs: list[Path], out: Path, weights: list[float], method: str, base: str,
+                     revision: str | None = None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(dirs[0]), adapter_name="s0")
+    # A base named by hub id (and revision) loads from the Hugging Face cache, as peft's AutoPeftModel does.
+    base_model = AutoModelForCausalLM.from_pretrained(base, revision=revision)
+    model = PeftModel.from_pretrained(base_model, str(dirs[0]), adapter_name="s0")
     names = ["s0"]
     for i, path in enumerate(dirs[1:], 1):
         model.load_adapter(str(path), adapter_name=f"s{i}")

@@ -229,6 +229,10 @@ class JobSpec(Strict):
     not_applied: dict[str, str] = Field(default_factory=dict)
     method: Method
     model: str  # local path of a causal LM with its tokenizer
+    # The Hugging Face hub id (and cache snapshot commit) `model` was resolved from: saved adapters and models
+    # name it as their base, so that they load on any machine, not only from this machine's cache path.
+    model_id: str | None = None
+    model_revision: str | None = None
     run_dir: str
     data: DataSpec
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
