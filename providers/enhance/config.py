@@ -6,6 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .patterns import MAX_PATTERN_CHARS, compile_pattern
+from .templates import check_template
+
 DEFAULT_HINT_TEMPLATE = (
     "Question:\n{question}\n\nReference answer:\n{reference}\n\nA student answered:\n{answer}\n\n"
     "The answer is wrong. Give one short hint that helps the student find the correct answer, "
@@ -42,8 +45,10 @@ class RuleJudgeConfig(_Strict):
 
     type: Literal["rule"] = "rule"
     mode: Literal["exact", "normalized", "regex", "numeric"] = "normalized"
-    pattern: str | None = Field(None, max_length=2000)  # regex mode: this pattern (else the reference is one)
-    extract: str | None = Field(None, max_length=2000)  # a regex whose group 1 is the answer (e.g. '####\s*(.+)')
+    # Patterns are RE2 syntax (linear-time matching: no backreferences or lookarounds).
+    # regex mode: `pattern` (else the row's reference is the pattern)
+    pattern: str | None = Field(None, max_length=MAX_PATTERN_CHARS)
+    extract: str | None = Field(None, max_length=MAX_PATTERN_CHARS)  # group 1 is the answer (e.g. '####\s*(.+)')
     rel_tol: float = Field(1e-6, ge=0, le=1)
     abs_tol: float = Field(1e-9, ge=0)
 
@@ -51,12 +56,7 @@ class RuleJudgeConfig(_Strict):
     @classmethod
     def _compiles(cls, v):
         if v is not None:
-            import re
-
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
+            compile_pattern(v)
         return v
 
 
@@ -66,6 +66,11 @@ class ModelJudgeConfig(_Strict):
     type: Literal["model"] = "model"
     role: RoleConfig
     template: str = Field(DEFAULT_JUDGE_TEMPLATE, max_length=20_000)
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v):
+        return check_template(v, ("question", "reference", "answer"))
 
 
 JudgeConfig = Annotated[RuleJudgeConfig | ModelJudgeConfig, Field(discriminator="type")]
@@ -85,3 +90,13 @@ class EnhanceConfig(_Strict):
     hint_template: str = Field(DEFAULT_HINT_TEMPLATE, max_length=20_000)
     retry_template: str = Field(DEFAULT_RETRY_TEMPLATE, max_length=20_000)
     max_rows: int | None = Field(None, ge=1)
+
+    @field_validator("hint_template")
+    @classmethod
+    def _hint_placeholders(cls, v):
+        return check_template(v, ("question", "reference", "answer"))
+
+    @field_validator("retry_template")
+    @classmethod
+    def _retry_placeholders(cls, v):
+        return check_template(v, ("hint",))

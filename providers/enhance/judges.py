@@ -8,6 +8,7 @@ import string
 from fractions import Fraction
 
 from .config import RuleJudgeConfig
+from .patterns import check_text, compile_pattern
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -20,12 +21,15 @@ def normalize(text: str) -> str:
 
 
 def extract_answer(text: str, pattern: str | None) -> str:
-    """The part of a response that is its answer: group 1 of `pattern`, else a \\boxed{} value, else all."""
+    """The part of a response that is its answer: group 1 of `pattern` (RE2, last match), else a \\boxed{}
+    value, else all. ValueError when the pattern does not compile or the text is too long to match."""
     if pattern:
-        matches = list(re.finditer(pattern, text, flags=re.DOTALL))
-        if matches:
-            m = matches[-1]
-            return (m.group(1) if m.groups() else m.group(0)).strip()
+        check_text(text, "the answer")
+        m = None
+        for m in compile_pattern(pattern).finditer(text):
+            pass
+        if m is not None:
+            return ((m.group(1) if m.groups() else m.group(0)) or "").strip()
     boxed = _BOXED.findall(text)
     return boxed[-1].strip() if boxed else text.strip()
 
@@ -43,8 +47,12 @@ def parse_number(text: str) -> float | None:
 
 
 def rule_verdict(cfg: RuleJudgeConfig, answer: str, reference: str) -> tuple[bool, str]:
-    """(correct, why) of `answer` against `reference` under the rule."""
-    got = extract_answer(answer, cfg.extract)
+    """(correct, why) of `answer` against `reference` under the rule. Patterns run under RE2; a reference
+    used as the pattern that RE2 refuses, or an answer too long to match, is judged incorrect, saying why."""
+    try:
+        got = extract_answer(answer, cfg.extract)
+    except ValueError as e:
+        return False, f"extract: {e}"
     if cfg.mode == "exact":
         ok = got == reference.strip()
         return ok, "exact match" if ok else "differs from the reference"
@@ -53,7 +61,12 @@ def rule_verdict(cfg: RuleJudgeConfig, answer: str, reference: str) -> tuple[boo
         return ok, "normalized match" if ok else "differs from the reference after normalization"
     if cfg.mode == "regex":
         pattern = cfg.pattern or reference
-        ok = re.fullmatch(pattern, got, flags=re.DOTALL) is not None
+        source = "pattern" if cfg.pattern else "the reference as a pattern"
+        try:
+            check_text(got, "the answer")
+            ok = compile_pattern(pattern).fullmatch(got) is not None
+        except ValueError as e:
+            return False, f"{source}: {e}"
         return ok, f"matches {pattern!r}" if ok else f"does not match {pattern!r}"
     want, have = parse_number(reference), parse_number(got)
     if want is None:

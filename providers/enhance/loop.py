@@ -16,6 +16,7 @@ from ..training.data import DataFormatError, completion_row, prompt_row
 from .config import EnhanceConfig, ModelJudgeConfig
 from .judges import parse_model_verdict, rule_verdict
 from .roles import ChatRole
+from .templates import TemplateTooLarge, render
 
 RESULTS, DATASET, PREFERENCES, REPORT = "results.jsonl", "enhanced_dataset.jsonl", "preferences.jsonl", "enhancement_report.json"
 
@@ -48,7 +49,8 @@ class Enhancer:
     async def verdict(self, prompt: list[dict], answer: str, reference: str | None) -> tuple[bool, str]:
         cfg = self.config.judge
         if isinstance(cfg, ModelJudgeConfig):
-            text = cfg.template.format(question=_question(prompt), reference=reference or "(none)", answer=answer)
+            text = render(cfg.template, {"question": _question(prompt), "reference": reference or "(none)",
+                                         "answer": answer}, "judge.template")
             reply = await self.judge.chat([{"role": "user", "content": text}])
             ok = parse_model_verdict(reply)
             return bool(ok), reply if ok is not None else f"unparsable verdict, counted incorrect: {reply!r}"
@@ -66,11 +68,12 @@ class Enhancer:
             thinking.append(step)
             if correct or iteration == cfg.max_iterations:
                 break
-            hint = await self.teacher.chat([{"role": "user", "content": cfg.hint_template.format(
-                question=_question(prompt), reference=reference or "(none)", answer=answer)}])
+            hint_prompt = render(cfg.hint_template, {"question": _question(prompt), "reference": reference or "(none)",
+                                                     "answer": answer}, "hint_template")
+            hint = await self.teacher.chat([{"role": "user", "content": hint_prompt}])
             step["hint"] = hint
             conversation += [{"role": "assistant", "content": answer},
-                             {"role": "user", "content": cfg.retry_template.format(hint=hint)}]
+                             {"role": "user", "content": render(cfg.retry_template, {"hint": hint}, "retry_template")}]
         source = "student" if correct else None
         final = answer
         if not correct and cfg.on_failure == "teacher_answer":
@@ -222,8 +225,8 @@ async def enhance_rows(rows: Iterable[dict[str, Any]], config: EnhanceConfig, ou
             try:
                 record(await enhancer.row(i, prompt, reference, metadata))
             except Exception as e:  # noqa: BLE001 - one row's failure is recorded; resume retries it
-                record({"index": i, "error": f"{type(e).__name__}: {e}", "kept": False,
-                        "dropped_reason": "request failed", "thinking": []})
+                record({"index": i, "error": f"{type(e).__name__}: {e}", "kept": False, "thinking": [],
+                        "dropped_reason": "prompt too large" if isinstance(e, TemplateTooLarge) else "request failed"})
 
     try:
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
