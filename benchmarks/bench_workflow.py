@@ -85,7 +85,7 @@ def main() -> None:
             "train": {"method": "sft", "n_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                       "max_seq_len": 64},
             "validate": {"prompts": data["heldout_prompts"], "max_new_tokens": 12, "match": "exact"},
-            "export": {"formats": ["merged", "gguf", "hub"], "gguf_dtype": "f16", "hub": {"repo_id": "me/bench"}},
+            "export": {"formats": ["merged", "gguf", "hub"], "gguf_dtype": "f16", "hub": {"repo": "bench"}},
         }
         state = svc.run_workflow(request, interval_s=2.0)
         d = work / "data" / "workflows" / "workflows" / "bench"

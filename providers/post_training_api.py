@@ -27,6 +27,7 @@ from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from .outbound import HubDownloads
 from .training.efficiency import check_4bit
 from .training.efficiency import from_training_config as efficiency_spec
 from .training.loggers import check_report_to
@@ -332,6 +333,13 @@ class ProviderDefaults(BaseModel):
     # How an operator allows another directory, for error messages ("start the service with ...").
     checkpoint_roots_hint: str = "add it to allowed_checkpoint_roots in the provider config"
     model_roots_hint: str = "add it to allowed_model_roots in the provider config"
+    # Whether a hub id not in the cache may be downloaded, and up to what size: off unless the operator allows.
+    hub_downloads: HubDownloads = Field(default_factory=HubDownloads)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return normalize_dtype(v, "dtype (the provider config's default precision)")
 
     @field_validator("dtype")
     @classmethod
@@ -395,21 +403,37 @@ def hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def hub_snapshot(repo_id: str, field: str) -> Path:
-    """A hub model's snapshot directory from the Hugging Face cache, downloaded first when the network is
-    allowed (HF_HUB_OFFLINE unset)."""
-    from huggingface_hub import constants, snapshot_download
+def hub_snapshot(repo_id: str, field: str, policy: HubDownloads) -> Path:
+    """A hub model's snapshot directory from the Hugging Face cache. Downloaded only when the operator allows
+    it (`policy.allow_download`, HF_HUB_OFFLINE unset) and the repository's files in total fit
+    `policy.max_download_gb`, checked before anything is downloaded."""
+    from huggingface_hub import HfApi, constants, snapshot_download
 
-    offline = constants.HF_HUB_OFFLINE
     try:
-        return Path(snapshot_download(repo_id, local_files_only=offline))
-    except Exception as e:  # noqa: BLE001 - not cached, unknown repo, no network: all bad input here
-        if offline:
-            raise ValueError(
-                f"{field}: {repo_id!r} is not a local directory and not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it. Download it on a "
-                f"machine with network access (`hf download {repo_id}`) into that cache, or give a local directory"
-            ) from None
+        return Path(snapshot_download(repo_id, local_files_only=True))  # the cache only: no network
+    except Exception:  # noqa: BLE001 - not cached (or an unusable name): a download may still be allowed
+        pass
+    if constants.HF_HUB_OFFLINE or not policy.allow_download:
+        why = ("HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else
+               "this service downloads no models (its operator allows it with hub_downloads.allow_download)")
+        raise ValueError(
+            f"{field}: {repo_id!r} is not a local directory and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); {why}. Download it on a machine with network access "
+            f"(`hf download {repo_id}`) into that cache, or give a local directory")
+    cap = int(policy.max_download_gb * 1e9)
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+        sizes = [s.size for s in info.siblings or []]
+        if any(size is None for size in sizes):
+            raise ValueError(f"{field}: the Hub does not say how large {repo_id!r} is; it is not downloaded")
+        if sum(sizes) > cap:
+            raise ValueError(f"{field}: {repo_id!r} is {sum(sizes) / 1e9:.2f} GB, over this service's download "
+                             f"limit of {policy.max_download_gb} GB (hub_downloads.max_download_gb)")
+        # The revision whose sizes were checked, not whatever the branch points to a moment later.
+        return Path(snapshot_download(repo_id, revision=info.sha))
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown repo, gated, no network: all bad input here
         raise ValueError(f"{field}: {repo_id!r} is not a local directory and could not be fetched from the "
                          f"Hugging Face Hub: {type(e).__name__}: {str(e)[:300]}") from None
 
@@ -422,7 +446,7 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
     check_path_text(ref, field)
     local = Path(ref).expanduser()
     is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.match(ref)
-    path = local if is_path or local.is_dir() else hub_snapshot(ref, field)
+    path = local if is_path or local.is_dir() else hub_snapshot(ref, field, defaults.hub_downloads)
     roots = None
     if defaults.allowed_model_roots is not None:
         roots = [*defaults.allowed_model_roots, str(hf_cache_dir())]

@@ -3,13 +3,14 @@ with `register_workflow_commands(app)`), also runnable alone: `python -m provide
 
     trl-post-training chat job:sft-1 "reverse: a b c"
     trl-post-training enhance enhance.yaml --rows qa.jsonl --id e1          # on the service
-    trl-post-training enhance enhance.yaml --rows qa.jsonl --local --out e1/ # here, against the endpoints
+    trl-post-training enhance enhance.yaml --rows qa.jsonl --local --out e1/ --outbound-config outbound.yaml
     trl-post-training validate job:sft-1 --prompts heldout.jsonl --id v1
     trl-post-training validate ./adapter --prompts heldout.jsonl --local --out v1/
-    trl-post-training export job:sft-1 --id x1 --format merged --format gguf --format hub --hub-repo me/m
+    trl-post-training export job:sft-1 --id x1 --format merged --format gguf --format hub --hub-repo m
     trl-post-training workflow workflow.yaml --rows qa.jsonl                 # enhance -> train -> validate -> export
 
-With `--local` nothing goes through the service (models are local directories, endpoints are URLs).
+With `--local` nothing goes through the service: models are local directories, and the endpoints a config
+names and the Hub settings come from `--outbound-config` (the service's own file format), as on the service.
 Exit code 0 when the task completed (and, for validate, passed), 1 otherwise.
 """
 
@@ -46,6 +47,13 @@ def _rows(path: Optional[Path]) -> Optional[list[dict]]:
     return data
 
 
+def _outbound(path: Optional[Path]):
+    """--outbound-config for --local runs (the service's file format); none: no endpoints, no Hub token."""
+    from .outbound import OutboundConfig, read_outbound_config
+
+    return read_outbound_config(str(path)) if path else OutboundConfig()
+
+
 def _client(ctx: typer.Context):
     from .remote_fsdp.client import TrainingServiceClient
 
@@ -77,16 +85,22 @@ def enhance(ctx: typer.Context, config: Path = typer.Argument(..., help="Enhance
             id: str = typer.Option("enhance-1", "--id", help="enhancement id (service)"),
             local: bool = typer.Option(False, help="run here, not on the service"),
             out: Path = typer.Option(Path("enhanced"), help="output directory with --local (resumes if present)"),
-            local_url: Optional[str] = typer.Option(None, help="--local: base URL for roles without base_url"),
+            outbound_config: Optional[Path] = typer.Option(
+                None, help="--local: YAML declaring the endpoints roles may name (format of the service's "
+                           "--outbound-config)"),
+            local_url: Optional[str] = typer.Option(None, help="--local: base URL for roles without an endpoint"),
             local_key_env: Optional[str] = typer.Option(None, help="--local: env variable with that URL's key"),
             wait: bool = True) -> None:
-    """Student -> judge -> teacher hint -> retry over Q&A rows; writes the SFT/DPO datasets and a report."""
+    """Student -> judge -> teacher hint -> retry over Q&A rows; writes the SFT/DPO datasets and a report.
+    Roles name an `endpoint` the service's operator declared (on the service) or your --outbound-config
+    declares (--local); without one, a model the service (or --local-url) serves."""
     cfg = _load(config)
     if local:
         from .enhance import EnhanceConfig, enhance_rows
 
+        endpoints = _outbound(outbound_config).endpoints
         report = asyncio.run(enhance_rows(_rows(rows) or [], EnhanceConfig.model_validate(cfg), out,
-                                          local_base_url=local_url,
+                                          endpoints=endpoints, local_base_url=local_url,
                                           local_api_key=os.environ.get(local_key_env) if local_key_env else None,
                                           progress=lambda c: typer.echo(json.dumps(c), err=True)))
         _finish({"state": "completed", "report": {k: v for k, v in report.items() if k != "config"}})
@@ -115,16 +129,30 @@ def validate(ctx: typer.Context, model: str = typer.Argument(...),
 
 def export(ctx: typer.Context, model: str = typer.Argument(...),
            format: list[str] = typer.Option(["merged", "gguf"], "--format", help="merged, gguf, hub (repeatable)"),
-           gguf_dtype: str = "f16", hub_repo: Optional[str] = None,
-           hub_token_env: Optional[str] = typer.Option(None, help="env variable holding the Hub token (none: dry run)"),
+           gguf_dtype: str = "f16",
+           hub_repo: Optional[str] = typer.Option(None, help="the Hub repository's name (without namespace)"),
+           hub_namespace: Optional[str] = typer.Option(None, help="a namespace the operator allows (default: "
+                                                                  "the first allowed one)"),
+           hub_public: bool = typer.Option(False, help="a public repository (only if the operator allows it)"),
+           outbound_config: Optional[Path] = typer.Option(
+               None, help="--local: YAML with the Hub token variable and namespaces (format of the service's "
+                          "--outbound-config); without a token: a dry run"),
            validation_id: Optional[str] = None, id: str = typer.Option("export-1", "--id"),
            local: bool = False, out: Path = typer.Option(Path("export"))) -> None:
-    """Merged model, GGUF + Ollama Modelfile, Hub push (dry run without a token)."""
-    hub = {"repo_id": hub_repo, "token_env": hub_token_env} if hub_repo else None
+    """Merged model, GGUF + Ollama Modelfile, Hub push (a dry run unless the operator configured a token)."""
+    hub = ({"repo": hub_repo, "namespace": hub_namespace, "private": not hub_public} if hub_repo else None)
     if local:
         from .export import export_model
+        from .export.hub import HubSettings, hub_target
 
-        hub_local = {"repo_id": hub_repo, "token": os.environ.get(hub_token_env) if hub_token_env else None} if hub_repo else None
+        hub_local = None
+        if hub:
+            try:
+                target = hub_target(HubSettings.model_validate(hub), _outbound(outbound_config).hub, "hub")
+            except ValueError as e:
+                raise typer.BadParameter(str(e)) from None
+            token_env = target.pop("token_env")
+            hub_local = {**target, "token": os.environ.get(token_env) if token_env else None}
         _finish({"state": "completed", "export": export_model(model, str(out), format, gguf_dtype, hub_local)})
     settings: dict[str, Any] = {"gguf_dtype": gguf_dtype, "hub": hub, "validation_id": validation_id}
     _finish(_client(ctx).export_model(id, model, format, callback=_progress, **settings))

@@ -65,3 +65,26 @@ def test_sft_rows_in_both_formats():
     assert row["metadata"] == {"id": 7, "enhancement": {"correct": True, "source": "student", "iterations": 2}}
     assert sft_row(result, "final-only", "instruct") == {"input_query": "q", "expected_answer": "a",
                                                          "metadata": row["metadata"]}
+
+
+def test_roles_name_endpoints_their_runner_declared(monkeypatch):
+    """A role picks an endpoint by name; a URL or a key variable of its own is refused, naming the field."""
+    from providers.enhance.roles import role_target
+    from providers.outbound import Endpoint
+
+    monkeypatch.setenv("VLLM_TEST_API_KEY", "k-123")
+    endpoints = {"vllm": Endpoint(base_url="http://vllm:8000/v1/", api_key_env="VLLM_TEST_API_KEY", models=["q"])}
+    cfg = EnhanceConfig(student={"model": "q", "endpoint": "vllm"}, teacher={"model": "job:t"})
+    assert role_target("student", cfg.student, endpoints, "http://local/v1", "tok") == ("http://vllm:8000/v1", "k-123")
+    assert role_target("teacher", cfg.teacher, endpoints, "http://local/v1/", "tok") == ("http://local/v1", "tok")
+    for role, match in [({"model": "q", "base_url": "http://169.254.169.254/v1"}, r"student.base_url.*one of \['vllm'\]"),
+                        ({"model": "q", "endpoint": "vllm", "api_key_env": "OPENAI_API_KEY"}, "student.api_key_env"),
+                        ({"model": "q", "endpoint": "other"}, r"student.endpoint: 'other'.*one of \['vllm'\]"),
+                        ({"model": "gpt", "endpoint": "vllm"}, "student.model: 'gpt' is not offered")]:
+        with pytest.raises(ValueError, match=match):
+            role_target("student", EnhanceConfig(student=role, teacher={"model": "t"}).student, endpoints, None, None)
+    monkeypatch.delenv("VLLM_TEST_API_KEY")
+    with pytest.raises(ValueError, match="VLLM_TEST_API_KEY, which is unset"):
+        role_target("student", cfg.student, endpoints, None, None)
+    # the refused fields never reach a stored request
+    assert "base_url" not in EnhanceConfig(student={"model": "q", "base_url": "http://x"}, teacher={"model": "t"}).model_dump()["student"]

@@ -187,17 +187,20 @@ def test_enhancement_retries_429_with_backoff(service, tiny_models, toy_data, tm
     import asyncio
 
     from providers.enhance import EnhanceConfig, enhance_rows
+    from providers.outbound import Endpoint
 
     FlakyProxy.target = service["url"]  # the service also serves /v1/chat/completions
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
         cfg = roles(tiny_models, max_iterations=1, concurrency=1)
-        cfg["student"] = {**cfg["student"], "base_url": f"http://127.0.0.1:{proxy.server_port}/v1",
-                          "api_key_env": "WORKFLOW_TEST_KEY", "backoff_s": 0.01}
+        cfg["student"] = {**cfg["student"], "endpoint": "flaky", "backoff_s": 0.01}
         os.environ["WORKFLOW_TEST_KEY"] = TOKEN
+        # whoever runs the loop declares the endpoints (on the service: its --outbound-config)
+        endpoints = {"flaky": Endpoint(base_url=f"http://127.0.0.1:{proxy.server_port}/v1", api_key_env="WORKFLOW_TEST_KEY")}
         report = asyncio.run(enhance_rows(toy_data["instruct"][:3], EnhanceConfig.model_validate(cfg), tmp_path,
-                                          local_base_url=service["url"] + "/v1/openai/v1", local_api_key=TOKEN))
+                                          endpoints=endpoints, local_base_url=service["url"] + "/v1/openai/v1",
+                                          local_api_key=TOKEN))
     finally:
         proxy.shutdown()
     assert report["requests"]["student"]["retries"] == 2 and report["requests"]["student"]["failures"] == 0
@@ -217,7 +220,7 @@ def test_one_call_enhance_train_validate_export(service, tiny_models, toy_data):
         "train": {"method": "sft", "n_epochs": 12, "batch_size": 8, "lr": 4e-3, "max_seq_len": 64},
         "validate": {"prompts": heldout, "max_new_tokens": 12, "match": "exact"},
         "export": {"formats": ["merged", "gguf", "hub"], "gguf_dtype": "f16", "name": "reverse-student",
-                   "hub": {"repo_id": "me/reverse-student"}},
+                   "hub": {"repo": "reverse-student"}},
     }
     seen = []
     state = svc.run_workflow(request, callback=seen.append, interval_s=1.0)
@@ -251,6 +254,8 @@ def test_one_call_enhance_train_validate_export(service, tiny_models, toy_data):
     assert reader.fields["general.architecture"].contents() == "llama" and len(reader.tensors) == 2 * 9 + 3
     assert Path(export["gguf"]["modelfile"]).read_text().startswith("FROM ./reverse-student-f16.gguf")
     assert export["hub"]["dry_run"] and "correct_share_after: 1.0" in (d / "export/hub/README.md").read_text()
+    # no outbound config: no Hub token, so a dry run that says why, into the placeholder namespace
+    assert export["hub"]["repo_id"] == "local/reverse-student" and "no Hub token" in export["hub"]["dry_run_reason"]
 
     # the trained model right away, by its job and by the workflow's name
     client = chat_client(service)
@@ -322,8 +327,11 @@ def test_bad_workflow_requests_are_400s_naming_the_field(service, tiny_models):
         svc.enhance_data("bad1", bad_model, rows=[{"input_query": "reverse: a", "expected_answer": "a"}], wait=False)
     secret = {**roles(tiny_models), "teacher": {"model": "m", "base_url": "http://127.0.0.1:9/v1",
                                                  "api_key_env": "TRL_FSDP_API_TOKEN"}}
-    with pytest.raises(RuntimeError, match="400.*api_key_env"):
+    with pytest.raises(RuntimeError, match="400.*config.teacher.base_url.*declares none"):
         svc.enhance_data("bad2", secret, rows=[{"input_query": "q", "expected_answer": "a"}], wait=False)
+    with pytest.raises(RuntimeError, match="400.*config.teacher.endpoint: 'vllm'"):
+        svc.enhance_data("bad2", {**roles(tiny_models), "teacher": {"model": "m", "endpoint": "vllm"}},
+                         rows=[{"input_query": "q", "expected_answer": "a"}], wait=False)
     with pytest.raises(RuntimeError, match="400.*max_iterations"):
         svc.enhance_data("bad3", {**roles(tiny_models), "max_iterations": 0}, rows=[{"input_query": "q"}], wait=False)
     with pytest.raises(RuntimeError, match="400.*train.peft"):
@@ -331,4 +339,6 @@ def test_bad_workflow_requests_are_400s_naming_the_field(service, tiny_models):
                           "enhance": roles(tiny_models), "train": {"method": "dpo", "peft": {"method": "lora"}}},
                          wait=False)
     with pytest.raises(RuntimeError, match="400.*token_env"):
-        svc.export_model("bad5", "job:w1-train", ["hub"], wait=False, hub={"repo_id": "me/x", "token_env": "TRL_FSDP_API_TOKEN"})
+        svc.export_model("bad5", "job:w1-train", ["hub"], wait=False, hub={"repo": "x", "token_env": "TRL_FSDP_API_TOKEN"})
+    with pytest.raises(RuntimeError, match="400.*hub.namespace"):
+        svc.export_model("bad6", "job:w1-train", ["hub"], wait=False, hub={"repo": "x", "namespace": "me"})

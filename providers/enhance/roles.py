@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import openai
 
+from ..outbound import Endpoint, declared, pick_endpoint
 from .config import RoleConfig
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+
+
+def role_target(field: str, config: RoleConfig, endpoints: Mapping[str, Endpoint], local_base_url: str | None,
+                local_api_key: str | None) -> tuple[str, str | None]:
+    """(base URL, key) a role talks to: a declared endpoint it names, else the local service. A role that
+    carries a URL or a key's variable of its own is refused: they are the operator's to declare."""
+    for own in ("base_url", "api_key_env"):
+        if getattr(config, own) is not None:
+            raise ValueError(f"{field}.{own}: a request may not choose {'a URL' if own == 'base_url' else 'a key'} "
+                             f"for the service to use; name an endpoint the operator declared with "
+                             f"`{field}.endpoint`: {declared(endpoints)}")
+    if config.endpoint is not None:
+        endpoint = pick_endpoint(field, config.endpoint, config.model, endpoints)
+        return endpoint.base_url, endpoint.api_key()
+    if not local_base_url:
+        raise ValueError(f"{field}.endpoint: needed when no local service serves {config.model!r}: "
+                         f"{declared(endpoints)}")
+    return local_base_url.rstrip("/"), local_api_key
 
 
 @dataclass
@@ -39,18 +58,12 @@ class ChatRole:
                                          timeout=self.config.timeout_s, max_retries=0)
 
     @classmethod
-    def create(cls, name: str, config: RoleConfig, local_base_url: str | None, local_api_key: str | None) -> ChatRole:
-        """`config.base_url` or, without one, the local service (`local_base_url`)."""
-        base_url = config.base_url or local_base_url
-        if not base_url:
-            raise ValueError(f"{name}.base_url: needed when no local service serves {config.model!r}")
-        if config.api_key_env:
-            if config.api_key_env not in os.environ:
-                raise ValueError(f"{name}.api_key_env: the environment variable {config.api_key_env} is not set")
-            key = os.environ[config.api_key_env]
-        else:
-            key = local_api_key if not config.base_url else "none"
-        return cls(name, config, base_url.rstrip("/"), key or "none")
+    def create(cls, name: str, config: RoleConfig, endpoints: Mapping[str, Endpoint],
+               local_base_url: str | None, local_api_key: str | None) -> ChatRole:
+        """The endpoint `config.endpoint` names among `endpoints` (with its key from the variable the operator
+        set), or, without one, the local service (`local_base_url`)."""
+        base_url, key = role_target(name, config, endpoints, local_base_url, local_api_key)
+        return cls(name, config, base_url, key or "none")
 
     async def chat(self, messages: list[dict[str, str]]) -> str:
         cfg = self.config

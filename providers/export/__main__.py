@@ -9,8 +9,11 @@ from .exporter import export_model
 if __name__ == "__main__":
     config = json.loads(open(sys.argv[1]).read())
     hub = config.get("hub") or {}
-    if hub.get("token_env"):  # the token stays in the environment, never in a file
-        hub["token"] = os.environ.get(hub.pop("token_env"))
+    # The variable is the operator's (outbound.hub.token_env), put here by the service; the token itself
+    # stays in the environment, never in a file.
+    token_env = hub.pop("token_env", None)
+    if token_env:
+        hub["token"] = os.environ.get(token_env) or None
     config["hub"] = hub
     summary = export_model(**config)
     print(json.dumps({"out_dir": config["out_dir"], "formats": summary["formats"]}))

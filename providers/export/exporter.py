@@ -76,6 +76,7 @@ def export_model(model: str, out_dir: str, formats: list[str], gguf_dtype: str =
                 "base_model": summary["base_model"] or (card or {}).get("base_model"),
                 "validation": validation}
         summary["hub"] = push_to_hub(folder, hub.get("repo_id") or f"local/{src.name}", info, token=hub.get("token"),
-                                     private=hub.get("private", True))
+                                     private=hub.get("private", True), allow_existing=hub.get("allow_existing", False),
+                                     dry_run_reason=hub.get("dry_run_reason"))
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary

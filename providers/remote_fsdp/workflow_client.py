@@ -5,7 +5,7 @@
     svc.openai_client()                                                    # an openai.OpenAI on the service
     svc.enhance_data("e1", config={...}, rows=rows, wait=True)            # student -> judge -> teacher hint -> retry
     svc.validate_model("v1", "job:sft-1", prompts=heldout, wait=True)     # validation.json / validation.md
-    svc.export_model("x1", "job:sft-1", formats=["merged", "gguf", "hub"], hub={"repo_id": "me/model"})
+    svc.export_model("x1", "job:sft-1", formats=["merged", "gguf", "hub"], hub={"repo": "model"})  # namespace: the operator's
     svc.run_workflow({"workflow_id": "w1", "rows": rows, "enhance": {...}, "train": {...},
                       "validate": {...}, "export": {...}}, callback=print)   # the one-call pipeline
 """
@@ -79,7 +79,8 @@ class WorkflowClientMixin:
 
     def enhance_data(self, enhancement_id: str, config: dict, rows: list[dict] | None = None,
                      dataset_id: str | None = None, wait: bool = True, callback=None, interval_s: float = 1.0) -> dict:
-        """Data enhancement (POST /v1/data-enhancement); with `wait`, its final state."""
+        """Data enhancement (POST /v1/data-enhancement); with `wait`, its final state. A role names an
+        `endpoint` the service's operator declared, or none (a model the service serves)."""
         body = {"enhancement_id": enhancement_id, "config": config, "rows": rows, "dataset_id": dataset_id}
         return self._submit("enhancements", body, wait, callback, interval_s)
 
@@ -94,7 +95,8 @@ class WorkflowClientMixin:
 
     def export_model(self, export_id: str, model: str, formats: list[str] | None = None, wait: bool = True,
                      callback=None, interval_s: float = 1.0, **settings: Any) -> dict:
-        """Merged model / GGUF + Modelfile / Hub push or dry run (POST /v1/exports)."""
+        """Merged model / GGUF + Modelfile / Hub push or dry run (POST /v1/exports). `hub={"repo": NAME,
+        "namespace": NS, "private": True}`: NS among the namespaces the operator allows; the token is theirs."""
         body = {"export_id": export_id, "model": model, **({"formats": formats} if formats else {}), **settings}
         return self._submit("exports", body, wait, callback, interval_s)
 

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ...jobs.manager import QueueFullError
+from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
 from .config import LaunchersConfig, ServiceConfig, read_secret
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launchers-config", help="YAML file: which launchers jobs may use (local, nodes, slurm, "
                                                    "ray), their settings and the shared run dir "
                                                    "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
+    parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
+                                                  "name, the Hub token and namespaces exports may push to, Hub "
+                                                  "downloads (env TRL_FSDP_OUTBOUND_CONFIG; default: none of them)")
+    args = parser.parse_args(argv)
+    # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
     # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -183,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     launchers_file = args.launchers_config or os.environ.get("TRL_FSDP_LAUNCHERS_CONFIG")
     if launchers_file:
         overrides["launchers"] = read_launchers_config(launchers_file)
+    outbound_file = args.outbound_config or os.environ.get("TRL_FSDP_OUTBOUND_CONFIG")
+    if outbound_file:
+        overrides["outbound"] = read_outbound_config(outbound_file)
     config = ServiceConfig.from_env(**overrides)
     if args.nproc_per_node:
         config.torch_run.nproc_per_node = args.nproc_per_node

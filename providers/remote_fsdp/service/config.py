@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from ...outbound import OutboundConfig
 from ...training.spec import FsdpSpec
 from .launcher import TorchRunOptions
 
@@ -112,6 +113,8 @@ class ServiceConfig(BaseModel):
     heartbeat_interval_s: float = 2.0
     down_after_s: float = 10.0  # a node that sent no heartbeat for this long is down
     launchers: LaunchersConfig = Field(default_factory=LaunchersConfig)
+    # Endpoints, keys, Hub namespaces and downloads the operator allows (--outbound-config); default: none
+    outbound: OutboundConfig = Field(default_factory=OutboundConfig)
 
     @property
     def url(self) -> str:

@@ -74,6 +74,7 @@ class FsdpJobService:
             allowed_model_roots=[*config.model_roots(), *own_dirs],
             checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
             model_roots_hint="start the service with --allowed-model-root DIR (or --model-dir)",
+            hub_downloads=config.outbound.hub_downloads,
         )
         for directory in (self.datasets_dir, self.data_dir / "uploaded_teacher_outputs", self.data_dir / "tmp"):
             clean_partial_files(directory)  # what uploads and extractions cut short by a crash left

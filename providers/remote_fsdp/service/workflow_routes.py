@@ -19,6 +19,8 @@ from fastapi.responses import FileResponse
 from ...serving.engine import ModelCache
 from ...serving.openai_api import chat_router
 from .jobs import FsdpJobService
+from ...enhance.roles import role_target
+from ...export.hub import hub_target
 from .workflows import EnhanceRequest, ExportRequest, ModelRefs, ValidationRequest, WorkflowRequest, WorkflowTasks
 
 
@@ -26,9 +28,9 @@ def train_model(req: WorkflowRequest) -> str:
     """What the workflow trains: train.model, else the student when this service serves it."""
     if req.train.model:
         return req.train.model
-    if req.enhance.student.base_url:
+    if req.enhance.student.endpoint:
         raise ValueError("train.model: required when the student is an external endpoint "
-                         f"({req.enhance.student.base_url}): name the local model directory to train")
+                         f"({req.enhance.student.endpoint!r}): name the local model directory to train")
     return req.enhance.student.model
 
 
@@ -62,6 +64,7 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     refs = ModelRefs(service)
     cache = ModelCache(cache_size or int(os.environ.get("TRL_FSDP_SERVED_MODELS", "2")))
     local_url = f"http://{config.node_address}:{config.port}/v1/openai/v1"
+    outbound = config.outbound  # the only endpoints and Hub settings requests may pick from
     tasks = WorkflowTasks(service, refs, local_url, config.api_token)
     app.state.workflow_tasks = tasks
 
@@ -75,19 +78,28 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     r = APIRouter()
 
-    def check_local_roles(config, field: str) -> None:
-        """Roles this service serves must name models it can load: a 400 now, not failed rows later."""
+    def check_roles(config, field: str) -> None:
+        """Each role names a declared endpoint (and no URL or key of its own) or a model this service can
+        load: a 400 now, before anything is stored or called, not failed rows later."""
         roles = {"student": config.student, "teacher": config.teacher, "judge.role": getattr(config.judge, "role", None)}
         for name, role in roles.items():
-            if role is not None and role.base_url is None:
+            if role is None:
+                continue
+            role_target(f"{field}.{name}", role, outbound.endpoints, local_url, None)
+            if role.endpoint is None:
                 refs.resolve(role.model, f"{field}.{name}.model")
+
+    def check_export(settings, field: str) -> None:
+        """A Hub push goes only where the operator allows (namespace, visibility): a 400 before any work."""
+        if settings is not None and settings.hub is not None:
+            hub_target(settings.hub, outbound.hub, f"{field}hub")
 
     def rows_of(req) -> list[dict]:
         return req.rows if req.rows is not None else list(service.dataset_rows(req.dataset_id, "dataset_id"))
 
     @r.post("/data-enhancement")
     def create_enhancement(req: EnhanceRequest) -> dict[str, Any]:
-        check_local_roles(req.config, "config")
+        check_roles(req.config, "config")
         return tasks.create("enhancements", req.enhancement_id, req, rows_of(req))
 
     @r.post("/data-enhancement/{task_id}/resume")
@@ -106,13 +118,15 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     @r.post("/exports")
     def create_export(req: ExportRequest) -> dict[str, Any]:
         refs.resolve(req.model, "model")
+        check_export(req, "")
         return tasks.create("exports", req.export_id, req)
 
     _task_routes(r, "/exports", "exports", tasks)
 
     @r.post("/workflows")
     def create_workflow(req: WorkflowRequest) -> dict[str, Any]:
-        check_local_roles(req.enhance, "enhance")
+        check_roles(req.enhance, "enhance")
+        check_export(req.export, "export.")
         refs.resolve(train_model(req), "train.model")
         return tasks.create("workflows", req.workflow_id, req, rows_of(req))
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...enhance import EnhanceConfig, enhance_rows
+from ...export.hub import HubSettings, hub_target
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
 from ...serving.engine import adapter_base, is_adapter
@@ -44,19 +45,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def check_key_names(config: EnhanceConfig) -> None:
-    """A request names the environment variable holding an endpoint's key; on the service only `*_API_KEY`
-    variables qualify, so no request can send the service's own tokens to an endpoint it chose."""
-    roles = {"student": config.student, "teacher": config.teacher}
-    if getattr(config.judge, "role", None) is not None:
-        roles["judge.role"] = config.judge.role
-    for name, role in roles.items():
-        env = role.api_key_env
-        if env and (not env.upper().endswith("_API_KEY") or env.upper().startswith("TRL_")):
-            raise ValueError(f"{name}.api_key_env: {env!r} is not allowed on the service; name a variable ending "
-                             "in _API_KEY (e.g. OPENAI_API_KEY) set in the service's environment")
-
-
 class EnhanceRequest(_Strict):
     enhancement_id: str = Field(pattern=SAFE_NAME)
     config: EnhanceConfig
@@ -67,7 +55,6 @@ class EnhanceRequest(_Strict):
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
-        check_key_names(self.config)
         return self
 
 
@@ -85,18 +72,10 @@ class ValidationRequest(ValidationSettings):
     model: str
 
 
-class HubSettings(_Strict):
-    repo_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,96}/[A-Za-z0-9_.-]{1,96}$")
-    private: bool = True
-    upload: Literal["adapter", "merged"] = "adapter"
-    # the service's environment variable with the Hub token (HF_TOKEN, HF_...); unset: a dry run
-    token_env: str | None = Field(None, pattern=r"^(HF_[A-Z0-9_]{1,64}|HUGGING_FACE_HUB_TOKEN)$")
-
-
 class ExportSettings(_Strict):
     formats: list[Literal["merged", "gguf", "hub"]] = Field(default_factory=lambda: ["merged", "gguf"], min_length=1)
     gguf_dtype: Literal["f32", "f16", "bf16"] = "f16"
-    hub: HubSettings | None = None  # without a token (token_env unset): a dry run
+    hub: HubSettings | None = None  # without the operator's Hub token: a dry run
     name: str | None = Field(None, pattern=SAFE_NAME)
 
 
@@ -134,7 +113,6 @@ class WorkflowRequest(_Strict):
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
             raise ValueError("dataset_id/rows: give exactly one")
-        check_key_names(self.enhance)
         if self.train.method == "dpo" and self.train.peft is not None:
             raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
         return self
@@ -359,7 +337,8 @@ class WorkflowTasks:
             self.update(kind, task_id, progress={**self.get(kind, task_id)["progress"], "enhance": counts})
 
         report = asyncio.run(enhance_rows(
-            self._rows(kind, task_id), config, out, local_base_url=self.local_base_url,
+            self._rows(kind, task_id), config, out, endpoints=self.service.config.outbound.endpoints,
+            local_base_url=self.local_base_url,
             local_api_key=self.api_token, progress=progress, should_stop=lambda: self._stopped(kind, task_id)))
         if self._stopped(kind, task_id):
             raise Cancelled()
@@ -411,7 +390,7 @@ class WorkflowTasks:
 
     def _export(self, kind: str, task_id: str, model: str, s: ExportSettings, out: Path,
                 validation_dir: Path | None, card: dict[str, Any]) -> dict[str, Any]:
-        hub = s.hub.model_dump() if s.hub else None
+        hub = hub_target(s.hub, self.service.config.outbound.hub, "hub") if s.hub else None
         config = {"model": model, "out_dir": str(out), "formats": s.formats, "gguf_dtype": s.gguf_dtype, "hub": hub,
                   "card": {**card, "name": s.name}, "validation_dir": str(validation_dir) if validation_dir else None}
         self._child(kind, task_id, "providers.export", config, out)
