@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..outbound import ENDPOINT_NAME
 from .patterns import MAX_PATTERN_CHARS, compile_pattern
 from .templates import check_template
 
@@ -26,12 +27,17 @@ class _Strict(BaseModel):
 
 
 class RoleConfig(_Strict):
-    """A chat model: an OpenAI-compatible endpoint (vLLM, Ollama, Llama Stack, hosted APIs), or with no
-    `base_url` a model served by the training service itself (a model directory, `job:<uuid>`, ...)."""
+    """A chat model: with `endpoint`, one of the OpenAI-compatible endpoints (vLLM, Ollama, Llama Stack, hosted
+    APIs) the operator declared by name; without, a model served by the training service itself (a model
+    directory, `job:<uuid>`, ...). A URL or a key's variable never comes from a request."""
 
     model: str = Field(min_length=1, max_length=1000)
-    base_url: str | None = Field(None, max_length=2000)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # the key's env variable
+    endpoint: str | None = Field(None, pattern=ENDPOINT_NAME)
+    # Refused when set (a request may not choose a URL or a secret): kept so the answer can say what to do.
+    base_url: str | None = Field(None, max_length=2000, exclude=True,
+                                 description="refused: name an `endpoint` the operator declared")
+    api_key_env: str | None = Field(None, max_length=200, exclude=True,
+                                    description="refused: an endpoint's key is the operator's setting")
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=1, le=4096)
     timeout_s: float = Field(60.0, gt=0, le=3600)

@@ -8,10 +8,11 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..outbound import Endpoint
 from ..training.data import DataFormatError, completion_row, prompt_row
 from .config import EnhanceConfig, ModelJudgeConfig
 from .judges import parse_model_verdict, rule_verdict
@@ -178,19 +179,22 @@ def build_artifacts(out_dir: Path, config: EnhanceConfig, total_rows: int, stats
 
 
 async def enhance_rows(rows: Iterable[dict[str, Any]], config: EnhanceConfig, out_dir: str | Path, *,
+                       endpoints: Mapping[str, Endpoint] | None = None,
                        local_base_url: str | None = None, local_api_key: str | None = None,
                        progress: Callable[[dict[str, Any]], None] | None = None,
                        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run the loop over `rows` (resuming from OUT_DIR/results.jsonl), then write the artifacts.
 
-    Roles without a base_url talk to `local_base_url` (the training service's own chat API)."""
+    Roles naming an `endpoint` talk to that one of `endpoints` (declared by whoever runs the loop, never by
+    the config); roles without one talk to `local_base_url` (the training service's own chat API)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(rows)[: config.max_rows]
     done = {i for i, r in read_results(out).items() if not r.get("error")}
-    roles = {name: ChatRole.create(name, getattr(config, name), local_base_url, local_api_key)
+    endpoints = endpoints or {}
+    roles = {name: ChatRole.create(name, getattr(config, name), endpoints, local_base_url, local_api_key)
              for name in ("student", "teacher")}
-    judge = (ChatRole.create("judge", config.judge.role, local_base_url, local_api_key)
+    judge = (ChatRole.create("judge", config.judge.role, endpoints, local_base_url, local_api_key)
              if isinstance(config.judge, ModelJudgeConfig) else None)
     enhancer = Enhancer(config, roles["student"], roles["teacher"], judge)
     started = time.monotonic()
