@@ -171,10 +171,10 @@ def losses(data_dir: Path, job_uuid: str) -> list[float]:
 
 
 def test_two_node_job_matches_one_node(cluster, tiny_models):
-    """c10d rendezvous here (node 0 hosts it, `is_host`); the dead-node test below uses static."""
+    """The static rendezvous, node 0's store on its cluster address (c10d is refused: test_security_rendezvous)."""
     url, dirs = cluster["url"], cluster["dirs"]
     r = HTTP.post(url + "/v1/post-training/supervised-fine-tune",
-                      json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1, rdzv_backend="c10d"),
+                      json=body("two-nodes", tiny_models["student"], nnodes=2, nproc=1),
                       timeout=60)
     assert r.status_code == 200, r.text
     two = wait_done(url, "two-nodes")

@@ -208,12 +208,13 @@ def test_refused_submission_names_rays_answer(job):
 
 
 def test_cluster_side_torchrun_command():
-    """The command each node's actor runs: c10d on node 0, this node's address, no restarts."""
+    """The command each node's actor runs: the static rendezvous with the actor's index as node rank, the
+    store on node 0's address (bound there only), no restarts."""
     ray_launch = pytest.importorskip("providers.remote_fsdp.ray_launch", reason="ray is not installed (pip install -e '.[ray]')")
     args = ray_launch.argparse.Namespace(nnodes=2, nproc_per_node=4, run_dir="/mnt/s/runs/j", rdzv_timeout_s=90)
-    argv = ray_launch.torchrun_argv(args, 1, "10.0.0.2", "10.0.0.1:29400")
-    assert argv[1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=4",
-                        "--rdzv_id=j-29400", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29400",
-                        "--rdzv_conf=join_timeout=90,is_host=0", "--local_addr=10.0.0.2", "--max_restarts=0",
+    argv = ray_launch.torchrun_argv(args, 1, "10.0.0.1:29400")
+    assert argv[1:] == ["-m", "providers.training.bound_store", "-m", "torch.distributed.run", "--nnodes=2",
+                        "--nproc_per_node=4", "--rdzv_id=j-29400", "--rdzv_backend=static-bound",
+                        "--rdzv_endpoint=10.0.0.1:29400", "--rdzv_conf=rank=1,timeout=90", "--max_restarts=0",
                         "-m", "providers.training.run", "/mnt/s/runs/j"]
-    assert "--rdzv_conf=join_timeout=90,is_host=1" in ray_launch.torchrun_argv(args, 0, "10.0.0.1", "10.0.0.1:29400")
+    assert "--rdzv_conf=rank=0,timeout=90" in ray_launch.torchrun_argv(args, 0, "10.0.0.1:29400")

@@ -290,29 +290,41 @@ def test_a_job_never_resumes_from_checkpoints_it_did_not_write(svc, tiny_models,
 
 # -- 4. rendezvous placement comes only from a coordinator ----------------------------------------------------
 def test_clients_cannot_choose_the_rendezvous(svc, tiny_models):
+    """Each placement key alone is refused (sent together, one refusal would hide the others), and so is
+    torch's c10d rendezvous, from a client and from a coordinator's part alike; nothing connects anywhere."""
     hostile = socket.socket()
     hostile.bind(("127.0.0.1", 0))
     hostile.listen(16)
     hostile.settimeout(0.2)
     port = hostile.getsockname()[1]
-    placement = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1, "master_addr": "127.0.0.2", "master_port": port,
-                 "rdzv_backend": "c10d", "local_addr": "127.0.0.2"}
-    body = sft("rdzv-1", tiny_models["student"])
-    body["training_config"]["torch_run_config"] = placement
-    r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
-    assert r.status_code == 400 and "set by the coordinator" in r.text, r.text
-    r = svc.post("/v1/post-training/supervised-fine-tune", json={**sft("rdzv-2", tiny_models["student"]),
+    placement = {"node_rank": 1, "master_addr": "127.0.0.2", "master_port": port, "local_addr": "127.0.0.2"}
+    for n, (key, value) in enumerate(placement.items()):
+        body = sft(f"rdzv-{n}", tiny_models["student"])
+        body["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, key: value}
+        r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
+        assert r.status_code == 400 and "set by the coordinator" in r.text and key in r.text, (key, r.text)
+    c10d = sft("rdzv-c10d", tiny_models["student"])
+    c10d["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "rdzv_backend": "c10d"}
+    r = svc.post("/v1/post-training/supervised-fine-tune", json=c10d)
+    assert r.status_code == 400 and "torch_run_config.rdzv_backend" in r.text and "'c10d'" in r.text, r.text
+    r = svc.post("/v1/post-training/supervised-fine-tune", json={**sft("rdzv-part", tiny_models["student"]),
                                                                  "part_of": "http://127.0.0.2:1"})
     assert r.status_code == 400 and "part_of" in r.text, r.text
-    # The parts route wants the node token, and then a master that is this node's coordinator.
-    assert svc.post("/v1/post-training/parts/supervised-fine-tune", json=body).status_code == 403
-    r = svc.post("/v1/post-training/parts/supervised-fine-tune", json=body, headers={"x-node-token": NODE_TOKEN})
+    # The parts route wants the node token, then a master that is this node's coordinator, then no c10d.
+    part = sft("rdzv-trusted", tiny_models["student"])
+    part["training_config"]["torch_run_config"] = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1,
+                                                   "master_addr": "127.0.0.2", "master_port": port}
+    assert svc.post("/v1/post-training/parts/supervised-fine-tune", json=part).status_code == 403
+    r = svc.post("/v1/post-training/parts/supervised-fine-tune", json=part, headers={"x-node-token": NODE_TOKEN})
     assert r.status_code == 400 and "master_addr" in r.text, r.text
+    part["training_config"]["torch_run_config"].update(master_addr="127.0.0.1", rdzv_backend="c10d")
+    r = svc.post("/v1/post-training/parts/supervised-fine-tune", json=part, headers={"x-node-token": NODE_TOKEN})
+    assert r.status_code == 400 and "rdzv_backend" in r.text, r.text
     time.sleep(1)
     with pytest.raises(TimeoutError):  # nothing ever connected to the hostile store
         hostile.accept()
     hostile.close()
-    for job in ("rdzv-1", "rdzv-2"):
+    for job in [f"rdzv-{n}" for n in range(len(placement))] + ["rdzv-c10d", "rdzv-part", "rdzv-trusted"]:
         assert not (svc.data_dir / "runs" / job).exists()
 
 

@@ -6,7 +6,8 @@ The service submits this module as a Ray job's entry point (providers/remote_fsd
         [--memory-gb M] [--rdzv-timeout-s T]
 
 It reserves one placement-group bundle per node (STRICT_SPREAD), starts an actor in each, and every actor
-runs torchrun with its c10d rendezvous on the first actor's node; the ranks are `providers.training.run`
+runs torchrun with a static rendezvous (node rank = the actor's index) on the first actor's node, whose
+store listens on that node's Ray address only; the ranks are `providers.training.run`
 as everywhere else. When a node fails the others are stopped at once (as srun --kill-on-bad-exit does)
 and the driver exits with that node's exit code; 0 when all succeed. Only this module imports Ray; the
 training core does not know it runs under Ray.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..training import bound_store
 
 SUBREAPER_FLAG = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
@@ -42,9 +44,9 @@ class NodeRunner:
     """One node of the job: reports where it is, then runs that node's torchrun."""
 
     def address(self) -> tuple[str, int]:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        ip = ray.util.get_node_ip_address()
+        with bound_store.listen_socket(ip, 0) as s:  # a port free on the address the store will listen on
+            return ip, s.getsockname()[1]
 
     def run(self, argv: list[str], log_path: str) -> int:
         with open(log_path, "ab") as out:
@@ -53,18 +55,14 @@ class NodeRunner:
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
 
 
-def torchrun_argv(args: argparse.Namespace, node_rank: int, node_ip: str, endpoint: str) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        # no --node_rank: c10d assigns ranks in join order (torchrun ignores the flag, with a warning)
-        f"--nnodes={args.nnodes}", f"--nproc_per_node={args.nproc_per_node}",
-        f"--rdzv_id={Path(args.run_dir).name}-{endpoint.rsplit(':', 1)[1]}",
-        "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-        # is_host: nodes may share a host name (containers, one-host test clusters); only node 0 hosts
-        f"--rdzv_conf=join_timeout={args.rdzv_timeout_s},is_host={int(node_rank == 0)}",
-        f"--local_addr={node_ip}", "--max_restarts=0",
-        "-m", "providers.training.run", args.run_dir,
-    ]
+def torchrun_argv(args: argparse.Namespace, node_rank: int, endpoint: str) -> list[str]:
+    """Node `node_rank`'s torchrun: a static rendezvous (the actor's index is the node rank) whose store, on
+    node 0, listens on that node's Ray address only (providers/training/bound_store.py)."""
+    run_id = f"{Path(args.run_dir).name}-{endpoint.rsplit(':', 1)[1]}"
+    return [*bound_store.torchrun_argv(sys.executable, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                                       node_rank=node_rank, run_id=run_id, endpoint=endpoint,
+                                       timeout_s=args.rdzv_timeout_s),
+            "-m", "providers.training.run", args.run_dir]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"nodes {[ip for ip, _ in addresses]}, rendezvous on {endpoint}", flush=True)
     # Every node's torchrun appends to logs/train.log (as srun's tasks do): its failure summary names a
     # killed rank, whichever node it ran on.
-    runs = {actor.run.remote(torchrun_argv(args, i, addresses[i][0], endpoint), str(logs / "train.log")): i
+    runs = {actor.run.remote(torchrun_argv(args, i, endpoint), str(logs / "train.log")): i
             for i, actor in enumerate(actors)}
     code, pending = 0, list(runs)
     while pending and not code:

@@ -8,10 +8,12 @@ each on a quiet 2-core machine, all ranks at once). Here the agent imports the t
 already has it: the JobManager forks it from the preloaded zygote), checks that nothing it would hand on
 (threads, a CUDA context) exists, and forks the N ranks. Each rank gets the environment torchrun gives
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID; OMP_NUM_THREADS=1 with several
-ranks unless set) and runs `providers.training.run` as `python -m` would. What torchrun's agent does for
-a failed job, this does too: the first rank to fail stops the others (SIGTERM, then SIGKILL after a grace
-period), its failure is printed in torchrun's "Root Cause" format (which `RunFiles.killed_rank` reads)
-and the agent exits 1. Ranks stay in the agent's process group (cancel kills all of it) and die with the
+ranks unless set) and runs `providers.training.run` as `python -m` would. As torchrun's agent does, this
+agent holds the job's store and the ranks connect to it (TORCHELASTIC_USE_AGENT_STORE): it listens on the
+master address only (127.0.0.1, see providers/training/bound_store.py), the ranks' gloo sockets on loopback.
+What torchrun's agent does for a failed job, this does too: the first rank to fail stops the others
+(SIGTERM, then SIGKILL after a grace period), its failure is printed in torchrun's "Root Cause" format
+(which `RunFiles.killed_rank` reads) and the agent exits 1. Ranks stay in the agent's process group (cancel kills all of it) and die with the
 agent (PR_SET_PDEATHSIG in `run.py`, as under torchrun).
 
 When forking is not safe here it runs torchrun instead (exec), with the same arguments.
@@ -25,8 +27,11 @@ import signal
 import socket
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from . import bound_store
+
+STORE_TIMEOUT_S = 600  # torch's default for a store client's calls
 GRACE_S = 15.0  # a failed job's other ranks get this long after SIGTERM (torchrun: 30 s), then SIGKILL
 
 
@@ -41,9 +46,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def torchrun_argv(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}", "--nnodes=1",
-            "--node_rank=0", f"--rdzv_id={args.run_id}", "--max_restarts=0", "--rdzv_backend=static",
-            f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",
+    return [*bound_store.torchrun_argv(sys.executable, nnodes=1, nproc_per_node=args.nproc_per_node, node_rank=0,
+                                       run_id=args.run_id, endpoint=f"{args.master_addr}:{args.master_port}",
+                                       timeout_s=STORE_TIMEOUT_S),
             "-m", "providers.training.run", args.run_dir]
 
 
@@ -54,20 +59,23 @@ def rank_environment(args: argparse.Namespace, local_rank: int) -> dict[str, str
         "WORLD_SIZE": n, "LOCAL_WORLD_SIZE": n, "ROLE_WORLD_SIZE": n, "GROUP_WORLD_SIZE": "1",
         "ROLE_NAME": "default", "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(args.master_port),
         "TORCHELASTIC_RUN_ID": args.run_id, "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",  # the agent holds the store; no rank opens one
     }
     if args.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = "1"  # what torchrun sets with several ranks on a node; one rank keeps all cores
     return env
 
 
-def run_rank(args: argparse.Namespace, local_rank: int) -> None:
+def run_rank(args: argparse.Namespace, local_rank: int, store_socket: socket.socket) -> None:
     """In the forked child: become rank `local_rank` and run the training entry point. Never returns."""
     from ..jobs.zygote import run_as_main, set_threads_from_env
 
     try:
+        store_socket.close()  # the agent's
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(rank_environment(args, local_rank))
+        bound_store.keep_on_loopback(os.environ)
         set_threads_from_env()
         if "setproctitle" in sys.modules:  # /proc names the run dir, as a torchrun rank's command line does
             sys.modules["setproctitle"].setproctitle(
@@ -147,17 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[local_ranks] cannot fork ranks here ({why}); running torchrun", file=sys.stderr, flush=True)
         os.execv(sys.executable, torchrun_argv(args))
     started = time.monotonic()
+    # Bound before the forks (the port is the job's), served after them: the store's server is a thread.
+    store_socket = bound_store.listen_socket(args.master_addr, args.master_port)
     sys.stdout.flush()
     sys.stderr.flush()
     ranks = {}
     for local_rank in range(args.nproc_per_node):
         pid = os.fork()
         if pid == 0:
-            run_rank(args, local_rank)
+            run_rank(args, local_rank, store_socket)
         ranks[pid] = local_rank
+    store = bound_store.server_store(store_socket, timedelta(seconds=STORE_TIMEOUT_S))
     print(f"[local_ranks] {args.nproc_per_node} ranks forked in {time.monotonic() - started:.2f}s: "
           f"{', '.join(f'rank {r} pid {p}' for p, r in ranks.items())}", flush=True)
-    return supervise(ranks)
+    code = supervise(ranks)
+    del store  # served the ranks until they ended
+    return code
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from .launchers import build_launchers
 from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .security import clean_partial_files
 
-# What a client may set in torch_run_config; the rest (placement) comes from a coordinator.
+# What a client may set in torch_run_config; the rest (placement) comes from a coordinator. rdzv_backend
+# stays for clients that send "static"; any other value is a 400 (TorchRunOptions.only_static says why).
 CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s", "launcher", "rank_start"}
 
 DATASET_ID = re.compile(SAFE_NAME)
@@ -127,7 +128,7 @@ class FsdpJobService:
     def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions:
         """The job's torchrun options: the service's, with a request's overrides. Rendezvous placement
         (node rank, master address and port, local address) comes only from a coordinator (`trusted`):
-        torch's rendezvous unpickles what the master's store sends."""
+        a client-chosen master would join the job's ranks to a store the client runs."""
         overrides = overrides or {}
         if not isinstance(overrides, dict):
             raise ValueError("training_config.torch_run_config: must be an object")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 import sys
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
+from ...training.bound_store import torchrun_argv
 from ...training.run_files import RunFiles
 from ...training.spec import JobSpec
 
@@ -21,15 +22,26 @@ class TorchRunOptions(BaseModel):
     node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
     master_port: int | None = Field(None, ge=1024, le=65535)  # None: a free port
-    rdzv_backend: str = Field("static", pattern="^(static|c10d)$")
+    rdzv_backend: str = "static"  # the only one: see `only_static`
     rdzv_timeout_s: PositiveInt = 60  # torchrun's default is 600 s: a missing node fails the job sooner
-    local_addr: str | None = None  # this node's address for the rendezvous (default: its host name)
+    local_addr: str | None = None  # this node's address (the coordinator's placement record)
     # Who starts the processes: local (this host), nodes (this service's node registry), slurm or ray
     # (providers/remote_fsdp/service/launchers/). None: the service's default; `nodes` when nnodes > 1.
     launcher: str | None = Field(None, pattern="^(local|nodes|slurm|ray)$")
     # How a one-node job with the static rendezvous starts its ranks: forked from one preloaded process
     # (providers/training/local_ranks.py: the training stack imported once, not once per rank) or torchrun.
     rank_start: str = Field("fork", pattern="^(fork|torchrun)$")
+
+    @field_validator("rdzv_backend")
+    @classmethod
+    def only_static(cls, value: str) -> str:
+        if value != "static":
+            raise ValueError(
+                f"{value!r} is not accepted: torch's c10d rendezvous listens on every interface and its agent "
+                "unpickles the state it reads from that store, so anyone who reaches the port runs code in the job; "
+                "every job uses the static rendezvous, its store bound to loopback or the cluster address "
+                "(accepted: 'static')")
+        return value
 
     def model_post_init(self, _: object) -> None:
         if self.node_rank >= self.nnodes:
@@ -43,27 +55,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def torchrun_command(spec: JobSpec, files: RunFiles, opts: TorchRunOptions) -> list[str]:
-    """`python -m torch.distributed.run ... -m providers.training.run RUN_DIR` for this node, or for a one-node
-    job with the static rendezvous `python -m providers.training.local_ranks ...` (ranks forked)."""
+    """This node's agent: for a one-node job `python -m providers.training.local_ranks ...` (ranks forked) or
+    torchrun on 127.0.0.1; for a multi-node job torchrun with its store on the master address
+    (`providers.training.bound_store`), then `-m providers.training.run RUN_DIR`. No store listens anywhere
+    else, whatever the request says."""
+    one_node = opts.nnodes == 1
+    master = "127.0.0.1" if one_node else opts.master_addr
     port = opts.master_port or free_port()
-    if opts.rank_start == "fork" and opts.nnodes == 1 and opts.rdzv_backend == "static":
+    if opts.rank_start == "fork" and one_node:
         return [sys.executable, "-m", "providers.training.local_ranks", f"--nproc-per-node={opts.nproc_per_node}",
-                f"--master-addr={opts.master_addr}", f"--master-port={port}", f"--run-id={spec.job_uuid}",
-                str(files.dir)]
-    argv = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={opts.nproc_per_node}",
-        f"--nnodes={opts.nnodes}",
-        f"--node_rank={opts.node_rank}",
-        f"--rdzv_id={spec.job_uuid}",
-        "--max_restarts=0",
-    ]
-    if opts.rdzv_backend == "c10d":
-        conf = f"join_timeout={opts.rdzv_timeout_s}" + (",is_host=1" if opts.node_rank == 0 else ",is_host=0")
-        argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={opts.master_addr}:{port}", f"--rdzv_conf={conf}"]
-        if opts.local_addr:  # nodes may share a host name (containers, namespaces): name the address
-            argv.append(f"--local_addr={opts.local_addr}")
-    else:
-        argv += ["--rdzv_backend=static", f"--master_addr={opts.master_addr}", f"--master_port={port}",
-                 f"--rdzv_conf=timeout={opts.rdzv_timeout_s}"]
+                f"--master-addr={master}", f"--master-port={port}", f"--run-id={spec.job_uuid}", str(files.dir)]
+    argv = torchrun_argv(sys.executable, nnodes=opts.nnodes, nproc_per_node=opts.nproc_per_node,
+                         node_rank=opts.node_rank, run_id=spec.job_uuid, endpoint=f"{master}:{port}",
+                         timeout_s=opts.rdzv_timeout_s)
     return argv + ["-m", "providers.training.run", str(files.dir)]

@@ -3,10 +3,10 @@
 The service talks to the cluster's Jobs REST API on the dashboard port (submit, poll, stop), so it needs
 no `ray` import and no version match with the cluster. The job's entry point is a small driver on the
 cluster, `python -m providers.remote_fsdp.ray_launch RUN_DIR ...`: it reserves one placement-group bundle
-per node (STRICT_SPREAD), starts one actor in each and has every actor run torchrun with c10d rendezvous
-on the first one. The ranks are the same `providers.training.run` processes as with `local` and `slurm`.
-Run directories must be on a file system every node mounts (`launchers.shared_dir`); only global rank 0
-writes the job's status there.
+per node (STRICT_SPREAD), starts one actor in each and has every actor run torchrun with a static
+rendezvous on the first one (its store bound to that node's Ray address). The ranks are the same
+`providers.training.run` processes as with `local` and `slurm`. Run directories must be on a file system
+every node mounts (`launchers.shared_dir`); only global rank 0 writes the job's status there.
 
 Ray has no job priority: `scheduling.priority` orders this service's own queue only (recorded in the Ray
 job's metadata as not applied), and `resources.gpu_memory_gb` has no Ray resource either.

@@ -1,8 +1,8 @@
 """The `slurm` launcher: one sbatch job per training job, one torchrun per node under srun.
 
 The batch script asks for `nnodes` nodes with one task each; every task runs torchrun, which starts the
-node's ranks, and torchrun's c10d rendezvous joins the nodes on the allocation's first node (the layout
-of torchtitan's and torchtune's multi-node Slurm scripts). The service talks to Slurm through its
+node's ranks, and a static rendezvous (node rank = SLURM_NODEID) joins the nodes on the allocation's first
+node, whose store listens on that node's Slurm address (NodeAddr) only (providers/training/bound_store.py). The service talks to Slurm through its
 commands (sbatch, scontrol, sacct where accounting exists, scancel), so it runs on any login node and
 needs no Python binding. Run directories must be on a file system every node mounts
 (`launchers.shared_dir`); only global rank 0 writes the job's status there.
@@ -29,6 +29,7 @@ from ....jobs.launcher import (
     LaunchState,
     poll_until_final,
 )
+from ....training.bound_store import torchrun_argv
 from ....training.run_files import RunFiles
 from ....training.spec import JobSpec, SchedulingSpec
 from ..config import SlurmConfig
@@ -84,16 +85,11 @@ def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling
         if value:
             lines.append(f"#SBATCH --{flag}={value}")
     lines += [f"#SBATCH {extra}" for extra in cfg.extra_sbatch]
+    # Static rendezvous: Slurm numbers the nodes; node 0's store listens on the head's address only.
     node_command = " ".join([
-        "exec", shlex.quote(python), "-m", "torch.distributed.run",
-        '--nnodes="$SLURM_NNODES"',
-        f"--nproc_per_node={opts.nproc_per_node}",
-        '--rdzv_id="$SLURM_JOB_ID"',
-        "--rdzv_backend=c10d",
-        '--rdzv_endpoint="$TRL_RDZV_ENDPOINT"',
-        # is_host: nodes may share a host name (containers, one-host test clusters); only node 0 hosts
-        f'--rdzv_conf="join_timeout={opts.rdzv_timeout_s},is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)"',
-        "--max_restarts=0",
+        "exec", *torchrun_argv(shlex.quote(python), nnodes='"$SLURM_NNODES"', nproc_per_node=opts.nproc_per_node,
+                               node_rank='"$SLURM_NODEID"', run_id='"$SLURM_JOB_ID"', endpoint='"$TRL_RDZV_ENDPOINT"',
+                               timeout_s=opts.rdzv_timeout_s),
         "-m", "providers.training.run", shlex.quote(run_dir),
     ])
     lines += [
