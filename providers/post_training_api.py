@@ -358,7 +358,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 
 
 def check_job_uuid(job_uuid: str) -> None:
-    if not isinstance(job_uuid, str) or not JOB_UUID.match(job_uuid):
+    if not isinstance(job_uuid, str) or not JOB_UUID.fullmatch(job_uuid):
         raise ValueError(
             f"job_uuid: {str(job_uuid)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
         )
@@ -445,7 +445,7 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
         raise ValueError(f"{field}: required (a model directory or a Hugging Face model id)")
     check_path_text(ref, field)
     local = Path(ref).expanduser()
-    is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.match(ref)
+    is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.fullmatch(ref)
     path = local if is_path or local.is_dir() else hub_snapshot(ref, field, defaults.hub_downloads)
     roots = None
     if defaults.allowed_model_roots is not None:
@@ -491,7 +491,7 @@ def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults
 def result_name_of(finetuned_model: str, field: str = "finetuned_model") -> str:
     """The name a trained model is given (artifacts, checkpoint directory): `org/name` becomes `org--name`."""
     name = finetuned_model.replace("/", "--")
-    if not JOB_UUID.match(name):
+    if not JOB_UUID.fullmatch(name):
         raise ValueError(f"{field}: {finetuned_model[:200]!r} names the trained model, so it must be 1-128 letters, "
                          "digits, '.', '_', '-' or '/'")
     return name

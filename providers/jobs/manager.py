@@ -30,6 +30,7 @@ from .launcher import (
     process_group_alive,
     process_group_runs,
 )
+from .child_env import child_env
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
 from .zygote import prestart
 
@@ -45,8 +46,6 @@ SAFE_NAME_RE = re.compile(SAFE_NAME)
 class QueueFullError(RuntimeError):
     """Too many jobs are waiting: the service answers 429."""
 
-# The server's own settings and secrets never reach a job's processes.
-SERVER_ENV_PREFIXES = ("TRL_FSDP_",)
 
 
 def finite(value: Any) -> Any:
@@ -175,7 +174,7 @@ class JobManager:
         """Reserve `job_uuid` and its run directory (an exclusive mkdir, so concurrent submissions of one id
         cannot both win), yield the directory, and remove it again if the block fails: a job's record and
         its run directory exist together or not at all."""
-        if not isinstance(job_uuid, str) or not SAFE_NAME_RE.match(job_uuid):
+        if not isinstance(job_uuid, str) or not SAFE_NAME_RE.fullmatch(job_uuid):
             raise ValueError(f"job_uuid: {str(job_uuid)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
                              "not starting with '.'")
         if self.store.exists(job_uuid):
@@ -272,11 +271,10 @@ class JobManager:
                          name=f"job-{job_uuid}").start()
 
     def job_env(self) -> dict[str, str]:
-        """The environment of a job's processes: the server's, without its secrets and settings
-        (TRL_FSDP_*: the API token among them), plus the provider's job settings. PYTHONSAFEPATH keeps the
-        working directory off sys.path, so no file in it can shadow a module."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
-        return {**env, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+        """The environment of a job's processes: the server's without its settings and secrets (see
+        child_env), plus the provider's job settings. PYTHONSAFEPATH keeps the working directory off
+        sys.path, so no file in it can shadow a module."""
+        return child_env(extra={**self.env, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"})
 
     def _supervise(self, job_uuid: str, launcher: Launcher, external_id: str) -> None:
         files = RunFiles(self.store.get(job_uuid).run_dir)

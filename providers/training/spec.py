@@ -30,6 +30,8 @@ GenerationBatch = Annotated[int, Field(gt=0, le=MAX_GENERATION_BATCH)]
 
 # Names that become directory names (job_uuid, result names, dataset ids, pipeline and node names): no path
 # separators and no leading '.', so that '.' and '..' can never point a directory (or its clean-up) elsewhere.
+# In Python's re, `$` also matches before a trailing newline: check with re.fullmatch (pydantic's `pattern`
+# uses the Rust engine, where `$` is the end of the text; it has no `\Z`, so the pattern keeps `$`).
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 
 Method = Literal["sft", "dpo", "distill", "teacher"]

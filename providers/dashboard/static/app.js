@@ -179,17 +179,18 @@ async function jobView(el, jobUuid) {
       if (!ACTIVE.includes(job.status)) $("#cancel-job", el).textContent = "Cancel job";
     }
     const fsdp = res.fsdp ? `${res.fsdp.implementation || "FSDP"} ${res.fsdp.sharding_strategy || ""}` : "single process";
+    // Every value is escaped here; only the progress bar is markup, built from numbers by bar().
     $("#job-facts", el).innerHTML = [
-      ["method", s.method], ["model", s.model], ["progress", `${bar(s.progress)} ${fmt(s.step)} / ${fmt(s.total_steps)}`],
+      ["method", esc(s.method)], ["model", esc(s.model)], ["progress", `${bar(s.progress)} ${fmt(s.step)} / ${fmt(s.total_steps)}`],
       ["world size", `${fmt(res.world_size)} (${esc(fsdp)})`], ["device", `${esc(res.device_type)} ${esc(res.backend || "")}`],
-      ["started", s.started_at ? new Date(s.started_at).toLocaleString() : "–"], ["duration", duration(s.duration_s)],
+      ["started", esc(s.started_at ? new Date(s.started_at).toLocaleString() : "–")], ["duration", esc(duration(s.duration_s))],
       ["last loss", fmt(s.last_loss)], ["final loss", fmt(s.final_loss)], ["final validation loss", fmt(s.final_validation_loss)],
-    ].map(([k, v]) => `<div><span>${k}</span>${k === "progress" ? v : (typeof v === "string" && !v.includes("<") ? esc(v) : v)}</div>`).join("");
+    ].map(([k, html]) => `<div><span>${esc(k)}</span>${html}</div>`).join("");
     $("#job-error", el).textContent = res.error || "";
     const ranks = res.ranks || [];
     $("#job-ranks", el).innerHTML = ranks.length ? `<h3>Ranks</h3><table id="ranks"><thead><tr><th>rank</th><th>node</th>
       <th>parameter share</th><th>params held</th><th>peak host memory</th><th>peak device memory</th><th>error</th></tr></thead><tbody>${
-      ranks.map((r) => { const share = r.total_params ? r.local_params / r.total_params : null; return `<tr><td>${r.rank}</td>
+      ranks.map((r) => { const share = r.total_params ? r.local_params / r.total_params : null; return `<tr><td>${fmt(r.rank)}</td>
         <td>${esc(r.node_id || r.hostname || "")}</td><td>${share === null ? "–" : bar(share) + " " + (share * 100).toFixed(1) + "%"}</td>
         <td>${fmt(r.local_params)} / ${fmt(r.total_params)}</td><td>${fmt(r.peak_host_memory_mb)} MB</td>
         <td>${r.peak_device_memory_mb ? fmt(r.peak_device_memory_mb) + " MB" : "–"}</td><td class="wrap error">${esc(r.error || "")}</td></tr>`; }).join("")
@@ -223,10 +224,10 @@ async function nodesView(el) {
     const now = Date.now() / 1000;
     $("#nodes tbody", el).innerHTML = data.length ? data.map((n) => {
       const c = n.capabilities || {};
-      const gpus = (c.gpus || []).map((g) => `${esc(g.name)} (${g.memory_gb} GB)`).join(", ") || "none";
+      const gpus = (c.gpus || []).map((g) => `${esc(g.name)} (${fmt(g.memory_gb)} GB)`).join(", ") || "none";
       const running = jobs.data.filter((j) => ACTIVE.includes(j.status) && (j.nodes.includes(n.node_id) || (!j.nodes.length && n.local)));
       return `<tr><td>${esc(n.node_id)}${n.local ? " <span class=muted>(this)</span>" : ""}</td><td>${badge(n.state)}</td><td>${esc(n.url)}</td>
-        <td>${(now - n.last_heartbeat).toFixed(1)} s</td><td>${fmt(n.load)}</td><td>${fmt(c.cpu_cores)}</td><td>${fmt(c.ram_gb)} GB</td>
+        <td>${fmt(Number(now - n.last_heartbeat).toFixed(1))} s</td><td>${fmt(n.load)}</td><td>${fmt(c.cpu_cores)}</td><td>${fmt(c.ram_gb)} GB</td>
         <td class="wrap">${gpus}</td><td class="wrap">${(c.models || []).map(esc).join("<br>")}</td>
         <td class="wrap">${running.map((j) => `<a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a>`).join(", ") || "–"}</td></tr>`;
     }).join("") : `<tr><td colspan="10" class="muted">No node registry here (a data dir has no nodes).</td></tr>`;
@@ -239,7 +240,7 @@ async function pipelinesView(el) {
     const { data } = await api("/pipelines");
     $("#pipelines tbody", el).innerHTML = data.length ? data.map((p) => `<tr class="clickable" data-href="#/pipeline/${encodeURIComponent(p.pipeline_id)}">
       <td><a href="#/pipeline/${encodeURIComponent(p.pipeline_id)}">${esc(p.pipeline_id)}</a></td><td>${badge(p.state)}</td><td>${fmt(p.students)}</td>
-      <td>${p.created_at ? new Date(p.created_at).toLocaleString() : "–"}</td><td class="wrap error">${esc(p.error || "")}</td></tr>`).join("")
+      <td>${esc(p.created_at ? new Date(p.created_at).toLocaleString() : "–")}</td><td class="wrap error">${esc(p.error || "")}</td></tr>`).join("")
       : `<tr><td colspan="5" class="muted">No pipelines.</td></tr>`;
   };
 }

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
@@ -33,7 +34,15 @@ from .routes import (
     post_training_router,
     teacher_outputs_router,
 )
-from .security import BodyTooLarge, LimitsAndAudit, client_auth, node_auth, node_headers
+from .security import (
+    BodyTooLarge,
+    LimitsAndAudit,
+    QuotaExceeded,
+    client_auth,
+    install_printable_logs,
+    node_auth,
+    node_headers,
+)
 from .workflow_routes import include_workflow_routes
 
 log = logging.getLogger("providers.remote_fsdp")
@@ -123,6 +132,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def queue_full(_: Request, exc: QueueFullError):
         return _error(429, str(exc))
 
+    @app.exception_handler(QuotaExceeded)
+    async def quota_exceeded(_: Request, exc: QuotaExceeded):
+        return _error(507, str(exc))
+
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge):
         return _error(413, f"body: over this route's limit of {exc.limit} bytes")
@@ -148,6 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-mb", type=int, help="JSON request bodies (default 64)")
     parser.add_argument("--max-upload-mb", type=int, help="dataset and archive uploads (default 4096)")
     parser.add_argument("--max-archive-mb", type=int, help="extracted size of an uploaded archive (default 4096)")
+    parser.add_argument("--max-data-gb", type=float, help="uploads and downloads the data dir may hold in all "
+                                                          "(datasets, teacher outputs, files; default 200): 507 past it")
+    parser.add_argument("--chat-workers", type=int, help="chat generations running at once (default 2)")
+    parser.add_argument("--chat-queue", type=int, help="chat requests waiting for a worker; beyond it 429 (default 16)")
+    parser.add_argument("--chat-max-tokens", type=int, help="the most max_tokens a chat request may ask (default 4096)")
+    parser.add_argument("--pass-env", action="append", default=[], metavar="KIND=VAR",
+                        help="hand the secret variable VAR to child processes of KIND (training, validation, "
+                             "export), e.g. training=WANDB_API_KEY; they get no other secret (repeatable)")
     parser.add_argument("--nproc-per-node", type=int, help="default torchrun processes per job")
     parser.add_argument("--allowed-checkpoint-root", action="append", dest="allowed_checkpoint_roots",
                         help="a directory checkpoint_dir may point into (repeatable; DATA_DIR/checkpoints always is)")
@@ -171,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    args = parser.parse_args(argv)
-    # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    install_printable_logs()  # request data in any log line is escaped: one record, one line
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,
@@ -182,7 +201,13 @@ def main(argv: list[str] | None = None) -> None:
         "node_id": args.node_id, "coordinator": args.coordinator, "advertise_url": args.advertise_url,
         "address": args.address, "gloo_socket_ifname": args.gloo_socket_ifname, "model_dirs": args.model_dirs,
         "down_after_s": args.down_after_s, "insecure_no_auth": args.insecure_no_auth or None,
+        "max_data_gb": args.max_data_gb, "chat_workers": args.chat_workers, "chat_queue": args.chat_queue,
+        "chat_max_tokens": args.chat_max_tokens,
     }
+    try:
+        overrides["pass_env"] = parse_pass_env(args.pass_env)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.api_token_file:
         overrides["api_token"] = read_secret(args.api_token_file, "--api-token-file")
     if args.node_token_file:

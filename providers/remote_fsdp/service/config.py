@@ -99,6 +99,14 @@ class ServiceConfig(BaseModel):
     max_upload_mb: PositiveInt = 4096  # dataset uploads (streamed to disk)
     max_archive_mb: PositiveInt = 4096  # extracted size of an archive (teacher outputs, results)
     max_archive_members: PositiveInt = 100_000
+    # Uploads and downloads in the data dir, in all (datasets, teacher outputs, downloaded files): 507 past it
+    max_data_gb: float = Field(200.0, gt=0, allow_inf_nan=False)
+    # The chat API: generations run on their own threads, never on the ones control routes use
+    chat_workers: PositiveInt = 2  # generations at once
+    chat_queue: int = Field(16, ge=0)  # requests waiting for a worker; beyond: 429
+    chat_max_tokens: PositiveInt = 4096  # a request asking for more: 400 naming max_tokens
+    # Secrets a kind of child process (training, validation, export) gets anyway (--pass-env KIND=VAR)
+    pass_env: dict[str, list[str]] = Field(default_factory=dict)
     max_nproc_per_node: PositiveInt = 64
     dtype: str = "fp32"
     fsdp: FsdpSpec = Field(default_factory=FsdpSpec)

@@ -80,13 +80,14 @@ class FsdpJobService:
         for directory in (self.datasets_dir, self.data_dir / "uploaded_teacher_outputs", self.data_dir / "tmp"):
             clean_partial_files(directory)  # what uploads and extractions cut short by a crash left
         env = {"GLOO_SOCKET_IFNAME": config.gloo_socket_ifname} if config.gloo_socket_ifname else {}
+        env.update({v: os.environ[v] for v in config.pass_env.get("training", []) if v in os.environ})  # --pass-env
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
                                launchers=build_launchers(config), prestart_zygote=True)
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
-        if not isinstance(dataset_id, str) or not DATASET_ID.match(dataset_id):
+        if not isinstance(dataset_id, str) or not DATASET_ID.fullmatch(dataset_id):
             raise ValueError(f"dataset_id: {str(dataset_id)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
                              "not starting with '.'")
         return self.datasets_dir / f"{dataset_id}.jsonl"

@@ -49,7 +49,7 @@ class Capabilities(BaseModel):
         try:
             return str(ipaddress.ip_address(v))
         except ValueError:
-            if not HOSTNAME.match(v):
+            if not HOSTNAME.fullmatch(v):
                 raise ValueError(f"{v[:100]!r} is not an IP address or host name") from None
             return v
 

@@ -133,7 +133,7 @@ class Pipelines:
 
     # -- state ---------------------------------------------------------------------------------------
     def _state_path(self, pipeline_id: str) -> Path:
-        if not isinstance(pipeline_id, str) or not re.match(SAFE_NAME, pipeline_id):
+        if not isinstance(pipeline_id, str) or not re.fullmatch(SAFE_NAME, pipeline_id):
             raise UnknownJobError(str(pipeline_id)[:200])
         return self.root / pipeline_id / "pipeline.json"
 

@@ -37,7 +37,15 @@ from .pipelines import (
     StudentConfig,
     TeacherTaskConfig,
 )
-from .security import ArchiveError, check_node_url, extract_archive, host_is, temp_path, write_archive
+from .security import (
+    ArchiveError,
+    DiskQuota,
+    check_node_url,
+    extract_archive,
+    host_is,
+    temp_path,
+    write_archive,
+)
 
 # Log streams: how many may be open at once, and how long one may follow a job.
 MAX_LOG_FOLLOWERS = 32
@@ -228,34 +236,41 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
         adds to an existing dataset, so large datasets can also be sent in chunks."""
         path = service.dataset_path(dataset_id)
         tmp = temp_path(path.parent, path.name)
-        try:
-            if request.headers.get("content-type", "").startswith("application/json"):
-                body = await request.body()
-                if len(body) > service.config.max_body_mb << 20:
-                    raise HTTPException(status_code=413, detail="body: a JSON list is limited to "
-                                        f"{service.config.max_body_mb} MB; send JSONL (streamed) instead")
-                try:
-                    data = json.loads(body)
-                except (ValueError, RecursionError) as e:
-                    raise ValueError(f"body: not JSON ({str(e)[:200]})") from None
-                if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-                    raise ValueError("body: a JSON body must be a list of row objects")
-                await asyncio.to_thread(tmp.write_text, "".join(json.dumps(row) + "\n" for row in data))
-            else:
-                last = b"\n"
-                with open(tmp, "wb") as f:
-                    async for chunk in request.stream():
-                        f.write(chunk)
-                        last = chunk[-1:] or last
-                    if last != b"\n":  # keep appended chunks on separate lines
-                        f.write(b"\n")
-            rows = await asyncio.to_thread(count_jsonl_rows, tmp)
-            if append and path.exists():
-                await asyncio.to_thread(_append_file, tmp, path)
-            else:
-                tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Every byte is claimed from the data dir's quota before it is written (507 past it).
+        with DiskQuota.of(service.config).reservation(f"dataset {dataset_id}") as quota:
+            try:
+                if request.headers.get("content-type", "").startswith("application/json"):
+                    body = await request.body()
+                    if len(body) > service.config.max_body_mb << 20:
+                        raise HTTPException(status_code=413, detail="body: a JSON list is limited to "
+                                            f"{service.config.max_body_mb} MB; send JSONL (streamed) instead")
+                    try:
+                        data = json.loads(body)
+                    except (ValueError, RecursionError) as e:
+                        raise ValueError(f"body: not JSON ({str(e)[:200]})") from None
+                    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+                        raise ValueError("body: a JSON body must be a list of row objects")
+                    text = "".join(json.dumps(row) + "\n" for row in data)
+                    quota.add(len(text.encode()))
+                    await asyncio.to_thread(tmp.write_text, text)
+                else:
+                    quota.expect(_declared_length(request) + 1)
+                    last = b"\n"
+                    with open(tmp, "wb") as f:
+                        async for chunk in request.stream():
+                            quota.add(len(chunk))
+                            f.write(chunk)
+                            last = chunk[-1:] or last
+                        if last != b"\n":  # keep appended chunks on separate lines
+                            quota.add(1)
+                            f.write(b"\n")
+                rows = await asyncio.to_thread(count_jsonl_rows, tmp)
+                if append and path.exists():
+                    await asyncio.to_thread(_append_file, tmp, path)
+                else:
+                    tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return {"dataset_id": dataset_id, "rows": rows, "appended": append}
 
     @r.get("/datasets")
@@ -263,6 +278,14 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
         return {"data": service.list_datasets()}
 
     return r
+
+
+def _declared_length(request: Request) -> int:
+    """The body's Content-Length, or 0 when it is not given (chunked) or not a number."""
+    try:
+        return max(0, int(request.headers.get("content-length", "0")))
+    except ValueError:
+        return 0
 
 
 def _append_file(src: Path, dest: Path) -> None:
@@ -432,18 +455,22 @@ def teacher_outputs_router(service: FsdpJobService) -> APIRouter:
         if dest.exists():
             raise FileExistsError(f"outputs_id: teacher outputs named {outputs_id!r} were uploaded already")
         archive = temp_path(dest.parent, outputs_id)
-        try:
-            with open(archive, "wb") as f:
-                async for chunk in request.stream():
-                    f.write(chunk)
-            cfg = service.config
+        cfg = service.config
+        # The archive and what it extracts to are claimed from the data dir's quota (507 past it).
+        with DiskQuota.of(cfg).reservation(f"teacher outputs {outputs_id}") as quota:
             try:
-                await asyncio.to_thread(extract_archive, archive, dest, cfg.max_archive_mb << 20,
-                                        cfg.max_archive_members)
-            except ArchiveError as e:
-                raise ValueError(f"body: {e}") from None
-        finally:
-            archive.unlink(missing_ok=True)
+                quota.expect(_declared_length(request))
+                with open(archive, "wb") as f:
+                    async for chunk in request.stream():
+                        quota.add(len(chunk))
+                        f.write(chunk)
+                try:
+                    await asyncio.to_thread(extract_archive, archive, dest, cfg.max_archive_mb << 20,
+                                            cfg.max_archive_members, quota)
+                except ArchiveError as e:
+                    raise ValueError(f"body: {e}") from None
+            finally:
+                archive.unlink(missing_ok=True)
         try:
             rows = json.loads((dest / "teacher_task.json").read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError):

@@ -17,14 +17,49 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
 
 audit = logging.getLogger("providers.remote_fsdp.audit")
+
+
+# -- log lines ---------------------------------------------------------------------------------------
+def printable(value: object) -> str:
+    """`value` as text with every control or non-printable character escaped (`\\n`, `\\x1b`, `\\u2028`):
+    a log line built from request data stays one line, so nobody can write a forged line into the log."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Every record as printable text: the message through `printable`, and a traceback's lines each
+    escaped and indented, so that no request value inside a log call or an exception starts a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join("    " + printable(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + printable(line) for line in stack_info.splitlines())
+
+
+def install_printable_logs() -> None:
+    """Give every handler of the root logger a PrintableFormatter with its current format."""
+    for handler in logging.getLogger().handlers:
+        current = handler.formatter
+        handler.setFormatter(PrintableFormatter(current._fmt if current else None,
+                                                current.datefmt if current else None))
 
 NODE_TOKEN_HEADER = "x-node-token"
 
@@ -121,8 +156,9 @@ class LimitsAndAudit:
             await self.app(scope, limited_receive, tracking_send)
         if path not in ("/health", "/metrics"):
             query = scope.get("query_string", b"").decode("latin-1")[:300]
-            audit.info("%s %s %s%s -> %s in %.0f ms", client[0], scope.get("method"), path,
-                       f"?{query}" if query else "", status["code"], (time.monotonic() - started) * 1000)
+            audit.info("%s %s %s%s -> %s in %.0f ms", printable(client[0]), printable(scope.get("method")),
+                       printable(path), f"?{printable(query)}" if query else "", status["code"],
+                       (time.monotonic() - started) * 1000)
 
 
 async def _send_json(send, code: int, detail: str) -> None:
@@ -135,15 +171,141 @@ async def _send_json(send, code: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# -- disk quota ------------------------------------------------------------------------------------
+# What the quota counts, under the data dir: uploaded datasets, teacher outputs pushed by a coordinator,
+# and what the service downloads or receives as files. Run dirs and checkpoints (training output) are not.
+QUOTA_DIRS = ("datasets", "uploaded_teacher_outputs", "downloads", "files")
+PARTIAL_MARKERS = (".part-", ".extract-", ".upload-")
+
+
+class QuotaExceeded(Exception):
+    """Storing more would pass the data dir's quota (--max-data-gb): the service answers 507."""
+
+
+class DiskQuota:
+    """The total bytes uploads and downloads may hold in one data dir (`--max-data-gb`).
+
+    `used()` is what the quota dirs hold on disk (partial files excluded) plus what writers in progress
+    have reserved; a writer reserves bytes before it writes them (`reserve`, or a `Reservation` while it
+    streams) and releases them when its file is in place (or gone). One instance per data dir: `of(config)`.
+    """
+
+    _instances: dict[Path, DiskQuota] = {}
+    _instances_lock = threading.Lock()
+
+    def __init__(self, root: Path, limit_bytes: int, dirs: Iterable[str] = QUOTA_DIRS, flag: str = "--max-data-gb"):
+        self.root = Path(root)
+        self.limit = int(limit_bytes)
+        self.dirs = tuple(dirs)
+        self.flag = flag
+        self._reserved = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, config) -> DiskQuota:
+        """The quota of `config`'s data dir (a ServiceConfig: data_path, max_data_gb), shared by all callers."""
+        root = config.data_path
+        limit = int(config.max_data_gb * (1 << 30))
+        with cls._instances_lock:
+            quota = cls._instances.get(root)
+            if quota is None or quota.limit != limit:
+                quota = cls._instances[root] = cls(root, limit)
+            return quota
+
+    def on_disk(self) -> int:
+        """Bytes of the regular files in the quota dirs (partial files are counted by their reservations)."""
+        total = 0
+        for name in self.dirs:
+            stack = [self.root / name]
+            while stack:
+                try:
+                    entries = list(os.scandir(stack.pop()))
+                except OSError:
+                    continue
+                for e in entries:
+                    if any(m in e.name for m in PARTIAL_MARKERS):
+                        continue
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(Path(e.path))
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        return total
+
+    def used(self) -> int:
+        """Bytes on disk in the quota dirs plus bytes reserved by writers in progress."""
+        on_disk = self.on_disk()
+        with self._lock:
+            return on_disk + self._reserved
+
+    def reserve(self, nbytes: int, what: str = "this upload") -> None:
+        """Claim `nbytes` more, or raise QuotaExceeded naming the quota (nothing is claimed then)."""
+        on_disk = self.on_disk() if nbytes else 0
+        with self._lock:
+            if on_disk + self._reserved + nbytes > self.limit:
+                raise QuotaExceeded(
+                    f"{what}: the data dir's quota for uploads and downloads ({self.flag} = "
+                    f"{self.limit / (1 << 30):g} GB, {self.limit} bytes) would be exceeded: "
+                    f"{on_disk + self._reserved} bytes are used and {nbytes} more were asked for")
+            self._reserved += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Give back what `reserve` claimed (once the file is in place, the disk counts it)."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
+
+    def reservation(self, what: str = "this upload", step: int = 64 << 20) -> Reservation:
+        """A context manager for one streamed write: `add(n)` before writing n bytes."""
+        return Reservation(self, what, step)
+
+
+class Reservation:
+    """Bytes one writer claims as it streams, in steps (so the disk is scanned once per step, not per
+    chunk); everything it claimed is released when the `with` block ends."""
+
+    def __init__(self, quota: DiskQuota, what: str, step: int):
+        self.quota, self.what, self.step = quota, what, step
+        self.claimed = self.written = 0
+
+    def add(self, nbytes: int) -> None:
+        """Count `nbytes` about to be written; raises QuotaExceeded when the quota cannot hold them."""
+        self.written += nbytes
+        if self.written > self.claimed:
+            more = max(self.written - self.claimed, min(self.step, max(0, self.quota.limit // 64)))
+            try:
+                self.quota.reserve(more, self.what)
+            except QuotaExceeded:
+                more = self.written - self.claimed  # the last step may be too large: ask for what is needed
+                self.quota.reserve(more, self.what)
+            self.claimed += more
+
+    def expect(self, nbytes: int) -> None:
+        """Claim a declared size (a Content-Length) up front, so a body that cannot fit is refused unread."""
+        if nbytes > self.claimed:
+            self.quota.reserve(nbytes - self.claimed, self.what)
+            self.claimed = nbytes
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.quota.release(self.claimed)
+        self.claimed = 0
+
+
 # -- archives ---------------------------------------------------------------------------------------
 class ArchiveError(ValueError):
     pass
 
 
-def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int) -> None:
+def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int,
+                    reservation: Reservation | None = None) -> None:
     """Extract a tar(.gz) into `dest`, which must not exist yet: only regular files and directories, with
-    relative names and no '..', at most `max_members` entries and `max_bytes` in all. Everything lands in a
-    fresh temporary directory beside `dest` first and is renamed into place, so a refused archive leaves
+    relative names and no '..', at most `max_members` entries and `max_bytes` in all (each file's bytes
+    claimed from `reservation`, a disk quota's, before they are written). Everything lands in a fresh
+    temporary directory beside `dest` first and is renamed into place, so a refused archive leaves
     nothing behind. No tarfile extraction filter is relied on (they have had bypasses)."""
     if dest.exists():
         raise ArchiveError(f"{dest.name} already exists")
@@ -178,6 +340,8 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int)
                     total += member.size
                     if total > max_bytes:
                         raise ArchiveError(f"extracts to more than {max_bytes} bytes")
+                    if reservation is not None:
+                        reservation.add(member.size)
                     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
                     # A path component that is a file already (a name repeated as a directory) fails here.
                     source = tar.extractfile(member)

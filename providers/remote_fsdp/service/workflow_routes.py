@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 
 from ...serving.engine import ModelCache
-from ...serving.openai_api import chat_router
+from ...serving.openai_api import ChatLimits, chat_router
 from .jobs import FsdpJobService
 from ...enhance.roles import role_target
 from ...export.hub import hub_target
@@ -72,7 +72,8 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
         done = service.jobs.store.list(statuses=("completed",))
         return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in ("sft", "dpo", "distill"))]
 
-    chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models)
+    chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
+                       ChatLimits(config.chat_workers, config.chat_queue, config.chat_max_tokens))
     app.include_router(chat, prefix="/v1/openai/v1", dependencies=dependencies)
     app.include_router(chat, prefix="/v1", dependencies=dependencies)
 

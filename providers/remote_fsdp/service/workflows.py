@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...enhance import EnhanceConfig, enhance_rows
 from ...export.hub import HubSettings, hub_target
+from ...jobs.child_env import child_env
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
 from ...serving.engine import adapter_base, is_adapter
@@ -157,7 +158,7 @@ class ModelRefs:
 
     def _named(self, kind: str, name: str, ref: str, field: str) -> str:
         first, _, rest = name.partition("/")
-        if not re.match(SAFE_NAME, first) or (rest and not re.match(SAFE_NAME, rest)):
+        if not re.fullmatch(SAFE_NAME, first) or (rest and not re.fullmatch(SAFE_NAME, rest)):
             raise ValueError(f"{field}: {ref!r} is not {kind}:<name>")
         if kind == "job":
             try:
@@ -200,7 +201,7 @@ class WorkflowTasks:
 
     # -- state ---------------------------------------------------------------------------------------
     def task_dir(self, kind: str, task_id: str) -> Path:
-        if kind not in KINDS or not re.match(SAFE_NAME, task_id):
+        if kind not in KINDS or not re.fullmatch(SAFE_NAME, task_id):
             raise UnknownJobError(task_id)
         return self.root / kind / task_id
 
@@ -357,7 +358,9 @@ class WorkflowTasks:
         config_file = out / f"{module.rsplit('.', 1)[-1]}_config.json"
         config_file.write_text(json.dumps(config, indent=2))
         log_file = out / f"{module.rsplit('.', 1)[-1]}.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+        child = module.rsplit(".", 1)[-1]  # validation, export: no service secrets, only what was handed to it
+        env = child_env(keep=[*self.service.config.pass_env.get(child, []), (config.get("hub") or {}).get("token_env")],
+                        extra={"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])})
         with open(log_file, "ab") as log_out:
             proc = subprocess.Popen([sys.executable, "-m", module, str(config_file)], cwd=str(REPO_ROOT), env=env,
                                     stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
