@@ -4,7 +4,9 @@
 Everything is created locally (no model hub access):
 
 * a byte-level BPE tokenizer trained in memory with a chat template,
-* ``student``: a random tiny ``LlamaForCausalLM``,
+* ``student``: a random tiny ``LlamaForCausalLM`` (fast, for tests),
+* ``demo_student``: a random, wider student that learns the toy task in about
+  200 steps of batch 32 (the demo's before/after comparison),
 * ``teacher``: a larger ``LlamaForCausalLM`` briefly pretrained on the toy
   task so that its greedy answers are mostly right,
 * ``other_tokenizer_student``: the student architecture paired with a
@@ -30,6 +32,7 @@ seed, nothing is rebuilt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,9 +42,9 @@ from pathlib import Path
 
 # Bump whenever anything that affects the produced artifacts changes, so that
 # cached builds (e.g. in test fixtures) are invalidated.
-BUILD_VERSION = "tiny-models-v1"
+BUILD_VERSION = "tiny-models-v2"
 MARKER_FILE = ".build_marker.json"
-MODEL_NAMES = ("student", "teacher", "other_tokenizer_student")
+MODEL_NAMES = ("student", "teacher", "other_tokenizer_student", "demo_student")
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -221,6 +224,10 @@ def build_tokenizer(vocab_size: int = 768, seed: int = 0):
 # --------------------------------------------------------------------------- #
 STUDENT_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2)
+# Hidden 64 (head dim 16) stays near 0% held-out exact match after 600 steps of batch 32; hidden 128 reaches
+# 50% after 100 steps and 100% after 200 (AdamW at 3e-3, answer-only loss, fresh rows each step).
+DEMO_STUDENT_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
 TEACHER_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2)
 
@@ -389,6 +396,7 @@ def _build(out_dir: Path, seed: int) -> None:
         "student": (make_model(tokenizer, STUDENT_ARCH, seed), tokenizer),
         "teacher": (teacher, tokenizer),
         "other_tokenizer_student": (make_model(other_tokenizer, STUDENT_ARCH, seed), other_tokenizer),
+        "demo_student": (make_model(tokenizer, DEMO_STUDENT_ARCH, seed), tokenizer),
     }
     for name, (model, tok) in models.items():
         model.save_pretrained(out_dir / name)
@@ -411,10 +419,25 @@ def verify_tiny_models(paths: dict[str, str], heldout: list[dict], n_eval: int =
     return accuracy
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Without transformers' per-file bars ("Writing model shards", "Loading weights"): this build prints
+    one line per model instead. Restores the caller's setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """Build (or reuse) the tiny models under ``out_dir``.
 
-    Returns ``{"student": path, "teacher": path, "other_tokenizer_student": path}``.
+    Returns ``{"student": path, "teacher": path, "other_tokenizer_student": path, "demo_student": path}``.
     Reuses an existing build when its marker matches :data:`BUILD_VERSION` and
     ``seed``; otherwise builds (~15-20 s on 2 CPU cores), verifies the saved
     models by reloading them, and writes the marker last so an interrupted
@@ -429,8 +452,9 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
         if _is_built(out_dir, seed):  # another process finished while we waited
             return paths
         (out_dir / MARKER_FILE).unlink(missing_ok=True)
-        _build(out_dir, seed)
-        verify_tiny_models(paths, make_toy_datasets(seed)["heldout_prompts"])
+        with _no_progress_bars():
+            _build(out_dir, seed)
+            verify_tiny_models(paths, make_toy_datasets(seed)["heldout_prompts"])
         (out_dir / MARKER_FILE).write_text(json.dumps({"version": BUILD_VERSION, "seed": seed}))
     return paths
 
@@ -452,8 +476,9 @@ def build_sized_model(out_dir: str | Path, size: str, seed: int = 0, dtype: str 
     tokenizer = build_tokenizer(vocab_size=768, seed=seed)
     tokenizer.model_max_length = max_positions
     model = make_model(tokenizer, SIZED_ARCH[size], seed, max_positions=max_positions).to(getattr(torch, dtype))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with _no_progress_bars():
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
     marker.write_text(json.dumps(want))
     print(f"{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {path}")
     return str(path)
