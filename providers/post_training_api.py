@@ -341,11 +341,6 @@ class ProviderDefaults(BaseModel):
     def _dtype(cls, v: str) -> str:
         return normalize_dtype(v, "dtype (the provider config's default precision)")
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return normalize_dtype(v, "dtype (the provider config's default precision)")
-
     @property
     def checkpoints_dir(self) -> Path:
         """Where relative checkpoint_dir values land (the Llama Stack examples send ./checkpoints)."""
