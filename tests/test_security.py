@@ -162,23 +162,24 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
     return info
 
 
+MANIFEST = {"teacher_task.json": b'{"rows": 1}'}  # a valid teacher-outputs manifest: the extractor itself decides
+
+
 def crafted_archives(outside: Path) -> dict[str, bytes]:
-    planted = {"teacher_task.json": b'{"rows": 1}'}
+    """Archives that would write outside their directory; each carries a valid manifest, so only the
+    extractor's own checks can refuse it."""
+    planted = dict(MANIFEST)
+    manifest = member("teacher_task.json")
     return {
-        "symlink_out": tar_bytes([member("link", tarfile.SYMTYPE, str(outside)), member("link/pwned")],
+        "symlink_out": tar_bytes([manifest, member("link", tarfile.SYMTYPE, str(outside)), member("link/pwned")],
                                  {**planted, "link/pwned": b"x"}),
-        "hardlink_out": tar_bytes([member("teacher_task.json"), member("hl", tarfile.LNKTYPE, str(outside / "f"))],
-                                  planted),
-        "absolute": tar_bytes([member("teacher_task.json"), member(str(outside / "abs"))],
-                              {**planted, str(outside / "abs"): b"x"}),
-        "dotdot": tar_bytes([member("teacher_task.json"), member("../../../escape")],
-                            {**planted, "../../../escape": b"x"}),
-        "device": tar_bytes([member("teacher_task.json"), member("dev", tarfile.CHRTYPE)], planted),
+        "hardlink_out": tar_bytes([manifest, member("hl", tarfile.LNKTYPE, str(outside / "f"))], planted),
+        "absolute": tar_bytes([manifest, member(str(outside / "abs"))], {**planted, str(outside / "abs"): b"x"}),
+        "dotdot": tar_bytes([manifest, member("../../../escape")], {**planted, "../../../escape": b"x"}),
+        "device": tar_bytes([manifest, member("dev", tarfile.CHRTYPE)], planted),
         # The CVE-2025-4517 family: a chain of links that resolves outside only after extraction.
-        "link_chain": tar_bytes([member("a", tarfile.SYMTYPE, "."), member("a/b", tarfile.SYMTYPE, "../.."),
-                                 member("a/b/escaped")], {"a/b/escaped": b"x"}),
-        # The planted module: runs/<job>/torch/__init__.py would have run when a job of that name started.
-        "planted_module": tar_bytes([member("torch/__init__.py")], {"torch/__init__.py": b"open('/tmp/pwned','w')"}),
+        "link_chain": tar_bytes([manifest, member("a", tarfile.SYMTYPE, "."), member("a/b", tarfile.SYMTYPE, "../.."),
+                                 member("a/b/escaped")], {**planted, "a/b/escaped": b"x"}),
     }
 
 
@@ -190,18 +191,36 @@ def test_crafted_archives_are_refused_and_write_nothing(svc, tmp_path):
     for name, archive in crafted_archives(outside).items():
         outputs_id = f"evil-{name.replace('_', '-')}"
         r = svc.put(f"/v1/teacher-outputs/{outputs_id}", data=archive, headers=node)
-        assert r.status_code == 400, (name, r.text)
+        assert r.status_code == 400 and "teacher_task.json" not in r.text, (name, r.text)  # the extractor refused
         assert not (svc.data_dir / "uploaded_teacher_outputs" / outputs_id).exists(), name
         assert not (svc.data_dir / "runs" / outputs_id).exists(), name
     assert list(outside.iterdir()) == []
     # Where the crafted names point: the directory above the data dir (../../..), this test's directory.
     written = files_outside(svc.data_dir, started, [tmp_path, svc.data_dir.parent])
     assert [p for p in written if p != svc.log] == []
-    assert not Path("/tmp/pwned").exists()
     leftovers = [p.name for p in (svc.data_dir / "uploaded_teacher_outputs").iterdir()]
     assert leftovers == [], leftovers  # no temp or half-extracted directories
     # Without the node token, nobody gets as far as an archive.
     assert svc.put("/v1/teacher-outputs/x", data=b"").status_code == 403
+
+
+def test_a_planted_module_stays_data_in_its_own_directory(svc, tiny_models, tmp_path):
+    """Plain files are accepted, but only ever land in the upload's own new directory: a `torch/__init__.py`
+    named like a job never reaches that job's run directory or anything a job imports."""
+    marker = tmp_path / "pwned"
+    module = f"open({str(marker)!r}, 'w')".encode()
+    archive = tar_bytes([member("teacher_task.json"), member("torch/__init__.py"), member("providers/__init__.py")],
+                        {**MANIFEST, "torch/__init__.py": module, "providers/__init__.py": module})
+    r = svc.put("/v1/teacher-outputs/planted-module", data=archive, headers={"x-node-token": NODE_TOKEN})
+    assert r.status_code == 200, r.text
+    landed = svc.data_dir / "uploaded_teacher_outputs" / "planted-module"
+    assert (landed / "torch" / "__init__.py").read_bytes() == module
+    # A job of the same name starts in its own run dir, with the working directory never on sys.path.
+    r = svc.post("/v1/post-training/supervised-fine-tune", json=sft("planted-module", tiny_models["student"], steps=1))
+    assert r.status_code == 200, r.text
+    assert svc.wait("planted-module")["status"] == "completed"
+    assert not (svc.data_dir / "runs" / "planted-module" / "torch").exists()
+    assert not marker.exists()
 
 
 def test_a_size_bomb_is_refused_while_the_service_stays_responsive(svc):
@@ -228,7 +247,7 @@ def test_a_size_bomb_is_refused_while_the_service_stays_responsive(svc):
         t.join()
     assert results == [400] * 4
     print(f"\n/health during 4 concurrent archive bombs: max {max(latencies or [0]) * 1000:.0f} ms")
-    assert not any((svc.data_dir / "uploaded_teacher_outputs").iterdir())
+    assert not [p for p in (svc.data_dir / "uploaded_teacher_outputs").iterdir() if "bomb" in p.name]
     # A JSON body over the body limit (1 MB here) is refused before it is read.
     r = svc.post("/v1/post-training/supervised-fine-tune", data=b"{" + b" " * (2 << 20) + b"}",
                  headers={"content-type": "application/json"})
@@ -412,3 +431,117 @@ def test_corrupt_state_files_are_set_aside_and_the_service_starts(tmp_path, tiny
         assert API_TOKEN not in log and NODE_TOKEN not in log
     finally:
         svc.stop()
+
+
+# -- 9. every route family needs its credential ------------------------------------------------------------------
+PUBLIC = {"/health", "/docs", "/openapi.json", "/dashboard/api/info"}  # hold no data
+NODE_ROUTES = ("/v1/post-training/parts/", "/v1/nodes/register", "/v1/teacher-outputs/")
+NOT_IN_SCHEMA = [("get", "/metrics"), ("get", "/dashboard/api/jobs"), ("post", "/v1/openai/v1/chat/completions")]
+
+
+def test_every_route_needs_its_credential(svc):
+    """Every route of the OpenAPI (post-training, datasets, nodes, pipelines, chat, enhancement, validation,
+    export, workflows, dashboard API) and the routes outside it (/metrics) answers 401/403 without the
+    right credential, before it looks at the request."""
+    spec = svc.get("/openapi.json").json()
+    calls = [(m, p) for p, ops in spec["paths"].items() for m in ops if p not in PUBLIC] + NOT_IN_SCHEMA
+    families = {p.split("/")[2] if p.startswith("/v1") else p.split("/")[1] for _, p in calls}
+    assert {"post-training", "datasets", "nodes", "pipelines", "openai", "chat", "data-enhancement", "validations",
+            "exports", "workflows", "dashboard", "metrics"} <= families, families
+    wrong = []
+    for method, path in calls:
+        url = svc.url + path.replace("{", "").replace("}", "")  # {job_uuid} -> job_uuid: any name will do
+        node_route = path.startswith(NODE_ROUTES) or path.endswith("/heartbeat")
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Bearer {NODE_TOKEN}"}):
+            code = requests.request(method, url, headers=headers, json={}, timeout=30).status_code
+            if code not in ((403,) if node_route else (401,)):
+                wrong.append((method, path, headers.get("authorization", "-")[:12], code))
+        if node_route:  # the clients' token never makes a node
+            code = svc.http.request(method, url, json={}, timeout=30).status_code
+            if code != 403:
+                wrong.append((method, path, "api token", code))
+    assert not wrong, wrong
+    assert requests.get(svc.url + "/health", timeout=10).status_code == 200
+
+
+# -- 10. model paths in every route that loads a model ---------------------------------------------------------------
+def outputs_with_adapter(base: str) -> bytes:
+    """Teacher outputs (a compromised node may push any) holding an adapter whose base lies outside."""
+    config = json.dumps({"peft_type": "LORA", "base_model_name_or_path": base, "r": 2,
+                         "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}).encode()
+    return tar_bytes([member("teacher_task.json"), member("adapter/adapter_config.json"),
+                      member("adapter/adapter_model.safetensors")],
+                     {**MANIFEST, "adapter/adapter_config.json": config, "adapter/adapter_model.safetensors": b"x"})
+
+
+def test_every_route_that_loads_a_model_confines_its_path(svc, tmp_path):
+    secret = tmp_path / "private-model"  # a real model directory outside the allowed roots
+    secret.mkdir()
+    (secret / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    prompts = [{"input_query": "reverse: a b", "expected_answer": "b a"}]
+    attempts = {
+        "chat": lambda m: svc.post("/v1/openai/v1/chat/completions",
+                                   json={"model": m, "messages": [{"role": "user", "content": "hi"}]}),
+        "validation model": lambda m: svc.post("/v1/validations",
+                                               json={"validation_id": "conf-v", "model": m, "prompts": prompts}),
+        "validation base": lambda m: svc.post("/v1/validations", json={
+            "validation_id": "conf-vb", "model": "job:none", "base_model": m, "prompts": prompts}),
+        "export": lambda m: svc.post("/v1/exports", json={"export_id": "conf-e", "model": m, "formats": ["merged"]}),
+        "merge": lambda m: svc.post("/v1/adapters/merge", json={"adapter": m, "output_name": "conf-m"}),
+    }
+    for what, attempt in attempts.items():
+        answers = set()
+        for path in (str(secret), "/no/such/model", "/etc"):
+            r = attempt(path)
+            assert r.status_code in (400, 404), (what, path, r.status_code, r.text)
+            answers.add(r.text.replace(json.dumps(path)[1:-1], "PATH").replace(repr(path), "PATH"))
+        assert len(answers) == 1, (what, answers)  # the same answer whether the path exists or not
+    # An adapter inside the data dir whose base lies outside: refused for its base, by every route.
+    r = svc.put("/v1/teacher-outputs/adapter-outside", data=outputs_with_adapter(str(secret)),
+                headers={"x-node-token": NODE_TOKEN})
+    assert r.status_code == 200, r.text
+    adapter = str(svc.data_dir / "uploaded_teacher_outputs" / "adapter-outside" / "adapter")
+    for what in ("chat", "validation model", "export"):
+        r = attempts[what](adapter)
+        assert r.status_code == 400 and "base_model_name_or_path" in r.text, (what, r.text)
+    for kind, task in (("validations", "conf-v"), ("exports", "conf-e")):
+        assert svc.get(f"/v1/{kind}/{task}").status_code == 404
+
+
+# -- 11. bind addresses and bodies ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "0", "", "10.1.2.3", "::ffff:127.0.0.1", "127.1", "[::1]",
+                                  socket.gethostname(), "example.invalid"])
+def test_every_non_loopback_bind_form_needs_a_token(host):
+    from providers.remote_fsdp.service.app import check_exposure
+    from providers.remote_fsdp.service.config import ServiceConfig
+
+    with pytest.raises(SystemExit, match="without an API token"):
+        check_exposure(ServiceConfig(host=host))
+    check_exposure(ServiceConfig(host=host, api_token="t" * 32))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_binds_need_no_token(host):
+    from providers.remote_fsdp.service.app import check_exposure
+    from providers.remote_fsdp.service.config import ServiceConfig
+
+    check_exposure(ServiceConfig(host=host))
+
+
+def test_a_chunked_body_over_the_cap_is_refused(svc):
+    """No Content-Length to refuse up front: the body is counted as it streams in (1 MB cap here)."""
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=60)
+    conn.putrequest("POST", "/v1/post-training/supervised-fine-tune")
+    conn.putheader("Authorization", f"Bearer {API_TOKEN}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b"{" + b" " * (64 << 10)
+    try:
+        for _ in range(48):  # 3 MB
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may stop reading once it has answered
+    assert conn.getresponse().status == 413
+    assert svc.get("/v1/post-training/jobs").status_code == 200

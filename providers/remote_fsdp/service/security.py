@@ -138,22 +138,34 @@ class LimitsAndAudit:
             status["code"] = 413
         else:
             seen = 0
+            over = False
 
             async def limited_receive():
-                nonlocal seen
+                nonlocal seen, over
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > limit:
+                        over = True
                         raise BodyTooLarge(limit)
                 return message
 
             async def tracking_send(message):
+                # A body cut short at the limit: whatever the app answers (FastAPI turns any error while it
+                # reads a JSON body into a 400) is replaced by the 413 below.
+                if over:
+                    return
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
                 await send(message)
 
-            await self.app(scope, limited_receive, tracking_send)
+            try:
+                await self.app(scope, limited_receive, tracking_send)
+            except BodyTooLarge:
+                pass
+            if over and status["code"] == 0:
+                await _send_json(send, 413, f"body: over this route's limit of {limit} bytes")
+                status["code"] = 413
         if path not in ("/health", "/metrics"):
             query = scope.get("query_string", b"").decode("latin-1")[:300]
             audit.info("%s %s %s%s -> %s in %.0f ms", printable(client[0]), printable(scope.get("method")),
