@@ -19,4 +19,4 @@ fi
 # dependencies and re-running the tests, regenerate it with scripts/freeze-constraints.sh (never a raw
 # `pip freeze`: it writes `name @ file:///...` for local wheels); scripts/check-install.sh checks it.
 quiet_pip install -q -c constraints.txt -e ".[test,ray]"  # ray: the Ray launcher's end-to-end test (tests/test_ray_e2e.py)
-python -c "import torch, trl, transformers, peft, llama_stack; print(f'env ready: torch {torch.__version__}, trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
+python -c "import providers, torch, trl, transformers, peft, llama_stack; print(f'env ready: torch {torch.__version__}, trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
