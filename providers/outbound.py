@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENDPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -122,16 +121,9 @@ def read_outbound_config(path: str) -> OutboundConfig:
     """The outbound settings from a YAML (or JSON) file; a bad file stops start-up naming the key."""
     import logging
 
-    import yaml
+    from .config_file import read_section
 
-    try:
-        data = yaml.safe_load(Path(path).expanduser().read_text()) or {}
-        config = OutboundConfig.model_validate(data.get("outbound", data))
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        raise SystemExit(f"--outbound-config: cannot read {path}: {e}") from None
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise SystemExit(f"--outbound-config {path}: outbound.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    config = read_section(path, "--outbound-config", "outbound", OutboundConfig)
     log = logging.getLogger("providers.remote_fsdp")
     for name, endpoint in config.endpoints.items():
         if endpoint.api_key_env and not endpoint.api_key():

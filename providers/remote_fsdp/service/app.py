@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -235,17 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def read_launchers_config(path: str) -> LaunchersConfig:
     """The launchers' settings from a YAML (or JSON) file; a bad file stops start-up naming the key."""
-    import yaml
-    from pydantic import ValidationError
+    from ...config_file import read_section
 
-    try:
-        data = yaml.safe_load(Path(path).expanduser().read_text()) or {}
-        return LaunchersConfig.model_validate(data.get("launchers", data))
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"--launchers-config: cannot read {path}: {e}") from None
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise SystemExit(f"--launchers-config {path}: launchers.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return read_section(path, "--launchers-config", "launchers", LaunchersConfig)
 
 
 def check_exposure(config: ServiceConfig) -> None:
