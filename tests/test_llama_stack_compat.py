@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import hf_cache_with, processes_mentioning, wait_for_job
+from helpers import hf_cache_with, wait_for_job
+from conftest import kill_leftover_processes
 from llama_stack.apis.post_training import LoraFinetuningConfig
 
 from providers.post_training_api import (
@@ -241,8 +241,7 @@ def remote(tmp_path_factory, llama_stack_factory, toy_data, tiny_models):
                              dataset_id="toy")
     yield client, service
     service.stop()
-    for pid, _ in processes_mentioning(str(service.data_dir)):
-        os.kill(pid, signal.SIGKILL)
+    kill_leftover_processes(service.data_dir)
 
 
 @pytest.mark.slow

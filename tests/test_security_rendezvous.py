@@ -10,15 +10,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import processes_mentioning, stop_process_group, wait_until
+from helpers import stop_process_group, wait_until
 from test_fsdp_service import Service, sft_body
+from conftest import kill_leftover_processes
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,7 @@ def service(tmp_path_factory, toy_data):
     assert svc.post("/v1/datasets/toy/rows", data=rows).status_code == 200
     yield svc
     svc.stop()
-    for pid, _ in processes_mentioning(str(svc.data_dir)):
-        os.kill(pid, signal.SIGKILL)
+    kill_leftover_processes(svc.data_dir)
 
 
 # -- what listens where ------------------------------------------------------------------------------------
@@ -229,8 +228,7 @@ def two_nodes(tmp_path_factory, toy_data):
             if proc.poll() is None:
                 stop_process_group(proc)
         for d in dirs.values():
-            for pid, _ in processes_mentioning(str(d)):
-                os.kill(pid, signal.SIGKILL)
+            kill_leftover_processes(d)
         net.destroy()
 
 

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import tarfile
@@ -32,6 +31,7 @@ import openai
 import pytest
 from helpers import processes_mentioning, wait_until
 from test_fsdp_service import Service
+from conftest import kill_leftover_processes
 
 API_TOKEN = "api-" + uuid.uuid4().hex
 NODE_TOKEN = "node-" + uuid.uuid4().hex
@@ -148,8 +148,7 @@ def svc(tmp_path_factory, tiny_models, toy_data):
     assert service.http.post("/v1/datasets/toy/rows", content=rows).status_code == 200
     yield service
     service.stop()
-    for pid, _ in processes_mentioning(str(service.data_dir)):
-        os.kill(pid, signal.SIGKILL)
+    kill_leftover_processes(service.data_dir)
 
 
 def sft(job_uuid: str, model: str, steps: int = 2) -> dict:
