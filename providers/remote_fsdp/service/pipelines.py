@@ -51,7 +51,7 @@ from ...training.spec import CheckpointSpec, DataSpec, JobSpec, ResourceRequest,
 from .jobs import FsdpJobService
 from .nodes import Node, NodeRegistry, describe, misfit
 from .security import extract_archive, write_archive
-from .state_files import load_state, save_state
+from ...state_files import load_state, save_state
 
 log = logging.getLogger("providers.remote_fsdp")
 

@@ -32,6 +32,7 @@ from ...jobs.child_env import child_env
 from ...jobs.store import ACTIVE, UnknownJobError
 from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
 from ...serving.engine import adapter_base, is_adapter
+from ...state_files import load_state, save_state
 from ...training.run_files import utc_now
 from .jobs import FsdpJobService
 
@@ -195,8 +196,12 @@ class WorkflowTasks:
         self._procs: dict[tuple[str, str], subprocess.Popen] = {}
         self._threads: dict[tuple[str, str], threading.Thread] = {}
         for kind in KINDS:
-            for state_file in sorted((self.root / kind).glob("*/task.json")):
-                if json.loads(state_file.read_text())["state"] in ACTIVE:
+            for state_file in sorted((self.root / kind).glob("*/task.json")):  # tasks a restart interrupted go on
+                state = load_state(state_file, default=None)
+                if not isinstance(state, dict) or "state" not in state:
+                    log.error("%s %s: its state file is unreadable; it is not resumed", kind, state_file.parent.name)
+                    continue
+                if state["state"] in ACTIVE:
                     self._start(kind, state_file.parent.name)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -222,7 +227,9 @@ class WorkflowTasks:
     def list(self, kind: str) -> list[dict[str, Any]]:
         out = []
         for p in sorted((self.root / kind).glob("*/task.json")):
-            s = json.loads(p.read_text())
+            s = load_state(p, default=None)
+            if not isinstance(s, dict):
+                continue
             out.append({"id": s["id"], "state": s["state"], "created_at": s["created_at"]})
         return out
 
@@ -231,9 +238,7 @@ class WorkflowTasks:
             path = self.task_dir(kind, task_id) / "task.json"
             state = json.loads(path.read_text())
             state.update(fields)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2, default=str))
-            os.replace(tmp, path)
+            save_state(path, state)
             return state
 
     def artifacts(self, kind: str, task_id: str) -> dict[str, Any]:
@@ -264,7 +269,7 @@ class WorkflowTasks:
         body = request.model_dump(mode="json", by_alias=True, exclude={"rows"})
         state = {"id": task_id, "kind": kind, "state": "scheduled", "created_at": utc_now(), "started_at": None,
                  "finished_at": None, "error": None, "progress": {}, "outputs": {}, "request": body}
-        (d / "task.json").write_text(json.dumps(state, indent=2))
+        save_state(d / "task.json", state)
         self._start(kind, task_id)
         return self.get(kind, task_id)
 
