@@ -26,15 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...enhance import EnhanceConfig, enhance_rows
-from ...export.hub import HubSettings, hub_target
-from ...jobs.child_env import child_env
-from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
-from ...serving.engine import adapter_base, is_adapter
-from ...state_files import load_state, save_state
-from ...training.run_files import utc_now
-from .jobs import FsdpJobService
+from ..enhance import EnhanceConfig, enhance_rows
+from ..export.hub import HubSettings, hub_target
+from ..jobs.child_env import child_env
+from ..jobs.store import ACTIVE, UnknownJobError
+from ..post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..serving.engine import adapter_base, is_adapter
+from ..state_files import load_state, save_state
+from ..training.run_files import utc_now
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -122,6 +122,16 @@ class WorkflowRequest(_Strict):
 
 KINDS = {"enhancements": EnhanceRequest, "validations": ValidationRequest, "exports": ExportRequest,
          "workflows": WorkflowRequest}
+
+
+def train_model(req: WorkflowRequest) -> str:
+    """What the workflow trains: train.model, else the student when this service serves it."""
+    if req.train.model:
+        return req.train.model
+    if req.enhance.student.endpoint:
+        raise ValueError("train.model: required when the student is an external endpoint "
+                         f"({req.enhance.student.endpoint!r}): name the local model directory to train")
+    return req.enhance.student.model
 
 
 class Cancelled(Exception):
@@ -484,8 +494,6 @@ class WorkflowTasks:
         if not rows:
             raise ValueError(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
                              f"to train on (report: {report['rows_dropped']})")
-        from .workflow_routes import train_model
-
         model = self.refs.resolve(train_model(req), "train.model")
         training_config = {
             "n_epochs": t.n_epochs, "max_steps_per_epoch": t.max_steps_per_epoch, "dtype": "fp32", "seed": t.seed,
