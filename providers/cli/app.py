@@ -28,7 +28,7 @@ from rich.table import Table
 from .backends import CliError, connect
 from .jobfile import JobFileError, job_request, pipeline_request
 from .watch import watch_job, watch_pipeline
-from ..workflow_cli import register_workflow_commands
+from .workflow import register_workflow_commands
 
 DEFAULT_URL = "http://127.0.0.1:8322"
 
@@ -282,7 +282,7 @@ def dashboard(ctx: typer.Context,
     _run(lambda: serve_data_dir(data_dir, host, port, token, c.url if token else None, c.token))
 
 
-register_workflow_commands(app)  # chat, enhance, validate, export, workflow (providers/workflow_cli.py)
+register_workflow_commands(app)  # chat, enhance, validate, export, workflow (providers/cli/workflow.py)
 
 
 def run() -> None:

@@ -68,7 +68,7 @@ def rank_environment(args: argparse.Namespace, local_rank: int) -> dict[str, str
 
 def run_rank(args: argparse.Namespace, local_rank: int, store_socket: socket.socket) -> None:
     """In the forked child: become rank `local_rank` and run the training entry point. Never returns."""
-    from ..jobs.zygote import run_as_main, set_threads_from_env
+    from .preload import run_as_main, set_threads_from_env
 
     try:
         store_socket.close()  # the agent's
@@ -144,7 +144,7 @@ def supervise(ranks: dict[int, int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from ..jobs.zygote import preload
+    from .preload import preload
 
     try:
         import setproctitle  # noqa: F401 - lets each rank name itself in /proc

@@ -1,2 +1,4 @@
-"""The FSDP training service: FastAPI routes (routes.py), torchrun launcher (launcher.py), configuration
-(config.py), app and CLI (app.py). Job records live in the shared `providers.jobs.store.JobStore`."""
+"""The FSDP training service's core: the app and its CLI (app.py), the post-training, dataset and node
+routes (routes.py), jobs, nodes, distributed jobs, launchers, security, configuration. Add-ons
+(providers/pipelines, providers/workflows, providers/operator_tools) mount themselves on it through
+`core.ServiceCore`. Job records live in the shared `providers.jobs.store.JobStore`."""

@@ -1,4 +1,7 @@
-"""The FSDP training service app and its command line (`trl-fsdp-service`, port 8322 by default)."""
+"""The FSDP training service app and its command line (`trl-fsdp-service`, port 8322 by default).
+
+`create_app` builds the core (post-training, dataset and node routes, jobs, nodes, distributed jobs,
+launchers, security) and then mounts the add-ons listed in ADDONS, each with one call."""
 
 from __future__ import annotations
 
@@ -11,27 +14,25 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ... import operator_tools, pipelines, workflows
 from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
 from .config import LaunchersConfig, ServiceConfig, read_secret
+from .core import ServiceCore
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .launchers import LauncherUnavailable
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
-from .operator_tools import install_operator_tools
-from .pipelines import Pipelines
 from .docs import install_offline_docs
 from .routes import (
     datasets_router,
     job_parts_router,
     node_membership_router,
     nodes_router,
-    pipelines_router,
     post_training_router,
-    teacher_outputs_router,
 )
 from .security import (
     BodyTooLarge,
@@ -42,9 +43,15 @@ from .security import (
     node_auth,
     node_headers,
 )
-from .workflow_routes import include_workflow_routes
 
 log = logging.getLogger("providers.remote_fsdp")
+
+# The add-ons, in the order their routes are mounted: each is a package whose `install(app, core)` mounts it.
+ADDONS = (
+    pipelines,  # teacher-student pipelines, teacher and student tasks, adapter merges
+    workflows,  # OpenAI chat, data enhancement, validation, export, enhance -> train -> validate -> export
+    operator_tools,  # /dashboard, /metrics
+)
 
 
 def _error(status: int, detail) -> JSONResponse:
@@ -60,7 +67,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
     registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
     peer_headers = node_headers(config.api_token, config.node_token)
     distributed = DistributedJobs(service, registry, peer_headers)
-    pipelines = Pipelines(service, registry, peer_headers, max_running=config.max_pipelines)
     heartbeat = None
     if config.coordinator:
         heartbeat = HeartbeatSender(
@@ -76,7 +82,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         yield
         if heartbeat:
             heartbeat.stop.set()
-        pipelines.stop.set()
+        for stop in core.on_shutdown:
+            stop()
         distributed.stop.set()
         service.jobs.shutdown()
 
@@ -93,13 +100,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
     app.include_router(node_membership_router(registry), prefix="/v1", dependencies=node_only)
-    app.include_router(pipelines_router(service, pipelines), prefix="/v1", dependencies=auth)
-    app.include_router(teacher_outputs_router(service), prefix="/v1", dependencies=node_only)
-    include_workflow_routes(app, service, auth)  # OpenAI chat, data enhancement, validation, export, workflows
-    install_operator_tools(app, service, registry, distributed, config.api_token, auth)  # /dashboard, /metrics
+    core = ServiceCore(config, service, registry, distributed, peer_headers, auth, node_only,
+                       upload_prefixes=["/v1/datasets/"])
+    for addon in ADDONS:
+        addon.install(app, core)
     install_offline_docs(app)
     app.add_middleware(LimitsAndAudit, body_limit=config.max_body_mb << 20, upload_limit=config.max_upload_mb << 20,
-                       upload_prefixes=("/v1/datasets/", "/v1/teacher-outputs/"))
+                       upload_prefixes=tuple(core.upload_prefixes))
 
     @app.get("/health")
     async def health() -> dict:

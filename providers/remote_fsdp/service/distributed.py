@@ -33,7 +33,7 @@ from .jobs import FsdpJobService
 from .launcher import TorchRunOptions, free_port
 from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Node, NodeRegistry, describe, misfit, requested
-from .state_files import load_state, save_state
+from ...state_files import load_state, save_state
 
 log = logging.getLogger("providers.remote_fsdp")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ...post_training_api import FINITE, SAFE_NAME
 from ...training.spec import ResourceRequest
-from .state_files import load_state, save_state
+from ...state_files import load_state, save_state
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 

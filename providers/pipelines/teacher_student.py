@@ -35,23 +35,23 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
-from ...jobs.manager import QueueFullError
-from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import (
+from ..jobs.manager import QueueFullError
+from ..jobs.store import ACTIVE, UnknownJobError
+from ..post_training_api import (
     SAFE_NAME,
     DistillationConfig,
     PeftFinetuningConfig,
     TrainingConfig,
     peft_spec,
 )
-from ...training.merge import merge_adapters
-from ...training.recipes.teacher import read_shards
-from ...training.run_files import utc_now
-from ...training.spec import CheckpointSpec, DataSpec, JobSpec, ResourceRequest, SchedulingSpec, TeacherSpec
-from .jobs import FsdpJobService
-from .nodes import Node, NodeRegistry, describe, misfit
-from .security import extract_archive, write_archive
-from .state_files import load_state, save_state
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
+from ..remote_fsdp.service.security import extract_archive, write_archive
+from ..state_files import load_state, save_state
+from ..training.merge import merge_adapters
+from ..training.recipes.teacher import read_shards
+from ..training.run_files import utc_now
+from ..training.spec import CheckpointSpec, DataSpec, JobSpec, ResourceRequest, SchedulingSpec, TeacherSpec
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -245,7 +245,7 @@ class Pipelines:
     # -- tasks ---------------------------------------------------------------------------------------
     def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
         """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
-        from ...post_training_api import write_rows
+        from ..post_training_api import write_rows
 
         model = self.service.resolve_model(teacher.model, "teacher.model")
         with self.service.jobs.reserve(job_uuid) as run_dir:

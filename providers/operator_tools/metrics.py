@@ -32,9 +32,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from ...dashboard.sources import last_metrics, rates
-from ...jobs.store import FINISHED, JobStore
-from .nodes import NodeRegistry
+from ..dashboard.sources import last_metrics, rates
+from ..jobs.store import FINISHED, JobStore
+from ..remote_fsdp.service.nodes import NodeRegistry
 
 STATES = ("scheduled", "in_progress", *FINISHED)
 
@@ -95,7 +95,7 @@ class ServiceCollector:
 
 
 def _total_steps(run_dir: str) -> int | None:
-    from ...training.run_files import RunFiles
+    from ..training.run_files import RunFiles
 
     return RunFiles(run_dir).read_status().get("total_steps")
 

@@ -1,6 +1,8 @@
 """The service's tools for the people who run it: the dashboard at /dashboard and Prometheus /metrics.
+An add-on of the FSDP service: the dashboard's page and API live in providers/dashboard/ (the CLI serves
+them for a data dir too); this package binds them, and the metrics, to the service's core.
 
-`install_operator_tools` is the one call `create_app` makes. Environment switches (both default on):
+`install` is the one call `create_app` makes. Environment switches (both default on):
 TRL_FSDP_DASHBOARD=0 and TRL_FSDP_METRICS=0 leave them out (benchmarks/bench_operator_tools.py uses
 them to measure what they cost).
 """
@@ -12,13 +14,14 @@ from typing import Any
 
 import httpx
 
-from ...dashboard import JobsSource, dashboard_router
-from ...dashboard.sources import read_pipeline
-from ...jobs.store import UnknownJobError
-from .distributed import DistributedJobs
-from .jobs import FsdpJobService
+from ..dashboard import JobsSource, dashboard_router
+from ..dashboard.sources import read_pipeline
+from ..jobs.store import UnknownJobError
+from ..remote_fsdp.service.core import ServiceCore
+from ..remote_fsdp.service.distributed import DistributedJobs
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..remote_fsdp.service.nodes import NodeRegistry
 from .metrics import install_metrics
-from .nodes import NodeRegistry
 
 
 def _enabled(name: str) -> bool:
@@ -66,13 +69,13 @@ def service_source(service: FsdpJobService, registry: NodeRegistry, distributed:
     return source
 
 
-def install_operator_tools(app, service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
-                           token: str | None, auth: list) -> None:
-    """Add /dashboard (page public; data behind `auth`; cancel/resume only when a token is set) and
-    /metrics (behind `auth`) to the service's app."""
+def install(app, core: ServiceCore) -> None:
+    """Add /dashboard (page public; data behind the client token; cancel/resume only when a token is set)
+    and /metrics (behind the client token) to the service's app."""
+    service, registry, token, auth = core.service, core.registry, core.config.api_token, core.auth
     if _enabled("TRL_FSDP_METRICS"):
         install_metrics(app, service.jobs.store, registry, auth)
     if _enabled("TRL_FSDP_DASHBOARD"):
-        source = service_source(service, registry, distributed, token)
+        source = service_source(service, registry, core.distributed, token)
         app.include_router(dashboard_router(source, auth=auth, actions=token is not None,
                                             token_required=token is not None), prefix="/dashboard")

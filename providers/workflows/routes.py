@@ -16,22 +16,20 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 
-from ...serving.engine import ModelCache
-from ...serving.openai_api import ChatLimits, chat_router
-from .jobs import FsdpJobService
-from ...enhance.roles import role_target
-from ...export.hub import hub_target
-from .workflows import EnhanceRequest, ExportRequest, ModelRefs, ValidationRequest, WorkflowRequest, WorkflowTasks
-
-
-def train_model(req: WorkflowRequest) -> str:
-    """What the workflow trains: train.model, else the student when this service serves it."""
-    if req.train.model:
-        return req.train.model
-    if req.enhance.student.endpoint:
-        raise ValueError("train.model: required when the student is an external endpoint "
-                         f"({req.enhance.student.endpoint!r}): name the local model directory to train")
-    return req.enhance.student.model
+from ..enhance.roles import role_target
+from ..export.hub import hub_target
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..serving.engine import ModelCache
+from ..serving.openai_api import ChatLimits, chat_router
+from .tasks import (
+    EnhanceRequest,
+    ExportRequest,
+    ModelRefs,
+    ValidationRequest,
+    WorkflowRequest,
+    WorkflowTasks,
+    train_model,
+)
 
 
 def _task_routes(r: APIRouter, path: str, kind: str, tasks: WorkflowTasks) -> None:

@@ -1,5 +1,5 @@
 """Commands of the adapter workflow for the `trl-post-training` CLI (registered by providers/cli/app.py
-with `register_workflow_commands(app)`), also runnable alone: `python -m providers.workflow_cli --help`.
+with `register_workflow_commands(app)`), also runnable alone: `python -m providers.cli.workflow --help`.
 
     trl-post-training chat job:sft-1 "reverse: a b c"
     trl-post-training enhance enhance.yaml --rows qa.jsonl --id e1          # on the service
@@ -49,13 +49,13 @@ def _rows(path: Optional[Path]) -> Optional[list[dict]]:
 
 def _outbound(path: Optional[Path]):
     """--outbound-config for --local runs (the service's file format); none: no endpoints, no Hub token."""
-    from .outbound import OutboundConfig, read_outbound_config
+    from ..outbound import OutboundConfig, read_outbound_config
 
     return read_outbound_config(str(path)) if path else OutboundConfig()
 
 
 def _client(ctx: typer.Context):
-    from .remote_fsdp.client import TrainingServiceClient
+    from ..remote_fsdp.client import TrainingServiceClient
 
     obj = ctx.obj
     url = getattr(obj, "url", None) or os.environ.get("TRL_POST_TRAINING_URL", DEFAULT_URL)
@@ -96,7 +96,7 @@ def enhance(ctx: typer.Context, config: Path = typer.Argument(..., help="Enhance
     declares (--local); without one, a model the service (or --local-url) serves."""
     cfg = _load(config)
     if local:
-        from .enhance import EnhanceConfig, enhance_rows
+        from ..enhance import EnhanceConfig, enhance_rows
 
         endpoints = _outbound(outbound_config).endpoints
         report = asyncio.run(enhance_rows(_rows(rows) or [], EnhanceConfig.model_validate(cfg), out,
@@ -116,7 +116,7 @@ def validate(ctx: typer.Context, model: str = typer.Argument(...),
              local: bool = False, out: Path = typer.Option(Path("validation"))) -> None:
     """Validation report (validation.json + validation.md) of an adapter or model against its base."""
     if local:
-        from .validation import validate_model
+        from ..validation import validate_model
 
         report = validate_model(model, str(out), _rows(prompts) or [], base_model=base, max_new_tokens=max_new_tokens,
                                 match=match, min_pass_rate=min_pass_rate)
@@ -142,8 +142,8 @@ def export(ctx: typer.Context, model: str = typer.Argument(...),
     """Merged model, GGUF + Ollama Modelfile, Hub push (a dry run unless the operator configured a token)."""
     hub = ({"repo": hub_repo, "namespace": hub_namespace, "private": not hub_public} if hub_repo else None)
     if local:
-        from .export import export_model
-        from .export.hub import HubSettings, hub_target
+        from ..export import export_model
+        from ..export.hub import HubSettings, hub_target
 
         hub_local = None
         if hub:

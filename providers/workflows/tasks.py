@@ -26,14 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...enhance import EnhanceConfig, enhance_rows
-from ...export.hub import HubSettings, hub_target
-from ...jobs.child_env import child_env
-from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
-from ...serving.engine import adapter_base, is_adapter
-from ...training.run_files import utc_now
-from .jobs import FsdpJobService
+from ..enhance import EnhanceConfig, enhance_rows
+from ..export.hub import HubSettings, hub_target
+from ..jobs.child_env import child_env
+from ..jobs.store import ACTIVE, UnknownJobError
+from ..post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..serving.engine import adapter_base, is_adapter
+from ..state_files import load_state, save_state
+from ..training.run_files import utc_now
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -123,6 +124,16 @@ KINDS = {"enhancements": EnhanceRequest, "validations": ValidationRequest, "expo
          "workflows": WorkflowRequest}
 
 
+def train_model(req: WorkflowRequest) -> str:
+    """What the workflow trains: train.model, else the student when this service serves it."""
+    if req.train.model:
+        return req.train.model
+    if req.enhance.student.endpoint:
+        raise ValueError("train.model: required when the student is an external endpoint "
+                         f"({req.enhance.student.endpoint!r}): name the local model directory to train")
+    return req.enhance.student.model
+
+
 class Cancelled(Exception):
     pass
 
@@ -195,8 +206,12 @@ class WorkflowTasks:
         self._procs: dict[tuple[str, str], subprocess.Popen] = {}
         self._threads: dict[tuple[str, str], threading.Thread] = {}
         for kind in KINDS:
-            for state_file in sorted((self.root / kind).glob("*/task.json")):
-                if json.loads(state_file.read_text())["state"] in ACTIVE:
+            for state_file in sorted((self.root / kind).glob("*/task.json")):  # tasks a restart interrupted go on
+                state = load_state(state_file, default=None)
+                if not isinstance(state, dict) or "state" not in state:
+                    log.error("%s %s: its state file is unreadable; it is not resumed", kind, state_file.parent.name)
+                    continue
+                if state["state"] in ACTIVE:
                     self._start(kind, state_file.parent.name)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -222,7 +237,9 @@ class WorkflowTasks:
     def list(self, kind: str) -> list[dict[str, Any]]:
         out = []
         for p in sorted((self.root / kind).glob("*/task.json")):
-            s = json.loads(p.read_text())
+            s = load_state(p, default=None)
+            if not isinstance(s, dict):
+                continue
             out.append({"id": s["id"], "state": s["state"], "created_at": s["created_at"]})
         return out
 
@@ -231,9 +248,7 @@ class WorkflowTasks:
             path = self.task_dir(kind, task_id) / "task.json"
             state = json.loads(path.read_text())
             state.update(fields)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2, default=str))
-            os.replace(tmp, path)
+            save_state(path, state)
             return state
 
     def artifacts(self, kind: str, task_id: str) -> dict[str, Any]:
@@ -264,7 +279,7 @@ class WorkflowTasks:
         body = request.model_dump(mode="json", by_alias=True, exclude={"rows"})
         state = {"id": task_id, "kind": kind, "state": "scheduled", "created_at": utc_now(), "started_at": None,
                  "finished_at": None, "error": None, "progress": {}, "outputs": {}, "request": body}
-        (d / "task.json").write_text(json.dumps(state, indent=2))
+        save_state(d / "task.json", state)
         self._start(kind, task_id)
         return self.get(kind, task_id)
 
@@ -479,8 +494,6 @@ class WorkflowTasks:
         if not rows:
             raise ValueError(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
                              f"to train on (report: {report['rows_dropped']})")
-        from .workflow_routes import train_model
-
         model = self.refs.resolve(train_model(req), "train.model")
         training_config = {
             "n_epochs": t.n_epochs, "max_steps_per_epoch": t.max_steps_per_epoch, "dtype": "fp32", "seed": t.seed,

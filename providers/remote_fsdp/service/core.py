@@ -1,0 +1,30 @@
+"""What the service's core hands each add-on (pipelines, workflows, operator tools) when it mounts it.
+
+An add-on is a package with `install(app, core)`: it builds what it needs from these parts, mounts its
+routers behind `core.auth` (client token) or `core.node_only` (node token), and may add a shutdown step
+or an upload route. The core imports no add-on; app.py lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import ServiceConfig
+from .distributed import DistributedJobs
+from .jobs import FsdpJobService
+from .nodes import NodeRegistry
+
+
+@dataclass
+class ServiceCore:
+    config: ServiceConfig
+    service: FsdpJobService  # the job store, the job manager and the run directories
+    registry: NodeRegistry
+    distributed: DistributedJobs  # jobs over several nodes, and jobs waiting for nodes
+    peer_headers: dict[str, str]  # what calls to other nodes carry (the API token and the node token)
+    auth: list  # route dependencies: the clients' bearer token
+    node_only: list  # route dependencies: the cluster's node token
+    # Route prefixes whose bodies are streamed uploads: they get the upload limit, not the JSON body limit.
+    upload_prefixes: list[str] = field(default_factory=list)
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the app stops

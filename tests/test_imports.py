@@ -1,0 +1,167 @@
+"""The package's import structure: no import circles anywhere, and the training core imports nothing above it.
+
+Fast: one interpreter imports the libraries once, then forks one child per module of providers/; each child
+drops every `providers` module and imports its module first, as a fresh `python -c "import M"` would.
+A circle shows up as an ImportError ("partially initialized module") in the module that starts it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = REPO_ROOT / "providers"
+# Needs an optional extra (`pip install .[ray]`); its import is tested where ray is installed.
+OPTIONAL = {"providers.remote_fsdp.ray_launch": "ray"}
+
+EACH_MODULE_ALONE = r"""
+import importlib, json, os, sys, traceback
+modules = json.loads(sys.argv[1])
+for m in modules:  # the libraries once, here: the children only import the project's own modules
+    try:
+        importlib.import_module(m)
+    except Exception:
+        pass
+failures = {}
+for m in modules:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        for name in [n for n in sys.modules if n == "providers" or n.startswith("providers.")]:
+            del sys.modules[name]
+        try:
+            importlib.import_module(m)
+            out = b""
+        except BaseException:
+            out = traceback.format_exc().encode()
+        os.write(w, out[-4000:])
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    if out:
+        failures[m] = out.decode()
+print(json.dumps(failures))
+"""
+
+
+def modules() -> list[str]:
+    """Every module of providers/ but the `__main__` ones (importing those runs them)."""
+    names = []
+    for path in sorted(PROVIDERS.rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports_alone():
+    wanted = [m for m in modules() if m not in OPTIONAL or _installed(OPTIONAL[m])]
+    out = subprocess.run([sys.executable, "-c", EACH_MODULE_ALONE, json.dumps(wanted)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    failures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not failures, "\n\n".join(f"{m}:\n{tb}" for m, tb in failures.items())
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a module of providers/, function-level ones too."""
+    package = list(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = list(path.relative_to(REPO_ROOT).parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            name = ".".join([*base, node.module] if node.module else base)
+            if node.module is None:  # `from . import x`: the names are modules of the package
+                found += [(node.lineno, f"{name}.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, name))
+    return found
+
+
+def test_training_imports_nothing_above_it():
+    """providers/training/ is the core: HTTP, jobs, the service and the tools sit on it, never under it."""
+    above = []
+    for path in sorted((PROVIDERS / "training").rglob("*.py")):
+        for line, name in imported_modules(path):
+            if name.split(".")[0] == "providers" and not (name == "providers" or name.startswith("providers.training")):
+                above.append(f"{path.relative_to(REPO_ROOT)}:{line}: {name}")
+    assert not above, "\n".join(above)
+
+
+def test_the_service_core_imports_no_add_on():
+    """Add-ons (pipelines, workflows, operator tools) mount themselves on the core; only app.py lists them."""
+    add_ons = ("providers.pipelines", "providers.workflows", "providers.operator_tools")
+    wrong = []
+    for path in sorted((PROVIDERS / "remote_fsdp" / "service").rglob("*.py")):
+        if path.name == "app.py":
+            continue
+        for line, name in imported_modules(path):
+            if name.startswith(add_ons):
+                wrong.append(f"{path.relative_to(REPO_ROOT)}:{line}: {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circles_even_inside_functions():
+    """No two modules import each other, directly or around a loop, counting imports inside functions (a
+    lazy import hides a circle at start-up, not from a reader)."""
+    names = set(modules())
+    graph = {}
+    for m in names:
+        path = REPO_ROOT / (m.replace(".", "/") + ".py")
+        path = path if path.exists() else REPO_ROOT / m.replace(".", "/") / "__init__.py"
+        graph[m] = set()
+        for _, name in imported_modules(path):
+            while name and name not in names:  # `from pkg.mod import function` -> pkg.mod
+                name = name.rpartition(".")[0]
+            if name and name != m and not m.startswith(name + "."):  # a module's own packages load first anyway
+                graph[m].add(name)
+    circles = [c for c in _strongly_connected(graph) if len(c) > 1]
+    assert not circles, circles
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm: the groups of modules that reach each other."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
