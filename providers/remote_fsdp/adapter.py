@@ -17,13 +17,8 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
-from ..post_training_api import (
-    DPOAlignmentConfig,
-    SFTAlgorithmConfig,
-    TrainingConfig,
-    data_config_of,
-    fetch_rows,
-)
+from ..api.requests import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig
+from ..api.to_spec import data_config_of, fetch_rows
 from .config import TrlFsdpAdapterConfig
 
 

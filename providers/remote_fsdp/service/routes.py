@@ -22,14 +22,15 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from ...jobs.store import ACTIVE
-from ...post_training_api import FINITE, SAFE_NAME, scheduling_spec
+from ...api.requests import FINITE, JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from ...api.to_spec import scheduling_spec
+from ...training.spec import SAFE_NAME
 from ...training.merge import merge_adapters
 from ...training.plots import plot_files
 from ...training.recipes.teacher import read_shards
 from .config import ServiceConfig
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
-from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Heartbeat, Node, NodeRegistry, Registration, misfit
 from .pipelines import (
     PipelineRequest,

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 
 from ...serving.engine import ModelCache
+from ...training.methods import SERVABLE
 from ...serving.openai_api import ChatLimits, chat_router
 from .jobs import FsdpJobService
 from ...enhance.roles import role_target
@@ -70,7 +71,7 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     def available_models() -> list[str]:
         done = service.jobs.store.list(statuses=("completed",))
-        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in ("sft", "dpo", "distill"))]
+        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
                        ChatLimits(config.chat_workers, config.chat_queue, config.chat_max_tokens))

@@ -30,7 +30,9 @@ from ...enhance import EnhanceConfig, enhance_rows
 from ...export.hub import HubSettings, hub_target
 from ...jobs.child_env import child_env
 from ...jobs.store import ACTIVE, UnknownJobError
-from ...post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
+from ...api.paths import check_path_text
+from ...api.requests import DPOAlignmentConfig, PeftFinetuningConfig
+from ...training.spec import SAFE_NAME
 from ...serving.engine import adapter_base, is_adapter
 from ...training.run_files import utc_now
 from .jobs import FsdpJobService
