@@ -164,6 +164,10 @@ class DPOAlignmentConfig(BaseModel):
     loss_weights: list[float] | None = None
 
 
+# preference_optimize's algorithm_config: one model per method the table puts on that call
+PreferenceAlgorithmConfig = DPOAlignmentConfig
+
+
 class SupervisedFineTuneRequest(BaseModel):
     """The FSDP service's supervised-fine-tune body: 0.2.12's, plus inline rows and multi-node parts."""
 
@@ -188,7 +192,7 @@ class PreferenceOptimizeRequest(BaseModel):
     job_uuid: str
     finetuned_model: str
     model: str | None = None
-    algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
+    algorithm_config: PreferenceAlgorithmConfig = Field(default_factory=DPOAlignmentConfig)
     training_config: TrainingConfig
     hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
     logger_config: dict[str, Any] = Field(default_factory=dict)

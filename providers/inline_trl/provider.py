@@ -20,7 +20,7 @@ from llama_stack.apis.post_training import (
 from ..jobs.manager import JobManager, QueueFullError
 from ..jobs.store import JobStore, UnknownJobError
 from ..api.paths import ProviderDefaults, check_job_uuid
-from ..api.requests import DPOAlignmentConfig, SFTAlgorithmConfig, TrainingConfig
+from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, TrainingConfig
 from ..api.to_spec import data_config_of, fetch_rows, method_of, preference_target, prepare_job
 from ..training.methods import PREFERENCE_CALL, SFT_CALL
 from ..training.run_files import RunFiles
@@ -106,7 +106,7 @@ class TrlPostTrainingImpl:
         self,
         job_uuid: str,
         finetuned_model: str,
-        algorithm_config: DPOAlignmentConfig,
+        algorithm_config: PreferenceAlgorithmConfig,
         training_config: TrainingConfig,
         hyperparam_search_config: dict[str, Any],
         logger_config: dict[str, Any],
