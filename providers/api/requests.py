@@ -23,7 +23,7 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, field_validator
 
 from ..training.spec import (
     DPO_LOSS_TYPES,
@@ -164,8 +164,29 @@ class DPOAlignmentConfig(BaseModel):
     loss_weights: list[float] | None = None
 
 
+class KTOAlignmentConfig(BaseModel):
+    """KTO through preference_optimize: `{"type": "kto", ...}`. Paired rows are unpaired (chosen: desirable,
+    rejected: undesirable)."""
+
+    model_config = FINITE
+    type: Literal["kto"] = "kto"
+    beta: PositiveFloat = 0.1
+    desirable_weight: PositiveFloat = 1.0
+    undesirable_weight: PositiveFloat = 1.0
+
+
+def _preference_type(value: Any) -> str:
+    # 0.2.12 clients send DPO's config without a `type`: DPO is the default
+    found = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return found or "dpo"
+
+
 # preference_optimize's algorithm_config: one model per method the table puts on that call
-PreferenceAlgorithmConfig = DPOAlignmentConfig
+PreferenceAlgorithmConfig = Annotated[
+    Annotated[DPOAlignmentConfig, Tag("dpo")]
+    | Annotated[KTOAlignmentConfig, Tag("kto")],
+    Discriminator(_preference_type),
+]
 
 
 class SupervisedFineTuneRequest(BaseModel):

@@ -40,6 +40,8 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                padding_free=True, chunked_lm_head=True),
     MethodInfo("dpo", "dpo", "preference", "dpo", PREFERENCE_CALL, (None, "dpo"),
                precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
+    MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
+               precompute_ref_log_probs=True, reference=True),
     MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
     MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),
 )}

@@ -148,6 +148,14 @@ class DpoSpec(Strict):
         return self
 
 
+class KtoSpec(Strict):
+    """Kahneman-Tversky optimization (TRL's KTOTrainer): each answer is desirable or undesirable on its own."""
+
+    beta: PositiveFloat = 0.1
+    desirable_weight: PositiveFloat = 1.0  # loss weight of desirable (chosen) answers
+    undesirable_weight: PositiveFloat = 1.0  # loss weight of undesirable (rejected) answers
+
+
 class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
 
@@ -264,6 +272,7 @@ class JobSpec(Strict):
     peft: PeftSpec | None = None
     dpo: DpoSpec | None = None
     distill: DistillSpec | None = None
+    kto: KtoSpec | None = None
     teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
