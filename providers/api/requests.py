@@ -175,6 +175,14 @@ class KTOAlignmentConfig(BaseModel):
     undesirable_weight: PositiveFloat = 1.0
 
 
+class ORPOAlignmentConfig(BaseModel):
+    """ORPO through preference_optimize: `{"type": "orpo", "beta": 0.1}` (paired rows, as DPO takes)."""
+
+    model_config = FINITE
+    type: Literal["orpo"] = "orpo"
+    beta: PositiveFloat = 0.1
+
+
 def _preference_type(value: Any) -> str:
     # 0.2.12 clients send DPO's config without a `type`: DPO is the default
     found = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
@@ -184,7 +192,8 @@ def _preference_type(value: Any) -> str:
 # preference_optimize's algorithm_config: one model per method the table puts on that call
 PreferenceAlgorithmConfig = Annotated[
     Annotated[DPOAlignmentConfig, Tag("dpo")]
-    | Annotated[KTOAlignmentConfig, Tag("kto")],
+    | Annotated[KTOAlignmentConfig, Tag("kto")]
+    | Annotated[ORPOAlignmentConfig, Tag("orpo")],
     Discriminator(_preference_type),
 ]
 

@@ -42,6 +42,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
     MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
                precompute_ref_log_probs=True, reference=True),
+    MethodInfo("orpo", "orpo", "preference", "orpo", PREFERENCE_CALL, ("orpo",)),
     MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
     MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),
 )}

@@ -156,6 +156,12 @@ class KtoSpec(Strict):
     undesirable_weight: PositiveFloat = 1.0  # loss weight of undesirable (rejected) answers
 
 
+class OrpoSpec(Strict):
+    """Odds-ratio preference optimization (TRL's ORPOTrainer): SFT on chosen plus beta * odds-ratio loss, no reference."""
+
+    beta: PositiveFloat = 0.1
+
+
 class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
 
@@ -273,6 +279,7 @@ class JobSpec(Strict):
     dpo: DpoSpec | None = None
     distill: DistillSpec | None = None
     kto: KtoSpec | None = None
+    orpo: OrpoSpec | None = None
     teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
