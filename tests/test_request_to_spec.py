@@ -208,3 +208,21 @@ def test_check_host_false_leaves_the_capability_checks_to_the_training_node(tmp_
     with pytest.raises(ValueError, match="training_config.attn_implementation"):
         to_spec(tmp_path / "again", PREFERENCE_CALL, {"type": "kto"}, tiny_models["student"], rows,
                 attn_implementation="flash_attention_2")
+
+
+def test_both_providers_pass_the_preference_algorithm_config_through():
+    """The inline provider and the remote adapter take every preference method's config (the 0.2.12 server
+    validates the body against this annotation) and the adapter forwards it with its `type`."""
+    import inspect
+
+    from providers.inline_trl.provider import TrlPostTrainingImpl
+    from providers.remote_fsdp.adapter import TrlFsdpAdapter
+
+    for provider in (TrlPostTrainingImpl, TrlFsdpAdapter):
+        annotation = inspect.signature(provider.preference_optimize).parameters["algorithm_config"].annotation
+        assert annotation == PreferenceAlgorithmConfig, provider
+    for cfg in ({"type": "kto", "beta": 0.3}, {"type": "orpo", "beta": 0.3}, DPO_0_2_12):
+        parsed = TypeAdapter(PreferenceAlgorithmConfig).validate_python(cfg)
+        forwarded = parsed.model_dump(mode="json")  # what the adapter sends the service
+        assert method_of(PREFERENCE_CALL, PreferenceOptimizeRequest.model_validate(
+            body(PREFERENCE_CALL, forwarded, "m")).algorithm_config) == cfg.get("type", "dpo")
