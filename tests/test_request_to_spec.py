@@ -164,6 +164,7 @@ def test_cli_methods_come_from_the_table(tmp_path):
     (PREFERENCE_CALL, {"type": "dpo", "loss_type": "nope"}, {}, ["algorithm_config", "loss_type"]),
     (SFT_CALL, {"type": "kto"}, {}, ["algorithm_config", "kto"]),  # kto is not a supervised_fine_tune type
     (PREFERENCE_CALL, {"type": "kto"}, {"padding_free": True}, ["padding_free", "kto"]),
+    (PREFERENCE_CALL, {"type": "kto"}, {"group_by_length": True}, ["group_by_length", "kto"]),
     (PREFERENCE_CALL, {"type": "orpo"}, {"precompute_ref_log_probs": True}, ["precompute_ref_log_probs", "orpo"]),
     (PREFERENCE_CALL, {"type": "kto"}, {"max_seq_len": 0}, ["training_config", "max_seq_len"]),
     (PREFERENCE_CALL, {"type": "orpo"}, {"scheduling": {"priority": 1000}}, ["training_config.scheduling.priority"]),

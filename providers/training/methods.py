@@ -33,6 +33,7 @@ class MethodInfo:
     precompute_ref_log_probs: bool = False  # its trainer can precompute the reference log-probs
     chunked_lm_head: bool = False  # its recipe chooses TRL's chunked LM head or full logits
     reference: bool = False  # it trains against a frozen reference policy
+    fixed_order: bool = False  # its trainer reads rows in a fixed order (shuffled once): no group_by_length
 
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
@@ -41,7 +42,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("dpo", "dpo", "preference", "dpo", PREFERENCE_CALL, (None, "dpo"),
                precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
     MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
-               precompute_ref_log_probs=True, reference=True),
+               precompute_ref_log_probs=True, reference=True, fixed_order=True),
     MethodInfo("orpo", "orpo", "preference", "orpo", PREFERENCE_CALL, ("orpo",)),
     MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
     MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),

@@ -303,6 +303,8 @@ class JobSpec(Strict):
         if e.padding_free and not method.padding_free:
             raise ValueError(f"padding_free: TRL 1.16 has no padding-free path for {self.method!r} "
                              f"({list(with_flag('padding_free'))} only)")
+        if e.group_by_length and method.fixed_order:
+            raise ValueError(f"group_by_length: {self.method!r} reads its rows in a fixed order (shuffled once)")
         if e.group_by_length and self.data.packed:
             raise ValueError("group_by_length: packed batches have no padding to save; use one of packed and group_by_length")
         if e.padding_free and self.peft is not None and self.peft.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):

@@ -31,8 +31,7 @@ def kto_config(spec: JobSpec, num_rows: int, has_eval: bool = True) -> KTOConfig
     kto = spec.kto
     args = trainer_args(spec, num_rows, has_eval)
     # KTO's KL term pairs each row with its neighbour in a fixed-order batch: rows are shuffled once, up front
-    if spec.efficiency.group_by_length:
-        raise ValueError("group_by_length: KTO reads its rows in a fixed order (its KL term pairs neighbours)")
+    # (methods.py: fixed_order, so group_by_length is refused before the job starts)
     args["train_sampling_strategy"] = "sequential"
     return KTOConfig(
         **args,
