@@ -227,3 +227,21 @@ def test_both_providers_pass_the_preference_algorithm_config_through():
         forwarded = parsed.model_dump(mode="json")  # what the adapter sends the service
         assert method_of(PREFERENCE_CALL, PreferenceOptimizeRequest.model_validate(
             body(PREFERENCE_CALL, forwarded, "m")).algorithm_config) == cfg.get("type", "dpo")
+
+
+@pytest.mark.parametrize("algorithm_config, loc", [
+    ({"reward_scale": -1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.0}, ("algorithm_config", "reward_scale")),
+    ({"type": "dpo", "loss_weights": "x"}, ("algorithm_config", "loss_weights")),
+    ({"type": "kto", "beta": 0}, ("algorithm_config", "beta")),
+    ({"type": "orpo", "beta": 0}, ("algorithm_config", "beta")),
+    ({"type": "ppo"}, ("algorithm_config",)),
+    ("dpo", ("algorithm_config",)),
+])
+def test_preference_config_errors_keep_0_2_12_field_paths(algorithm_config, loc):
+    """A 0.2.12 client's DPO error names `algorithm_config.FIELD` (no method tag in between), as before
+    KTO and ORPO joined DPO on preference_optimize."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        PreferenceOptimizeRequest.model_validate(body(PREFERENCE_CALL, algorithm_config, "m"))
+    assert [err["loc"] for err in e.value.errors()] == [loc], e.value.errors()

@@ -23,7 +23,7 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
 
 from ..training.spec import (
     DPO_LOSS_TYPES,
@@ -183,18 +183,30 @@ class ORPOAlignmentConfig(BaseModel):
     beta: PositiveFloat = 0.1
 
 
-def _preference_type(value: Any) -> str:
-    # 0.2.12 clients send DPO's config without a `type`: DPO is the default
-    found = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return found or "dpo"
+# preference_optimize's algorithm_config: its `type` -> the request model of the method it selects
+PREFERENCE_CONFIGS: dict[str, type[BaseModel]] = {
+    "dpo": DPOAlignmentConfig,
+    "kto": KTOAlignmentConfig,
+    "orpo": ORPOAlignmentConfig,
+}
 
 
-# preference_optimize's algorithm_config: one model per method the table puts on that call
+def _preference_config(value: Any, handler: Any) -> BaseModel:
+    """Validate with the model `type` names (0.2.12 clients send DPO's config without one), so that an error
+    names `algorithm_config.FIELD` as 0.2.12's single DPO model did."""
+    if isinstance(value, tuple(PREFERENCE_CONFIGS.values())):
+        return value
+    if not isinstance(value, dict):  # the error 0.2.12's DPO model gave
+        return DPOAlignmentConfig.model_validate(value)
+    kind = value.get("type") or "dpo"
+    if kind not in PREFERENCE_CONFIGS:
+        raise ValueError(f"type: {str(kind)[:100]!r} is not a preference_optimize method; accepted: "
+                         f"{list(PREFERENCE_CONFIGS)}")
+    return PREFERENCE_CONFIGS[kind].model_validate(value)
+
+
 PreferenceAlgorithmConfig = Annotated[
-    Annotated[DPOAlignmentConfig, Tag("dpo")]
-    | Annotated[KTOAlignmentConfig, Tag("kto")]
-    | Annotated[ORPOAlignmentConfig, Tag("orpo")],
-    Discriminator(_preference_type),
+    DPOAlignmentConfig | KTOAlignmentConfig | ORPOAlignmentConfig, WrapValidator(_preference_config)
 ]
 
 
