@@ -22,13 +22,9 @@ from helpers import hf_cache_with, wait_for_job
 from conftest import kill_leftover_processes
 from llama_stack.apis.post_training import LoraFinetuningConfig
 
-from providers.post_training_api import (
-    LORA_MODULE_NAMES,
-    PeftFinetuningConfig,
-    TrainingConfig,
-    hub_origin,
-    peft_spec,
-)
+from providers.api.paths import hub_origin
+from providers.api.requests import PeftFinetuningConfig, TrainingConfig
+from providers.api.to_spec import LORA_MODULE_NAMES, peft_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HUB_ID = "tiny-org/compat-student"

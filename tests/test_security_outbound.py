@@ -253,7 +253,7 @@ def test_allowed_downloads_check_the_size_before_downloading(monkeypatch, tmp_pa
     from huggingface_hub import constants
 
     from providers.outbound import HubDownloads
-    from providers.post_training_api import hub_snapshot
+    from providers.api.paths import hub_snapshot
 
     hub = Listener()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

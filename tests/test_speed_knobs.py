@@ -301,12 +301,9 @@ def test_combination_that_cannot_work_is_refused(tmp_path, method, fields, words
 def test_request_fields_become_the_spec(tmp_path, tiny_models):
     from llama_stack.apis.post_training import EfficiencyConfig
 
-    from providers.post_training_api import (
-        ProviderDefaults,
-        TrainingConfig,
-        build_job_spec,
-        peft_spec,
-    )
+    from providers.api.paths import ProviderDefaults
+    from providers.api.requests import TrainingConfig
+    from providers.api.to_spec import build_job_spec, peft_spec
 
     def spec_for(**tc):
         config = TrainingConfig(n_epochs=1, data_config={"dataset_id": "d", "batch_size": 2, "shuffle": True,

@@ -3,7 +3,7 @@
 A job file names a method, a model, a dataset (a local JSONL/JSON/CSV/Parquet file, or the id of a
 dataset the server already has) and the training, algorithm, FSDP and logger settings:
 
-    method: sft                          # sft | dpo | distill
+    method: sft                          # a requestable method of providers/training/methods.py: sft, dpo, ...
     job_uuid: my-job                     # optional: default FILE-STEM-YYYYMMDD-HHMMSS
     model: ${TRL_MODELS_DIR}/student     # ${VAR} and ~ are expanded; relative paths are from this file
     dataset: data/reverse.jsonl          # or {id: a-registered-dataset}
@@ -13,7 +13,8 @@ dataset the server already has) and the training, algorithm, FSDP and logger set
       max_steps_per_epoch: 20            #     -> data_config
       batch_size: 8                      #   lr, weight_decay, num_warmup_steps, optimizer_type
       lr: 3.0e-3                         #     -> optimizer_config
-    algorithm: {type: LoRA, ...}         # algorithm_config (sft: LoRA / PEFT / none = full; dpo; distill)
+    algorithm: {type: LoRA, ...}         # algorithm_config (sft: LoRA / PEFT / none = full; other methods:
+                                         #   their own type, the default)
     fsdp: {sharding_strategy: FULL_SHARD}       # training_config.fsdp_config (FSDP service)
     torch_run: {nproc_per_node: 2}              # training_config.torch_run_config (FSDP service)
     logger: {report_to: [tensorboard]}          # logger_config
@@ -36,9 +37,14 @@ from typing import Any
 
 import yaml
 
+from ..training.methods import METHODS as METHOD_TABLE
+from ..training.methods import PREFERENCE_CALL
+
 DATA_KEYS = ("batch_size", "shuffle", "data_format", "packed", "train_on_input", "validation_dataset_id")
 OPTIMIZER_KEYS = ("optimizer_type", "lr", "weight_decay", "num_warmup_steps")
-METHODS = ("sft", "dpo", "distill")
+METHODS = tuple(name for name, m in METHOD_TABLE.items() if m.call)  # those a Llama Stack call requests
+# 0.2.12's DPO config has four required fields; a job file may leave them out.
+ALGORITHM_DEFAULTS = {"dpo": {"reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0, "gamma": 0.0}}
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -202,20 +208,16 @@ def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
                             "logger_config": spec.get("logger") or {}}
     if spec.get("checkpoint_dir"):
         body["checkpoint_dir"] = spec["checkpoint_dir"]
-    if method == "dpo":
-        body["finetuned_model"] = model
-        body["algorithm_config"] = {"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0,
-                                    "gamma": 0.0, **algorithm}
-        return JobRequest("preference-optimize", body, datasets)
-    body["model"] = model
-    if method == "distill":
-        algorithm.setdefault("type", "distillation")
-        if "teacher_model" not in algorithm and "teacher_outputs_dir" not in algorithm:
-            raise JobFileError(f"{path}: algorithm.teacher_model: required for method distill")
+    info = METHOD_TABLE[method]
+    types = [t for t in info.algorithm_types if t is not None]
+    if len(types) == 1:  # a method selected by one algorithm_config type: the job file may omit it
+        algorithm = {"type": types[0], **ALGORITHM_DEFAULTS.get(method, {}), **algorithm}
+    if method == "distill" and "teacher_model" not in algorithm and "teacher_outputs_dir" not in algorithm:
+        raise JobFileError(f"{path}: algorithm.teacher_model: required for method distill")
+    body["finetuned_model" if info.call == PREFERENCE_CALL else "model"] = model
+    if algorithm:
         body["algorithm_config"] = algorithm
-    elif algorithm:
-        body["algorithm_config"] = algorithm
-    return JobRequest("supervised-fine-tune", body, datasets)
+    return JobRequest(info.call.replace("_", "-"), body, datasets)
 
 
 def pipeline_request(path: str | Path, pipeline_id: str | None = None) -> tuple[dict[str, Any], Dataset | None]:

@@ -19,18 +19,10 @@ from llama_stack.apis.post_training import (
 
 from ..jobs.manager import JobManager, QueueFullError
 from ..jobs.store import JobStore, UnknownJobError
-from ..post_training_api import (
-    DPOAlignmentConfig,
-    ProviderDefaults,
-    SFTAlgorithmConfig,
-    TrainingConfig,
-    check_job_uuid,
-    data_config_of,
-    fetch_rows,
-    method_of,
-    preference_target,
-    prepare_job,
-)
+from ..api.paths import ProviderDefaults, check_job_uuid
+from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, TrainingConfig
+from ..api.to_spec import data_config_of, fetch_rows, method_of, preference_target, prepare_job
+from ..training.methods import PREFERENCE_CALL, SFT_CALL
 from ..training.run_files import RunFiles
 from ..versions import warn_untested_versions
 from ..training.spec import JobSpec
@@ -107,14 +99,14 @@ class TrlPostTrainingImpl:
     ) -> PostTrainingJob:
         if not model:
             raise ValueError("model: required (a local model directory or a Hugging Face model id)")
-        return await self._submit(job_uuid, method_of(algorithm_config), model, training_config, algorithm_config,
+        return await self._submit(job_uuid, method_of(SFT_CALL, algorithm_config), model, training_config, algorithm_config,
                                   logger_config, checkpoint_dir)
 
     async def preference_optimize(
         self,
         job_uuid: str,
         finetuned_model: str,
-        algorithm_config: DPOAlignmentConfig,
+        algorithm_config: PreferenceAlgorithmConfig,
         training_config: TrainingConfig,
         hyperparam_search_config: dict[str, Any],
         logger_config: dict[str, Any],
@@ -124,7 +116,7 @@ class TrlPostTrainingImpl:
         """0.2.12's preference_optimize; `model` and `checkpoint_dir` are extensions (with `model`,
         `finetuned_model` names the result: see `preference_target`)."""
         target, result_name = preference_target(finetuned_model, model)
-        return await self._submit(job_uuid, "dpo", target, training_config, algorithm_config,
+        return await self._submit(job_uuid, method_of(PREFERENCE_CALL, algorithm_config), target, training_config, algorithm_config,
                                   logger_config, checkpoint_dir, result_name)
 
     async def get_training_jobs(self) -> ListPostTrainingJobsResponse:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.run_files import RunFiles, utc_now
-from ..training.spec import SAFE_NAME, JobSpec
+from ..training.spec import JobSpec, check_name
 from .launcher import (
     RUNNING,
     Launcher,
@@ -40,7 +40,6 @@ log = logging.getLogger("providers.jobs")
 
 # (spec, run files) -> argv of the job's process group leader. No shell strings.
 CommandBuilder = Callable[[JobSpec, RunFiles], list[str]]
-SAFE_NAME_RE = re.compile(SAFE_NAME)
 
 
 class QueueFullError(RuntimeError):
@@ -174,9 +173,7 @@ class JobManager:
         """Reserve `job_uuid` and its run directory (an exclusive mkdir, so concurrent submissions of one id
         cannot both win), yield the directory, and remove it again if the block fails: a job's record and
         its run directory exist together or not at all."""
-        if not isinstance(job_uuid, str) or not SAFE_NAME_RE.fullmatch(job_uuid):
-            raise ValueError(f"job_uuid: {str(job_uuid)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                             "not starting with '.'")
+        check_name(job_uuid, "job_uuid")
         if self.store.exists(job_uuid):
             raise DuplicateJobError(f"job_uuid: a job named {job_uuid!r} already exists")
         self.runs_dir.mkdir(parents=True, exist_ok=True)

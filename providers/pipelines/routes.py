@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from ..post_training_api import FINITE, SAFE_NAME
+from ..api.requests import FINITE
+from ..training.spec import SAFE_NAME
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.routes import declared_length
 from ..remote_fsdp.service.security import ArchiveError, DiskQuota, extract_archive, temp_path

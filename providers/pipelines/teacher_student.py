@@ -35,23 +35,28 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingConfig
+from ..api.to_spec import peft_spec
 from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
-from ..post_training_api import (
-    SAFE_NAME,
-    DistillationConfig,
-    PeftFinetuningConfig,
-    TrainingConfig,
-    peft_spec,
-)
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
 from ..remote_fsdp.service.security import extract_archive, write_archive
 from ..state_files import load_state, save_state
 from ..training.merge import merge_adapters
+from ..training.methods import METHODS
 from ..training.recipes.teacher import read_shards
 from ..training.run_files import utc_now
-from ..training.spec import CheckpointSpec, DataSpec, JobSpec, ResourceRequest, SchedulingSpec, TeacherSpec
+from ..training.spec import (
+    SAFE_NAME,
+    CheckpointSpec,
+    DataSpec,
+    JobSpec,
+    KlDirection,
+    ResourceRequest,
+    SchedulingSpec,
+    TeacherSpec,
+)
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -75,7 +80,7 @@ class StudentConfig(BaseModel):
     peft: LoraFinetuningConfig | PeftFinetuningConfig | None = Field(None, discriminator="type")
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)
-    kl_direction: Literal["forward", "reverse"] = "forward"
+    kl_direction: KlDirection = "forward"
     n_epochs: PositiveInt = 1
     max_steps_per_epoch: PositiveInt = 50
     batch_size: PositiveInt = 8
@@ -245,11 +250,11 @@ class Pipelines:
     # -- tasks ---------------------------------------------------------------------------------------
     def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
         """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
-        from ..post_training_api import write_rows
+        from ..api.to_spec import write_rows
 
         model = self.service.resolve_model(teacher.model, "teacher.model")
         with self.service.jobs.reserve(job_uuid) as run_dir:
-            write_rows(rows, run_dir / "train.jsonl", "prompt", "rows")
+            write_rows(rows, run_dir / "train.jsonl", METHODS["teacher"].rows, "rows")
             spec = JobSpec(
                 job_uuid=job_uuid, method="teacher", model=model, run_dir=str(run_dir),
                 data=DataSpec(train_file=str(run_dir / "train.jsonl")),

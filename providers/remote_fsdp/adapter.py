@@ -17,13 +17,8 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
-from ..post_training_api import (
-    DPOAlignmentConfig,
-    SFTAlgorithmConfig,
-    TrainingConfig,
-    data_config_of,
-    fetch_rows,
-)
+from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, TrainingConfig
+from ..api.to_spec import data_config_of, fetch_rows
 from .config import TrlFsdpAdapterConfig
 
 
@@ -110,7 +105,7 @@ class TrlFsdpAdapter:
         self,
         job_uuid: str,
         finetuned_model: str,
-        algorithm_config: DPOAlignmentConfig,
+        algorithm_config: PreferenceAlgorithmConfig,
         training_config: TrainingConfig,
         hyperparam_search_config: dict[str, Any],
         logger_config: dict[str, Any],

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-RowKind = Literal["completion", "preference", "prompt"]
+from .methods import RowKind
+
 
 
 class DataFormatError(ValueError):

@@ -33,6 +33,7 @@ import os
 import shutil
 from typing import Any
 
+from .methods import METHODS
 from .spec import EfficiencySpec, JobSpec
 
 KERNELS_FLASH_ATTENTION = "kernels-community/flash-attn"
@@ -110,30 +111,6 @@ def check_supported(e: EfficiencySpec, prefix: str = "training_config.") -> None
             raise ValueError(f"{prefix}torch_compile: torch.compile on GPUs needs the triton package")
 
 
-def from_training_config(tc: Any) -> EfficiencySpec:
-    """The EfficiencySpec of a request's training_config (the extension fields, and 0.2.12's
-    `efficiency_config.enable_activation_checkpointing`), checked against this host."""
-    ec = getattr(tc, "efficiency_config", None)
-    if ec is not None:
-        if getattr(ec, "enable_activation_offloading", False):
-            raise ValueError("training_config.efficiency_config.enable_activation_offloading: not supported; "
-                             "use gradient_checkpointing (recompute) instead")
-        for name in ("fsdp_cpu_offload", "memory_efficient_fsdp_wrap"):
-            if getattr(ec, name, False):
-                raise ValueError(f"training_config.efficiency_config.{name}: FSDP options are set in "
-                                 "training_config.fsdp_config (remote::trl_fsdp), e.g. cpu_offload")
-    checkpointing = getattr(tc, "gradient_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = bool(ec is not None and ec.enable_activation_checkpointing)
-    spec = EfficiencySpec(
-        gradient_checkpointing=checkpointing,
-        **{name: getattr(tc, name) for name in EfficiencySpec.model_fields
-           if name != "gradient_checkpointing" and getattr(tc, name, None) is not None},
-    )
-    check_supported(spec)
-    return spec
-
-
 def model_kwargs(spec: JobSpec, precision: str) -> dict[str, Any]:
     """from_pretrained arguments for the trained model: attention implementation and 4-bit quantization."""
     e = spec.efficiency
@@ -192,16 +169,17 @@ def in_force(spec: JobSpec, model=None) -> dict[str, Any]:
     out["gradient_checkpointing"] = e.gradient_checkpointing and spec.fsdp is None
     if spec.fsdp is not None:
         out["fsdp_activation_checkpointing"] = e.gradient_checkpointing or spec.fsdp.activation_checkpointing
-    if spec.method in ("sft", "distill"):
+    method = METHODS[spec.method]
+    if method.padding_free:
         out["padding_free"] = padding_free(spec)
         out["packing"] = "bfd" if spec.data.packed else None
-    out["chunked_lm_head"] = chunked_lm_head(spec) if spec.method in ("sft", "dpo") else None
+    out["chunked_lm_head"] = chunked_lm_head(spec) if method.chunked_lm_head else None
     if model is not None:
         config = getattr(model, "config", None)
         out["attn_implementation"] = getattr(config, "_attn_implementation", out["attn_implementation"])
     if e.load_in_4bit:
         out["load_in_4bit"] = "nf4, double quantization (bitsandbytes)"
-    if spec.method == "dpo":
+    if method.reference:
         out["reference"] = ("precomputed log-probs of the initial policy" if e.precompute_ref_log_probs
                             else "the policy with adapters disabled" if spec.peft else "a frozen copy of the model")
     return out

@@ -90,14 +90,16 @@ def main(run_dir: str) -> int:
             from .fsdp import init_distributed
 
             init_distributed(spec)
+        import importlib
+
         from transformers import set_seed
 
-        from .recipes import distill, dpo, sft, teacher
+        from .methods import recipe_module
 
         # Before any model exists: TRL wraps PEFT adapters (random init) before Trainer seeds itself, and a
         # job forked from the preloaded process would otherwise start from that process's RNG state.
         set_seed(spec.seed)
-        recipe = {"sft": sft, "dpo": dpo, "distill": distill, "teacher": teacher}[spec.method]
+        recipe = importlib.import_module(recipe_module(spec.method))
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         traceback.print_exc()

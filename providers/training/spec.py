@@ -8,8 +8,9 @@ reads it back. Nothing here knows about HTTP or Llama Stack.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -18,6 +19,8 @@ from pydantic import (
     PositiveFloat,
     model_validator,
 )
+
+from .methods import METHOD_NAMES, METHODS, with_flag
 
 # Every count a request can set is bounded: a huge literal must be a 400, not an overflow inside torch.
 MAX_COUNT = 2**31 - 1
@@ -33,9 +36,23 @@ GenerationBatch = Annotated[int, Field(gt=0, le=MAX_GENERATION_BATCH)]
 # In Python's re, `$` also matches before a trailing newline: check with re.fullmatch (pydantic's `pattern`
 # uses the Rust engine, where `$` is the end of the text; it has no `\Z`, so the pattern keeps `$`).
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+SAFE_NAME_RE = re.compile(SAFE_NAME)
 
-Method = Literal["sft", "dpo", "distill", "teacher"]
+
+def check_name(value: str, field: str) -> str:
+    """A name that becomes a directory or file name (job_uuid, dataset_id, ...): 1-128 letters, digits, '.', '_'
+    or '-', not starting with '.'; raises ValueError naming the field."""
+    if not isinstance(value, str) or not SAFE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{field}: {str(value)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+    return value
+
+
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 Dtype = Literal["fp32", "bf16", "fp16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "kernels"]
+KlDirection = Literal["forward", "reverse"]  # distillation: KL(teacher || student) or KL(student || teacher)
 
 # PEFT methods that train under TRL 1.16's trainers on a Llama model (see shared FACTS.md).
 PEFT_METHODS = (
@@ -131,6 +148,20 @@ class DpoSpec(Strict):
         return self
 
 
+class KtoSpec(Strict):
+    """Kahneman-Tversky optimization (TRL's KTOTrainer): each answer is desirable or undesirable on its own."""
+
+    beta: PositiveFloat = 0.1
+    desirable_weight: PositiveFloat = 1.0  # loss weight of desirable (chosen) answers
+    undesirable_weight: PositiveFloat = 1.0  # loss weight of undesirable (rejected) answers
+
+
+class OrpoSpec(Strict):
+    """Odds-ratio preference optimization (TRL's ORPOTrainer): SFT on chosen plus beta * odds-ratio loss, no reference."""
+
+    beta: PositiveFloat = 0.1
+
+
 class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
 
@@ -147,7 +178,7 @@ class DistillSpec(Strict):
     teacher_outputs_dir: str | None = None  # a teacher task's shards: no teacher in memory while training
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)  # hybrid: alpha * CE + (1 - alpha) * T^2 * KL
-    kl_direction: Literal["forward", "reverse"] = "forward"
+    kl_direction: KlDirection = "forward"
     max_new_tokens: NewTokens = 32  # output method: teacher generation length
     generation_batch_size: GenerationBatch = 16
 
@@ -195,7 +226,7 @@ class EfficiencySpec(Strict):
     gradient_checkpointing: bool = False  # recompute activations in backward (use_reentrant=False)
     padding_free: bool = False  # SFT: each batch is one row of concatenated sequences with position ids
     group_by_length: bool = False  # batches of similar lengths (when not packing): less padding
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "kernels"] = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     load_in_4bit: bool = False  # QLoRA: frozen NF4 base through bitsandbytes; needs a PEFT method
     use_liger_kernel: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
     torch_compile: bool = False
@@ -247,6 +278,8 @@ class JobSpec(Strict):
     peft: PeftSpec | None = None
     dpo: DpoSpec | None = None
     distill: DistillSpec | None = None
+    kto: KtoSpec | None = None
+    orpo: OrpoSpec | None = None
     teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
@@ -263,10 +296,15 @@ class JobSpec(Strict):
             raise ValueError("load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: it needs a LoRA/PEFT algorithm_config")
         if e.load_in_4bit and self.fsdp is not None:
             raise ValueError("load_in_4bit: 4-bit bases are not sharded by this service's FSDP; train QLoRA on one device")
-        if e.precompute_ref_log_probs and self.method != "dpo":
-            raise ValueError(f"precompute_ref_log_probs is a DPO setting; this job is {self.method!r}")
-        if e.padding_free and self.method in ("dpo", "teacher"):
-            raise ValueError(f"padding_free: TRL 1.16 has no padding-free path for {self.method!r} (SFT and distillation only)")
+        method = METHODS[self.method]
+        if e.precompute_ref_log_probs and not method.precompute_ref_log_probs:
+            owners = " and ".join(m.upper() for m in with_flag("precompute_ref_log_probs"))
+            raise ValueError(f"precompute_ref_log_probs is a {owners} setting; this job is {self.method!r}")
+        if e.padding_free and not method.padding_free:
+            raise ValueError(f"padding_free: TRL 1.16 has no padding-free path for {self.method!r} "
+                             f"({list(with_flag('padding_free'))} only)")
+        if e.group_by_length and method.fixed_order:
+            raise ValueError(f"group_by_length: {self.method!r} reads its rows in a fixed order (shuffled once)")
         if e.group_by_length and self.data.packed:
             raise ValueError("group_by_length: packed batches have no padding to save; use one of packed and group_by_length")
         if e.padding_free and self.peft is not None and self.peft.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
@@ -277,13 +315,20 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _method_settings(self) -> JobSpec:
-        if self.method == "dpo" and self.dpo is None:
-            self.dpo = DpoSpec()
-        if self.method == "distill" and self.distill is None:
-            raise ValueError("method 'distill' needs distillation settings")
-        if self.method == "teacher" and self.teacher is None:
-            raise ValueError("method 'teacher' needs teacher settings")
+        """The method's own section (methods.py names it) is set: its defaults when it has defaults for
+        every field, else an error."""
+        section = METHODS[self.method].section
+        if section is not None and getattr(self, section) is None:
+            try:
+                setattr(self, section, self.section_model(section)())
+            except ValueError:
+                raise ValueError(f"method {self.method!r} needs {section} settings") from None
         return self
+
+    @classmethod
+    def section_model(cls, section: str) -> type[BaseModel]:
+        """The settings model of a method's JobSpec section (e.g. "dpo" -> DpoSpec)."""
+        return next(a for a in get_args(cls.model_fields[section].annotation) if a is not type(None))
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path or Path(self.run_dir) / "spec.json")

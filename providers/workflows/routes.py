@@ -21,6 +21,7 @@ from ..export.hub import hub_target
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..serving.engine import ModelCache
 from ..serving.openai_api import ChatLimits, chat_router
+from ..training.methods import SERVABLE
 from .tasks import (
     EnhanceRequest,
     ExportRequest,
@@ -68,7 +69,7 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     def available_models() -> list[str]:
         done = service.jobs.store.list(statuses=("completed",))
-        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in ("sft", "dpo", "distill"))]
+        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
                        ChatLimits(config.chat_workers, config.chat_queue, config.chat_max_tokens))

@@ -26,15 +26,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..api.paths import check_path_text
+from ..api.requests import DPOAlignmentConfig, PeftFinetuningConfig
 from ..enhance import EnhanceConfig, enhance_rows
 from ..export.hub import HubSettings, hub_target
 from ..jobs.child_env import child_env
 from ..jobs.store import ACTIVE, UnknownJobError
-from ..post_training_api import SAFE_NAME, DPOAlignmentConfig, PeftFinetuningConfig, check_path_text
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..serving.engine import adapter_base, is_adapter
 from ..state_files import load_state, save_state
 from ..training.run_files import utc_now
+from ..training.spec import SAFE_NAME
 
 log = logging.getLogger("providers.remote_fsdp")
 

@@ -26,12 +26,13 @@ from typing import Any
 import httpx
 
 from ...jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
-from ...post_training_api import check_job_uuid, method_of, preference_target, scheduling_spec
+from ...api.paths import check_job_uuid
+from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from ...api.to_spec import method_of, preference_target, scheduling_spec
 from ...training.run_files import RunFiles, utc_now
 from ...training.spec import ResourceRequest
 from .jobs import FsdpJobService
 from .launcher import TorchRunOptions, free_port
-from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Node, NodeRegistry, describe, misfit, requested
 from ...state_files import load_state, save_state
 
@@ -102,7 +103,7 @@ class DistributedJobs:
                     "job_uuid": job_uuid, "route": route, "submitted_at": utc_now(),
                     "seq": time.time_ns(), "priority": scheduling.priority, "nnodes": opts.nnodes,
                     "nproc_per_node": opts.nproc_per_node, "resources": scheduling.resources.model_dump(),
-                    "method": "dpo" if route == "preference-optimize" else method_of(request.algorithm_config),
+                    "method": method_of(route, request.algorithm_config),
                     "model": model,
                 }
                 save_state(self._pending_path(job_uuid), {**entry, "body": body})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,21 @@ from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
 from ...jobs.store import JobStore
-from ...post_training_api import (
-    SAFE_NAME,
-    ProviderDefaults,
-    TrainingConfig,
-    check_job_uuid,
-    data_config_of,
-    method_of,
-    preference_target,
-    prepare_job,
-    resolve_model,
-)
+from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
+from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest, TrainingConfig
+from ...api.to_spec import data_config_of, method_of, preference_target, prepare_job
 from ...training.components import device_type
 from ...training.fsdp import backend, mesh_shape
 from ...training.run_files import RunFiles
-from ...training.spec import FsdpSpec, JobSpec
+from ...training.spec import FsdpSpec, JobSpec, check_name
 from .config import ServiceConfig
 from .launcher import TorchRunOptions, torchrun_command
 from .launchers import build_launchers
-from .models import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .security import clean_partial_files
 
 # What a client may set in torch_run_config; the rest (placement) comes from a coordinator. rdzv_backend
 # stays for clients that send "static"; any other value is a 400 (TorchRunOptions.only_static says why).
 CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeout_s", "launcher", "rank_start"}
-
-DATASET_ID = re.compile(SAFE_NAME)
 
 
 def _validation_message(e: ValidationError, field: str) -> str:
@@ -87,9 +75,7 @@ class FsdpJobService:
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
-        if not isinstance(dataset_id, str) or not DATASET_ID.fullmatch(dataset_id):
-            raise ValueError(f"dataset_id: {str(dataset_id)[:200]!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                             "not starting with '.'")
+        check_name(dataset_id, "dataset_id")
         return self.datasets_dir / f"{dataset_id}.jsonl"
 
     def teacher_outputs_dir(self, job_uuid: str) -> Path:
@@ -235,11 +221,11 @@ class FsdpJobService:
         `trusted`: a coordinator's part of a multi-node job, which carries the rendezvous placement."""
         if route == "preference-optimize":
             req = PreferenceOptimizeRequest.model_validate(request)
-            method = "dpo"
             model, result_name = preference_target(req.finetuned_model, req.model)
         else:
             req = SupervisedFineTuneRequest.model_validate(request)
-            method, model, result_name = method_of(req.algorithm_config), req.model, None
+            model, result_name = req.model, None
+        method = method_of(route, req.algorithm_config)
         if req.part_of is not None and not trusted:
             raise ValueError("part_of: set only by a coordinator (on its node-authenticated parts route)")
         return self.submit(

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field, field_validator
 
-from ...post_training_api import FINITE, SAFE_NAME
+from ...api.requests import FINITE
+from ...training.spec import SAFE_NAME
 from ...training.spec import ResourceRequest
 from ...state_files import load_state, save_state
 

@@ -21,12 +21,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ...jobs.store import ACTIVE
-from ...post_training_api import scheduling_spec
+from ...api.requests import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from ...api.to_spec import scheduling_spec
 from ...training.plots import plot_files
 from .config import ServiceConfig
 from .distributed import DistributedJobs
 from .jobs import FsdpJobService
-from .models import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .nodes import Heartbeat, Node, NodeRegistry, Registration, misfit
 from .security import (
     DiskQuota,

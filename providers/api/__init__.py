@@ -1,0 +1,1 @@
+"""The post-training API: request models (requests.py), path and name checks (paths.py), request -> JobSpec (to_spec.py)."""

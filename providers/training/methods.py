@@ -1,0 +1,72 @@
+"""The method table: every training method this project runs, in one explicit registry.
+
+Everything that depends on the method reads it from here: the JobSpec's `method` literal and which section
+holds its settings (spec.py), the recipe `run.py` imports, the kind of rows the API writes, which
+algorithm_config `type` selects it on which Llama Stack call (api/to_spec.py), which knobs apply to it
+(efficiency checks), whether its output is a model to chat with, validate or export, and the CLI's choices.
+
+Add a method: its settings section in spec.py, its recipe in recipes/, its request model in
+api/requests.py, and one line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RowKind = Literal["completion", "preference", "prompt"]
+SFT_CALL = "supervised_fine_tune"
+PREFERENCE_CALL = "preference_optimize"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    recipe: str  # module in providers/training/recipes/ with `train(spec, files) -> dict`
+    rows: RowKind  # what providers/training/data.normalize_rows makes of the job's rows
+    section: str | None  # the JobSpec field holding its settings (None: none beyond `peft`)
+    call: str | None  # the Llama Stack post-training call that requests it (None: not requestable there)
+    # The algorithm_config `type`s that select it on that call; None: a request without algorithm_config.
+    algorithm_types: tuple[str | None, ...] = ()
+    servable: bool = True  # its output is a model: chat, validation and export take it
+    padding_free: bool = False  # TRL has a padding-free path for it (SFTConfig padding_free)
+    precompute_ref_log_probs: bool = False  # its trainer can precompute the reference log-probs
+    chunked_lm_head: bool = False  # its recipe chooses TRL's chunked LM head or full logits
+    reference: bool = False  # it trains against a frozen reference policy
+    fixed_order: bool = False  # its trainer reads rows in a fixed order (shuffled once): no group_by_length
+
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("sft", "sft", "completion", None, SFT_CALL, (None, "LoRA", "QAT", "PEFT"),
+               padding_free=True, chunked_lm_head=True),
+    MethodInfo("dpo", "dpo", "preference", "dpo", PREFERENCE_CALL, (None, "dpo"),
+               precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
+    MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
+               precompute_ref_log_probs=True, reference=True, fixed_order=True),
+    MethodInfo("orpo", "orpo", "preference", "orpo", PREFERENCE_CALL, ("orpo",)),
+    MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
+    MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),
+)}
+
+METHOD_NAMES = tuple(METHODS)
+SERVABLE = tuple(name for name, m in METHODS.items() if m.servable)
+
+
+def with_flag(flag: str) -> tuple[str, ...]:
+    """The methods whose `flag` (a MethodInfo capability, e.g. "padding_free") is set."""
+    return tuple(name for name, m in METHODS.items() if getattr(m, flag))
+
+
+def method_for(call: str, algorithm_type: str | None) -> str:
+    """The method a Llama Stack call with an algorithm_config of this `type` (None: none, or no type) asks for;
+    raises ValueError naming algorithm_config.type and what the call accepts."""
+    for name, m in METHODS.items():
+        if m.call == call and algorithm_type in m.algorithm_types:
+            return name
+    accepted = [t for m in METHODS.values() if m.call == call for t in m.algorithm_types if t is not None]
+    raise ValueError(f"algorithm_config.type: {algorithm_type!r} is not a method of {call}; accepted: {accepted}")
+
+
+def recipe_module(method: str) -> str:
+    """The import path of a method's recipe."""
+    return f"{__package__}.recipes.{METHODS[method].recipe}"
