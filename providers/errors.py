@@ -39,7 +39,8 @@ def first_validation_error(e, prefix: str = "") -> str:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     field = ".".join(p for p in (prefix, loc) if p)
-    return f"{field or 'body'}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")  # a validator's own message names its fields
+    return f"{field}: {message}" if field else message
 
 
 @contextmanager

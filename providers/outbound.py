@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from .errors import BadRequest
 
 ENDPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -41,7 +42,7 @@ class Endpoint(_Strict):
     def _http_url(cls, v: str) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http(s)://HOST[:PORT]/PATH URL")
+            raise BadRequest(f"{v!r} is not an http(s)://HOST[:PORT]/PATH URL")
         return v.rstrip("/")
 
     def api_key(self) -> str | None:
@@ -63,13 +64,13 @@ class HubPublishing(_Strict):
 
         bad = [n for n in v if not re.match(HUB_NAME, n)]
         if bad:
-            raise ValueError(f"{bad} are not Hub user or organisation names")
+            raise BadRequest(f"{bad} are not Hub user or organisation names")
         return v
 
     @model_validator(mode="after")
     def _token_needs_namespaces(self):
         if self.token_env and not self.allowed_namespaces:
-            raise ValueError("token_env is set but allowed_namespaces is empty: name the namespaces pushes may go to")
+            raise BadRequest("token_env is set but allowed_namespaces is empty: name the namespaces pushes may go to")
         return self
 
     def token(self) -> str | None:
@@ -95,7 +96,7 @@ class OutboundConfig(_Strict):
 
         bad = [n for n in v if not re.match(ENDPOINT_NAME, n)]
         if bad:
-            raise ValueError(f"{bad}: endpoint names are 1-64 letters, digits, '.', '_' or '-'")
+            raise BadRequest(f"{bad}: endpoint names are 1-64 letters, digits, '.', '_' or '-'")
         return v
 
 
@@ -107,12 +108,12 @@ def pick_endpoint(field: str, name: str, model: str, endpoints: Mapping[str, End
     """The endpoint a request names, which must be declared and offer `model`; errors name `field`."""
     endpoint = endpoints.get(name)
     if endpoint is None:
-        raise ValueError(f"{field}.endpoint: {name!r} is not an endpoint of this service; name an endpoint the "
+        raise BadRequest(f"{field}.endpoint: {name!r} is not an endpoint of this service; name an endpoint the "
                          f"operator declared: {declared(endpoints)}")
     if endpoint.models is not None and model not in endpoint.models:
-        raise ValueError(f"{field}.model: {model!r} is not offered by endpoint {name!r}; it serves {endpoint.models}")
+        raise BadRequest(f"{field}.model: {model!r} is not offered by endpoint {name!r}; it serves {endpoint.models}")
     if endpoint.api_key_env and not endpoint.api_key():
-        raise ValueError(f"{field}.endpoint: {name!r} has no key on this service (its operator set api_key_env "
+        raise BadRequest(f"{field}.endpoint: {name!r} has no key on this service (its operator set api_key_env "
                          f"{endpoint.api_key_env}, which is unset)")
     return endpoint
 

@@ -9,6 +9,7 @@ from pathlib import Path, PurePath
 
 from pydantic import BaseModel, Field, field_validator
 
+from ..errors import BadRequest
 from ..outbound import HubDownloads
 from ..training.spec import SAFE_NAME_RE, check_name
 from .requests import normalize_dtype
@@ -51,18 +52,18 @@ def check_job_uuid(job_uuid: str) -> None:
 def check_path_text(value: str, field: str) -> None:
     """A path from a request: no NUL, no '..' component (a request never climbs out of a directory)."""
     if "\x00" in value:
-        raise ValueError(f"{field}: contains a NUL character")
+        raise BadRequest(f"{field}: contains a NUL character")
     if len(value) > 4096:
-        raise ValueError(f"{field}: longer than 4096 characters")
+        raise BadRequest(f"{field}: longer than 4096 characters")
     parts = PurePath(value).parts
     if ".." in parts:
-        raise ValueError(f"{field}: {value!r} has a '..' component; name the directory without parent references")
+        raise BadRequest(f"{field}: {value!r} has a '..' component; name the directory without parent references")
     if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts):
-        raise ValueError(f"{field}: a path component is longer than 255 bytes")
+        raise BadRequest(f"{field}: a path component is longer than 255 bytes")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{field}: not valid UTF-8 text") from None
+        raise BadRequest(f"{field}: not valid UTF-8 text") from None
 
 
 def is_within(path: Path, roots: list[Path]) -> bool:
@@ -76,7 +77,7 @@ def confine(path: Path, roots: list[str] | None, field: str, value: str, hint: s
         return resolved
     allowed = [Path(r).expanduser().resolve() for r in roots]
     if not is_within(resolved, allowed):
-        raise ValueError(f"{field}: {value!r} is outside the allowed directories {[str(r) for r in allowed]}; "
+        raise BadRequest(f"{field}: {value!r} is outside the allowed directories {[str(r) for r in allowed]}; "
                          f"to allow it, {hint}")
     return resolved
 
@@ -100,7 +101,7 @@ def hub_snapshot(repo_id: str, field: str, policy: HubDownloads) -> Path:
     if constants.HF_HUB_OFFLINE or not policy.allow_download:
         why = ("HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else
                "this service downloads no models (its operator allows it with hub_downloads.allow_download)")
-        raise ValueError(
+        raise BadRequest(
             f"{field}: {repo_id!r} is not a local directory and not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}); {why}. Download it on a machine with network access "
             f"(`hf download {repo_id}`) into that cache, or give a local directory")
@@ -109,16 +110,16 @@ def hub_snapshot(repo_id: str, field: str, policy: HubDownloads) -> Path:
         info = HfApi().model_info(repo_id, files_metadata=True)
         sizes = [s.size for s in info.siblings or []]
         if any(size is None for size in sizes):
-            raise ValueError(f"{field}: the Hub does not say how large {repo_id!r} is; it is not downloaded")
+            raise BadRequest(f"{field}: the Hub does not say how large {repo_id!r} is; it is not downloaded")
         if sum(sizes) > cap:
-            raise ValueError(f"{field}: {repo_id!r} is {sum(sizes) / 1e9:.2f} GB, over this service's download "
+            raise BadRequest(f"{field}: {repo_id!r} is {sum(sizes) / 1e9:.2f} GB, over this service's download "
                              f"limit of {policy.max_download_gb} GB (hub_downloads.max_download_gb)")
         # The revision whose sizes were checked, not whatever the branch points to a moment later.
         return Path(snapshot_download(repo_id, revision=info.sha))
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - unknown repo, gated, no network: all bad input here
-        raise ValueError(f"{field}: {repo_id!r} is not a local directory and could not be fetched from the "
+        raise BadRequest(f"{field}: {repo_id!r} is not a local directory and could not be fetched from the "
                          f"Hugging Face Hub: {type(e).__name__}: {str(e)[:300]}") from None
 
 
@@ -126,7 +127,7 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
     """A request's model (a local directory, or a hub id resolved through the Hugging Face cache) as a
     local causal-LM directory inside the allowed model roots; errors name the field."""
     if not isinstance(ref, str) or not ref:
-        raise ValueError(f"{field}: required (a model directory or a Hugging Face model id)")
+        raise BadRequest(f"{field}: required (a model directory or a Hugging Face model id)")
     check_path_text(ref, field)
     local = Path(ref).expanduser()
     is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.fullmatch(ref)
@@ -157,7 +158,7 @@ def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults
     if checkpoint_dir is None:
         return None
     if not isinstance(checkpoint_dir, str) or not checkpoint_dir:
-        raise ValueError("checkpoint_dir: must be a non-empty path")
+        raise BadRequest("checkpoint_dir: must be a non-empty path")
     check_path_text(checkpoint_dir, "checkpoint_dir")
     base = Path(checkpoint_dir).expanduser()
     if not base.is_absolute():
@@ -167,7 +168,7 @@ def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults
         roots = [str(defaults.checkpoints_dir), *defaults.allowed_checkpoint_roots]
     out = confine(base, roots, "checkpoint_dir", checkpoint_dir, defaults.checkpoint_roots_hint) / result_name
     if out.exists():
-        raise ValueError(f"checkpoint_dir: {str(out)!r} already exists; a new job writes a new directory "
+        raise BadRequest(f"checkpoint_dir: {str(out)!r} already exists; a new job writes a new directory "
                          "(choose another checkpoint_dir or result name)")
     return str(out)
 
@@ -176,7 +177,7 @@ def result_name_of(finetuned_model: str, field: str = "finetuned_model") -> str:
     """The name a trained model is given (artifacts, checkpoint directory): `org/name` becomes `org--name`."""
     name = finetuned_model.replace("/", "--")
     if not SAFE_NAME_RE.fullmatch(name):
-        raise ValueError(f"{field}: {finetuned_model[:200]!r} names the trained model, so it must be 1-128 letters, "
+        raise BadRequest(f"{field}: {finetuned_model[:200]!r} names the trained model, so it must be 1-128 letters, "
                          "digits, '.', '_', '-' or '/'")
     return name
 
@@ -185,14 +186,14 @@ def check_model_path(path: str, field: str) -> None:
     """A local directory holding a causal LM config; the message names the field."""
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
-        raise ValueError(f"{field}: {path!r} is not a local model directory (no config.json there)")
+        raise BadRequest(f"{field}: {path!r} is not a local model directory (no config.json there)")
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - any load failure is bad input
-        raise ValueError(f"{field}: {path!r} has a config that does not load: {e}") from None
+        raise BadRequest(f"{field}: {path!r} has a config that does not load: {e}") from None
     archs = config.architectures or []
     if archs:
         # The classes the checkpoint was saved from decide: a BERT encoder ("BertModel", "BertForMaskedLM")
@@ -202,4 +203,4 @@ def check_model_path(path: str, field: str) -> None:
     else:
         is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not is_causal:
-        raise ValueError(f"{field}: {path!r} is a {config.model_type!r} model ({archs}), not a causal LM")
+        raise BadRequest(f"{field}: {path!r} is a {config.model_type!r} model ({archs}), not a causal LM")

@@ -25,6 +25,7 @@ from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
 
+from ..errors import BadRequest
 from ..training.spec import (
     DPO_LOSS_TYPES,
     MAX_COUNT,
@@ -103,7 +104,7 @@ DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": 
 def normalize_dtype(value: str, field: str = "dtype") -> str:
     """bf16 / fp16 / fp32 (or their torch names) as the job spec's name; raises ValueError naming the field."""
     if value not in DTYPE_ALIASES:
-        raise ValueError(f"{field}: {value!r} is not one of bf16, fp16, fp32 (or bfloat16, float16, float32)")
+        raise BadRequest(f"{field}: {value!r} is not one of bf16, fp16, fp32 (or bfloat16, float16, float32)")
     return DTYPE_ALIASES[value]
 
 
@@ -200,7 +201,7 @@ def _preference_config(value: Any, handler: Any) -> BaseModel:
         return DPOAlignmentConfig.model_validate(value)
     kind = value.get("type") or "dpo"
     if kind not in PREFERENCE_CONFIGS:
-        raise ValueError(f"type: {str(kind)[:100]!r} is not a preference_optimize method; accepted: "
+        raise BadRequest(f"type: {str(kind)[:100]!r} is not a preference_optimize method; accepted: "
                          f"{list(PREFERENCE_CONFIGS)}")
     return PREFERENCE_CONFIGS[kind].model_validate(value)
 

@@ -14,6 +14,7 @@ from typing import Any
 from llama_stack.apis.post_training import LoraFinetuningConfig, QATFinetuningConfig
 from pydantic import ValidationError
 
+from ..errors import BadRequest, client_errors
 from ..training.efficiency import check_4bit, check_supported
 from ..training.loggers import check_report_to
 from ..training.methods import METHODS, PREFERENCE_CALL, method_for
@@ -57,11 +58,11 @@ def efficiency_spec(tc: TrainingConfig, check_host: bool = True) -> EfficiencySp
     ec = getattr(tc, "efficiency_config", None)
     if ec is not None:
         if getattr(ec, "enable_activation_offloading", False):
-            raise ValueError("training_config.efficiency_config.enable_activation_offloading: not supported; "
+            raise BadRequest("training_config.efficiency_config.enable_activation_offloading: not supported; "
                              "use gradient_checkpointing (recompute) instead")
         for name in ("fsdp_cpu_offload", "memory_efficient_fsdp_wrap"):
             if getattr(ec, name, False):
-                raise ValueError(f"training_config.efficiency_config.{name}: FSDP options are set in "
+                raise BadRequest(f"training_config.efficiency_config.{name}: FSDP options are set in "
                                  "training_config.fsdp_config (remote::trl_fsdp), e.g. cpu_offload")
     checkpointing = getattr(tc, "gradient_checkpointing", None)
     if checkpointing is None:
@@ -72,7 +73,8 @@ def efficiency_spec(tc: TrainingConfig, check_host: bool = True) -> EfficiencySp
            if name != "gradient_checkpointing" and getattr(tc, name, None) is not None},
     )
     if check_host:
-        check_supported(spec)
+        with client_errors():  # the core says what this host lacks, naming the field
+            check_supported(spec)
     return spec
 
 
@@ -81,19 +83,21 @@ def logging_spec(logger_config: dict[str, Any] | None, default_steps: int) -> Lo
 
     cfg = logger_config or {}
     if not isinstance(cfg, dict):
-        raise ValueError("logger_config: must be an object")
+        raise BadRequest("logger_config: must be an object")
+    with client_errors():
+        report_to = check_report_to(cfg.get("report_to"))
     try:
         return LoggingSpec(
             logging_steps=cfg.get("logging_steps", default_steps),
             tensorboard=cfg.get("tensorboard", False),
             wandb_project=cfg.get("wandb_project"),
-            report_to=check_report_to(cfg.get("report_to")),
+            report_to=report_to,
             project=cfg.get("project"),
             run_name=cfg.get("run_name"),
         )
     except ValidationError as e:
         first = e.errors()[0]
-        raise ValueError(f"logger_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise BadRequest(f"logger_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 # Llama Stack's LoraFinetuningConfig names modules as torchtune does (q_proj, k_proj, v_proj, output_proj,
@@ -141,7 +145,7 @@ def check_targets(model_type: str, modules: dict[str, str], targets: list[str], 
     linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind in ("Linear", "Conv1D")})
     llama_stack_names = [k for k in LORA_MODULE_NAMES.get(model_type, _LLAMA_LIKE) if k not in ("mlp", "output")]
     asked = f" (from {requested})" if requested and requested != targets else ""
-    raise ValueError(
+    raise BadRequest(
         f"{field}: {missing}{asked} is not a module of this {model_type!r} model; accepted: Llama Stack's names "
         f"{llama_stack_names} or the model's own module names, such as {linear}"
     )
@@ -161,7 +165,7 @@ def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None, model: st
         try:
             model_type, modules = model_modules(model)
         except Exception as e:  # noqa: BLE001 - a config that builds no model cannot be trained either
-            raise ValueError(f"model: {model!r}: no model can be built from its config: {type(e).__name__}: "
+            raise BadRequest(f"model: {model!r}: no model can be built from its config: {type(e).__name__}: "
                              f"{str(e)[:300]}") from None
     if isinstance(cfg, PeftFinetuningConfig):
         spec = PeftSpec(**cfg.model_dump(exclude={"type"}))
@@ -169,10 +173,11 @@ def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None, model: st
             check_targets(model_type, modules, spec.target_modules, f"{field}.target_modules")
         return spec
     if cfg.quantize_base and check_host:
-        check_4bit(f"{field}.quantize_base")  # QLoRA: a 400 naming what this host lacks
+        with client_errors():
+            check_4bit(f"{field}.quantize_base")  # QLoRA: a 400 naming what this host lacks
     attn = list(cfg.lora_attn_modules)
     if not attn and not cfg.apply_lora_to_mlp and not cfg.apply_lora_to_output:
-        raise ValueError(f"{field}.lora_attn_modules: no modules to adapt (and apply_lora_to_mlp, "
+        raise BadRequest(f"{field}.lora_attn_modules: no modules to adapt (and apply_lora_to_mlp, "
                          "apply_lora_to_output are false)")
     targets = lora_targets(model_type, attn, cfg.apply_lora_to_mlp, cfg.apply_lora_to_output)
     if modules is not None:
@@ -198,7 +203,7 @@ def dpo_spec(cfg: DPOAlignmentConfig) -> tuple[DpoSpec, dict[str, str]]:
     if cfg.epsilon not in (None, 0.0):
         if set(LABEL_SMOOTHING_LOSSES) & set(loss_type):
             if not 0 <= cfg.epsilon < 0.5:
-                raise ValueError(f"algorithm_config.epsilon: {cfg.epsilon} is label smoothing for loss_type "
+                raise BadRequest(f"algorithm_config.epsilon: {cfg.epsilon} is label smoothing for loss_type "
                                  f"{loss_type} and must be in [0, 0.5)")
             smoothing = cfg.epsilon
         else:
@@ -210,7 +215,7 @@ def dpo_spec(cfg: DPOAlignmentConfig) -> tuple[DpoSpec, dict[str, str]]:
         spec = DpoSpec(beta=cfg.beta or cfg.reward_scale or 0.1, loss_type=loss_type,
                        loss_weights=cfg.loss_weights, label_smoothing=smoothing)
     except ValueError as e:
-        raise ValueError(f"algorithm_config: {e}") from None
+        raise BadRequest(f"algorithm_config: {e}") from None
     return spec, {f"algorithm_config.{k}": v for k, v in not_applied.items()}
 
 
@@ -248,55 +253,59 @@ def build_job_spec(
         optimizer = OptimizerSpec(lr=tc.learning_rate)
     else:
         optimizer = OptimizerSpec()
-    return JobSpec(
-        job_uuid=job_uuid,
-        result_name=result_name,
-        not_applied=not_applied or {},
-        method=method,
-        model=model,
-        model_id=model_id,
-        model_revision=model_revision,
-        run_dir=run_dir,
-        data=DataSpec(
-            train_file=train_file,
-            validation_file=validation_file,
-            batch_size=dc.batch_size,
-            shuffle=dc.shuffle,
-            packed=bool(dc.packed),
-            train_on_input=bool(dc.train_on_input),
-            max_seq_len=tc.max_seq_len,
-        ),
-        optimizer=optimizer,
-        n_epochs=tc.n_epochs,
-        max_steps_per_epoch=tc.max_steps_per_epoch,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        max_validation_steps=tc.max_validation_steps,
-        # A request without dtype takes the provider config's (TrainingConfig.dtype defaults to None).
-        dtype=tc.dtype or defaults.dtype,
-        seed=tc.seed,
-        peft=peft,
-        **sections,
-        checkpoint=CheckpointSpec(
-            output_dir=output_dir or str(Path(run_dir) / "checkpoints"), save_steps=tc.save_steps,
-            save_total_limit=tc.save_total_limit, resume=tc.resume_from_checkpoint,
-        ),
-        logging=logging_spec(logger_config, defaults.logging_steps),
-        fsdp=fsdp,
-        efficiency=efficiency_spec(tc, check_host),
-        scheduling=scheduling_spec(tc),
-    )
+    efficiency = efficiency_spec(tc, check_host)
+    logging_settings = logging_spec(logger_config, defaults.logging_steps)
+    scheduling = scheduling_spec(tc)
+    with client_errors():  # JobSpec's own checks of combinations (e.g. QLoRA without an adapter)
+        return JobSpec(
+            job_uuid=job_uuid,
+            result_name=result_name,
+            not_applied=not_applied or {},
+            method=method,
+            model=model,
+            model_id=model_id,
+            model_revision=model_revision,
+            run_dir=run_dir,
+            data=DataSpec(
+                train_file=train_file,
+                validation_file=validation_file,
+                batch_size=dc.batch_size,
+                shuffle=dc.shuffle,
+                packed=bool(dc.packed),
+                train_on_input=bool(dc.train_on_input),
+                max_seq_len=tc.max_seq_len,
+            ),
+            optimizer=optimizer,
+            n_epochs=tc.n_epochs,
+            max_steps_per_epoch=tc.max_steps_per_epoch,
+            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            max_validation_steps=tc.max_validation_steps,
+            # A request without dtype takes the provider config's (TrainingConfig.dtype defaults to None).
+            dtype=tc.dtype or defaults.dtype,
+            seed=tc.seed,
+            peft=peft,
+            **sections,
+            checkpoint=CheckpointSpec(
+                output_dir=output_dir or str(Path(run_dir) / "checkpoints"), save_steps=tc.save_steps,
+                save_total_limit=tc.save_total_limit, resume=tc.resume_from_checkpoint,
+            ),
+            logging=logging_settings,
+            fsdp=fsdp,
+            efficiency=efficiency,
+            scheduling=scheduling,
+        )
 
 
 def scheduling_spec(tc: TrainingConfig) -> SchedulingSpec:
     """training_config.scheduling as a SchedulingSpec; raises ValueError naming the field."""
     if tc.scheduling is not None and not isinstance(tc.scheduling, dict):
-        raise ValueError("training_config.scheduling: must be an object")
+        raise BadRequest("training_config.scheduling: must be an object")
     try:
         return SchedulingSpec.model_validate(tc.scheduling or {})
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"training_config.scheduling{'.' + loc if loc else ''}: {first['msg']}") from None
+        raise BadRequest(f"training_config.scheduling{'.' + loc if loc else ''}: {first['msg']}") from None
 
 
 def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults,
@@ -307,11 +316,11 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
         dpo, not_applied = dpo_spec(algorithm_config or DPOAlignmentConfig())
         return {"dpo": dpo, "not_applied": not_applied}
     if isinstance(algorithm_config, QATFinetuningConfig):
-        raise ValueError("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
+        raise BadRequest("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
     if isinstance(algorithm_config, DistillationConfig):
         d = algorithm_config
         if (d.teacher_model is None) == (d.teacher_outputs_dir is None):
-            raise ValueError("algorithm_config: give exactly one of teacher_model and teacher_outputs_dir")
+            raise BadRequest("algorithm_config: give exactly one of teacher_model and teacher_outputs_dir")
         if d.teacher_model is not None:
             field = "algorithm_config.teacher_model"
             teacher = resolve_model(d.teacher_model, field, defaults)
@@ -324,7 +333,7 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             teacher = str(confine(Path(d.teacher_outputs_dir), roots, field, d.teacher_outputs_dir,
                                   defaults.model_roots_hint))
             if not (Path(teacher) / "teacher_task.json").exists():
-                raise ValueError(f"{field}: {teacher!r} holds no teacher task outputs")
+                raise BadRequest(f"{field}: {teacher!r} holds no teacher task outputs")
         spec = DistillSpec(
             **d.model_dump(exclude={"type", "student_peft", "teacher_model", "teacher_outputs_dir"}),
             teacher_model=teacher if d.teacher_model else None,
@@ -336,7 +345,7 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             try:
                 check_same_tokenizer(model, teacher)
             except ValueError as e:
-                raise ValueError(f"{field}: {e}") from None
+                raise BadRequest(f"{field}: {e}") from None
         return {"distill": spec, "peft": peft_spec(d.student_peft, model, "algorithm_config.student_peft", check_host)}
     section = METHODS[method].section
     if section is not None:  # a method whose request fields are its section's fields (kto, orpo)
@@ -345,7 +354,7 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             return {section: JobSpec.section_model(section)(**fields)}
         except ValidationError as e:
             first = e.errors()[0]
-            raise ValueError(f"algorithm_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise BadRequest(f"algorithm_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     return {"peft": peft_spec(algorithm_config, model, check_host=check_host)}
 
 
@@ -357,7 +366,7 @@ def check_output_layer_adapter(settings: dict[str, Any]) -> None:
         return
     if distill is not None and distill.teacher_outputs_dir and distill.method != "output":
         return
-    raise ValueError(
+    raise BadRequest(
         "algorithm_config.apply_lora_to_output / target_modules: an adapter on lm_head is not trained by "
         "TRL's trainers (they read lm_head.weight directly); leave lm_head out, or train it fully"
     )
@@ -383,9 +392,9 @@ async def fetch_rows(datasetio: Any, dataset_id: str, field: str) -> list[dict[s
     try:
         page = await datasetio.iterrows(dataset_id=dataset_id, limit=-1)
     except Exception as e:  # noqa: BLE001 - the datasetio router raises several types for unknown ids
-        raise ValueError(f"{field}: dataset {str(dataset_id)[:200]!r} cannot be read: {e}") from None
+        raise BadRequest(f"{field}: dataset {str(dataset_id)[:200]!r} cannot be read: {e}") from None
     if not page.data:
-        raise ValueError(f"{field}: dataset {dataset_id!r} is empty")
+        raise BadRequest(f"{field}: dataset {dataset_id!r} is empty")
     return page.data
 
 
@@ -396,15 +405,15 @@ def write_rows(rows: Any, path: Path, kind: str, field: str) -> int:
     try:
         n = write_jsonl(normalize_rows(rows, kind), path)
     except DataFormatError as e:
-        raise ValueError(f"{field}: {e}") from None
+        raise BadRequest(f"{field}: {e}") from None
     if n == 0:
-        raise ValueError(f"{field}: the dataset has no rows")
+        raise BadRequest(f"{field}: the dataset has no rows")
     return n
 
 
 def data_config_of(training_config: TrainingConfig) -> DataConfig:
     if training_config.data_config is None:
-        raise ValueError("training_config.data_config: required (dataset_id, batch_size)")
+        raise BadRequest("training_config.data_config: required (dataset_id, batch_size)")
     return training_config.data_config
 
 

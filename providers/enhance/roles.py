@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import openai
 
+from ..errors import BadRequest
 from ..outbound import Endpoint, declared, pick_endpoint
 from .config import RoleConfig
 
@@ -21,14 +22,14 @@ def role_target(field: str, config: RoleConfig, endpoints: Mapping[str, Endpoint
     carries a URL or a key's variable of its own is refused: they are the operator's to declare."""
     for own in ("base_url", "api_key_env"):
         if getattr(config, own) is not None:
-            raise ValueError(f"{field}.{own}: a request may not choose {'a URL' if own == 'base_url' else 'a key'} "
+            raise BadRequest(f"{field}.{own}: a request may not choose {'a URL' if own == 'base_url' else 'a key'} "
                              f"for the service to use; name an endpoint the operator declared with "
                              f"`{field}.endpoint`: {declared(endpoints)}")
     if config.endpoint is not None:
         endpoint = pick_endpoint(field, config.endpoint, config.model, endpoints)
         return endpoint.base_url, endpoint.api_key()
     if not local_base_url:
-        raise ValueError(f"{field}.endpoint: needed when no local service serves {config.model!r}: "
+        raise BadRequest(f"{field}.endpoint: needed when no local service serves {config.model!r}: "
                          f"{declared(endpoints)}")
     return local_base_url.rstrip("/"), local_api_key
 

@@ -9,6 +9,7 @@ a request arrives and rendered here by plain substitution: `{{` and `}}` stay li
 from __future__ import annotations
 
 import string
+from ..errors import BadRequest
 
 MAX_RENDERED_CHARS = 64 * 1024  # a prompt longer than this fails its row, never the service
 
@@ -27,17 +28,17 @@ def check_template(template: str, allowed: tuple[str, ...]) -> str:
     try:
         parts = _parts(template)
     except ValueError as e:  # a lone '{' or '}'
-        raise ValueError(f"{e}; placeholders are {accepted}, and {{{{ / }}}} write literal braces") from None
+        raise BadRequest(f"{e}; placeholders are {accepted}, and {{{{ / }}}} write literal braces") from None
     for _, field, spec, conversion in parts:
         if field is None:
             continue
         if field not in allowed:
-            raise ValueError(f"{{{field}}} is not a placeholder: use {accepted} (no attribute or index access, "
+            raise BadRequest(f"{{{field}}} is not a placeholder: use {accepted} (no attribute or index access, "
                              "no positional fields); write {{ and }} for literal braces")
         if conversion:
-            raise ValueError(f"{{{field}!{conversion}}}: conversions are not supported; write {{{field}}}")
+            raise BadRequest(f"{{{field}!{conversion}}}: conversions are not supported; write {{{field}}}")
         if spec:
-            raise ValueError(f"{{{field}:{spec}}}: format specs are not supported; write {{{field}}}")
+            raise BadRequest(f"{{{field}:{spec}}}: format specs are not supported; write {{{field}}}")
     return template
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import BadRequest
 
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("f32", "f16", "bf16")
@@ -39,7 +40,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config) -> dict[str, tuple[str,
         base, suffix = (hf_name[: -len(".weight")], ".weight") if hf_name.endswith(".weight") else (hf_name, "")
         name = name_map.get_name(base)
         if name is None:
-            raise ValueError(f"model: tensor {hf_name!r} has no GGUF name for the llama architecture")
+            raise BadRequest(f"model: tensor {hf_name!r} has no GGUF name for the llama architecture")
         t = t.detach().float()
         if base.endswith("q_proj"):
             t = permute_qk(t, n_head)
@@ -58,7 +59,7 @@ def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
     spec = json.loads((model_dir / "tokenizer.json").read_text()) if (model_dir / "tokenizer.json").exists() else {}
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"model: tokenizer of type {model.get('type')!r}"
+        raise BadRequest(f"model: tokenizer of type {model.get('type')!r}"
                          f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
                          "this exporter writes byte-level BPE tokenizers (Llama 3 / GPT-2 style) only")
     vocab = tok.get_vocab()
@@ -99,16 +100,16 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16",
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     if dtype not in DTYPES:
-        raise ValueError(f"gguf_dtype: {dtype!r} is not one of {DTYPES}")
+        raise BadRequest(f"gguf_dtype: {dtype!r} is not one of {DTYPES}")
     config = AutoConfig.from_pretrained(str(model_dir))
     archs = config.architectures or []
     if not any(a in LLAMA_ARCHS for a in archs):
-        raise ValueError(f"model: GGUF export covers Llama-family models ({LLAMA_ARCHS}), not {archs}")
+        raise BadRequest(f"model: GGUF export covers Llama-family models ({LLAMA_ARCHS}), not {archs}")
     state: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
     if not state:
-        raise ValueError(f"model: no safetensors weights in {model_dir}")
+        raise BadRequest(f"model: no safetensors weights in {model_dir}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out_file.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_file), "llama")

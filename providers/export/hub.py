@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import BadRequest
 from ..outbound import HUB_NAME, HubPublishing
 
 
@@ -29,10 +30,10 @@ class HubSettings(BaseModel):
     def _no_client_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict):
             if "token_env" in data:
-                raise ValueError("token_env: a request may not choose the service's Hub token; the operator "
+                raise BadRequest("token_env: a request may not choose the service's Hub token; the operator "
                                  "configures it (outbound.hub.token_env), and without one every push is a dry run")
             if "repo_id" in data:
-                raise ValueError("repo_id: give `repo` (the repository's name) and `namespace` (one the operator "
+                raise BadRequest("repo_id: give `repo` (the repository's name) and `namespace` (one the operator "
                                  "allows) instead")
         return data
 
@@ -41,10 +42,10 @@ def hub_target(hub: HubSettings, policy: HubPublishing, field: str) -> dict[str,
     """What the export step pushes and how, after the operator's rules; errors name `field`."""
     allowed = policy.allowed_namespaces
     if hub.namespace is not None and hub.namespace not in allowed:
-        raise ValueError(f"{field}.namespace: {hub.namespace!r} is not a namespace this service may push to; "
+        raise BadRequest(f"{field}.namespace: {hub.namespace!r} is not a namespace this service may push to; "
                          f"allowed: {allowed} (outbound.hub.allowed_namespaces)")
     if not hub.private and not policy.allow_public:
-        raise ValueError(f"{field}.private: this service creates private repositories only "
+        raise BadRequest(f"{field}.private: this service creates private repositories only "
                          "(outbound.hub.allow_public is false); leave private true")
     token_env = policy.token_env if policy.token() else None
     namespace = hub.namespace or (allowed[0] if allowed else "local")

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from ..errors import BadRequest
 from ..api.requests import FINITE
 from ..training.spec import SAFE_NAME
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -72,7 +73,7 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
     @r.post("/teacher-tasks")
     def create_teacher_task(req: TeacherTaskRequest) -> dict[str, str]:
         if (req.rows is None) == (req.dataset_id is None):
-            raise ValueError("dataset_id/rows: give exactly one")
+            raise BadRequest("dataset_id/rows: give exactly one")
         if service.jobs.store.exists(req.job_uuid):
             raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists")
         rows = req.rows if req.rows is not None else service.dataset_rows(req.dataset_id, "dataset_id")
@@ -83,17 +84,17 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
     @r.post("/student-tasks")
     def create_student_tasks(req: StudentTasksRequest) -> dict[str, list[str]]:
         if (req.teacher_task is None) == (req.teacher_outputs is None):
-            raise ValueError("teacher_task/teacher_outputs: give exactly one")
+            raise BadRequest("teacher_task/teacher_outputs: give exactly one")
         if req.teacher_task is not None:
             teacher = service.jobs.store.get(req.teacher_task)
             if teacher.method != "teacher" or teacher.status != "completed":
-                raise ValueError(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
+                raise BadRequest(f"teacher_task: {req.teacher_task!r} is a {teacher.status} {teacher.method} job, "
                                  "not a completed teacher task")
             outputs = service.teacher_outputs_dir(req.teacher_task)
         else:
             outputs = service.uploaded_outputs_dir(req.teacher_outputs)
         if not (outputs / "teacher_task.json").exists():
-            raise ValueError(f"teacher_outputs: no teacher outputs named {req.teacher_outputs!r} on this service")
+            raise BadRequest(f"teacher_outputs: no teacher outputs named {req.teacher_outputs!r} on this service")
         answered = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_shards(outputs)]
         prefix = req.prefix or req.teacher_task or req.teacher_outputs
         job_uuids = [f"{prefix}-student-{s.name}" for s in req.students]
@@ -108,7 +109,7 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
         for job_uuid in req.job_uuids:
             view = service.view(job_uuid)
             if view["status"] != "completed" or not view["checkpoints"]:
-                raise ValueError(f"job_uuids: {job_uuid!r} is {view['status']}, not a completed job")
+                raise BadRequest(f"job_uuids: {job_uuid!r} is {view['status']}, not a completed job")
             finals.append(view["checkpoints"][-1]["path"])
         out = service.data_dir / "merged" / req.output_name
         if out.exists():
@@ -143,14 +144,14 @@ def teacher_outputs_router(service: FsdpJobService) -> APIRouter:
                     await asyncio.to_thread(extract_archive, archive, dest, cfg.max_archive_mb << 20,
                                             cfg.max_archive_members, quota)
                 except ArchiveError as e:
-                    raise ValueError(f"body: {e}") from None
+                    raise BadRequest(f"body: {e}") from None
             finally:
                 archive.unlink(missing_ok=True)
         try:
             rows = json.loads((dest / "teacher_task.json").read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(dest, ignore_errors=True)
-            raise ValueError("body: not a teacher task's outputs (no readable teacher_task.json in the archive)") from None
+            raise BadRequest("body: not a teacher task's outputs (no readable teacher_task.json in the archive)") from None
         return {"teacher_outputs": outputs_id, "rows": rows}
 
     return r

@@ -35,6 +35,7 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from ..errors import BadRequest
 from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingConfig
 from ..api.to_spec import peft_spec
 from ..jobs.manager import QueueFullError
@@ -213,15 +214,15 @@ class Pipelines:
         enabled = self.service.config.launchers.enabled
         for field, task in [("teacher", req.teacher), *((f"students[{i}]", s) for i, s in enumerate(req.students))]:
             if task.launcher is not None and task.launcher not in enabled:
-                raise ValueError(f"{field}.launcher: {task.launcher!r} is not enabled on this service (enabled: {enabled})")
+                raise BadRequest(f"{field}.launcher: {task.launcher!r} is not enabled on this service (enabled: {enabled})")
         tasks = [("teacher", req.teacher.model, req.teacher.scheduling.resources)] if not scheduled_elsewhere(req.teacher) else []
         tasks += [(f"students[{i}]", s.model, s.scheduling.resources) for i, s in enumerate(req.students)
                   if not scheduled_elsewhere(s)]
         for field, model, resources in tasks:
             if not self._candidates(model, ResourceRequest(), live_only=False):
-                raise ValueError(f"{field}.model: no registered node has {model!r}")
+                raise BadRequest(f"{field}.model: no registered node has {model!r}")
             if not self._candidates(model, resources, live_only=False):
-                raise ValueError(f"{field}.scheduling.resources: no registered node with {model!r} has "
+                raise BadRequest(f"{field}.scheduling.resources: no registered node with {model!r} has "
                                  f"{describe(resources)}; the most any registered node has: {self.registry.largest()}")
 
     def _waiting_reason(self, model: str, resources: ResourceRequest) -> str:
@@ -299,10 +300,10 @@ class Pipelines:
             raise QueueFullError(f"pipeline_id: {len(self._running)} pipelines are running (the limit is "
                                  f"{self.max_running}); submit again when some have finished")
         if (req.rows is None) == (req.dataset_id is None):
-            raise ValueError("dataset_id/rows: give exactly one")
+            raise BadRequest("dataset_id/rows: give exactly one")
         names = [s.name for s in req.students]
         if len(set(names)) != len(names):
-            raise ValueError(f"students: names must be unique, got {names}")
+            raise BadRequest(f"students: names must be unique, got {names}")
         if req.merge:
             self._check_mergeable(req.students)
         self._check_placeable(req)
@@ -340,10 +341,10 @@ class Pipelines:
     @staticmethod
     def _check_mergeable(students: list[StudentConfig]) -> None:
         if any(s.peft is None for s in students):
-            raise ValueError("merge: every student needs a PEFT adapter (full fine-tunes cannot be merged)")
+            raise BadRequest("merge: every student needs a PEFT adapter (full fine-tunes cannot be merged)")
         kinds = {(s.model, peft_spec(s.peft).method) for s in students}
         if len(kinds) > 1:
-            raise ValueError(f"merge: students must share base model and PEFT method, got {sorted(map(str, kinds))}")
+            raise BadRequest(f"merge: students must share base model and PEFT method, got {sorted(map(str, kinds))}")
 
     def _start(self, pipeline_id: str) -> None:
         with self._lock:

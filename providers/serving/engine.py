@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..errors import BadRequest
 
 
 @dataclass
@@ -57,7 +58,7 @@ def load_for_inference(path: str | Path, base_model: str | None = None, dtype: t
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         tok_dir = path
     else:
-        raise ValueError(f"model: {str(path)!r} is neither a model directory (config.json) nor a PEFT adapter "
+        raise BadRequest(f"model: {str(path)!r} is neither a model directory (config.json) nor a PEFT adapter "
                          "(adapter_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if tokenizer.pad_token is None:

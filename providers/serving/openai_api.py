@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..errors import BadRequest
 from .engine import Completion, ModelCache, generate, generate_stream
 
 MAX_TOKENS_LIMIT = 1 << 20  # the request model's own bound; ChatLimits.max_tokens is the operator's
@@ -67,14 +68,14 @@ class ChatCompletionRequest(BaseModel):
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(len(s) > 256 for s in stops):
-            raise ValueError("at most 4 stop sequences of at most 256 characters")
+            raise BadRequest("at most 4 stop sequences of at most 256 characters")
         return stops
 
     @field_validator("messages")
     @classmethod
     def _size(cls, v):
         if sum(len(m.text()) for m in v) > MAX_CONTENT_CHARS:
-            raise ValueError(f"messages: more than {MAX_CONTENT_CHARS} characters")
+            raise BadRequest(f"messages: more than {MAX_CONTENT_CHARS} characters")
         return v
 
     def asked_tokens(self) -> int | None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import BadRequest
 from ..api.paths import check_path_text
 from ..api.requests import DPOAlignmentConfig, PeftFinetuningConfig
 from ..enhance import EnhanceConfig, enhance_rows
@@ -58,7 +59,7 @@ class EnhanceRequest(_Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
-            raise ValueError("dataset_id/rows: give exactly one")
+            raise BadRequest("dataset_id/rows: give exactly one")
         return self
 
 
@@ -116,9 +117,9 @@ class WorkflowRequest(_Strict):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.rows is None) == (self.dataset_id is None):
-            raise ValueError("dataset_id/rows: give exactly one")
+            raise BadRequest("dataset_id/rows: give exactly one")
         if self.train.method == "dpo" and self.train.peft is not None:
-            raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
+            raise BadRequest("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
         return self
 
 
@@ -131,7 +132,7 @@ def train_model(req: WorkflowRequest) -> str:
     if req.train.model:
         return req.train.model
     if req.enhance.student.endpoint:
-        raise ValueError("train.model: required when the student is an external endpoint "
+        raise BadRequest("train.model: required when the student is an external endpoint "
                          f"({req.enhance.student.endpoint!r}): name the local model directory to train")
     return req.enhance.student.model
 
@@ -172,17 +173,17 @@ class ModelRefs:
     def _named(self, kind: str, name: str, ref: str, field: str) -> str:
         first, _, rest = name.partition("/")
         if not re.fullmatch(SAFE_NAME, first) or (rest and not re.fullmatch(SAFE_NAME, rest)):
-            raise ValueError(f"{field}: {ref!r} is not {kind}:<name>")
+            raise BadRequest(f"{field}: {ref!r} is not {kind}:<name>")
         if kind == "job":
             try:
                 view = self.service.view(first)
             except UnknownJobError:
-                raise ValueError(f"{field}: no job {first!r}") from None
+                raise BadRequest(f"{field}: no job {first!r}") from None
             if view["status"] != "completed" or not view["checkpoints"]:
-                raise ValueError(f"{field}: job {first!r} is {view['status']}, not completed with a checkpoint")
+                raise BadRequest(f"{field}: job {first!r} is {view['status']}, not completed with a checkpoint")
             path = Path(view["checkpoints"][-1]["path"])
             if not (path / "config.json").is_file() and not is_adapter(path):
-                raise ValueError(f"{field}: job {first!r} produced no model (a teacher task's outputs?)")
+                raise BadRequest(f"{field}: job {first!r} produced no model (a teacher task's outputs?)")
             return self._checked_adapter(path, field)
         if kind == "pipeline":
             root = self.service.data_dir / "pipelines" / first
@@ -191,10 +192,10 @@ class ModelRefs:
             state = self.service.data_dir / "workflows" / "workflows" / first / "task.json"
             trained = json.loads(state.read_text()).get("outputs", {}).get("model") if state.exists() else None
             if not trained:
-                raise ValueError(f"{field}: workflow {first!r} has no trained model (yet)")
+                raise BadRequest(f"{field}: workflow {first!r} has no trained model (yet)")
             path = Path(trained)
         if not path.exists():
-            raise ValueError(f"{field}: {ref!r} has no model at {path}")
+            raise BadRequest(f"{field}: {ref!r} has no model at {path}")
         return self._checked_adapter(path, field)
 
 
@@ -265,7 +266,7 @@ class WorkflowTasks:
         d = self.task_dir(kind, task_id).resolve()
         path = (d / name).resolve()
         if d not in path.parents or not path.is_file():
-            raise ValueError(f"name: no file {name!r} in {kind}/{task_id}")
+            raise BadRequest(f"name: no file {name!r} in {kind}/{task_id}")
         return path
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -315,14 +316,14 @@ class WorkflowTasks:
         """Run a failed or cancelled enhancement again; finished rows are kept."""
         state = self.get(kind, task_id)
         if kind != "enhancements":
-            raise ValueError(f"{kind}: only data enhancements resume")
+            raise BadRequest(f"{kind}: only data enhancements resume")
         if state["state"] in ACTIVE:
-            raise ValueError(f"enhancement_id: {task_id!r} is {state['state']}")
+            raise BadRequest(f"enhancement_id: {task_id!r} is {state['state']}")
         previous = self._threads.get((kind, task_id))
         if previous is not None:  # a cancelled run finishes its rows in flight first: never two writers
             previous.join(timeout=300)
             if previous.is_alive():
-                raise ValueError(f"enhancement_id: {task_id!r} is still finishing its rows in flight; try again")
+                raise BadRequest(f"enhancement_id: {task_id!r} is still finishing its rows in flight; try again")
         self.update(kind, task_id, state="scheduled", error=None, finished_at=None)
         self._start(kind, task_id)
         return self.get(kind, task_id)
@@ -494,7 +495,7 @@ class WorkflowTasks:
         source = enhance_dir / ("preferences.jsonl" if t.method == "dpo" else "enhanced_dataset.jsonl")
         rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
         if not rows:
-            raise ValueError(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
+            raise BadRequest(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
                              f"to train on (report: {report['rows_dropped']})")
         model = self.refs.resolve(train_model(req), "train.model")
         training_config = {
@@ -514,7 +515,7 @@ class WorkflowTasks:
             self.service.jobs.resume(job_uuid)
         elif previous is None and t.method == "dpo":
             if peft:
-                raise ValueError("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
+                raise BadRequest("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
             body = {"job_uuid": job_uuid, "finetuned_model": model, "training_config": training_config,
                     "algorithm_config": (t.dpo or DPOAlignmentConfig()).model_dump(mode="json"), "rows": rows}
             self.service.submit_request("preference-optimize", body)
