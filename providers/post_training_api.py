@@ -536,8 +536,10 @@ def build_job_spec(
     distill: DistillSpec | None = None,
     not_applied: dict[str, str] | None = None,
     fsdp=None,
+    check_host: bool = True,
 ) -> JobSpec:
-    """The request, validated and resolved against provider defaults, as the job's spec."""
+    """The request, validated and resolved against provider defaults, as the job's spec. `check_host`:
+    refuse knobs this host cannot run (False when the job runs on other hosts, which check them at load)."""
     tc = training_config
     dc = tc.data_config
     oc = tc.optimizer_config
@@ -583,7 +585,7 @@ def build_job_spec(
         ),
         logging=logging_spec(logger_config, defaults.logging_steps),
         fsdp=fsdp,
-        efficiency=efficiency_spec(tc),
+        efficiency=efficiency_spec(tc, check_host=check_host),
         scheduling=scheduling_spec(tc),
     )
 
@@ -714,8 +716,10 @@ def prepare_job(
     result_name: str | None = None,
     fsdp=None,
     output_dir: str | None = None,
+    check_host: bool = True,
 ) -> JobSpec:
-    """Validate a request, write its rows into its (new, reserved) run directory, and return its spec."""
+    """Validate a request, write its rows into its (new, reserved) run directory, and return its spec.
+    `check_host`: as in build_job_spec."""
     data_config_of(training_config)
     ref = model
     model = resolve_model(ref, "model" if method != "dpo" or result_name else "finetuned_model", defaults)
@@ -745,5 +749,6 @@ def prepare_job(
         output_dir=output_dir,
         result_name=result_name,
         fsdp=fsdp,
+        check_host=check_host,
         **settings,
     )

@@ -20,16 +20,8 @@ from typing import Any
 
 from ..training.run_files import RunFiles, utc_now
 from ..training.spec import SAFE_NAME, JobSpec
-from .launcher import (
-    RUNNING,
-    Launcher,
-    LaunchState,
-    LocalLauncher,
-    final_state,
-    kill_process_group,
-    process_group_alive,
-    process_group_runs,
-)
+from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
+from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from .child_env import child_env
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
 from .zygote import prestart

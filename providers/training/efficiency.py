@@ -110,9 +110,10 @@ def check_supported(e: EfficiencySpec, prefix: str = "training_config.") -> None
             raise ValueError(f"{prefix}torch_compile: torch.compile on GPUs needs the triton package")
 
 
-def from_training_config(tc: Any) -> EfficiencySpec:
+def from_training_config(tc: Any, check_host: bool = True) -> EfficiencySpec:
     """The EfficiencySpec of a request's training_config (the extension fields, and 0.2.12's
-    `efficiency_config.enable_activation_checkpointing`), checked against this host."""
+    `efficiency_config.enable_activation_checkpointing`), checked against this host unless `check_host`
+    is False (the job runs elsewhere; its node checks at load)."""
     ec = getattr(tc, "efficiency_config", None)
     if ec is not None:
         if getattr(ec, "enable_activation_offloading", False):
@@ -130,7 +131,8 @@ def from_training_config(tc: Any) -> EfficiencySpec:
         **{name: getattr(tc, name) for name in EfficiencySpec.model_fields
            if name != "gradient_checkpointing" and getattr(tc, name, None) is not None},
     )
-    check_supported(spec)
+    if check_host:
+        check_supported(spec)
     return spec
 
 

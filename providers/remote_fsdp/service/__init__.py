@@ -1,2 +1,2 @@
-"""The FSDP training service: FastAPI routes (routes.py), torchrun launcher (launcher.py), configuration
-(config.py), app and CLI (app.py). Job records live in the shared `providers.jobs.store.JobStore`."""
+"""The FSDP training service: FastAPI routes (routes.py), jobs (jobs.py), configuration (config.py), app and
+CLI (app.py). Launchers live in providers/launchers; job records in the shared `providers.jobs.store.JobStore`."""

@@ -16,10 +16,10 @@ from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
+from ...launchers.base import LauncherUnavailable
+from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
-from .distributed import DistributedJobs
 from .jobs import FsdpJobService
-from .launchers import LauncherUnavailable
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .operator_tools import install_operator_tools
 from .pipelines import Pipelines
@@ -59,7 +59,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
     registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
     peer_headers = node_headers(config.api_token, config.node_token)
-    distributed = DistributedJobs(service, registry, peer_headers)
+    nodes = NodesLauncher(service, registry, peer_headers)
+    service.attach_nodes(nodes)
     pipelines = Pipelines(service, registry, peer_headers, max_running=config.max_pipelines)
     heartbeat = None
     if config.coordinator:
@@ -77,7 +78,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if heartbeat:
             heartbeat.stop.set()
         pipelines.stop.set()
-        distributed.stop.set()
+        nodes.stop.set()
         service.jobs.shutdown()
 
     app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,
@@ -88,7 +89,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     auth = [Depends(client_auth(config.api_token))]
     node_only = [Depends(node_auth(config.node_token))]
     for prefix in ("/v1/post-training", "/v1alpha/post-training"):
-        app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
+        app.include_router(post_training_router(service), prefix=prefix, dependencies=auth)
     app.include_router(job_parts_router(service, config), prefix="/v1/post-training", dependencies=node_only)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
@@ -96,7 +97,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(pipelines_router(service, pipelines), prefix="/v1", dependencies=auth)
     app.include_router(teacher_outputs_router(service), prefix="/v1", dependencies=node_only)
     include_workflow_routes(app, service, auth)  # OpenAI chat, data enhancement, validation, export, workflows
-    install_operator_tools(app, service, registry, distributed, config.api_token, auth)  # /dashboard, /metrics
+    install_operator_tools(app, service, registry, config.api_token, auth)  # /dashboard, /metrics
     install_offline_docs(app)
     app.add_middleware(LimitsAndAudit, body_limit=config.max_body_mb << 20, upload_limit=config.max_upload_mb << 20,
                        upload_prefixes=("/v1/datasets/", "/v1/teacher-outputs/"))

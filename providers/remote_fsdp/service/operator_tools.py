@@ -15,7 +15,6 @@ import httpx
 from ...dashboard import JobsSource, dashboard_router
 from ...dashboard.sources import read_pipeline
 from ...jobs.store import UnknownJobError
-from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .metrics import install_metrics
 from .nodes import NodeRegistry
@@ -25,16 +24,15 @@ def _enabled(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def service_source(service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
-                   token: str | None) -> JobsSource:
+def service_source(service: FsdpJobService, registry: NodeRegistry, token: str | None) -> JobsSource:
     """The dashboard's view of this service: its job store, node registry, pipelines and actions."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
 
     def nodes() -> list[dict[str, Any]]:
         return [{**n.model_dump(), "local": n.node_id == registry.local.node_id} for n in registry.nodes()]
 
-    source = JobsSource(store=service.jobs.store, data_dir=service.data_dir, view=distributed.view, nodes=nodes,
-                        cancel=distributed.cancel, resume=service.jobs.resume, kind="service")
+    source = JobsSource(store=service.jobs.store, data_dir=service.data_dir, view=service.job_view, nodes=nodes,
+                        cancel=service.cancel_job, resume=service.resume_job, kind="service")
 
     def task_status(task: dict[str, Any]) -> dict[str, Any]:
         node_id = task.get("node_id")
@@ -66,13 +64,13 @@ def service_source(service: FsdpJobService, registry: NodeRegistry, distributed:
     return source
 
 
-def install_operator_tools(app, service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
-                           token: str | None, auth: list) -> None:
+def install_operator_tools(app, service: FsdpJobService, registry: NodeRegistry, token: str | None,
+                           auth: list) -> None:
     """Add /dashboard (page public; data behind `auth`; cancel/resume only when a token is set) and
     /metrics (behind `auth`) to the service's app."""
     if _enabled("TRL_FSDP_METRICS"):
         install_metrics(app, service.jobs.store, registry, auth)
     if _enabled("TRL_FSDP_DASHBOARD"):
-        source = service_source(service, registry, distributed, token)
+        source = service_source(service, registry, token)
         app.include_router(dashboard_router(source, auth=auth, actions=token is not None,
                                             token_required=token is not None), prefix="/dashboard")

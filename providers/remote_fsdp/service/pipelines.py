@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
 from ...jobs.manager import QueueFullError
 from ...jobs.store import ACTIVE, UnknownJobError
+from ...launchers import LauncherName, runs_elsewhere
 from ...post_training_api import (
     SAFE_NAME,
     DistillationConfig,
@@ -65,7 +66,7 @@ class TeacherTaskConfig(BaseModel):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     # slurm / ray: the coordinator hands the task to that scheduler; None, local, nodes: placed on this
     # service's registered nodes
-    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None
+    launcher: LauncherName | None = None
 
 
 class StudentConfig(BaseModel):
@@ -82,7 +83,7 @@ class StudentConfig(BaseModel):
     lr: PositiveFloat = 3e-3
     seed: int = 42
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
-    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None  # as TeacherTaskConfig.launcher
+    launcher: LauncherName | None = None  # as TeacherTaskConfig.launcher
 
 
 class MergeConfig(BaseModel):
@@ -101,7 +102,7 @@ class PipelineRequest(BaseModel):
 
 def scheduled_elsewhere(task: TeacherTaskConfig | StudentConfig) -> bool:
     """Whether a scheduler (Slurm, Ray) places the task rather than this service's node registry."""
-    return task.launcher in ("slurm", "ray")
+    return runs_elsewhere(task.launcher)
 
 
 class PipelineCancelled(Exception):
