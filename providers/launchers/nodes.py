@@ -21,11 +21,9 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-
-from typing import TYPE_CHECKING
 
 from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
 from ..post_training_api import check_job_uuid, method_of, preference_target, scheduling_spec
@@ -35,7 +33,7 @@ from ..remote_fsdp.service.state_files import load_state, save_state
 from ..training.run_files import RunFiles, utc_now
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
 from .base import check_mesh
-from .local import LocalLauncher
+from .local import LocalLauncher, check_host_processes
 from .torchrun import TorchRunOptions, free_port
 
 if TYPE_CHECKING:
@@ -128,8 +126,6 @@ class NodesLauncher:
         """The mesh, and this host's GPUs and cores for node 0's part (the resources: `_check_placeable`)."""
         check_mesh(fsdp, torch_run)
         if fsdp is not None:
-            from .local import check_host_processes
-
             check_host_processes(torch_run.nproc_per_node)
 
     def unhonoured(self, spec: JobSpec) -> dict[str, str]:

@@ -91,8 +91,8 @@ class FsdpJobService:
         if self.nodes is not None and name == self.nodes.name:
             return self.nodes
         if name not in self.jobs.launchers:
-            raise ValueError(f"training_config.torch_run_config.launcher: {name!r} is not enabled on this service "
-                             f"(enabled: {self.config.launchers.enabled}; see --launchers-config)")
+            raise ValueError(f"training_config.torch_run_config.launcher: {name!r} is not enabled on this server "
+                             f"(enabled: {sorted(self.jobs.launchers)})")
         return self.jobs.launchers[name]
 
     def _placed_by_nodes(self, job_uuid: str) -> bool:
@@ -263,6 +263,7 @@ class FsdpJobService:
         more than one node whose launcher is this service's own."""
         name = opts.launcher or self.config.launchers.default
         return opts.nnodes > 1 and name in (LocalLauncher.name, NodesLauncher.name)
+
     def submit_request(self, route: str, request: Any, trusted: bool = False) -> dict[str, Any]:
         """Submit a supervised-fine-tune or preference-optimize request (a model or its JSON dict);
         `trusted`: a coordinator's part of a multi-node job, which carries the rendezvous placement."""
