@@ -95,7 +95,7 @@ class JobManager:
             niceness = 0 if torch.cuda.is_available() else 10
         self.niceness = niceness
         self.local = LocalLauncher(niceness)
-        self.launchers: dict[str, Launcher] = {"local": self.local, **(launchers or {})}
+        self.launchers: dict[str, Launcher] = {self.local.name: self.local, **(launchers or {})}
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
@@ -222,7 +222,7 @@ class JobManager:
             for job in self.store.list(statuses=("scheduled",), by_priority=True):
                 if job.external_id is not None or job.job_uuid in self._running:
                     continue  # handed to its launcher already (pending in a scheduler's queue)
-                if job.launcher == "local" and running >= self.max_concurrent_jobs:
+                if self._on_this_host(job) and running >= self.max_concurrent_jobs:
                     continue
                 try:
                     problem = self._unstartable(job)
@@ -230,10 +230,15 @@ class JobManager:
                         self._fail(job.job_uuid, problem)
                         continue
                     self._start(job)
-                    running += job.launcher == "local"
+                    running += self._on_this_host(job)
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
                     self._fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
+
+    def _on_this_host(self, job: JobRecord) -> bool:
+        """Whether the job's processes run on this host (they take one of its max_concurrent_jobs slots)."""
+        launcher = self.launchers.get(job.launcher)
+        return launcher is not None and not launcher.runs_elsewhere
 
     def _start(self, job: JobRecord) -> None:
         launcher = self.launchers.get(job.launcher)
@@ -404,7 +409,7 @@ class JobManager:
         if job.error:
             resources["error"] = job.error
         resources["launcher"] = job.launcher
-        if job.external_id and job.launcher != "local":
+        if job.external_id and job.launcher != self.local.name:  # a pgid means nothing to a client
             resources["external_id"] = job.external_id
         if job.attempts > 1:
             resources["attempts"] = job.attempts

@@ -16,6 +16,7 @@ from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
+from ...launchers import LAUNCHERS
 from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
@@ -183,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", action="append", dest="model_dirs",
                         help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
-    parser.add_argument("--launchers-config", help="YAML file: which launchers jobs may use (local, nodes, slurm, "
-                                                   "ray), their settings and the shared run dir "
+    parser.add_argument("--launchers-config", help=f"YAML file: which launchers jobs may use ({', '.join(LAUNCHERS)}), "
+                                                   "their settings and the shared run dir "
                                                    "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
     parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
                                                   "name, the Hub token and namespaces exports may push to, Hub "
