@@ -54,7 +54,7 @@ def inline_command(spec, files):
 
 
 def fsdp_command(rank_start: str):
-    from providers.remote_fsdp.service.launcher import TorchRunOptions, torchrun_command
+    from providers.launchers.torchrun import TorchRunOptions, torchrun_command
 
     return lambda spec, files: torchrun_command(
         spec, files, TorchRunOptions(nproc_per_node=2, rdzv_timeout_s=60, rank_start=rank_start))

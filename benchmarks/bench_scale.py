@@ -96,7 +96,7 @@ def run(run_dir: Path, threads: int, nproc: int = 1) -> list[dict]:
            "PYTHONPATH": f"{bc.REPO}{os.pathsep}{bc.REPO / 'benchmarks'}"}
     script = [str(Path(__file__).resolve()), "--child", str(run_dir)]
     if nproc > 1:
-        from providers.remote_fsdp.service.launcher import free_port
+        from providers.launchers.torchrun import free_port
 
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
                 "--rdzv_backend=static", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script]

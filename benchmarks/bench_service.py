@@ -321,7 +321,7 @@ def make_template(svc: Service, source_uuid: str, dest: Path) -> Path:
 
 
 def hand_run(template: Path, source_uuid: str, run_dir: Path, name: str, procs: list, args) -> dict:
-    from providers.remote_fsdp.service.launcher import TorchRunOptions, torchrun_command
+    from providers.launchers.torchrun import TorchRunOptions, torchrun_command
     from providers.training.run_files import RunFiles
     from providers.training.spec import JobSpec
 
@@ -576,7 +576,7 @@ def shadow_server(data: str, port: int) -> None:
 
     app, service = open_snapshot(Path(data), port)
     view = service.view
-    for route in app.router.routes:  # the status route's own view (DistributedJobs.view where it exists)
+    for route in app.router.routes:  # the status route's own view (NodesLauncher.view where it exists)
         endpoint = getattr(route, "endpoint", None)
         if getattr(route, "path", "") == STATUS and getattr(endpoint, "__closure__", None):
             cells = dict(zip(endpoint.__code__.co_freevars, (c.cell_contents for c in endpoint.__closure__)))

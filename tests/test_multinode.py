@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import processes_mentioning, stop_process_group, wait_until
+from helpers import free_port, processes_mentioning, stop_process_group, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")
@@ -35,10 +36,12 @@ class Network:
     """Hosts A and B: in namespaces (10.231.0.1/.2 on a veth pair; the test reaches A through a second
     veth, 10.231.1.2), or both on 127.0.0.1."""
 
-    def __init__(self):
+    def __init__(self, namespaces: bool = True):
         self.tag = uuid.uuid4().hex[:6]
         self.namespaces: list[str] = []
         try:
+            if not namespaces:
+                raise PermissionError("not asked for")
             self._create()
             self.kind = "network namespaces"
         except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as e:
@@ -85,7 +88,8 @@ class Network:
         self.namespaces = []
 
 
-def start_service(net: Network, host: str, port: int, data_dir: Path, coordinator: str | None) -> subprocess.Popen:
+def start_service(net: Network, host: str, port: int, data_dir: Path, coordinator: str | None,
+                  extra: list[str] | None = None) -> subprocess.Popen:
     addr = net.a_addr if host == "a" else net.b_addr
     secrets = data_dir.parent / "secrets"
     secrets.mkdir(mode=0o700, exist_ok=True)
@@ -100,36 +104,57 @@ def start_service(net: Network, host: str, port: int, data_dir: Path, coordinato
         argv += ["--gloo-socket-ifname", net.ifname[host]]
     if coordinator:
         argv += ["--coordinator", coordinator]
+    argv += extra or []
     log = open(data_dir.parent / f"service-{host}.log", "ab")
     return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def two_services(root: Path, net: Network, toy_data, port_a: int, port_b: int):
+    """A coordinator (host A) and a worker registered with it (host B), with the `toy` dataset uploaded and
+    ROOT/shared as a checkpoint root both allow (storage every node mounts); both stopped, and every process
+    naming their data dirs killed, on exit."""
+    dirs = {h: root / h / "data" for h in "ab"}
+    for d in dirs.values():
+        d.parent.mkdir(parents=True)
+    shared = ["--allowed-checkpoint-root", str(root / "shared")]
+    coordinator = f"http://{net.a_addr}:{port_a}"
+    procs = {"a": start_service(net, "a", port_a, dirs["a"], None, shared)}
+    url = f"http://{net.test_addr_of_a}:{port_a}"
+    try:
+        wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up")
+        procs["b"] = start_service(net, "b", port_b, dirs["b"], coordinator, shared)
+        wait_until(lambda: len([n for n in HTTP.get(url + "/v1/nodes", timeout=5).json()["data"]
+                                if n["state"] == "up"]) == 2, 120, message="worker registered")
+        rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
+        assert HTTP.post(url + "/v1/datasets/toy/rows", data=rows, timeout=30).status_code == 200
+        yield {"url": url, "net": net, "procs": procs, "dirs": dirs, "shared": root / "shared"}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                stop_process_group(proc)
+        for d in dirs.values():
+            for pid, _ in processes_mentioning(str(d)):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, toy_data):
     net = Network()
     print(f"\nmulti-node test hosts: {net.kind}")
-    root = tmp_path_factory.mktemp("cluster")
-    dirs = {h: root / h / "data" for h in "ab"}
-    for d in dirs.values():
-        d.parent.mkdir(parents=True)
-    port_a, port_b = 18422, 18423
-    coordinator = f"http://{net.a_addr}:{port_a}"
-    procs = {"a": start_service(net, "a", port_a, dirs["a"], None)}
-    url = f"http://{net.test_addr_of_a}:{port_a}"
-    wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up")
-    procs["b"] = start_service(net, "b", port_b, dirs["b"], coordinator)
-    wait_until(lambda: len([n for n in HTTP.get(url + "/v1/nodes", timeout=5).json()["data"]
-                            if n["state"] == "up"]) == 2, 120, message="worker registered")
-    rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
-    assert HTTP.post(url + "/v1/datasets/toy/rows", data=rows, timeout=30).status_code == 200
-    yield {"url": url, "net": net, "procs": procs, "dirs": dirs}
-    for proc in procs.values():
-        if proc.poll() is None:
-            stop_process_group(proc)
-    for d in dirs.values():
-        for pid, _ in processes_mentioning(str(d)):
-            os.kill(pid, signal.SIGKILL)
-    net.destroy()
+    try:
+        with two_services(tmp_path_factory.mktemp("cluster"), net, toy_data, 18422, 18423) as c:
+            yield c
+    finally:
+        net.destroy()
+
+
+@pytest.fixture(scope="module")
+def loopback_cluster(tmp_path_factory, toy_data):
+    """Two services on 127.0.0.1 (free ports): no fixed addresses, so it runs beside other clusters."""
+    net = Network(namespaces=False)
+    with two_services(tmp_path_factory.mktemp("loopback-cluster"), net, toy_data, free_port(), free_port()) as c:
+        yield c
 
 
 def _ok(url: str) -> bool:
@@ -244,3 +269,46 @@ def test_a_dead_node_fails_the_job_and_leaves_nothing_running(cluster, tiny_mode
     r = HTTP.post(url + "/v1/post-training/supervised-fine-tune",
                       json=body("no-second-node", tiny_models["student"], nnodes=2, nproc=1), timeout=60)
     assert r.status_code == 400 and "nnodes" in r.text
+
+
+@pytest.mark.slow
+def test_a_cancelled_two_node_job_resumes_on_both_nodes_from_its_checkpoint(loopback_cluster, tiny_models):
+    """`/job/resume` on the coordinator resumes every part (node B's through its own resume route); the
+    resumed run continues from the newest checkpoint and both parts complete, with nothing left running.
+    The checkpoints are in a directory both nodes mount: each node holds only its ranks' shards, and the
+    sharded checkpoint's index is written by global rank 0, so node-local checkpoint dirs cannot resume."""
+    url, dirs = loopback_cluster["url"], loopback_cluster["dirs"]
+    job_uuid = "resume-2n"
+    job = body(job_uuid, tiny_models["student"], nnodes=2, nproc=1, steps=8, epochs=5)
+    job["training_config"]["save_steps"] = 4
+    job["checkpoint_dir"] = str(loopback_cluster["shared"])
+    assert HTTP.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
+    checkpoints = loopback_cluster["shared"] / job_uuid
+    wait_until(lambda: list(checkpoints.glob("checkpoint-*/model.safetensors")), 300, message="a checkpoint")
+    assert HTTP.post(url + "/v1/post-training/job/cancel", json={"job_uuid": job_uuid}, timeout=60).status_code == 200
+    cancelled = status(url, job_uuid)
+    assert cancelled["status"] == "cancelled"
+    part_b = dirs["b"] / "runs" / job_uuid / "status.json"  # node B's own record of its part
+    wait_until(lambda: json.loads(part_b.read_text())["state"] == "cancelled", 60, message="node B's part cancelled")
+    for d in dirs.values():
+        wait_until(lambda d=d: processes_mentioning(str(d / "runs" / job_uuid)) == [], 30, message="ranks stopped")
+    newest = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/model.safetensors"))
+    if newest >= 40:
+        pytest.skip("the job finished before it could be cancelled")
+    metrics = dirs["a"] / "runs" / job_uuid / "metrics.jsonl"
+    logged_before = len(metrics.read_text().splitlines())
+
+    r = HTTP.post(url + "/v1/post-training/job/resume", json={"job_uuid": job_uuid}, timeout=60)
+    assert r.status_code == 200, r.text
+    final = wait_done(url, job_uuid, timeout=600)
+    assert final["status"] == "completed", final["resources_allocated"].get("error")
+    wait_until(lambda: status(url, job_uuid)["resources_allocated"]["nodes"][1].get("status") == "completed", 60,
+               message="node B's part completed")
+    # The resumed run starts after the checkpoint (exact resume), not at step 1; the logs show both runs.
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines()[logged_before:]]
+    steps = [m["step"] for m in resumed if "loss" in m]
+    assert steps[0] == newest + 1 and steps[-1] == 40, steps
+    for d in dirs.values():
+        log = (d / "runs" / job_uuid / "logs" / "train.log").read_text()
+        assert "=== run 2 " in log, log[-2000:]
+        assert processes_mentioning(str(d / "runs" / job_uuid)) == []

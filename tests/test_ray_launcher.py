@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from providers.jobs.launcher import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, final_state
-from providers.remote_fsdp.service.config import RayConfig
-from providers.remote_fsdp.service.launcher import TorchRunOptions
-from providers.remote_fsdp.service.launchers import ray as ray_launcher
-from providers.remote_fsdp.service.launchers.ray import RayLauncher, render_job_request, runtime_env_vars, state_of
+from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, final_state
+from providers.launchers.ray import RayConfig
+from providers.launchers.torchrun import TorchRunOptions
+from providers.launchers import ray as ray_launcher
+from providers.launchers.ray import RayLauncher, render_job_request, runtime_env_vars, state_of
 from providers.training.run_files import RunFiles
 from providers.training.spec import JobSpec, SchedulingSpec
 

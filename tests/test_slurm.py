@@ -17,10 +17,10 @@ from helpers import processes_mentioning, wait_until
 from slurm_cluster import SlurmCluster, missing_commands
 from test_fsdp_service import Service, sft_body, submit, two_node_body
 
-from providers.jobs.launcher import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
-from providers.remote_fsdp.service.config import SlurmConfig
-from providers.remote_fsdp.service.launcher import TorchRunOptions
-from providers.remote_fsdp.service.launchers.slurm import parse_scontrol, render_sbatch, state_of
+from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
+from providers.launchers.slurm import SlurmConfig
+from providers.launchers.torchrun import TorchRunOptions
+from providers.launchers.slurm import parse_scontrol, render_sbatch, state_of
 from providers.training.spec import SchedulingSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -278,7 +278,7 @@ def test_pipeline_teacher_and_student_run_through_slurm(slurm, slurm_service, ti
 def test_a_silent_slurm_is_not_a_verdict(tmp_path):
     """While slurmctld does not answer (a restart), a job keeps its last state; only Slurm saying it does
     not know the job makes it unknown (then the trainer's status.json decides)."""
-    from providers.remote_fsdp.service.launchers.slurm import SlurmLauncher
+    from providers.launchers.slurm import SlurmLauncher
 
     answers = iter([
         (0, "JobId=7 JobState=RUNNING Reason=None ExitCode=0:0", ""),

@@ -1,1 +1,2 @@
-"""Jobs shared by both providers: run directories, the SQLite job store, the queue, launchers and process supervision."""
+"""Jobs shared by both providers: run directories, the SQLite job store, the queue and process supervision
+(launchers: providers/launchers)."""

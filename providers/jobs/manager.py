@@ -19,17 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..training.run_files import RunFiles, utc_now
+from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
+from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from ..training.spec import JobSpec, check_name
-from .launcher import (
-    RUNNING,
-    Launcher,
-    LaunchState,
-    LocalLauncher,
-    final_state,
-    kill_process_group,
-    process_group_alive,
-    process_group_runs,
-)
 from .child_env import child_env
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
 from .zygote import prestart
@@ -102,7 +94,7 @@ class JobManager:
             niceness = 0 if torch.cuda.is_available() else 10
         self.niceness = niceness
         self.local = LocalLauncher(niceness)
-        self.launchers: dict[str, Launcher] = {"local": self.local, **(launchers or {})}
+        self.launchers: dict[str, Launcher] = {self.local.name: self.local, **(launchers or {})}
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
@@ -227,7 +219,7 @@ class JobManager:
             for job in self.store.list(statuses=("scheduled",), by_priority=True):
                 if job.external_id is not None or job.job_uuid in self._running:
                     continue  # handed to its launcher already (pending in a scheduler's queue)
-                if job.launcher == "local" and running >= self.max_concurrent_jobs:
+                if self._on_this_host(job) and running >= self.max_concurrent_jobs:
                     continue
                 try:
                     problem = self._unstartable(job)
@@ -235,10 +227,15 @@ class JobManager:
                         self._fail(job.job_uuid, problem)
                         continue
                     self._start(job)
-                    running += job.launcher == "local"
+                    running += self._on_this_host(job)
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
                     self._fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
+
+    def _on_this_host(self, job: JobRecord) -> bool:
+        """Whether the job's processes run on this host (they take one of its max_concurrent_jobs slots)."""
+        launcher = self.launchers.get(job.launcher)
+        return launcher is not None and not launcher.runs_elsewhere
 
     def _start(self, job: JobRecord) -> None:
         launcher = self.launchers.get(job.launcher)
@@ -409,7 +406,7 @@ class JobManager:
         if job.error:
             resources["error"] = job.error
         resources["launcher"] = job.launcher
-        if job.external_id and job.launcher != "local":
+        if job.external_id and job.launcher != self.local.name:  # a pgid means nothing to a client
             resources["external_id"] = job.external_id
         if job.attempts > 1:
             resources["attempts"] = job.attempts

@@ -39,7 +39,7 @@ class JobRecord:
     pid: int | None = None
     error: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
-    launcher: str = "local"  # the launcher that runs it (providers/jobs/launcher.py)
+    launcher: str = "local"  # the launcher that runs it (a name in providers/launchers' registry)
     external_id: str | None = None  # the launcher's id of the current run: pgid, Slurm job id, Ray submission id
     priority: int = 0  # higher starts first
     attempts: int = 0  # runs started so far (retries and resumes included)

@@ -18,7 +18,6 @@ from ..dashboard import JobsSource, dashboard_router
 from ..dashboard.sources import read_pipeline
 from ..jobs.store import UnknownJobError
 from ..remote_fsdp.service.core import ServiceCore
-from ..remote_fsdp.service.distributed import DistributedJobs
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.nodes import NodeRegistry
 from .metrics import install_metrics
@@ -28,16 +27,15 @@ def _enabled(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def service_source(service: FsdpJobService, registry: NodeRegistry, distributed: DistributedJobs,
-                   token: str | None) -> JobsSource:
+def service_source(service: FsdpJobService, registry: NodeRegistry, token: str | None) -> JobsSource:
     """The dashboard's view of this service: its job store, node registry, pipelines and actions."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
 
     def nodes() -> list[dict[str, Any]]:
         return [{**n.model_dump(), "local": n.node_id == registry.local.node_id} for n in registry.nodes()]
 
-    source = JobsSource(store=service.jobs.store, data_dir=service.data_dir, view=distributed.view, nodes=nodes,
-                        cancel=distributed.cancel, resume=service.jobs.resume, kind="service")
+    source = JobsSource(store=service.jobs.store, data_dir=service.data_dir, view=service.job_view, nodes=nodes,
+                        cancel=service.cancel_job, resume=service.resume_job, kind="service")
 
     def task_status(task: dict[str, Any]) -> dict[str, Any]:
         node_id = task.get("node_id")
@@ -76,6 +74,6 @@ def install(app, core: ServiceCore) -> None:
     if _enabled("TRL_FSDP_METRICS"):
         install_metrics(app, service.jobs.store, registry, auth)
     if _enabled("TRL_FSDP_DASHBOARD"):
-        source = service_source(service, registry, core.distributed, token)
+        source = service_source(service, registry, token)
         app.include_router(dashboard_router(source, auth=auth, actions=token is not None,
                                             token_required=token is not None), prefix="/dashboard")

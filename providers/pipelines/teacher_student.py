@@ -40,6 +40,7 @@ from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingCon
 from ..api.to_spec import peft_spec
 from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
+from ..launchers import LauncherName, runs_elsewhere
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
 from ..remote_fsdp.service.security import extract_archive, write_archive
@@ -71,7 +72,7 @@ class TeacherTaskConfig(BaseModel):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     # slurm / ray: the coordinator hands the task to that scheduler; None, local, nodes: placed on this
     # service's registered nodes
-    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None
+    launcher: LauncherName | None = None
 
 
 class StudentConfig(BaseModel):
@@ -88,7 +89,7 @@ class StudentConfig(BaseModel):
     lr: PositiveFloat = 3e-3
     seed: int = 42
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
-    launcher: Literal["local", "nodes", "slurm", "ray"] | None = None  # as TeacherTaskConfig.launcher
+    launcher: LauncherName | None = None  # as TeacherTaskConfig.launcher
 
 
 class MergeConfig(BaseModel):
@@ -107,7 +108,7 @@ class PipelineRequest(BaseModel):
 
 def scheduled_elsewhere(task: TeacherTaskConfig | StudentConfig) -> bool:
     """Whether a scheduler (Slurm, Ray) places the task rather than this service's node registry."""
-    return task.launcher in ("slurm", "ray")
+    return runs_elsewhere(task.launcher)
 
 
 class PipelineCancelled(Exception):

@@ -1,6 +1,6 @@
 """The cluster side of the service's `ray` launcher: one torchrun per node of a Ray cluster.
 
-The service submits this module as a Ray job's entry point (providers/remote_fsdp/service/launchers/ray.py):
+The service submits this module as a Ray job's entry point (providers/launchers/ray.py):
 
     python -m providers.remote_fsdp.ray_launch RUN_DIR --nnodes N --nproc-per-node P --cpus C --gpus G
         [--memory-gb M] [--rdzv-timeout-s T]

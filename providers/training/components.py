@@ -238,10 +238,13 @@ class RunReporter(TrainerCallback):
             self.last_eval_loss = float(metrics["eval_loss"])
 
     def on_save(self, args, state, control, **kw):
-        if not state.is_world_process_zero:  # the consolidated model is written by global rank 0
+        # Every run dir records the checkpoint its node's ranks wrote (each node of a `nodes` job keeps its own),
+        # so a resumed run finds it on every node instead of setting it aside as unrecorded.
+        if not self.is_main:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        record_model_origin(path, self.spec)
+        if state.is_world_process_zero:  # the consolidated model is written by global rank 0
+            record_model_origin(path, self.spec)
         self.files.add_checkpoint(
             checkpoint_record(self.spec, str(path), state, self.last_train_loss, self.last_eval_loss),
             keep={str(p) for p in Path(args.output_dir).glob("checkpoint-*")} | {str(path)},

@@ -512,7 +512,7 @@ class WorkflowTasks:
         except UnknownJobError:
             previous = None
         if previous in ("failed", "cancelled"):
-            self.service.jobs.resume(job_uuid)
+            self.service.resume_job(job_uuid)
         elif previous is None and t.method == "dpo":
             if peft:
                 raise BadRequest("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")

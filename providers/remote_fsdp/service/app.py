@@ -20,11 +20,12 @@ from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
 from ...jobs.store import DuplicateJobError, UnknownJobError
+from ...launchers import LAUNCHERS
+from ...launchers.base import LauncherUnavailable
+from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
 from .core import ServiceCore
-from .distributed import DistributedJobs
 from .jobs import FsdpJobService
-from .launchers import LauncherUnavailable
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .docs import install_offline_docs
 from .routes import (
@@ -66,7 +67,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
     registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
     peer_headers = node_headers(config.api_token, config.node_token)
-    distributed = DistributedJobs(service, registry, peer_headers)
+    nodes = NodesLauncher(service, registry, peer_headers)
+    service.attach_nodes(nodes)
     heartbeat = None
     if config.coordinator:
         heartbeat = HeartbeatSender(
@@ -84,7 +86,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             heartbeat.stop.set()
         for stop in core.on_shutdown:
             stop()
-        distributed.stop.set()
+        nodes.stop.set()
         service.jobs.shutdown()
 
     app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,
@@ -95,12 +97,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
     auth = [Depends(client_auth(config.api_token))]
     node_only = [Depends(node_auth(config.node_token))]
     for prefix in ("/v1/post-training", "/v1alpha/post-training"):
-        app.include_router(post_training_router(service, distributed), prefix=prefix, dependencies=auth)
+        app.include_router(post_training_router(service), prefix=prefix, dependencies=auth)
     app.include_router(job_parts_router(service, config), prefix="/v1/post-training", dependencies=node_only)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
     app.include_router(node_membership_router(registry), prefix="/v1", dependencies=node_only)
-    core = ServiceCore(config, service, registry, distributed, peer_headers, auth, node_only,
+    core = ServiceCore(config, service, registry, peer_headers, auth, node_only,
                        upload_prefixes=["/v1/datasets/"])
     for addon in ADDONS:
         addon.install(app, core)
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", action="append", dest="model_dirs",
                         help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
-    parser.add_argument("--launchers-config", help="YAML file: which launchers jobs may use (local, nodes, slurm, "
-                                                   "ray), their settings and the shared run dir "
+    parser.add_argument("--launchers-config", help=f"YAML file: which launchers jobs may use ({', '.join(LAUNCHERS)}), "
+                                                   "their settings and the shared run dir "
                                                    "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
     parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
                                                   "name, the Hub token and namespaces exports may push to, Hub "

@@ -7,13 +7,14 @@ import os
 import socket
 from pathlib import Path
 
-from typing import Annotated, Literal
-
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from ...launchers import LauncherName
+from ...launchers.ray import RayConfig
+from ...launchers.slurm import SlurmConfig
+from ...launchers.torchrun import TorchRunOptions
 from ...outbound import OutboundConfig
 from ...training.spec import FsdpSpec
-from .launcher import TorchRunOptions
 
 
 def is_loopback(host: str) -> bool:
@@ -36,36 +37,12 @@ def read_secret(path: str, what: str) -> str:
     return token
 
 
-class SlurmConfig(BaseModel):
-    """The `slurm` launcher: sbatch/squeue/scontrol/scancel on this host (a login node of the cluster)."""
-
-    model_config = ConfigDict(extra="forbid")
-    partition: str | None = None
-    account: str | None = None
-    time_limit: str | None = None  # sbatch --time, e.g. "24:00:00"
-    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[^\n\r]*$")]] = Field(default_factory=list)  # e.g. ["--exclusive"]
-    nice_base: int = Field(100, ge=0, le=10_000)  # --nice = nice_base - priority: higher priority, lower nice
-    poll_s: float = Field(2.0, gt=0, le=600)
-
-
-class RayConfig(BaseModel):
-    """The `ray` launcher: the Ray Jobs REST API of a cluster's dashboard (no Ray import in the service)."""
-
-    model_config = ConfigDict(extra="forbid")
-    address: str = "http://127.0.0.1:8265"
-    token_env: str | None = "RAY_AUTH_TOKEN"  # environment variable holding the cluster's token, if it has one
-    # Where the job's driver (the small process that places one torchrun per node) runs: the head node.
-    entrypoint_resources: dict[str, float] = Field(default_factory=lambda: {"node:__internal_head__": 0.001})
-    cpus_per_node: float = Field(1.0, gt=0)  # each node's torchrun reserves this much unless the job asks
-    poll_s: float = Field(2.0, gt=0, le=600)
-
-
 class LaunchersConfig(BaseModel):
     """Which launchers jobs may ask for (torch_run_config.launcher) and their settings."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: list[Literal["local", "nodes", "slurm", "ray"]] = Field(default_factory=lambda: ["local", "nodes"])
-    default: Literal["local", "nodes", "slurm", "ray"] = "local"
+    enabled: list[LauncherName] = Field(default_factory=lambda: ["local", "nodes"])
+    default: LauncherName = "local"
     # Run directories (spec, status, logs, checkpoints) of slurm/ray jobs: a file system every cluster node
     # mounts at this path. Default: the service's data dir (enough for one-host clusters and tests).
     shared_dir: str | None = None

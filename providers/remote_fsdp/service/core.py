@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import ServiceConfig
-from .distributed import DistributedJobs
 from .jobs import FsdpJobService
 from .nodes import NodeRegistry
 
@@ -19,9 +18,8 @@ from .nodes import NodeRegistry
 @dataclass
 class ServiceCore:
     config: ServiceConfig
-    service: FsdpJobService  # the job store, the job manager and the run directories
+    service: FsdpJobService  # the job store, the job manager (every launcher, `nodes` too), the run directories
     registry: NodeRegistry
-    distributed: DistributedJobs  # jobs over several nodes, and jobs waiting for nodes
     peer_headers: dict[str, str]  # what calls to other nodes carry (the API token and the node token)
     auth: list  # route dependencies: the clients' bearer token
     node_only: list  # route dependencies: the cluster's node token

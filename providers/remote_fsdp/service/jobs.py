@@ -12,17 +12,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...jobs.manager import JobManager
-from ...jobs.store import JobStore
 from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
 from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest, TrainingConfig
-from ...api.to_spec import data_config_of, method_of, preference_target, prepare_job
+from ...api.to_spec import data_config_of, method_of, preference_target, prepare_job, scheduling_spec
+from ...jobs.store import JobRecord, JobStore
+from ...launchers import build_launchers
+from ...launchers.base import Launcher
+from ...launchers.local import LocalLauncher
+from ...launchers.nodes import NodesLauncher
+from ...launchers.torchrun import TorchRunOptions, torchrun_command
 from ...training.components import device_type
-from ...training.fsdp import backend, mesh_shape
+from ...training.fsdp import backend
 from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec, check_name
 from .config import ServiceConfig
-from .launcher import TorchRunOptions, torchrun_command
-from .launchers import build_launchers
+from .nodes import misfit
 from .security import clean_partial_files
 
 # What a client may set in torch_run_config; the rest (placement) comes from a coordinator. rdzv_backend
@@ -34,18 +38,6 @@ def _validation_message(e: ValidationError, field: str) -> str:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     return f"{field}{'.' + loc if loc else ''}: {first['msg']}"
-
-
-def unapplied_scheduling(spec: JobSpec, launcher: str) -> dict[str, str]:
-    """Scheduling settings the job's launcher has no way to honour, with the reason."""
-    res = spec.scheduling.resources
-    out = {}
-    if launcher == "ray" and spec.scheduling.priority:
-        out["scheduling.priority"] = "Ray has no job priority"
-    if launcher in ("slurm", "ray") and res.gpu_memory_gb:
-        out["scheduling.resources.gpu_memory_gb"] = (f"{launcher} has no request for GPU memory (name a node feature "
-                                                     "or custom resource in the launcher's config)")
-    return out
 
 
 class FsdpJobService:
@@ -72,6 +64,61 @@ class FsdpJobService:
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
                                launchers=build_launchers(config), prestart_zygote=True)
+        self.nodes: NodesLauncher | None = None  # the `nodes` launcher, once the app has the node registry
+
+    # -- launchers -----------------------------------------------------------------------------------
+    def attach_nodes(self, nodes: NodesLauncher) -> None:
+        """Take the `nodes` launcher (it needs the app's node registry); `local` checks resources against
+        this host as the registry sees it."""
+        self.nodes = nodes
+        self.jobs.local.misfit = lambda resources: misfit(nodes.registry.local.capabilities, resources)
+
+    def launcher(self, name: str) -> Launcher:
+        """The launcher object named `name` on this service."""
+        if self.nodes is not None and name == self.nodes.name:
+            return self.nodes
+        if name not in self.jobs.launchers:
+            raise ValueError(f"training_config.torch_run_config.launcher: {name!r} is not enabled on this server "
+                             f"(enabled: {sorted(self.jobs.launchers)})")
+        return self.jobs.launchers[name]
+
+    def _placed_by_nodes(self, job_uuid: str) -> bool:
+        return self.nodes is not None and (self.nodes.is_waiting(job_uuid) or self.nodes.is_distributed(job_uuid))
+
+    # -- what the routes call, for every launcher ----------------------------------------------------
+    def submit_job(self, route: str, req: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> dict[str, str]:
+        """A client's job: placed on registered nodes when it spans them (the `nodes` launcher), else
+        submitted here for its launcher (local, slurm, ray; a one-node `nodes` job runs `local`)."""
+        if self.nodes is not None and self.nodes.is_waiting(req.job_uuid):
+            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists (waiting for nodes)")
+        opts = self.torch_run_options(req.training_config.torch_run_config or {})
+        if req.part_of is None and self.spans_registry_nodes(opts):
+            return self.nodes.submit(route, req.model_dump(mode="json"))
+        return self.submit_request(route, req)
+
+    def cancel_job(self, job_uuid: str) -> None:
+        """Cancel a job whatever runs it: every part of a multi-node job, or a job waiting for nodes."""
+        if self._placed_by_nodes(job_uuid):
+            self.nodes.cancel(job_uuid)
+        else:
+            self.jobs.cancel(job_uuid)
+
+    def resume_job(self, job_uuid: str) -> JobRecord:
+        """Run a failed or cancelled job again from its newest checkpoint, through its launcher: every part
+        of a multi-node job; a slurm or ray job is submitted to its scheduler again."""
+        if self.nodes is not None and self.nodes.is_distributed(job_uuid):
+            return self.nodes.resume(job_uuid)
+        return self.jobs.resume(job_uuid)
+
+    def job_view(self, job_uuid: str) -> dict[str, Any]:
+        """The job's status view (with its parts' states when it spans nodes, or its wait for them)."""
+        return self.nodes.view(job_uuid) if self._placed_by_nodes(job_uuid) else self.view(job_uuid)
+
+    def list_jobs(self) -> list[dict[str, str]]:
+        """Every job: the JobManager's records, then the jobs still waiting for nodes."""
+        if self.nodes is not None:
+            return self.nodes.list_jobs()
+        return [{"job_uuid": j.job_uuid, "status": j.status} for j in self.jobs.store.list()]
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
@@ -154,8 +201,11 @@ class FsdpJobService:
         torch_run = self.torch_run_options(training_config.torch_run_config, trusted=trusted)
         world_size = torch_run.nproc_per_node * torch_run.nnodes
         fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
-        if fsdp is not None:
-            self.check_fsdp(fsdp, torch_run, world_size)
+        launcher_name = self.launcher_of(torch_run)
+        launcher = self.launcher(launcher_name)
+        # What the job's hosts cannot run is refused here; a launcher that runs the job elsewhere leaves the
+        # host-dependent checks (GPUs, kernels) to the node, which makes them when the job loads.
+        launcher.check(torch_run, fsdp, scheduling_spec(training_config).resources)
         dc = data_config_of(training_config)
         train_rows = rows if rows is not None else self.dataset_rows(dc.dataset_id, "training_config.data_config.dataset_id")
         val_rows = validation_rows
@@ -167,6 +217,7 @@ class FsdpJobService:
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,
                 defaults=self.defaults, train_rows=train_rows, validation_rows=val_rows, fsdp=fsdp,
                 output_dir=str(output_dir) if output_dir else None, result_name=result_name,
+                check_host=not launcher.runs_elsewhere,
             )
             (run_dir / "torchrun.json").write_text(torch_run.model_dump_json())
             resources = {
@@ -180,41 +231,23 @@ class FsdpJobService:
                 "backend": backend(),
                 "fsdp": fsdp.model_dump() if fsdp else None,
             }
-            launcher = self.launcher_of(torch_run)
-            resources["launcher"] = launcher
-            for setting, why in unapplied_scheduling(spec, launcher).items():
-                spec.not_applied[setting] = why
-            self.jobs.submit(spec, resources=resources, launcher=launcher)
+            resources["launcher"] = launcher_name
+            spec.not_applied.update(launcher.unhonoured(spec))
+            self.jobs.submit(spec, resources=resources, launcher=launcher_name)
         return {"job_uuid": job_uuid}
 
     def launcher_of(self, opts: TorchRunOptions) -> str:
         """The JobManager launcher of a job on this service: the one it asks for, else the service's default.
         `nodes` jobs are placed by this service's registry (spans_registry_nodes); each node runs its part
-        `local`."""
+        with the nodes launcher's `part_launcher` (local)."""
         name = opts.launcher or self.config.launchers.default
-        return "local" if name == "nodes" else name
+        return NodesLauncher.part_launcher if name == NodesLauncher.name else name
 
     def spans_registry_nodes(self, opts: TorchRunOptions) -> bool:
         """Whether this service places the job on its registered nodes (the `nodes` launcher): a job on
         more than one node whose launcher is this service's own."""
-        return opts.nnodes > 1 and (opts.launcher or self.config.launchers.default) in ("local", "nodes")
-
-    @staticmethod
-    def check_fsdp(fsdp: FsdpSpec, torch_run: TorchRunOptions, world_size: int) -> None:
-        """Refuse what would train wrongly or cannot run here, before anything starts."""
-        import torch
-
-        mesh_shape(fsdp, world_size, torch_run.nproc_per_node)
-        if torch.cuda.is_available() and torch_run.nproc_per_node > torch.cuda.device_count():
-            raise ValueError(
-                f"training_config.torch_run_config.nproc_per_node: {torch_run.nproc_per_node} processes but this "
-                f"node has {torch.cuda.device_count()} GPUs"
-            )
-        if torch_run.nproc_per_node > (os.cpu_count() or 1) * 4 and device_type() == "cpu":
-            raise ValueError(
-                f"training_config.torch_run_config.nproc_per_node: {torch_run.nproc_per_node} processes on "
-                f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
-            )
+        name = opts.launcher or self.config.launchers.default
+        return opts.nnodes > 1 and name in (LocalLauncher.name, NodesLauncher.name)
 
     def submit_request(self, route: str, request: Any, trusted: bool = False) -> dict[str, Any]:
         """Submit a supervised-fine-tune or preference-optimize request (a model or its JSON dict);

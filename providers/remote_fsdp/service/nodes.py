@@ -1,7 +1,7 @@
 """Nodes: every machine runs the same service; workers register with a coordinator and send heartbeats.
 
 Nodes are named (a URL each); nothing scans the network. A node that misses heartbeats for
-`down_after_s` is marked down and gets no new work; jobs with parts on it fail (see distributed.py).
+`down_after_s` is marked down and gets no new work; jobs with parts on it fail (see providers/launchers/nodes.py).
 """
 
 from __future__ import annotations

@@ -22,12 +22,10 @@ from starlette.background import BackgroundTask
 
 from ...jobs.store import ACTIVE
 from ...api.requests import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from ...api.to_spec import scheduling_spec
 from ...training.plots import plot_files
 from .config import ServiceConfig
-from .distributed import DistributedJobs
 from .jobs import FsdpJobService
-from .nodes import Heartbeat, Node, NodeRegistry, Registration, misfit
+from .nodes import Heartbeat, Node, NodeRegistry, Registration
 from .security import (
     DiskQuota,
     check_node_url,
@@ -42,49 +40,37 @@ MAX_FOLLOW_S = 6 * 3600
 _followers = 0
 
 
-def post_training_router(service: FsdpJobService, distributed: DistributedJobs) -> APIRouter:
+def post_training_router(service: FsdpJobService) -> APIRouter:
+    """Every job route goes through the service, which asks the job's launcher (providers/launchers)."""
     r = APIRouter()
-
-    def submit(route: str, req: SupervisedFineTuneRequest | PreferenceOptimizeRequest) -> dict[str, str]:
-        tc = req.training_config.torch_run_config or {}
-        if distributed.is_waiting(req.job_uuid):
-            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists (waiting for nodes)")
-        opts = service.torch_run_options(tc)
-        if req.part_of is None and service.spans_registry_nodes(opts):
-            return distributed.submit(route, req.model_dump(mode="json"))
-        if service.launcher_of(opts) == "local":  # this host runs it: it must be able to hold it
-            resources = scheduling_spec(req.training_config).resources
-            why = misfit(distributed.registry.local.capabilities, resources)
-            if why:
-                raise ValueError(f"training_config.scheduling.resources: this host cannot hold the job: {why}")
-        return service.submit_request(route, req)
 
     @r.post("/supervised-fine-tune")
     def supervised_fine_tune(req: SupervisedFineTuneRequest) -> dict[str, str]:
-        return submit("supervised-fine-tune", req)
+        return service.submit_job("supervised-fine-tune", req)
 
     @r.post("/preference-optimize")
     def preference_optimize(req: PreferenceOptimizeRequest) -> dict[str, str]:
-        return submit("preference-optimize", req)
+        return service.submit_job("preference-optimize", req)
 
     # Reads below are sub-millisecond local reads: async, so a poll needs no thread-pool hop (under
     # training load each hop waits for a core twice, which is what stretches the p99 of status polls).
     @r.get("/jobs")
     async def list_jobs() -> dict[str, list[dict[str, str]]]:
-        return {"data": distributed.list_jobs()}
+        return {"data": service.list_jobs()}
 
     @r.get("/job/status", response_model=None)
     async def job_status(job_uuid: str = Query(...)) -> dict[str, Any]:
-        return distributed.view(job_uuid)
+        return service.job_view(job_uuid)
 
     @r.post("/job/cancel")
     def job_cancel(ref: JobRef) -> None:
-        distributed.cancel(ref.job_uuid)
+        service.cancel_job(ref.job_uuid)
 
     @r.post("/job/resume")
     def job_resume(ref: JobRef) -> dict[str, str]:
-        """Run a failed or cancelled job again from its newest checkpoint (exact resume)."""
-        return {"job_uuid": ref.job_uuid, "status": service.jobs.resume(ref.job_uuid).status}
+        """Run a failed or cancelled job again from its newest checkpoint (exact resume), on every node it
+        spans, or through its scheduler."""
+        return {"job_uuid": ref.job_uuid, "status": service.resume_job(ref.job_uuid).status}
 
     @r.get("/job/artifacts", response_model=None)
     async def job_artifacts(job_uuid: str = Query(...)) -> dict[str, Any]:

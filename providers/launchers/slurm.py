@@ -17,8 +17,14 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
+from typing import Annotated
 
-from ....jobs.launcher import (
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..training.bound_store import torchrun_argv
+from ..training.run_files import RunFiles
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
+from .base import (
     CANCELLED,
     FAILED,
     PENDING,
@@ -26,15 +32,12 @@ from ....jobs.launcher import (
     SUCCEEDED,
     UNKNOWN,
     LastKnownStates,
+    LauncherUnavailable,
     LaunchState,
+    check_mesh,
     poll_until_final,
 )
-from ....training.bound_store import torchrun_argv
-from ....training.run_files import RunFiles
-from ....training.spec import JobSpec, SchedulingSpec
-from ..config import SlurmConfig
-from ..launcher import TorchRunOptions
-from . import LauncherUnavailable
+from .torchrun import TorchRunOptions
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -54,6 +57,18 @@ WHY = {
     "OUT_OF_MEMORY": "a node ran out of memory", "PREEMPTED": "Slurm preempted the job",
     "BOOT_FAIL": "a node failed to boot", "DEADLINE": "the job reached its Slurm deadline",
 }
+
+
+class SlurmConfig(BaseModel):
+    """The `slurm` launcher: sbatch/squeue/scontrol/scancel on this host (a login node of the cluster)."""
+
+    model_config = ConfigDict(extra="forbid")
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = None  # sbatch --time, e.g. "24:00:00"
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[^\n\r]*$")]] = Field(default_factory=list)  # e.g. ["--exclusive"]
+    nice_base: int = Field(100, ge=0, le=10_000)  # --nice = nice_base - priority: higher priority, lower nice
+    poll_s: float = Field(2.0, gt=0, le=600)
 
 
 class SlurmError(RuntimeError):
@@ -127,6 +142,12 @@ def state_of(slurm_state: str, reason: str | None, exit_code: str | None) -> Lau
 
 class SlurmLauncher:
     name = "slurm"
+    runs_elsewhere = True
+
+    @classmethod
+    def from_config(cls, cfg, python: str) -> SlurmLauncher:
+        """The launcher of the service's `launchers` config (its `slurm` section)."""
+        return cls(cfg.slurm, python)
 
     def __init__(self, cfg: SlurmConfig, python: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run):
         self.cfg = cfg
@@ -136,6 +157,16 @@ class SlurmLauncher:
         missing = [c for c in ("sbatch", "scontrol", "scancel") if shutil.which(c) is None]
         if missing and runner is subprocess.run:
             raise SlurmUnavailable(f"launchers.enabled: slurm needs the Slurm commands {missing} on this host's PATH")
+
+    def check(self, torch_run: TorchRunOptions, fsdp: FsdpSpec | None, resources: ResourceRequest) -> None:
+        """Only what no host decides: the mesh. The nodes check their GPUs and knobs when the job loads."""
+        check_mesh(fsdp, torch_run)
+
+    def unhonoured(self, spec: JobSpec) -> dict[str, str]:
+        if spec.scheduling.resources.gpu_memory_gb:
+            return {"scheduling.resources.gpu_memory_gb": "slurm has no request for GPU memory (name a node feature "
+                                                          "or custom resource in the launcher's config)"}
+        return {}
 
     def _cmd(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run(argv, capture_output=True, text=True, timeout=60, env=env)

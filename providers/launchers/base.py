@@ -2,9 +2,14 @@
 
 The JobManager owns the queue and the job records; a launcher only knows how to start the training entry
 point somewhere and what the place it started it says about it. `local` starts it on this host (forked
-from the preloaded zygote, or spawned); the service adds `slurm` and `ray`
-(providers/remote_fsdp/service/launchers/). Each job records its launcher's name and the external id the
+from the preloaded zygote, or spawned); the service adds `slurm`, `ray` and `nodes` (the registry in
+providers/launchers/__init__.py). Each job records its launcher's name and the external id the
 launcher returned, so a restarted server re-attaches to jobs that outlived it.
+
+Callers ask the launcher instead of comparing names: `runs_elsewhere` (a scheduler places the job's
+processes on other hosts, so this host's hardware says nothing about them), `unhonoured(spec)` (settings
+it cannot apply, recorded in the spec's not_applied) and `check(...)` (what can be refused before the job
+starts; a node checks the rest itself when the job loads, providers/training/components.py).
 
 Truth comes from both sides: what the launcher reports (`LaunchState`) and what the trainer wrote in
 RUN_DIR/status.json. `final_state` joins them in one table.
@@ -12,19 +17,14 @@ RUN_DIR/status.json. `final_state` joins them in one table.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from ..training.run_files import RunFiles
-from ..training.spec import JobSpec
-from .zygote import launch_job_process
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
 
 # Launcher states: pending and running are active; the rest are final.
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, UNKNOWN = "pending", "running", "succeeded", "failed", "cancelled", "unknown"
@@ -46,8 +46,28 @@ class LaunchState:
         return self.state in LAUNCH_FINAL
 
 
+class LauncherUnavailable(RuntimeError):
+    """An enabled launcher cannot work on this host (its commands are missing): the service does not start."""
+
+
+def check_mesh(fsdp: FsdpSpec | None, torch_run) -> None:
+    """Refuse an FSDP mesh that the job's world cannot form (it does not depend on any host)."""
+    if fsdp is not None:
+        from ..training.fsdp import mesh_shape
+
+        mesh_shape(fsdp, torch_run.nproc_per_node * torch_run.nnodes, torch_run.nproc_per_node)
+
+
 class Launcher(Protocol):
     name: str
+    runs_elsewhere: bool  # the job's processes run on hosts a scheduler picks, not on this API host
+
+    def check(self, torch_run, fsdp: FsdpSpec | None, resources: ResourceRequest) -> None:
+        """Raise ValueError (naming the field) for what the job's hosts cannot run, before anything starts.
+        Launchers that run elsewhere check only what does not depend on this host."""
+
+    def unhonoured(self, spec: JobSpec) -> dict[str, str]:
+        """Settings of `spec` this launcher has no way to apply: field -> why."""
 
     def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
         """Start the job (argv: this host's torchrun or entry-point command, for launchers that use it);
@@ -147,126 +167,3 @@ def final_state(launch: LaunchState, status: dict, cancelled: bool, cancel_reaso
     if status.get("error"):  # the trainer's (or its first failing rank's) own words
         return "failed", status["error"]
     return "failed", f"{launcher}: {why or 'failed'}"
-
-
-# -- local: this host -------------------------------------------------------------------------------------
-def process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the group, then SIGKILL whatever is left after `grace_s`."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and process_group_alive(pgid):
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def process_group_runs(pgid: int, run_dir: str) -> bool:
-    """Whether process group `pgid` still holds a process of the job in `run_dir` (its command line names
-    the run dir). After a reboot a recorded pid may belong to an unrelated process group, which must not
-    be signalled. Where /proc is missing the group is assumed to be the job's."""
-    if not process_group_alive(pgid):
-        return False
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    needle = str(run_dir).encode()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            if needle in (entry / "cmdline").read_bytes():
-                return True
-        except (OSError, IndexError, ValueError):
-            continue
-    return False
-
-
-class LocalLauncher:
-    """Jobs as process groups on this host. The external id is the group leader's pid (= its pgid)."""
-
-    name = "local"
-
-    def __init__(self, niceness: int = 0):
-        self.niceness = niceness
-        self._procs: dict[str, subprocess.Popen] = {}
-
-    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
-        with open(files.log, "ab") as out:
-            # Forked from the preloaded zygote when it can (the same session, env, cwd and log), else Popen.
-            proc = launch_job_process(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: cancel signals the whole tree
-                preexec_fn=self._lower_priority,
-                env=env,
-                cwd=str(files.dir),
-                niceness=self.niceness,
-            )
-        self._procs[str(proc.pid)] = proc
-        return str(proc.pid)
-
-    def _lower_priority(self) -> None:
-        # On a CPU-only host the job's processes compete with the server for cores: a lower priority
-        # keeps status polls and cancels quick without slowing training when cores are free.
-        if self.niceness:
-            os.nice(self.niceness)
-
-    def running(self) -> int:
-        return sum(1 for p in self._procs.values() if p.poll() is None)
-
-    def poll(self, external_id: str, files: RunFiles) -> LaunchState:
-        proc = self._procs.get(external_id)
-        if proc is None:
-            return LaunchState(UNKNOWN, reason="not started by this server")
-        code = proc.poll()
-        if code is None:
-            return LaunchState(RUNNING)
-        return LaunchState(SUCCEEDED if code == 0 else FAILED, exit_code=code,
-                           reason=None if code == 0 else f"training process exited with code {code}")
-
-    def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
-        proc = self._procs[external_id]
-        proc.wait()
-        # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
-        if process_group_alive(proc.pid):
-            kill_process_group(proc.pid, grace_s=2.0)
-        state = self.poll(external_id, files)
-        self._procs.pop(external_id, None)
-        return state
-
-    def cancel(self, external_id: str) -> None:
-        proc = self._procs.get(external_id)
-        if proc is not None:
-            kill_process_group(proc.pid)
-            proc.wait()
-
-    def alive(self, external_id: str, files: RunFiles) -> bool:
-        # A local job's supervisor was this server: after a restart its processes are stopped, not followed.
-        return False
-
-    def stop_orphan(self, external_id: str, files: RunFiles) -> None:
-        """Stop what is left of a job whose server died (its recorded group, if it still runs the job)."""
-        pgid = int(external_id)
-        if process_group_runs(pgid, str(files.dir)):
-            kill_process_group(pgid)

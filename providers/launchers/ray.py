@@ -22,8 +22,11 @@ import shlex
 from collections.abc import Callable
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
-from ....jobs.launcher import (
+from ..training.run_files import RunFiles
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
+from .base import (
     CANCELLED,
     FAILED,
     PENDING,
@@ -32,12 +35,10 @@ from ....jobs.launcher import (
     UNKNOWN,
     LastKnownStates,
     LaunchState,
+    check_mesh,
     poll_until_final,
 )
-from ....training.run_files import RunFiles
-from ....training.spec import JobSpec, SchedulingSpec
-from ..config import RayConfig
-from ..launcher import TorchRunOptions
+from .torchrun import TorchRunOptions
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -53,6 +54,18 @@ PASSED_VARS = ("PYTHONSAFEPATH", "PYTHONUNBUFFERED", "GLOO_SOCKET_IFNAME", "NCCL
                "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE", "WANDB_MODE")
 PASSED_PREFIXES = ("HF_",)
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+class RayConfig(BaseModel):
+    """The `ray` launcher: the Ray Jobs REST API of a cluster's dashboard (no Ray import in the service)."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str = "http://127.0.0.1:8265"
+    token_env: str | None = "RAY_AUTH_TOKEN"  # environment variable holding the cluster's token, if it has one
+    # Where the job's driver (the small process that places one torchrun per node) runs: the head node.
+    entrypoint_resources: dict[str, float] = Field(default_factory=lambda: {"node:__internal_head__": 0.001})
+    cpus_per_node: float = Field(1.0, gt=0)  # each node's torchrun reserves this much unless the job asks
+    poll_s: float = Field(2.0, gt=0, le=600)
 
 
 class RayError(RuntimeError):
@@ -127,6 +140,12 @@ def state_of(info: dict) -> LaunchState:
 
 class RayLauncher:
     name = "ray"
+    runs_elsewhere = True
+
+    @classmethod
+    def from_config(cls, cfg, python: str) -> RayLauncher:
+        """The launcher of the service's `launchers` config (its `ray` section)."""
+        return cls(cfg.ray, python)
 
     def __init__(self, cfg: RayConfig, python: str, transport: httpx.BaseTransport | None = None):
         self.cfg = cfg
@@ -137,6 +156,19 @@ class RayLauncher:
             headers["Authorization"] = f"Bearer {token}"
         self.http = httpx.Client(base_url=cfg.address.rstrip("/"), headers=headers, timeout=30, transport=transport)
         self.last_known = LastKnownStates(f"the Ray Jobs API at {cfg.address}")
+
+    def check(self, torch_run: TorchRunOptions, fsdp: FsdpSpec | None, resources: ResourceRequest) -> None:
+        """Only what no host decides: the mesh. The nodes check their GPUs and knobs when the job loads."""
+        check_mesh(fsdp, torch_run)
+
+    def unhonoured(self, spec: JobSpec) -> dict[str, str]:
+        out = {}
+        if spec.scheduling.priority:
+            out["scheduling.priority"] = "Ray has no job priority"
+        if spec.scheduling.resources.gpu_memory_gb:
+            out["scheduling.resources.gpu_memory_gb"] = ("ray has no request for GPU memory (name a node feature "
+                                                         "or custom resource in the launcher's config)")
+        return out
 
     def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())

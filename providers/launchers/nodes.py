@@ -1,4 +1,4 @@
-"""Multi-node jobs from one API call.
+"""The `nodes` launcher: multi-node jobs from one API call, on this service's registered nodes.
 
 The coordinator places a job with `nnodes > 1` on that many live nodes (itself as node 0), sends every
 other node its part (the same request with its `node_rank`, the master address and port, and
@@ -21,25 +21,36 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ...jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
-from ...api.paths import check_job_uuid
-from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from ...api.to_spec import method_of, preference_target, scheduling_spec
-from ...training.run_files import RunFiles, utc_now
-from ...training.spec import ResourceRequest
-from .jobs import FsdpJobService
-from .launcher import TorchRunOptions, free_port
-from .nodes import Node, NodeRegistry, describe, misfit, requested
-from ...state_files import load_state, save_state
+from ..api.paths import check_job_uuid
+from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from ..api.to_spec import method_of, preference_target, scheduling_spec
+from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
+from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit, requested
+from ..state_files import load_state, save_state
+from ..training.run_files import RunFiles, utc_now
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
+from .base import check_mesh
+from .local import LocalLauncher, check_host_processes
+from .torchrun import TorchRunOptions, free_port
+
+if TYPE_CHECKING:
+    from ..remote_fsdp.service.jobs import FsdpJobService
 
 log = logging.getLogger("providers.remote_fsdp")
 
 
-class DistributedJobs:
+class NodesLauncher:
+    """Places a job's parts on registered nodes (this coordinator is node 0); each node runs its part with
+    its own `local` launcher. Built by the service app, which has the node registry."""
+
+    name = "nodes"
+    runs_elsewhere = False  # node 0 runs here; the other nodes check their own part when it arrives
+    part_launcher = LocalLauncher.name  # what each node runs its part with (its JobManager record says so)
+
     def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0,
                  place_interval_s: float = 1.0):
         self.service = service
@@ -77,7 +88,7 @@ class DistributedJobs:
         tc = body["training_config"]
         opts = self.service.torch_run_options(tc.get("torch_run_config"))
         fsdp = self.service.fsdp_options(tc.get("fsdp_config"))
-        self.service.check_fsdp(fsdp, opts, opts.nproc_per_node * opts.nnodes)
+        self.check(opts, fsdp, ResourceRequest())
         job_uuid = body["job_uuid"]
         check_job_uuid(job_uuid)
         if job_uuid in self._pending:
@@ -111,6 +122,15 @@ class DistributedJobs:
                 log.info("job %s waits: %s", job_uuid, self._waiting_reason(entry))
                 return {"job_uuid": job_uuid}
         return self._start(route, body, opts, nodes)
+
+    def check(self, torch_run: TorchRunOptions, fsdp: FsdpSpec | None, resources: ResourceRequest) -> None:
+        """The mesh, and this host's GPUs and cores for node 0's part (the resources: `_check_placeable`)."""
+        check_mesh(fsdp, torch_run)
+        if fsdp is not None:
+            check_host_processes(torch_run.nproc_per_node)
+
+    def unhonoured(self, spec: JobSpec) -> dict[str, str]:
+        return {}
 
     @staticmethod
     def _request(route: str, body: dict[str, Any]) -> SupervisedFineTuneRequest | PreferenceOptimizeRequest:
@@ -169,7 +189,7 @@ class DistributedJobs:
             torch_run = {**opts.model_dump(), "node_rank": rank, "master_addr": master, "master_port": port,
                          "local_addr": node.capabilities.address}
             if "launcher" in TorchRunOptions.model_fields:  # each node runs its own part on its own host
-                torch_run["launcher"] = "local"
+                torch_run["launcher"] = self.part_launcher
             part["training_config"]["torch_run_config"] = torch_run
             parts.append((node, part))
         # Remote parts first: if a node refuses its part, nothing has started here yet.
@@ -256,7 +276,7 @@ class DistributedJobs:
                 self.service.jobs.store.create(JobRecord(
                     job_uuid=job_uuid, method=entry["method"], run_dir=str(run_dir), status=status,
                     scheduled_at=entry["submitted_at"], completed_at=now, error=error, priority=entry["priority"],
-                    resources={**resources, "launcher": "nodes", "requested_resources": entry["resources"]},
+                    resources={**resources, "launcher": self.name, "requested_resources": entry["resources"]},
                 ))
         except DuplicateJobError:  # a job of that name was started meanwhile (the single-node routes)
             log.error("job %s: a job of the same name exists; the waiting one is dropped", job_uuid)
@@ -270,7 +290,7 @@ class DistributedJobs:
             "started_at": None, "completed_at": None, "checkpoints": [],
             "resources_allocated": {
                 "method": entry["method"], "model": entry["model"], "nnodes": entry["nnodes"],
-                "nproc_per_node": entry["nproc_per_node"], "launcher": "nodes", "priority": entry["priority"],
+                "nproc_per_node": entry["nproc_per_node"], "launcher": self.name, "priority": entry["priority"],
                 "requested_resources": entry["resources"],
                 "waiting_for": "being placed" if placing else self._waiting_reason(entry),
             },
@@ -381,6 +401,32 @@ class DistributedJobs:
             time.sleep(0.05)  # being placed: cancel it once it has its record
         self.service.jobs.cancel(job_uuid)
         self._cancel_remote(job_uuid, None)
+
+    def resume(self, job_uuid: str) -> JobRecord:
+        """Resume a multi-node job that failed or was cancelled: every other node's part first (each from its
+        newest checkpoint, through that node's own resume route), then this node's; then follow the parts
+        again. A node that cannot resume its part refuses the whole resume before anything here starts."""
+        job = self.service.jobs.store.get(job_uuid)
+        if job.status not in ("failed", "cancelled"):
+            raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+        with self._http() as http:
+            for part in self._remote(job_uuid):
+                try:
+                    r = http.post(f"{part['url']}/v1/post-training/job/resume", json={"job_uuid": job_uuid}, timeout=30)
+                    why = None if r.status_code == 200 else f"{r.status_code} {r.text[:1000]}"
+                except httpx.HTTPError as e:
+                    why = f"unreachable: {e}"
+                if why:
+                    self._cancel_remote(job_uuid, None)  # the parts resumed so far
+                    raise ValueError(f"job_uuid: node {part['node_id']} cannot resume its part of {job_uuid!r}: {why}")
+        try:
+            record = self.service.jobs.resume(job_uuid)
+        except Exception:
+            self._cancel_remote(job_uuid, None)
+            raise
+        self.part_status.pop(job_uuid, None)  # the previous run's part states
+        self._watch(job_uuid)
+        return record
 
     def view(self, job_uuid: str) -> dict[str, Any]:
         entry = self._pending.get(job_uuid)

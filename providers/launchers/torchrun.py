@@ -1,4 +1,4 @@
-"""Launcher: a job's torchrun command line, built as an argument list (no shell strings)."""
+"""A job's torchrun options and command line, built as an argument list (no shell strings)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from ...training.bound_store import torchrun_argv
-from ...training.run_files import RunFiles
-from ...training.spec import JobSpec
+from ..training.bound_store import torchrun_argv
+from ..training.run_files import RunFiles
+from ..training.spec import JobSpec
+from . import NAME_PATTERN
 
 
 class TorchRunOptions(BaseModel):
@@ -25,9 +26,9 @@ class TorchRunOptions(BaseModel):
     rdzv_backend: str = "static"  # the only one: see `only_static`
     rdzv_timeout_s: PositiveInt = 60  # torchrun's default is 600 s: a missing node fails the job sooner
     local_addr: str | None = None  # this node's address (the coordinator's placement record)
-    # Who starts the processes: local (this host), nodes (this service's node registry), slurm or ray
-    # (providers/remote_fsdp/service/launchers/). None: the service's default; `nodes` when nnodes > 1.
-    launcher: str | None = Field(None, pattern="^(local|nodes|slurm|ray)$")
+    # Who starts the processes: a name in providers/launchers' registry (local, nodes, slurm, ray).
+    # None: the service's default; `nodes` when nnodes > 1.
+    launcher: str | None = Field(None, pattern=NAME_PATTERN)
     # How a one-node job with the static rendezvous starts its ranks: forked from one preloaded process
     # (providers/training/local_ranks.py: the training stack imported once, not once per rank) or torchrun.
     rank_start: str = Field("fork", pattern="^(fork|torchrun)$")

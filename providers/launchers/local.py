@@ -1,0 +1,172 @@
+"""The `local` launcher: a job's processes as one process group on this host (forked from the preloaded
+zygote, or spawned). The external id is the group leader's pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..jobs.zygote import launch_job_process
+from ..training.run_files import RunFiles
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
+from .base import FAILED, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, check_mesh
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left after `grace_s`."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and process_group_alive(pgid):
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def process_group_runs(pgid: int, run_dir: str) -> bool:
+    """Whether process group `pgid` still holds a process of the job in `run_dir` (its command line names
+    the run dir). After a reboot a recorded pid may belong to an unrelated process group, which must not
+    be signalled. Where /proc is missing the group is assumed to be the job's."""
+    if not process_group_alive(pgid):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    needle = str(run_dir).encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            if needle in (entry / "cmdline").read_bytes():
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
+def check_host_processes(nproc_per_node: int) -> None:
+    """Refuse more ranks than this host's GPUs, or so many on its CPU cores that they would thrash."""
+    import torch
+
+    from ..training.components import device_type
+
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise ValueError(
+            f"training_config.torch_run_config.nproc_per_node: {nproc_per_node} processes but this "
+            f"node has {torch.cuda.device_count()} GPUs"
+        )
+    if nproc_per_node > (os.cpu_count() or 1) * 4 and device_type() == "cpu":
+        raise ValueError(
+            f"training_config.torch_run_config.nproc_per_node: {nproc_per_node} processes on "
+            f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
+        )
+
+
+class LocalLauncher:
+    """Jobs as process groups on this host. The external id is the group leader's pid (= its pgid)."""
+
+    name = "local"
+    runs_elsewhere = False
+
+    def __init__(self, niceness: int = 0):
+        self.niceness = niceness
+        self._procs: dict[str, subprocess.Popen] = {}
+        # Why this host cannot hold one node's share of a job's resources (None: it can); the service
+        # sets it from its node registry's view of this host. None: no resources check.
+        self.misfit: Callable[[ResourceRequest], str | None] | None = None
+
+    def check(self, torch_run, fsdp: FsdpSpec | None, resources: ResourceRequest) -> None:
+        """This host runs the job: its mesh, its GPUs and cores, its resources request."""
+        if fsdp is not None:
+            check_mesh(fsdp, torch_run)
+            check_host_processes(torch_run.nproc_per_node)
+        why = self.misfit(resources) if self.misfit is not None else None
+        if why:
+            raise ValueError(f"training_config.scheduling.resources: this host cannot hold the job: {why}")
+
+    def unhonoured(self, spec: JobSpec) -> dict[str, str]:
+        return {}
+
+    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
+        with open(files.log, "ab") as out:
+            # Forked from the preloaded zygote when it can (the same session, env, cwd and log), else Popen.
+            proc = launch_job_process(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: cancel signals the whole tree
+                preexec_fn=self._lower_priority,
+                env=env,
+                cwd=str(files.dir),
+                niceness=self.niceness,
+            )
+        self._procs[str(proc.pid)] = proc
+        return str(proc.pid)
+
+    def _lower_priority(self) -> None:
+        # On a CPU-only host the job's processes compete with the server for cores: a lower priority
+        # keeps status polls and cancels quick without slowing training when cores are free.
+        if self.niceness:
+            os.nice(self.niceness)
+
+    def running(self) -> int:
+        return sum(1 for p in self._procs.values() if p.poll() is None)
+
+    def poll(self, external_id: str, files: RunFiles) -> LaunchState:
+        proc = self._procs.get(external_id)
+        if proc is None:
+            return LaunchState(UNKNOWN, reason="not started by this server")
+        code = proc.poll()
+        if code is None:
+            return LaunchState(RUNNING)
+        return LaunchState(SUCCEEDED if code == 0 else FAILED, exit_code=code,
+                           reason=None if code == 0 else f"training process exited with code {code}")
+
+    def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
+        proc = self._procs[external_id]
+        proc.wait()
+        # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
+        if process_group_alive(proc.pid):
+            kill_process_group(proc.pid, grace_s=2.0)
+        state = self.poll(external_id, files)
+        self._procs.pop(external_id, None)
+        return state
+
+    def cancel(self, external_id: str) -> None:
+        proc = self._procs.get(external_id)
+        if proc is not None:
+            kill_process_group(proc.pid)
+            proc.wait()
+
+    def alive(self, external_id: str, files: RunFiles) -> bool:
+        # A local job's supervisor was this server: after a restart its processes are stopped, not followed.
+        return False
+
+    def stop_orphan(self, external_id: str, files: RunFiles) -> None:
+        """Stop what is left of a job whose server died (its recorded group, if it still runs the job)."""
+        pgid = int(external_id)
+        if process_group_runs(pgid, str(files.dir)):
+            kill_process_group(pgid)
