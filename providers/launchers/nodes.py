@@ -21,13 +21,14 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 
 from ..api.paths import check_job_uuid
 from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..api.to_spec import method_of, preference_target, scheduling_spec
+from ..jobs.manager import JobManager
 from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
 from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit, requested
 from ..state_files import load_state, save_state
@@ -37,8 +38,21 @@ from .base import check_mesh
 from .local import LocalLauncher, check_host_processes
 from .torchrun import TorchRunOptions, free_port
 
-if TYPE_CHECKING:
-    from ..remote_fsdp.service.jobs import FsdpJobService
+
+
+class JobService(Protocol):
+    """What the `nodes` launcher uses of the service that owns it (remote_fsdp.service.jobs.FsdpJobService):
+    a protocol, so that the launcher does not import the service that imports it."""
+
+    data_dir: Path
+    jobs: JobManager
+
+    def submit_request(self, route: str, request: Any, trusted: bool = False) -> dict[str, Any]: ...
+    def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions: ...
+    def fsdp_options(self, overrides: dict[str, Any] | None) -> FsdpSpec: ...
+    def resolve_model(self, model: str, field: str) -> str: ...
+    def dataset_path(self, dataset_id: str) -> Path: ...
+    def view(self, job_uuid: str) -> dict[str, Any]: ...
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -51,7 +65,7 @@ class NodesLauncher:
     runs_elsewhere = False  # node 0 runs here; the other nodes check their own part when it arrives
     part_launcher = LocalLauncher.name  # what each node runs its part with (its JobManager record says so)
 
-    def __init__(self, service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0,
+    def __init__(self, service: JobService, registry: NodeRegistry, headers: dict[str, str], poll_s: float = 1.0,
                  place_interval_s: float = 1.0):
         self.service = service
         self.registry = registry
