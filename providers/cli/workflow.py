@@ -112,18 +112,24 @@ def validate(ctx: typer.Context, model: str = typer.Argument(...),
              prompts: Path = typer.Option(..., help="held-out rows (JSONL/JSON) with optional expected answers"),
              base: Optional[str] = typer.Option(None, help="base model (default: the adapter's base)"),
              id: str = typer.Option("validate-1", "--id"), match: str = "normalized",
-             max_new_tokens: int = 64, min_pass_rate: Optional[float] = None,
+             max_new_tokens: int = 64,
+             min_pass_rate: Optional[float] = typer.Option(None, help="the bar: pass rate needed (default 0.5)"),
+             alpha: float = typer.Option(0.05, help="significance of the gain over the base (one-sided exact "
+                                                    "McNemar test on the same prompts)"),
              local: bool = False, out: Path = typer.Option(Path("validation"))) -> None:
-    """Validation report (validation.json + validation.md) of an adapter or model against its base."""
+    """Validation report (validation.json + validation.md) of an adapter or model against its base.
+    Passed = files and inference work, the pass rate reaches the bar, and the model beats its base
+    significantly on the same prompts."""
     if local:
         from ..validation import validate_model
 
         report = validate_model(model, str(out), _rows(prompts) or [], base_model=base, max_new_tokens=max_new_tokens,
-                                match=match, min_pass_rate=min_pass_rate)
+                                match=match, min_pass_rate=min_pass_rate, alpha=alpha)
         typer.echo((out / "validation.md").read_text())
         raise typer.Exit(0 if report["passed"] else 1)
     state = _client(ctx).validate_model(id, model, _rows(prompts) or [], base_model=base, match=match,
-                                        max_new_tokens=max_new_tokens, min_pass_rate=min_pass_rate, callback=_progress)
+                                        max_new_tokens=max_new_tokens, min_pass_rate=min_pass_rate, alpha=alpha,
+                                        callback=_progress)
     _finish(state, state["state"] == "completed" and state["outputs"].get("passed"))
 
 
