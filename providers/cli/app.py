@@ -183,11 +183,14 @@ def resume(ctx: typer.Context, job_uuid: str,
 @app.command()
 def watch(ctx: typer.Context, job_uuid: str,
           interval: float = typer.Option(1.0, help="seconds between polls"),
-          plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal")) -> None:
+          plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal"),
+          replay: bool = typer.Option(False, "--replay", help="a finished job: every logged step, not the summary")) -> None:
     """Follow a job: live bar with step/total, loss, lr, tokens/s, ETA (and DPO margin/accuracy, KD
-    hard/soft loss). Exit 0 when it completes, 1 when it fails, 3 when it is cancelled."""
+    hard/soft loss). A job that has already ended: a summary (state, steps, final train/validation loss,
+    duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
+    fails, 3 when it is cancelled."""
     c = _ctx(ctx)
-    raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console, interval, plain or None)))
+    raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console, interval, plain or None, replay)))
 
 
 @app.command()
