@@ -14,6 +14,7 @@ or the whole pipeline in one call: `svc.run_pipeline({...}, callback=print)`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,20 @@ from typing import Any
 import requests
 
 from .workflow_client import ACTIVE, WorkflowClientMixin, follow_state
+
+
+class ServiceError(RuntimeError):
+    """An error answer of the service: `status`, its `detail` (a string or [{"field", "reason"}]), and the
+    request (`method`, `path`)."""
+
+    def __init__(self, method: str, path: str, status: int, text: str):
+        super().__init__(f"{method} {path}: {status} {text}")
+        self.method, self.path, self.status, self.text = method, path, status, text
+        try:
+            body = json.loads(text)
+            self.detail = body.get("detail", text) if isinstance(body, dict) else text
+        except ValueError:
+            self.detail = text
 
 
 class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, validate_model, export_model, run_workflow
@@ -34,7 +49,7 @@ class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, valid
     def _call(self, method: str, path: str, **kw) -> Any:
         r = self.http.request(method, self.base_url + path, timeout=self.timeout_s, **kw)
         if r.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text}")
+            raise ServiceError(method, path, r.status_code, r.text)
         return r.json() if r.content else None
 
     def create_teacher_task(self, job_uuid: str, teacher_model: str, rows: list[dict] | None = None,

@@ -108,5 +108,7 @@ class WorkflowClientMixin:
         """One file of a task's directory (e.g. 'validate/validation.md', 'enhanced_dataset.jsonl')."""
         r = self.http.get(f"{self.base_url}{PATHS[kind]}/{task_id}/files/{name}", timeout=self.timeout_s)  # type: ignore[attr-defined]
         if r.status_code >= 400:
-            raise RuntimeError(f"GET {PATHS[kind]}/{task_id}/files/{name}: {r.status_code} {r.text}")
+            from .client import ServiceError
+
+            raise ServiceError("GET", f"{PATHS[kind]}/{task_id}/files/{name}", r.status_code, r.text)
         return r.content
