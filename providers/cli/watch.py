@@ -159,7 +159,8 @@ def watch_job(backend, job_uuid: str, console: Console, interval: float = 1.0, p
             total = res.get("total_steps")
             lines.total = total
             printed = [text for text in map(lines.line, new) if text]
-            step = res.get("step") or max((r.get("step", 0) for r in records), default=0)
+            # status.json is written at most once a second: the metrics may already be further on
+            step = max(res.get("step") or 0, lines.last_step, 0)
             if progress is not None:
                 desc = f"{job_uuid} [{state}]" if state != "in_progress" else job_uuid
                 last_step = next((r for r in reversed(records) if "loss" in r), {})
