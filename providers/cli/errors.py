@@ -79,7 +79,7 @@ def describe(exc: BaseException) -> tuple[int, str]:
     from pydantic import ValidationError
 
     from ..errors import first_validation_error
-    from ..remote_fsdp.client import ServiceError
+    from ..remote_fsdp.workflow_client import ServiceError
     from .jobfile import JobFileError
 
     if isinstance(exc, CliError):

@@ -14,28 +14,13 @@ or the whole pipeline in one call: `svc.run_pipeline({...}, callback=print)`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import requests
 
-from .workflow_client import ACTIVE, WorkflowClientMixin, follow_state
-
-
-class ServiceError(RuntimeError):
-    """An error answer of the service: `status`, its `detail` (a string or [{"field", "reason"}]), and the
-    request (`method`, `path`)."""
-
-    def __init__(self, method: str, path: str, status: int, text: str):
-        super().__init__(f"{method} {path}: {status} {text}")
-        self.method, self.path, self.status, self.text = method, path, status, text
-        try:
-            body = json.loads(text)
-            self.detail = body.get("detail", text) if isinstance(body, dict) else text
-        except ValueError:
-            self.detail = text
+from .workflow_client import ACTIVE, ServiceError, WorkflowClientMixin, follow_state
 
 
 class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, validate_model, export_model, run_workflow
