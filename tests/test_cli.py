@@ -136,11 +136,11 @@ def test_failed_job_makes_watch_exit_1_with_the_jobs_error(cli_env, ops_service,
 def test_bad_job_files_are_refused_naming_the_key(cli_env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: sft\nmodel: /m\ndataset: data.jsonl\nepochs: 3\n")
-    p = cli(cli_env, "submit", str(bad), check=1)
+    p = cli(cli_env, "submit", str(bad), check=2)  # usage error (exit codes: providers/cli/errors.py)
     assert "unknown key(s) ['epochs']" in p.stderr
     bad.write_text("method: ppo\nmodel: /m\ndataset: x.jsonl\n")
-    assert "method: 'ppo' is not one of" in cli(cli_env, "submit", str(bad), check=1).stderr
-    p = cli({**cli_env, "TRL_POST_TRAINING_TOKEN": "wrong"}, "list", check=1)
+    assert "method: 'ppo' is not one of" in cli(cli_env, "submit", str(bad), check=2).stderr
+    p = cli({**cli_env, "TRL_POST_TRAINING_TOKEN": "wrong"}, "list", check=2)  # a 4xx refusal
     assert "401" in p.stderr
 
 
@@ -162,7 +162,7 @@ def test_llama_stack_server_is_detected_and_drives_the_inline_provider(llama_sta
     assert steps and steps[-1].startswith("step 10/10") and "margin" in steps[-1] and "acc" in steps[-1]
     assert "stack-dpo completed" in p.stdout
     assert any(Path(x).name == "loss.png" for x in json.loads(cli(env, "artifacts", "stack-dpo", "--json").stdout)["plots"])
-    assert "resume" in cli(env, "resume", "stack-dpo", check=1).stderr
+    assert "resume" in cli(env, "resume", "stack-dpo", check=2).stderr  # not on this server: usage
     assert cli(env, "logs", "stack-dpo", "-n", "5").stdout.strip()
 
 

@@ -10,8 +10,8 @@ Talks to the FSDP training service or to a Llama Stack server (told apart by the
     trl-post-training dashboard --data-dir ~/.llama/trl_post_training
 
 `--url` (env TRL_POST_TRAINING_URL, default http://127.0.0.1:8322) and `--token` (env
-TRL_POST_TRAINING_TOKEN) apply to every command. Exit codes: 0 success / job completed, 1 error or job
-failed, 3 job cancelled.
+TRL_POST_TRAINING_TOKEN) apply to every command. Exit codes (providers/cli/errors.py): 0 ok / accepted,
+1 failed, 2 usage error or a 4xx refusal, 3 cancelled, 4 not found; an error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .backends import CliError, connect
-from .jobfile import JobFileError, job_request, pipeline_request
+from .backends import connect
+from .errors import EXIT_CODES_HELP, EXIT_USAGE, CliError, run_app
+from .jobfile import job_request, pipeline_request
 from .watch import watch_job, watch_pipeline
 from .workflow import register_workflow_commands
 
 DEFAULT_URL = "http://127.0.0.1:8322"
 
-app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False,
+app = typer.Typer(help=__doc__.split("\n\n")[0], epilog=EXIT_CODES_HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
-pipeline_app = typer.Typer(help="Teacher-student pipelines (FSDP service).", no_args_is_help=True)
+pipeline_app = typer.Typer(help="Teacher-student pipelines (FSDP service).", epilog=EXIT_CODES_HELP,
+                           no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 console = Console()
-err = Console(stderr=True)
 
 
 class Ctx:
@@ -54,19 +55,6 @@ class Ctx:
 
 def _ctx(ctx: typer.Context) -> Ctx:
     return ctx.obj
-
-
-def _fail(message: str, code: int = 1):
-    err.print(f"error: {message}", markup=False, highlight=False)
-    raise typer.Exit(code)
-
-
-def _run(fn):
-    """Run a command body; CliError / JobFileError become one line on stderr and exit code 1."""
-    try:
-        return fn()
-    except (CliError, JobFileError) as e:
-        _fail(str(e))
 
 
 @app.callback()
@@ -93,27 +81,22 @@ def submit(ctx: typer.Context, job_file: Path = typer.Argument(..., help="job YA
            job_uuid: Optional[str] = typer.Option(None, "--job-uuid", help="override the file's job_uuid"),
            plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal")) -> None:
     """Upload the job's data (once per content), submit the job, print its id."""
-    c = _ctx(ctx)
-
-    def go():
-        req = job_request(job_file, job_uuid)
-        b = c.backend
-        for ds in req.datasets:
-            if ds.rows is not None and not b.has_dataset(ds.dataset_id):
-                b.upload(ds.dataset_id, ds.rows)
-                print(f"uploaded {len(ds.rows)} rows from {ds.path} as dataset {ds.dataset_id}", file=sys.stderr)
-        uuid = b.submit(req.route, req.body)
-        print(uuid, flush=True)
-        if watch:
-            raise typer.Exit(watch_job(b, uuid, console, plain=plain or None))
-
-    _run(go)
+    req = job_request(job_file, job_uuid)
+    b = _ctx(ctx).backend
+    for ds in req.datasets:
+        if ds.rows is not None and not b.has_dataset(ds.dataset_id):
+            b.upload(ds.dataset_id, ds.rows)
+            print(f"uploaded {len(ds.rows)} rows from {ds.path} as dataset {ds.dataset_id}", file=sys.stderr)
+    uuid = b.submit(req.route, req.body)
+    print(uuid, flush=True)
+    if watch:
+        raise typer.Exit(watch_job(b, uuid, console, plain=plain or None))
 
 
 @app.command("list")
 def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Jobs with state, method, progress and loss."""
-    rows = _run(lambda: _ctx(ctx).backend.jobs())
+    rows = _ctx(ctx).backend.jobs()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -128,7 +111,7 @@ def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
 @app.command()
 def status(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """A job's status (state, progress, resources, checkpoints)."""
-    s = _run(lambda: _ctx(ctx).backend.status(job_uuid))
+    s = _ctx(ctx).backend.status(job_uuid)
     if as_json:
         print(json.dumps(s, indent=2))
         return
@@ -147,7 +130,7 @@ def status(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(False
 @app.command()
 def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """A job's checkpoints (with their metrics) and its plots (RUN_DIR/plots/*.png)."""
-    a = _run(lambda: _ctx(ctx).backend.artifacts(job_uuid))
+    a = _ctx(ctx).backend.artifacts(job_uuid)
     if as_json:
         print(json.dumps(a, indent=2))
         return
@@ -166,8 +149,8 @@ def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(Fa
 def cancel(ctx: typer.Context, job_uuid: str) -> None:
     """Cancel a job (every process it started stops)."""
     c = _ctx(ctx)
-    _run(lambda: c.backend.cancel(job_uuid))
-    print(f"{job_uuid}: {_run(lambda: c.backend.status(job_uuid))['status']}")
+    c.backend.cancel(job_uuid)
+    print(f"{job_uuid}: {c.backend.status(job_uuid)['status']}")
 
 
 @app.command()
@@ -175,19 +158,22 @@ def resume(ctx: typer.Context, job_uuid: str,
            watch: bool = typer.Option(False, "--watch", "-w")) -> None:
     """Run a failed or cancelled job again from its newest checkpoint (FSDP service)."""
     c = _ctx(ctx)
-    print(f"{job_uuid}: {_run(lambda: c.backend.resume(job_uuid))}")
+    print(f"{job_uuid}: {c.backend.resume(job_uuid)}")
     if watch:
-        raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console)))
+        raise typer.Exit(watch_job(c.backend, job_uuid, console))
 
 
 @app.command()
 def watch(ctx: typer.Context, job_uuid: str,
           interval: float = typer.Option(1.0, help="seconds between polls"),
-          plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal")) -> None:
+          plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal"),
+          replay: bool = typer.Option(False, "--replay", help="a finished job: every logged step, not the summary")) -> None:
     """Follow a job: live bar with step/total, loss, lr, tokens/s, ETA (and DPO margin/accuracy, KD
-    hard/soft loss). Exit 0 when it completes, 1 when it fails, 3 when it is cancelled."""
+    hard/soft loss). A job that has already ended: a summary (state, steps, final train/validation loss,
+    duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
+    fails, 3 when it is cancelled."""
     c = _ctx(ctx)
-    raise typer.Exit(_run(lambda: watch_job(c.backend, job_uuid, console, interval, plain or None)))
+    raise typer.Exit(watch_job(c.backend, job_uuid, console, interval, plain or None, replay))
 
 
 @app.command()
@@ -197,17 +183,14 @@ def logs(ctx: typer.Context, job_uuid: str, follow: bool = typer.Option(False, "
     """A job's log; -f follows it until the job ends."""
     c = _ctx(ctx)
     if not follow:
-        for line in _run(lambda: c.backend.logs(job_uuid, tail, rank)):
+        for line in c.backend.logs(job_uuid, tail, rank):
             print(line)
         return
 
-    def go():
+    try:
         for chunk in c.backend.follow_logs(job_uuid, tail, rank):
             sys.stdout.write(chunk)
             sys.stdout.flush()
-
-    try:
-        _run(go)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -217,7 +200,7 @@ def nodes(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> 
     """The FSDP service's nodes: state, heartbeat age, load, capabilities."""
     import time
 
-    rows = _run(lambda: _ctx(ctx).backend.nodes())
+    rows = _ctx(ctx).backend.nodes()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -238,15 +221,11 @@ def pipeline_run(ctx: typer.Context, pipeline_file: Path,
                  plain: bool = typer.Option(False, "--plain")) -> None:
     """Submit a teacher-student pipeline from a YAML file; print its id."""
     c = _ctx(ctx)
-
-    def go():
-        body, _ = pipeline_request(pipeline_file, pipeline_id)
-        pid = c.backend.submit_pipeline(body)
-        print(pid, flush=True)
-        if watch:
-            raise typer.Exit(watch_pipeline(c.backend, pid, console, plain=plain or None))
-
-    _run(go)
+    body, _ = pipeline_request(pipeline_file, pipeline_id)
+    pid = c.backend.submit_pipeline(body)
+    print(pid, flush=True)
+    if watch:
+        raise typer.Exit(watch_pipeline(c.backend, pid, console, plain=plain or None))
 
 
 @pipeline_app.command("status")
@@ -255,8 +234,8 @@ def pipeline_status(ctx: typer.Context, pipeline_id: str,
     """A pipeline's state and its tasks'; --watch follows it."""
     c = _ctx(ctx)
     if watch:
-        raise typer.Exit(_run(lambda: watch_pipeline(c.backend, pipeline_id, console, plain=plain or None)))
-    print(json.dumps(_run(lambda: c.backend.pipeline(pipeline_id)), indent=2))
+        raise typer.Exit(watch_pipeline(c.backend, pipeline_id, console, plain=plain or None))
+    print(json.dumps(c.backend.pipeline(pipeline_id), indent=2))
 
 
 @app.command()
@@ -272,22 +251,25 @@ def dashboard(ctx: typer.Context,
     FSDP service). Without --data-dir, points at the FSDP service's own /dashboard."""
     c = _ctx(ctx)
     if data_dir is None:
-        b = _run(lambda: c.backend)
+        b = c.backend
         if b.kind != "fsdp-service":
-            _fail("dashboard: a Llama Stack server serves no dashboard; pass --data-dir (its TRL_POST_TRAINING_DIR)")
+            raise CliError("dashboard: a Llama Stack server serves no dashboard; pass --data-dir (its "
+                           "TRL_POST_TRAINING_DIR)", EXIT_USAGE)
         print(f"The FSDP service serves its dashboard: {b.url}/dashboard/")
         return
     from .serve import serve_data_dir
 
-    _run(lambda: serve_data_dir(data_dir, host, port, token, c.url if token else None, c.token))
+    serve_data_dir(data_dir, host, port, token, c.url if token else None, c.token)
 
 
 register_workflow_commands(app)  # chat, enhance, validate, export, workflow (providers/cli/workflow.py)
+for _command in (*app.registered_commands, *pipeline_app.registered_commands):
+    _command.epilog = _command.epilog or EXIT_CODES_HELP
 
 
 def run() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: errors become one line and the exit code of their outcome (errors.py)."""
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -12,21 +12,13 @@ from typing import Any
 
 import httpx
 
+from .errors import EXIT_USAGE, CliError, body_detail, http_error
+
 ACTIVE = ("scheduled", "in_progress")
 
 
-class CliError(Exception):
-    """A failure to show the user as one line (exit code 1)."""
-
-
-def _detail(r: httpx.Response) -> str:
-    try:
-        detail = r.json().get("detail", r.text)
-    except ValueError:
-        detail = r.text
-    if isinstance(detail, list):  # [{"field", "reason"}]
-        detail = "; ".join(f"{d.get('field')}: {d.get('reason')}" if isinstance(d, dict) else str(d) for d in detail)
-    return f"HTTP {r.status_code}: {detail}"
+def _http_error(r: httpx.Response, where: str) -> CliError:
+    return http_error(r.status_code, body_detail(r.text), where)
 
 
 class ServiceBackend:
@@ -45,7 +37,7 @@ class ServiceBackend:
         except httpx.HTTPError as e:
             raise CliError(f"{self.url}{path}: {type(e).__name__}: {e}") from None
         if r.status_code >= 400:
-            raise CliError(_detail(r))
+            raise _http_error(r, f"{method} {path}")
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
     # datasets and jobs
@@ -94,7 +86,7 @@ class ServiceBackend:
         with self.http.stream("GET", "/v1/post-training/job/logs", params=params, timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
-                raise CliError(_detail(r))
+                raise _http_error(r, "GET /v1/post-training/job/logs")
             yield from r.iter_text()
 
     # nodes and pipelines
@@ -128,7 +120,8 @@ class StackBackend:
         try:
             return fn(*a, **kw)
         except APIStatusError as e:
-            raise CliError(_detail(e.response)) from None
+            raise http_error(e.response.status_code, body_detail(e.response.text),
+                             f"{e.response.request.method} {e.response.request.url.path}") from None
         except APIConnectionError as e:
             raise CliError(f"{self.url}: {e}") from None
 
@@ -170,7 +163,7 @@ class StackBackend:
 
     def resume(self, job_uuid: str) -> str:
         raise CliError("resume: the Llama Stack post-training API has no resume; submit the same job file again "
-                       "with a new job_uuid and the old checkpoint_dir, or use the FSDP service directly")
+                       "with a new job_uuid and the old checkpoint_dir, or use the FSDP service directly", EXIT_USAGE)
 
     def _run_dir(self, job_uuid: str) -> Path | None:
         run_dir = (self.status(job_uuid).get("resources_allocated") or {}).get("run_dir")
@@ -188,7 +181,7 @@ class StackBackend:
         run_dir = self._run_dir(job_uuid)
         if run_dir is None:
             raise CliError(f"logs: job {job_uuid!r} runs on another machine (its run dir is not visible here); "
-                           "the Llama Stack API serves no logs")
+                           "the Llama Stack API serves no logs", EXIT_USAGE)
         from ..dashboard.sources import log_path
 
         return log_path(run_dir, rank)
@@ -215,10 +208,10 @@ class StackBackend:
             time.sleep(0.5)
 
     def nodes(self) -> list[dict[str, Any]]:
-        raise CliError("nodes: a Llama Stack server has no node registry; point --url at the FSDP service")
+        raise CliError("nodes: a Llama Stack server has no node registry; point --url at the FSDP service", EXIT_USAGE)
 
     def submit_pipeline(self, body: dict[str, Any]) -> str:
-        raise CliError("pipeline: teacher-student pipelines run on the FSDP service; point --url at it")
+        raise CliError("pipeline: teacher-student pipelines run on the FSDP service; point --url at it", EXIT_USAGE)
 
     def pipeline(self, pipeline_id: str) -> dict[str, Any]:
         return self.submit_pipeline({})  # raises

@@ -11,7 +11,8 @@ with `register_workflow_commands(app)`), also runnable alone: `python -m provide
 
 With `--local` nothing goes through the service: models are local directories, and the endpoints a config
 names and the Hub settings come from `--outbound-config` (the service's own file format), as on the service.
-Exit code 0 when the task completed (and, for validate, passed), 1 otherwise.
+Exit codes (providers/cli/errors.py): 0 completed (validate: passed) or accepted with --no-wait, 1 failed
+(validate: not passed), 2 usage error or a 4xx refusal, 3 cancelled, 4 not found.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from .errors import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, STATE_CODES, run_app
 
 DEFAULT_URL = "http://127.0.0.1:8322"
 
@@ -68,8 +71,11 @@ def _progress(state: dict) -> None:
 
 
 def _finish(state: dict, ok: bool | None = None) -> None:
+    """Print the task's state; exit with its outcome: 0 completed or accepted (not waited for), 1 failed
+    (or, with `ok` False, completed without passing), 3 cancelled."""
     typer.echo(json.dumps(state, indent=2))
-    raise typer.Exit(0 if (ok if ok is not None else state.get("state") == "completed") else 1)
+    code = STATE_CODES.get(state.get("state"), EXIT_FAILED)
+    raise typer.Exit(EXIT_FAILED if code == EXIT_OK and ok is False else code)
 
 
 def chat(ctx: typer.Context, model: str = typer.Argument(..., help="model dir, job:<uuid>, pipeline:<id>, ..."),
@@ -112,19 +118,25 @@ def validate(ctx: typer.Context, model: str = typer.Argument(...),
              prompts: Path = typer.Option(..., help="held-out rows (JSONL/JSON) with optional expected answers"),
              base: Optional[str] = typer.Option(None, help="base model (default: the adapter's base)"),
              id: str = typer.Option("validate-1", "--id"), match: str = "normalized",
-             max_new_tokens: int = 64, min_pass_rate: Optional[float] = None,
+             max_new_tokens: int = 64,
+             min_pass_rate: Optional[float] = typer.Option(None, help="the bar: pass rate needed (default 0.5)"),
+             alpha: float = typer.Option(0.05, help="significance of the gain over the base (one-sided exact "
+                                                    "McNemar test on the same prompts)"),
              local: bool = False, out: Path = typer.Option(Path("validation"))) -> None:
-    """Validation report (validation.json + validation.md) of an adapter or model against its base."""
+    """Validation report (validation.json + validation.md) of an adapter or model against its base.
+    Passed = files and inference work, the pass rate reaches the bar, and the model beats its base
+    significantly on the same prompts."""
     if local:
         from ..validation import validate_model
 
         report = validate_model(model, str(out), _rows(prompts) or [], base_model=base, max_new_tokens=max_new_tokens,
-                                match=match, min_pass_rate=min_pass_rate)
+                                match=match, min_pass_rate=min_pass_rate, alpha=alpha)
         typer.echo((out / "validation.md").read_text())
         raise typer.Exit(0 if report["passed"] else 1)
     state = _client(ctx).validate_model(id, model, _rows(prompts) or [], base_model=base, match=match,
-                                        max_new_tokens=max_new_tokens, min_pass_rate=min_pass_rate, callback=_progress)
-    _finish(state, state["state"] == "completed" and state["outputs"].get("passed"))
+                                        max_new_tokens=max_new_tokens, min_pass_rate=min_pass_rate, alpha=alpha,
+                                        callback=_progress)
+    _finish(state, None if state["state"] != "completed" else bool(state["outputs"].get("passed")))
 
 
 def export(ctx: typer.Context, model: str = typer.Argument(...),
@@ -176,12 +188,12 @@ COMMANDS = {"chat": chat, "enhance": enhance, "validate": validate, "export": ex
 def register_workflow_commands(app: typer.Typer) -> None:
     """Add chat, enhance, validate, export and workflow to a typer app (trl-post-training's)."""
     for name, fn in COMMANDS.items():
-        app.command(name)(fn)
+        app.command(name, epilog=EXIT_CODES_HELP)(fn)
 
 
-standalone = typer.Typer(help="Adapter workflow commands", no_args_is_help=True, add_completion=False,
-                         pretty_exceptions_enable=False)
+standalone = typer.Typer(help="Adapter workflow commands", epilog=EXIT_CODES_HELP, no_args_is_help=True,
+                         add_completion=False, pretty_exceptions_enable=False)
 register_workflow_commands(standalone)
 
 if __name__ == "__main__":
-    standalone()
+    run_app(standalone)

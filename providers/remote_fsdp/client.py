@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from .workflow_client import ACTIVE, WorkflowClientMixin, follow_state
+from .workflow_client import ACTIVE, ServiceError, WorkflowClientMixin, follow_state
 
 
 class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, validate_model, export_model, run_workflow
@@ -34,7 +34,7 @@ class TrainingServiceClient(WorkflowClientMixin):  # + chat, enhance_data, valid
     def _call(self, method: str, path: str, **kw) -> Any:
         r = self.http.request(method, self.base_url + path, timeout=self.timeout_s, **kw)
         if r.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text}")
+            raise ServiceError(method, path, r.status_code, r.text)
         return r.json() if r.content else None
 
     def create_teacher_task(self, job_uuid: str, teacher_model: str, rows: list[dict] | None = None,

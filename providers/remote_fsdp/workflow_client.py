@@ -12,11 +12,26 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 ACTIVE = ("scheduled", "in_progress")
+
+
+class ServiceError(RuntimeError):
+    """An error answer of the service: `status`, its `detail` (a string or [{"field", "reason"}]), and the
+    request (`method`, `path`)."""
+
+    def __init__(self, method: str, path: str, status: int, text: str):
+        super().__init__(f"{method} {path}: {status} {text}")
+        self.method, self.path, self.status, self.text = method, path, status, text
+        try:
+            body = json.loads(text)
+            self.detail = body.get("detail", text) if isinstance(body, dict) else text
+        except ValueError:
+            self.detail = text
 
 
 def follow_state(fetch: Callable[[], dict], summary: Callable[[dict], Any], what: str,
@@ -108,5 +123,5 @@ class WorkflowClientMixin:
         """One file of a task's directory (e.g. 'validate/validation.md', 'enhanced_dataset.jsonl')."""
         r = self.http.get(f"{self.base_url}{PATHS[kind]}/{task_id}/files/{name}", timeout=self.timeout_s)  # type: ignore[attr-defined]
         if r.status_code >= 400:
-            raise RuntimeError(f"GET {PATHS[kind]}/{task_id}/files/{name}: {r.status_code} {r.text}")
+            raise ServiceError("GET", f"{PATHS[kind]}/{task_id}/files/{name}", r.status_code, r.text)
         return r.content

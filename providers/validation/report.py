@@ -8,7 +8,8 @@ Checks, each with its own `passed`:
    answers, how many outputs changed and how much (character similarity)
 5. performance: generation tokens/s and the process's peak memory
 
-Writes OUT_DIR/validation.json (with an overall `passed`) and OUT_DIR/validation.md.
+Writes OUT_DIR/validation.json (with an overall `passed` and the `verdict` behind it: sample size, pass
+rates with exact 95% intervals, the paired test against the base; see verdict.py) and OUT_DIR/validation.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from ..enhance.judges import normalize
 from ..serving.engine import adapter_base, generate, is_adapter, load_for_inference, prompt_ids
 from ..training.data import DataFormatError, completion_row, prompt_row
+from .verdict import verdict
 
 
 def parse_prompt(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -144,10 +146,11 @@ def run_prompts(loaded, items: list[dict[str, Any]], max_new_tokens: int) -> tup
 
 def validate_model(model: str, out_dir: str, prompts: list[dict[str, Any]], base_model: str | None = None,
                    max_new_tokens: int = 64, match: str = "normalized", min_pass_rate: float | None = None,
-                   compare_base: bool = True) -> dict[str, Any]:
+                   compare_base: bool = True, alpha: float | None = None) -> dict[str, Any]:
     """Write validation.json and validation.md for `model` (an adapter's base is its base model unless
-    `base_model` is given); returns the report. `passed` needs files, inference, and (when the prompts
-    state expectations) a pass rate of at least `min_pass_rate` (default: not below the base's)."""
+    `base_model` is given); returns the report. `passed` needs files, inference, a pass rate of at least
+    `min_pass_rate` (default 0.5) and, against a base, a significant gain (p < `alpha`, default 0.05): see
+    verdict.py."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(model)
@@ -169,7 +172,7 @@ def validate_model(model: str, out_dir: str, prompts: list[dict[str, Any]], base
                                "sample_tokens": smoke.completion_tokens}
     except Exception as e:  # noqa: BLE001 - reported: a model that does not load fails validation
         report["inference"] = {"passed": False, "detail": f"{type(e).__name__}: {e}"}
-        return _finish(report, out, min_pass_rate)
+        return _finish(report, out, min_pass_rate, alpha)
     responses, perf = run_prompts(loaded, items, max_new_tokens)
     ppl = answer_perplexity(loaded, items)
     report["performance"] = {**perf, "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_load_mb": round(rss_before, 1),
@@ -207,17 +210,23 @@ def validate_model(model: str, out_dir: str, prompts: list[dict[str, Any]], base
             mean_similarity_to_base=sum(r["similarity"] for r in rows) / len(rows) if rows else None,
         )
     report["summary"] = summary
-    return _finish(report, out, min_pass_rate)
+    return _finish(report, out, min_pass_rate, alpha)
 
 
-def _finish(report: dict[str, Any], out: Path, min_pass_rate: float | None) -> dict[str, Any]:
+def _finish(report: dict[str, Any], out: Path, min_pass_rate: float | None,
+            alpha: float | None = None) -> dict[str, Any]:
     s = report.get("summary", {})
     gates = {"files": report["files"]["passed"], "inference": report["inference"]["passed"]}
-    if s.get("pass_rate") is not None:
-        floor = min_pass_rate if min_pass_rate is not None else s.get("base_pass_rate")
-        if floor is not None:
-            gates["pass_rate"] = s["pass_rate"] >= floor
-        report["pass_rate_floor"] = floor
+    if "prompts" in report:
+        checked = [r for r in report["prompts"] if r["passed"] is not None]
+        compared = bool(checked) and all("base_passed" in r for r in checked) and "base_pass_rate" in s
+        v = verdict([r["passed"] for r in checked], [bool(r["base_passed"]) for r in checked] if compared else None,
+                    min_pass_rate, alpha)
+        report["verdict"] = v
+        report["pass_rate_floor"] = v["min_pass_rate"]
+        gates["pass_rate"] = v["meets_bar"]
+        if v["significant"] is not None:
+            gates["improvement"] = v["significant"]
     report["gates"] = gates
     report["passed"] = all(gates.values())
     report["elapsed_s"] = round(time.time() - report.pop("started_at"), 3)
@@ -238,6 +247,20 @@ def markdown(report: dict[str, Any]) -> str:
              f"**{'PASSED' if report['passed'] else 'FAILED'}** "
              f"({', '.join(k + (': ok' if v else ': failed') for k, v in report['gates'].items())})", "",
              f"- kind: {'PEFT adapter' if report['adapter'] else 'full model'}; base: `{report.get('base_model')}`"]
+    v = report.get("verdict")
+    if v:
+        def ci(c):
+            return "" if not c else f" (95% CI {c[0]:.0%}-{c[1]:.0%})"
+
+        lines += ["", "## Verdict", "", f"- {v['reason']}",
+                  f"- sample: {v['n']} prompts with an expected answer; pass rate "
+                  + ("n/a" if v["pass_rate"] is None else f"{v['pass_rate']:.1%}{ci(v['pass_rate_ci95'])}")
+                  + f"; bar {v['min_pass_rate']:.0%}" + (" (default)" if v["min_pass_rate_is_default"] else "")]
+        if v["p_value"] is not None and v["n"]:
+            lines.append(f"- base pass rate {v['base_pass_rate']:.1%}{ci(v.get('base_pass_rate_ci95'))}; "
+                         f"only the model passed {v['wins']}, only the base {v['losses']}; one-sided exact "
+                         f"McNemar p = {v['p_value']:.3g} (alpha {v['alpha']:g})")
+        lines.append(f"- rule: {v['rule']}")
     if s:
         def pct(v):
             return "n/a" if v is None else f"{v:.0%}"

@@ -68,7 +68,8 @@ class ValidationSettings(_Strict):
     base_model: str | None = None  # default: the adapter's base (none for a full model)
     max_new_tokens: int = Field(64, ge=1, le=2048)
     match: Literal["exact", "normalized", "contains"] = "normalized"
-    min_pass_rate: float | None = Field(None, ge=0, le=1)
+    min_pass_rate: float | None = Field(None, ge=0, le=1)  # the bar; None: validation.verdict's default (0.5)
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance of the gain over the base (one-sided exact McNemar)
     compare_base: bool = True
 
 
@@ -399,11 +400,11 @@ class WorkflowTasks:
         base = self.refs.resolve(s.base_model, "base_model") if s.base_model else default_base
         config = {"model": model, "out_dir": str(out), "prompts": s.prompts, "base_model": base,
                   "max_new_tokens": s.max_new_tokens, "match": s.match, "min_pass_rate": s.min_pass_rate,
-                  "compare_base": s.compare_base}
+                  "alpha": s.alpha, "compare_base": s.compare_base}
         self._child(kind, task_id, "providers.validation", config, out)
         report = json.loads((out / "validation.json").read_text())
         return {"validation": str(out / "validation.json"), "report_md": str(out / "validation.md"),
-                "passed": report["passed"], "summary": report.get("summary")}
+                "passed": report["passed"], "summary": report.get("summary"), "verdict": report.get("verdict")}
 
     def _run_validations(self, task_id: str, req: ValidationRequest) -> dict[str, Any]:
         model = self.refs.resolve(req.model, "model")
