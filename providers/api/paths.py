@@ -9,7 +9,7 @@ from pathlib import Path, PurePath
 
 from pydantic import BaseModel, Field, field_validator
 
-from ..errors import BadRequest
+from ..errors import BadRequest, client_errors
 from ..outbound import HubDownloads
 from ..training.spec import SAFE_NAME_RE, check_name
 from .requests import normalize_dtype
@@ -46,7 +46,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 
 
 def check_job_uuid(job_uuid: str) -> None:
-    check_name(job_uuid, "job_uuid")
+    with client_errors():
+        check_name(job_uuid, "job_uuid")
 
 
 def check_path_text(value: str, field: str) -> None:

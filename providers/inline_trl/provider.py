@@ -17,6 +17,7 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
+from ..errors import BadRequest
 from ..jobs.manager import JobManager, QueueFullError
 from ..jobs.store import JobStore, UnknownJobError
 from ..api.paths import ProviderDefaults, check_job_uuid
@@ -62,9 +63,9 @@ class TrlPostTrainingImpl:
                       result_name: str | None = None) -> PostTrainingJob:
         check_job_uuid(job_uuid)  # before anything touches data_dir/runs/<job_uuid>
         if self.jobs.store.exists(job_uuid):
-            raise ValueError(f"job_uuid: a job named {job_uuid!r} already exists")
+            raise BadRequest(f"job_uuid: a job named {job_uuid!r} already exists")
         if training_config.fsdp_config or training_config.torch_run_config:
-            raise ValueError("training_config.fsdp_config/torch_run_config: only remote::trl_fsdp runs FSDP jobs")
+            raise BadRequest("training_config.fsdp_config/torch_run_config: only remote::trl_fsdp runs FSDP jobs")
         dc = data_config_of(training_config)
         train_rows = await fetch_rows(self.datasetio, dc.dataset_id, "training_config.data_config.dataset_id")
         val_rows = None
@@ -84,7 +85,7 @@ class TrlPostTrainingImpl:
         try:
             await asyncio.to_thread(submit)
         except QueueFullError as e:
-            raise ValueError(str(e)) from None
+            raise BadRequest(str(e)) from None
         return PostTrainingJob(job_uuid=job_uuid)
 
     async def supervised_fine_tune(
@@ -98,7 +99,7 @@ class TrlPostTrainingImpl:
         algorithm_config: SFTAlgorithmConfig | None = None,
     ) -> PostTrainingJob:
         if not model:
-            raise ValueError("model: required (a local model directory or a Hugging Face model id)")
+            raise BadRequest("model: required (a local model directory or a Hugging Face model id)")
         return await self._submit(job_uuid, method_of(SFT_CALL, algorithm_config), model, training_config, algorithm_config,
                                   logger_config, checkpoint_dir)
 
@@ -126,7 +127,7 @@ class TrlPostTrainingImpl:
         try:
             return self.jobs.job_view(job_uuid)
         except UnknownJobError as e:
-            raise ValueError(f"job_uuid: {e}") from None
+            raise BadRequest(f"job_uuid: {e}") from None
 
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
         return PostTrainingJobStatusResponse(**self._view(job_uuid))

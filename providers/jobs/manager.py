@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import BadRequest, client_errors
 from ..training.run_files import RunFiles, utc_now
 from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
 from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
@@ -165,7 +166,8 @@ class JobManager:
         """Reserve `job_uuid` and its run directory (an exclusive mkdir, so concurrent submissions of one id
         cannot both win), yield the directory, and remove it again if the block fails: a job's record and
         its run directory exist together or not at all."""
-        check_name(job_uuid, "job_uuid")
+        with client_errors():
+            check_name(job_uuid, "job_uuid")
         if self.store.exists(job_uuid):
             raise DuplicateJobError(f"job_uuid: a job named {job_uuid!r} already exists")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,7 @@ class JobManager:
         """Write the job's spec and record it (the record last: it is what makes the job exist), then start
         it when a slot is free. Raises DuplicateJobError. Call inside `reserve`."""
         if launcher not in self.launchers:
-            raise ValueError(f"training_config.torch_run_config.launcher: {launcher!r} is not enabled on this server "
+            raise BadRequest(f"training_config.torch_run_config.launcher: {launcher!r} is not enabled on this server "
                              f"(enabled: {sorted(self.launchers)})")
         queued = len(self.store.list(statuses=("scheduled",)))
         if queued >= self.max_queued_jobs:
@@ -369,10 +371,10 @@ class JobManager:
         """Run a failed or cancelled job again; training continues from its newest checkpoint."""
         job = self.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
-            raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+            raise BadRequest(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
         problem = self._unstartable(job)
         if problem:
-            raise ValueError(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
+            raise BadRequest(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
         with self._lock:
             self._cancelled.pop(job_uuid, None)
             self.store.update(job_uuid, status="scheduled", error=None, completed_at=None, external_id=None)

@@ -12,13 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import Conflict
+
 log = logging.getLogger("providers.jobs")
 
 ACTIVE = ("scheduled", "in_progress")
 FINISHED = ("completed", "failed", "cancelled")
 
 
-class DuplicateJobError(ValueError):
+class DuplicateJobError(Conflict):
     pass
 
 

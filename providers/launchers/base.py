@@ -53,9 +53,11 @@ class LauncherUnavailable(RuntimeError):
 def check_mesh(fsdp: FsdpSpec | None, torch_run) -> None:
     """Refuse an FSDP mesh that the job's world cannot form (it does not depend on any host)."""
     if fsdp is not None:
+        from ..errors import client_errors
         from ..training.fsdp import mesh_shape
 
-        mesh_shape(fsdp, torch_run.nproc_per_node * torch_run.nnodes, torch_run.nproc_per_node)
+        with client_errors():  # the core's message names the fsdp_config field
+            mesh_shape(fsdp, torch_run.nproc_per_node * torch_run.nnodes, torch_run.nproc_per_node)
 
 
 class Launcher(Protocol):

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import BadRequest
 from ..jobs.zygote import launch_job_process
 from ..training.run_files import RunFiles
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
@@ -73,12 +74,12 @@ def check_host_processes(nproc_per_node: int) -> None:
     from ..training.components import device_type
 
     if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
-        raise ValueError(
+        raise BadRequest(
             f"training_config.torch_run_config.nproc_per_node: {nproc_per_node} processes but this "
             f"node has {torch.cuda.device_count()} GPUs"
         )
     if nproc_per_node > (os.cpu_count() or 1) * 4 and device_type() == "cpu":
-        raise ValueError(
+        raise BadRequest(
             f"training_config.torch_run_config.nproc_per_node: {nproc_per_node} processes on "
             f"{os.cpu_count()} CPU cores would thrash; use at most {(os.cpu_count() or 1) * 4}"
         )
@@ -104,7 +105,7 @@ class LocalLauncher:
             check_host_processes(torch_run.nproc_per_node)
         why = self.misfit(resources) if self.misfit is not None else None
         if why:
-            raise ValueError(f"training_config.scheduling.resources: this host cannot hold the job: {why}")
+            raise BadRequest(f"training_config.scheduling.resources: this host cannot hold the job: {why}")
 
     def unhonoured(self, spec: JobSpec) -> dict[str, str]:
         return {}

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from ..errors import BadRequest, Conflict
 from ..api.paths import check_job_uuid
 from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..api.to_spec import method_of, preference_target, scheduling_spec
@@ -106,13 +107,13 @@ class NodesLauncher:
         job_uuid = body["job_uuid"]
         check_job_uuid(job_uuid)
         if job_uuid in self._pending:
-            raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists (waiting for nodes)")
+            raise Conflict(f"job_uuid: a job named {job_uuid!r} already exists (waiting for nodes)")
         request = self._request(route, body)
         scheduling = scheduling_spec(request.training_config)
         if not requested(scheduling.resources):
             live = self.registry.live()
             if len(live) < opts.nnodes:
-                raise ValueError(
+                raise BadRequest(
                     f"training_config.torch_run_config.nnodes: {opts.nnodes} nodes needed, {len(live)} up "
                     f"({[n.node_id for n in live]})"
                 )
@@ -120,7 +121,7 @@ class NodesLauncher:
         self._check_placeable(scheduling.resources, opts.nnodes)
         with self._lock:
             if job_uuid in self._pending or self.service.jobs.store.exists(job_uuid):
-                raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
+                raise Conflict(f"job_uuid: a job named {job_uuid!r} already exists")
             nodes = self._fitting(scheduling.resources, opts.nnodes)
             if nodes is None:
                 model = self._check_inputs(route, request)
@@ -162,7 +163,7 @@ class NodesLauncher:
             self.service.resolve_model(model, "model")
         dc = request.training_config.data_config
         if request.rows is None and dc is not None and not self.service.dataset_path(dc.dataset_id).exists():
-            raise ValueError(f"training_config.data_config.dataset_id: no dataset {dc.dataset_id!r} on this service "
+            raise BadRequest(f"training_config.data_config.dataset_id: no dataset {dc.dataset_id!r} on this service "
                              "(upload its rows first)")
         return model
 
@@ -171,13 +172,13 @@ class NodesLauncher:
         local = self.registry.local
         short = misfit(local.capabilities, resources)
         if short:
-            raise ValueError(
+            raise BadRequest(
                 f"training_config.scheduling.resources: node 0 of a multi-node job is this coordinator "
                 f"({local.node_id}), which has {short}; the most any registered node has: {self.registry.largest()}"
             )
         fitting = self.registry.fitting(resources, live_only=False)
         if len(fitting) < nnodes:
-            raise ValueError(
+            raise BadRequest(
                 f"training_config.scheduling.resources: {nnodes} nodes with {describe(resources)} needed, "
                 f"{len(fitting)} registered ({[n.node_id for n in fitting]}); the most any registered node has: "
                 f"{self.registry.largest()}"
@@ -326,12 +327,12 @@ class NodesLauncher:
             if part.get("rows") is None:  # the node needs the rows: stream our copy of the dataset
                 path = self.service.dataset_path(dataset_id)
                 if not path.exists():
-                    raise ValueError(f"training_config.data_config.dataset_id: no dataset {dataset_id!r} here")
+                    raise BadRequest(f"training_config.data_config.dataset_id: no dataset {dataset_id!r} here")
                 with open(path, "rb") as f:
                     http.post(f"{node.url}/v1/datasets/{dataset_id}/rows", content=f).raise_for_status()
             r = http.post(f"{node.url}/v1/post-training/parts/{route}", json=part)
         if r.status_code != 200:
-            raise ValueError(f"node {node.node_id} refused its part: {r.status_code} {r.text}")
+            raise BadRequest(f"node {node.node_id} refused its part: {r.status_code} {r.text}")
 
     def _parts(self, job_uuid: str) -> list[dict[str, Any]]:
         job = self.service.jobs.store.get(job_uuid)
@@ -422,7 +423,7 @@ class NodesLauncher:
         again. A node that cannot resume its part refuses the whole resume before anything here starts."""
         job = self.service.jobs.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
-            raise ValueError(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+            raise BadRequest(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
         with self._http() as http:
             for part in self._remote(job_uuid):
                 try:
@@ -432,7 +433,7 @@ class NodesLauncher:
                     why = f"unreachable: {e}"
                 if why:
                     self._cancel_remote(job_uuid, None)  # the parts resumed so far
-                    raise ValueError(f"job_uuid: node {part['node_id']} cannot resume its part of {job_uuid!r}: {why}")
+                    raise BadRequest(f"job_uuid: node {part['node_id']} cannot resume its part of {job_uuid!r}: {why}")
         try:
             record = self.service.jobs.resume(job_uuid)
         except Exception:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict, client_errors
 from ..api.requests import FINITE
 from ..training.spec import SAFE_NAME
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -75,7 +75,7 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
         if (req.rows is None) == (req.dataset_id is None):
             raise BadRequest("dataset_id/rows: give exactly one")
         if service.jobs.store.exists(req.job_uuid):
-            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists")
+            raise Conflict(f"job_uuid: a job named {req.job_uuid!r} already exists")
         rows = req.rows if req.rows is not None else service.dataset_rows(req.dataset_id, "dataset_id")
         outputs = service.teacher_outputs_dir(req.job_uuid)
         pipelines.create_teacher_task(req.job_uuid, req.teacher, rows, outputs)
@@ -113,8 +113,10 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
             finals.append(view["checkpoints"][-1]["path"])
         out = service.data_dir / "merged" / req.output_name
         if out.exists():
-            raise FileExistsError(f"output_name: a merged adapter named {req.output_name!r} already exists")
-        return {"path": str(out), **merge_adapters(finals, out, req.weights, req.method)}
+            raise Conflict(f"output_name: a merged adapter named {req.output_name!r} already exists")
+        with client_errors():  # weights that do not fit the adapters, a method peft does not have
+            merged = merge_adapters(finals, out, req.weights, req.method)
+        return {"path": str(out), **merged}
 
     return r
 
@@ -129,7 +131,7 @@ def teacher_outputs_router(service: FsdpJobService) -> APIRouter:
         event loop into a new directory of its own (uploads never share a directory with local outputs)."""
         dest = service.uploaded_outputs_dir(outputs_id)
         if dest.exists():
-            raise FileExistsError(f"outputs_id: teacher outputs named {outputs_id!r} were uploaded already")
+            raise Conflict(f"outputs_id: teacher outputs named {outputs_id!r} were uploaded already")
         archive = temp_path(dest.parent, outputs_id)
         cfg = service.config
         # The archive and what it extracts to are claimed from the data dir's quota (507 past it).

@@ -35,7 +35,7 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict
 from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingConfig
 from ..api.to_spec import peft_spec
 from ..jobs.manager import QueueFullError
@@ -296,7 +296,7 @@ class Pipelines:
     # -- pipelines -----------------------------------------------------------------------------------
     def submit(self, req: PipelineRequest) -> dict[str, Any]:
         if self._state_path(req.pipeline_id).parent.exists():
-            raise FileExistsError(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists")
+            raise Conflict(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists")
         if len(self._running) >= self.max_running:
             raise QueueFullError(f"pipeline_id: {len(self._running)} pipelines are running (the limit is "
                                  f"{self.max_running}); submit again when some have finished")
@@ -313,7 +313,7 @@ class Pipelines:
         try:
             pdir.mkdir()  # exclusive: concurrent submissions of one id cannot both win
         except FileExistsError:
-            raise FileExistsError(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists") from None
+            raise Conflict(f"pipeline_id: a pipeline named {req.pipeline_id!r} already exists") from None
         (pdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state = {
             "pipeline_id": req.pipeline_id, "state": "scheduled", "created_at": utc_now(), "finished_at": None,

@@ -17,6 +17,7 @@ from llama_stack.apis.post_training import (
     PostTrainingJobStatusResponse,
 )
 
+from ..errors import BadRequest
 from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, TrainingConfig
 from ..api.to_spec import data_config_of, fetch_rows
 from .config import TrlFsdpAdapterConfig
@@ -54,7 +55,7 @@ class TrlFsdpAdapter:
                 detail = detail if isinstance(detail, str) else json.dumps(detail)
                 if r.status_code in (401, 403):
                     raise PermissionError(f"training service at {self.config.url}: {detail}")
-                raise ValueError(detail)
+                raise BadRequest(detail)
             if r.status_code >= 500:
                 raise TimeoutError(f"training service at {self.config.url} answered {r.status_code}: {r.text[:300]}")
             return r.json() if r.content else None
@@ -93,7 +94,7 @@ class TrlFsdpAdapter:
         algorithm_config: SFTAlgorithmConfig | None = None,
     ) -> PostTrainingJob:
         if not model:
-            raise ValueError("model: required (a model directory on the training service's machine)")
+            raise BadRequest("model: required (a model directory on the training service's machine)")
         body = {
             "job_uuid": job_uuid, "model": model, "checkpoint_dir": checkpoint_dir,
             "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,

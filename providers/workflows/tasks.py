@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict
 from ..api.paths import check_path_text
 from ..api.requests import DPOAlignmentConfig, PeftFinetuningConfig
 from ..enhance import EnhanceConfig, enhance_rows
@@ -274,7 +274,7 @@ class WorkflowTasks:
     def create(self, kind: str, task_id: str, request: BaseModel, rows: list[dict] | None = None) -> dict[str, Any]:
         d = self.task_dir(kind, task_id)
         if d.exists():
-            raise FileExistsError(f"{kind}: {task_id!r} already exists")
+            raise Conflict(f"{kind}: {task_id!r} already exists")
         d.mkdir(parents=True)
         if rows is not None:  # the input rows, kept beside the task so a restart can resume it
             with open(d / "request_rows.jsonl", "w") as f:

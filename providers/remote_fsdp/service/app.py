@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from ...errors import ClientError, first_validation_error
 
 from ... import operator_tools, pipelines, workflows
 from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
-from ...jobs.store import DuplicateJobError, UnknownJobError
+from ...jobs.store import UnknownJobError
 from ...launchers import LAUNCHERS
 from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
@@ -123,18 +127,26 @@ def create_app(config: ServiceConfig) -> FastAPI:
         ]
         return _error(400, errors)
 
-    @app.exception_handler(ValueError)
-    async def bad_value(_: Request, exc: ValueError):
-        return _error(400, str(exc))
+    @app.exception_handler(ClientError)
+    async def client_error(_: Request, exc: ClientError):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(ValidationError)
+    async def invalid(_: Request, exc: ValidationError):
+        # A request body validated inside a handler (a job part, a pending job's stored request).
+        return _error(400, first_validation_error(exc))
 
     @app.exception_handler(UnknownJobError)
     async def unknown_job(_: Request, exc: UnknownJobError):
         return _error(404, f"job_uuid: {exc}")
 
-    @app.exception_handler(FileExistsError)
-    @app.exception_handler(DuplicateJobError)
-    async def duplicate(_: Request, exc: Exception):
-        return _error(409, str(exc))
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # Not the client's fault (ClientError says that): a 500 whose id the log repeats beside the traceback.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s: %s: %s", error_id, request.method, request.url.path,
+                  type(exc).__name__, exc, exc_info=exc)
+        return _error(500, f"internal error (error id {error_id}): the service's log has the details")
 
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, exc: QueueFullError):

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ...errors import BadRequest, Conflict, client_errors
 from ...jobs.manager import JobManager
 from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
 from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest, TrainingConfig
@@ -78,7 +79,7 @@ class FsdpJobService:
         if self.nodes is not None and name == self.nodes.name:
             return self.nodes
         if name not in self.jobs.launchers:
-            raise ValueError(f"training_config.torch_run_config.launcher: {name!r} is not enabled on this server "
+            raise BadRequest(f"training_config.torch_run_config.launcher: {name!r} is not enabled on this server "
                              f"(enabled: {sorted(self.jobs.launchers)})")
         return self.jobs.launchers[name]
 
@@ -90,7 +91,7 @@ class FsdpJobService:
         """A client's job: placed on registered nodes when it spans them (the `nodes` launcher), else
         submitted here for its launcher (local, slurm, ray; a one-node `nodes` job runs `local`)."""
         if self.nodes is not None and self.nodes.is_waiting(req.job_uuid):
-            raise FileExistsError(f"job_uuid: a job named {req.job_uuid!r} already exists (waiting for nodes)")
+            raise Conflict(f"job_uuid: a job named {req.job_uuid!r} already exists (waiting for nodes)")
         opts = self.torch_run_options(req.training_config.torch_run_config or {})
         if req.part_of is None and self.spans_registry_nodes(opts):
             return self.nodes.submit(route, req.model_dump(mode="json"))
@@ -122,7 +123,8 @@ class FsdpJobService:
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
-        check_name(dataset_id, "dataset_id")
+        with client_errors():
+            check_name(dataset_id, "dataset_id")
         return self.datasets_dir / f"{dataset_id}.jsonl"
 
     def teacher_outputs_dir(self, job_uuid: str) -> Path:
@@ -138,7 +140,7 @@ class FsdpJobService:
     def dataset_rows(self, dataset_id: str, field: str) -> Iterator[dict[str, Any]]:
         path = self.dataset_path(dataset_id)
         if not path.exists():
-            raise ValueError(f"{field}: no dataset {dataset_id!r} on this service (upload its rows first)")
+            raise BadRequest(f"{field}: no dataset {dataset_id!r} on this service (upload its rows first)")
         return self._iter_jsonl(path, field)
 
     @staticmethod
@@ -149,7 +151,7 @@ class FsdpJobService:
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{field}: line {n} of the dataset is not JSON ({e})") from None
+                        raise BadRequest(f"{field}: line {n} of the dataset is not JSON ({e})") from None
 
     def list_datasets(self) -> list[dict[str, Any]]:
         return [{"dataset_id": p.stem, "bytes": p.stat().st_size} for p in sorted(self.datasets_dir.glob("*.jsonl"))]
@@ -165,31 +167,31 @@ class FsdpJobService:
         a client-chosen master would join the job's ranks to a store the client runs."""
         overrides = overrides or {}
         if not isinstance(overrides, dict):
-            raise ValueError("training_config.torch_run_config: must be an object")
+            raise BadRequest("training_config.torch_run_config: must be an object")
         if not trusted:
             placement = sorted(set(overrides) - CLIENT_TORCH_RUN_KEYS)
             if placement:
-                raise ValueError(f"training_config.torch_run_config: {placement} are set by the coordinator, not by "
+                raise BadRequest(f"training_config.torch_run_config: {placement} are set by the coordinator, not by "
                                  f"clients (clients may set {sorted(CLIENT_TORCH_RUN_KEYS)})")
         try:
             opts = TorchRunOptions(**{**self.config.torch_run.model_dump(), **overrides})
         except ValidationError as e:
-            raise ValueError(_validation_message(e, "training_config.torch_run_config")) from None
+            raise BadRequest(_validation_message(e, "training_config.torch_run_config")) from None
         if not trusted and opts.launcher is not None and opts.launcher not in self.config.launchers.enabled:
-            raise ValueError(f"training_config.torch_run_config.launcher: {opts.launcher!r} is not enabled on this "
+            raise BadRequest(f"training_config.torch_run_config.launcher: {opts.launcher!r} is not enabled on this "
                              f"service (enabled: {self.config.launchers.enabled}; see --launchers-config)")
         if opts.nproc_per_node > self.config.max_nproc_per_node:
-            raise ValueError(f"training_config.torch_run_config.nproc_per_node: {opts.nproc_per_node} is over this "
+            raise BadRequest(f"training_config.torch_run_config.nproc_per_node: {opts.nproc_per_node} is over this "
                              f"service's limit of {self.config.max_nproc_per_node}")
         return opts
 
     def fsdp_options(self, overrides: dict[str, Any] | None) -> FsdpSpec:
         if overrides is not None and not isinstance(overrides, dict):
-            raise ValueError("training_config.fsdp_config: must be an object")
+            raise BadRequest("training_config.fsdp_config: must be an object")
         try:
             return FsdpSpec(**{**self.config.fsdp.model_dump(), **(overrides or {})})
         except ValidationError as e:
-            raise ValueError(_validation_message(e, "training_config.fsdp_config")) from None
+            raise BadRequest(_validation_message(e, "training_config.fsdp_config")) from None
 
     def submit(self, *, job_uuid: str, method: str, model: str, training_config: TrainingConfig,
                algorithm_config: Any, logger_config: dict[str, Any], checkpoint_dir: str | None,
@@ -197,7 +199,7 @@ class FsdpJobService:
                use_fsdp: bool = True, result_name: str | None = None, trusted: bool = False) -> dict[str, Any]:
         check_job_uuid(job_uuid)
         if self.jobs.store.exists(job_uuid):
-            raise FileExistsError(f"job_uuid: a job named {job_uuid!r} already exists")
+            raise Conflict(f"job_uuid: a job named {job_uuid!r} already exists")
         torch_run = self.torch_run_options(training_config.torch_run_config, trusted=trusted)
         world_size = torch_run.nproc_per_node * torch_run.nnodes
         fsdp = self.fsdp_options(training_config.fsdp_config) if use_fsdp or world_size > 1 else None
@@ -260,7 +262,7 @@ class FsdpJobService:
             model, result_name = req.model, None
         method = method_of(route, req.algorithm_config)
         if req.part_of is not None and not trusted:
-            raise ValueError("part_of: set only by a coordinator (on its node-authenticated parts route)")
+            raise BadRequest("part_of: set only by a coordinator (on its node-authenticated parts route)")
         return self.submit(
             job_uuid=req.job_uuid, method=method, model=model, training_config=req.training_config,
             algorithm_config=req.algorithm_config, logger_config=req.logger_config,

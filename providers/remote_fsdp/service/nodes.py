@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field, field_validator
 
+from ...errors import BadRequest, Conflict
 from ...api.requests import FINITE
 from ...training.spec import SAFE_NAME
 from ...training.spec import ResourceRequest
@@ -154,11 +155,11 @@ class NodeRegistry:
         (a second machine, or an impostor, must pick its own name)."""
         with self._lock:
             if reg.node_id == self.local.node_id:
-                raise ValueError(f"node_id: {reg.node_id!r} is this coordinator's own name")
+                raise BadRequest(f"node_id: {reg.node_id!r} is this coordinator's own name")
             url = reg.url.rstrip("/")
             known = self._nodes.get(reg.node_id)
             if known is not None and known.url != url and time.time() - known.last_heartbeat <= self.down_after_s:
-                raise FileExistsError(f"node_id: {reg.node_id!r} is registered and up at {known.url}; "
+                raise Conflict(f"node_id: {reg.node_id!r} is registered and up at {known.url}; "
                                       "a node cannot take over another's name")
             node = Node(node_id=reg.node_id, url=url, capabilities=reg.capabilities)
             self._nodes[node.node_id] = node

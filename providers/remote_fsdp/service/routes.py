@@ -20,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from ...errors import BadRequest
 from ...jobs.store import ACTIVE
 from ...api.requests import JobRef, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ...training.plots import plot_files
@@ -83,7 +84,7 @@ def post_training_router(service: FsdpJobService) -> APIRouter:
         """The job's newest checkpoint (a teacher task's outputs) as a tar.gz, built on disk and streamed."""
         view = service.view(job_uuid)
         if view["status"] != "completed" or not view["checkpoints"]:
-            raise ValueError(f"job_uuid: {job_uuid!r} is {view['status']} and has no final checkpoint yet")
+            raise BadRequest(f"job_uuid: {job_uuid!r} is {view['status']} and has no final checkpoint yet")
         archive = temp_path(service.data_dir / "tmp", job_uuid)
         try:
             write_archive(Path(view["checkpoints"][-1]["path"]), archive)
@@ -182,11 +183,11 @@ def job_parts_router(service: FsdpJobService, config: ServiceConfig) -> APIRoute
         master = torch_run.get("master_addr") if isinstance(torch_run, dict) else None
         coordinator = config.coordinator
         if not coordinator:
-            raise ValueError("part_of: this node has no coordinator, so it takes no job parts")
+            raise BadRequest("part_of: this node has no coordinator, so it takes no job parts")
         from urllib.parse import urlsplit
 
         if not isinstance(master, str) or not host_is(urlsplit(coordinator).hostname or "", master):
-            raise ValueError(f"training_config.torch_run_config.master_addr: {str(master)[:100]!r} is not this "
+            raise BadRequest(f"training_config.torch_run_config.master_addr: {str(master)[:100]!r} is not this "
                              f"node's coordinator ({coordinator})")
         return service.submit_request(route, body, trusted=True)
 
@@ -222,9 +223,9 @@ def datasets_router(service: FsdpJobService) -> APIRouter:
                     try:
                         data = json.loads(body)
                     except (ValueError, RecursionError) as e:
-                        raise ValueError(f"body: not JSON ({str(e)[:200]})") from None
+                        raise BadRequest(f"body: not JSON ({str(e)[:200]})") from None
                     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-                        raise ValueError("body: a JSON body must be a list of row objects")
+                        raise BadRequest("body: a JSON body must be a list of row objects")
                     text = "".join(json.dumps(row) + "\n" for row in data)
                     quota.add(len(text.encode()))
                     await asyncio.to_thread(tmp.write_text, text)
@@ -278,12 +279,12 @@ def count_jsonl_rows(path: Path) -> int:
             try:
                 row = json.loads(line)
             except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"body: line {n} is not JSON ({str(e)[:200]})") from None
+                raise BadRequest(f"body: line {n} is not JSON ({str(e)[:200]})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"body: line {n} is a {type(row).__name__}, not a row object")
+                raise BadRequest(f"body: line {n} is a {type(row).__name__}, not a row object")
             rows += 1
     if rows == 0:
-        raise ValueError("body: no rows")
+        raise BadRequest("body: no rows")
     return rows
 
 
@@ -291,7 +292,7 @@ def _lines(f):
     try:
         yield from f
     except UnicodeDecodeError as e:
-        raise ValueError(f"body: not UTF-8 text ({e})") from None
+        raise BadRequest(f"body: not UTF-8 text ({e})") from None
 
 
 def nodes_router(registry: NodeRegistry) -> APIRouter:

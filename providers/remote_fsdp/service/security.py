@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
 
+from ...errors import BadRequest
+
 audit = logging.getLogger("providers.remote_fsdp.audit")
 
 
@@ -405,13 +407,13 @@ def check_node_url(url: str, peer: str | None) -> str:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise ValueError(f"url: {url[:200]!r} is not a valid URL") from None
+        raise BadRequest(f"url: {url[:200]!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise ValueError(f"url: {url[:200]!r} must be http(s)://HOST:PORT")
+        raise BadRequest(f"url: {url[:200]!r} must be http(s)://HOST:PORT")
     if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"url: {url[:200]!r} must be http(s)://HOST:PORT, with no credentials, path or query")
+        raise BadRequest(f"url: {url[:200]!r} must be http(s)://HOST:PORT, with no credentials, path or query")
     if peer is not None and not host_is(parts.hostname, peer):
-        raise ValueError(f"url: host {parts.hostname!r} is not the address this registration came from ({peer})")
+        raise BadRequest(f"url: host {parts.hostname!r} is not the address this registration came from ({peer})")
     return f"{parts.scheme}://{parts.netloc}"
 
 
