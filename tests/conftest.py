@@ -196,6 +196,27 @@ def run_yaml() -> Path:
     return RUN_YAML
 
 
+# -- the fast tier ---------------------------------------------------------------------------------
+# `pytest -m "not slow"` (scripts/test-fast.sh) is the fast tier: no server process, training, torchrun,
+# browser, terminal, cluster or network namespace. An unmarked test slower than this is reported at the
+# end of the run, never failed (the machine may be busy): it belongs in the slow tier, or should get faster.
+SLOW_UNMARKED_S = 5.0
+_unmarked_seconds: dict[str, float] = {}  # nodeid -> setup + call + teardown of tests without the slow mark
+
+
+def pytest_runtest_logreport(report):
+    if "slow" not in report.keywords:
+        _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    slow = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > SLOW_UNMARKED_S), reverse=True)
+    if slow:
+        terminalreporter.section(f"unmarked tests slower than {SLOW_UNMARKED_S:g} s (mark them slow, or speed them up)")
+        for seconds, nodeid in slow:
+            terminalreporter.write_line(f"{seconds:7.1f}s {nodeid}")
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The cluster end-to-end modules run last, Slurm's before Ray's, each cluster torn down before the next
     starts: on two cores, two clusters (and Ray's 2 GB) must never overlap."""

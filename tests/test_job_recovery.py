@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from providers.jobs.manager import JobManager
 from providers.jobs.store import JobRecord, JobStore
 from providers.training.run_files import RunFiles
@@ -62,6 +64,7 @@ def test_a_job_that_cannot_start_fails_and_the_next_one_runs(tmp_path):
     assert calls == ["unlaunchable", "next"]
 
 
+@pytest.mark.slow  # six job processes one after another behind a 1.5 s blocker
 def test_higher_priority_starts_first_and_a_failed_run_is_retried(tmp_path):
     """One slot: while a job holds it, three wait; they start highest priority first (equal priorities in
     submit order). A job with max_retries 1 that fails once runs again and completes, its record keeping

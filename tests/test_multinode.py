@@ -17,6 +17,8 @@ import pytest
 import requests
 from helpers import processes_mentioning, stop_process_group, wait_until
 
+pytestmark = pytest.mark.slow  # two services in network namespaces, training
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")
 # The services bind a network address, so they need an API token (clients) and a node token (joining);
