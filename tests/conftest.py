@@ -214,11 +214,12 @@ def run_yaml() -> Path:
 # browser, terminal, cluster or network namespace. An unmarked test slower than this is reported at the
 # end of the run, never failed (the machine may be busy): it belongs in the slow tier, or should get faster.
 SLOW_UNMARKED_S = 5.0
-_unmarked_seconds: dict[str, float] = {}  # nodeid -> setup + call + teardown of tests without the slow mark
+_unmarked_seconds: dict[str, float] = {}  # nodeid -> setup + call of tests without the slow mark
 
 
 def pytest_runtest_logreport(report):
-    if "slow" not in report.keywords:
+    # Not teardown: a module's last test tears down the module's fixtures, which slow tests may have started.
+    if "slow" not in report.keywords and report.when != "teardown":
         _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
 
 
