@@ -59,12 +59,25 @@ def tiny_builder():
     return load_builder()
 
 
+def fast_tier(config: pytest.Config) -> bool:
+    """True under `pytest -m "not slow"` (scripts/test-fast.sh)."""
+    return " ".join(config.getoption("markexpr").split()) == "not slow"
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tiny_builder, tmp_path_factory) -> dict[str, str]:
+def tiny_models(request, tiny_builder, tmp_path_factory) -> dict[str, str]:
     """{"student", "teacher", "other_tokenizer_student"} -> model directories, built once per session.
 
-    Set TRL_TEST_MODELS_DIR to reuse a build across sessions (the builder checks its version marker)."""
-    out = os.environ.get("TRL_TEST_MODELS_DIR") or str(tmp_path_factory.mktemp("tiny_models"))
+    Set TRL_TEST_MODELS_DIR to reuse a build across sessions (the builder checks its version marker).
+    The fast tier only reuses a build: its tests that need a model are skipped, saying so, where none is."""
+    given = os.environ.get("TRL_TEST_MODELS_DIR")
+    out = given or str(tmp_path_factory.mktemp("tiny_models"))
+    if fast_tier(request.config) and not tiny_builder._is_built(Path(out), 0):
+        # A cold build pretrains the teacher: minutes of CPU, far beyond the fast tier's budget.
+        build = f"`python scripts/build_tiny_models.py --out {given or 'DIR'}` (minutes of CPU)"
+        pytest.skip(f"fast tier: no tiny models in {given}; build them once: {build}" if given else
+                    f"fast tier: TRL_TEST_MODELS_DIR is not set; build the tiny models once: {build}, "
+                    "then set TRL_TEST_MODELS_DIR=DIR")
     models = tiny_builder.build_tiny_models(out)
     # Training services started by the tests (and their children) may read models from here: the service
     # refuses model directories outside its allowed roots.
@@ -194,6 +207,28 @@ def llama_stack_factory():
 @pytest.fixture(scope="session")
 def run_yaml() -> Path:
     return RUN_YAML
+
+
+# -- the fast tier ---------------------------------------------------------------------------------
+# `pytest -m "not slow"` (scripts/test-fast.sh) is the fast tier: no server process, training, torchrun,
+# browser, terminal, cluster or network namespace. An unmarked test slower than this is reported at the
+# end of the run, never failed (the machine may be busy): it belongs in the slow tier, or should get faster.
+SLOW_UNMARKED_S = 5.0
+_unmarked_seconds: dict[str, float] = {}  # nodeid -> setup + call of tests without the slow mark
+
+
+def pytest_runtest_logreport(report):
+    # Not teardown: a module's last test tears down the module's fixtures, which slow tests may have started.
+    if "slow" not in report.keywords and report.when != "teardown":
+        _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    slow = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > SLOW_UNMARKED_S), reverse=True)
+    if slow:
+        terminalreporter.section(f"unmarked tests slower than {SLOW_UNMARKED_S:g} s (mark them slow, or speed them up)")
+        for seconds, nodeid in slow:
+            terminalreporter.write_line(f"{seconds:7.1f}s {nodeid}")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -13,6 +13,8 @@ from helpers import processes_mentioning, wait_for_job
 from measures import dpo_margin, generate, load_causal
 from test_fsdp_service import Service
 
+pytestmark = pytest.mark.slow  # `llama stack run` with the FSDP service behind it, training
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

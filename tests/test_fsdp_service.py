@@ -22,6 +22,8 @@ from helpers import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow  # every test drives a trl-fsdp-service process that runs torchrun
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")
 

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from test_fsdp_service import Service
 from test_security import API_TOKEN, NODE_TOKEN, Authed, secret_files, sft
 
+pytestmark = pytest.mark.slow  # fuzzes and SIGKILLs real service processes
+
 ACTIVE = ("scheduled", "in_progress")
 FUZZ_COUNTS = {"requests": 0, "5xx": 0}
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from providers.jobs.manager import JobManager
 from providers.jobs.store import JobRecord, JobStore
 from providers.training.run_files import RunFiles
@@ -23,6 +25,15 @@ def exits_at_once(spec: JobSpec, files: RunFiles) -> list[str]:
     return [sys.executable, "-c", "import json, sys; json.dump({'state': 'completed'}, open('status.json', 'w'))"]
 
 
+@pytest.fixture
+def no_zygote(monkeypatch):
+    """Jobs start as new processes. The first jobs after a JobManager starts are spawned anyway (they never
+    wait for a zygote still importing); this only spares the fast tier a zygote importing the training
+    stack in the background for the rest of the run."""
+    monkeypatch.setenv("TRL_JOB_ZYGOTE", "0")
+
+
+@pytest.mark.usefixtures("no_zygote")
 def test_broken_records_fail_alone_and_the_queue_runs_on(tmp_path):
     runs = tmp_path / "runs"
     store = JobStore(tmp_path / "jobs.db")
@@ -42,6 +53,7 @@ def test_broken_records_fail_alone_and_the_queue_runs_on(tmp_path):
     assert not (runs / "orphan").exists()
 
 
+@pytest.mark.usefixtures("no_zygote")
 def test_a_job_that_cannot_start_fails_and_the_next_one_runs(tmp_path):
     runs = tmp_path / "runs"
     calls = []
@@ -62,6 +74,7 @@ def test_a_job_that_cannot_start_fails_and_the_next_one_runs(tmp_path):
     assert calls == ["unlaunchable", "next"]
 
 
+@pytest.mark.slow  # six job processes one after another behind a 1.5 s blocker
 def test_higher_priority_starts_first_and_a_failed_run_is_retried(tmp_path):
     """One slot: while a job holds it, three wait; they start highest priority first (equal priorities in
     submit order). A job with max_retries 1 that fails once runs again and completes, its record keeping

@@ -18,6 +18,8 @@ import pytest
 import requests
 from helpers import free_port, processes_mentioning, stop_process_group, wait_until
 
+pytestmark = pytest.mark.slow  # two services in network namespaces, training
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("scheduled", "in_progress")
 # The services bind a network address, so they need an API token (clients) and a node token (joining);

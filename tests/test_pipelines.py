@@ -17,6 +17,8 @@ from helpers import free_port, processes_mentioning, stop_process_group, wait_fo
 
 from providers.remote_fsdp.client import TrainingServiceClient
 
+pytestmark = pytest.mark.slow  # a service process running teacher and student jobs
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -261,6 +261,7 @@ def cancel(coordinator: Coordinator, *job_uuids: str) -> None:
 
 
 # -- multi-node jobs -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_job_goes_only_to_nodes_that_have_its_resources(cluster, tiny_models, toy_data):
     coordinator, workers, ram = cluster
     rows = toy_data["instruct"][:8]
@@ -277,6 +278,7 @@ def test_a_job_goes_only_to_nodes_that_have_its_resources(cluster, tiny_models, 
     cancel(coordinator, "fits")
 
 
+@pytest.mark.slow
 def test_requests_no_registered_node_can_meet_are_refused(cluster, tiny_models, toy_data):
     coordinator, _, ram = cluster
     rows = toy_data["instruct"][:8]
@@ -300,6 +302,7 @@ def test_requests_no_registered_node_can_meet_are_refused(cluster, tiny_models, 
                             timeout=10).status_code == 404
 
 
+@pytest.mark.slow
 def test_a_job_waits_for_a_node_that_fits_across_a_restart_and_higher_priority_is_placed_first(
         cluster, tiny_models, toy_data):
     coordinator, workers, ram = cluster
@@ -346,6 +349,7 @@ def pipeline(pipeline_id: str, tiny_models, toy_data, students: list[dict], **te
             "students": [{"model": tiny_models["student"], "max_steps_per_epoch": 2, **s} for s in students]}
 
 
+@pytest.mark.slow
 def test_a_pipeline_task_no_registered_node_can_take_is_refused(cluster, tiny_models, toy_data):
     coordinator, _, ram = cluster
     too_big = {"resources": {"ram_gb": ram * 100}}
@@ -362,6 +366,7 @@ def test_a_pipeline_task_no_registered_node_can_take_is_refused(cluster, tiny_mo
     assert requests.get(coordinator.url + "/v1/pipelines/refused", timeout=10).status_code == 404
 
 
+@pytest.mark.slow
 def test_a_pipeline_teacher_waits_for_a_node_that_fits(cluster, tiny_models, toy_data):
     coordinator, workers, ram = cluster
     big = workers["big"]
@@ -385,6 +390,7 @@ def test_a_pipeline_teacher_waits_for_a_node_that_fits(cluster, tiny_models, toy
     wait_until(lambda: big.jobs == {"teacher-waits-teacher": "cancelled"}, 30, message="teacher task cancelled")
 
 
+@pytest.mark.slow
 def test_pipeline_students_wait_for_a_node_that_fits_and_start_by_priority(cluster, tiny_models, toy_data):
     coordinator, workers, ram = cluster
     big = workers["big"]
@@ -425,6 +431,7 @@ def test_pipeline_students_wait_for_a_node_that_fits_and_start_by_priority(clust
 
 
 # -- retries ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_failed_run_is_retried_from_its_checkpoint(cluster, tiny_models, toy_data):
     coordinator = cluster[0]
     body = two_node_job("retried", tiny_models["student"], toy_data["instruct"][:64], max_retries=1)

@@ -103,6 +103,7 @@ def files_outside(data_dir: Path, since: float, roots: list[Path]) -> list[Path]
 
 
 # -- 1. tokens ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # starts the service's command line
 def test_network_bind_without_a_token_is_refused(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "providers.remote_fsdp.service.app", "--host", "0.0.0.0", "--port", str(free_port()),
@@ -110,6 +111,7 @@ def test_network_bind_without_a_token_is_refused(tmp_path):
     assert out.returncode != 0 and "refusing to serve 0.0.0.0 without an API token" in out.stderr
 
 
+@pytest.mark.slow
 def test_requests_need_the_token_compared_as_bytes(svc):
     url = svc.url + "/v1/post-training/jobs"
     assert requests.get(url, timeout=10).status_code == 401
@@ -127,6 +129,7 @@ def test_requests_need_the_token_compared_as_bytes(svc):
     assert svc.post("/v1/nodes/register", json=reg).status_code == 403
 
 
+@pytest.mark.slow
 def test_training_processes_get_no_service_secrets(svc, tiny_models):
     r = svc.post("/v1/post-training/supervised-fine-tune", json=sft("env-check", tiny_models["student"], steps=400))
     assert r.status_code == 200, r.text
@@ -183,6 +186,7 @@ def crafted_archives(outside: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_crafted_archives_are_refused_and_write_nothing(svc, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -204,6 +208,7 @@ def test_crafted_archives_are_refused_and_write_nothing(svc, tmp_path):
     assert svc.put("/v1/teacher-outputs/x", data=b"").status_code == 403
 
 
+@pytest.mark.slow
 def test_a_planted_module_stays_data_in_its_own_directory(svc, tiny_models, tmp_path):
     """Plain files are accepted, but only ever land in the upload's own new directory: a `torch/__init__.py`
     named like a job never reaches that job's run directory or anything a job imports."""
@@ -223,6 +228,7 @@ def test_a_planted_module_stays_data_in_its_own_directory(svc, tiny_models, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_size_bomb_is_refused_while_the_service_stays_responsive(svc):
     bomb = io.BytesIO()
     with tarfile.open(fileobj=bomb, mode="w:gz") as tar:
@@ -273,6 +279,7 @@ def plant_checkpoint(directory: Path, marker: Path) -> None:
     (ck / "rng_state.pth").write_bytes(pickle.dumps(Payload(marker)))
 
 
+@pytest.mark.slow
 def test_checkpoint_dir_cannot_point_at_uploads_or_other_directories(svc, tiny_models):
     for target in (svc.data_dir / "datasets", svc.data_dir / "uploaded_teacher_outputs",
                    svc.data_dir / "pipelines", svc.data_dir, Path("/tmp")):
@@ -282,6 +289,7 @@ def test_checkpoint_dir_cannot_point_at_uploads_or_other_directories(svc, tiny_m
     assert not (svc.data_dir / "runs" / "planted-1").exists()
 
 
+@pytest.mark.slow
 def test_a_job_never_resumes_from_checkpoints_it_did_not_write(svc, tiny_models, tmp_path):
     marker = tmp_path / "unpickled"
     # A new job never starts in a directory that already holds files.
@@ -308,6 +316,7 @@ def test_a_job_never_resumes_from_checkpoints_it_did_not_write(svc, tiny_models,
 
 
 # -- 4. rendezvous placement comes only from a coordinator ----------------------------------------------------
+@pytest.mark.slow
 def test_clients_cannot_choose_the_rendezvous(svc, tiny_models):
     """Each placement key alone is refused (sent together, one refusal would hide the others), and so is
     torch's c10d rendezvous, from a client and from a coordinator's part alike; nothing connects anywhere."""
@@ -348,6 +357,7 @@ def test_clients_cannot_choose_the_rendezvous(svc, tiny_models):
 
 
 # -- 5. nodes ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fake_and_hijacking_nodes_are_refused(svc):
     node = {"x-node-token": NODE_TOKEN}
     own = f"http://127.0.0.1:{free_port()}"
@@ -375,6 +385,7 @@ def test_fake_and_hijacking_nodes_are_refused(svc):
 
 
 # -- 6. duplicate job ids ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_concurrent_duplicate_submissions_one_wins_and_nothing_breaks(svc, tiny_models):
     body = sft("race", tiny_models["student"])
     codes = []
@@ -397,6 +408,7 @@ def test_concurrent_duplicate_submissions_one_wins_and_nothing_breaks(svc, tiny_
 
 
 # -- 7. model paths ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_model_paths_outside_the_allowed_roots_reveal_nothing(svc):
     answers = set()
     for path in ("/etc", "/no/such/dir", "/root"):
@@ -407,6 +419,7 @@ def test_model_paths_outside_the_allowed_roots_reveal_nothing(svc):
 
 
 # -- 8. state files and the audit trail --------------------------------------------------------------------------------
+@pytest.mark.slow  # starts the service, trains
 def test_corrupt_state_files_are_set_aside_and_the_service_starts(tmp_path, tiny_models):
     data = tmp_path / "data"
     (data / "pipelines" / "broken").mkdir(parents=True)
@@ -439,6 +452,7 @@ NODE_ROUTES = ("/v1/post-training/parts/", "/v1/nodes/register", "/v1/teacher-ou
 NOT_IN_SCHEMA = [("get", "/metrics"), ("get", "/dashboard/api/jobs"), ("post", "/v1/openai/v1/chat/completions")]
 
 
+@pytest.mark.slow
 def test_every_route_needs_its_credential(svc):
     """Every route of the OpenAPI (post-training, datasets, nodes, pipelines, chat, enhancement, validation,
     export, workflows, dashboard API) and the routes outside it (/metrics) answers 401/403 without the
@@ -474,6 +488,7 @@ def outputs_with_adapter(base: str) -> bytes:
                      {**MANIFEST, "adapter/adapter_config.json": config, "adapter/adapter_model.safetensors": b"x"})
 
 
+@pytest.mark.slow
 def test_every_route_that_loads_a_model_confines_its_path(svc, tmp_path):
     secret = tmp_path / "private-model"  # a real model directory outside the allowed roots
     secret.mkdir()
@@ -528,6 +543,7 @@ def test_loopback_binds_need_no_token(host):
     check_exposure(ServiceConfig(host=host))
 
 
+@pytest.mark.slow
 def test_a_chunked_body_over_the_cap_is_refused(svc):
     """No Content-Length to refuse up front: the body is counted as it streams in (1 MB cap here)."""
     conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=60)

@@ -51,6 +51,7 @@ def judged_in_child(judge: dict, answer: str, reference: str) -> list:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # a fresh interpreter per payload
 @pytest.mark.parametrize("judge,reference", [
     ({"mode": "regex", "pattern": EVIL}, "a"),  # the judge's pattern
     ({"mode": "exact", "extract": EVIL + "$"}, "a"),  # the extract pattern (a search: '$' makes it fail)

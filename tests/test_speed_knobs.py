@@ -69,6 +69,7 @@ def dpo_rows(toy_data):
     return list(normalize_rows(toy_data["preference"][:16], "preference"))
 
 
+@pytest.mark.slow  # trains
 def test_padding_free_sft_trains_the_same_losses_as_padded(tmp_path, tiny_models, sft_rows):
     student = tiny_models["student"]
     padded, _ = train(make_spec(tmp_path, sft_rows, model=student, name="padded"))
@@ -80,6 +81,7 @@ def test_padding_free_sft_trains_the_same_losses_as_padded(tmp_path, tiny_models
     assert resources_used(free_spec)["efficiency"]["padding_free"] is True
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_full_logits_loss_trains_the_same_losses_as_trls_chunked_lm_head(tmp_path, tiny_models, sft_rows, padding_free):
     """On CPU the core computes SFT's loss from full logits (about half the step time at 25M); TRL's chunked LM
@@ -99,6 +101,7 @@ def test_full_logits_loss_trains_the_same_losses_as_trls_chunked_lm_head(tmp_pat
     assert resources_used(default)["efficiency"]["chunked_lm_head"] is False  # this host has no CUDA
 
 
+@pytest.mark.slow  # trains
 def test_gradient_checkpointing_is_non_reentrant_and_changes_no_loss(tmp_path, tiny_models, sft_rows, monkeypatch):
     from transformers import PreTrainedModel
 
@@ -122,6 +125,7 @@ def test_gradient_checkpointing_is_non_reentrant_and_changes_no_loss(tmp_path, t
     assert resources_used(spec)["efficiency"]["gradient_checkpointing"] is True
 
 
+@pytest.mark.slow  # trains
 def test_group_by_length_sft_trains(tmp_path, tiny_models, sft_rows):
     spec = make_spec(tmp_path, sft_rows, model=tiny_models["student"], name="bucketed", data={"shuffle": True},
                      efficiency=EfficiencySpec(group_by_length=True))
@@ -130,6 +134,7 @@ def test_group_by_length_sft_trains(tmp_path, tiny_models, sft_rows):
     assert resources_used(spec)["efficiency"]["group_by_length"] is True
 
 
+@pytest.mark.slow  # trains
 def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_rows):
     if efficiency.four_bit_trains_here():
         pytest.skip(efficiency.four_bit_trains_here())
@@ -145,6 +150,7 @@ def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_ro
     assert "nf4" in resources_used(spec)["efficiency"]["load_in_4bit"]
 
 
+@pytest.mark.slow  # trains
 def test_precomputed_reference_log_probs_match_the_reference_copy_without_loading_it(
         tmp_path, tiny_models, dpo_rows, monkeypatch):
     from providers.training.recipes import dpo
@@ -165,6 +171,7 @@ def test_precomputed_reference_log_probs_match_the_reference_copy_without_loadin
     assert resources_used(spec)["efficiency"]["reference"].startswith("precomputed")
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("peft", [None, PeftSpec(method="lora")], ids=["reference-copy", "lora"])
 def test_dpo_from_full_logits_logs_what_trls_chunked_lm_head_logs(tmp_path, tiny_models, dpo_rows, peft):
     """On CPU the core answers DPOTrainer's log-prob call from full logits (recipes/dpo.LogitsDPOTrainer);

@@ -48,6 +48,7 @@ def launch(argv, env, cwd: Path, log: Path, niceness: int = 0):
                                          start_new_session=True)
 
 
+@pytest.mark.slow  # starts a zygote process (it imports the training stack)
 def test_forked_job_has_its_own_session_env_cwd_and_log(ready_zygote, env, tmp_path):
     reports = []
     for i in range(2):
@@ -67,6 +68,7 @@ def test_forked_job_has_its_own_session_env_cwd_and_log(ready_zygote, env, tmp_p
     assert ready_zygote.alive()
 
 
+@pytest.mark.slow  # starts a zygote process (it imports the training stack)
 def test_cancel_kills_the_job_and_its_children(ready_zygote, env, tmp_path):
     code = ("import subprocess, time, pathlib; p = subprocess.Popen(['sleep', '300']); "
             "pathlib.Path('child.pid').write_text(str(p.pid)); time.sleep(300)")
@@ -82,6 +84,7 @@ def test_cancel_kills_the_job_and_its_children(ready_zygote, env, tmp_path):
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
 
 
+@pytest.mark.slow  # starts a zygote process (it imports the training stack)
 def test_a_segfaulting_job_ends_alone(ready_zygote, env, tmp_path):
     proc = launch([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], env, tmp_path / "run", tmp_path / "log")
     assert proc.wait(30) == -signal.SIGSEGV
@@ -119,6 +122,7 @@ def first_step_s(run_dir: str, submitted: float) -> float:
     return time.time() - submitted
 
 
+@pytest.mark.slow  # trains
 def test_manager_runs_jobs_from_the_zygote_and_survives_a_crash(tiny_models, toy_data, tmp_path, monkeypatch):
     rows = list(normalize_rows(toy_data["instruct"][:12], "completion"))
     timings = {}
@@ -153,6 +157,7 @@ def test_manager_runs_jobs_from_the_zygote_and_survives_a_crash(tiny_models, toy
     assert ok.wait(spec.job_uuid, timeout_s=300) == "completed"
 
 
+@pytest.mark.slow  # starts a zygote process (it imports the training stack)
 def test_a_dead_zygote_is_replaced_and_its_running_job_still_ends(env, tmp_path):
     z = zygote.zygote_for(env)
     assert z.ready()
