@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = REPO_ROOT / "providers"
 # Needs an optional extra (`pip install .[ray]`); its import is tested where ray is installed.
@@ -61,6 +63,7 @@ def modules() -> list[str]:
     return names
 
 
+@pytest.mark.slow  # imports the whole stack once per module: half a minute
 def test_every_module_imports_alone():
     wanted = [m for m in modules() if m not in OPTIONAL or _installed(OPTIONAL[m])]
     out = subprocess.run([sys.executable, "-c", EACH_MODULE_ALONE, json.dumps(wanted)], cwd=REPO_ROOT,
