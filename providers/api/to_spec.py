@@ -30,6 +30,7 @@ from ..training.spec import (
     OptimizerSpec,
     PeftSpec,
     SchedulingSpec,
+    TeacherSpec,
 )
 from .paths import (
     ProviderDefaults,
@@ -409,6 +410,22 @@ def write_rows(rows: Any, path: Path, kind: str, field: str) -> int:
     if n == 0:
         raise BadRequest(f"{field}: the dataset has no rows")
     return n
+
+
+def teacher_job_spec(*, job_uuid: str, run_dir: Path, model: str, rows: Any, output_dir: str, top_k: int | None,
+                     max_new_tokens: int, generation_batch_size: int, scheduling: SchedulingSpec) -> JobSpec:
+    """A teacher task (answers and top-k log-probs for every prompt) as a JobSpec: its prompts written into its
+    (new, reserved) run directory. `model` is resolved already (`paths.resolve_model`)."""
+    write_rows(rows, run_dir / "train.jsonl", METHODS["teacher"].rows, "rows")
+    with client_errors("teacher"):
+        return JobSpec(
+            job_uuid=job_uuid, method="teacher", model=model, run_dir=str(run_dir),
+            data=DataSpec(train_file=str(run_dir / "train.jsonl")),
+            checkpoint=CheckpointSpec(output_dir=output_dir),
+            teacher=TeacherSpec(teacher_model=model, top_k=top_k, max_new_tokens=max_new_tokens,
+                                generation_batch_size=generation_batch_size),
+            scheduling=scheduling,
+        )
 
 
 def data_config_of(training_config: TrainingConfig) -> DataConfig:

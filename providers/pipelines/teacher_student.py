@@ -46,19 +46,9 @@ from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
 from ..remote_fsdp.service.security import extract_archive, write_archive
 from ..state_files import load_state, save_state
 from ..training.merge import merge_adapters
-from ..training.methods import METHODS
 from ..training.recipes.teacher import read_shards
 from ..training.run_files import utc_now
-from ..training.spec import (
-    SAFE_NAME,
-    CheckpointSpec,
-    DataSpec,
-    JobSpec,
-    KlDirection,
-    ResourceRequest,
-    SchedulingSpec,
-    TeacherSpec,
-)
+from ..training.spec import SAFE_NAME, KlDirection, ResourceRequest, SchedulingSpec
 
 log = logging.getLogger("providers.remote_fsdp")
 
@@ -252,23 +242,11 @@ class Pipelines:
     # -- tasks ---------------------------------------------------------------------------------------
     def create_teacher_task(self, job_uuid: str, teacher: TeacherTaskConfig, rows: Any, output_dir: Path) -> str:
         """Submit a teacher task: answers (+ top-k log-probs) for every prompt, written as JSONL shards."""
-        from ..api.to_spec import write_rows
-
-        model = self.service.resolve_model(teacher.model, "teacher.model")
-        with self.service.jobs.reserve(job_uuid) as run_dir:
-            write_rows(rows, run_dir / "train.jsonl", METHODS["teacher"].rows, "rows")
-            spec = JobSpec(
-                job_uuid=job_uuid, method="teacher", model=model, run_dir=str(run_dir),
-                data=DataSpec(train_file=str(run_dir / "train.jsonl")),
-                checkpoint=CheckpointSpec(output_dir=str(output_dir)),
-                teacher=TeacherSpec(teacher_model=model, top_k=teacher.top_k, max_new_tokens=teacher.max_new_tokens,
-                                    generation_batch_size=teacher.generation_batch_size),
-                scheduling=teacher.scheduling,
-            )
-            opts = self.service.torch_run_options({"nproc_per_node": 1, "launcher": teacher.launcher})
-            (run_dir / "torchrun.json").write_text(opts.model_dump_json())
-            self.service.jobs.submit(spec, resources={"method": "teacher", "model": model, "world_size": 1},
-                                     launcher=self.service.launcher_of(opts))
+        self.service.submit_teacher(
+            job_uuid=job_uuid, model=teacher.model, rows=rows, output_dir=output_dir, top_k=teacher.top_k,
+            max_new_tokens=teacher.max_new_tokens, generation_batch_size=teacher.generation_batch_size,
+            scheduling=teacher.scheduling, launcher=teacher.launcher,
+        )
         return job_uuid
 
     def create_student_task(self, job_uuid: str, student: StudentConfig, teacher_outputs_dir: Path,

@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BadRequest, Conflict
 from ..api.paths import check_path_text
-from ..api.requests import DPOAlignmentConfig, PeftFinetuningConfig
+from ..api.requests import (
+    DPOAlignmentConfig,
+    PeftFinetuningConfig,
+    PreferenceOptimizeRequest,
+    SupervisedFineTuneRequest,
+    TrainingConfig,
+)
 from ..enhance import EnhanceConfig, enhance_rows
 from ..export.hub import HubSettings, hub_target
 from ..jobs.child_env import child_env
@@ -499,15 +505,14 @@ class WorkflowTasks:
             raise BadRequest(f"train: enhancement left no {'preference pairs' if t.method == 'dpo' else 'rows'} "
                              f"to train on (report: {report['rows_dropped']})")
         model = self.refs.resolve(train_model(req), "train.model")
-        training_config = {
+        training_config = TrainingConfig.model_validate({
             "n_epochs": t.n_epochs, "max_steps_per_epoch": t.max_steps_per_epoch, "dtype": "fp32", "seed": t.seed,
             "max_seq_len": t.max_seq_len,
             "data_config": {"dataset_id": f"{task_id}-enhanced", "batch_size": t.batch_size, "shuffle": True,
                             "data_format": "instruct"},
             "optimizer_config": {"optimizer_type": "adamw", "lr": t.lr, "weight_decay": 0.0, "num_warmup_steps": 0},
             "torch_run_config": {"nproc_per_node": 1},
-        }
-        peft = t.peft.model_dump(mode="json") if t.peft else None
+        })
         try:  # the workflow ran before a restart: pick its job up again instead of submitting a second one
             previous = self.service.view(job_uuid)["status"]
         except UnknownJobError:
@@ -515,15 +520,14 @@ class WorkflowTasks:
         if previous in ("failed", "cancelled"):
             self.service.resume_job(job_uuid)
         elif previous is None and t.method == "dpo":
-            if peft:
+            if t.peft:
                 raise BadRequest("train.peft: DPO through this service trains the full model; use method 'sft' for PEFT")
-            body = {"job_uuid": job_uuid, "finetuned_model": model, "training_config": training_config,
-                    "algorithm_config": (t.dpo or DPOAlignmentConfig()).model_dump(mode="json"), "rows": rows}
-            self.service.submit_request("preference-optimize", body)
+            self.service.submit_request("preference-optimize", PreferenceOptimizeRequest(
+                job_uuid=job_uuid, finetuned_model=model, training_config=training_config,
+                algorithm_config=t.dpo or DPOAlignmentConfig(), rows=rows))
         elif previous is None:
-            body = {"job_uuid": job_uuid, "model": model, "training_config": training_config,
-                    "algorithm_config": peft, "rows": rows}
-            self.service.submit_request("supervised-fine-tune", body)
+            self.service.submit_request("supervised-fine-tune", SupervisedFineTuneRequest(
+                job_uuid=job_uuid, model=model, training_config=training_config, algorithm_config=t.peft, rows=rows))
         while True:
             view = self.service.view(job_uuid)
             if view["status"] not in ACTIVE:

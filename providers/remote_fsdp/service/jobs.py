@@ -15,7 +15,14 @@ from ...errors import BadRequest, Conflict, client_errors
 from ...jobs.manager import JobManager
 from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
 from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest, TrainingConfig
-from ...api.to_spec import data_config_of, method_of, preference_target, prepare_job, scheduling_spec
+from ...api.to_spec import (
+    data_config_of,
+    method_of,
+    preference_target,
+    prepare_job,
+    scheduling_spec,
+    teacher_job_spec,
+)
 from ...jobs.store import JobRecord, JobStore
 from ...launchers import build_launchers
 from ...launchers.base import Launcher
@@ -25,7 +32,7 @@ from ...launchers.torchrun import TorchRunOptions, torchrun_command
 from ...training.components import device_type
 from ...training.fsdp import backend
 from ...training.run_files import RunFiles
-from ...training.spec import FsdpSpec, JobSpec, check_name
+from ...training.spec import FsdpSpec, JobSpec, SchedulingSpec, check_name
 from .config import ServiceConfig
 from .nodes import misfit
 from .security import clean_partial_files
@@ -221,22 +228,46 @@ class FsdpJobService:
                 output_dir=str(output_dir) if output_dir else None, result_name=result_name,
                 check_host=not launcher.runs_elsewhere,
             )
-            (run_dir / "torchrun.json").write_text(torch_run.model_dump_json())
-            resources = {
-                "method": method,
-                "model": spec.model,
-                "world_size": world_size,
-                "nnodes": torch_run.nnodes,
-                "nproc_per_node": torch_run.nproc_per_node,
-                "node_rank": torch_run.node_rank,
-                "device_type": device_type(),
-                "backend": backend(),
-                "fsdp": fsdp.model_dump() if fsdp else None,
-            }
-            resources["launcher"] = launcher_name
-            spec.not_applied.update(launcher.unhonoured(spec))
-            self.jobs.submit(spec, resources=resources, launcher=launcher_name)
+            self._start(spec, run_dir, torch_run, launcher_name)
         return {"job_uuid": job_uuid}
+
+    def submit_teacher(self, *, job_uuid: str, model: str, rows: Any, output_dir: Path, top_k: int | None,
+                       max_new_tokens: int, generation_batch_size: int, scheduling: SchedulingSpec,
+                       launcher: str | None) -> dict[str, Any]:
+        """Submit a teacher task (one process: generation, no FSDP) through the same checks and start as a
+        training job."""
+        check_job_uuid(job_uuid)
+        if self.jobs.store.exists(job_uuid):
+            raise Conflict(f"job_uuid: a job named {job_uuid!r} already exists")
+        torch_run = self.torch_run_options({"nproc_per_node": 1, "launcher": launcher})
+        launcher_name = self.launcher_of(torch_run)
+        self.launcher(launcher_name).check(torch_run, None, scheduling.resources)
+        model = self.resolve_model(model, "teacher.model")
+        with self.jobs.reserve(job_uuid) as run_dir:
+            spec = teacher_job_spec(job_uuid=job_uuid, run_dir=run_dir, model=model, rows=rows,
+                                    output_dir=str(output_dir), top_k=top_k, max_new_tokens=max_new_tokens,
+                                    generation_batch_size=generation_batch_size, scheduling=scheduling)
+            self._start(spec, run_dir, torch_run, launcher_name)
+        return {"job_uuid": job_uuid}
+
+    def _start(self, spec: JobSpec, run_dir: Path, torch_run: TorchRunOptions, launcher_name: str) -> None:
+        """Queue a job whose spec is written: its torchrun options beside it, what it was given in
+        resources_allocated, and the scheduling settings its launcher cannot honour in not_applied."""
+        (run_dir / "torchrun.json").write_text(torch_run.model_dump_json())
+        resources = {
+            "method": spec.method,
+            "model": spec.model,
+            "world_size": torch_run.nproc_per_node * torch_run.nnodes,
+            "nnodes": torch_run.nnodes,
+            "nproc_per_node": torch_run.nproc_per_node,
+            "node_rank": torch_run.node_rank,
+            "device_type": device_type(),
+            "backend": backend(),
+            "fsdp": spec.fsdp.model_dump() if spec.fsdp else None,
+            "launcher": launcher_name,
+        }
+        spec.not_applied.update(self.launcher(launcher_name).unhonoured(spec))
+        self.jobs.submit(spec, resources=resources, launcher=launcher_name)
 
     def launcher_of(self, opts: TorchRunOptions) -> str:
         """The JobManager launcher of a job on this service: the one it asks for, else the service's default.
