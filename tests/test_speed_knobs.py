@@ -153,12 +153,15 @@ def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_ro
 @pytest.mark.slow  # trains
 def test_precomputed_reference_log_probs_match_the_reference_copy_without_loading_it(
         tmp_path, tiny_models, dpo_rows, monkeypatch):
+    from providers.training import components
     from providers.training.recipes import dpo
 
     student = tiny_models["student"]
     loads = []
-    original = dpo.load_model
-    monkeypatch.setattr(dpo, "load_model", lambda *a, **kw: loads.append(a) or original(*a, **kw))
+    original = components.load_model
+    counted = lambda *a, **kw: loads.append(a) or original(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(dpo, "load_model", counted)  # the policy
+    monkeypatch.setattr(components, "load_model", counted)  # the reference (components.reference_model)
     copy, _ = train(make_spec(tmp_path, dpo_rows, method="dpo", model=student, name="refcopy", batch_size=4))
     assert len(loads) == 2  # policy + frozen reference
     loads.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -300,6 +299,21 @@ def prepare(trainer, spec: JobSpec):
 
         configure_plugin(trainer, spec)
     return trainer
+
+
+def train_and_save(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -> dict[str, Any]:
+    """Every recipe's last step: train (from the newest checkpoint when the job resumes), then save_final."""
+    resume = latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None
+    prepare(trainer, spec).train(resume_from_checkpoint=resume)
+    return save_final(trainer, spec, files, reporter)
+
+
+def reference_model(spec: JobSpec):
+    """A preference method's frozen reference, or None when the policy is its own reference: with PEFT the
+    base with its adapters disabled; with precomputed log-probs the policy itself, in one pass up front."""
+    if spec.peft is not None or spec.efficiency.precompute_ref_log_probs:
+        return None
+    return load_model(spec.model, spec, trained=False)
 
 
 def save_final(trainer, spec: JobSpec, files: RunFiles, reporter: RunReporter) -> dict[str, Any]:

@@ -26,12 +26,10 @@ from trl import SFTTrainer
 from ..components import (
     callbacks,
     check_same_tokenizer,
-    latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
-    prepare,
-    save_final,
+    train_and_save,
     trainer_args,
 )
 from ..data import load_dataset, write_jsonl
@@ -246,10 +244,7 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
         data_collator=CachedLogitsCollator(tokenizer.pad_token_id, spec.data.max_seq_len, padding_free(spec)),
         callbacks=cbs, distill=d,
     )
-    prepare(trainer, spec).train(
-        resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None
-    )
-    return save_final(trainer, spec, files, reporter)
+    return train_and_save(trainer, spec, files, reporter)
 
 
 def train(spec: JobSpec, files: RunFiles) -> dict:

@@ -14,12 +14,11 @@ from trl.data_utils import unpair_preference_dataset
 from ..components import (
     callbacks,
     eval_slice,
-    latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
-    prepare,
-    save_final,
+    reference_model,
+    train_and_save,
     trainer_args,
 )
 from ..data import load_dataset
@@ -51,10 +50,7 @@ def unpaired(path: str | None):
 def train(spec: JobSpec, files: RunFiles) -> dict:
     tokenizer = load_tokenizer(spec.model)
     model = load_model(spec.model, spec)
-    # The reference is the initial policy: with PEFT the base with adapters disabled; with precomputed
-    # log-probs the policy itself, in one pass before training; otherwise a frozen copy.
-    shared_reference = spec.peft is not None or spec.efficiency.precompute_ref_log_probs
-    ref_model = None if shared_reference else load_model(spec.model, spec, trained=False)
+    ref_model = reference_model(spec)  # None: the policy (adapters off, or precomputed) is its own reference
     train_ds = unpaired(spec.data.train_file)
     if spec.data.shuffle:
         train_ds = train_ds.shuffle(seed=spec.seed)
@@ -70,5 +66,4 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,
     )
-    prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
-    return save_final(trainer, spec, files, reporter)
+    return train_and_save(trainer, spec, files, reporter)

@@ -11,12 +11,10 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from ..components import (
     callbacks,
     eval_slice,
-    latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
-    prepare,
-    save_final,
+    train_and_save,
     trainer_args,
 )
 from ..data import load_dataset
@@ -47,5 +45,4 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,
     )
-    prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
-    return save_final(trainer, spec, files, reporter)
+    return train_and_save(trainer, spec, files, reporter)

@@ -12,12 +12,10 @@ from trl import SFTConfig, SFTTrainer
 from ..components import (
     callbacks,
     eval_slice,
-    latest_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
-    prepare,
-    save_final,
+    train_and_save,
     trainer_args,
 )
 from ..data import load_dataset
@@ -110,5 +108,4 @@ def train(spec: JobSpec, files: RunFiles, train_ds=None, trainer_cls=None, **tra
         trainer.eval_dataset = truncate(trainer.eval_dataset, spec.data.max_seq_len)
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"no training row keeps an answer token within max_seq_len={spec.data.max_seq_len}")
-    prepare(trainer, spec).train(resume_from_checkpoint=latest_checkpoint(spec.checkpoint.output_dir) if spec.checkpoint.resume else None)
-    return save_final(trainer, spec, files, reporter)
+    return train_and_save(trainer, spec, files, reporter)
