@@ -3,11 +3,14 @@
 
 Checks: the page loads with no console errors, a running job appears, its loss chart has points and
 gains more while it trains, cancel from the page stops the job (and every process of it); the pipeline
-page shows teacher -> students -> merge. Screenshots and timings go to test-artifacts/ (or
-TRL_TEST_ARTIFACTS_DIR)."""
+page shows teacher -> students -> merge; a failed job's error in the list, the compare view (overlaid curves,
+final metrics, config differences) and a validation task's report. Screenshots and timings go to
+test-artifacts/ (or TRL_TEST_ARTIFACTS_DIR); the ones the docs show also to docs/screenshots/."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import time
 
@@ -51,8 +54,11 @@ class Page:
         self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
-    def shot(self, name: str) -> None:
+    def shot(self, name: str, docs: bool = False) -> None:
+        """A full-page screenshot in the artifacts folder (and in docs/screenshots/ with `docs`)."""
         self.page.screenshot(path=str(artifacts_dir() / name), full_page=True)
+        if docs:
+            shutil.copy(artifacts_dir() / name, REPO_ROOT / "docs" / "screenshots" / name)
 
     def close(self) -> None:
         self.context.close()
@@ -92,6 +98,9 @@ def test_live_job_in_the_browser_and_cancel_from_the_page(browser, ops_service, 
     timings["loss_points_first_then_more"] = [first, more]
     for chart in ("lr", "tokens"):
         assert points(page, chart) > 0, chart
+    # an ETA once logged steps give a rate
+    wait_until(lambda: "ETA" in page.inner_text("#job-facts") and "steps/s" in page.inner_text("#job-facts"), 60,
+               message="an ETA on the job page")
     assert page.inner_text("#job-facts").count("sft") >= 1
     assert "rank0" in page.inner_text("#job-log") or page.inner_text("#job-log").strip()
     p.shot("dashboard-job-running.png")
@@ -208,3 +217,89 @@ def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, c
         p.close()
     finally:
         stop_process_group(proc)
+
+
+def short_sft_file(tmp_path, job_uuid: str, **training) -> object:
+    """examples/sft_lora.yaml, 8 steps, with `training` overrides."""
+    import yaml
+
+    spec = yaml.safe_load((EXAMPLES / "sft_lora.yaml").read_text())
+    spec["job_uuid"] = job_uuid
+    spec["dataset"] = str(EXAMPLES / "data" / "reverse_instruct.jsonl")
+    spec["validation_dataset"] = str(EXAMPLES / "data" / "reverse_heldout.jsonl")
+    spec["training"].update(max_steps_per_epoch=8, **training)
+    spec["training"].pop("save_steps")
+    spec.pop("logger", None)
+    path = tmp_path / f"{job_uuid}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, ops_service, cli_env, tmp_path):
+    """Two runs that differ in lr and LoRA rank and one that fails; the list shows the failure's error on one
+    line (whole on hover), the compare view overlays their curves and lists final metrics and the config
+    keys that differ; a validation task's report renders on its page."""
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-a", lr=3e-3)))
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-b", lr=1e-3)))
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-fails", max_seq_len=4)))  # no answer token survives
+    for job in ("cmp-a", "cmp-b", "cmp-fails"):
+        ops_service.wait(job, timeout=600)
+    error = ops_service.status("cmp-fails")["resources_allocated"]["error"]
+    assert ops_service.status("cmp-fails")["status"] == "failed" and "max_seq_len" in error
+    prompts = [json.loads(line) for line in (EXAMPLES / "data" / "reverse_heldout.jsonl").read_text().splitlines()[:8]]
+    r = ops_service.http.post("/v1/validations", json={"validation_id": "dash-v", "model": "job:cmp-a",
+                                                       "prompts": prompts, "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: ops_service.http.get("/v1/validations/dash-v").json()["state"] not in ("scheduled", "in_progress"),
+               300, interval=0.5, message="validation dash-v finished")
+    assert ops_service.http.get("/v1/validations/dash-v").json()["state"] == "completed"
+
+    p = Page(browser, ops_service.url)
+    page = p.page
+    page.goto(f"{ops_service.url}/dashboard/")
+    page.evaluate(f"localStorage.setItem('trl-dashboard-token', {ops_service.token!r})")
+    page.reload()
+    page.wait_for_selector("tr[data-job='cmp-fails'] td.clip")
+    cell = "tr[data-job='cmp-fails'] td.clip"
+    assert page.get_attribute(cell, "title") == error  # whole on hover
+    assert "max_seq_len" in page.inner_text(cell)
+    style = page.eval_on_selector(cell, "c => [getComputedStyle(c).whiteSpace, getComputedStyle(c).textOverflow]")
+    assert style == ["nowrap", "ellipsis"]
+    for job in ("cmp-a", "cmp-fails"):  # one line per row: no wrap inside the model name or the error
+        model = f"tr[data-job='{job}'] td.model"
+        assert page.eval_on_selector(model, "c => [getComputedStyle(c).whiteSpace, getComputedStyle(c).overflowWrap]") \
+            == ["nowrap", "normal"]
+        assert page.get_attribute(model, "title").endswith("/student")
+    heights = page.eval_on_selector_all("#jobs tbody tr", "rows => rows.map(r => r.getBoundingClientRect().height)")
+    assert max(heights) < 2 * min(heights), heights
+    p.shot("dashboard-failed-job.png", docs=True)
+
+    assert page.is_disabled("#compare")
+    page.check("tr[data-job='cmp-a'] input.pick")
+    page.check("tr[data-job='cmp-b'] input.pick")
+    page.wait_for_timeout(2500)  # a refresh of the list keeps the ticks
+    assert page.is_checked("tr[data-job='cmp-b'] input.pick") and page.inner_text("#compare") == "Compare selected (2)"
+    page.click("#compare")
+    page.wait_for_selector("#compare-loss[data-series='2']", timeout=30_000)
+    page.wait_for_selector("#compare-eval_loss[data-series='2']")
+    final = page.inner_text("#compare-final")
+    assert "cmp-a" in final and "cmp-b" in final and final.count("completed") == 2
+    diff = page.eval_on_selector_all("#compare-diff tr[data-key]", "rows => rows.map(r => r.dataset.key)")
+    assert any(k.endswith("lr") for k in diff), diff
+    assert not any(k.endswith("job_uuid") for k in diff), diff
+    assert "0.003" in page.inner_text("#compare-diff") and "0.001" in page.inner_text("#compare-diff")
+    p.shot("dashboard-compare.png", docs=True)
+
+    page.click("a[data-nav='tasks']")
+    page.wait_for_selector("#tasks-validations tr[data-task='dash-v']")
+    assert "pass rate" in page.inner_text("#tasks-validations tr[data-task='dash-v']")
+    page.click("#tasks-validations tr[data-task='dash-v'] a")
+    page.wait_for_selector("#validation-verdict")
+    report = json.loads((ops_service.data_dir / "workflows/validations/dash-v/validation.json").read_text())
+    verdict = page.inner_text("#validation-verdict")
+    assert ("PASSED" if report["passed"] else "FAILED") in verdict and report["verdict"]["reason"] in verdict
+    assert page.eval_on_selector_all("#validation-prompts tbody tr", "rows => rows.length") == 8
+    assert "base response" in page.inner_text("#validation-prompts thead")
+    p.shot("dashboard-validation.png", docs=True)
+    assert p.errors == [], p.errors
+    p.close()
