@@ -370,7 +370,9 @@ async function compareView(el, ids) {
     const specs = jobs.map((j) => flatten(j.spec || {}));
     const keys = [...new Set(specs.flatMap((s) => Object.keys(s)))].filter((k) => !NOT_CONFIG.test(k)).sort();
     const show = (v) => (v === undefined ? "–" : esc(typeof v === "object" ? JSON.stringify(v) : String(v)));
-    const differing = keys.filter((k) => new Set(specs.map((s) => JSON.stringify(s[k] ?? null))).size > 1);
+    // A value that differs only by the run's own id (its run directory's files) is not a difference.
+    const same = (k, i) => JSON.stringify(specs[i][k] ?? null).replaceAll(runs[i], "{job}");
+    const differing = keys.filter((k) => new Set(specs.map((s, i) => same(k, i))).size > 1);
     $("#compare-config", el).innerHTML = differing.length ? `<table id="compare-diff">${head}<tbody>${differing.map((k) =>
       `<tr data-key="${esc(k)}"><th>${esc(k)}</th>${specs.map((s) => `<td class="wrap">${show(s[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`
       : `<p class="muted">The runs' configs are the same (${keys.length} keys compared).</p>`;
