@@ -253,9 +253,16 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
                                                        "base_model": tiny_models["student"], "prompts": prompts,
                                                        "max_new_tokens": 8})
     assert r.status_code == 200, r.text
-    wait_until(lambda: ops_service.http.get("/v1/validations/dash-v").json()["state"] not in ("scheduled", "in_progress"),
-               300, interval=0.5, message="validation dash-v finished")
-    assert ops_service.http.get("/v1/validations/dash-v").json()["state"] == "completed"
+    # an enhancement with the tiny student and teacher served by the service (the teacher solves the rows)
+    r = ops_service.http.post("/v1/data-enhancement", json={"enhancement_id": "dash-e", "rows": prompts[:6], "config": {
+        "student": {"model": tiny_models["student"], "max_tokens": 12},
+        "teacher": {"model": tiny_models["teacher"], "max_tokens": 12},
+        "judge": {"type": "rule", "mode": "exact"}, "hint_template": "{question}", "max_iterations": 2}})
+    assert r.status_code == 200, r.text
+    for route in ("validations/dash-v", "data-enhancement/dash-e"):
+        wait_until(lambda: ops_service.http.get(f"/v1/{route}").json()["state"] not in ("scheduled", "in_progress"),
+                   300, interval=0.5, message=f"{route} finished")
+        assert ops_service.http.get(f"/v1/{route}").json()["state"] == "completed"
 
     p = Page(browser, ops_service.url)
     page = p.page
@@ -303,5 +310,79 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
     assert page.eval_on_selector_all("#validation-prompts tbody tr", "rows => rows.length") == 8
     assert "base response" in page.inner_text("#validation-prompts thead")
     p.shot("dashboard-validation.png", docs=True)
+
+    page.goto(f"{ops_service.url}/dashboard/#/task/enhancements/dash-e")
+    page.wait_for_selector("#enhancement-solved")
+    report = json.loads((ops_service.data_dir / "workflows/enhancements/dash-e/enhancement_report.json").read_text())
+    solved = page.inner_text("#enhancement-solved")
+    for label, key in [("student alone", "student_alone"), ("student after hints", "student_after_hint"),
+                       ("teacher only", "teacher_only"), ("unsolved", "unsolved")]:
+        assert f"{label}\n{report['solved'][key]}" in solved, solved
+    assert report["solved"]["teacher_only"] > 0  # the tiny student never gets it; the teacher does
+    assert page.eval_on_selector_all("#enhancement-iterations tbody tr", "rows => rows.length") == 2
+    p.shot("dashboard-enhancement.png", docs=True)
     assert p.errors == [], p.errors
     p.close()
+
+
+def test_task_pages_of_every_kind_on_the_data_dir_dashboard(browser, tmp_path):
+    """Workflow, export, enhancement and validation pages render from a data dir's files (here written by
+    the test in the shapes the service writes) with no console error, every value escaped."""
+    from test_dashboard_tasks import write_task
+
+    from providers.jobs.store import JobStore
+
+    JobStore(tmp_path / "jobs.db")
+    hostile = "<img src=x onerror=alert(1)>"
+    validation = {"model": "/m/adapter", "base_model": "/m/base", "passed": True,
+                  "gates": {"files": True, "inference": True, "pass_rate": True, "improvement": True},
+                  "summary": {"pass_rate": 0.9, "base_pass_rate": 0.1, "checked": 10, "match": "normalized"},
+                  "verdict": {"reason": "better than the base", "n": 10, "pass_rate_ci95": [0.6, 0.98],
+                              "min_pass_rate": 0.5, "p_value": 0.002},
+                  "prompts": [{"prompt": [{"role": "user", "content": hostile}], "expected": "a", "response": "a",
+                               "passed": True, "base_response": "b", "base_passed": False}]}
+    enhancement = {"rows_total": 4, "rows_kept": 3, "solved": {"student_alone": 1, "student_after_hint": 1,
+                                                               "teacher_only": 1, "unsolved": 1},
+                   "accuracy_by_iteration": [{"iteration": 1, "correct": 1, "accuracy": 0.25},
+                                             {"iteration": 2, "correct": 2, "accuracy": 0.5}],
+                   "rows_dropped": {"never correct": 1}, "errors": [{"index": 3, "error": hostile}]}
+    export = {"model": "/m/adapter", "formats": ["merged", "gguf"], "merged": {"path": "/out/merged"},
+              "gguf": {"path": "/out/model-f16.gguf", "modelfile": "/out/Modelfile"}}
+    w = write_task(tmp_path, "workflows", "wf", "completed", "pipeline_results.json",
+                   {"workflow_id": "wf", "steps": {"enhance": {"status": "completed", "elapsed_s": 3},
+                                                   "train": {"status": "completed", "elapsed_s": 30},
+                                                   "validate": {"status": "completed"}, "export": {"status": "failed",
+                                                                                                   "error": hostile}}})
+    for rel, body in [("enhance/enhancement_report.json", enhancement), ("validate/validation.json", validation),
+                      ("export/export.json", export)]:
+        (w / rel).parent.mkdir()
+        (w / rel).write_text(json.dumps(body))
+    write_task(tmp_path, "exports", "ex", "completed", "export.json", export)
+    write_task(tmp_path, "validations", "va", "completed", "validation.json", validation)
+    write_task(tmp_path, "enhancements", "en", "failed", "enhancement_report.json", enhancement, error=hostile)
+    port = free_port()
+    proc = subprocess.Popen([*cli_command(), "dashboard", "--data-dir", str(tmp_path), "--port", str(port)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, timeout=60, proc=proc, path="/dashboard/api/info")
+        p = Page(browser, url)
+        page = p.page
+        page.goto(f"{url}/dashboard/#/tasks")
+        page.wait_for_selector("#tasks-workflows tr[data-task='wf']")
+        assert "enhance completed → train completed → validate completed → export failed" in page.inner_text("#tasks-workflows")
+        assert page.get_attribute("#tasks-enhancements tr[data-task='en'] td.clip", "title") == hostile
+        page.click("#tasks-workflows tr[data-task='wf'] a")
+        page.wait_for_selector("#workflow-steps")
+        text = page.inner_text("#view")
+        assert "student after hints" in text and "better than the base" in text and "/out/model-f16.gguf" in text
+        assert hostile in page.inner_text("#workflow-steps")  # shown as text, never run
+        for kind, task_id, selector in [("exports", "ex", "table.kv"), ("validations", "va", "#validation-verdict"),
+                                        ("enhancements", "en", "#enhancement-solved")]:
+            page.goto(f"{url}/dashboard/#/task/{kind}/{task_id}")
+            page.wait_for_selector(selector)
+        assert page.query_selector("img") is None
+        assert p.errors == [], p.errors
+        p.close()
+    finally:
+        stop_process_group(proc)
