@@ -370,7 +370,8 @@ def test_task_pages_of_every_kind_on_the_data_dir_dashboard(browser, tmp_path):
         page = p.page
         page.goto(f"{url}/dashboard/#/tasks")
         page.wait_for_selector("#tasks-workflows tr[data-task='wf']")
-        assert "enhance completed → train completed → validate completed → export failed" in page.inner_text("#tasks-workflows")
+        steps = "enhance completed → train completed → validate completed → export failed"
+        assert steps in page.inner_text("#tasks-workflows")
         assert page.get_attribute("#tasks-enhancements tr[data-task='en'] td.clip", "title") == hostile
         page.click("#tasks-workflows tr[data-task='wf'] a")
         page.wait_for_selector("#workflow-steps")

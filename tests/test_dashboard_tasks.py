@@ -16,7 +16,7 @@ from providers.jobs.store import JobStore
 def write_task(root, kind, task_id, state, report_name=None, report=None, **extra):
     d = root / "workflows" / kind / task_id
     d.mkdir(parents=True)
-    (d / "task.json").write_text(json.dumps({"id": task_id, "kind": kind, "state": state, "created_at": f"2026-01-0{len(extra) + 1}",
+    (d / "task.json").write_text(json.dumps({"id": task_id, "kind": kind, "state": state, "created_at": "2026-01-01",
                                              "started_at": None, "finished_at": None, "error": None, "progress": {},
                                              "outputs": {}, "request": {"model": "job:x"}, **extra}))
     if report_name:
@@ -41,7 +41,8 @@ def test_task_lists_and_reports(tmp_path):
     app.include_router(dashboard_router(data_dir_source(tmp_path), actions=False), prefix="/dashboard")
     http = TestClient(app)
 
-    rows = {k: http.get(f"/dashboard/api/tasks/{k}").json()["data"] for k in ("validations", "enhancements", "exports", "workflows")}
+    kinds = ("validations", "enhancements", "exports", "workflows")
+    rows = {k: http.get(f"/dashboard/api/tasks/{k}").json()["data"] for k in kinds}
     assert rows["validations"][0]["headline"] == "FAILED, pass rate 25%"
     assert rows["enhancements"][0]["headline"] == "6 of 8 rows kept; student 2 alone, 3 after hints, teacher 1"
     assert rows["exports"][0]["state"] == "failed" and rows["exports"][0]["error"] == "RuntimeError: no space"

@@ -105,7 +105,8 @@ def test_useful_hints_raise_the_students_accuracy_and_rows_hold_no_rejected_atte
     assert not report["errors"] and report["rows_judged"] == 8
     solved = report["solved"]
     # the teacher's hints are real generations; most are the right letters, and the student rises with them
-    hints = [t["hint"] for line in (tmp_path / "results.jsonl").open() for t in json.loads(line)["thinking"] if t.get("hint")]
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    hints = [t["hint"] for r in results for t in r["thinking"] if t.get("hint")]
     assert len(hints) == 6 and any(h in {r["expected_answer"] for r in rows} for h in hints)
     assert solved["student_alone"] == 2 and solved["student_after_hint"] > 0
     assert sum(solved.values()) == 8

@@ -111,7 +111,8 @@ def accepted_reasoning(result: dict[str, Any]) -> str | None:
     """The reasoning that came with the accepted answer (the successful attempt's, or the teacher's), if any."""
     if not result["correct"]:
         return None
-    step = next((t for t in reversed(result["thinking"]) if t["correct"] and t["attempt"] == result["final_answer"]), None)
+    accepted = [t for t in result["thinking"] if t["correct"] and t["attempt"] == result["final_answer"]]
+    step = accepted[-1] if accepted else None
     return step.get("reasoning") if step else None
 
 

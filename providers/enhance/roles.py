@@ -98,7 +98,8 @@ class ChatRole:
             message = r.choices[0].message
             extra = message.model_extra or {}
             reasoning = extra.get("reasoning_content") or extra.get("reasoning")
-            return (message.content or "").strip(), reasoning.strip() if isinstance(reasoning, str) and reasoning.strip() else None
+            reasoning = reasoning.strip() if isinstance(reasoning, str) else None
+            return (message.content or "").strip(), reasoning or None
         raise AssertionError("unreachable")
 
     def _wait(self, error: Exception, attempt: int) -> float:
