@@ -3,11 +3,14 @@
 
 Checks: the page loads with no console errors, a running job appears, its loss chart has points and
 gains more while it trains, cancel from the page stops the job (and every process of it); the pipeline
-page shows teacher -> students -> merge. Screenshots and timings go to test-artifacts/ (or
-TRL_TEST_ARTIFACTS_DIR)."""
+page shows teacher -> students -> merge; a failed job's error in the list, the compare view (overlaid curves,
+final metrics, config differences) and a validation task's report. Screenshots and timings go to
+test-artifacts/ (or TRL_TEST_ARTIFACTS_DIR); the ones the docs show also to docs/screenshots/."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import time
 
@@ -51,8 +54,11 @@ class Page:
         self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
-    def shot(self, name: str) -> None:
+    def shot(self, name: str, docs: bool = False) -> None:
+        """A full-page screenshot in the artifacts folder (and in docs/screenshots/ with `docs`)."""
         self.page.screenshot(path=str(artifacts_dir() / name), full_page=True)
+        if docs:
+            shutil.copy(artifacts_dir() / name, REPO_ROOT / "docs" / "screenshots" / name)
 
     def close(self) -> None:
         self.context.close()
@@ -92,6 +98,9 @@ def test_live_job_in_the_browser_and_cancel_from_the_page(browser, ops_service, 
     timings["loss_points_first_then_more"] = [first, more]
     for chart in ("lr", "tokens"):
         assert points(page, chart) > 0, chart
+    # an ETA once logged steps give a rate
+    wait_until(lambda: "ETA" in page.inner_text("#job-facts") and "steps/s" in page.inner_text("#job-facts"), 60,
+               message="an ETA on the job page")
     assert page.inner_text("#job-facts").count("sft") >= 1
     assert "rank0" in page.inner_text("#job-log") or page.inner_text("#job-log").strip()
     p.shot("dashboard-job-running.png")
@@ -204,6 +213,176 @@ def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, c
         assert "Read-only" in p.page.inner_text("#job-actions")
         assert p.page.query_selector("#cancel-job") is None
         p.shot("dashboard-data-dir-read-only.png")
+        assert p.errors == [], p.errors
+        p.close()
+    finally:
+        stop_process_group(proc)
+
+
+def short_sft_file(tmp_path, job_uuid: str, **training) -> object:
+    """examples/sft_lora.yaml, 8 steps, with `training` overrides."""
+    import yaml
+
+    spec = yaml.safe_load((EXAMPLES / "sft_lora.yaml").read_text())
+    spec["job_uuid"] = job_uuid
+    spec["dataset"] = str(EXAMPLES / "data" / "reverse_instruct.jsonl")
+    spec["validation_dataset"] = str(EXAMPLES / "data" / "reverse_heldout.jsonl")
+    spec["training"].update(max_steps_per_epoch=8, **training)
+    spec["training"].pop("save_steps")
+    spec.pop("logger", None)
+    path = tmp_path / f"{job_uuid}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, ops_service, cli_env, tiny_models,
+                                                                    tmp_path):
+    """Two runs that differ in lr and one that fails; the list shows the failure's error on one
+    line (whole on hover), the compare view overlays their curves and lists final metrics and the config
+    keys that differ; a validation task's report renders on its page."""
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-a", lr=3e-3)))
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-b", lr=1e-3)))
+    cli(cli_env, "submit", str(short_sft_file(tmp_path, "cmp-fails", max_seq_len=4)))  # no answer token survives
+    for job in ("cmp-a", "cmp-b", "cmp-fails"):
+        ops_service.wait(job, timeout=600)
+    error = ops_service.status("cmp-fails")["resources_allocated"]["error"]
+    assert ops_service.status("cmp-fails")["status"] == "failed" and "max_seq_len" in error
+    prompts = [json.loads(line) for line in (EXAMPLES / "data" / "reverse_heldout.jsonl").read_text().splitlines()[:8]]
+    # the teacher (it knows the task) against the student as its base: a report with a verdict to show
+    r = ops_service.http.post("/v1/validations", json={"validation_id": "dash-v", "model": tiny_models["teacher"],
+                                                       "base_model": tiny_models["student"], "prompts": prompts,
+                                                       "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    # an enhancement with the tiny student and teacher served by the service (the teacher solves the rows)
+    r = ops_service.http.post("/v1/data-enhancement", json={"enhancement_id": "dash-e", "rows": prompts[:6], "config": {
+        "student": {"model": tiny_models["student"], "max_tokens": 12},
+        "teacher": {"model": tiny_models["teacher"], "max_tokens": 12},
+        "judge": {"type": "rule", "mode": "exact"}, "hint_template": "{question}", "max_iterations": 2}})
+    assert r.status_code == 200, r.text
+    for route in ("validations/dash-v", "data-enhancement/dash-e"):
+        wait_until(lambda: ops_service.http.get(f"/v1/{route}").json()["state"] not in ("scheduled", "in_progress"),
+                   300, interval=0.5, message=f"{route} finished")
+        assert ops_service.http.get(f"/v1/{route}").json()["state"] == "completed"
+
+    p = Page(browser, ops_service.url)
+    page = p.page
+    page.goto(f"{ops_service.url}/dashboard/")
+    page.evaluate(f"localStorage.setItem('trl-dashboard-token', {ops_service.token!r})")
+    page.reload()
+    page.wait_for_selector("tr[data-job='cmp-fails'] td.clip")
+    cell = "tr[data-job='cmp-fails'] td.clip"
+    assert page.get_attribute(cell, "title") == error  # whole on hover
+    assert "max_seq_len" in page.inner_text(cell)
+    style = page.eval_on_selector(cell, "c => [getComputedStyle(c).whiteSpace, getComputedStyle(c).textOverflow]")
+    assert style == ["nowrap", "ellipsis"]
+    for job in ("cmp-a", "cmp-fails"):  # one line per row: no wrap inside the model name or the error
+        model = f"tr[data-job='{job}'] td.model"
+        assert page.eval_on_selector(model, "c => [getComputedStyle(c).whiteSpace, getComputedStyle(c).overflowWrap]") \
+            == ["nowrap", "normal"]
+        assert page.get_attribute(model, "title").endswith("/student")
+    heights = page.eval_on_selector_all("#jobs tbody tr", "rows => rows.map(r => r.getBoundingClientRect().height)")
+    assert max(heights) < 2 * min(heights), heights
+    p.shot("dashboard-failed-job.png", docs=True)
+
+    assert page.is_disabled("#compare")
+    page.check("tr[data-job='cmp-a'] input.pick")
+    page.check("tr[data-job='cmp-b'] input.pick")
+    page.wait_for_timeout(2500)  # a refresh of the list keeps the ticks
+    assert page.is_checked("tr[data-job='cmp-b'] input.pick") and page.inner_text("#compare") == "Compare selected (2)"
+    page.click("#compare")
+    page.wait_for_selector("#compare-loss[data-series='2']", timeout=30_000)
+    page.wait_for_selector("#compare-eval_loss[data-series='2']")
+    final = page.inner_text("#compare-final")
+    assert "cmp-a" in final and "cmp-b" in final and final.count("completed") == 2
+    diff = page.eval_on_selector_all("#compare-diff tr[data-key]", "rows => rows.map(r => r.dataset.key)")
+    assert diff == ["optimizer.lr"], diff  # paths that differ only by the run's id are not differences
+    assert "0.003" in page.inner_text("#compare-diff") and "0.001" in page.inner_text("#compare-diff")
+    p.shot("dashboard-compare.png", docs=True)
+
+    page.click("a[data-nav='tasks']")
+    page.wait_for_selector("#tasks-validations tr[data-task='dash-v']")
+    assert "pass rate" in page.inner_text("#tasks-validations tr[data-task='dash-v']")
+    page.click("#tasks-validations tr[data-task='dash-v'] a")
+    page.wait_for_selector("#validation-verdict")
+    report = json.loads((ops_service.data_dir / "workflows/validations/dash-v/validation.json").read_text())
+    verdict = page.inner_text("#validation-verdict")
+    assert ("PASSED" if report["passed"] else "FAILED") in verdict and report["verdict"]["reason"] in verdict
+    assert page.eval_on_selector_all("#validation-prompts tbody tr", "rows => rows.length") == 8
+    assert "base response" in page.inner_text("#validation-prompts thead")
+    p.shot("dashboard-validation.png", docs=True)
+
+    page.goto(f"{ops_service.url}/dashboard/#/task/enhancements/dash-e")
+    page.wait_for_selector("#enhancement-solved")
+    report = json.loads((ops_service.data_dir / "workflows/enhancements/dash-e/enhancement_report.json").read_text())
+    solved = page.inner_text("#enhancement-solved")
+    for label, key in [("student alone", "student_alone"), ("student after hints", "student_after_hint"),
+                       ("teacher only", "teacher_only"), ("unsolved", "unsolved")]:
+        assert f"{label}\n{report['solved'][key]}" in solved, solved
+    assert report["solved"]["teacher_only"] > 0  # the tiny student never gets it; the teacher does
+    assert page.eval_on_selector_all("#enhancement-iterations tbody tr", "rows => rows.length") == 2
+    p.shot("dashboard-enhancement.png", docs=True)
+    assert p.errors == [], p.errors
+    p.close()
+
+
+def test_task_pages_of_every_kind_on_the_data_dir_dashboard(browser, tmp_path):
+    """Workflow, export, enhancement and validation pages render from a data dir's files (here written by
+    the test in the shapes the service writes) with no console error, every value escaped."""
+    from test_dashboard_tasks import write_task
+
+    from providers.jobs.store import JobStore
+
+    JobStore(tmp_path / "jobs.db")
+    hostile = "<img src=x onerror=alert(1)>"
+    validation = {"model": "/m/adapter", "base_model": "/m/base", "passed": True,
+                  "gates": {"files": True, "inference": True, "pass_rate": True, "improvement": True},
+                  "summary": {"pass_rate": 0.9, "base_pass_rate": 0.1, "checked": 10, "match": "normalized"},
+                  "verdict": {"reason": "better than the base", "n": 10, "pass_rate_ci95": [0.6, 0.98],
+                              "min_pass_rate": 0.5, "p_value": 0.002},
+                  "prompts": [{"prompt": [{"role": "user", "content": hostile}], "expected": "a", "response": "a",
+                               "passed": True, "base_response": "b", "base_passed": False}]}
+    enhancement = {"rows_total": 4, "rows_kept": 3, "solved": {"student_alone": 1, "student_after_hint": 1,
+                                                               "teacher_only": 1, "unsolved": 1},
+                   "accuracy_by_iteration": [{"iteration": 1, "correct": 1, "accuracy": 0.25},
+                                             {"iteration": 2, "correct": 2, "accuracy": 0.5}],
+                   "rows_dropped": {"never correct": 1}, "errors": [{"index": 3, "error": hostile}]}
+    export = {"model": "/m/adapter", "formats": ["merged", "gguf"], "merged": {"path": "/out/merged"},
+              "gguf": {"path": "/out/model-f16.gguf", "modelfile": "/out/Modelfile"}}
+    w = write_task(tmp_path, "workflows", "wf", "completed", "pipeline_results.json",
+                   {"workflow_id": "wf", "steps": {"enhance": {"status": "completed", "elapsed_s": 3},
+                                                   "train": {"status": "completed", "elapsed_s": 30},
+                                                   "validate": {"status": "completed"}, "export": {"status": "failed",
+                                                                                                   "error": hostile}}})
+    for rel, body in [("enhance/enhancement_report.json", enhancement), ("validate/validation.json", validation),
+                      ("export/export.json", export)]:
+        (w / rel).parent.mkdir()
+        (w / rel).write_text(json.dumps(body))
+    write_task(tmp_path, "exports", "ex", "completed", "export.json", export)
+    write_task(tmp_path, "validations", "va", "completed", "validation.json", validation)
+    write_task(tmp_path, "enhancements", "en", "failed", "enhancement_report.json", enhancement, error=hostile)
+    port = free_port()
+    proc = subprocess.Popen([*cli_command(), "dashboard", "--data-dir", str(tmp_path), "--port", str(port)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, timeout=60, proc=proc, path="/dashboard/api/info")
+        p = Page(browser, url)
+        page = p.page
+        page.goto(f"{url}/dashboard/#/tasks")
+        page.wait_for_selector("#tasks-workflows tr[data-task='wf']")
+        steps = "enhance completed → train completed → validate completed → export failed"
+        assert steps in page.inner_text("#tasks-workflows")
+        assert page.get_attribute("#tasks-enhancements tr[data-task='en'] td.clip", "title") == hostile
+        page.click("#tasks-workflows tr[data-task='wf'] a")
+        page.wait_for_selector("#workflow-steps")
+        text = page.inner_text("#view")
+        assert "student after hints" in text and "better than the base" in text and "/out/model-f16.gguf" in text
+        assert hostile in page.inner_text("#workflow-steps")  # shown as text, never run
+        for kind, task_id, selector in [("exports", "ex", "table.kv"), ("validations", "va", "#validation-verdict"),
+                                        ("enhancements", "en", "#enhancement-solved")]:
+            page.goto(f"{url}/dashboard/#/task/{kind}/{task_id}")
+            page.wait_for_selector(selector)
+        assert page.query_selector("img") is None
         assert p.errors == [], p.errors
         p.close()
     finally:

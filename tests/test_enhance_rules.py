@@ -88,3 +88,45 @@ def test_roles_name_endpoints_their_runner_declared(monkeypatch):
         role_target("student", cfg.student, endpoints, None, None)
     # the refused fields never reach a stored request
     assert "base_url" not in EnhanceConfig(student={"model": "q", "base_url": "http://x"}, teacher={"model": "t"}).model_dump()["student"]
+
+
+def _result(index, thinking, final, correct, source):
+    return {"index": index, "prompt": [{"role": "user", "content": f"q{index}"}], "reference": "a", "metadata": {},
+            "final_answer": final, "correct": correct, "source": source, "kept": correct, "thinking": thinking,
+            "iterations": sum(1 for t in thinking if t["iteration"] != "teacher"),
+            "dropped_reason": None if correct else "never correct"}
+
+
+def test_default_rows_hold_the_accepted_answer_and_its_reasoning_never_rejected_attempts(tmp_path):
+    """The default format trains on the accepted answer (after the successful attempt's reasoning, where the
+    model returned one); rejected attempts, verdicts and hints stay out. The report says who solved what."""
+    import json
+
+    from providers.enhance.loop import RESULTS, build_artifacts
+
+    bad = {"iteration": 1, "attempt": "WRONG-1", "correct": False, "verdict": "differs", "hint": "HINT-1",
+           "reasoning": "REJECTED-REASONING"}
+    results = [
+        _result(0, [{"iteration": 1, "attempt": "a", "correct": True, "verdict": "ok"}], "a", True, "student"),
+        _result(1, [bad, {"iteration": 2, "attempt": "a", "correct": True, "verdict": "ok", "reasoning": "because"}],
+                "a", True, "student"),
+        _result(2, [bad, {"iteration": 2, "attempt": "WRONG-2", "correct": False, "verdict": "differs"},
+                    {"iteration": "teacher", "attempt": "a", "correct": True, "verdict": "ok"}], "a", True, "teacher"),
+        _result(3, [bad, {"iteration": 2, "attempt": "WRONG-2", "correct": False, "verdict": "differs"},
+                    {"iteration": "teacher", "attempt": "WRONG-3", "correct": False, "verdict": "differs"}],
+                "WRONG-2", False, "student"),
+    ]
+    (tmp_path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in results))
+    config = EnhanceConfig(student={"model": "s"}, teacher={"model": "t"}, max_iterations=2)
+    assert config.thinking_format == "final"
+    report = build_artifacts(tmp_path, config, 4)
+    assert report["solved"] == {"student_alone": 1, "student_after_hint": 1, "teacher_only": 1, "unsolved": 1}
+    assert [b["correct"] for b in report["accuracy_by_iteration"]] == [1, 2]
+    rows = [json.loads(line) for line in (tmp_path / "enhanced_dataset.jsonl").open()]
+    assert [r["messages"][-1]["content"] for r in rows] == ["a", "<think>\nbecause\n</think>\na", "a"]
+    text = (tmp_path / "enhanced_dataset.jsonl").read_text()
+    for rejected in ("WRONG", "HINT", "REJECTED", "Judge:", "differs"):
+        assert rejected not in text
+    # The old format stays available by name, and still shows the attempts.
+    assert "WRONG-1" in sft_row(results[1], "iterative", "messages")["messages"][-1]["content"]
+    assert sft_row(results[1], "final-only", "messages")["messages"][-1]["content"] == "a"

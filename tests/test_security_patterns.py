@@ -139,6 +139,9 @@ class CannedRole:
         self.prompts.append(messages)
         return self.answer
 
+    async def reply(self, messages):  # (answer, reasoning), as ChatRole.reply
+        return await self.chat(messages), None
+
 
 def test_an_oversized_prompt_fails_its_row_with_the_reason():
     big = "x" * (MAX_RENDERED_CHARS // 2 + 1)

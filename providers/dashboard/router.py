@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
 from ..jobs.store import UnknownJobError
-from .sources import JobsSource, log_path, read_metrics, tail_lines
+from .sources import TASK_REPORTS, JobsSource, log_path, read_metrics, tail_lines
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page runs only its own files (no inline script, no CDN) and cannot be framed (its buttons act).
@@ -67,7 +67,7 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
     @api.get("/jobs/{job_uuid}")
     async def job(job_uuid: str) -> dict[str, Any]:
         try:
-            return source.job(job_uuid)
+            return source.job_page(job_uuid)
         except UnknownJobError:
             raise _unknown("job_uuid", job_uuid) from None
 
@@ -141,6 +141,21 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
         except UnknownJobError:
             raise _unknown("pipeline_id", pipeline_id) from None
         return source.pipeline(pipeline_id)
+
+    @api.get("/tasks/{kind}")
+    def tasks(kind: str) -> dict[str, Any]:  # reads files: thread pool
+        try:
+            return {"data": source.tasks(kind)}
+        except UnknownJobError:
+            raise HTTPException(status_code=404, detail=f"kind: unknown task kind {kind!r}; one of "
+                                f"{sorted(TASK_REPORTS)}") from None
+
+    @api.get("/tasks/{kind}/{task_id}")
+    def task(kind: str, task_id: str) -> dict[str, Any]:
+        try:
+            return source.task(kind, task_id)
+        except UnknownJobError:
+            raise _unknown("task_id", f"{kind}/{task_id}") from None
 
     r.include_router(api, prefix="/api")
     return r

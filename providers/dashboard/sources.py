@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,10 +19,20 @@ from typing import Any
 from ..jobs.store import ACTIVE, JobStore, UnknownJobError
 from ..training.plots import plot_files
 from ..training.run_files import RunFiles
+from ..training.spec import SAFE_NAME
 
 # Keys of metrics.jsonl records the dashboard charts (TRL's names; ours for distillation and tokens/s).
 CHARTED = ("loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "hard_loss", "soft_loss")
+
+
+# Workflow tasks (DATA_DIR/workflows/KIND/ID/task.json, written by providers/workflows/tasks.py) and the
+# report each kind writes beside its state.
+TASK_REPORTS = {"enhancements": "enhancement_report.json", "validations": "validation.json",
+                "exports": "export.json", "workflows": "pipeline_results.json"}
+# A workflow's step reports, under its own directory.
+WORKFLOW_STEP_REPORTS = {"enhance": "enhance/enhancement_report.json", "validate": "validate/validation.json",
+                         "export": "export/export.json"}
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
@@ -177,8 +188,53 @@ class JobsSource:
         return {**v, "summary": self.summary(job_uuid), "spec": spec, "log_ranks": ranks,
                 "plots": [Path(p).name for p in plot_files(run_dir)]}
 
+    def job_page(self, job_uuid: str) -> dict[str, Any]:
+        """job() plus the recent rates and, for a running job with a rate, the ETA of its last step."""
+        out = self.job(job_uuid)
+        run_dir = (out.get("resources_allocated") or {}).get("run_dir") or str(self.data_dir / "runs" / job_uuid)
+        rate = rates(last_metrics(run_dir))
+        s = out["summary"]
+        eta = None
+        if s["status"] in ACTIVE and rate.get("steps_per_s") and s["step"] is not None and s["total_steps"]:
+            eta = max(0.0, (s["total_steps"] - s["step"]) / rate["steps_per_s"])
+        return {**out, "rates": rate, "eta_s": eta}
+
     def run_dir(self, job_uuid: str) -> Path:
         return Path(self.store.get(job_uuid).run_dir)
+
+    def _task_dir(self, kind: str, task_id: str) -> Path:
+        if kind not in TASK_REPORTS or not re.fullmatch(SAFE_NAME, task_id):
+            raise UnknownJobError(task_id)
+        return self.data_dir / "workflows" / kind / task_id
+
+    def tasks(self, kind: str) -> list[dict[str, Any]]:
+        """The tasks of one kind (enhancements, validations, exports, workflows), newest first, each with a
+        one-line headline of its report."""
+        if kind not in TASK_REPORTS:
+            raise UnknownJobError(kind)
+        out = []
+        for path in (self.data_dir / "workflows" / kind).glob("*/task.json"):
+            state = _read_json(path)
+            if not isinstance(state, dict) or "state" not in state:
+                continue
+            report = _read_json(path.parent / TASK_REPORTS[kind])
+            out.append({"id": path.parent.name, "kind": kind, "state": state["state"],
+                        "created_at": state.get("created_at"), "started_at": state.get("started_at"),
+                        "finished_at": state.get("finished_at"), "error": state.get("error"),
+                        "headline": task_headline(kind, report if isinstance(report, dict) else None, state)})
+        return sorted(out, key=lambda t: t["created_at"] or "", reverse=True)
+
+    def task(self, kind: str, task_id: str) -> dict[str, Any]:
+        """A task's state (its request without the rows), its report, and a workflow's step reports."""
+        d = self._task_dir(kind, task_id)
+        state = _read_json(d / "task.json")
+        if not isinstance(state, dict):
+            raise UnknownJobError(task_id)
+        report = _read_json(d / TASK_REPORTS[kind])
+        out = {**state, "report": report}
+        if kind == "workflows":
+            out["step_reports"] = {step: _read_json(d / rel) for step, rel in WORKFLOW_STEP_REPORTS.items()}
+        return out
 
     def pipelines(self) -> list[dict[str, Any]]:
         out = []
@@ -202,6 +258,34 @@ class JobsSource:
             except UnknownJobError:
                 task.setdefault("status", "scheduled")
         return state
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing or being written."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def task_headline(kind: str, report: dict[str, Any] | None, state: dict[str, Any]) -> str:
+    """What a task came to, in a few words, for the task lists."""
+    if report is None:
+        progress = (state.get("progress") or {}).get("enhance") or {}
+        return f"{progress.get('done', 0)} / {progress.get('total', '?')} rows" if progress else ""
+    if kind == "validations":
+        rate = (report.get("summary") or {}).get("pass_rate")
+        return (f"{'PASSED' if report.get('passed') else 'FAILED'}"
+                + (f", pass rate {rate:.0%}" if isinstance(rate, int | float) else ""))
+    if kind == "enhancements":
+        solved = report.get("solved") or {}
+        return (f"{report.get('rows_kept', 0)} of {report.get('rows_total', 0)} rows kept"
+                + (f"; student {solved.get('student_alone', 0)} alone, {solved.get('student_after_hint', 0)} after "
+                   f"hints, teacher {solved.get('teacher_only', 0)}" if solved else ""))
+    if kind == "exports":
+        return ", ".join(k for k in ("merged", "gguf", "hub") if report.get(k)) or "exported"
+    steps = report.get("steps") or {}
+    return " → ".join(f"{name} {info.get('status')}" for name, info in steps.items())
 
 
 def read_pipeline(data_dir: Path, pipeline_id: str) -> dict[str, Any]:

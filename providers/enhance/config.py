@@ -88,7 +88,10 @@ class EnhanceConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=RuleJudgeConfig)
     max_iterations: int = Field(3, ge=1, le=16)  # student attempts per row (the first one included)
     concurrency: int = Field(4, ge=1, le=256)  # rows in flight at once
-    thinking_format: Literal["iterative", "final-only"] = "iterative"
+    # What a training row's answer holds: 'final' the accepted answer after its own reasoning (when the model
+    # returned any); 'final-only' the answer alone; 'iterative' every attempt, verdict and hint in <think>
+    # (it trains on the rejected attempts: opt-in only).
+    thinking_format: Literal["final", "final-only", "iterative"] = "final"
     output_format: Literal["messages", "instruct"] = "messages"
     # A row the student never gets right: use the teacher's own answer when the judge accepts it
     # ('teacher_answer'), drop it ('drop'), or keep the student's last attempt marked incorrect ('keep').

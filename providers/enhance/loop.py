@@ -63,9 +63,11 @@ class Enhancer:
         conversation = list(prompt)
         correct, answer = False, ""
         for iteration in range(1, cfg.max_iterations + 1):
-            answer = await self.student.chat(conversation)
+            answer, reasoning = await self.student.reply(conversation)
             correct, why = await self.verdict(prompt, answer, reference)
             step = {"iteration": iteration, "attempt": answer, "correct": correct, "verdict": why}
+            if reasoning:
+                step["reasoning"] = reasoning
             thinking.append(step)
             if correct or iteration == cfg.max_iterations:
                 break
@@ -78,9 +80,10 @@ class Enhancer:
         source = "student" if correct else None
         final = answer
         if not correct and cfg.on_failure == "teacher_answer":
-            teacher_answer = await self.teacher.chat(list(prompt))
+            teacher_answer, reasoning = await self.teacher.reply(list(prompt))
             ok, why = await self.verdict(prompt, teacher_answer, reference)
-            thinking.append({"iteration": "teacher", "attempt": teacher_answer, "correct": ok, "verdict": why})
+            thinking.append({"iteration": "teacher", "attempt": teacher_answer, "correct": ok, "verdict": why,
+                             **({"reasoning": reasoning} if reasoning else {})})
             if ok:
                 correct, final, source = True, teacher_answer, "teacher"
         keep = correct or cfg.on_failure == "keep"
@@ -104,10 +107,24 @@ def thinking_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def accepted_reasoning(result: dict[str, Any]) -> str | None:
+    """The reasoning that came with the accepted answer (the successful attempt's, or the teacher's), if any."""
+    if not result["correct"]:
+        return None
+    accepted = [t for t in result["thinking"] if t["correct"] and t["attempt"] == result["final_answer"]]
+    step = accepted[-1] if accepted else None
+    return step.get("reasoning") if step else None
+
+
 def sft_row(result: dict[str, Any], thinking_format: str, output_format: str) -> dict[str, Any]:
+    """The training row of one result. `final`: the accepted answer, after the reasoning that produced it
+    (in `<think>`) where the model returned any; `final-only`: the answer alone; `iterative`: every attempt,
+    verdict and hint in `<think>` before the answer (trains on the rejected attempts too)."""
     answer = result["final_answer"]
     if thinking_format == "iterative" and len(result["thinking"]) > 1:
         answer = f"<think>\n{thinking_text(result)}\n</think>\n{answer}"
+    elif thinking_format == "final" and (reasoning := accepted_reasoning(result)):
+        answer = f"<think>\n{reasoning}\n</think>\n{answer}"
     meta = {**result["metadata"], "enhancement": {"correct": result["correct"], "source": result["source"],
                                                    "iterations": result["iterations"]}}
     prompt = result["prompt"]
@@ -153,11 +170,19 @@ def build_artifacts(out_dir: Path, config: EnhanceConfig, total_rows: int, stats
         solved = sum(1 for r in ok if r["source"] == "student" and r["correct"] and r["iterations"] <= k)
         by_iteration.append({"iteration": k, "correct": solved, "accuracy": solved / n if n else None})
     kept = [r for r in ok if r["kept"]]
+    student = [r for r in ok if r["source"] == "student" and r["correct"]]
+    solved = {"student_alone": sum(1 for r in student if r["iterations"] == 1),
+              "student_after_hint": sum(1 for r in student if r["iterations"] > 1),
+              "teacher_only": sum(1 for r in ok if r["source"] == "teacher" and r["correct"]),
+              "unsolved": sum(1 for r in ok if not r["correct"])}
     dropped = Counter(r["dropped_reason"] or "dropped" for r in results if not r["kept"])
     report = {
         "rows_total": total_rows, "rows_processed": len(results), "rows_judged": n,
         "rows_kept": len(kept), "rows_dropped": dict(dropped),
         "errors": [{"index": r["index"], "error": r["error"]} for r in results if r.get("error")][:50],
+        # Who solved each judged row: the student at its first attempt, the student after the teacher's
+        # hints, the teacher's own answer, or nobody.
+        "solved": solved,
         "accuracy_by_iteration": by_iteration,
         "student_first_attempt_accuracy": by_iteration[0]["accuracy"] if by_iteration else None,
         "student_final_accuracy": by_iteration[-1]["accuracy"] if by_iteration else None,

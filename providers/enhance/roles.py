@@ -67,6 +67,12 @@ class ChatRole:
         return cls(name, config, base_url, key or "none")
 
     async def chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's answer to `messages`."""
+        return (await self.reply(messages))[0]
+
+    async def reply(self, messages: list[dict[str, str]]) -> tuple[str, str | None]:
+        """(answer, reasoning): the reasoning a server returns beside the answer (vLLM's reasoning parsers,
+        DeepSeek: `reasoning_content`; Ollama, OpenRouter: `reasoning`), or None."""
         cfg = self.config
         if cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
@@ -89,7 +95,11 @@ class ChatRole:
             if r.usage:
                 self.stats.prompt_tokens += r.usage.prompt_tokens
                 self.stats.completion_tokens += r.usage.completion_tokens
-            return (r.choices[0].message.content or "").strip()
+            message = r.choices[0].message
+            extra = message.model_extra or {}
+            reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+            reasoning = reasoning.strip() if isinstance(reasoning, str) else None
+            return (message.content or "").strip(), reasoning or None
         raise AssertionError("unreachable")
 
     def _wait(self, error: Exception, attempt: int) -> float:

@@ -1,4 +1,4 @@
-// Post-training dashboard: jobs, a job's curves / ranks / log, nodes, pipelines. Polls the JSON under
+// Post-training dashboard: jobs, a job's curves / ranks / log, runs compared, nodes, pipelines, workflow tasks. Polls the JSON under
 // ./api every 2 s; charts are uPlot (vendored), fed incrementally from metrics.jsonl offsets.
 "use strict";
 
@@ -17,7 +17,7 @@ const CHARTS = [
 ];
 const ACTIVE = ["scheduled", "in_progress"];
 
-const state = { info: null, timer: null, view: null };
+const state = { info: null, timer: null, view: null, selected: new Set() };
 const $ = (sel, root = document) => root.querySelector(sel);
 
 function esc(v) {
@@ -67,19 +67,43 @@ function setLive(ok) { $("#live").classList.toggle("stale", !ok); $("#live").tex
 
 // -- views -----------------------------------------------------------------------------------------
 async function jobsView(el) {
-  el.innerHTML = `<h2>Jobs</h2><table id="jobs"><thead><tr><th>job</th><th>status</th><th>method</th><th>model</th>
-    <th>progress</th><th>step</th><th>ranks / nodes</th><th>duration</th><th>last loss</th><th>final loss</th></tr></thead>
+  el.innerHTML = `<h2>Jobs <button id="compare" disabled title="tick two or more runs">Compare selected</button></h2>
+    <table id="jobs"><thead><tr><th></th><th>job</th><th>status</th><th>method</th><th>model</th>
+    <th>progress</th><th>step</th><th>ranks / nodes</th><th>duration</th><th>last loss</th><th>final loss</th><th>error</th></tr></thead>
     <tbody></tbody></table>`;
+  const compare = $("#compare", el);
+  const updateCompare = () => {
+    compare.disabled = state.selected.size < 2;
+    compare.textContent = `Compare selected (${state.selected.size})`;
+  };
+  compare.addEventListener("click", () => {
+    location.hash = `#/compare/${[...state.selected].map(encodeURIComponent).join(",")}`;
+  });
+  $("#jobs tbody", el).addEventListener("change", (e) => {
+    const box = e.target.closest("input.pick");
+    if (!box) return;
+    if (box.checked) state.selected.add(box.value); else state.selected.delete(box.value);
+    updateCompare();
+  });
+  updateCompare();
   return async () => {
     const { data } = await api("/jobs");
+    const known = new Set(data.map((j) => j.job_uuid));
+    for (const id of state.selected) if (!known.has(id)) state.selected.delete(id);
+    updateCompare();
+    // The model column shows the last two path parts and never wraps inside a word (full path on hover);
+    // an error is cut to one line here, whole on hover and on the job's page.
     $("#jobs tbody", el).innerHTML = data.length ? data.map((j) => `
       <tr class="clickable" data-job="${esc(j.job_uuid)}" data-href="#/job/${encodeURIComponent(j.job_uuid)}">
+        <td><input type="checkbox" class="pick" value="${esc(j.job_uuid)}" aria-label="select ${esc(j.job_uuid)}"
+          ${state.selected.has(j.job_uuid) ? "checked" : ""}></td>
         <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a></td><td>${badge(j.status)}</td>
-        <td>${esc(j.method)}</td><td class="wrap" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
+        <td>${esc(j.method)}</td><td class="model" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
         <td>${bar(j.progress)}</td><td>${fmt(j.step)} / ${fmt(j.total_steps)}</td>
         <td>${fmt(j.world_size)}${j.nodes.length ? " on " + j.nodes.map(esc).join(", ") : ""}</td>
-        <td>${duration(j.duration_s)}</td><td>${fmt(j.last_loss)}</td><td>${fmt(j.final_loss)}</td></tr>`).join("")
-      : `<tr><td colspan="10" class="muted">No jobs yet.</td></tr>`;
+        <td>${duration(j.duration_s)}</td><td>${fmt(j.last_loss)}</td><td>${fmt(j.final_loss)}</td>
+        <td class="error clip" title="${esc(j.error || "")}">${esc(j.error || "")}</td></tr>`).join("")
+      : `<tr><td colspan="12" class="muted">No jobs yet.</td></tr>`;
   };
 }
 
@@ -185,6 +209,9 @@ async function jobView(el, jobUuid) {
       ["world size", `${fmt(res.world_size)} (${esc(fsdp)})`], ["device", `${esc(res.device_type)} ${esc(res.backend || "")}`],
       ["started", esc(s.started_at ? new Date(s.started_at).toLocaleString() : "–")], ["duration", esc(duration(s.duration_s))],
       ["last loss", fmt(s.last_loss)], ["final loss", fmt(s.final_loss)], ["final validation loss", fmt(s.final_validation_loss)],
+      // an ETA only once two logged steps give a rate
+      ...(job.eta_s !== null && job.eta_s !== undefined
+        ? [["ETA", `${esc(duration(job.eta_s))} <span class="muted">(${fmt(job.rates.steps_per_s, 3)} steps/s)</span>`]] : []),
     ].map(([k, html]) => `<div><span>${esc(k)}</span>${html}</div>`).join("");
     $("#job-error", el).textContent = res.error || "";
     const ranks = res.ranks || [];
@@ -270,18 +297,218 @@ async function pipelineView(el, pipelineId) {
   };
 }
 
+// -- compare runs ----------------------------------------------------------------------------------
+const COMPARE_CHARTS = [
+  { id: "loss", title: "Training loss", key: "loss" },
+  { id: "eval_loss", title: "Validation loss", key: "eval_loss" },
+  { id: "learning_rate", title: "Learning rate", key: "learning_rate" },
+  { id: "tokens_per_s", title: "Tokens / s", key: "tokens_per_s" },
+  { id: "margins", title: "DPO reward margin", key: "rewards/margins" },
+];
+// Spec keys that differ between any two runs and say nothing about how they trained.
+const NOT_CONFIG = /(^|\.)(job_uuid|output_dir|run_dir|checkpoint_dir|log_file)$/;
+
+function flatten(obj, prefix = "", out = {}) {
+  if (obj !== null && typeof obj === "object" && !Array.isArray(obj)) {
+    for (const [k, v] of Object.entries(obj)) flatten(v, prefix ? `${prefix}.${k}` : k, out);
+  } else if (prefix) {
+    out[prefix] = obj;
+  }
+  return out;
+}
+function lastOf(records, key) {
+  for (let i = records.length - 1; i >= 0; i--) if (typeof records[i][key] === "number") return records[i][key];
+  return null;
+}
+
+async function compareView(el, ids) {
+  const runs = (ids || "").split(",").filter(Boolean);
+  el.innerHTML = `<h2>Compare ${runs.length} runs</h2><p class="muted">${runs.map((r, i) =>
+    `<span class="swatch" style="background:${COLORS[i % COLORS.length]}"></span><a href="#/job/${encodeURIComponent(r)}">${esc(r)}</a>`).join(" ")}</p>
+    <div class="charts" id="compare-charts"></div><h3>Final metrics</h3><div id="compare-metrics"></div>
+    <h3>Config differences</h3><div id="compare-config"></div>`;
+  const charts = {};
+  return async () => {
+    const jobs = await Promise.all(runs.map((r) => api(`/jobs/${encodeURIComponent(r)}`)));
+    const metrics = await Promise.all(runs.map((r) => api(`/jobs/${encodeURIComponent(r)}/metrics?since=0`)));
+    for (const def of COMPARE_CHARTS) {
+      const series = metrics.map((m) => new Map(m.records.filter((r) => typeof r[def.key] === "number" && r.step !== undefined)
+        .map((r) => [r.step, r[def.key]])));
+      if (!series.some((s) => s.size)) continue;
+      const steps = [...new Set(series.flatMap((s) => [...s.keys()]))].sort((a, b) => a - b);
+      const data = [steps, ...series.map((s) => steps.map((x) => s.get(x) ?? null))];
+      if (!charts[def.id]) {
+        const box = document.createElement("div");
+        box.className = "chart";
+        box.id = `compare-${def.id}`;
+        box.innerHTML = `<h4>${esc(def.title)}</h4>`;
+        $("#compare-charts", el).appendChild(box);
+        const opts = {
+          width: Math.max(400, box.clientWidth - 16), height: 240, scales: { x: { time: false } },
+          axes: [{ label: "step" }, { size: 60, ...(def.id === "learning_rate" ? { values: (u, t) => t.map((v) => v.toExponential(1)) } : {}) }],
+          series: [{ label: "step" }, ...runs.map((r, i) => ({ label: r, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+            points: { show: def.key === "eval_loss" ? true : undefined } }))],
+        };
+        charts[def.id] = { box, plot: new uPlot(opts, data, box) };
+      } else {
+        charts[def.id].plot.setData(data);
+      }
+      charts[def.id].box.dataset.series = String(series.filter((s) => s.size).length);
+      charts[def.id].box.dataset.points = String(series.reduce((n, s) => n + s.size, 0));
+    }
+    const rows = [
+      ["status", (j) => badge(j.status)], ["method", (j) => esc(j.summary.method)], ["model", (j) => esc(j.summary.model)],
+      ["steps", (j) => `${fmt(j.summary.step)} / ${fmt(j.summary.total_steps)}`], ["duration", (j) => esc(duration(j.summary.duration_s))],
+      ["final train loss", (j) => fmt(j.summary.final_loss)], ["final validation loss", (j) => fmt(j.summary.final_validation_loss)],
+      ["last loss", (j) => fmt(j.summary.last_loss)],
+      ["last tokens/s", (j, m) => fmt(lastOf(m.records, "tokens_per_s"))],
+      ["last DPO reward accuracy", (j, m) => fmt(lastOf(m.records, "rewards/accuracies"))],
+    ];
+    const head = `<thead><tr><th></th>${runs.map((r, i) => `<th><span class="swatch" style="background:${COLORS[i % COLORS.length]}"></span>${esc(r)}</th>`).join("")}</tr></thead>`;
+    $("#compare-metrics", el).innerHTML = `<table id="compare-final">${head}<tbody>${rows.map(([name, cell]) =>
+      `<tr><th>${esc(name)}</th>${jobs.map((j, i) => `<td>${cell(j, metrics[i])}</td>`).join("")}</tr>`).join("")}</tbody></table>`;
+    const specs = jobs.map((j) => flatten(j.spec || {}));
+    const keys = [...new Set(specs.flatMap((s) => Object.keys(s)))].filter((k) => !NOT_CONFIG.test(k)).sort();
+    const show = (v) => (v === undefined ? "–" : esc(typeof v === "object" ? JSON.stringify(v) : String(v)));
+    // A value that differs only by the run's own id (its run directory's files) is not a difference.
+    const same = (k, i) => JSON.stringify(specs[i][k] ?? null).replaceAll(runs[i], "{job}");
+    const differing = keys.filter((k) => new Set(specs.map((s, i) => same(k, i))).size > 1);
+    $("#compare-config", el).innerHTML = differing.length ? `<table id="compare-diff">${head}<tbody>${differing.map((k) =>
+      `<tr data-key="${esc(k)}"><th>${esc(k)}</th>${specs.map((s) => `<td class="wrap">${show(s[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`
+      : `<p class="muted">The runs' configs are the same (${keys.length} keys compared).</p>`;
+    if (jobs.every((j) => !ACTIVE.includes(j.status))) clearInterval(state.timer);  // nothing changes any more
+  };
+}
+
+// -- workflow tasks: enhancement, validation, export, workflow -------------------------------------
+const TASK_KINDS = [
+  { kind: "enhancements", title: "Enhancements" }, { kind: "validations", title: "Validations" },
+  { kind: "exports", title: "Exports" }, { kind: "workflows", title: "Workflows" },
+];
+function when(t) { return esc(t ? new Date(t).toLocaleString() : "–"); }
+function pct(v) { return typeof v === "number" ? `${(v * 100).toFixed(1)}%` : "–"; }
+function ci(c) { return Array.isArray(c) ? ` <span class="muted">(95% CI ${pct(c[0])}–${pct(c[1])})</span>` : ""; }
+function kv(obj) {
+  const flat = flatten(obj || {});
+  const keys = Object.keys(flat);
+  return keys.length ? `<table class="kv"><tbody>${keys.map((k) => `<tr><th>${esc(k)}</th><td class="wrap">${
+    esc(typeof flat[k] === "object" && flat[k] !== null ? JSON.stringify(flat[k]) : flat[k])}</td></tr>`).join("")}</tbody></table>` : `<p class="muted">–</p>`;
+}
+function verdictBadge(passed) { return `<span class="badge ${passed ? "completed" : "failed"}">${passed ? "PASSED" : "FAILED"}</span>`; }
+
+async function tasksView(el) {
+  el.innerHTML = `<h2>Tasks</h2>${TASK_KINDS.map((k) => `<h3>${esc(k.title)}</h3><table id="tasks-${k.kind}"><thead><tr><th>id</th>
+    <th>state</th><th>result</th><th>created</th><th>finished</th><th>error</th></tr></thead><tbody></tbody></table>`).join("")}`;
+  return async () => {
+    const lists = await Promise.all(TASK_KINDS.map((k) => api(`/tasks/${k.kind}`)));
+    TASK_KINDS.forEach((k, i) => {
+      const data = lists[i].data;
+      $(`#tasks-${k.kind} tbody`, el).innerHTML = data.length ? data.map((t) => {
+        const href = `#/task/${k.kind}/${encodeURIComponent(t.id)}`;
+        return `<tr class="clickable" data-task="${esc(t.id)}" data-href="${href}"><td><a href="${href}">${esc(t.id)}</a></td>
+          <td>${badge(t.state)}</td><td>${esc(t.headline)}</td><td>${when(t.created_at)}</td><td>${when(t.finished_at)}</td>
+          <td class="error clip" title="${esc(t.error || "")}">${esc(t.error || "")}</td></tr>`;
+      }).join("") : `<tr><td colspan="6" class="muted">None.</td></tr>`;
+    });
+  };
+}
+
+function validationHtml(r) {
+  const v = r.verdict || {}, s = r.summary || {}, perf = r.performance || {};
+  const gates = Object.entries(r.gates || {}).map(([k, ok]) => `<span class="badge ${ok ? "completed" : "failed"}">${esc(k)}</span>`).join(" ");
+  const prompts = (r.prompts || []).slice(0, 200);
+  const compared = prompts.some((p) => "base_passed" in p);
+  const mark = (ok) => (ok === null || ok === undefined ? "–" : ok ? "✔" : "✘");
+  const text = (m) => esc(Array.isArray(m) ? (m.filter((x) => x.role === "user").pop() || m[m.length - 1] || {}).content : m);
+  return `<div class="verdict" id="validation-verdict">${verdictBadge(r.passed)} ${gates}<p>${esc(v.reason || "")}</p></div>
+    <div class="facts">
+      <div><span>model</span>${esc(r.model)}</div><div><span>base</span>${esc(r.base_model || "–")}</div>
+      <div><span>prompts with an answer (n)</span>${fmt(v.n ?? s.checked)}</div>
+      <div><span>pass rate</span>${pct(s.pass_rate)}${ci(v.pass_rate_ci95)}</div>
+      <div><span>bar</span>${pct(v.min_pass_rate)}${v.min_pass_rate_is_default ? " (default)" : ""}</div>
+      <div><span>base pass rate</span>${pct(s.base_pass_rate)}${ci(v.base_pass_rate_ci95)}</div>
+      <div><span>p-value (McNemar)</span>${fmt(v.p_value)}</div>
+      <div><span>perplexity / base</span>${fmt(s.perplexity)} / ${fmt(s.base_perplexity)}</div>
+      <div><span>tokens/s</span>${fmt(perf.tokens_per_s)}</div><div><span>match</span>${esc(s.match)}</div>
+    </div>
+    <h3>Prompts${(r.prompts || []).length > prompts.length ? ` (first ${prompts.length} of ${r.prompts.length})` : ""}</h3>
+    <table id="validation-prompts"><thead><tr><th>prompt</th><th>expected</th><th>response</th><th>ok</th>
+      ${compared ? "<th>base response</th><th>base ok</th>" : ""}</tr></thead><tbody>${prompts.map((p) => `<tr>
+      <td class="wrap">${text(p.prompt)}</td><td class="wrap">${esc(p.expected ?? (p.expected_substrings || []).join(" | "))}</td>
+      <td class="wrap">${esc(p.response)}</td><td>${mark(p.passed)}</td>
+      ${compared ? `<td class="wrap">${esc(p.base_response)}</td><td>${mark(p.base_passed)}</td>` : ""}</tr>`).join("")}</tbody></table>`;
+}
+
+function enhancementHtml(r) {
+  const solved = r.solved || {};
+  const total = Object.values(solved).reduce((a, b) => a + b, 0);
+  const share = r.training_data_correct_share || {};
+  return `<div class="facts" id="enhancement-solved">
+      <div><span>student alone</span>${fmt(solved.student_alone)}</div><div><span>student after hints</span>${fmt(solved.student_after_hint)}</div>
+      <div><span>teacher only</span>${fmt(solved.teacher_only)}</div><div><span>unsolved</span>${fmt(solved.unsolved)}</div>
+      <div><span>rows kept / total</span>${fmt(r.rows_kept)} / ${fmt(r.rows_total)}</div>
+      <div><span>correct in training data</span>${pct(share.before)} → ${pct(share.after)}</div>
+      <div><span>hints / teacher answers used</span>${fmt(r.hints_used)} / ${fmt(r.teacher_answers_used)}</div>
+      <div><span>preference pairs</span>${fmt(r.preference_pairs)}</div>
+    </div>
+    ${total ? `<div class="stack" title="who solved the ${total} judged rows">${[["student_alone", "ok"], ["student_after_hint", "accent"],
+      ["teacher_only", "warn"], ["unsolved", "bad"]].map(([k, c]) => solved[k] ? `<span class="${c}" style="flex:${solved[k]}">${esc(k.replaceAll("_", " "))} ${fmt(solved[k])}</span>` : "").join("")}</div>` : ""}
+    <h3>Student accuracy by attempt</h3><table id="enhancement-iterations"><thead><tr><th>attempt</th><th>rows solved by then</th><th>accuracy</th></tr></thead>
+    <tbody>${(r.accuracy_by_iteration || []).map((b) => `<tr><td>${fmt(b.iteration)}</td><td>${fmt(b.correct)}</td><td>${bar(b.accuracy)} ${pct(b.accuracy)}</td></tr>`).join("")}</tbody></table>
+    <h3>Dropped rows</h3>${kv(r.rows_dropped)}<h3>Requests per role</h3>${kv(r.requests)}
+    ${(r.errors || []).length ? `<h3>Errors</h3><table><tbody>${r.errors.map((e) => `<tr><td>${fmt(e.index)}</td><td class="wrap error">${esc(e.error)}</td></tr>`).join("")}</tbody></table>` : ""}`;
+}
+
+function workflowHtml(r, steps) {
+  const rows = Object.entries(r.steps || {});
+  return `<table id="workflow-steps"><thead><tr><th>step</th><th>status</th><th>elapsed</th><th>error</th></tr></thead><tbody>${rows.map(([name, s]) =>
+    `<tr><td>${esc(name)}</td><td>${badge(s.status)}</td><td>${s.elapsed_s !== undefined ? esc(duration(s.elapsed_s)) : "–"}</td>
+     <td class="wrap error">${esc(s.error || "")}</td></tr>`).join("")}</tbody></table>
+    ${r.steps?.train ? `<p>Training job: <a href="#/job/${encodeURIComponent(r.workflow_id + "-train")}">${esc(r.workflow_id + "-train")}</a></p>` : ""}
+    ${steps.enhance ? `<h3>Enhancement</h3>${enhancementHtml(steps.enhance)}` : ""}
+    ${steps.validate ? `<h3>Validation</h3>${validationHtml(steps.validate)}` : ""}
+    ${steps.export ? `<h3>Export</h3>${kv(steps.export)}` : ""}`;
+}
+
+async function taskView(el, kind, taskId) {
+  const title = (TASK_KINDS.find((k) => k.kind === kind) || { title: kind }).title.replace(/s$/, "");
+  el.innerHTML = `<h2>${esc(title)} <code>${esc(taskId)}</code> <span id="task-state"></span></h2><p id="task-error" class="error"></p>
+    <div class="facts" id="task-facts"></div><div id="task-report"></div>
+    <details><summary>Raw report (JSON)</summary><pre class="log" id="task-raw"></pre></details>`;
+  return async () => {
+    const t = await api(`/tasks/${encodeURIComponent(kind)}/${encodeURIComponent(taskId)}`);
+    $("#task-state", el).innerHTML = badge(t.state);
+    el.dataset.state = t.state;
+    $("#task-error", el).textContent = t.error || "";
+    $("#task-facts", el).innerHTML = [["created", when(t.created_at)], ["started", when(t.started_at)], ["finished", when(t.finished_at)],
+      ...Object.entries(t.progress?.enhance || {}).map(([k, v]) => [`rows ${k.replaceAll("_", " ")}`, fmt(v)])]
+      .map(([k, html]) => `<div><span>${esc(k)}</span>${html}</div>`).join("");
+    const r = t.report;
+    const report = $("#task-report", el);
+    if (!r) report.innerHTML = `<p class="muted">No report yet.</p>`;
+    else if (kind === "validations") report.innerHTML = `<h3>Report</h3>${validationHtml(r)}`;
+    else if (kind === "enhancements") report.innerHTML = `<h3>Report</h3>${enhancementHtml(r)}`;
+    else if (kind === "workflows") report.innerHTML = `<h3>Steps</h3>${workflowHtml(r, t.step_reports || {})}`;
+    else report.innerHTML = `<h3>Export</h3>${kv(r)}`;
+    $("#task-raw", el).textContent = JSON.stringify(r, null, 2);
+    if (!ACTIVE.includes(t.state)) clearInterval(state.timer);  // nothing changes any more
+  };
+}
+
 // -- routing ---------------------------------------------------------------------------------------
 async function route() {
   clearInterval(state.timer);
   const el = $("#view");
-  const [, page, id] = (location.hash || "#/").slice(1).split("/").map(decodeURIComponent);
-  document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.nav === (page === "job" || !page ? "jobs" : page === "pipeline" ? "pipelines" : page)));
+  const [, page, id, sub] = (location.hash || "#/").slice(1).split("/").map(decodeURIComponent);
+  const section = { job: "jobs", compare: "jobs", "": "jobs", pipeline: "pipelines", task: "tasks" }[page || ""] || page;
+  document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.nav === section));
   try {
     state.info ||= await api("/info");
     if (state.info.auth_required && !localStorage.getItem(TOKEN_KEY)) { login(); return; }
     $("#source").textContent = state.info.source === "service" ? "FSDP service" : `data dir (${state.info.actions ? "actions on" : "read-only"})`;
-    const views = { "": jobsView, job: jobView, nodes: nodesView, pipelines: pipelinesView, pipeline: pipelineView };
-    const refresh = await (views[page || ""] || jobsView)(el, id);
+    const views = { "": jobsView, job: jobView, nodes: nodesView, pipelines: pipelinesView, pipeline: pipelineView,
+                    compare: compareView, tasks: tasksView, task: taskView };
+    const refresh = await (views[page || ""] || jobsView)(el, id, sub);
     const tick = async () => {
       try { await refresh(); setLive(true); }
       catch (e) {
@@ -298,7 +525,7 @@ async function route() {
 }
 document.addEventListener("click", (e) => {  // whole table rows link to their page
   const row = e.target.closest("tr[data-href]");
-  if (row && !e.target.closest("a")) location.hash = row.dataset.href;
+  if (row && !e.target.closest("a, input")) location.hash = row.dataset.href;
 });
 window.addEventListener("hashchange", route);
 route();
