@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ...errors import ClientError, first_validation_error
+from ...training.keys import error_loc
 
 from ... import operator_tools, pipelines, workflows
 from ...jobs.child_env import parse_pass_env
@@ -122,7 +123,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError):
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "reason": e["msg"]}
+            {"field": ".".join(str(p) for p in error_loc(e) if p != "body") or "body", "reason": e["msg"]}
             for e in exc.errors()
         ]
         return _error(400, errors)
