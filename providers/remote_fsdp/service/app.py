@@ -70,7 +70,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     service = FsdpJobService(config)
     local = Node(node_id=config.node_id, url=config.url, capabilities=local_capabilities(
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
-    registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
+    registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s,
+                            local_load=service.local_load)
     peer_headers = node_headers(config.api_token, config.node_token)
     nodes = NodesLauncher(service, registry, peer_headers)
     service.attach_nodes(nodes)
@@ -78,7 +79,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     if config.coordinator:
         heartbeat = HeartbeatSender(
             config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
-            peer_headers, lambda: len(service.jobs.store.list(statuses=("in_progress",))),
+            peer_headers, service.local_load,
             config.heartbeat_interval_s,
         )
 

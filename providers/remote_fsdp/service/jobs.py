@@ -24,7 +24,7 @@ from ...api.to_spec import (
     teacher_job_spec,
 )
 from ...jobs.store import JobRecord, JobStore
-from ...launchers import build_launchers
+from ...launchers import build_launchers, runs_elsewhere
 from ...launchers.base import Launcher
 from ...launchers.local import LocalLauncher
 from ...launchers.nodes import NodesLauncher
@@ -166,6 +166,10 @@ class FsdpJobService:
     def _command(self, spec: JobSpec, files: RunFiles) -> list[str]:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
         return torchrun_command(spec, files, opts)
+
+    def local_load(self) -> int:
+        """Jobs running on this host: in progress, not handed to a scheduler that runs them elsewhere."""
+        return sum(1 for job in self.jobs.store.list(statuses=("in_progress",)) if not runs_elsewhere(job.launcher))
 
     def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions:
         """The job's torchrun options: the service's, with a request's overrides. Rendezvous placement
