@@ -234,8 +234,14 @@ def test_cancel_on_slurm_leaves_no_process(slurm, slurm_service, tiny_models):
     run_dir = start_long_job(svc, "slurm-cancel", tiny_models["student"])
     job_id = svc.status("slurm-cancel")["resources_allocated"]["external_id"]
     t0 = time.monotonic()
-    assert svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"}).status_code == 200
+    r = svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"})
+    assert r.status_code == 200
+    answer = r.json()  # the job's status, as /job/status gives it (it was null)
+    assert answer["job_uuid"] == "slurm-cancel" and answer["status"] == "cancelled", answer
+    assert answer["resources_allocated"]["launcher"] == "slurm"
     assert svc.status("slurm-cancel")["status"] == "cancelled"
+    again = svc.post("/v1/post-training/jobs/slurm-cancel/cancel")  # the later releases' path shape
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
     wait_until(lambda: processes_mentioning(run_dir) == [], 5.0, interval=0.1, message="no process of the job")
     assert time.monotonic() - t0 < 5.0 + 15  # the cancel call itself returns once the record says cancelled
     assert slurm_state(slurm, job_id) == "CANCELLED"
