@@ -3,6 +3,7 @@ nearest accepted key: a typo never runs silently with the default (issue 20, ite
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,30 @@ def test_the_extension_objects_refuse_unknown_keys_naming_the_nearest():
         assert message.startswith(f"{prefix}.{key_path}: unknown key") and f"did you mean '{near}'?" in message, message
     with pytest.raises(BadRequest, match=r"logger_config.reportto: unknown key 'reportto'; did you mean 'report_to'\?"):
         logging_spec({"reportto": ["tensorboard"]}, 10)
+
+
+def test_pipeline_and_workflow_requests_refuse_unknown_keys(monkeypatch):
+    from providers.cli.jobfile import pipeline_request
+    from providers.pipelines.teacher_student import PipelineRequest
+    from providers.workflows.tasks import EnhanceRequest
+
+    monkeypatch.setenv("TRL_MODELS_DIR", "/models")
+    body, _ = pipeline_request(Path(__file__).resolve().parent.parent / "examples" / "pipeline_teacher_students.yaml")
+    PipelineRequest.model_validate(body)  # the shipped example is accepted
+    lora = {**LORA, "rnk": 2}
+    for change, key_path, near in [
+        (lambda b: b["teacher"].update(top_kk=5), "teacher.top_kk", "top_k"),
+        (lambda b: b["students"][0].update(temprature=1.0), "students.0.temprature", "temperature"),
+        (lambda b: b["students"][0].update(peft=lora), "students.0.peft.rnk", "rank"),
+        (lambda b: b["students"][0].update(scheduling={"priorty": 1}), "students.0.scheduling.priorty", "priority"),
+        (lambda b: b.update(merge={"methd": "linear"}), "merge.methd", "method"),
+    ]:
+        bad = json.loads(json.dumps(body))
+        change(bad)
+        with pytest.raises(ValidationError) as e:
+            PipelineRequest.model_validate(bad)
+        message = first_validation_error(e.value)
+        assert message.startswith(f"{key_path}: unknown key") and f"did you mean '{near}'?" in message, message
+    with pytest.raises(ValidationError) as e:
+        EnhanceRequest.model_validate({"enhancement_id": "x", "enhancement_idd": 1})
+    assert first_validation_error(e.value).startswith("enhancement_idd: unknown key 'enhancement_idd'; did you mean")
