@@ -177,3 +177,37 @@ def test_pipeline_and_workflow_requests_refuse_unknown_keys(monkeypatch):
     with pytest.raises(ValidationError) as e:
         EnhanceRequest.model_validate({"enhancement_id": "x", "enhancement_idd": 1})
     assert first_validation_error(e.value).startswith("enhancement_idd: unknown key 'enhancement_idd'; did you mean")
+
+
+@pytest.mark.slow
+def test_the_service_answers_a_typo_at_each_level_with_a_400_naming_it(tmp_path, tiny_models):
+    """Through the real service: the field of the 400 is the full key path, the reason the nearest key."""
+    import copy
+
+    from test_fsdp_service import Service, sft_body
+
+    svc = Service(tmp_path / "data")
+    try:
+        body = sft_body("typo", tiny_models["student"], scheduling={"priority": 0})
+        body["rows"] = [{"prompt": "a", "completion": "b"}] * 4
+        for change, field, near in [
+            (lambda b: b["training_config"]["data_config"].update(bacth_size=4),
+             "training_config.data_config.bacth_size", "batch_size"),
+            (lambda b: b["training_config"].update(max_step_per_epoch=4), "training_config.max_step_per_epoch",
+             "max_steps_per_epoch"),
+            (lambda b: b["training_config"]["fsdp_config"].update(sharding_stategy="NO_SHARD"),
+             "training_config.fsdp_config.sharding_stategy", "sharding_strategy"),
+            (lambda b: b["training_config"]["torch_run_config"].update(nproc_per_nod=1),
+             "training_config.torch_run_config.nproc_per_nod", "nproc_per_node"),
+            (lambda b: b["training_config"]["scheduling"].update(max_retry=1),
+             "training_config.scheduling.max_retry", "max_retries"),
+            (lambda b: b.update(logger_config={"report_two": []}), "logger_config.report_two", "report_to"),
+        ]:
+            bad = copy.deepcopy(body)
+            change(bad)
+            r = svc.post("/v1/post-training/supervised-fine-tune", json=bad)
+            assert r.status_code == 400, r.text
+            assert field in r.text and f"did you mean '{near}'?" in r.text, r.text
+        assert svc.get("/v1/post-training/jobs").json()["data"] == []  # nothing ran with a default
+    finally:
+        svc.stop()
