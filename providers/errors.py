@@ -36,8 +36,10 @@ class Conflict(ClientError):
 
 def first_validation_error(e, prefix: str = "") -> str:
     """A pydantic ValidationError as one line naming the field: `PREFIX.loc.path: message`."""
+    from .training.keys import error_loc
+
     first = e.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(str(p) for p in error_loc(first))
     field = ".".join(p for p in (prefix, loc) if p)
     message = first["msg"].removeprefix("Value error, ")  # a validator's own message names its fields
     return f"{field}: {message}" if field else message

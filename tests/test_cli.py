@@ -137,7 +137,7 @@ def test_bad_job_files_are_refused_naming_the_key(cli_env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: sft\nmodel: /m\ndataset: data.jsonl\nepochs: 3\n")
     p = cli(cli_env, "submit", str(bad), check=2)  # usage error (exit codes: providers/cli/errors.py)
-    assert "unknown key(s) ['epochs']" in p.stderr
+    assert "epochs: unknown key 'epochs'" in p.stderr
     bad.write_text("method: ppo\nmodel: /m\ndataset: x.jsonl\n")
     assert "method: 'ppo' is not one of" in cli(cli_env, "submit", str(bad), check=2).stderr
     p = cli({**cli_env, "TRL_POST_TRAINING_TOKEN": "wrong"}, "list", check=2)  # a 4xx refusal

@@ -132,7 +132,7 @@ def test_a_wrong_token_exits_2_with_one_line(cli_env, args):
 
 
 def test_usage_errors_exit_2_and_an_unreachable_server_exits_1(cli_env, files):
-    one_line_error(cli(cli_env, "submit", files["unknown_key.yaml"], check=None), 2, "unknown key(s) ['epochs']")
+    one_line_error(cli(cli_env, "submit", files["unknown_key.yaml"], check=None), 2, "epochs: unknown key 'epochs'")
     one_line_error(cli(cli_env, "submit", "/nonexistent/job.yaml", check=None), 2, "/nonexistent/job.yaml")
     p = cli(cli_env, "status", check=None)  # click's own usage error
     assert p.returncode == 2 and "Missing argument" in p.stderr and "Traceback" not in p.stderr

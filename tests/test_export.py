@@ -229,3 +229,38 @@ def test_llama_cpp_logits_match_transformers(tiny_models, teacher_gguf):
         want = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("on_hub", [True, False], ids=["hub-base", "local-base"])
+def test_exports_are_named_after_the_result_and_the_bases_hub_id(tiny_models, tmp_path, on_hub):
+    """GGUF file, GGUF general.name, Ollama name and model card carry the result's name (not `final`) and the
+    base's hub id (not this machine's path); a base only on this machine is named, never by its path."""
+    import gguf
+    import shutil
+
+    base = tmp_path / ("hub/models--tiny-org--student/snapshots/0123abc" if on_hub else "models/student")
+    shutil.copytree(tiny_models["student"], base)
+    final = lora_adapter(str(base), tmp_path / "runs" / "reverse-sft" / "checkpoints" / "final")
+    summary = export_model(str(final), str(tmp_path / "out"), ["gguf", "hub"], "f32")
+
+    gguf_file = Path(summary["gguf"]["path"])
+    assert gguf_file.name == "reverse-sft-f32.gguf" and summary["name"] == "reverse-sft"
+    assert summary["gguf"]["ollama_name"] == "reverse-sft:f32"
+    assert Path(summary["gguf"]["modelfile"]).read_text().startswith("FROM ./reverse-sft-f32.gguf\n")
+    fields = gguf.GGUFReader(str(gguf_file)).fields
+
+    def text(key):
+        return bytes(fields[key].parts[fields[key].data[0]]).decode() if key in fields else None
+
+    assert text("general.name") == "reverse-sft"
+    card = (tmp_path / "out" / "hub" / "README.md").read_text()
+    assert summary["hub"]["repo_id"] == "local/reverse-sft" and "\n# reverse-sft\n" in card
+    assert str(tmp_path) not in card
+    if on_hub:
+        assert summary["base_model_id"] == "tiny-org/student"
+        assert "base_model: tiny-org/student" in card and "https://huggingface.co/tiny-org/student" in card
+        assert text("general.base_model.0.repo_url") == "https://huggingface.co/tiny-org/student"
+    else:
+        assert summary["base_model_id"] is None and "base_model:" not in card
+        assert "the local model `student` (not on the Hub)" in card
+        assert text("general.base_model.0.repo_url") is None

@@ -214,7 +214,8 @@ def test_cancel_stops_every_rank_and_the_agent(service, tiny_models):
     run_dir = str(service.data_dir / "runs" / "to-cancel")
     wait_until(lambda: (service.status("to-cancel")["resources_allocated"].get("step") or 0) >= 2, 300)
     assert len(processes_mentioning(run_dir)) >= 3  # the agent and two ranks
-    assert service.post("/v1/post-training/job/cancel", json={"job_uuid": "to-cancel"}).status_code == 200
+    r = service.post("/v1/post-training/job/cancel", json={"job_uuid": "to-cancel"})
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"  # the job's status, not null
     status = service.status("to-cancel")
     assert status["status"] == "cancelled" and status["completed_at"]
     assert processes_mentioning(run_dir) == []

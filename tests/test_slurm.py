@@ -20,7 +20,7 @@ from test_fsdp_service import Service, sft_body, submit, two_node_body
 from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
 from providers.launchers.slurm import SlurmConfig
 from providers.launchers.torchrun import TorchRunOptions
-from providers.launchers.slurm import parse_scontrol, render_sbatch, state_of
+from providers.launchers.slurm import failed_node, nice_of, parse_scontrol, render_sbatch, state_of
 from providers.training.spec import SchedulingSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -43,7 +43,57 @@ def test_batch_script_defaults_ask_for_nothing_special():
     script = render_sbatch("j", "/d/runs/j", TorchRunOptions(nnodes=1, nproc_per_node=1), SchedulingSpec(),
                            SlurmConfig(), "/usr/bin/python3")
     assert "--gres" not in script and "--mem" not in script and "--partition" not in script
-    assert "#SBATCH --nice=100" in script and "#SBATCH --cpus-per-task=1" in script
+    assert "#SBATCH --nice=0" in script and "#SBATCH --cpus-per-task=1" in script
+
+
+@pytest.mark.parametrize("config, nice_by_priority", [
+    # defaults: priority 0 runs at nice 0 like every other user's job; only a lower priority is nicer
+    ({}, {0: 0, 30: 0, 100: 0, -1: 1, -100: 100}),
+    # the operator orders the service's own jobs below nice_base, down to 0
+    ({"nice_base": 100, "min_nice": 0}, {0: 100, 30: 70, 100: 0, -100: 200}),
+    # a Slurm operator account may let higher priorities go below 0
+    ({"min_nice": -50}, {0: 0, 30: -30, 100: -50, -20: 20}),
+])
+def test_priority_maps_to_nice(config, nice_by_priority):
+    cfg = SlurmConfig(**config)
+    assert {p: nice_of(p, cfg) for p in nice_by_priority} == nice_by_priority
+    script = render_sbatch("j", "/d/runs/j", TorchRunOptions(), SchedulingSpec(priority=30), cfg, "/usr/bin/python3")
+    assert f"#SBATCH --nice={nice_by_priority[30]}\n" in script
+
+
+def test_min_nice_above_nice_base_is_refused():
+    with pytest.raises(ValueError, match="min_nice: 10 is above nice_base"):
+        SlurmConfig(nice_base=0, min_nice=10)
+
+
+SRUN_AGENT_KILLED = """=== run 1 (slurm) at 2026-12-03T10:00:00 ===
+Traceback (most recent call last):
+RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234
+srun: error: vm2: task 1: Killed
+srun: Terminating StepId=17.0
+srun: error: vm1: task 0: Exited with exit code 1
+"""
+SRUN_PEER_FIRST = """=== run 1 (slurm) at 2026-12-03T10:00:00 ===
+srun: error: vm1: task 0: Exited with exit code 1
+srun: error: vm2: task 1: Exited with exit code 1
+"""
+
+
+def test_a_failed_node_is_named_with_its_node_rank_and_ranks():
+    assert failed_node(SRUN_AGENT_KILLED, 1) == "node vm2 (node rank 1, rank 1): Killed"
+    assert failed_node(SRUN_AGENT_KILLED, 4) == "node vm2 (node rank 1, ranks 4-7): Killed"
+    # a peer's task ended first, but torchrun saw rank 1 die: its node is the one named
+    assert failed_node(SRUN_PEER_FIRST, 1, dead_rank=1) == "node vm2 (node rank 1, rank 1): Exited with exit code 1"
+    assert failed_node("srun: error: Node failure on vm2\n", 1) == "node vm2 failed"
+    assert failed_node("=== run 1\nsrun: error: vm2: task 1: Killed\n=== run 2 (slurm)\nok\n", 1) is None  # an older run's
+    state, error = final_state(LaunchState(FAILED, "FAILED", "NonZeroExitCode", 1, failed_node(SRUN_AGENT_KILLED, 1)),
+                               {"state": "failed", "error": "rank 0: RuntimeError: gloo Connection closed by peer"},
+                               False, None, "slurm")
+    assert (state, error) == ("failed", "slurm: node vm2 (node rank 1, rank 1): Killed; "
+                                        "rank 0: RuntimeError: gloo Connection closed by peer")
+    assert final_state(LaunchState(FAILED, "FAILED", "NonZeroExitCode", 1, "node vm2 (node rank 1, rank 1): Killed"),
+                       {"state": "in_progress"}, False, None, "slurm") == (
+        "failed", "slurm: node vm2 (node rank 1, rank 1): Killed; NonZeroExitCode")
 
 
 @pytest.mark.parametrize("scontrol, expected", [
@@ -112,7 +162,7 @@ def slurm_service(slurm, tmp_path_factory, toy_data):
     config = root / "launchers.yaml"
     # Run dirs in a shared dir apart from the service's data dir, as on a cluster with an NFS mount
     config.write_text(f"launchers:\n  enabled: [local, nodes, slurm]\n  shared_dir: {root / 'shared'}\n"
-                      "  slurm: {partition: debug, poll_s: 0.3}\n")
+                      "  slurm: {partition: debug, poll_s: 0.3, nice_base: 100, min_nice: 0}\n")
     svc = Service(root / "data", extra=["--launchers-config", str(config)], env={"SLURM_CONF": str(slurm.conf)})
     svc.runs_dir = root / "shared" / "runs"
     rows = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
@@ -184,8 +234,14 @@ def test_cancel_on_slurm_leaves_no_process(slurm, slurm_service, tiny_models):
     run_dir = start_long_job(svc, "slurm-cancel", tiny_models["student"])
     job_id = svc.status("slurm-cancel")["resources_allocated"]["external_id"]
     t0 = time.monotonic()
-    assert svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"}).status_code == 200
+    r = svc.post("/v1/post-training/job/cancel", json={"job_uuid": "slurm-cancel"})
+    assert r.status_code == 200
+    answer = r.json()  # the job's status, as /job/status gives it (it was null)
+    assert answer["job_uuid"] == "slurm-cancel" and answer["status"] == "cancelled", answer
+    assert answer["resources_allocated"]["launcher"] == "slurm"
     assert svc.status("slurm-cancel")["status"] == "cancelled"
+    again = svc.post("/v1/post-training/jobs/slurm-cancel/cancel")  # the later releases' path shape
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
     wait_until(lambda: processes_mentioning(run_dir) == [], 5.0, interval=0.1, message="no process of the job")
     assert time.monotonic() - t0 < 5.0 + 15  # the cancel call itself returns once the record says cancelled
     assert slurm_state(slurm, job_id) == "CANCELLED"
@@ -203,7 +259,27 @@ def test_killed_rank_fails_the_slurm_job_with_the_reason(slurm, slurm_service, t
     assert time.monotonic() - t0 < 10
     assert status["status"] == "failed"
     error = status["resources_allocated"]["error"]
-    assert error.startswith("rank 1 died: Signal 9 (SIGKILL)"), error  # torchrun's root cause, not a peer's gloo error
+    # the node and rank first, then torchrun's root cause (not a peer's gloo error)
+    assert error.startswith("slurm: node vm2 (node rank 1, rank 1): "), error
+    assert "; rank 1 died: Signal 9 (SIGKILL)" in error, error
+    wait_until(lambda: processes_mentioning(run_dir) == [], 10, message="no process of the failed job")
+
+
+@pytest.mark.slow
+def test_a_node_whose_agent_dies_with_its_rank_is_named(slurm, slurm_service, tiny_models):
+    """The second node's torchrun agent and its rank die together (the node's processes gone): no root cause
+    is printed, the peer fails with a gloo error; the job's error names the node and its rank first."""
+    svc = slurm_service
+    run_dir = start_long_job(svc, "slurm-agent-dies", tiny_models["student"])
+    agents = [pid for pid, cmd in processes_mentioning(run_dir) if "torch.distributed.run" in cmd
+              and "SLURM_NODEID=1" in Path(f"/proc/{pid}/environ").read_text().replace("\0", " ")]
+    assert len(agents) == 1, processes_mentioning(run_dir)
+    for pid in (agents[0], rank_pids(run_dir)[1]):
+        os.kill(pid, signal.SIGKILL)
+    status = svc.wait("slurm-agent-dies", timeout=30)
+    assert status["status"] == "failed"
+    error = status["resources_allocated"]["error"]
+    assert error.startswith("slurm: node vm2 (node rank 1, rank 1): "), error
     wait_until(lambda: processes_mentioning(run_dir) == [], 10, message="no process of the failed job")
 
 

@@ -23,9 +23,10 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
 
 from ..errors import BadRequest
+from ..training.keys import KnownKeys, keys_checker
 from ..training.spec import (
     DPO_LOSS_TYPES,
     MAX_COUNT,
@@ -41,7 +42,12 @@ from ..training.spec import (
 FINITE = ConfigDict(allow_inf_nan=False)
 
 
-class DataConfig(_DataConfig):
+# Unknown keys are an error at every level (providers/training/keys.py): our models inherit KnownKeys; fields
+# typed with Llama Stack's own models (EfficiencyConfig, LoRA, QAT) check their keys before validation.
+LlamaStackEfficiency = Annotated[EfficiencyConfig, BeforeValidator(keys_checker(EfficiencyConfig))]
+
+
+class DataConfig(KnownKeys, _DataConfig):
     model_config = FINITE
     batch_size: Count
     # 0.2.12 marks both required; published examples omit them. The rows' own shape decides the format
@@ -50,14 +56,14 @@ class DataConfig(_DataConfig):
     data_format: DatasetFormat | None = None
 
 
-class OptimizerConfig(_OptimizerConfig):
+class OptimizerConfig(KnownKeys, _OptimizerConfig):
     model_config = FINITE
     lr: PositiveFloat
     weight_decay: float = Field(ge=0)
     num_warmup_steps: int = Field(ge=0, le=MAX_COUNT)
 
 
-class TrainingConfig(_TrainingConfig):
+class TrainingConfig(KnownKeys, _TrainingConfig):
     model_config = FINITE
     n_epochs: Count
     max_steps_per_epoch: Count = 1
@@ -65,7 +71,7 @@ class TrainingConfig(_TrainingConfig):
     max_validation_steps: Count | None = 1
     data_config: DataConfig | None = None
     optimizer_config: OptimizerConfig | None = None
-    efficiency_config: EfficiencyConfig | None = None
+    efficiency_config: LlamaStackEfficiency | None = None
     # None (0.2.12 says "bf16"): a request without dtype gets the provider config's dtype, not a value
     # the typed client never sent.
     dtype: str | None = None
@@ -108,7 +114,7 @@ def normalize_dtype(value: str, field: str = "dtype") -> str:
     return DTYPE_ALIASES[value]
 
 
-class PeftFinetuningConfig(BaseModel):
+class PeftFinetuningConfig(KnownKeys):
     """Any PEFT method that trains under TRL: `{"type": "PEFT", "method": "ia3", ...}`."""
 
     model_config = FINITE
@@ -122,7 +128,7 @@ class PeftFinetuningConfig(BaseModel):
     merge_adapter: bool = False
 
 
-class DistillationConfig(BaseModel):
+class DistillationConfig(KnownKeys):
     """Knowledge distillation through supervised_fine_tune: `{"type": "distillation", ...}`."""
 
     model_config = FINITE
@@ -134,16 +140,18 @@ class DistillationConfig(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1)
     kl_direction: KlDirection = "forward"
     max_new_tokens: NewTokens = 32
-    student_peft: LoraFinetuningConfig | PeftFinetuningConfig | None = None
+    student_peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
+                            BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
 
 
 SFTAlgorithmConfig = Annotated[
     LoraFinetuningConfig | QATFinetuningConfig | PeftFinetuningConfig | DistillationConfig,
     Field(discriminator="type"),
+    BeforeValidator(keys_checker(LoraFinetuningConfig, QATFinetuningConfig, PeftFinetuningConfig, DistillationConfig)),
 ]
 
 
-class DPOAlignmentConfig(BaseModel):
+class DPOAlignmentConfig(KnownKeys):
     """0.2.12's DPO config (its client sends all four fields), with defaults, and the `beta`/`loss_type`
     of later releases.
 
@@ -165,7 +173,7 @@ class DPOAlignmentConfig(BaseModel):
     loss_weights: list[float] | None = None
 
 
-class KTOAlignmentConfig(BaseModel):
+class KTOAlignmentConfig(KnownKeys):
     """KTO through preference_optimize: `{"type": "kto", ...}`. Paired rows are unpaired (chosen: desirable,
     rejected: undesirable)."""
 
@@ -176,7 +184,7 @@ class KTOAlignmentConfig(BaseModel):
     undesirable_weight: PositiveFloat = 1.0
 
 
-class ORPOAlignmentConfig(BaseModel):
+class ORPOAlignmentConfig(KnownKeys):
     """ORPO through preference_optimize: `{"type": "orpo", "beta": 0.1}` (paired rows, as DPO takes)."""
 
     model_config = FINITE
@@ -211,7 +219,7 @@ PreferenceAlgorithmConfig = Annotated[
 ]
 
 
-class SupervisedFineTuneRequest(BaseModel):
+class SupervisedFineTuneRequest(KnownKeys):
     """The FSDP service's supervised-fine-tune body: 0.2.12's, plus inline rows and multi-node parts."""
 
     model_config = FINITE
@@ -227,7 +235,7 @@ class SupervisedFineTuneRequest(BaseModel):
     part_of: str | None = None  # set by a coordinator: this node's part of a multi-node job
 
 
-class PreferenceOptimizeRequest(BaseModel):
+class PreferenceOptimizeRequest(KnownKeys):
     """0.2.12's body, plus `model` and `checkpoint_dir` as published examples send them (with `model`,
     `finetuned_model` names the result instead of being the model to train)."""
 
@@ -245,5 +253,5 @@ class PreferenceOptimizeRequest(BaseModel):
     part_of: str | None = None
 
 
-class JobRef(BaseModel):
+class JobRef(KnownKeys):
     job_uuid: str

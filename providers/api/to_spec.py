@@ -14,8 +14,9 @@ from typing import Any
 from llama_stack.apis.post_training import LoraFinetuningConfig, QATFinetuningConfig
 from pydantic import ValidationError
 
-from ..errors import BadRequest, client_errors
+from ..errors import BadRequest, client_errors, first_validation_error
 from ..training.efficiency import check_4bit, check_supported
+from ..training.keys import unknown_key_message
 from ..training.loggers import check_report_to
 from ..training.methods import METHODS, PREFERENCE_CALL, method_for
 from ..training.spec import (
@@ -79,12 +80,19 @@ def efficiency_spec(tc: TrainingConfig, check_host: bool = True) -> EfficiencySp
     return spec
 
 
+# logger_config is a free-form dict in 0.2.12; these are the keys it means something with here.
+LOGGER_KEYS = ("logging_steps", "tensorboard", "wandb_project", "report_to", "project", "run_name")
+
+
 def logging_spec(logger_config: dict[str, Any] | None, default_steps: int) -> LoggingSpec:
     """logger_config (a free-form dict in the API) as the job's logging settings; errors name the field."""
 
     cfg = logger_config or {}
     if not isinstance(cfg, dict):
         raise BadRequest("logger_config: must be an object")
+    unknown = [k for k in cfg if k not in LOGGER_KEYS]
+    if unknown:
+        raise BadRequest(f"logger_config.{str(unknown[0])[:100]}: {unknown_key_message(unknown[0], LOGGER_KEYS)}")
     with client_errors():
         report_to = check_report_to(cfg.get("report_to"))
     try:
@@ -304,9 +312,7 @@ def scheduling_spec(tc: TrainingConfig) -> SchedulingSpec:
     try:
         return SchedulingSpec.model_validate(tc.scheduling or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"training_config.scheduling{'.' + loc if loc else ''}: {first['msg']}") from None
+        raise BadRequest(first_validation_error(e, "training_config.scheduling")) from None
 
 
 def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults,

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from ..training.methods import METHODS as METHOD_TABLE
+from ..training.keys import unknown_key_message
 from ..training.methods import PREFERENCE_CALL
 
 DATA_KEYS = ("batch_size", "shuffle", "data_format", "packed", "train_on_input", "validation_dataset_id")
@@ -154,18 +155,52 @@ class JobRequest:
         return self.body["job_uuid"]
 
 
+def check_sections(spec: dict[str, Any], method: str, path: Path) -> None:
+    """Unknown keys at any depth of a job file's sections are an error naming the key path and the nearest
+    accepted key (a typo would otherwise run with the default)."""
+    from pydantic import create_model
+
+    from ..api.requests import PREFERENCE_CONFIGS, SFTAlgorithmConfig, TrainingConfig
+    from ..api.to_spec import LOGGER_KEYS
+    from ..launchers.torchrun import TorchRunOptions
+    from ..training.keys import first_unknown_key
+    from ..training.spec import FsdpSpec, SchedulingSpec
+
+    shortcuts = {k: (Any, None) for k in (*DATA_KEYS, *OPTIMIZER_KEYS)}  # training: data/optimizer shortcuts
+    training = create_model("Training", __base__=TrainingConfig, **shortcuts)
+    algorithm = PREFERENCE_CONFIGS.get(method) if METHOD_TABLE[method].call == PREFERENCE_CALL else SFTAlgorithmConfig
+    document = create_model(
+        "JobFile", training=(training | None, None), fsdp=(FsdpSpec | None, None),
+        torch_run=(TorchRunOptions | None, None), algorithm=(algorithm | None, None))
+    sections = {k: spec[k] for k in ("training", "fsdp", "torch_run", "algorithm") if isinstance(spec.get(k), dict)}
+    types = [t for t in METHOD_TABLE[method].algorithm_types if t is not None]
+    if "algorithm" in sections and len(types) == 1:  # the type job_request fills in selects the model
+        sections["algorithm"] = {"type": types[0], **sections["algorithm"]}
+    found = first_unknown_key(document, sections)
+    scheduling = (spec.get("training") or {}).get("scheduling") if isinstance(spec.get("training"), dict) else None
+    if not found and isinstance(scheduling, dict):
+        found = first_unknown_key(SchedulingSpec, scheduling, ("training", "scheduling"))
+    if not found and isinstance(spec.get("logger"), dict):
+        found = next(((("logger", k), unknown_key_message(k, LOGGER_KEYS)) for k in spec["logger"]
+                      if k not in LOGGER_KEYS), None)
+    if found:
+        key_path, message = found
+        raise JobFileError(f"{path}: {'.'.join(map(str, key_path))}: {message}")
+
+
 def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
     """Read a job file into a request body (dataset ids filled in; rows to upload kept aside)."""
     path = Path(path)
     spec = load_yaml(path)
     known = {"method", "job_uuid", "model", "dataset", "validation_dataset", "training", "algorithm", "fsdp",
              "torch_run", "logger", "checkpoint_dir", "description"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise JobFileError(f"{path}: unknown key(s) {unknown}; accepted: {sorted(known)}")
+    for key in spec:
+        if key not in known:
+            raise JobFileError(f"{path}: {key}: {unknown_key_message(key, known)}")
     method = spec.get("method")
     if method not in METHODS:
         raise JobFileError(f"{path}: method: {method!r} is not one of {list(METHODS)}")
+    check_sections(spec, method, path)
     for key in ("model", "dataset"):
         if key not in spec:
             raise JobFileError(f"{path}: {key}: required")

@@ -2,7 +2,7 @@
 Hub upload (or its dry run). Everything lands under one output directory:
 
     OUT/merged/       the full model (an adapter merged into its base with peft's merge_and_unload)
-    OUT/gguf/         MODEL-<dtype>.gguf and Modelfile
+    OUT/gguf/         RESULT-<dtype>.gguf (the result's name, not the checkpoint folder's) and Modelfile
     OUT/hub/          what is pushed: the adapter (or the merged model), README.md, validation files
     OUT/export.json   the summary
 """
@@ -16,6 +16,15 @@ from typing import Any
 
 from ..serving.engine import adapter_base, is_adapter
 from ..training.components import save_merged
+from .names import base_label, gguf_file_name, hub_id, ollama_name, result_name
+
+
+def _config_origin(model_dir: Path) -> str | None:
+    """The model a full model directory was trained from, as its config.json records it (`_name_or_path`)."""
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or None
+    except (OSError, ValueError):
+        return None
 
 
 def merged_model(model: Path, out: Path) -> Path:
@@ -49,17 +58,24 @@ def export_model(model: str, out_dir: str, formats: list[str], gguf_dtype: str =
 
     src, out = Path(model), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"model": str(src), "adapter": is_adapter(src),
-                               "base_model": adapter_base(src) if is_adapter(src) else None, "formats": formats}
+    card = card or {}
+    name = result_name(src, card.get("name"))
+    base = adapter_base(src) if is_adapter(src) else (card.get("base_model") or _config_origin(src))
+    summary: dict[str, Any] = {"model": str(src), "name": name, "adapter": is_adapter(src),
+                               "base_model": adapter_base(src) if is_adapter(src) else None,
+                               "base_model_id": hub_id(base), "formats": formats}
     full = None
     if "merged" in formats or "gguf" in formats:
         full = merged_model(src, out)
         summary["merged"] = {"path": str(full)}
     if "gguf" in formats:
         gguf_dir = out / "gguf"
-        name = f"{(card or {}).get('name') or src.name}-{gguf_dtype}.gguf"
-        summary["gguf"] = export_gguf(full, gguf_dir / name, gguf_dtype, name=(card or {}).get("name"))
-        summary["gguf"]["modelfile"] = write_modelfile(full, gguf_dir, name)
+        file_name = gguf_file_name(name, gguf_dtype)
+        summary["gguf"] = export_gguf(full, gguf_dir / file_name, gguf_dtype, name=name,
+                                      base_model=summary["base_model_id"])
+        summary["gguf"]["modelfile"] = write_modelfile(full, gguf_dir, file_name)
+        summary["gguf"]["ollama_name"] = ollama_name(name, gguf_dtype)
+        summary["gguf"]["ollama_create"] = f"ollama create {summary['gguf']['ollama_name']} -f Modelfile"
     if "hub" in formats:
         hub = hub or {}
         folder = out / "hub"
@@ -72,10 +88,9 @@ def export_model(model: str, out_dir: str, formats: list[str], gguf_dtype: str =
             for f in ("validation.json", "validation.md"):
                 shutil.copy(Path(validation_dir) / f, folder / f)
             validation = json.loads((Path(validation_dir) / "validation.json").read_text())
-        info = {**(card or {}), "adapter": is_adapter(upload),
-                "base_model": summary["base_model"] or (card or {}).get("base_model"),
-                "validation": validation}
-        summary["hub"] = push_to_hub(folder, hub.get("repo_id") or f"local/{src.name}", info, token=hub.get("token"),
+        info = {**card, "name": name, "adapter": is_adapter(upload), "base_model": base_label(base),
+                "base_model_id": summary["base_model_id"], "validation": validation}
+        summary["hub"] = push_to_hub(folder, hub.get("repo_id") or f"local/{name}", info, token=hub.get("token"),
                                      private=hub.get("private", True), allow_existing=hub.get("allow_existing", False),
                                      dry_run_reason=hub.get("dry_run_reason"))
     (out / "export.json").write_text(json.dumps(summary, indent=2))

@@ -92,8 +92,10 @@ def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
             "merges": len(special.merges), "chat_template": bool(tok.chat_template or special.chat_template)}
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", name: str | None = None) -> dict:
-    """Write `model_dir` (a full Llama-family model) as GGUF; returns a summary."""
+def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", name: str | None = None,
+                base_model: str | None = None) -> dict:
+    """Write `model_dir` (a full Llama-family model) as GGUF; returns a summary. `name`: the result's name
+    (general.name); `base_model`: the base's hub id (general.base_model.0.*), as llama.cpp's converter writes."""
     import gguf
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -114,6 +116,12 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16",
     out_file.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_file), "llama")
     writer.add_name(name or model_dir.name)
+    if base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model.split("/")[-1])
+        if "/" in base_model:
+            writer.add_base_model_organization(0, base_model.split("/")[0])
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

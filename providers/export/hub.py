@@ -58,18 +58,19 @@ def hub_target(hub: HubSettings, policy: HubPublishing, field: str) -> dict[str,
 
 def model_card(repo_id: str, info: dict[str, Any]) -> str:
     """README.md with YAML front matter: base model, library, training data, method, validation results."""
-    base = info.get("base_model")
+    base, base_id = info.get("base_model"), info.get("base_model_id")
     adapter = info.get("adapter", False)
     meta = ["---", f"library_name: {'peft' if adapter else 'transformers'}", "pipeline_tag: text-generation",
             "tags:", "- trl", "- llama-stack-post-training"]
     if info.get("method"):
         meta.append(f"- {info['method']}")
-    if base and not str(base).startswith("/"):
-        meta.append(f"base_model: {base}")
+    if base_id:  # the Hub links a card to its base by id; a model only on the trainer's machine has none
+        meta.append(f"base_model: {base_id}")
     meta.append("---")
-    lines = [*meta, "", f"# {repo_id.split('/')[-1]}", ""]
-    lines.append(f"{'A PEFT adapter' if adapter else 'A model'} trained with the TRL post-training service"
-                 + (f" from `{base}`." if base else "."))
+    lines = [*meta, "", f"# {info.get('name') or repo_id.split('/')[-1]}", ""]
+    origin = f" from [`{base_id}`](https://huggingface.co/{base_id})." if base_id else (
+        f" from the local model `{base}` (not on the Hub)." if base else ".")
+    lines.append(f"{'A PEFT adapter' if adapter else 'A model'} trained with the TRL post-training service{origin}")
     training = info.get("training") or {}
     if training:
         lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in training.items()]

@@ -40,6 +40,7 @@ class LaunchState:
     detail: str | None = None  # the launcher's own state name
     reason: str | None = None
     exit_code: int | None = None
+    failed_node: str | None = None  # where a failed job failed, as the launcher saw it: "node vm2 (node rank 1, rank 1)"
 
     @property
     def final(self) -> bool:
@@ -145,7 +146,7 @@ def final_state(launch: LaunchState, status: dict, cancelled: bool, cancel_reaso
     | launcher: succeeded, status.json: completed      | completed | -                              |
     | launcher: succeeded, status.json: anything else  | failed    | the launcher said success, ... |
     | launcher: cancelled (scancel, ray job stop)      | cancelled | who cancelled it               |
-    | launcher: failed (exit code, TIMEOUT, NODE_FAIL) | failed    | the trainer's error, else the launcher's reason |
+    | launcher: failed (exit code, TIMEOUT, NODE_FAIL) | failed    | the failed node (if known), then the trainer's error, else the launcher's reason |
     | launcher: unknown (forgot the job)               | status.json's final state, else failed |
     """
     trainer = status.get("state")
@@ -166,6 +167,7 @@ def final_state(launch: LaunchState, status: dict, cancelled: bool, cancel_reaso
         return "failed", f"{launcher} no longer knows the job ({launch.reason or 'no record'}); its trainer status is {trainer or 'missing'}"
     # FAILED
     why = launch.reason or (f"exit code {launch.exit_code}" if launch.exit_code is not None else launch.detail)
+    where = f"{launcher}: {launch.failed_node}; " if launch.failed_node else ""  # the peers' errors name no node
     if status.get("error"):  # the trainer's (or its first failing rank's) own words
-        return "failed", status["error"]
-    return "failed", f"{launcher}: {why or 'failed'}"
+        return "failed", f"{where}{status['error']}"
+    return "failed", f"{where or launcher + ': '}{why or 'failed'}"

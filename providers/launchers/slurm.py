@@ -19,10 +19,10 @@ import subprocess
 from collections.abc import Callable
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..training.bound_store import torchrun_argv
-from ..training.run_files import RunFiles
+from ..training.run_files import RUN_STARTED, RunFiles
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
 from .base import (
     CANCELLED,
@@ -67,8 +67,26 @@ class SlurmConfig(BaseModel):
     account: str | None = None
     time_limit: str | None = None  # sbatch --time, e.g. "24:00:00"
     extra_sbatch: list[Annotated[str, Field(pattern=r"^--[^\n\r]*$")]] = Field(default_factory=list)  # e.g. ["--exclusive"]
-    nice_base: int = Field(100, ge=0, le=10_000)  # --nice = nice_base - priority: higher priority, lower nice
+    # --nice = max(min_nice, nice_base - priority). Defaults: priority 0 runs at nice 0, as other users' jobs
+    # do; a lower priority runs nicer; a higher one gets no lower nice unless the operator sets min_nice below
+    # nice_base (nice_base: 100, min_nice: 0 orders the service's own jobs; a negative nice needs Slurm
+    # operator rights).
+    nice_base: int = Field(0, ge=0, le=10_000)
+    min_nice: int | None = Field(None, ge=-10_000, le=10_000)  # None: nice_base
     poll_s: float = Field(2.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _nice_range(self) -> SlurmConfig:
+        if self.min_nice is not None and self.min_nice > self.nice_base:
+            raise ValueError(f"launchers.slurm.min_nice: {self.min_nice} is above nice_base ({self.nice_base}); "
+                             "a higher priority may only lower the nice value")
+        return self
+
+
+def nice_of(priority: int, cfg: SlurmConfig) -> int:
+    """A job's `--nice` from its priority (higher priority, lower nice, never below the operator's min_nice)."""
+    floor = cfg.nice_base if cfg.min_nice is None else cfg.min_nice
+    return max(floor, cfg.nice_base - priority)
 
 
 class SlurmError(RuntimeError):
@@ -95,7 +113,7 @@ def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling
         lines.append(f"#SBATCH --gres=gpu:{res.gpus}")
     if res.ram_gb:
         lines.append(f"#SBATCH --mem={math.ceil(res.ram_gb * 1024)}M")
-    lines.append(f"#SBATCH --nice={max(0, cfg.nice_base - scheduling.priority)}")
+    lines.append(f"#SBATCH --nice={nice_of(scheduling.priority, cfg)}")
     for flag, value in (("partition", cfg.partition), ("account", cfg.account), ("time", cfg.time_limit)):
         if value:
             lines.append(f"#SBATCH --{flag}={value}")
@@ -123,6 +141,28 @@ def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling
 def parse_scontrol(text: str) -> dict[str, str]:
     """`scontrol show job -o ID` output as a dict of its Key=Value fields (values without spaces)."""
     return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+# srun's own lines in the job's output when a node's task ends badly (one task per node: task N is node rank N).
+SRUN_TASK_FAILED = re.compile(r"^srun: error: ([\w.-]+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
+SRUN_NODE_FAILED = re.compile(r"^srun: error: Node failure on ([\w.-]+)", re.M)
+
+
+def failed_node(output: str, nproc_per_node: int, dead_rank: int | None = None) -> str | None:
+    """The node that failed, with its node rank and global ranks, from srun's lines in the job's output (this
+    run's part): the node of `dead_rank` (a rank torchrun saw die) when srun names it, else the first task
+    srun saw fail; None when srun named none."""
+    output = output[output.rfind(RUN_STARTED) + 1:] if RUN_STARTED in output else output
+    tasks = list(SRUN_TASK_FAILED.finditer(output))
+    if dead_rank is not None:  # the peers' tasks may end first, failing because it died
+        tasks = [t for t in tasks if int(t.group(2)) == dead_rank // nproc_per_node] or tasks
+    if tasks:
+        host, node_rank, why = tasks[0].group(1), int(tasks[0].group(2)), tasks[0].group(3).strip()
+        first = node_rank * nproc_per_node
+        ranks = f"rank {first}" if nproc_per_node == 1 else f"ranks {first}-{first + nproc_per_node - 1}"
+        return f"node {host} (node rank {node_rank}, {ranks}): {why[:200]}"
+    node = SRUN_NODE_FAILED.search(output)
+    return f"node {node.group(1)} failed" if node else None
 
 
 def state_of(slurm_state: str, reason: str | None, exit_code: str | None) -> LaunchState:
@@ -189,8 +229,8 @@ class SlurmLauncher:
             return self.last_known.unreachable(external_id, "scontrol timed out")
         if r.returncode == 0 and "JobState=" in r.stdout:
             f = parse_scontrol(r.stdout)
-            return self.last_known.answered(external_id, state_of(f.get("JobState", ""), f.get("Reason"),
-                                                                  f.get("ExitCode")))
+            return self.last_known.answered(external_id, self._where(state_of(
+                f.get("JobState", ""), f.get("Reason"), f.get("ExitCode")), files))
         if "invalid job id" not in (r.stderr + r.stdout).lower():  # slurmctld down or restarting, not a verdict
             return self.last_known.unreachable(external_id, (r.stderr or r.stdout).strip()[:300])
         # scontrol forgets finished jobs after MinJobAge; sacct remembers them where accounting is on.
@@ -199,8 +239,21 @@ class SlurmLauncher:
             line = a.stdout.strip().splitlines()[0] if a.returncode == 0 and a.stdout.strip() else ""
             if line.count("|") >= 2:
                 state, code, reason = line.split("|")[:3]
-                return state_of(state, reason, code)
+                return self._where(state_of(state, reason, code), files)
         return LaunchState(UNKNOWN, reason=(r.stderr or r.stdout).strip()[:300] or "no record")
+
+    def _where(self, state: LaunchState, files: RunFiles) -> LaunchState:
+        """A failed job's state with the node (and its ranks) srun saw fail first."""
+        if state.state != FAILED:
+            return state
+        try:
+            nproc = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text()).nproc_per_node
+            output = files.log.read_text(errors="replace")[-200_000:]
+        except (OSError, ValueError):
+            return state
+        killed = files.killed_rank()  # torchrun's root cause, when a rank died and its agent lived
+        state.failed_node = failed_node(output, nproc, int(killed[0]) if killed else None)
+        return state
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)

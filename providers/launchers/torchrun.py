@@ -5,15 +5,16 @@ from __future__ import annotations
 import socket
 import sys
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator
 
 from ..training.bound_store import torchrun_argv
+from ..training.keys import KnownKeys
 from ..training.run_files import RunFiles
 from ..training.spec import JobSpec
 from . import NAME_PATTERN
 
 
-class TorchRunOptions(BaseModel):
+class TorchRunOptions(KnownKeys):
     """torchrun settings of a job; defaults come from the service config, a request may override them."""
 
     model_config = ConfigDict(extra="forbid")

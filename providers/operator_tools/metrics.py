@@ -85,7 +85,8 @@ class ServiceCollector:
         age = GaugeMetricFamily("trl_node_heartbeat_age_seconds", "Seconds since the node's last heartbeat",
                                 labels=["node_id"])
         up = GaugeMetricFamily("trl_node_up", "1 if the node is up", labels=["node_id"])
-        load = GaugeMetricFamily("trl_node_load", "Jobs running on the node (its last heartbeat)", labels=["node_id"])
+        load = GaugeMetricFamily("trl_node_load", "Jobs running on the node (this node: counted now; others: last heartbeat)",
+                                 labels=["node_id"])
         now = time.time()
         for node in self.registry.nodes():
             age.add_metric([node.node_id], max(0.0, now - node.last_heartbeat))

@@ -29,11 +29,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt
 
 from ..errors import BadRequest, Conflict
 from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingConfig
@@ -45,6 +45,7 @@ from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
 from ..remote_fsdp.service.security import extract_archive, write_archive
 from ..state_files import load_state, save_state
+from ..training.keys import KnownKeys, keys_checker
 from ..training.merge import merge_adapters
 from ..training.recipes.teacher import read_shards
 from ..training.run_files import utc_now
@@ -53,7 +54,7 @@ from ..training.spec import SAFE_NAME, KlDirection, ResourceRequest, SchedulingS
 log = logging.getLogger("providers.remote_fsdp")
 
 
-class TeacherTaskConfig(BaseModel):
+class TeacherTaskConfig(KnownKeys):
     model: str
     top_k: PositiveInt | None = 20
     max_new_tokens: PositiveInt = 32
@@ -65,11 +66,12 @@ class TeacherTaskConfig(BaseModel):
     launcher: LauncherName | None = None
 
 
-class StudentConfig(BaseModel):
+class StudentConfig(KnownKeys):
     name: str = Field(pattern=SAFE_NAME)
     model: str
     method: Literal["output", "logit", "hybrid"] = "logit"
-    peft: LoraFinetuningConfig | PeftFinetuningConfig | None = Field(None, discriminator="type")
+    peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None, Field(discriminator="type"),
+                    BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
     temperature: PositiveFloat = 2.0
     alpha: float = Field(0.5, ge=0, le=1)
     kl_direction: KlDirection = "forward"
@@ -82,12 +84,12 @@ class StudentConfig(BaseModel):
     launcher: LauncherName | None = None  # as TeacherTaskConfig.launcher
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(KnownKeys):
     method: str = "linear"
     weights: list[float] | None = None
 
 
-class PipelineRequest(BaseModel):
+class PipelineRequest(KnownKeys):
     pipeline_id: str = Field(pattern=SAFE_NAME)
     dataset_id: str | None = None  # a dataset uploaded to this service
     rows: list[dict[str, Any]] | None = None  # or the prompts inline

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from .keys import KnownKeys
 from .methods import METHOD_NAMES, METHODS, with_flag
 
 # Every count a request can set is bounded: a huge literal must be a 400, not an overflow inside torch.
@@ -95,7 +96,8 @@ DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
-class Strict(BaseModel):
+class Strict(KnownKeys):
+    # KnownKeys: an unknown key is an error naming the nearest accepted one (a typo never falls back to a default)
     # No inf/nan anywhere: pydantic would write them to spec.json as null, and the spec could not be read back.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -42,6 +42,7 @@ from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..serving.engine import adapter_base, is_adapter
 from ..state_files import load_state, save_state
+from ..training.keys import KnownKeys
 from ..training.run_files import utc_now
 from ..training.spec import SAFE_NAME
 
@@ -52,7 +53,7 @@ MAX_PROMPTS = 5_000
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-class _Strict(BaseModel):
+class _Strict(KnownKeys):  # an unknown key is an error naming the nearest accepted one
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 

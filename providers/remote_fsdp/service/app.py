@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ...errors import ClientError, first_validation_error
+from ...training.keys import error_loc
 
 from ... import operator_tools, pipelines, workflows
 from ...jobs.child_env import parse_pass_env
@@ -69,7 +70,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     service = FsdpJobService(config)
     local = Node(node_id=config.node_id, url=config.url, capabilities=local_capabilities(
         config.model_dirs, config.node_address, config.gloo_socket_ifname))
-    registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s)
+    registry = NodeRegistry(config.data_path / "nodes.json", local, down_after_s=config.down_after_s,
+                            local_load=service.local_load)
     peer_headers = node_headers(config.api_token, config.node_token)
     nodes = NodesLauncher(service, registry, peer_headers)
     service.attach_nodes(nodes)
@@ -77,7 +79,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     if config.coordinator:
         heartbeat = HeartbeatSender(
             config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
-            peer_headers, lambda: len(service.jobs.store.list(statuses=("in_progress",))),
+            peer_headers, service.local_load,
             config.heartbeat_interval_s,
         )
 
@@ -122,7 +124,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError):
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "reason": e["msg"]}
+            {"field": ".".join(str(p) for p in error_loc(e) if p != "body") or "body", "reason": e["msg"]}
             for e in exc.errors()
         ]
         return _error(400, errors)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ...errors import BadRequest, Conflict, client_errors
+from ...errors import BadRequest, Conflict, client_errors, first_validation_error
 from ...jobs.manager import JobManager
 from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
 from ...api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest, TrainingConfig
@@ -24,13 +24,14 @@ from ...api.to_spec import (
     teacher_job_spec,
 )
 from ...jobs.store import JobRecord, JobStore
-from ...launchers import build_launchers
+from ...launchers import build_launchers, runs_elsewhere
 from ...launchers.base import Launcher
 from ...launchers.local import LocalLauncher
 from ...launchers.nodes import NodesLauncher
 from ...launchers.torchrun import TorchRunOptions, torchrun_command
 from ...training.components import device_type
 from ...training.fsdp import backend
+from ...training.keys import unknown_key_message
 from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec, SchedulingSpec, check_name
 from .config import ServiceConfig
@@ -43,9 +44,7 @@ CLIENT_TORCH_RUN_KEYS = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_timeo
 
 
 def _validation_message(e: ValidationError, field: str) -> str:
-    first = e.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    return f"{field}{'.' + loc if loc else ''}: {first['msg']}"
+    return first_validation_error(e, field)
 
 
 class FsdpJobService:
@@ -168,6 +167,10 @@ class FsdpJobService:
         opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
         return torchrun_command(spec, files, opts)
 
+    def local_load(self) -> int:
+        """Jobs running on this host: in progress, not handed to a scheduler that runs them elsewhere."""
+        return sum(1 for job in self.jobs.store.list(statuses=("in_progress",)) if not runs_elsewhere(job.launcher))
+
     def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions:
         """The job's torchrun options: the service's, with a request's overrides. Rendezvous placement
         (node rank, master address and port, local address) comes only from a coordinator (`trusted`):
@@ -175,6 +178,10 @@ class FsdpJobService:
         overrides = overrides or {}
         if not isinstance(overrides, dict):
             raise BadRequest("training_config.torch_run_config: must be an object")
+        for key in overrides:  # a typo is an unknown key, not a placement key
+            if key not in TorchRunOptions.model_fields:
+                raise BadRequest(f"training_config.torch_run_config.{str(key)[:100]}: "
+                                 f"{unknown_key_message(key, CLIENT_TORCH_RUN_KEYS)}")
         if not trusted:
             placement = sorted(set(overrides) - CLIENT_TORCH_RUN_KEYS)
             if placement:

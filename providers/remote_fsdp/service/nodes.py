@@ -131,10 +131,12 @@ def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: 
 class NodeRegistry:
     """The coordinator's view of its nodes (itself included), persisted so a restart keeps them."""
 
-    def __init__(self, path: Path, local: Node, down_after_s: float = 10.0):
+    def __init__(self, path: Path, local: Node, down_after_s: float = 10.0, local_load=None):
         self.path = path
         self.local = local
         self.down_after_s = down_after_s
+        # This node sends itself no heartbeat: its load is counted when asked (jobs running on this host).
+        self.local_load = local_load or (lambda: 0)
         self._lock = threading.Lock()
         self._nodes: dict[str, Node] = {local.node_id: local}
         for raw in load_state(path, default=[]):
@@ -181,7 +183,7 @@ class NodeRegistry:
         with self._lock:
             for node in self._nodes.values():
                 if node.node_id == self.local.node_id:
-                    node.last_heartbeat, node.state = now, "up"
+                    node.last_heartbeat, node.state, node.load = now, "up", self.local_load()
                 elif now - node.last_heartbeat > self.down_after_s:
                     node.state = "down"
             return [n.model_copy() for n in self._nodes.values()]

@@ -63,9 +63,12 @@ def post_training_router(service: FsdpJobService) -> APIRouter:
     async def job_status(job_uuid: str = Query(...)) -> dict[str, Any]:
         return service.job_view(job_uuid)
 
-    @r.post("/job/cancel")
-    def job_cancel(ref: JobRef) -> None:
+    @r.post("/job/cancel", response_model=None)
+    def job_cancel(ref: JobRef) -> dict[str, Any]:
+        """Cancel, then the job's status as /job/status gives it (Llama Stack's own cancel route, served by
+        the remote::trl_fsdp adapter, still answers null as its protocol says)."""
         service.cancel_job(ref.job_uuid)
+        return service.job_view(ref.job_uuid)
 
     @r.post("/job/resume")
     def job_resume(ref: JobRef) -> dict[str, str]:
@@ -120,9 +123,9 @@ def post_training_router(service: FsdpJobService) -> APIRouter:
     async def job_artifacts_by_path(job_uuid: str) -> dict[str, Any]:
         return await job_artifacts(job_uuid)
 
-    @r.post("/jobs/{job_uuid}/cancel")
-    def job_cancel_by_path(job_uuid: str) -> None:
-        job_cancel(JobRef(job_uuid=job_uuid))
+    @r.post("/jobs/{job_uuid}/cancel", response_model=None)
+    def job_cancel_by_path(job_uuid: str) -> dict[str, Any]:
+        return job_cancel(JobRef(job_uuid=job_uuid))
 
     return r
 
