@@ -371,7 +371,10 @@ class OpenAIFineTuning:
         """The directory to train: a model the operator allows, or the model an earlier job trained (`ft:`)."""
         with openai_errors("model"):
             if model.startswith("ft:"):
-                return self.resolve_ft(model, "model")
+                self.resolve_ft(model, "model")  # an unknown or unfinished ft: model says so first
+                raise ApiError(400, f"model: continuing from a fine-tuned model ({model[:200]}) is not supported yet "
+                                    "(the service trains only models under its allowed model roots); train from "
+                                    "its base model", "model", "model_not_available")
             with client_errors():
                 return self.service.resolve_model(model, "model")
 
@@ -527,7 +530,8 @@ class OpenAIFineTuning:
         """The job's recorded checkpoints, newest first, each servable under its `ft:...:ckpt-step-N` id."""
         view = self._view(rec)
         out = []
-        for c in (view or {}).get("checkpoints", []):
+        by_step = {c["step"]: c for c in (view or {}).get("checkpoints", [])}  # the final model over checkpoint-N
+        for c in by_step.values():
             m = c.get("training_metrics") or {}
             out.append({"id": f"ftckpt-{rec['id'][6:]}-{c['step']}", "object": "fine_tuning.job.checkpoint",
                         "created_at": epoch(c.get("created_at")) or rec["created_at"],
@@ -562,10 +566,10 @@ class OpenAIFineTuning:
                                  f"{openai_status(view and view['status'], rec.get('paused', False))}")
             return checkpoints[-1]["path"]
         found = [c for c in checkpoints if c["step"] == step]
-        if not found or not Path(found[0]["path"]).is_dir():
+        if not found or not Path(found[-1]["path"]).is_dir():
             raise BadRequest(f"{field}: job {rec['id']} has no checkpoint at step {step} "
-                             f"(it has {[c['step'] for c in checkpoints]})")
-        return found[0]["path"]
+                             f"(it has {sorted({c['step'] for c in checkpoints})})")
+        return found[-1]["path"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.state.get_job(job_id)
