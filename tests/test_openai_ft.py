@@ -19,7 +19,14 @@ from pathlib import Path
 
 import openai
 import pytest
-from helpers import free_port, process_group_exists, processes_mentioning, stop_process_group, wait_for_health, wait_until
+from helpers import (
+    free_port,
+    process_group_exists,
+    processes_mentioning,
+    stop_process_group,
+    wait_for_health,
+    wait_until,
+)
 
 from providers.openai_ft.formats import FileFormatError, choose_hyperparameters, openai_status, validate_jsonl
 
@@ -159,13 +166,15 @@ def test_sft_files_events_checkpoints_and_chat(service, toy_data):
     assert f.id in [x.id for x in client.files.list().data]
     assert client.files.content(f.id).content == jsonl(chat_rows(toy_data))
 
+    val = upload(client, chat_rows(toy_data, 8), name="val.jsonl")
     job = client.fine_tuning.jobs.create(
         model=str(Path(os.environ["TRL_FSDP_ALLOWED_MODEL_ROOTS"]) / "student"), training_file=f.id, suffix="rev",
+        validation_file=val.id,
         seed=7, metadata={"team": "a"}, method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 10}}}, extra_body=fast(8))
     assert job.id.startswith("ftjob-") and job.status in ("queued", "running") and job.seed == 7
     assert job.hyperparameters.batch_size == 4 and job.method.type == "supervised"
-    assert job.fine_tuned_model is None and job.metadata == {"team": "a"}
+    assert job.fine_tuned_model is None and job.metadata == {"team": "a"} and job.validation_file == val.id
 
     # events while it trains: metrics events appear before the job ends
     seen_running_metrics = False

@@ -42,7 +42,8 @@ def _text(content: Any, field: str, line: int, allow_none: bool) -> str:
     if isinstance(content, list):
         out = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            text = part.get("text") if isinstance(part, dict) else None
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(text, str):
                 raise FileFormatError(line, f"{field}[{i}]", "a content part must be {\"type\": \"text\", \"text\": "
                                       "string} (images and audio are not trained here)")
             out.append(part["text"])
@@ -128,7 +129,8 @@ def iter_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise FileFormatError(n, "line", f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+                bad = raw[e.start:e.start + 1]
+                raise FileFormatError(n, "line", f"not UTF-8 text (byte {e.start}: {bad!r})") from None
             if not text.strip():
                 continue
             try:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..api.requests import LoraFinetuningConfig, PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from ..errors import BadRequest, ClientError, Conflict, NotFound, client_errors, first_validation_error
+from ..errors import BadRequest, ClientError, NotFound, client_errors, first_validation_error
 from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -290,7 +290,8 @@ class OpenAIFineTuning:
         val = self._file(req.validation_file, "validation_file", method_type) if req.validation_file else None
         if req.suffix is not None and not SUFFIX.fullmatch(req.suffix):
             raise ApiError(400, f"suffix: {req.suffix[:80]!r} is not 1 to 64 letters, digits, '-' or '_'", "suffix")
-        if req.metadata and (len(req.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())):
+        meta = req.metadata or {}
+        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
             raise ApiError(400, "metadata: at most 16 keys of at most 64 characters, values of at most 512",
                            "metadata")
         trl = req.trl
@@ -315,7 +316,8 @@ class OpenAIFineTuning:
             "finetuning": finetuning, "trl": trl.model_dump(), "paused": False, "result_files": [],
             "fine_tuned_model": f"ft:{base_name}:{ORG}:{req.suffix or ''}:{job_id}",
             "submitted": False, "error": None,
-            "events": [{"created_at": int(time.time()), "level": "info", "message": f"Created fine-tuning job: {job_id}"},
+            "events": [{"created_at": int(time.time()), "level": "info",
+                        "message": f"Created fine-tuning job: {job_id}"},
                        {"created_at": int(time.time()), "level": "info",
                         "message": f"Validating training file: {req.training_file}"
                                    + (f" and validation file: {req.validation_file}" if val else "")}],
@@ -393,11 +395,12 @@ class OpenAIFineTuning:
                 datasets[name] = dataset_id
         rows, bs = train["rows"], hp["batch_size"]
         tc = {"n_epochs": hp["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(rows / bs)), "seed": rec["seed"],
-              "data_config": {"dataset_id": datasets["train"], "batch_size": bs, "shuffle": True,
-                              **({"validation_dataset_id": datasets["validation"]} if "validation" in datasets else {})},
+              "data_config": {"dataset_id": datasets["train"], "batch_size": bs, "shuffle": True},
               "optimizer_config": {"optimizer_type": "adamw", "lr": hp["learning_rate"], "weight_decay": 0.0,
                                    "num_warmup_steps": 0},
               **trl["training_config"]}
+        if "validation" in datasets:
+            tc["data_config"]["validation_dataset_id"] = datasets["validation"]
         with openai_errors("trl"):
             if rec["method"] == "dpo":
                 req = PreferenceOptimizeRequest(
@@ -466,7 +469,8 @@ class OpenAIFineTuning:
             "user_provided_suffix": rec.get("suffix"),
             # what this service adds: what "auto" chose, the extension, the job in the service's own terms
             "trl": {"auto_chosen": {k: v for k, v in hp.items() if rec["given"].get(k, "auto") in ("auto", None)},
-                    "learning_rate": hp["learning_rate"], "finetuning": rec["finetuning"], "base_model": rec["base_model"],
+                    "learning_rate": hp["learning_rate"], "finetuning": rec["finetuning"],
+                    "base_model": rec["base_model"],
                     "job_uuid": rec["id"], "step": res.get("step"), "total_steps": res.get("total_steps"),
                     **{k: v for k, v in rec["trl"].items() if v}},
         }
