@@ -250,6 +250,10 @@ def test_dpo_margin_grows(service, toy_data):
     margins = [m["rewards/margins"] for m in metrics if "rewards/margins" in m]
     assert len(margins) >= 6, metrics
     assert sum(margins[-3:]) / 3 > sum(margins[:3]) / 3 and margins[-1] > 0, margins
+    newest = client.fine_tuning.jobs.list(limit=1)  # newest first, paged with after/limit
+    assert [j.id for j in newest.data] == [job.id] and newest.has_more
+    older = client.fine_tuning.jobs.list(limit=1, after=job.id).data
+    assert older[0].id != job.id and older[0].created_at <= job.created_at
     # a DPO file cannot train a supervised job, and reinforcement is refused, each naming the field
     with pytest.raises(openai.BadRequestError, match="training_file"):
         client.fine_tuning.jobs.create(model="x", training_file=f.id)

@@ -668,7 +668,9 @@ def openai_ft_router(api: OpenAIFineTuning) -> APIRouter:
 
     @r.get("/fine_tuning/jobs")
     def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
-        return page([api.job_object(rec) for rec in state.list_jobs()], after, limit)
+        body = page(state.list_jobs(), after, limit)  # the page first: each job object reads its run dir
+        body["data"] = [api.job_object(rec) for rec in body["data"]]
+        return body
 
     @r.get("/fine_tuning/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
