@@ -12,14 +12,19 @@ on the service's one job store (a job is also a post-training job named `ftjob-.
 
 from __future__ import annotations
 
-from ..remote_fsdp.service.core import ServiceCore
-from .routes import ApiError, OpenAIFineTuning, openai_ft_router
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..remote_fsdp.service.core import ServiceCore
 
 PREFIXES = ("/v1/openai/v1", "/v1")
 
 
 def install(app, core: ServiceCore) -> None:
     """Mount the routes behind the client token; uploads get the upload limit; `ft:` ids resolve in chat."""
+    # Here, not at the top: the file validators (formats.py) import without the service and its torch stack.
+    from .routes import ApiError, OpenAIFineTuning, openai_ft_router
+
     api = OpenAIFineTuning(core.service)
     router = openai_ft_router(api)
     for prefix in PREFIXES:
