@@ -109,8 +109,9 @@ def test_training_imports_nothing_above_it():
 
 
 def test_the_service_core_imports_no_add_on():
-    """Add-ons (pipelines, workflows, operator tools) mount themselves on the core; only app.py lists them."""
-    add_ons = ("providers.pipelines", "providers.workflows", "providers.operator_tools")
+    """Add-ons (pipelines, workflows, operator tools, openai_ft) mount themselves on the core; only app.py
+    lists them."""
+    add_ons = ("providers.pipelines", "providers.workflows", "providers.operator_tools", "providers.openai_ft")
     wrong = []
     for path in sorted((PROVIDERS / "remote_fsdp" / "service").rglob("*.py")):
         if path.name == "app.py":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,11 +161,15 @@ class ModelRefs:
     def __init__(self, service: FsdpJobService):
         self.service = service
         self.data_dir = service.data_dir.resolve()
+        # Add-ons' own prefixes -> resolve(ref, field) giving a directory (openai_ft: `ft:` models, checkpoints)
+        self.resolvers: dict[str, Callable[[str, str], str]] = {}
 
     def resolve(self, ref: str, field: str = "model") -> str:
         kind, sep, name = ref.partition(":")
         if sep and kind in ("job", "pipeline", "workflow"):
             return self._named(kind, name, ref, field)
+        if sep and kind in self.resolvers:
+            return self._checked_adapter(Path(self.resolvers[kind](ref, field)), field)
         check_path_text(ref, field)  # before any file system call: NUL, '..', over-long names
         resolved = Path(ref).expanduser().resolve()
         # An adapter directory is looked at only inside the data dir (a path elsewhere reveals nothing).

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from ...errors import ClientError, first_validation_error
 from ...training.keys import error_loc
 
-from ... import operator_tools, pipelines, workflows
+from ... import openai_ft, operator_tools, pipelines, workflows
 from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
@@ -57,6 +57,7 @@ ADDONS = (
     pipelines,  # teacher-student pipelines, teacher and student tasks, adapter merges
     workflows,  # OpenAI chat, data enhancement, validation, export, enhance -> train -> validate -> export
     operator_tools,  # /dashboard, /metrics
+    openai_ft,  # the OpenAI files and fine-tuning API (after workflows: its `ft:` models resolve in chat)
 )
 
 

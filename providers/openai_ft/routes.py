@@ -1,0 +1,709 @@
+"""The OpenAI files and fine-tuning routes, on the service's one request path.
+
+A job is validated here (files, model, hyperparameters, the `trl` extension), its file's rows are converted
+to the service's normalized rows and stored as the service dataset `FTJOB_ID-train`, and a typed
+SupervisedFineTuneRequest / PreferenceOptimizeRequest named FTJOB_ID goes through
+`FsdpJobService.submit_job`, as a post-training request does: the same checks, launchers, job store and
+checkpoints, so Llama Stack's API, the CLI and the dashboard show the job under its `ftjob-...` id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import math
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ..api.requests import LoraFinetuningConfig, PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from ..errors import BadRequest, ClientError, NotFound, client_errors, first_validation_error
+from ..jobs.manager import QueueFullError
+from ..jobs.store import ACTIVE, UnknownJobError
+from ..remote_fsdp.service.jobs import FsdpJobService
+from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, temp_path
+from ..training.run_files import RunFiles
+from .formats import (
+    KINDS,
+    MAX_LINE_BYTES,
+    FileFormatError,
+    choose_hyperparameters,
+    iter_rows,
+    openai_status,
+    service_row,
+    validate_jsonl,
+)
+from .store import FtState
+
+ORG = "local"  # the `<org>` of ft: ids and organization_id: this service has no organisations
+MAX_FIELD_BYTES = 4096  # a multipart form field other than `file`
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+OWN_FIELDS = {"n_epochs", "data_config", "optimizer_config", "seed", "learning_rate"}  # set by hyperparameters
+
+
+class ApiError(ClientError):
+    """An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 409: "conflict_error",
+                429: "rate_limit_error", 507: "insufficient_storage"}.get(self.status, "invalid_request_error")
+        return JSONResponse(status_code=self.status, headers={"x-should-retry": "false"}, content={
+            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}})
+
+
+@contextmanager
+def openai_errors(param: str | None = None) -> Iterator[None]:
+    """Inside: the service's client errors (and a full queue, a full disk) as OpenAI errors."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except FileFormatError as e:
+        raise ApiError(400, str(e), param or e.field, "invalid_file_format") from None
+    except ClientError as e:
+        raise ApiError(e.status, str(e), param) from None
+    except ValidationError as e:
+        raise ApiError(400, first_validation_error(e), param) from None
+    except QueueFullError as e:
+        raise ApiError(429, str(e), None, "rate_limit_exceeded") from None
+    except QuotaExceeded as e:
+        raise ApiError(507, str(e), "file", "quota_exceeded") from None
+    except UnknownJobError as e:
+        raise ApiError(404, f"fine_tuning_job_id: {e}", "fine_tuning_job_id") from None
+
+
+def epoch(ts: str | None) -> int | None:
+    """An ISO timestamp of the job store as Unix seconds."""
+    if not ts:
+        return None
+    try:
+        return int(datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
+
+
+def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page: the items after the one whose id is `after`, at most `limit`."""
+    if after:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+# -- request models ---------------------------------------------------------------------------------------
+class TrlOptions(BaseModel):
+    """The `trl` key of a job request (the SDK's `extra_body={"trl": {...}}`): what OpenAI's API has no field
+    for. `finetuning`: lora (default) or full (supervised; dpo trains the full model); `lora`: the LoRA
+    settings (Llama Stack's LoraFinetuningConfig fields); `training_config`: any training_config field of the
+    post-training API (max_steps_per_epoch, max_seq_len, save_steps, dtype, fsdp_config, torch_run_config with
+    its launcher, scheduling, the speed knobs) except those the hyperparameters set."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    finetuning: Literal["lora", "full"] | None = None
+    lora: dict[str, Any] | None = None
+    training_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobCreate(BaseModel):
+    """The body of POST /fine_tuning/jobs, as the openai SDK sends it, plus `trl`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str = Field(min_length=1, max_length=1000)
+    training_file: str = Field(max_length=200)
+    validation_file: str | None = Field(None, max_length=200)
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    hyperparameters: dict[str, Any] | None = None
+    method: dict[str, Any] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    trl: TrlOptions = Field(default_factory=TrlOptions)
+
+
+# -- multipart upload -------------------------------------------------------------------------------------
+class _Form:
+    """A multipart/form-data body streamed through python-multipart: the `file` part to `dest` (each chunk
+    claimed from the quota first), the other fields kept in memory (small)."""
+
+    def __init__(self, dest: Path, quota):
+        self.dest, self.quota = dest, quota
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.file_parts = 0
+        self._out = None
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._value = bytearray()
+        self._name: str | None = None
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
+                "on_header_field": self._hfield, "on_header_value": self._hvalue, "on_header_end": self._hend,
+                "on_headers_finished": self._headers_done}
+
+    def _begin(self):
+        self._headers, self._value, self._name = {}, bytearray(), None
+
+    def _hfield(self, data, start, end):
+        self._header_field += data[start:end]
+
+    def _hvalue(self, data, start, end):
+        self._header_value += data[start:end]
+
+    def _hend(self):
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def _headers_done(self):
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = params.get(b"name", b"").decode("utf-8", "replace")
+        if self._name == "file":
+            self.file_parts += 1
+            if self.file_parts > 1:
+                raise BadRequest("file: more than one file part; upload one file per request")
+            self.filename = params.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")[:255]
+            self._out = open(self.dest, "wb")
+
+    def _data(self, data, start, end):
+        if self._name == "file":
+            self.quota.add(end - start)
+            self._out.write(data[start:end])
+        else:
+            self._value += data[start:end]
+            if len(self._value) > MAX_FIELD_BYTES:
+                raise BadRequest(f"{self._name}: a form field of more than {MAX_FIELD_BYTES} bytes")
+
+    def _end(self):
+        if self._name == "file":
+            self._out.close()
+            self._out = None
+        elif self._name:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")
+
+    def close(self):
+        if self._out is not None:
+            self._out.close()
+
+
+async def read_upload(request: Request, dest: Path, quota) -> _Form:
+    """Stream a multipart upload: the file to `dest`, the fields returned."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise BadRequest("body: must be multipart/form-data with a `file` part and a `purpose` field")
+    form = _Form(dest, quota)
+    parser = MultipartParser(params[b"boundary"], form.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    finally:
+        form.close()
+    if form.file_parts == 0:
+        raise BadRequest("file: missing (a multipart part named `file`)")
+    return form
+
+
+# -- the API ----------------------------------------------------------------------------------------------
+class OpenAIFineTuning:
+    """Files and fine-tuning jobs over one FsdpJobService."""
+
+    def __init__(self, service: FsdpJobService):
+        self.service = service
+        self.state = FtState(service.data_dir)
+
+    # files
+    def file_object(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: meta.get(k) for k in ("id", "bytes", "created_at", "filename", "purpose", "status",
+                                          "status_details", "expires_at")} | {"object": "file"}
+
+    async def upload(self, request: Request) -> dict[str, Any]:
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        dest = self.state.blob(file_id)
+        tmp = temp_path(dest.parent, file_id)
+        try:
+            with DiskQuota.of(self.service.config).reservation(f"file {file_id}") as quota:
+                quota.expect(_declared_length(request))
+                form = await read_upload(request, tmp, quota)
+                purpose = form.fields.get("purpose")
+                if purpose != "fine-tune":
+                    raise ApiError(400, f"purpose: {str(purpose)[:50]!r} is not accepted here; this service "
+                                        "takes purpose=fine-tune (JSONL training and validation files)", "purpose")
+                info = await asyncio.to_thread(validate_jsonl, tmp)
+                size = tmp.stat().st_size
+                tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta = {"id": file_id, "bytes": size, "created_at": int(time.time()), "filename": form.filename,
+                "purpose": "fine-tune", "status": "processed", "status_details": None, "expires_at": None,
+                "kind": info["kind"], "rows": info["rows"]}
+        self.state.put_file(meta)
+        return self.file_object(meta)
+
+    def result_file(self, job_id: str, text: str) -> str:
+        """Store a job's results CSV as a file (purpose fine-tune-results); its id."""
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        self.state.blob(file_id).write_text(text)
+        self.state.put_file({"id": file_id, "bytes": len(text.encode()), "created_at": int(time.time()),
+                             "filename": f"{job_id}-results.csv", "purpose": "fine-tune-results",
+                             "status": "processed", "status_details": None, "expires_at": None, "kind": "results"})
+        return file_id
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        self.state.get_file(file_id)
+        for rec in self.state.list_jobs():
+            if file_id in (rec["training_file"], rec.get("validation_file")) and self._core_status(rec) in ACTIVE:
+                raise ApiError(409, f"file_id: {file_id} is the data of {rec['id']}, which is still running; "
+                                    "cancel it first", "file_id")
+        self.state.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # jobs
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            req = JobCreate.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ApiError(400, first_validation_error(e), ".".join(map(str, first["loc"])) or None) from None
+        method_type, given = self._method(req)
+        if req.integrations:
+            raise ApiError(400, "integrations: not supported by this service (use trl.training_config's "
+                                "logger settings)", "integrations")
+        train = self._file(req.training_file, "training_file", method_type)
+        val = self._file(req.validation_file, "validation_file", method_type) if req.validation_file else None
+        if req.suffix is not None and not SUFFIX.fullmatch(req.suffix):
+            raise ApiError(400, f"suffix: {req.suffix[:80]!r} is not 1 to 64 letters, digits, '-' or '_'", "suffix")
+        meta = req.metadata or {}
+        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+            raise ApiError(400, "metadata: at most 16 keys of at most 64 characters, values of at most 512",
+                           "metadata")
+        trl = req.trl
+        if method_type == "dpo" and (trl.finetuning == "lora" or trl.lora):
+            raise ApiError(400, "trl.finetuning: dpo trains the full model on this service (no LoRA)", "trl.finetuning")
+        finetuning = "full" if method_type == "dpo" else (trl.finetuning or "lora")
+        clash = sorted(OWN_FIELDS & set(trl.training_config))
+        if clash:
+            raise ApiError(400, f"trl.training_config: {clash} are set by hyperparameters and seed, not here",
+                           "trl.training_config")
+        with openai_errors("hyperparameters"):
+            hp = choose_hyperparameters(given, method_type, train["rows"], finetuning)
+        model = self.base_model(req.model)
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+        base_name = re.sub(r"[^A-Za-z0-9._-]", "-", req.model.split(":")[1] if req.model.startswith("ft:")
+                           else req.model.rstrip("/").rsplit("/", 1)[-1])[:64] or "model"
+        rec = {
+            "id": job_id, "created_at": int(time.time()), "model": req.model, "base_model": model,
+            "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
+            "seed": seed, "metadata": req.metadata, "method": method_type, "given": given, "hyperparameters": hp,
+            "finetuning": finetuning, "trl": trl.model_dump(), "paused": False, "result_files": [],
+            "fine_tuned_model": f"ft:{base_name}:{ORG}:{req.suffix or ''}:{job_id}",
+            "submitted": False, "error": None,
+            "events": [{"created_at": int(time.time()), "level": "info",
+                        "message": f"Created fine-tuning job: {job_id}"},
+                       {"created_at": int(time.time()), "level": "info",
+                        "message": f"Validating training file: {req.training_file}"
+                                   + (f" and validation file: {req.validation_file}" if val else "")}],
+        }
+        self.state.put_job(rec)
+        try:
+            self._submit(rec, train, val)
+        except BaseException:
+            self.state.jobs_dir.joinpath(f"{job_id}.json").unlink(missing_ok=True)
+            for name in ("train", "validation"):
+                self.service.dataset_path(f"{job_id}-{name}").unlink(missing_ok=True)
+            raise
+        return self.job_object(self.state.get_job(job_id))
+
+    def _method(self, req: JobCreate) -> tuple[str, dict[str, Any]]:
+        method = req.method or {"type": "supervised"}
+        kind = method.get("type")
+        if kind == "reinforcement":
+            raise ApiError(400, "method.type: 'reinforcement' (graders, RFT) is not available on this service "
+                                "yet; accepted: 'supervised', 'dpo'", "method.type")
+        if kind not in ("supervised", "dpo"):
+            raise ApiError(400, f"method.type: {str(kind)[:50]!r} is not one of 'supervised', 'dpo'", "method.type")
+        unknown = sorted(set(method) - {"type", kind})
+        if unknown:
+            raise ApiError(400, f"method: {unknown} do not belong to method.type {kind!r}", "method")
+        section = method.get(kind) or {}
+        if not isinstance(section, dict) or not isinstance(section.get("hyperparameters", {}), dict):
+            raise ApiError(400, f"method.{kind}.hyperparameters: must be an object", f"method.{kind}")
+        given = dict(section.get("hyperparameters") or {})
+        if req.hyperparameters:
+            if given:
+                raise ApiError(400, "hyperparameters: give them in method.{type}.hyperparameters or in the legacy "
+                                    "hyperparameters, not both", "hyperparameters")
+            if kind != "supervised":
+                raise ApiError(400, "hyperparameters: the legacy field is for supervised jobs; use "
+                                    f"method.{kind}.hyperparameters", "hyperparameters")
+            given = dict(req.hyperparameters)
+        return kind, given
+
+    def _file(self, file_id: str, field: str, method: str) -> dict[str, Any]:
+        try:
+            meta = self.state.get_file(file_id, field)
+        except NotFound as e:
+            raise ApiError(400, str(e), field, "invalid_file") from None
+        if meta.get("kind") not in KINDS or KINDS[meta["kind"]] != method:
+            want = "chat rows ({\"messages\": [...]})" if method == "supervised" else \
+                "preference rows ({\"input\", \"preferred_output\", \"non_preferred_output\"})"
+            raise ApiError(400, f"{field}: {file_id} holds {meta.get('kind')} rows; a {method} job takes {want}",
+                           field, "invalid_file")
+        return meta
+
+    def base_model(self, model: str) -> str:
+        """The directory to train: a model the operator allows, or the model an earlier job trained (`ft:`)."""
+        with openai_errors("model"):
+            if model.startswith("ft:"):
+                self.resolve_ft(model, "model")  # an unknown or unfinished ft: model says so first
+                raise ApiError(400, f"model: continuing from a fine-tuned model ({model[:200]}) is not supported yet "
+                                    "(the service trains only models under its allowed model roots); train from "
+                                    "its base model", "model", "model_not_available")
+            with client_errors():
+                return self.service.resolve_model(model, "model")
+
+    def _submit(self, rec: dict[str, Any], train: dict[str, Any], val: dict[str, Any] | None) -> None:
+        job_id, hp, trl = rec["id"], rec["hyperparameters"], rec["trl"]
+        datasets = {}
+        with openai_errors():
+            for name, meta in (("train", train), ("validation", val)):
+                if meta is None:
+                    continue
+                dataset_id = f"{job_id}-{name}"
+                path = self.service.dataset_path(dataset_id)
+                with open(path, "w") as out:
+                    for n, row in iter_rows(self.state.blob(meta["id"]), MAX_LINE_BYTES):
+                        out.write(json.dumps(service_row(row, meta["kind"], n)) + "\n")
+                datasets[name] = dataset_id
+        rows, bs = train["rows"], hp["batch_size"]
+        tc = {"n_epochs": hp["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(rows / bs)), "seed": rec["seed"],
+              "data_config": {"dataset_id": datasets["train"], "batch_size": bs, "shuffle": True},
+              "optimizer_config": {"optimizer_type": "adamw", "lr": hp["learning_rate"], "weight_decay": 0.0,
+                                   "num_warmup_steps": 0},
+              **trl["training_config"]}
+        if "validation" in datasets:
+            tc["data_config"]["validation_dataset_id"] = datasets["validation"]
+        with openai_errors("trl"):
+            if rec["method"] == "dpo":
+                req = PreferenceOptimizeRequest(
+                    job_uuid=job_id, finetuned_model=job_id, model=rec["base_model"], training_config=tc,
+                    algorithm_config={"type": "dpo", "beta": hp["beta"]})
+                route = "preference-optimize"
+            else:
+                algo = None
+                if rec["finetuning"] == "lora":
+                    lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
+                            "apply_lora_to_output": False, "rank": 8, "alpha": 16, **(trl["lora"] or {})}
+                    algo = LoraFinetuningConfig(**lora)
+                req = SupervisedFineTuneRequest(job_uuid=job_id, model=rec["base_model"], training_config=tc,
+                                                algorithm_config=algo)
+                route = "supervised-fine-tune"
+            self.service.submit_job(route, req)
+        with self.state.lock:
+            cur = self.state.get_job(job_id)
+            cur["submitted"] = True
+            cur["events"].append({"created_at": int(time.time()), "level": "info",
+                                  "message": "Files validated, moving job to queued state"})
+            self.state.put_job(cur)
+
+    def _view(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        if not rec.get("submitted"):
+            return None
+        try:
+            return self.service.job_view(rec["id"])
+        except UnknownJobError:
+            return None
+
+    def _core_status(self, rec: dict[str, Any]) -> str | None:
+        view = self._view(rec)
+        return view["status"] if view else None
+
+    def job_object(self, rec: dict[str, Any], view: dict[str, Any] | None = None) -> dict[str, Any]:
+        view = view if view is not None else self._view(rec)
+        core = view["status"] if view else None
+        status = openai_status(core, rec.get("paused", False))
+        res = view["resources_allocated"] if view else {}
+        metrics = RunFiles(res["run_dir"]).read_metrics() if res.get("run_dir") else []
+        tokens = next((int(m["num_tokens"]) for m in reversed(metrics) if "num_tokens" in m), None)
+        error = None
+        if status == "failed":
+            error = {"code": "training_failed", "message": str(res.get("error") or "training failed (see events)"),
+                     "param": None}
+        estimated = None
+        started = epoch(view.get("started_at")) if view else None
+        if status == "running" and started and res.get("step") and res.get("total_steps"):
+            estimated = int(started + (time.time() - started) * res["total_steps"] / max(1, res["step"]))
+        if status == "succeeded" and not rec.get("result_files"):
+            rec = self._write_results(rec, metrics)
+        hp = rec["hyperparameters"]
+        shown = {k: hp[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        method_hp = shown | ({"beta": hp["beta"]} if rec["method"] == "dpo" else {})
+        return {
+            "id": rec["id"], "object": "fine_tuning.job", "created_at": rec["created_at"],
+            "model": rec["model"], "organization_id": ORG, "status": status, "error": error,
+            "fine_tuned_model": rec["fine_tuned_model"] if status == "succeeded" else None,
+            "finished_at": epoch(view.get("completed_at")) if view and core not in ACTIVE else None,
+            "hyperparameters": shown, "method": {"type": rec["method"], rec["method"]: {"hyperparameters": method_hp}},
+            "result_files": rec.get("result_files", []), "seed": rec["seed"],
+            "trained_tokens": tokens if status == "succeeded" else None,
+            "training_file": rec["training_file"], "validation_file": rec.get("validation_file"),
+            "estimated_finish": estimated, "integrations": [], "metadata": rec.get("metadata"),
+            "user_provided_suffix": rec.get("suffix"),
+            # what this service adds: what "auto" chose, the extension, the job in the service's own terms
+            "trl": {"auto_chosen": {k: v for k, v in hp.items() if rec["given"].get(k, "auto") in ("auto", None)},
+                    "learning_rate": hp["learning_rate"], "finetuning": rec["finetuning"],
+                    "base_model": rec["base_model"],
+                    "job_uuid": rec["id"], "step": res.get("step"), "total_steps": res.get("total_steps"),
+                    **{k: v for k, v in rec["trl"].items() if v}},
+        }
+
+    def _write_results(self, rec: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """The step metrics as OpenAI's results CSV, stored once as a file (purpose fine-tune-results)."""
+        with self.state.lock:
+            rec = self.state.get_job(rec["id"])
+            if rec.get("result_files"):
+                return rec
+            out = io.StringIO()
+            w = csv.writer(out, lineterminator="\n")
+            w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                        "train_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"])
+            for m in metrics:
+                if "loss" in m:
+                    acc = m.get("mean_token_accuracy", "")
+                    w.writerow([m["step"], m["loss"], acc, m.get("eval_loss", ""), "", acc, "", ""])
+            rec["result_files"] = [self.result_file(rec["id"], out.getvalue())]
+            self.state.put_job(rec)
+            return rec
+
+    def events(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """The job's events, oldest first: creation and validation, start, one metrics event per logged step,
+        the end (an error event when it failed)."""
+        view = self._view(rec)
+        out = [dict(e, type="message", data={}) for e in rec.get("events", [])]
+        if view:
+            res = view["resources_allocated"]
+            started = epoch(view.get("started_at"))
+            if started:
+                out.append({"created_at": started, "level": "info", "message": "Fine-tuning job started",
+                            "type": "message", "data": {}})
+            total = res.get("total_steps")
+            for m in RunFiles(res["run_dir"]).read_metrics() if res.get("run_dir") else []:
+                if "loss" in m:
+                    data = {"step": m["step"], "train_loss": m["loss"], "total_steps": total}
+                    if "mean_token_accuracy" in m:
+                        data["train_mean_token_accuracy"] = m["mean_token_accuracy"]
+                    data.update({k: v for k, v in m.items() if k.startswith("rewards/")})
+                    out.append({"created_at": started or rec["created_at"], "level": "info", "type": "metrics",
+                                "message": f"Step {m['step']}/{total}: training loss={m['loss']:.4f}", "data": data})
+                elif "eval_loss" in m:
+                    out.append({"created_at": started or rec["created_at"], "level": "info", "type": "metrics",
+                                "message": f"Step {m['step']}/{total}: validation loss={m['eval_loss']:.4f}",
+                                "data": {"step": m["step"], "valid_loss": m["eval_loss"]}})
+            end = epoch(view.get("completed_at")) or int(time.time())
+            status = openai_status(view["status"], rec.get("paused", False))
+            if status == "succeeded":
+                out.append({"created_at": end, "level": "info", "type": "message", "data": {},
+                            "message": f"The job has successfully completed; new model: {rec['fine_tuned_model']}"})
+            elif status == "failed":
+                out.append({"created_at": end, "level": "error", "type": "message", "data": {},
+                            "message": f"The job failed: {res.get('error') or 'see the job log'}"})
+            elif status == "cancelled":
+                out.append({"created_at": end, "level": "info", "type": "message", "data": {},
+                            "message": "The job was cancelled"})
+        return [dict(e, id=f"ftevent-{rec['id'][6:]}-{i}", object="fine_tuning.job.event") for i, e in enumerate(out)]
+
+    def checkpoints(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+        """The job's recorded checkpoints, newest first, each servable under its `ft:...:ckpt-step-N` id."""
+        view = self._view(rec)
+        out = []
+        by_step = {c["step"]: c for c in (view or {}).get("checkpoints", [])}  # the final model over checkpoint-N
+        for c in by_step.values():
+            m = c.get("training_metrics") or {}
+            out.append({"id": f"ftckpt-{rec['id'][6:]}-{c['step']}", "object": "fine_tuning.job.checkpoint",
+                        "created_at": epoch(c.get("created_at")) or rec["created_at"],
+                        "fine_tuned_model_checkpoint": f"{rec['fine_tuned_model']}:ckpt-step-{c['step']}",
+                        "fine_tuning_job_id": rec["id"], "step_number": c["step"],
+                        "metrics": {"step": c["step"], "train_loss": m.get("train_loss"),
+                                    "valid_loss": m.get("validation_loss")}})
+        return out[::-1]
+
+    def resolve_ft(self, ref: str, field: str) -> str:
+        """`ft:<base>:<org>:<suffix>:<job>` (the job's final model) or `...:ckpt-step-N` (a checkpoint) as a
+        checkpoint directory; BadRequest naming `field` otherwise."""
+        parts = ref.split(":")
+        step = None
+        if len(parts) == 6 and re.fullmatch(r"ckpt-step-\d{1,9}", parts[5]):
+            step = int(parts[5].rsplit("-", 1)[1])
+            parts = parts[:5]
+        if len(parts) != 5:
+            raise BadRequest(f"{field}: {ref[:200]!r} is not ft:<base>:<org>:<suffix>:<job id>[:ckpt-step-N]")
+        try:
+            rec = self.state.get_job(parts[4])
+        except NotFound:
+            raise BadRequest(f"{field}: no fine-tuned model {ref[:200]!r}") from None
+        if ":".join(parts) != rec["fine_tuned_model"]:
+            raise BadRequest(f"{field}: no fine-tuned model {ref[:200]!r} (job {rec['id']} made "
+                             f"{rec['fine_tuned_model']})")
+        view = self._view(rec)
+        checkpoints = (view or {}).get("checkpoints", [])
+        if step is None:
+            if not view or view["status"] != "completed" or not checkpoints:
+                raise BadRequest(f"{field}: {ref[:200]!r} is not ready: job {rec['id']} is "
+                                 f"{openai_status(view and view['status'], rec.get('paused', False))}")
+            return checkpoints[-1]["path"]
+        found = [c for c in checkpoints if c["step"] == step]
+        if not found or not Path(found[-1]["path"]).is_dir():
+            raise BadRequest(f"{field}: job {rec['id']} has no checkpoint at step {step} "
+                             f"(it has {sorted({c['step'] for c in checkpoints})})")
+        return found[-1]["path"]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        rec = self.state.get_job(job_id)
+        status = self._core_status(rec)
+        if status not in ACTIVE and not (status == "cancelled" and rec.get("paused")):
+            raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(status)}; only queued or running "
+                                "jobs are cancelled", "fine_tuning_job_id")
+        self.service.cancel_job(job_id)
+        with self.state.lock:
+            rec = self.state.get_job(job_id)
+            rec["paused"] = False
+            self.state.put_job(rec)
+        return self.job_object(rec)
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        rec = self.state.get_job(job_id)
+        status = self._core_status(rec)
+        if status not in ACTIVE:
+            raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(status, rec.get('paused'))}; only "
+                                "queued or running jobs pause", "fine_tuning_job_id")
+        self.service.cancel_job(job_id)
+        with self.state.lock:
+            rec = self.state.get_job(job_id)
+            rec["paused"] = True
+            rec["events"].append({"created_at": int(time.time()), "level": "info",
+                                  "message": "Job paused; it resumes from its newest checkpoint"})
+            self.state.put_job(rec)
+        return self.job_object(rec)
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        rec = self.state.get_job(job_id)
+        if not rec.get("paused"):
+            raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(self._core_status(rec))}, not "
+                                "paused", "fine_tuning_job_id")
+        with openai_errors("fine_tuning_job_id"):
+            self.service.resume_job(job_id)
+        with self.state.lock:
+            rec = self.state.get_job(job_id)
+            rec["paused"] = False
+            rec["events"].append({"created_at": int(time.time()), "level": "info", "message": "Job resumed"})
+            self.state.put_job(rec)
+        return self.job_object(rec)
+
+
+def _declared_length(request: Request) -> int:
+    try:
+        return max(0, int(request.headers.get("content-length", "0")))
+    except ValueError:
+        return 0
+
+
+def openai_ft_router(api: OpenAIFineTuning) -> APIRouter:
+    """POST/GET /files, GET/DELETE /files/{id}, GET /files/{id}/content; POST/GET /fine_tuning/jobs,
+    GET /fine_tuning/jobs/{id}, POST .../cancel|pause|resume, GET .../events, GET .../checkpoints."""
+    r = APIRouter()
+    state = api.state
+
+    @r.post("/files")
+    async def create_file(request: Request) -> dict[str, Any]:
+        with openai_errors("file"):
+            return await api.upload(request)
+
+    @r.get("/files")
+    def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
+                   purpose: str | None = None) -> dict[str, Any]:
+        files = [api.file_object(m) for m in state.list_files() if purpose in (None, m["purpose"])]
+        return page(files, after, limit)
+
+    @r.get("/files/{file_id}")
+    def get_file(file_id: str) -> dict[str, Any]:
+        with openai_errors("file_id"):
+            return api.file_object(state.get_file(file_id))
+
+    @r.get("/files/{file_id}/content")
+    def file_content(file_id: str) -> FileResponse:
+        with openai_errors("file_id"):
+            meta = state.get_file(file_id)
+        media = "text/csv" if meta["purpose"] == "fine-tune-results" else "application/jsonl"
+        return FileResponse(state.blob(file_id), media_type=media, filename=meta["filename"])
+
+    @r.delete("/files/{file_id}")
+    def delete_file(file_id: str) -> dict[str, Any]:
+        with openai_errors("file_id"):
+            return api.delete_file(file_id)
+
+    @r.post("/fine_tuning/jobs")
+    def create_job(body: Any = Body(...)) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "body: must be a JSON object", None)
+        with openai_errors():
+            return api.create_job(body)
+
+    @r.get("/fine_tuning/jobs")
+    def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
+        body = page(state.list_jobs(), after, limit)  # the page first: each job object reads its run dir
+        body["data"] = [api.job_object(rec) for rec in body["data"]]
+        return body
+
+    @r.get("/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            return api.job_object(state.get_job(job_id))
+
+    @r.post("/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            return api.cancel(job_id)
+
+    @r.post("/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            return api.pause(job_id)
+
+    @r.post("/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            return api.resume(job_id)
+
+    @r.get("/fine_tuning/jobs/{job_id}/events")
+    def job_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=10000)) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            return page(api.events(state.get_job(job_id))[::-1], after, limit)
+
+    @r.get("/fine_tuning/jobs/{job_id}/checkpoints")
+    def job_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=1000)) -> dict[str, Any]:
+        with openai_errors("fine_tuning_job_id"):
+            items = api.checkpoints(state.get_job(job_id))
+        body = page(items, after, limit)
+        body["first_id"] = body["data"][0]["id"] if body["data"] else None
+        body["last_id"] = body["data"][-1]["id"] if body["data"] else None
+        return body
+
+    return r

@@ -1,0 +1,80 @@
+"""What the OpenAI fine-tuning API keeps besides the service's job store: uploaded files' metadata and each
+fine-tuning job's OpenAI fields (ids, hyperparameters chosen, events before training), as JSON state files.
+
+    DATA_DIR/files/FILE_ID.jsonl                 the uploaded bytes (inside the disk quota's dirs)
+    DATA_DIR/openai_ft/files/FILE_ID.json        its FileObject fields and kind (chat / preference)
+    DATA_DIR/openai_ft/jobs/FTJOB_ID.json        the job's OpenAI record; the training job itself is the
+                                                 service's job FTJOB_ID (one job store)
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFound
+from ..state_files import load_state, save_state
+
+FILE_ID = re.compile(r"file-[a-f0-9]{24}")
+JOB_ID = re.compile(r"ftjob-[a-f0-9]{24}")
+
+
+class FtState:
+    """Files and jobs of the OpenAI API, one JSON state file each; a lock per process keeps read-modify-write
+    updates whole."""
+
+    def __init__(self, data_dir: Path):
+        self.blobs = data_dir / "files"
+        self.files_dir = data_dir / "openai_ft" / "files"
+        self.jobs_dir = data_dir / "openai_ft" / "jobs"
+        for d in (self.blobs, self.files_dir, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+
+    # -- files --------------------------------------------------------------------------------------
+    def blob(self, file_id: str) -> Path:
+        return self.blobs / f"{file_id}.jsonl"
+
+    def put_file(self, meta: dict[str, Any]) -> None:
+        save_state(self.files_dir / f"{meta['id']}.json", meta)
+
+    def get_file(self, file_id: str, field: str = "file_id") -> dict[str, Any]:
+        """The file's record; NotFound naming `field` for an unknown (or malformed) id."""
+        meta = load_state(self.files_dir / f"{file_id}.json", None) if FILE_ID.fullmatch(file_id) else None
+        if meta is None:
+            raise NotFound(f"{field}: no file {file_id[:100]!r}")
+        return meta
+
+    def list_files(self) -> list[dict[str, Any]]:
+        """Every file, newest first."""
+        metas = [load_state(p, None) for p in self.files_dir.glob("file-*.json")]
+        return sorted((m for m in metas if m), key=lambda m: (m["created_at"], m["id"]), reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        self.blob(file_id).unlink(missing_ok=True)
+        (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def put_job(self, rec: dict[str, Any]) -> None:
+        save_state(self.jobs_dir / f"{rec['id']}.json", rec)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        rec = load_state(self.jobs_dir / f"{job_id}.json", None) if JOB_ID.fullmatch(job_id) else None
+        if rec is None:
+            raise NotFound(f"fine_tuning_job_id: no fine-tuning job {job_id[:100]!r}")
+        return rec
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job, newest first."""
+        recs = [load_state(p, None) for p in self.jobs_dir.glob("ftjob-*.json")]
+        return sorted((r for r in recs if r), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+    def add_event(self, job_id: str, message: str, level: str = "info") -> None:
+        with self.lock:
+            rec = self.get_job(job_id)
+            rec.setdefault("events", []).append({"created_at": int(time.time()), "level": level,
+                                                 "message": message})
+            self.put_job(rec)
