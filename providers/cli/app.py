@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from .backends import connect
@@ -100,11 +101,25 @@ def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("job", "status", "method", "step", "ranks", "last loss", "final loss", "error")
-    for j in rows:
-        t.add_row(j["job_uuid"], j["status"], _fmt(j.get("method")), f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}",
-                  _fmt(j.get("world_size")), _fmt(j.get("last_loss")), _fmt(j.get("final_loss")),
-                  (j.get("error") or "")[:60])
+    cells = [[j["job_uuid"], j["status"], _fmt(j.get("method")),
+              f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}", _fmt(j.get("world_size")),
+              _fmt(j.get("last_loss")), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
+    # Widths are fixed here rather than left to rich, which shrinks whatever column it likes when a terminal
+    # is narrow: the status and numbers stay whole, a long job name folds, the error gets what is left.
+    names = ("job", "status", "method", "step", "ranks", "loss", "final")
+    widths = [max([len(n), *(len(str(c[i])) for c in cells)]) for i, n in enumerate(names)]
+    room = console.width - sum(w + 3 for w in widths[1:]) - 5  # padding and a separator per column
+    widths[0] = max(8, min(widths[0], 24, room - 3))
+    left = room - widths[0] - 3
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, width in zip(names, widths):
+        t.add_column(name, width=width, overflow="fold" if name == "job" else "ellipsis")
+    if left >= 12:
+        t.add_column("error", width=left, no_wrap=True, overflow="ellipsis")
+    else:
+        cells = [c[:-1] for c in cells]  # no room: `status JOB` shows the error
+    for c in cells:
+        t.add_row(*c)
     console.print(t)
 
 
