@@ -177,3 +177,39 @@ def test_disk_full_while_checkpointing_fails_the_job_truthfully_and_resume_compl
     rows = dict(db.execute("SELECT job_uuid, status FROM jobs").fetchall())
     db.close()
     assert rows == {"before": "completed", "filling": "completed"}, rows
+
+
+# -- 2. a hung rank ----------------------------------------------------------------------------------------
+def test_a_stopped_rank_fails_the_job_within_the_progress_timeout_and_nothing_is_left(
+        tmp_path, services, tiny_models, toy_data):
+    from test_fsdp_service import sft_body
+
+    svc = services(tmp_path / "data")
+    upload_toy(svc, toy_data)
+    body = sft_body("hung", tiny_models["student"], nproc=2, steps=50)
+    body["training_config"]["n_epochs"] = 20
+    body["training_config"]["scheduling"] = {"progress_timeout_s": 20}
+    r = svc.post("/v1/post-training/supervised-fine-tune", json=body)
+    assert r.status_code == 200, r.text
+    run_dir = svc.runs_dir / "hung"
+    beat = run_dir / "ranks" / "rank1.alive"
+    wait_until(lambda: (svc.status("hung")["resources_allocated"].get("step") or 0) >= 2 and beat.exists()
+               and beat.read_text().strip(), 300, interval=0.2, message="step 2 with rank 1's heartbeat")
+    pid = int(beat.read_text())
+    os.kill(pid, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    try:
+        ended = svc.wait("hung", timeout=120)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    detect_s = time.monotonic() - t_stop
+    error = ended["resources_allocated"].get("error", "")
+    print(f"\nSIGSTOP of rank 1: {ended['status']} after {detect_s:.1f} s: {error[:200]}")
+    assert ended["status"] == "failed"
+    assert "rank 1 made no progress for" in error, error
+    assert 20 <= detect_s < 90
+    wait_until(lambda: not processes_mentioning(str(run_dir)), 30, message="no process of the job left")
+    assert svc.get("/health").status_code == 200

@@ -73,9 +73,13 @@ def start_heartbeat(files: RunFiles, spec: JobSpec) -> None:
     path = files.heartbeat(os.environ["RANK"])
 
     def beat() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{os.getpid()}\n")  # which process is this rank (operators, the fault tests)
+        except OSError:
+            pass
         while True:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
             except OSError:
                 pass  # a full disk: touching needs no space once the file exists
