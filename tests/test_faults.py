@@ -213,3 +213,71 @@ def test_a_stopped_rank_fails_the_job_within_the_progress_timeout_and_nothing_is
     assert 20 <= detect_s < 90
     wait_until(lambda: not processes_mentioning(str(run_dir)), 30, message="no process of the job left")
     assert svc.get("/health").status_code == 200
+
+
+# -- 3. start-up faults and a store that becomes unwritable --------------------------------------------------
+def start_and_fail(data_dir: Path, timeout: float = 120) -> tuple[int, str]:
+    """Start the service on `data_dir`, expecting it to refuse: (exit code, its whole output)."""
+    r = subprocess.run([sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", "0",
+                        "--data-dir", str(data_dir)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def zygote_dirs_of(pid: int) -> list[Path]:
+    """The /tmp/trl-zygote-* directories of the zygotes that process `pid` started."""
+    dirs = []
+    for child, cmdline in processes_mentioning("providers.jobs.zygote"):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == pid:
+            dirs += [Path(a).parent for a in cmdline.split() if "trl-zygote-" in a]
+    return dirs
+
+
+def test_read_only_or_locked_data_dir_refuses_start_with_one_line_and_a_clean_stop_leaves_nothing(
+        tmpfs, services, tiny_models, toy_data):
+    disk = tmpfs("ro", 32)
+    data = disk / "data"
+    svc = services(data)
+    upload_toy(svc, toy_data)
+    r = svc.post("/v1/post-training/supervised-fine-tune", json=sft("kept", tiny_models["student"]))
+    assert r.status_code == 200 and svc.wait("kept")["status"] == "completed"
+    zygotes = wait_until(lambda: zygote_dirs_of(svc.proc.pid), 60, message="the service's zygote")
+
+    # A clean stop (SIGTERM) removes the zygote's temporary directory and folds the WAL into jobs.db.
+    svc.stop()
+    assert svc.proc.returncode is not None
+    assert [d for d in zygotes if d.exists()] == []
+    wal = data / "jobs.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+
+    # Read-only at start: one line, non-zero, no traceback.
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    try:
+        code, out = start_and_fail(data)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+    print(f"read-only data dir at start: exit {code}: {out.strip().splitlines()[-1]}")
+    assert code != 0 and "Traceback" not in out, out
+    assert "cannot start" in out.strip().splitlines()[-1] and str(data) in out.strip().splitlines()[-1]
+
+    # jobs.db held by another process's exclusive lock.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "db.execute('PRAGMA locking_mode=EXCLUSIVE'); db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
+        "time.sleep(300)"), str(data / "jobs.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, out = start_and_fail(data)
+    finally:
+        holder.kill()
+        holder.wait()
+    print(f"jobs.db locked at start: exit {code}: {out.strip().splitlines()[-1]}")
+    assert code != 0 and "Traceback" not in out, out
+    assert "locked" in out.strip().splitlines()[-1]
+
+    # Once fixed it starts, with every record.
+    again = services(data)
+    assert again.status("kept")["status"] == "completed"

@@ -9,7 +9,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sqlite3
+import sys
 import uuid
 from contextlib import asynccontextmanager
 
@@ -272,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreUnavailable, OSError, sqlite3.Error) as e:
         # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir.
         raise SystemExit(f"cannot start: data dir {config.data_path}: {e}") from None
+    # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
+    # before its exit handlers run (the zygote's temporary directory would stay behind).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 
