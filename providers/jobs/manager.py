@@ -459,7 +459,7 @@ class JobManager:
 
     def shutdown(self) -> None:
         """Stop the jobs running on this host (they are marked failed on the next start if this process dies
-        first), then close the store (its write-ahead log folded in). Jobs a scheduler runs go on; the next
+        first), then fold the store's write-ahead log into it. Jobs a scheduler runs go on; the next
         start follows them again."""
         for job_uuid, (launcher, external_id) in list(self._running.items()):
             if launcher is self.local:
@@ -469,7 +469,7 @@ class JobManager:
         while any(l is self.local for l, _ in list(self._running.values())) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stopping.set()
-        self.store.close()
+        self.store.checkpoint()
 
     # -- views -------------------------------------------------------------------------------------
     def job_view(self, job_uuid: str) -> dict[str, Any]:

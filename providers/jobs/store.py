@@ -113,14 +113,14 @@ class JobStore:
         except sqlite3.OperationalError as e:
             raise _unavailable(self.path, e) from None
 
-    def close(self) -> None:
-        """Fold the write-ahead log into jobs.db and truncate it (a clean stop leaves no WAL behind), then close."""
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into jobs.db and truncate it: a clean stop leaves no WAL behind. The
+        connection stays open (followers of scheduler jobs may still write)."""
         with self._lock:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._db.close()
             except sqlite3.Error as e:
-                log.warning("job store %s: closing it failed: %s", self.path, e)
+                log.warning("job store %s: checkpointing its write-ahead log failed: %s", self.path, e)
 
     def hold(self, job_uuid: str, **fields: Any) -> None:
         """Show `fields` in every read of the job until `release`: a job's end that the database cannot take
