@@ -281,3 +281,33 @@ def test_read_only_or_locked_data_dir_refuses_start_with_one_line_and_a_clean_st
     # Once fixed it starts, with every record.
     again = services(data)
     assert again.status("kept")["status"] == "completed"
+
+
+# -- 4. long uptime, the short version (benchmarks/bench_uptime.py runs 300) ---------------------------------
+def test_thirty_jobs_leave_fds_threads_and_children_flat(tmp_path, services, tiny_models, toy_data):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from bench_uptime import children, proc_stat
+
+    svc = services(tmp_path / "data")
+    upload_toy(svc, toy_data)
+
+    def run(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            r = svc.post("/v1/post-training/supervised-fine-tune", json=sft(f"up-{i}", tiny_models["student"], steps=1))
+            assert r.status_code == 200, r.text
+            assert svc.wait(f"up-{i}")["status"] == "completed"
+
+    run(0, 5)  # warm: the zygote, the first job's imports, SQLite's pages
+    time.sleep(1)
+    start = {**proc_stat(svc.proc.pid), "children": len(children(svc.proc.pid))}
+    run(5, 25)
+    time.sleep(1)
+    end = {**proc_stat(svc.proc.pid), "children": len(children(svc.proc.pid))}
+    zombies = [pid for pid, state in children(svc.proc.pid) if state == "Z"]
+    print(f"\nafter 5 jobs: {start}; after 30: {end}")
+    assert end["fds"] <= start["fds"] + 3, (start, end)
+    assert end["threads"] <= start["threads"] + 2, (start, end)
+    assert end["children"] <= start["children"] and zombies == []
+    svc.stop()
+    wal = tmp_path / "data" / "jobs.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, wal.stat().st_size
