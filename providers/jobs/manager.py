@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, client_errors
-from ..training.run_files import RunFiles, utc_now
+from ..training.run_files import RunFiles, no_space_left, progress_timeout_s, utc_now
 from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
 from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from ..training.spec import JobSpec, check_name
 from .child_env import child_env
-from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, UnknownJobError
+from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, StoreUnavailable, UnknownJobError
 from .zygote import prestart
 
 __all__ = ["JobManager", "QueueFullError", "kill_process_group", "process_group_alive", "process_group_runs"]
@@ -82,12 +82,15 @@ class JobManager:
         max_queued_jobs: int = 100,
         launchers: dict[str, Launcher] | None = None,
         prestart_zygote: bool = False,
+        progress_timeout_s: float | None = None,
     ):
         self.store = store
         self.command = command
         self.max_concurrent_jobs = max_concurrent_jobs  # jobs on this host (`local`); schedulers keep their own queue
         self.max_queued_jobs = max_queued_jobs
-        self.env = env or {}
+        self.env = dict(env or {})
+        if progress_timeout_s is not None:  # the service's default; a job's scheduling.progress_timeout_s wins
+            self.env["TRL_PROGRESS_TIMEOUT_S"] = str(int(progress_timeout_s))
         self.runs_dir = Path(runs_dir).resolve() if runs_dir else None
         if niceness is None:
             import torch
@@ -99,7 +102,9 @@ class JobManager:
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
+        self._stopping = threading.Event()
         self._recover()
+        threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
             prestart(self.job_env())
 
@@ -152,14 +157,62 @@ class JobManager:
 
     def _fail(self, job_uuid: str, reason: str) -> None:
         """Mark a job failed with `reason`, in the store first (the source of truth), then its status file."""
-        self.store.update(job_uuid, status="failed", error=reason, completed_at=utc_now())
+        self._record_end(job_uuid, status="failed", error=reason, completed_at=utc_now())
         try:
             job = self.store.get(job_uuid)
             if Path(job.run_dir).is_dir():
                 RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())
-        except (OSError, UnknownJobError) as e:
+        except (OSError, UnknownJobError, StoreUnavailable) as e:
             log.warning("job %s: could not write its status file: %s", job_uuid, e)
         log.warning("job %s failed: %s", job_uuid, reason)
+
+    def _record_end(self, job_uuid: str, **fields: Any) -> None:
+        """Write a job's end to the store; while the store cannot take it (disk full, read-only), keep it in
+        memory (job_view shows it) and try again every few seconds: a supervisor never dies of a write."""
+        delay, held = 1.0, False
+        while True:
+            if held and not self.store.is_held(job_uuid):
+                return  # written by another path (a resume writes it first)
+            try:
+                self.store.update(job_uuid, **fields)
+                break
+            except StoreUnavailable as e:
+                if not held:
+                    log.error("job %s ended (%s) but %s; retrying until it can be written", job_uuid,
+                              fields.get("status"), e)
+                    self.store.hold(job_uuid, **fields)
+                    held = True
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 10.0)
+        if held:
+            self.store.release(job_uuid)
+            log.info("job %s: its end (%s) is written to the store now", job_uuid, fields.get("status"))
+
+    def _watch_progress(self, interval_s: float = 2.0) -> None:
+        """Fail a local job whose rank stopped making progress (no heartbeat for its progress timeout): a
+        stopped, frozen or hung rank never exits by itself, and its peers would wait in a collective."""
+        failing: set[str] = set()
+        while not self._stopping.wait(interval_s):
+            for job_uuid, (launcher, _) in list(self._running.items()):
+                if launcher is not self.local or job_uuid in failing:
+                    continue
+                try:
+                    job = self.store.get(job_uuid)
+                    timeout = progress_timeout_s(JobSpec.load(job.run_dir).scheduling.progress_timeout_s)
+                    stalled = RunFiles(job.run_dir).stalled_rank(timeout)
+                except Exception as e:  # noqa: BLE001 - the watchdog must outlive any one job's files
+                    log.warning("job %s: progress check failed: %s", job_uuid, e)
+                    continue
+                if stalled:
+                    rank, age = stalled
+                    failing.add(job_uuid)
+                    reason = (f"rank {rank} made no progress for {age} s (limit {timeout} s: "
+                              "training_config.scheduling.progress_timeout_s or the service's --progress-timeout-s); "
+                              "every process of the job was stopped")
+                    threading.Thread(target=self.cancel, args=(job_uuid, reason), daemon=True,
+                                     name=f"watchdog-{job_uuid}").start()
+            failing &= set(self._running)
 
     @contextmanager
     def reserve(self, job_uuid: str):
@@ -283,7 +336,10 @@ class JobManager:
         finally:
             with self._lock:
                 self._running.pop(job_uuid, None)
-            self._pump()
+            try:
+                self._pump()
+            except StoreUnavailable as e:
+                log.error("job %s: queued jobs start once the store is available: %s", job_uuid, e)
 
     def _launch_state(self, job_uuid: str, state: LaunchState) -> None:
         """What the launcher says while the job is active: shown in resources_allocated; running means the
@@ -314,12 +370,28 @@ class JobManager:
         if state == "failed" and not cancelled and not status.get("error"):
             tail = files.tail_log(5)
             error = (error or "") + ("\n" + "\n".join(tail) if tail else "")
+        if state == "failed" and not cancelled and "no space left" not in (error or "").lower():
+            # The process could not say so itself when the disk was full (status.json unwritable).
+            full = no_space_left(self._job_dirs(job))
+            if full:
+                error = f"{full}: {error}"
         if state == "failed" and not cancelled and self._retry(job, error):
             return
-        self.store.update(job_uuid, status=state, error=error, completed_at=utc_now())
+        self._record_end(job_uuid, status=state, error=error, completed_at=utc_now())
         if files.dir.is_dir():
-            files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
+            try:
+                files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
+            except OSError as e:  # the store has it; the status file catches up on the next write
+                log.warning("job %s: could not write its status file: %s", job_uuid, e)
         log.info("job %s %s", job_uuid, state)
+
+    @staticmethod
+    def _job_dirs(job: JobRecord) -> list[str]:
+        """The directories a job writes: its checkpoint dir, then its run dir."""
+        try:
+            return [JobSpec.load(job.run_dir).checkpoint.output_dir, job.run_dir]
+        except Exception:  # noqa: BLE001 - an unreadable spec: the run dir alone
+            return [job.run_dir]
 
     def _retry(self, job: JobRecord, error: str | None) -> bool:
         """Queue a failed job again if its spec allows another try; it resumes from its newest checkpoint."""
@@ -372,6 +444,7 @@ class JobManager:
         job = self.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
             raise BadRequest(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+        self.store.write_held(job_uuid)  # its end first: the database must take writes before it can run again
         problem = self._unstartable(job)
         if problem:
             raise BadRequest(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
@@ -386,11 +459,17 @@ class JobManager:
 
     def shutdown(self) -> None:
         """Stop the jobs running on this host (they are marked failed on the next start if this process dies
-        first). Jobs a scheduler runs go on; the next start follows them again."""
+        first), then fold the store's write-ahead log into it. Jobs a scheduler runs go on; the next
+        start follows them again."""
         for job_uuid, (launcher, external_id) in list(self._running.items()):
             if launcher is self.local:
                 self._cancelled[job_uuid] = "the server shut down while the job was running"
                 self.local.cancel(external_id)
+        deadline = time.monotonic() + 10  # the supervisors record the ends they saw
+        while any(l is self.local for l, _ in list(self._running.values())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()
+        self.store.checkpoint()
 
     # -- views -------------------------------------------------------------------------------------
     def job_view(self, job_uuid: str) -> dict[str, Any]:

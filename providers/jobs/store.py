@@ -24,6 +24,16 @@ class DuplicateJobError(Conflict):
     pass
 
 
+class StoreUnavailable(RuntimeError):
+    """The job store cannot be read or written now (disk full, read-only, locked by another process): the
+    service answers 503 with this reason; the supervisor of a job keeps its end until it can be written."""
+
+
+def _unavailable(db_path: Path, e: sqlite3.Error) -> StoreUnavailable:
+    return StoreUnavailable(f"the job store {db_path} cannot be written: {e} (free space on its file system, "
+                            "make it writable, or stop the process that holds it)")
+
+
 class UnknownJobError(KeyError):
     def __str__(self) -> str:
         return f"unknown job_uuid {self.args[0]!r}"
@@ -53,10 +63,16 @@ _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
 class JobStore:
     def __init__(self, db_path: str | Path):
         db_path = Path(db_path)
+        self.path = db_path
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # job_uuid -> fields written to memory only, while the database cannot take them (see `hold`).
+        self._held: dict[str, dict[str, Any]] = {}
         try:
             self._open(db_path)
+        except sqlite3.OperationalError as e:
+            # Locked, read-only, full: nothing is wrong with the file itself; setting it aside would lose jobs.
+            raise _unavailable(db_path, e) from None
         except sqlite3.DatabaseError as e:
             # A corrupt store must not keep the server from starting: set it aside (for the operator to
             # inspect) and start an empty one.
@@ -70,8 +86,9 @@ class JobStore:
 
     def _open(self, db_path: Path) -> None:
         # One connection shared by the server's threads, serialized by a lock; WAL keeps readers cheap.
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after checkpoints
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, method TEXT, run_dir TEXT, status TEXT, "
             "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
@@ -84,17 +101,57 @@ class JobStore:
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+        # Can this process write it? (read-only file system, another process's exclusive lock): fail at start.
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ROLLBACK")
+
+    def _execute(self, query: str, args=()) -> sqlite3.Cursor:
+        """Run one statement under the lock; SQLite's operational errors (full, read-only, locked, I/O) become
+        StoreUnavailable. Call with self._lock held."""
+        try:
+            return self._db.execute(query, args)
+        except sqlite3.OperationalError as e:
+            raise _unavailable(self.path, e) from None
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into jobs.db and truncate it: a clean stop leaves no WAL behind. The
+        connection stays open (followers of scheduler jobs may still write)."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("job store %s: checkpointing its write-ahead log failed: %s", self.path, e)
+
+    def hold(self, job_uuid: str, **fields: Any) -> None:
+        """Show `fields` in every read of the job until `release`: a job's end that the database cannot take
+        yet (disk full) is what readers see meanwhile, never a stale `in_progress`."""
+        with self._lock:
+            self._held[job_uuid] = {**self._held.get(job_uuid, {}), **fields}
+
+    def release(self, job_uuid: str) -> None:
+        with self._lock:
+            self._held.pop(job_uuid, None)
+
+    def is_held(self, job_uuid: str) -> bool:
+        return job_uuid in self._held
+
+    def write_held(self, job_uuid: str) -> None:
+        """Write the job's held fields now (raises StoreUnavailable if the database still cannot take them)."""
+        fields = self._held.get(job_uuid)
+        if fields:
+            self.update(job_uuid, **fields)
+            self.release(job_uuid)
 
     def exists(self, job_uuid: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone() is not None
+            return self._execute("SELECT 1 FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone() is not None
 
     def create(self, job: JobRecord) -> None:
         row = asdict(job)
         row["resources"] = json.dumps(job.resources)
         with self._lock:
             try:
-                self._db.execute(
+                self._execute(
                     f"INSERT INTO jobs ({', '.join(_COLUMNS)}, seq) VALUES ({', '.join('?' * len(_COLUMNS))}, "
                     "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
                     [row[c] for c in _COLUMNS],
@@ -106,32 +163,45 @@ class JobStore:
         if "resources" in fields:
             fields["resources"] = json.dumps(fields["resources"])
         with self._lock:
-            self._db.execute(
+            self._execute(
                 f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE job_uuid = ?",
                 [*fields.values(), job_uuid],
             )
 
     def get(self, job_uuid: str) -> JobRecord:
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
+            row = self._execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
         if row is None:
             raise UnknownJobError(job_uuid)
-        return self._record(row)
+        return self._with_held(self._record(row))
 
-    def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False) -> list[JobRecord]:
+    def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False,
+             _raw: bool = False) -> list[JobRecord]:
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
         args: list[str] = []
+        if self._held and not _raw:  # held statuses differ from the rows': filter after applying them
+            records = [self._with_held(r) for r in self.list(by_priority=by_priority, _raw=True)]
+            return [r for r in records if not statuses or r.status in statuses]
         if statuses:
             query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             args = list(statuses)
         with self._lock:
-            rows = self._db.execute(query + (" ORDER BY priority DESC, seq" if by_priority else " ORDER BY seq"),
+            rows = self._execute(query + (" ORDER BY priority DESC, seq" if by_priority else " ORDER BY seq"),
                                     args).fetchall()
         return [self._record(r) for r in rows]
 
     def delete(self, job_uuid: str) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM jobs WHERE job_uuid = ?", [job_uuid])
+            self._execute("DELETE FROM jobs WHERE job_uuid = ?", [job_uuid])
+
+    def _with_held(self, job: JobRecord) -> JobRecord:
+        held = self._held.get(job.job_uuid)
+        if not held:
+            return job
+        values = {**asdict(job), **held}
+        if isinstance(values.get("resources"), str):
+            values["resources"] = json.loads(values["resources"])
+        return JobRecord(**values)
 
     @staticmethod
     def _record(row) -> JobRecord:

@@ -348,6 +348,9 @@ def serve(socket_path: str) -> None:
             listener = None
             Path(socket_path).unlink(missing_ok=True)
         if listener is None and not conns:
+            # The server died without stopping this zygote (SIGKILL): its temporary directory goes with it.
+            if Path(socket_path).parent.name.startswith("trl-zygote-"):
+                shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
             break
         ready, _, _ = select.select([listener] if listener is not None else [], [], [], 0.05)
         if ready:

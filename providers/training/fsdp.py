@@ -55,7 +55,14 @@ def init_distributed(spec: JobSpec) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend())
+        from datetime import timedelta
+
+        from .run_files import progress_timeout_s
+
+        # A collective waiting on a stopped peer fails a minute after the service's watchdog would (instead
+        # of gloo's and NCCL's 30 / 10 minute defaults), so the watchdog names the rank that stalled.
+        timeout = timedelta(seconds=progress_timeout_s(spec.scheduling.progress_timeout_s) + 60)
+        dist.init_process_group(backend=backend(), timeout=timeout)
     enable_fsdp_without_accelerator()
     log.info("rank %d/%d joined (%s)", rank, world_size, backend())
 

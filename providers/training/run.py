@@ -58,6 +58,48 @@ def redirect_rank_output(files: RunFiles) -> None:
     os.close(fd)
 
 
+def start_heartbeat(files: RunFiles, spec: JobSpec) -> None:
+    """Touch RUN_DIR/ranks/rank{RANK}.alive every few seconds from a thread: a stopped or frozen rank (SIGSTOP,
+    a dead NFS mount, swap storm) stops beating and the service's watchdog fails the job. A rank stuck in a
+    collective keeps beating; the collective's timeout (progress timeout + 60 s) ends that case."""
+    if "RANK" not in os.environ:
+        return
+    import threading
+    import time
+
+    from .run_files import progress_timeout_s
+
+    interval = max(1.0, min(10.0, progress_timeout_s(spec.scheduling.progress_timeout_s) / 5))
+    path = files.heartbeat(os.environ["RANK"])
+
+    def beat() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{os.getpid()}\n")  # which process is this rank (operators, the fault tests)
+        except OSError:
+            pass
+        while True:
+            try:
+                path.touch()
+            except OSError:
+                pass  # a full disk: touching needs no space once the file exists
+            time.sleep(interval)
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+
+
+def describe_error(e: BaseException, spec: JobSpec, files: RunFiles) -> str:
+    """The error as status.json shows it; a full disk (whatever layer reported it: OSError 28, torch's
+    'file write failed', safetensors) says 'no space left on device' and names the directory."""
+    from .run_files import no_space_left
+
+    error = f"{type(e).__name__}: {e}"
+    full = no_space_left([spec.checkpoint.output_dir, files.dir])
+    if full or getattr(e, "errno", None) == 28:
+        return f"{full or 'no space left on device'}: {error}"
+    return error
+
+
 def die_with_parent(parent: int) -> None:
     """Under torchrun, have the kernel SIGKILL this rank when its torchrun agent dies. torchrun starts ranks
     in their own sessions, so when a scheduler kills the agent (Ray stopping a node, Slurm, a SIGKILL) the
@@ -82,6 +124,7 @@ def main(run_dir: str) -> int:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.load(run_dir)
+    start_heartbeat(files, spec)
     is_main = writes_status()
     if is_main:
         files.update_status(state="starting", process_started_at=utc_now(), pid=os.getpid(), error=None)
@@ -103,16 +146,23 @@ def main(run_dir: str) -> int:
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
+        sys.stderr.flush()
+        error = describe_error(e, spec, files)
         if spec.fsdp is not None:
             from .fsdp import write_rank_report
 
-            write_rank_report(files.ranks, error=error, failed_at=utc_now())
-        files.update_status(
-            state="failed",
-            finished_at=utc_now(),
-            error=error + (f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""),
-        )
+            try:
+                write_rank_report(files.ranks, error=error, failed_at=utc_now())
+            except OSError:
+                pass  # a full disk: the service finds the reason itself
+        try:
+            files.update_status(
+                state="failed",
+                finished_at=utc_now(),
+                error=error + (f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""),
+            )
+        except OSError as write_error:
+            print(f"could not record the failure in status.json: {write_error}", file=sys.stderr, flush=True)
         if spec.fsdp is not None:
             from .fsdp import shutdown_distributed
 

@@ -21,6 +21,35 @@ from typing import Any
 
 
 RUN_STARTED = "=== run"
+DEFAULT_PROGRESS_TIMEOUT_S = 300  # the service's --progress-timeout-s default
+
+
+def progress_timeout_s(scheduling_timeout: int | None) -> int:
+    """Seconds a rank may go without progress before the job fails: the job's own
+    training_config.scheduling.progress_timeout_s, else the service's (TRL_PROGRESS_TIMEOUT_S in the job's env)."""
+    if scheduling_timeout:
+        return int(scheduling_timeout)
+    try:
+        return int(float(os.environ.get("TRL_PROGRESS_TIMEOUT_S", DEFAULT_PROGRESS_TIMEOUT_S)))
+    except ValueError:
+        return DEFAULT_PROGRESS_TIMEOUT_S
+
+
+def no_space_left(directories: list[str | Path], min_free: int = 1 << 20) -> str | None:
+    """'no space left on device in DIR (N bytes free)' for the first of `directories` whose file system has
+    less than `min_free` bytes left, else None."""
+    for directory in directories:
+        path = Path(directory)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            continue
+        free = st.f_bavail * st.f_frsize
+        if free < min_free:
+            return f"no space left on device in {directory} ({free} bytes free of {st.f_blocks * st.f_frsize})"
+    return None
 
 
 def writes_status() -> bool:
@@ -45,6 +74,22 @@ class RunFiles:
         self.logs = self.dir / "logs"
         self.log = self.logs / "train.log"
         self.ranks = self.dir / "ranks"
+
+    def heartbeat(self, rank: int | str) -> Path:
+        """The file rank `rank` touches while it makes progress (its mtime is the rank's last sign of life)."""
+        return self.ranks / f"rank{rank}.alive"
+
+    def stalled_rank(self, timeout_s: float) -> tuple[str, int] | None:
+        """(rank, seconds) of a rank whose heartbeat is older than `timeout_s`, or None."""
+        now = time.time()
+        for path in sorted(self.ranks.glob("rank*.alive")):
+            try:
+                age = now - path.stat().st_mtime
+            except OSError:
+                continue
+            if age > timeout_s:
+                return path.name[len("rank"):-len(".alive")], int(age)
+        return None
 
     def read_status(self) -> dict[str, Any]:
         try:

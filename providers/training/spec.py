@@ -254,6 +254,9 @@ class SchedulingSpec(Strict):
 
     priority: int = Field(0, ge=-100, le=100)  # higher starts first; equal priorities start in submit order
     max_retries: int = Field(0, ge=0, le=10)  # a failed run starts again, from its newest checkpoint
+    # A rank that neither steps nor beats its heartbeat for this long fails the job (None: the service's
+    # --progress-timeout-s, default 300); collectives time out a minute after it.
+    progress_timeout_s: int | None = Field(None, ge=5, le=7 * 24 * 3600)
     resources: ResourceRequest = Field(default_factory=ResourceRequest)
 
 

@@ -6,8 +6,12 @@ launchers, security) and then mounts the add-ons listed in ADDONS, each with one
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
+import sqlite3
+import sys
 import uuid
 from contextlib import asynccontextmanager
 
@@ -24,7 +28,7 @@ from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
-from ...jobs.store import UnknownJobError
+from ...jobs.store import StoreUnavailable, UnknownJobError
 from ...launchers import LAUNCHERS
 from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
@@ -151,6 +155,20 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   type(exc).__name__, exc, exc_info=exc)
         return _error(500, f"internal error (error id {error_id}): the service's log has the details")
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable):
+        return _error(503, str(exc))
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError):
+        # A full or read-only disk is the host's state, not a bug: say which and where.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _error(507, f"no space left on device writing {exc.filename or config.data_path}: free space "
+                               "there, then send again")
+        if exc.errno == errno.EROFS:
+            return _error(503, f"read-only file system at {exc.filename or config.data_path}")
+        return await internal_error(request, exc)
+
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, exc: QueueFullError):
         return _error(429, str(exc))
@@ -206,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", action="append", dest="model_dirs",
                         help="a model directory (or a folder of them) to advertise and allow (repeatable)")
     parser.add_argument("--down-after-s", type=float, help="seconds without heartbeat before a node is down")
+    parser.add_argument("--progress-timeout-s", type=int,
+                        help="a rank without a training step or heartbeat for this long fails its job (default 300; "
+                             "a job's training_config.scheduling.progress_timeout_s overrides it)")
     parser.add_argument("--launchers-config", help=f"YAML file: which launchers jobs may use ({', '.join(LAUNCHERS)}), "
                                                    "their settings and the shared run dir "
                                                    "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "address": args.address, "gloo_socket_ifname": args.gloo_socket_ifname, "model_dirs": args.model_dirs,
         "down_after_s": args.down_after_s, "insecure_no_auth": args.insecure_no_auth or None,
         "max_data_gb": args.max_data_gb, "chat_workers": args.chat_workers, "chat_queue": args.chat_queue,
-        "chat_max_tokens": args.chat_max_tokens,
+        "chat_max_tokens": args.chat_max_tokens, "progress_timeout_s": args.progress_timeout_s,
     }
     try:
         overrides["pass_env"] = parse_pass_env(args.pass_env)
@@ -253,6 +274,12 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except LauncherUnavailable as e:
         raise SystemExit(str(e)) from None
+    except (StoreUnavailable, OSError, sqlite3.Error) as e:
+        # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir.
+        raise SystemExit(f"cannot start: data dir {config.data_path}: {e}") from None
+    # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
+    # before its exit handlers run (the zygote's temporary directory would stay behind).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 

@@ -97,6 +97,9 @@ class ServiceConfig(BaseModel):
     model_dirs: list[str] = Field(default_factory=list)  # models on disk, advertised to the coordinator
     heartbeat_interval_s: float = 2.0
     down_after_s: float = 10.0  # a node that sent no heartbeat for this long is down
+    # A rank without a training step or heartbeat for this long fails its job (a job's
+    # training_config.scheduling.progress_timeout_s overrides it); collectives time out 60 s after it.
+    progress_timeout_s: PositiveInt = 300
     launchers: LaunchersConfig = Field(default_factory=LaunchersConfig)
     # Endpoints, keys, Hub namespaces and downloads the operator allows (--outbound-config); default: none
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)

@@ -70,7 +70,8 @@ class FsdpJobService:
         env.update({v: os.environ[v] for v in config.pass_env.get("training", []) if v in os.environ})  # --pass-env
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
-                               launchers=build_launchers(config), prestart_zygote=True)
+                               launchers=build_launchers(config), prestart_zygote=True,
+                               progress_timeout_s=config.progress_timeout_s)
         self.nodes: NodesLauncher | None = None  # the `nodes` launcher, once the app has the node registry
 
     # -- launchers -----------------------------------------------------------------------------------
