@@ -195,5 +195,5 @@ def test_logger_config_reaches_trls_offline_loggers(cli_env, ops_service, tmp_pa
 
     spec["logger"] = {"report_to": ["neptune"]}  # not installed on the training host: refused up front
     path.write_text(yaml.safe_dump(spec))
-    p = cli(cli_env, "submit", str(path), "--job-uuid", "cli-loggers-2", check=1)
+    p = cli(cli_env, "submit", str(path), "--job-uuid", "cli-loggers-2", check=2)  # a 4xx refusal
     assert "logger_config.report_to: 'neptune' needs the 'neptune' package" in p.stderr
