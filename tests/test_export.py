@@ -116,6 +116,7 @@ def gguf_llama_logits(path, ids, tensors=None):
     return norm(x, t["output_norm.weight"]) @ t["output.weight"].T.astype(np.float64)
 
 
+@pytest.mark.slow  # exports a GGUF and runs its forward in numpy: ~8 s
 def test_gguf_computes_the_hf_logits_under_llama_cpp_rope(tiny_models, teacher_gguf):
     """llama.cpp's `llama` forward (adjacent-pair RoPE), in numpy on the file's tensors, gives the
     transformers logits; with q/k left in HF order it would not (so the check sees the permutation)."""
