@@ -417,12 +417,7 @@ class OpenAIFineTuning:
                                                 algorithm_config=algo)
                 route = "supervised-fine-tune"
             self.service.submit_job(route, req)
-        with self.state.lock:
-            cur = self.state.get_job(job_id)
-            cur["submitted"] = True
-            cur["events"].append({"created_at": int(time.time()), "level": "info",
-                                  "message": "Files validated, moving job to queued state"})
-            self.state.put_job(cur)
+        self.state.add_event(job_id, "Files validated, moving job to queued state", submitted=True)
 
     def _view(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         if not rec.get("submitted"):
@@ -595,12 +590,7 @@ class OpenAIFineTuning:
             raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(status, rec.get('paused'))}; only "
                                 "queued or running jobs pause", "fine_tuning_job_id")
         self.service.cancel_job(job_id)
-        with self.state.lock:
-            rec = self.state.get_job(job_id)
-            rec["paused"] = True
-            rec["events"].append({"created_at": int(time.time()), "level": "info",
-                                  "message": "Job paused; it resumes from its newest checkpoint"})
-            self.state.put_job(rec)
+        rec = self.state.add_event(job_id, "Job paused; it resumes from its newest checkpoint", paused=True)
         return self.job_object(rec)
 
     def resume(self, job_id: str) -> dict[str, Any]:
@@ -610,11 +600,7 @@ class OpenAIFineTuning:
                                 "paused", "fine_tuning_job_id")
         with openai_errors("fine_tuning_job_id"):
             self.service.resume_job(job_id)
-        with self.state.lock:
-            rec = self.state.get_job(job_id)
-            rec["paused"] = False
-            rec["events"].append({"created_at": int(time.time()), "level": "info", "message": "Job resumed"})
-            self.state.put_job(rec)
+        rec = self.state.add_event(job_id, "Job resumed", paused=False)
         return self.job_object(rec)
 
 

@@ -72,9 +72,12 @@ class FtState:
         recs = [load_state(p, None) for p in self.jobs_dir.glob("ftjob-*.json")]
         return sorted((r for r in recs if r), key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
-    def add_event(self, job_id: str, message: str, level: str = "info") -> None:
+    def add_event(self, job_id: str, message: str, level: str = "info", **updates: Any) -> dict[str, Any]:
+        """Append an event to a job's record, with `updates` to its fields in the same write; the record."""
         with self.lock:
             rec = self.get_job(job_id)
+            rec.update(updates)
             rec.setdefault("events", []).append({"created_at": int(time.time()), "level": level,
                                                  "message": message})
             self.put_job(rec)
+            return rec
