@@ -92,7 +92,7 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ValidationError):
         return EXIT_USAGE, first_validation_error(exc)
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
-        return EXIT_USAGE, f"{exc.filename}: {exc.strerror}"
+        return EXIT_USAGE, f"{exc.filename}: {exc.strerror}" if exc.strerror else str(exc)
     if isinstance(exc, ValueError) or type(exc).__module__.startswith("yaml"):  # unreadable JSON/YAML, a bad value
         return EXIT_USAGE, f"{type(exc).__name__}: {exc}"
     if _is_connection_error(exc):

@@ -341,3 +341,4 @@ class ReadOnlyJobStore(JobStore):
         uri = f"file:{os.path.abspath(db_path)}?mode=ro"
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._held: dict = {}  # what a writer holds back when its store is full: nothing, read-only
