@@ -268,7 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     check_exposure(config)
     import uvicorn
 
-    log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
     # Access lines come from our audit log (client, route, status), which never prints headers.
     try:
         app = create_app(config)
@@ -277,9 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreUnavailable, OSError, sqlite3.Error) as e:
         # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir.
         raise SystemExit(f"cannot start: data dir {config.data_path}: {e}") from None
+    # llama_stack's logging set-up (run on its first import) puts every logger that exists then at WARNING: ours
+    # too when one of our modules made its logger first. The service's levels are basicConfig's.
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.startswith("providers") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)
     # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
     # before its exit handlers run (the zygote's temporary directory would stay behind).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 
