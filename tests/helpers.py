@@ -5,10 +5,12 @@ Everything talks to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -190,3 +192,27 @@ def hf_cache_with(model_dir: str | Path, repo_id: str, hf_home: str | Path) -> P
     (repo / "refs" / "main").write_text(commit)
     (repo / "blobs").mkdir()
     return Path(hf_home)
+
+
+@contextlib.contextmanager
+def token_service(root: Path, token: str, models_root: str, *extra_args: str):
+    """A training service process on a free port with a clean data dir under `root`, the clients' `token`
+    read from a file, and models allowed under `models_root`; yields (url, data dir, log file). On exit the
+    service is stopped and any process naming its data dir is killed."""
+    data = root / "data"
+    (root / "token").write_text(token)
+    port = free_port()
+    log = root / "service.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port), "--data-dir", str(data),
+             "--api-token-file", str(root / "token"), "--allowed-model-root", models_root, *extra_args],
+            cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, timeout=120, proc=proc, path="/health", log_file=log)
+        yield url, data, log
+    finally:
+        stop_process_group(proc)
+        kill_pids([pid for pid, _ in processes_mentioning(str(data))])

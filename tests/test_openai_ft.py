@@ -10,27 +10,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import openai
 import pytest
-from helpers import (
-    free_port,
-    process_group_exists,
-    processes_mentioning,
-    stop_process_group,
-    wait_for_health,
-    wait_until,
-)
+from helpers import process_group_exists, token_service, wait_until
 
 from providers.openai_ft.formats import FileFormatError, choose_hyperparameters, openai_status, validate_jsonl
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "openai-ft-test-token"
 CHAT = {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]}
 PREF = {"input": {"messages": [{"role": "user", "content": "reverse: a b"}]},
@@ -100,24 +89,9 @@ def test_status_mapping_and_auto_hyperparameters():
 # -- slow: one service process ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("openai_ft")
-    data = root / "data"
-    (root / "token").write_text(TOKEN)
-    port = free_port()
-    log = root / "service.log"
     models_root = str(Path(tiny_models["student"]).parent)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port), "--data-dir", str(data),
-             "--api-token-file", str(root / "token"), "--allowed-model-root", models_root, "--nproc-per-node", "1"],
-            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(url, timeout=120, proc=proc, path="/health", log_file=log)
-    yield {"url": url, "data": data, "log": log}
-    stop_process_group(proc)
-    for pid, _ in processes_mentioning(str(data)):
-        os.kill(pid, signal.SIGKILL)
+    with token_service(tmp_path_factory.mktemp("openai_ft"), TOKEN, models_root, "--nproc-per-node", "1") as (url, data, log):
+        yield {"url": url, "data": data, "log": log}
 
 
 def sdk(service, key: str = TOKEN, prefix: str = "/v1/openai/v1") -> openai.OpenAI:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from helpers import free_port, processes_mentioning, stop_process_group, wait_for_health
+from helpers import token_service
 
 from providers.remote_fsdp.client import TrainingServiceClient
 
@@ -33,24 +32,9 @@ TOKEN = "workflow-test-token"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("workflow")
-    data = root / "data"
-    (root / "token").write_text(TOKEN)
-    port = free_port()
-    log = root / "service.log"
     models_root = str(Path(tiny_models["student"]).parent)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port), "--data-dir", str(data),
-             "--api-token-file", str(root / "token"), "--allowed-model-root", models_root],
-            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(url, timeout=120, proc=proc, path="/health", log_file=log)
-    yield {"client": TrainingServiceClient(url, api_token=TOKEN), "url": url, "data": data, "log": log}
-    stop_process_group(proc)
-    for pid, _ in processes_mentioning(str(data)):
-        os.kill(pid, signal.SIGKILL)
+    with token_service(tmp_path_factory.mktemp("workflow"), TOKEN, models_root) as (url, data, log):
+        yield {"client": TrainingServiceClient(url, api_token=TOKEN), "url": url, "data": data, "log": log}
 
 
 def chat_client(service) -> openai.OpenAI:
