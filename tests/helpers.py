@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,6 +139,20 @@ def kill_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def unused_subnets(count: int, low: int, high: int) -> list[int]:
+    """`count` distinct X in [low, high) with 10.231.X.0/24 not routed on this host now. A test network
+    left behind by a killed run (or one of a concurrent run) keeps its route: reusing its subnet would send
+    the test's packets into the stale namespace."""
+    import random
+
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    used = {int(m) for m in re.findall(r"^10\.231\.(\d+)\.", routes, re.M)}
+    free = [x for x in range(low, high) if x not in used]
+    if len(free) < count:
+        raise RuntimeError(f"no unused 10.231.{low}-{high - 1}.0/24 subnets left: {routes}")
+    return random.sample(free, count)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import free_port, processes_mentioning, stop_process_group, wait_until
+from helpers import free_port, processes_mentioning, stop_process_group, unused_subnets, wait_until
 
 pytestmark = pytest.mark.slow  # two services in network namespaces, training
 
@@ -35,8 +35,8 @@ def sh(*args: str) -> None:
 
 
 class Network:
-    """Hosts A and B: in namespaces (10.231.0.1/.2 on a veth pair; the test reaches A through a second
-    veth, 10.231.1.2), or both on 127.0.0.1."""
+    """Hosts A and B: in namespaces (10.231.C.1/.2 on a veth pair; the test reaches A through a second
+    veth, 10.231.T.2, with C and T two subnets no other network here routes), or both on 127.0.0.1."""
 
     def __init__(self, namespaces: bool = True):
         self.tag = uuid.uuid4().hex[:6]
@@ -59,22 +59,24 @@ class Network:
             self.namespaces.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         va, vb, vt, vh = f"va{self.tag}", f"vb{self.tag}", f"vt{self.tag}", f"vh{self.tag}"
+        cluster, test = unused_subnets(2, 0, 100)  # 10.231.0-99: test_security_rendezvous takes 100-249
         sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
         sh("ip", "link", "set", va, "netns", a)
         sh("ip", "link", "set", vb, "netns", b)
-        sh("ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", va)
-        sh("ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", vb)
+        sh("ip", "-n", a, "addr", "add", f"10.231.{cluster}.1/24", "dev", va)
+        sh("ip", "-n", b, "addr", "add", f"10.231.{cluster}.2/24", "dev", vb)
         sh("ip", "-n", a, "link", "set", va, "up")
         sh("ip", "-n", b, "link", "set", vb, "up")
         # The test (root namespace) talks HTTP to host A over a second link.
         sh("ip", "link", "add", vh, "type", "veth", "peer", "name", vt)
         sh("ip", "link", "set", vt, "netns", a)
-        sh("ip", "addr", "add", "10.231.1.1/24", "dev", vh)
-        sh("ip", "-n", a, "addr", "add", "10.231.1.2/24", "dev", vt)
+        sh("ip", "addr", "add", f"10.231.{test}.1/24", "dev", vh)
+        sh("ip", "-n", a, "addr", "add", f"10.231.{test}.2/24", "dev", vt)
         sh("ip", "link", "set", vh, "up")
         sh("ip", "-n", a, "link", "set", vt, "up")
         self.host_veth = vh
-        self.a_addr, self.b_addr, self.test_addr_of_a = "10.231.0.1", "10.231.0.2", "10.231.1.2"
+        self.a_addr, self.b_addr = f"10.231.{cluster}.1", f"10.231.{cluster}.2"
+        self.test_addr_of_a = f"10.231.{test}.2"
         self.ifname = {"a": va, "b": vb}
 
     def prefix(self, host: str) -> list[str]:

@@ -421,7 +421,7 @@ def test_pipeline_students_wait_for_a_node_that_fits_and_start_by_priority(clust
     wait_until(lambda: len(big.paths("/v1/student-tasks")) == 2, 60, message="students sent to big")
     sent = [b["students"][0] for _, b in big.paths("/v1/student-tasks")]
     assert [s["name"] for s in sent] == ["first", "later"]
-    assert sent[0]["scheduling"] == {"priority": 10, "max_retries": 2, "resources": {
+    assert sent[0]["scheduling"] == {"priority": 10, "max_retries": 2, "progress_timeout_s": None, "resources": {
         "gpus": 0, "gpu_memory_gb": 0, "cpu_cores": 0, "ram_gb": ram * 2}}
     state = requests.get(coordinator.url + "/v1/pipelines/waits", timeout=10).json()
     assert [s.get("node_id") for s in state["students"]] == ["big", "big"]

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import stop_process_group, wait_until
+from helpers import stop_process_group, unused_subnets, wait_until
 from test_fsdp_service import Service, sft_body
 from conftest import kill_leftover_processes
 
@@ -52,7 +52,7 @@ class Peer:
     def __init__(self):
         tag = uuid.uuid4().hex[:6]
         self.ns, self.veth = f"trlsec{tag}", f"vs{tag}"
-        net = 100 + int(tag, 16) % 150  # 10.231.100-249.0/24: beside test_multinode's 10.231.0/1
+        (net,) = unused_subnets(1, 100, 250)  # 10.231.100-249.0/24: beside test_multinode's 0-99
         self.host_addr, self.peer_addr = f"10.231.{net}.1", f"10.231.{net}.2"
         sh("ip", "netns", "add", self.ns)
         try:
@@ -233,8 +233,8 @@ def two_nodes(tmp_path_factory, toy_data):
 
 
 def test_a_two_node_job_binds_its_store_to_the_cluster_address_only(two_nodes, tiny_models):
-    """Node A has two links: the cluster's (10.231.0.1, its --address) and the test's (10.231.1.2). The job's
-    store and gloo sockets on A listen on the cluster address (or loopback) only: a connect through the
+    """Node A has two links: the cluster's (net.a_addr, its --address) and the test's (net.test_addr_of_a).
+    The job's store and gloo sockets on A listen on the cluster address (or loopback) only: a connect through the
     test's link is refused; and the job trains to the end."""
     url, net, http = two_nodes["url"], two_nodes["net"], two_nodes["http"]
     job = "rdzv-2n-" + uuid.uuid4().hex[:6]
