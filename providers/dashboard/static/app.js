@@ -14,6 +14,16 @@ const CHARTS = [
   { id: "accuracy", title: "DPO reward accuracy", keys: ["rewards/accuracies"], labels: ["accuracy"] },
   { id: "distill", title: "Distillation loss", keys: ["hard_loss", "soft_loss"], labels: ["hard (CE)", "soft (T²·KL)"] },
   { id: "gradnorm", title: "Gradient norm", keys: ["grad_norm"], labels: ["grad norm"] },
+  // GRPO: TRL logs one reward per reward function, named after the grader: those charts take their series from
+  // the keys a job's records carry (`pattern`), not from a fixed list.
+  { id: "grpo_reward", title: "Reward (all graders)", keys: ["reward", "reward_std"], labels: ["mean", "std"] },
+  { id: "grader_reward", title: "Reward per grader (mean)", pattern: /^rewards\/(.+)\/mean$/ },
+  { id: "grader_reward_std", title: "Reward per grader (std)", pattern: /^rewards\/(.+)\/std$/ },
+  { id: "kl", title: "KL to the reference", keys: ["kl"], labels: ["KL"] },
+  { id: "completion_length", title: "Completion length (tokens)", keys: ["completions/mean_length", "completions/max_length"],
+    labels: ["mean", "max"] },
+  { id: "clip_ratio", title: "Clip ratio", keys: ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"],
+    labels: ["region", "low", "high"] },
 ];
 const ACTIVE = ["scheduled", "in_progress"];
 
@@ -131,6 +141,8 @@ async function jobView(el, jobUuid) {
   const byStep = new Map();
   let offset = 0;
   const charts = {};
+  // this job's copy of the chart list: pattern charts gain a series per matching key the records carry
+  const defs = CHARTS.map((d) => ({ ...d, keys: [...(d.keys || [])], labels: [...(d.labels || [])] }));
   let finalRefreshDone = false;
   el.innerHTML = `<h2>Job <code>${esc(jobUuid)}</code> <span id="job-status"></span></h2>
     <div class="actions" id="job-actions"></div><div class="facts" id="job-facts"></div>
@@ -167,11 +179,21 @@ async function jobView(el, jobUuid) {
     for (const r of records) {
       if (r.step === undefined) continue;
       const row = byStep.get(r.step) || {};
-      for (const def of CHARTS) for (const k of def.keys) if (typeof r[k] === "number") row[k] = r[k];
+      for (const def of defs) {
+        if (!def.pattern) continue;
+        for (const k of Object.keys(r)) {
+          const m = def.pattern.exec(k);
+          if (!m || def.keys.includes(k)) continue;
+          def.keys.push(k);
+          def.labels.push(m[1]);
+          if (charts[def.id]) { charts[def.id].box.remove(); delete charts[def.id]; }  // rebuilt with the new series
+        }
+      }
+      for (const def of defs) for (const k of def.keys) if (typeof r[k] === "number") row[k] = r[k];
       byStep.set(r.step, row);
     }
     const steps = [...byStep.keys()].sort((a, b) => a - b);
-    for (const def of CHARTS) {
+    for (const def of defs) {
       const cols = def.keys.map((k) => steps.map((s) => byStep.get(s)[k] ?? null));
       const n = cols.reduce((acc, c) => acc + c.filter((v) => v !== null).length, 0);
       if (!n) continue;
