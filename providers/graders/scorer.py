@@ -31,6 +31,12 @@ def default_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
+def check_model_dir(path: str) -> None:
+    """ValueError unless `path` is a local model directory (the request layer resolved names to one)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model: {path!r} is not a local model directory (no config.json there)")
+
+
 def load_model(path: str, device: str):
     """(model, tokenizer) of the local model directory `path` on `device`, from a small cache."""
     key = (path, device)
@@ -38,8 +44,7 @@ def load_model(path: str, device: str):
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model: {path!r} is not a local model directory (no config.json there)")
+    check_model_dir(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +84,7 @@ def parse_score(text: str, low: float, high: float) -> float:
 
 def generate(grader: ScoreModelGrader, conversations: list[list[dict[str, str]]], device: str | None = None) -> list[str]:
     """The grader model's answer to each conversation (lists of {role, content} with templates rendered)."""
+    check_model_dir(grader.model)  # before importing torch: a wrong path fails fast
     import torch
 
     device = device or default_device()
