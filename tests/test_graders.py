@@ -115,9 +115,11 @@ def test_multi_formula_combines_the_named_graders(formula, want):
     assert score(multi(formula), "abcd", answer="abcdef") == pytest.approx(want)  # exact 0, close 8/10
 
 
-def test_multi_sub_grader_named_by_its_key():
+def test_multi_sub_grader_named_by_its_key_and_openai_example_names_accepted():
     g = one(multi("exact"))
     assert g.graders["exact"].name == "exact" and g.graders["close"].name == "close"
+    g = one({**multi("exact"), "name": "Example multi grader"})
+    assert reward_functions([g])[0].__name__ == "Example multi grader"
 
 
 @pytest.mark.parametrize("formula,match", [
@@ -173,7 +175,7 @@ def test_python_grader_inside_multi_is_refused_with_its_path():
     ({"type": "string_check", "name": "s", "input": "x"}, "graders\\[0\\].reference: Field required"),
     ({"type": "string_check", "name": "s", "input": "x" * 4097, "reference": "y"},
      "graders\\[0\\].input: String should have at most 4096 characters"),
-    ({"type": "string_check", "name": "bad name", "input": "x", "reference": "y"}, "graders\\[0\\].name"),
+    ({"type": "string_check", "name": "rewards/x", "input": "x", "reference": "y"}, "graders\\[0\\].name"),
     ({"type": "score_model", "name": "j", "model": "https://example.invalid/v1", "input": [
         {"role": "user", "content": "x"}]}, "graders\\[0\\].model: .*URLs are not called"),
     ({"type": "score_model", "name": "j", "model": "/m", "range": [1, 1], "input": [
@@ -210,6 +212,7 @@ def test_grader_count_and_names_are_bounded():
     "{% set x = item %}{{ x }}",
     "{% include 'x' %}",
     "{{ item.answer.upper() }}",
+    "{{ item.answer | join('-' * 4000) }}",
 ])
 def test_template_escapes_are_refused(template):
     refused([{"type": "string_check", "name": "s", "input": template, "reference": "y"}], "^graders\\[0\\].input: ")
@@ -405,3 +408,21 @@ def test_score_model_grades_with_a_local_model(digit_judge, tiny_models):
     # The letter-reversing teacher answers letters: no number, so 0.0, counted
     assert rewards[2](prompts, completions, question=["2+2?"] * 3) == [0.0] * 3
     assert rewards[2].errors == 3 and "holds no number" in rewards[2].last_error
+
+
+def test_graders_survive_the_job_spec_round_trip():
+    """The request's graders are written into the job spec (JSON) and read back by the training process."""
+    from pydantic import BaseModel
+
+    from providers.graders import GraderList
+
+    class Spec(BaseModel):
+        graders: GraderList
+
+    judge = {"type": "score_model", "name": "judge", "model": "/models/judge", "range": [1, 5],
+             "input": [{"role": "user", "content": "Rate: {{ sample.output_text }}"}],
+             "sampling_params": {"temperature": 0.7, "seed": 3}}
+    spec = Spec(graders=[multi("0.5 * exact + 0.5 * close"), judge])
+    again = Spec.model_validate_json(spec.model_dump_json())
+    assert again == spec
+    assert again.graders[1].input[0].content[0].text == "Rate: {{ sample.output_text }}"

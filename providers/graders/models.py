@@ -25,14 +25,16 @@ MAX_GRADERS = 32  # all graders of a request, those inside `multi` included
 MULTI_MAX_GRADERS = 16
 SCORE_MODEL_MAX_MESSAGES = 16
 SCORE_MODEL_MAX_NEW_TOKENS = 512
-NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a name a formula can use
+# A grader's own name (OpenAI's examples say "Example string check grader"); it names a reward metric, so no '/'
+GRADER_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9 _.\-]*$"
 
 Template = Annotated[str, Field(max_length=TEMPLATE_MAX_CHARS), AfterValidator(check_template)]
 
 
 class GraderBase(KnownKeys):
     model_config = {"extra": "forbid"}
-    name: str = Field(..., min_length=1, max_length=64, pattern=NAME_PATTERN)
+    name: str = Field(..., min_length=1, max_length=64, pattern=GRADER_NAME_PATTERN)
 
 
 class StringCheckGrader(GraderBase):

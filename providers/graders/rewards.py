@@ -327,9 +327,10 @@ class GraderReward:
         results = grade_batch(self.grader, items, samples, self.device)
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
-            if self.errors == 0 or str(failed[0]) != self.last_error:
-                log.warning("grader %s: %d of %d samples scored 0.0: %s", self.__name__, len(failed), n, failed[0])
-            self.errors += len(failed)
+            before, self.errors = self.errors, self.errors + len(failed)
+            if len(str(self.errors)) > len(str(before)) or before == 0:  # the 1st, 10th, 100th ... error: no flood
+                log.warning("grader %s: %d of %d samples scored 0.0 (%d so far): %s", self.__name__, len(failed), n,
+                            self.errors, failed[0])
             self.last_error = str(failed[0])
         log_metric = columns.get("log_metric")
         if callable(log_metric):

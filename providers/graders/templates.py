@@ -19,8 +19,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 TEMPLATE_MAX_CHARS = 4096
 RENDERED_MAX_CHARS = 64 * 1024
 NAMESPACES = ("item", "sample")
-# Filters whose work is linear in their input and whose output is at most a small multiple of it.
-FILTERS = frozenset({"lower", "upper", "trim", "string", "tojson", "length", "first", "last", "join", "default",
+# Filters whose work is linear in their input and whose output is at most a small multiple of it (not `join`:
+# a long separator between the characters of a long field multiplies the two).
+FILTERS = frozenset({"lower", "upper", "trim", "string", "tojson", "length", "first", "last", "default",
                      "int", "float", "abs", "round", "capitalize", "title"})
 _ALLOWED = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Name, nodes.Getattr, nodes.Getitem,
             nodes.Const, nodes.Filter)
