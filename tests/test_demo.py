@@ -1,6 +1,7 @@
 """The demo as a new user runs it: no warnings they cannot act on, and training that visibly worked."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_demo_output_is_clean_and_sft_beats_the_base(tmp_path):
+def test_demo_output_is_clean_and_sft_beats_the_base(tmp_path, tiny_models):
+    # The session's tiny models, with their build marker, are the demo's "built once, then reused" models: the
+    # teacher's pretraining (a minute of CPU) is not repeated here.
+    shutil.copytree(Path(tiny_models["student"]).parent, tmp_path / "models")
     # --skip-remote: the inline part has every method and its table rows; the FSDP part has its own tests.
     run = subprocess.run([sys.executable, "scripts/demo.py", "--workdir", str(tmp_path), "--skip-remote"],
                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
