@@ -467,8 +467,13 @@ class OpenAIFineTuning:
                 req = SupervisedFineTuneRequest(job_uuid=job_id, model=rec["base_model"], training_config=tc,
                                                 algorithm_config=algo)
                 route = "supervised-fine-tune"
+            # The event first: an idle service starts the job at once, and its start must come after this
+            self.state.add_event(job_id, "Files validated, moving job to queued state")
             self.service.submit_job(route, req)
-        self.state.add_event(job_id, "Files validated, moving job to queued state", submitted=True)
+        with self.state.lock:
+            rec = self.state.get_job(job_id)
+            rec["submitted"] = True
+            self.state.put_job(rec)
 
     def _view(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         if not rec.get("submitted"):
