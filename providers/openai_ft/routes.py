@@ -17,6 +17,7 @@ import math
 import re
 import secrets
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -252,6 +253,7 @@ class OpenAIFineTuning:
     def __init__(self, service: FsdpJobService):
         self.service = service
         self.state = FtState(service.data_dir)
+        self.models_lock = threading.Lock()  # one continuation model made at a time (a merge loads a model)
 
     # files
     def file_object(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -417,7 +419,7 @@ class OpenAIFineTuning:
         its job's base model. Made once per id; later jobs reuse it."""
         rec, src, step = self._ft_source(ref, "model")
         dest = self.state.models_dir / f"{rec['id']}-{'final' if step is None else f'step-{step}'}"
-        with self.state.lock:
+        with self.models_lock:
             if dest.is_dir():
                 return str(dest)
             tmp = temp_path(dest.parent, dest.name)
