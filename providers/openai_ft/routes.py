@@ -36,8 +36,8 @@ from ..errors import BadRequest, ClientError, NotFound, client_errors, first_val
 from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
-from ..training.methods import METHODS
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, temp_path
+from ..training.methods import METHODS
 from ..training.run_files import RunFiles
 from .formats import (
     KINDS,
