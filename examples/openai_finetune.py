@@ -18,10 +18,16 @@ job = client.fine_tuning.jobs.create(
     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
     extra_body={"trl": {"finetuning": "lora", "training_config": {"max_steps_per_epoch": 10, "dtype": "fp32"}}},
 )
-while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-    for event in reversed(client.fine_tuning.jobs.list_events(job.id, limit=5).data):
-        print(event.created_at, event.message)
-    time.sleep(5)
+seen = set()
+while True:
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    for event in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data):  # newest first: reverse
+        if event.id not in seen:
+            seen.add(event.id)
+            print(event.created_at, event.level, event.message)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        break
+    time.sleep(2)
 print(job.status, job.fine_tuned_model, job.error)
 for checkpoint in client.fine_tuning.jobs.checkpoints.list(job.id):
     print(checkpoint.step_number, checkpoint.metrics.train_loss, checkpoint.fine_tuned_model_checkpoint)

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -21,6 +22,7 @@ from helpers import process_group_exists, token_service, wait_until
 from providers.openai_ft.formats import FileFormatError, choose_hyperparameters, openai_status, validate_jsonl
 
 TOKEN = "openai-ft-test-token"
+UPLOAD_MB, QUOTA_GB = 16, 0.014  # 15.0 MB: the 10 MB line upload fits, a 15.5 MB one does not
 CHAT = {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]}
 PREF = {"input": {"messages": [{"role": "user", "content": "reverse: a b"}]},
         "preferred_output": [{"role": "assistant", "content": "b a"}],
@@ -86,11 +88,47 @@ def test_status_mapping_and_auto_hyperparameters():
         choose_hyperparameters({"beta": 0.2}, "supervised", 10, "lora")
 
 
+@pytest.mark.slow  # imports transformers (seconds)
+def test_pause_checkpoint_saves_then_holds(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from providers.training.pause import PauseCheckpoint
+    from providers.training.run_files import RunFiles
+
+    files = RunFiles(tmp_path)
+    cb, args, state = PauseCheckpoint(files), SimpleNamespace(device="cpu"), TrainerState()
+    state.global_step = 5
+    control = cb.on_step_end(args, state, TrainerControl()) or TrainerControl()
+    assert not control.should_save and not cb.saving  # no request: nothing happens
+    files.pause_request.write_text("1\n")
+    control = TrainerControl()
+    cb.on_step_end(args, state, control)
+    cb.on_save(args, state, control)
+    assert control.should_save and cb.holding and files.pause_saved.read_text() == "5\n"
+
+
+def test_continuation_model_leaves_trainer_state_out(tmp_path):
+    from providers.openai_ft.store import link_model_files
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        (ckpt / name).write_text(name)
+    link_model_files(ckpt, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
+                                                                     "tokenizer.json"]
+    assert (tmp_path / "model" / "config.json").stat().st_ino == (ckpt / "config.json").stat().st_ino
+
+
 # -- slow: one service process ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_models):
     models_root = str(Path(tiny_models["student"]).parent)
-    with token_service(tmp_path_factory.mktemp("openai_ft"), TOKEN, models_root, "--nproc-per-node", "1") as (url, data, log):
+    # One job runs and one waits (a third is a 429); uploads up to 16 MB (413 past it) within a 15 MB quota (507)
+    limits = ("--max-queued-jobs", "1", "--max-upload-mb", str(UPLOAD_MB), "--max-data-gb", str(QUOTA_GB))
+    with token_service(tmp_path_factory.mktemp("openai_ft"), TOKEN, models_root, "--nproc-per-node", "1",
+                       *limits) as (url, data, log):
         yield {"url": url, "data": data, "log": log}
 
 
@@ -166,6 +204,12 @@ def test_sft_files_events_checkpoints_and_chat(service, toy_data):
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     metrics = [e for e in events if e.type == "metrics"]
     assert len(metrics) >= 4 and all(e.object == "fine_tuning.job.event" for e in events)
+    # OpenAI's event fields: int seconds, newest first; metrics events carry the step's numbers in data
+    assert all(isinstance(e.created_at, int) and e.level in ("info", "warn", "error") for e in events)
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    assert all(e.type == "message" and e.data == {} for e in events if e.type != "metrics")
+    assert all({"step", "train_loss", "total_steps"} <= set(e.data) for e in metrics if "valid_loss" not in e.data)
+    assert job.created_at <= metrics[-1].created_at <= metrics[0].created_at <= job.finished_at
     assert events[0].message.startswith("The job has successfully completed")  # newest first
     assert job.fine_tuned_model == f"ft:student:local:rev:{job.id}" and job.trained_tokens > 0 and job.finished_at
     page = client.fine_tuning.jobs.list_events(job.id, limit=2)
@@ -192,8 +236,40 @@ def test_sft_files_events_checkpoints_and_chat(service, toy_data):
         client.chat.completions.create(model=job.fine_tuned_model.replace(":rev:", ":other:"), max_tokens=2,
                                        messages=[{"role": "user", "content": "x"}])
 
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):  # continuing from an ft: model: not yet
-        client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=f.id)
+    # GET /models lists the fine-tuned model and its checkpoints (both prefixes); retrieve answers for each
+    for c in (client, sdk(service, prefix="/v1")):
+        listed = [m.id for m in c.models.list().data]
+        assert job.fine_tuned_model in listed and all(cp.fine_tuned_model_checkpoint in listed for cp in cps)
+        assert c.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
+    assert client.models.retrieve(cps[-1].fine_tuned_model_checkpoint).owned_by == "local"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(job.fine_tuned_model + "x")
+
+    # continue from the fine-tuned model: the same first batch (same seed) has a lower loss than it had on the base
+    more = client.fine_tuning.jobs.create(
+        model=job.fine_tuned_model, training_file=f.id, suffix="more", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        extra_body=fast(2))
+    assert more.model == job.fine_tuned_model and more.trl["base_model"].endswith(f"{job.id}-final")
+    more = wait_job(client, more.id)
+    assert more.status == "succeeded", (more.error, service["log"].read_text()[-3000:])
+    assert more.fine_tuned_model == f"ft:student:local:more:{more.id}"
+
+    def first_loss(job_id):
+        return [e.data["train_loss"] for e in client.fine_tuning.jobs.list_events(job_id, limit=200).data
+                if e.type == "metrics" and e.data.get("step") == 1][0]
+
+    base_loss, continued_loss = first_loss(job.id), first_loss(more.id)
+    assert continued_loss < base_loss - 0.05, (base_loss, continued_loss)
+    # a checkpoint id too: the job trains from that step's model (made once from the job's own records)
+    ckpt = cps[-1]
+    from_ckpt = client.fine_tuning.jobs.create(model=ckpt.fine_tuned_model_checkpoint, training_file=f.id,
+                                               extra_body=fast(2))
+    assert from_ckpt.trl["base_model"].endswith(f"{job.id}-step-{ckpt.step_number}")
+    assert (Path(from_ckpt.trl["base_model"]) / "config.json").is_file()
+    client.fine_tuning.jobs.cancel(from_ckpt.id)
+    with pytest.raises(openai.BadRequestError, match="no checkpoint at step"):
+        client.fine_tuning.jobs.create(model=f"{job.fine_tuned_model}:ckpt-step-999", training_file=f.id)
 
     # one job store: the same job through the post-training API (Llama Stack's shapes) and /v1
     import httpx
@@ -242,7 +318,7 @@ def test_dpo_margin_grows(service, toy_data, tiny_models):
     # a DPO file cannot train a supervised job, and reinforcement is refused, each naming the field
     with pytest.raises(openai.BadRequestError, match="training_file"):
         client.fine_tuning.jobs.create(model="x", training_file=f.id)
-    with pytest.raises(openai.BadRequestError, match="reinforcement"):
+    with pytest.raises(openai.BadRequestError, match="reinforcement fine-tuning is not available on this service"):
         client.fine_tuning.jobs.create(model="x", training_file=f.id, method={"type": "reinforcement"})
 
 
@@ -252,19 +328,32 @@ def _pgid(service, job_id) -> int | None:
     return int(row[0]) if row and row[0] else None
 
 
+def train_steps(client, job_id) -> list[int]:
+    """The steps of the job's training-loss events, oldest first."""
+    return [e.data["step"] for e in client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+            if e.type == "metrics" and "train_loss" in e.data][::-1]
+
+
 @pytest.mark.slow
 def test_cancel_pause_resume_leave_no_process(service, toy_data):
     client = sdk(service)
     f = upload(client, chat_rows(toy_data))
     model = str(Path(os.environ["TRL_FSDP_ALLOWED_MODEL_ROOTS"]) / "student")
+    # 16 steps an epoch, 10 epochs: still running when it is paused and cancelled
     job = client.fine_tuning.jobs.create(model=model, training_file=f.id, extra_body=fast(2000),
-                                         hyperparameters={"batch_size": 2, "n_epochs": 1})
+                                         hyperparameters={"batch_size": 2, "n_epochs": 10})
     wait_job(client, job.id, statuses=("running",), timeout=300)
     wait_until(lambda: _pgid(service, job.id), timeout=60)
     pgid = _pgid(service, job.id)
-    wait_until(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300, message="a checkpoint")
+    wait_until(lambda: len(train_steps(client, job.id)) >= 3, timeout=300, message="three steps")
+    at_pause = train_steps(client, job.id)[-1]
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused" and not process_group_exists(pgid)
+    # pause saved a checkpoint at the step it reached, and no step ran beyond it
+    saved = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+    assert saved >= at_pause and train_steps(client, job.id)[-1] == saved
+    assert any(e.message.startswith(f"Job paused with a checkpoint at step {saved};")
+               for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.pause(job.id)
     resumed = client.fine_tuning.jobs.resume(job.id)
@@ -272,15 +361,27 @@ def test_cancel_pause_resume_leave_no_process(service, toy_data):
     wait_job(client, job.id, statuses=("running",), timeout=300)
     wait_until(lambda: _pgid(service, job.id) not in (None, pgid), timeout=60)
     pgid = _pgid(service, job.id)
+    wait_until(lambda: train_steps(client, job.id)[-1] > saved + 1, timeout=300, message="steps after the resume")
+    steps = train_steps(client, job.id)
+    assert steps == list(range(1, steps[-1] + 1)), steps  # resumed at saved + 1: no step done twice
+
+    # the queue holds one waiting job: a third job is a 429 the SDK raises as RateLimitError, with Retry-After
+    job2 = client.fine_tuning.jobs.create(model=model, training_file=f.id, extra_body=fast(2000),
+                                          hyperparameters={"batch_size": 2})
+    assert job2.status == "queued"
+    with pytest.raises(openai.RateLimitError) as e:
+        client.fine_tuning.jobs.create(model=model, training_file=f.id, hyperparameters={"batch_size": 2})
+    assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) > 0
+    assert "the limit is 1" in e.value.message
+    assert not [j for j in client.fine_tuning.jobs.list(limit=100).data if j.status == "validating_files"]
+
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
     wait_until(lambda: not process_group_exists(pgid), timeout=30, message="no process left")
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
-    assert "The job was cancelled" in messages and any("paused" in m for m in messages)
+    assert "The job was cancelled" in messages and "Job resumed" in messages
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(job.id)
-    job2 = client.fine_tuning.jobs.create(model=model, training_file=f.id, extra_body=fast(2000),
-                                          hyperparameters={"batch_size": 2})
     with pytest.raises(openai.ConflictError):  # a queued or running job's file stays
         client.files.delete(f.id)
     client.fine_tuning.jobs.cancel(job2.id)
@@ -303,6 +404,14 @@ def test_bad_files_and_sdk_errors(service, toy_data):
             upload(client, data)
         assert e.value.status_code == 400 and message in e.value.message, e.value.message
     assert not [p for p in (service["data"] / "files").iterdir() if ".part-" in p.name]  # no partial file left
+    # over the upload cap: 413; over the data dir's quota: 507 (each an APIStatusError); neither leaves a file
+    stored = sorted(p.name for p in (service["data"] / "files").iterdir())
+    for size, status in (((UPLOAD_MB + 1) << 20, 413), (int((UPLOAD_MB - 0.5) * (1 << 20)), 507)):
+        assert size > QUOTA_GB * (1 << 30)
+        with pytest.raises(openai.APIStatusError) as e:
+            upload(client, b"x" * size)
+        assert e.value.status_code == status, e.value.message
+    assert sorted(p.name for p in (service["data"] / "files").iterdir()) == stored
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("a.jsonl", io.BytesIO(jsonl([CHAT]))), purpose="assistants")
     with pytest.raises(openai.AuthenticationError):

@@ -21,11 +21,15 @@ PREFIXES = ("/v1/openai/v1", "/v1")
 
 
 def install(app, core: ServiceCore) -> None:
-    """Mount the routes behind the client token; uploads get the upload limit; `ft:` ids resolve in chat."""
+    """Mount the routes behind the client token; uploads get the upload limit; `ft:` ids resolve in chat and
+    are listed by GET /models."""
     # Here, not at the top: the file validators (formats.py) import without the service and its torch stack.
     from .routes import ApiError, OpenAIFineTuning, openai_ft_router
 
     api = OpenAIFineTuning(core.service)
+    roots = core.service.defaults.allowed_model_roots
+    if roots is not None:  # the `ft:` models jobs continue from (made from the jobs' own records)
+        roots.append(str(api.state.models_dir))
     router = openai_ft_router(api)
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, dependencies=core.auth)
@@ -38,3 +42,4 @@ def install(app, core: ServiceCore) -> None:
     tasks = getattr(app.state, "workflow_tasks", None)  # the chat API's model references (workflows add-on)
     if tasks is not None:
         tasks.refs.resolvers["ft"] = api.resolve_ft
+        tasks.refs.listers.append(api.served_models)

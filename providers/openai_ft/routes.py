@@ -16,6 +16,8 @@ import json
 import math
 import re
 import secrets
+import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, temp_path
+from ..training.methods import METHODS
 from ..training.run_files import RunFiles
 from .formats import (
     KINDS,
@@ -46,11 +49,13 @@ from .formats import (
     service_row,
     validate_jsonl,
 )
-from .store import FtState
+from .store import FtState, link_model_files
 
 ORG = "local"  # the `<org>` of ft: ids and organization_id: this service has no organisations
 MAX_FIELD_BYTES = 4096  # a multipart form field other than `file`
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PAUSE_WAIT_S = 120  # how long pause waits for a running job's checkpoint before it stops the job anyway
+RETRY_AFTER_S = 30  # a 429's Retry-After: about how long a queued job takes to leave the queue
 OWN_FIELDS = {"n_epochs", "data_config", "optimizer_config", "seed", "learning_rate"}  # set by hyperparameters
 
 
@@ -64,7 +69,9 @@ class ApiError(ClientError):
     def response(self) -> JSONResponse:
         kind = {401: "authentication_error", 404: "invalid_request_error", 409: "conflict_error",
                 429: "rate_limit_error", 507: "insufficient_storage"}.get(self.status, "invalid_request_error")
-        return JSONResponse(status_code=self.status, headers={"x-should-retry": "false"}, content={
+        # A full queue is worth retrying later (the SDK waits Retry-After); nothing else is.
+        headers = {"retry-after": str(RETRY_AFTER_S)} if self.status == 429 else {"x-should-retry": "false"}
+        return JSONResponse(status_code=self.status, headers=headers, content={
             "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}})
 
 
@@ -91,10 +98,16 @@ def openai_errors(param: str | None = None) -> Iterator[None]:
 
 def epoch(ts: str | None) -> int | None:
     """An ISO timestamp of the job store as Unix seconds."""
+    seconds = iso_seconds(ts)
+    return None if seconds is None else int(seconds)
+
+
+def iso_seconds(ts: str | None) -> float | None:
+    """An ISO timestamp of the job store as Unix seconds with their fraction (to order events)."""
     if not ts:
         return None
     try:
-        return int(datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp())
+        return datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
 
@@ -105,6 +118,18 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
         ids = [i["id"] for i in items]
         items = items[ids.index(after) + 1:] if after in ids else []
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+def merge_adapter(adapter: Path, base: str, dest: Path) -> None:
+    """A LoRA checkpoint merged into its base model, saved with its tokenizer as a full model in `dest`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(str(dest))
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(dest))
 
 
 # -- request models ---------------------------------------------------------------------------------------
@@ -228,6 +253,7 @@ class OpenAIFineTuning:
     def __init__(self, service: FsdpJobService):
         self.service = service
         self.state = FtState(service.data_dir)
+        self.models_lock = threading.Lock()  # one continuation model made at a time (a merge loads a model)
 
     # files
     def file_object(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +308,11 @@ class OpenAIFineTuning:
         except ValidationError as e:
             first = e.errors()[0]
             raise ApiError(400, first_validation_error(e), ".".join(map(str, first["loc"])) or None) from None
+        if isinstance(req.method, dict) and req.method.get("type") == "reinforcement":
+            if "grpo" not in METHODS:
+                raise ApiError(400, "method.type: reinforcement fine-tuning is not available on this service (it "
+                                    "has no grpo method); accepted: 'supervised', 'dpo'", "method.type")
+            return self.reinforcement_request(req)
         method_type, given = self._method(req)
         if req.integrations:
             raise ApiError(400, "integrations: not supported by this service (use trl.training_config's "
@@ -332,12 +363,16 @@ class OpenAIFineTuning:
             raise
         return self.job_object(self.state.get_job(job_id))
 
+    def reinforcement_request(self, req: JobCreate) -> dict[str, Any]:
+        """A `method.type: reinforcement` job (OpenAI's graders as rewards) as a job of the service's grpo
+        method. The request mapping is not part of this service yet: a 400 naming method.type."""
+        raise ApiError(400, "method.type: reinforcement fine-tuning is not available on this service: its grpo "
+                            "method takes no OpenAI reinforcement requests yet; accepted: 'supervised', 'dpo'",
+                       "method.type")
+
     def _method(self, req: JobCreate) -> tuple[str, dict[str, Any]]:
         method = req.method or {"type": "supervised"}
         kind = method.get("type")
-        if kind == "reinforcement":
-            raise ApiError(400, "method.type: 'reinforcement' (graders, RFT) is not available on this service "
-                                "yet; accepted: 'supervised', 'dpo'", "method.type")
         if kind not in ("supervised", "dpo"):
             raise ApiError(400, f"method.type: {str(kind)[:50]!r} is not one of 'supervised', 'dpo'", "method.type")
         unknown = sorted(set(method) - {"type", kind})
@@ -370,15 +405,33 @@ class OpenAIFineTuning:
         return meta
 
     def base_model(self, model: str) -> str:
-        """The directory to train: a model the operator allows, or the model an earlier job trained (`ft:`)."""
+        """The directory to train: a model the operator allows, or the model an earlier job trained (`ft:`, a
+        checkpoint id), found from that job's records, never from a path the client gives."""
         with openai_errors("model"):
-            if model.startswith("ft:"):
-                self.resolve_ft(model, "model")  # an unknown or unfinished ft: model says so first
-                raise ApiError(400, f"model: continuing from a fine-tuned model ({model[:200]}) is not supported yet "
-                                    "(the service trains only models under its allowed model roots); train from "
-                                    "its base model", "model", "model_not_available")
             with client_errors():
+                if model.startswith("ft:"):
+                    model = self.continuation_model(model)
                 return self.service.resolve_model(model, "model")
+
+    def continuation_model(self, ref: str) -> str:
+        """An `ft:` model or checkpoint id as a full model directory under DATA_DIR/openai_ft/models (an allowed
+        model root): a full model's files hard-linked (copied across file systems), an adapter merged into
+        its job's base model. Made once per id; later jobs reuse it."""
+        rec, src, step = self._ft_source(ref, "model")
+        dest = self.state.models_dir / f"{rec['id']}-{'final' if step is None else f'step-{step}'}"
+        with self.models_lock:
+            if dest.is_dir():
+                return str(dest)
+            tmp = temp_path(dest.parent, dest.name)
+            try:
+                if (src / "adapter_config.json").is_file():
+                    merge_adapter(src, rec["base_model"], tmp)
+                else:
+                    link_model_files(src, tmp)
+                tmp.rename(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest)
 
     def _submit(self, rec: dict[str, Any], train: dict[str, Any], val: dict[str, Any] | None) -> None:
         job_id, hp, trl = rec["id"], rec["hyperparameters"], rec["trl"]
@@ -416,8 +469,13 @@ class OpenAIFineTuning:
                 req = SupervisedFineTuneRequest(job_uuid=job_id, model=rec["base_model"], training_config=tc,
                                                 algorithm_config=algo)
                 route = "supervised-fine-tune"
+            # The event first: an idle service starts the job at once, and its start must come after this
+            self.state.add_event(job_id, "Files validated, moving job to queued state")
             self.service.submit_job(route, req)
-        self.state.add_event(job_id, "Files validated, moving job to queued state", submitted=True)
+        with self.state.lock:
+            rec = self.state.get_job(job_id)
+            rec["submitted"] = True
+            self.state.put_job(rec)
 
     def _view(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         if not rec.get("submitted"):
@@ -489,45 +547,46 @@ class OpenAIFineTuning:
             return rec
 
     def events(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
-        """The job's events, oldest first: creation and validation, start, one metrics event per logged step,
-        the end (an error event when it failed)."""
+        """The job's events, oldest first: creation and validation, start, one metrics event per logged step
+        (at the time it was logged), pause and resume, the end (an error event when it failed). Each has
+        created_at (Unix seconds), level, type (message or metrics) and data (the metrics; {} for messages)."""
         view = self._view(rec)
-        out = [dict(e, type="message", data={}) for e in rec.get("events", [])]
+        out = [(e.get("t", e["created_at"]), e["level"], "message", e["message"], {}) for e in rec.get("events", [])]
         if view:
             res = view["resources_allocated"]
-            started = epoch(view.get("started_at"))
-            if started:
-                out.append({"created_at": started, "level": "info", "message": "Fine-tuning job started",
-                            "type": "message", "data": {}})
+            started = iso_seconds(view.get("started_at")) or rec["created_at"]
+            if view.get("started_at"):
+                out.append((started, "info", "message", "Fine-tuning job started", {}))
             total = res.get("total_steps")
             for m in RunFiles(res["run_dir"]).read_metrics() if res.get("run_dir") else []:
+                logged = m.get("time", started)
                 if "loss" in m:
                     data = {"step": m["step"], "train_loss": m["loss"], "total_steps": total}
                     if "mean_token_accuracy" in m:
                         data["train_mean_token_accuracy"] = m["mean_token_accuracy"]
                     data.update({k: v for k, v in m.items() if k.startswith("rewards/")})
-                    out.append({"created_at": started or rec["created_at"], "level": "info", "type": "metrics",
-                                "message": f"Step {m['step']}/{total}: training loss={m['loss']:.4f}", "data": data})
+                    out.append((logged, "info", "metrics", f"Step {m['step']}/{total}: training loss={m['loss']:.4f}",
+                                data))
                 elif "eval_loss" in m:
-                    out.append({"created_at": started or rec["created_at"], "level": "info", "type": "metrics",
-                                "message": f"Step {m['step']}/{total}: validation loss={m['eval_loss']:.4f}",
-                                "data": {"step": m["step"], "valid_loss": m["eval_loss"]}})
-            end = epoch(view.get("completed_at")) or int(time.time())
+                    out.append((logged, "info", "metrics", f"Step {m['step']}/{total}: validation loss="
+                                f"{m['eval_loss']:.4f}", {"step": m["step"], "valid_loss": m["eval_loss"]}))
+            end = iso_seconds(view.get("completed_at")) or time.time()
             status = openai_status(view["status"], rec.get("paused", False))
             if status == "succeeded":
-                out.append({"created_at": end, "level": "info", "type": "message", "data": {},
-                            "message": f"The job has successfully completed; new model: {rec['fine_tuned_model']}"})
+                out.append((end, "info", "message",
+                            f"The job has successfully completed; new model: {rec['fine_tuned_model']}", {}))
             elif status == "failed":
-                out.append({"created_at": end, "level": "error", "type": "message", "data": {},
-                            "message": f"The job failed: {res.get('error') or 'see the job log'}"})
+                out.append((end, "error", "message", f"The job failed: {res.get('error') or 'see the job log'}", {}))
             elif status == "cancelled":
-                out.append({"created_at": end, "level": "info", "type": "message", "data": {},
-                            "message": "The job was cancelled"})
-        return [dict(e, id=f"ftevent-{rec['id'][6:]}-{i}", object="fine_tuning.job.event") for i, e in enumerate(out)]
+                out.append((end, "info", "message", "The job was cancelled", {}))
+        out.sort(key=lambda e: e[0])  # stable: what was recorded first stays first within the same instant
+        return [{"id": f"ftevent-{rec['id'][6:]}-{i}", "object": "fine_tuning.job.event", "created_at": int(t),
+                 "level": level, "type": kind, "message": message, "data": data}
+                for i, (t, level, kind, message, data) in enumerate(out)]
 
-    def checkpoints(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    def checkpoints(self, rec: dict[str, Any], view: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The job's recorded checkpoints, newest first, each servable under its `ft:...:ckpt-step-N` id."""
-        view = self._view(rec)
+        view = view if view is not None else self._view(rec)
         out = []
         by_step = {c["step"]: c for c in (view or {}).get("checkpoints", [])}  # the final model over checkpoint-N
         for c in by_step.values():
@@ -543,6 +602,10 @@ class OpenAIFineTuning:
     def resolve_ft(self, ref: str, field: str) -> str:
         """`ft:<base>:<org>:<suffix>:<job>` (the job's final model) or `...:ckpt-step-N` (a checkpoint) as a
         checkpoint directory; BadRequest naming `field` otherwise."""
+        return str(self._ft_source(ref, field)[1])
+
+    def _ft_source(self, ref: str, field: str) -> tuple[dict[str, Any], Path, int | None]:
+        """The job record, checkpoint directory and step (None: the final model) an `ft:` id names."""
         parts = ref.split(":")
         step = None
         if len(parts) == 6 and re.fullmatch(r"ckpt-step-\d{1,9}", parts[5]):
@@ -563,12 +626,24 @@ class OpenAIFineTuning:
             if not view or view["status"] != "completed" or not checkpoints:
                 raise BadRequest(f"{field}: {ref[:200]!r} is not ready: job {rec['id']} is "
                                  f"{openai_status(view and view['status'], rec.get('paused', False))}")
-            return checkpoints[-1]["path"]
+            return rec, Path(checkpoints[-1]["path"]), None
         found = [c for c in checkpoints if c["step"] == step]
         if not found or not Path(found[-1]["path"]).is_dir():
             raise BadRequest(f"{field}: job {rec['id']} has no checkpoint at step {step} "
                              f"(it has {sorted({c['step'] for c in checkpoints})})")
-        return found[-1]["path"]
+        return rec, Path(found[-1]["path"]), step
+
+    def served_models(self) -> list[str]:
+        """The `ft:` ids the chat API serves: each succeeded job's model and every job's checkpoints."""
+        out = []
+        for rec in self.state.list_jobs():
+            view = self._view(rec)
+            if view is None:
+                continue
+            if view["status"] == "completed" and view.get("checkpoints"):
+                out.append(rec["fine_tuned_model"])
+            out += [c["fine_tuned_model_checkpoint"] for c in self.checkpoints(rec, view)]
+        return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.state.get_job(job_id)
@@ -584,20 +659,50 @@ class OpenAIFineTuning:
         return self.job_object(rec)
 
     def pause(self, job_id: str) -> dict[str, Any]:
+        """Stop a queued or running job so that it can resume: a running job first saves a checkpoint at the end
+        of its current step (waiting at most PAUSE_WAIT_S for it), then its processes are stopped."""
         rec = self.state.get_job(job_id)
-        status = self._core_status(rec)
+        view = self._view(rec)
+        status = view["status"] if view else None
         if status not in ACTIVE:
             raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(status, rec.get('paused'))}; only "
                                 "queued or running jobs pause", "fine_tuning_job_id")
+        step = self._pause_checkpoint(job_id, view) if status == "in_progress" else None
+        if self._core_status(rec) not in ACTIVE:  # it ended (finished, failed) before it reached a step end
+            return self.job_object(rec)
         self.service.cancel_job(job_id)
-        rec = self.state.add_event(job_id, "Job paused; it resumes from its newest checkpoint", paused=True)
+        message = (f"Job paused with a checkpoint at step {step}; it resumes there" if step is not None else
+                   "Job paused; it resumes from its newest checkpoint")
+        rec = self.state.add_event(job_id, message, paused=True)
         return self.job_object(rec)
+
+    def _pause_checkpoint(self, job_id: str, view: dict[str, Any]) -> int | None:
+        """Ask the running job for a checkpoint (RunFiles.pause_request) and wait until it is recorded; its
+        step, or None when none came in PAUSE_WAIT_S or the job ended first."""
+        files = RunFiles(view["resources_allocated"]["run_dir"])
+        files.pause_saved.unlink(missing_ok=True)
+        files.pause_request.write_text(f"{time.time()}\n")
+        deadline = time.monotonic() + PAUSE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                return int(files.pause_saved.read_text())
+            except (FileNotFoundError, ValueError):  # not yet, or half written
+                pass
+            if self.service.job_view(job_id)["status"] not in ACTIVE:
+                return None
+            time.sleep(0.2)
+        return None
 
     def resume(self, job_id: str) -> dict[str, Any]:
         rec = self.state.get_job(job_id)
         if not rec.get("paused"):
             raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(self._core_status(rec))}, not "
                                 "paused", "fine_tuning_job_id")
+        view = self._view(rec)
+        if view and view["resources_allocated"].get("run_dir"):
+            files = RunFiles(view["resources_allocated"]["run_dir"])
+            files.pause_request.unlink(missing_ok=True)  # else the resumed run would pause again at once
+            files.pause_saved.unlink(missing_ok=True)
         with openai_errors("fine_tuning_job_id"):
             self.service.resume_job(job_id)
         rec = self.state.add_event(job_id, "Job resumed", paused=False)

@@ -5,11 +5,15 @@ fine-tuning job's OpenAI fields (ids, hyperparameters chosen, events before trai
     DATA_DIR/openai_ft/files/FILE_ID.json        its FileObject fields and kind (chat / preference)
     DATA_DIR/openai_ft/jobs/FTJOB_ID.json        the job's OpenAI record; the training job itself is the
                                                  service's job FTJOB_ID (one job store)
+    DATA_DIR/openai_ft/models/FTJOB_ID-final|step-N  an `ft:` model (or checkpoint) as a full model directory,
+                                                 made when a job continues from it (an allowed model root)
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,6 +24,19 @@ from ..state_files import load_state, save_state
 
 FILE_ID = re.compile(r"file-[a-f0-9]{24}")
 JOB_ID = re.compile(r"ftjob-[a-f0-9]{24}")
+MODEL_FILES_SKIPPED = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args")  # Trainer state
+
+
+def link_model_files(src: Path, dest: Path) -> None:
+    """A checkpoint's model and tokenizer files in `dest`, hard-linked (copied across file systems); the
+    Trainer's resume state (optimizer, scheduler, RNG) left out."""
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(MODEL_FILES_SKIPPED):
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
 
 
 class FtState:
@@ -30,7 +47,8 @@ class FtState:
         self.blobs = data_dir / "files"
         self.files_dir = data_dir / "openai_ft" / "files"
         self.jobs_dir = data_dir / "openai_ft" / "jobs"
-        for d in (self.blobs, self.files_dir, self.jobs_dir):
+        self.models_dir = data_dir / "openai_ft" / "models"
+        for d in (self.blobs, self.files_dir, self.jobs_dir, self.models_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
 
@@ -77,7 +95,8 @@ class FtState:
         with self.lock:
             rec = self.get_job(job_id)
             rec.update(updates)
-            rec.setdefault("events", []).append({"created_at": int(time.time()), "level": level,
+            now = time.time()  # `t` orders events within a second; the API shows created_at
+            rec.setdefault("events", []).append({"created_at": int(now), "t": now, "level": level,
                                                  "message": message})
             self.put_job(rec)
             return rec

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions API over local checkpoints: request/response models and a FastAPI router.
 
     POST /chat/completions   (mounted at /v1/openai/v1 and /v1 by the service)
-    GET  /models
+    GET  /models, GET /models/{id}
 
 `model` is resolved by the caller's `resolve(model) -> directory` (a base model directory, `job:<uuid>`,
 a pipeline output, ...). Loading and generation run on the chat API's own threads (`ChatLimits`: a few
@@ -156,6 +156,13 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "local"}
                                             for m in list_models()]}
+
+    @r.get("/models/{model_id:path}", response_model=None)
+    def model(model_id: str):
+        if model_id not in list_models():
+            return _openai_error(404, f"model: {model_id[:200]!r} is not listed here (GET /models lists what is)",
+                                 "invalid_request_error", "model", "model_not_found")
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
 
     @r.post("/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest):

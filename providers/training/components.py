@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from .efficiency import check_supported, model_kwargs, trainer_kwargs
 from .loggers import logger_args
+from .pause import PauseCheckpoint
 from .run_files import RunFiles, utc_now, writes_status
 from .spec import JobSpec, PeftSpec
 
@@ -283,13 +284,14 @@ def eval_slice(train_ds, eval_ds, spec: JobSpec):
 
 
 def callbacks(spec: JobSpec, files: RunFiles, tokenizer) -> tuple[RunReporter, list]:
-    """The reporter, plus FSDP's callback (first, so a recorded checkpoint already has its HF model)."""
+    """The reporter, plus FSDP's callback (first, so a recorded checkpoint already has its HF model), and the
+    pause checkpoint (last: it holds the run once the others have recorded the checkpoint)."""
     reporter = RunReporter(files, spec)
     if spec.fsdp is None:
-        return reporter, [reporter]
+        return reporter, [reporter, PauseCheckpoint(files)]
     from .fsdp import FsdpCallback
 
-    return reporter, [FsdpCallback(spec, files.ranks, tokenizer), reporter]
+    return reporter, [FsdpCallback(spec, files.ranks, tokenizer), reporter, PauseCheckpoint(files)]
 
 
 def prepare(trainer, spec: JobSpec):

@@ -74,6 +74,8 @@ class RunFiles:
         self.logs = self.dir / "logs"
         self.log = self.logs / "train.log"
         self.ranks = self.dir / "ranks"
+        self.pause_request = self.dir / "pause.request"  # the service asks for a checkpoint, then stops the run
+        self.pause_saved = self.dir / "pause.saved"  # the step of that checkpoint, once it is recorded
 
     def heartbeat(self, rank: int | str) -> Path:
         """The file rank `rank` touches while it makes progress (its mtime is the rank's last sign of life)."""

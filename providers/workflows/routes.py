@@ -69,7 +69,8 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
 
     def available_models() -> list[str]:
         done = service.jobs.store.list(statuses=("completed",))
-        return [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
+        listed = [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
+        return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
                        ChatLimits(config.chat_workers, config.chat_queue, config.chat_max_tokens))

@@ -163,6 +163,8 @@ class ModelRefs:
         self.data_dir = service.data_dir.resolve()
         # Add-ons' own prefixes -> resolve(ref, field) giving a directory (openai_ft: `ft:` models, checkpoints)
         self.resolvers: dict[str, Callable[[str, str], str]] = {}
+        # Add-ons' servable model ids, for GET /models (openai_ft: `ft:` models and checkpoints)
+        self.listers: list[Callable[[], list[str]]] = []
 
     def resolve(self, ref: str, field: str = "model") -> str:
         kind, sep, name = ref.partition(":")
