@@ -61,6 +61,8 @@ CASES = [
     ("grpo", PREFERENCE_CALL, GRPO, "grpo",
      lambda s: s.grpo.model_dump(exclude={"use_vllm", "row_keyed_sampling"}) == {k: v for k, v in GRPO.items()
                                                                                  if k != "type"}),
+    ("grpo-lora", PREFERENCE_CALL, {**GRPO, "peft": LORA}, "grpo",
+     lambda s: s.peft.method == "lora" and s.peft.target_modules == ["q_proj", "v_proj"] and s.grpo.beta == 0.04),
 ]
 
 

@@ -211,6 +211,9 @@ class GRPOAlignmentConfig(KnownKeys):
     num_iterations: int = Field(1, ge=1, le=64)
     use_vllm: bool = False
     row_keyed_sampling: bool = False
+    # Train adapters instead of the whole model; with beta > 0 the reference is the base, adapters disabled
+    peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
+                    BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
 
 
 # preference_optimize's algorithm_config: its `type` -> the request model of the method it selects

@@ -360,12 +360,16 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             check_vllm()
     section = METHODS[method].section
     if section is not None:  # a method whose request fields are its section's fields (kto, orpo, grpo)
-        fields = algorithm_config.model_dump(exclude={"type"}) if algorithm_config is not None else {}
+        fields = algorithm_config.model_dump(exclude={"type", "peft"}) if algorithm_config is not None else {}
         try:
-            return {section: JobSpec.section_model(section)(**fields)}
+            settings = {section: JobSpec.section_model(section)(**fields)}
         except ValidationError as e:
             first = e.errors()[0]
             raise BadRequest(f"algorithm_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        peft = getattr(algorithm_config, "peft", None)  # adapters instead of the whole model (grpo)
+        if peft is not None:
+            settings["peft"] = peft_spec(peft, model, "algorithm_config.peft", check_host)
+        return settings
     return {"peft": peft_spec(algorithm_config, model, check_host=check_host)}
 
 
