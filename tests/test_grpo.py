@@ -113,6 +113,8 @@ def test_grpo_raises_the_heldout_reward_through_the_service(service, base_policy
         assert all(key in r for r in records), key
     assert 0 < sum(r["reward_std"] for r in records)  # groups had answers of different reward
     artifacts = service.get("/v1/post-training/job/artifacts", params={"job_uuid": "grpo-learns"}).json()
+    plots = {Path(p).name for p in artifacts["plots"]}  # the dashboard's curves, drawn for the job's artifacts
+    assert {"grpo_reward.png", "grpo_graders.png", "grpo_completion_length.png", "grpo_clip_ratio.png"} <= plots
     final = Path(artifacts["checkpoints"][-1]["path"])
     after = heldout_reward(final, heldout)
     # Tuned: about 0.33 -> 0.9 in 16-20 steps; 0.25 leaves room for noise.
