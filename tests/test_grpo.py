@@ -62,7 +62,8 @@ def heldout_reward(model_dir: str | Path, rows: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, toy_data, base_policy):
     svc = Service(tmp_path_factory.mktemp("grpo") / "data",
-                  extra=["--allowed-model-root", str(Path(base_policy).parent)])
+                  extra=["--allowed-model-root", str(Path(base_policy).parent)],
+                  env={"OMP_NUM_THREADS": "1"})  # one thread per rank: 2 shared cores, no oversubscription
     prompts = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
     assert svc.post("/v1/datasets/prompts/rows", data=prompts).json()["rows"] == len(toy_data["instruct"])
     yield svc
