@@ -38,6 +38,10 @@ from providers.training.spec import JobSpec, check_name
 LORA = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
         "apply_lora_to_output": False, "rank": 4, "alpha": 8}
 DPO_0_2_12 = {"reward_scale": 0.2, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.0}  # no `type`: DPO
+EXACT = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+         "reference": "{{ item.expected_answer }}", "operation": "eq"}
+GRPO = {"type": "grpo", "graders": [EXACT], "num_generations": 4, "max_completion_length": 16, "beta": 0.04,
+        "loss_type": "dr_grpo", "scale_rewards": "none", "temperature": 0.9, "epsilon": 0.3, "num_iterations": 2}
 
 # (case, call, algorithm_config, method, what the spec must hold)
 CASES = [
@@ -54,12 +58,18 @@ CASES = [
      "kto", lambda s: (s.kto.beta, s.kto.desirable_weight, s.kto.undesirable_weight) == (0.2, 1.5, 0.5)),
     ("kto-defaults", PREFERENCE_CALL, {"type": "kto"}, "kto", lambda s: s.kto.beta == 0.1),
     ("orpo", PREFERENCE_CALL, {"type": "orpo", "beta": 0.25}, "orpo", lambda s: s.orpo.beta == 0.25),
+    ("grpo", PREFERENCE_CALL, GRPO, "grpo",
+     lambda s: s.grpo.model_dump(exclude={"use_vllm", "row_keyed_sampling"}) == {k: v for k, v in GRPO.items()
+                                                                                 if k != "type"}),
+    ("grpo-lora", PREFERENCE_CALL, {**GRPO, "peft": LORA}, "grpo",
+     lambda s: s.peft.method == "lora" and s.peft.target_modules == ["q_proj", "v_proj"] and s.grpo.beta == 0.04),
 ]
 
 
 @pytest.fixture(scope="module")
 def rows(toy_data):
-    return {"completion": toy_data["instruct"][:8], "preference": toy_data["preference"][:8]}
+    return {"completion": toy_data["instruct"][:8], "preference": toy_data["preference"][:8],
+            "graded_prompt": toy_data["instruct"][:8]}
 
 
 def training_config(**extra) -> dict:
@@ -113,7 +123,7 @@ def test_request_becomes_the_methods_spec(tmp_path, tiny_models, rows, case, cal
 def test_every_method_is_covered_by_a_case():
     requestable = {name for name, m in METHODS.items() if m.call}
     assert requestable == {c[3] for c in CASES}
-    assert {"kto", "orpo"} <= requestable
+    assert {"kto", "orpo", "grpo"} <= requestable
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -134,6 +144,7 @@ def test_every_table_entry_has_a_recipe_a_request_type_and_a_row_kind(name):
             parsed = TypeAdapter(union).validate_python(
                 {"type": algorithm_type, **({"teacher_model": "t"} if name == "distill" else {}),
                  **({"method": "lora"} if algorithm_type == "PEFT" else {}),
+                 **({"graders": [EXACT]} if algorithm_type == "grpo" else {}),
                  **({"lora_attn_modules": [], "apply_lora_to_mlp": True, "apply_lora_to_output": False,
                      "rank": 4, "alpha": 8} if algorithm_type == "LoRA" else {}),
                  **({"quantizer_name": "q", "group_size": 32} if algorithm_type == "QAT" else {})})
@@ -184,7 +195,7 @@ def test_completion_rows_for_a_preference_method_name_the_dataset(tmp_path, tiny
 
 
 def test_unknown_algorithm_type_names_the_field():
-    with pytest.raises(ValueError, match=r"algorithm_config.type: 'ppo' .*\['dpo', 'kto', 'orpo'\]"):
+    with pytest.raises(ValueError, match=r"algorithm_config.type: 'ppo' .*\['dpo', 'kto', 'orpo', 'grpo'\]"):
         method_for(PREFERENCE_CALL, "ppo")
 
 
@@ -245,3 +256,32 @@ def test_preference_config_errors_keep_0_2_12_field_paths(algorithm_config, loc)
     with pytest.raises(ValidationError) as e:
         PreferenceOptimizeRequest.model_validate(body(PREFERENCE_CALL, algorithm_config, "m"))
     assert [err["loc"] for err in e.value.errors()] == [loc], e.value.errors()
+
+
+@pytest.mark.parametrize("algorithm_config, needles", [
+    ({**GRPO, "graders": [{**EXACT, "reference": "{{ item.answer }}"}]},
+     ["algorithm_config.graders[0]", "exact", "answer", "expected_answer"]),  # a column the rows lack
+    ({**GRPO, "graders": [{**EXACT, "type": "python"}]}, ["algorithm_config", "graders", "python"]),
+    ({**GRPO, "graders": []}, ["algorithm_config", "graders"]),
+    ({k: v for k, v in GRPO.items() if k != "graders"}, ["algorithm_config", "graders"]),
+    ({**GRPO, "num_generations": 1}, ["algorithm_config", "num_generations"]),
+    ({**GRPO, "loss_type": "ppo"}, ["algorithm_config", "loss_type", "dr_grpo"]),
+    ({**GRPO, "beta": -0.1}, ["algorithm_config", "beta"]),
+    ({**GRPO, "use_vllm": True}, ["algorithm_config.use_vllm"]),
+])
+def test_a_bad_grpo_request_names_the_field_and_leaves_nothing(tmp_path, tiny_models, rows, algorithm_config,
+                                                               needles):
+    if algorithm_config.get("use_vllm") and torch.cuda.is_available():
+        pytest.skip("a host with CUDA may run vLLM")
+    with pytest.raises(ValueError) as e:
+        to_spec(tmp_path, PREFERENCE_CALL, algorithm_config, tiny_models["student"], rows)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_grpo_rows_keep_the_columns_the_graders_read(tmp_path, tiny_models, toy_data):
+    dialog = [{"messages": [{"role": "user", "content": "reverse: a b"}], "answer": "b a", "level": 1}]
+    grader = {**EXACT, "reference": "{{ item.answer }}"}
+    spec = to_spec(tmp_path, PREFERENCE_CALL, {**GRPO, "graders": [grader]}, tiny_models["student"],
+                   {"graded_prompt": dialog})
+    first = json.loads(Path(spec.data.train_file).read_text().splitlines()[0])
+    assert first == {"prompt": [{"role": "user", "content": "reverse: a b"}], "answer": "b a", "level": 1}

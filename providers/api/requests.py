@@ -26,9 +26,11 @@ from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
 
 from ..errors import BadRequest
+from ..graders import GraderList
 from ..training.keys import KnownKeys, keys_checker
 from ..training.spec import (
     DPO_LOSS_TYPES,
+    GRPO_LOSS_TYPES,
     MAX_COUNT,
     PEFT_METHODS,
     AttnImplementation,
@@ -192,11 +194,34 @@ class ORPOAlignmentConfig(KnownKeys):
     beta: PositiveFloat = 0.1
 
 
+class GRPOAlignmentConfig(KnownKeys):
+    """GRPO through preference_optimize: `{"type": "grpo", "graders": [...], ...}`, this project's extension
+    (Llama Stack has no reinforcement call). Rows are prompts; their other columns are the graders' `item`."""
+
+    model_config = FINITE
+    type: Literal["grpo"] = "grpo"
+    graders: GraderList
+    num_generations: int = Field(8, ge=2, le=256)
+    max_completion_length: NewTokens = 64
+    temperature: PositiveFloat = 1.0
+    beta: float = Field(0.0, ge=0)
+    loss_type: Literal[GRPO_LOSS_TYPES] = "dapo"  # type: ignore[valid-type]
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    num_iterations: int = Field(1, ge=1, le=64)
+    use_vllm: bool = False
+    row_keyed_sampling: bool = False
+    # Train adapters instead of the whole model; with beta > 0 the reference is the base, adapters disabled
+    peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
+                    BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
+
+
 # preference_optimize's algorithm_config: its `type` -> the request model of the method it selects
 PREFERENCE_CONFIGS: dict[str, type[BaseModel]] = {
     "dpo": DPOAlignmentConfig,
     "kto": KTOAlignmentConfig,
     "orpo": ORPOAlignmentConfig,
+    "grpo": GRPOAlignmentConfig,
 }
 
 
@@ -215,7 +240,8 @@ def _preference_config(value: Any, handler: Any) -> BaseModel:
 
 
 PreferenceAlgorithmConfig = Annotated[
-    DPOAlignmentConfig | KTOAlignmentConfig | ORPOAlignmentConfig, WrapValidator(_preference_config)
+    DPOAlignmentConfig | KTOAlignmentConfig | ORPOAlignmentConfig | GRPOAlignmentConfig,
+    WrapValidator(_preference_config),
 ]
 
 

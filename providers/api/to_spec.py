@@ -7,6 +7,7 @@ logger_config onto the JobSpec's sections, writes the rows into the run director
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from llama_stack.apis.post_training import LoraFinetuningConfig, QATFinetuningCo
 from pydantic import ValidationError
 
 from ..errors import BadRequest, client_errors, first_validation_error
-from ..training.efficiency import check_4bit, check_supported
+from ..training.efficiency import check_4bit, check_supported, check_vllm
 from ..training.keys import unknown_key_message
 from ..training.loggers import check_report_to
 from ..training.methods import METHODS, PREFERENCE_CALL, method_for
@@ -354,15 +355,42 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             except ValueError as e:
                 raise BadRequest(f"{field}: {e}") from None
         return {"distill": spec, "peft": peft_spec(d.student_peft, model, "algorithm_config.student_peft", check_host)}
+    if check_host and getattr(algorithm_config, "use_vllm", False):  # GRPO's generation through vLLM
+        with client_errors():
+            check_vllm()
     section = METHODS[method].section
-    if section is not None:  # a method whose request fields are its section's fields (kto, orpo)
-        fields = algorithm_config.model_dump(exclude={"type"}) if algorithm_config is not None else {}
+    if section is not None:  # a method whose request fields are its section's fields (kto, orpo, grpo)
+        fields = algorithm_config.model_dump(exclude={"type", "peft"}) if algorithm_config is not None else {}
         try:
-            return {section: JobSpec.section_model(section)(**fields)}
+            settings = {section: JobSpec.section_model(section)(**fields)}
         except ValidationError as e:
             first = e.errors()[0]
             raise BadRequest(f"algorithm_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        peft = getattr(algorithm_config, "peft", None)  # adapters instead of the whole model (grpo)
+        if peft is not None:
+            settings["peft"] = peft_spec(peft, model, "algorithm_config.peft", check_host)
+        return settings
     return {"peft": peft_spec(algorithm_config, model, check_host=check_host)}
+
+
+GRADED_ROWS_CHECKED = 8  # the first rows every grader is rendered on before the job starts
+
+
+def check_graded_rows(settings: dict[str, Any], path: Path, field: str) -> None:
+    """GRPO's graders rendered on the first written rows (their columns but `prompt` are the graders' `item`):
+    a template naming a column the rows lack is a 400 naming the grader, before anything starts."""
+    grpo = settings.get("grpo")
+    if grpo is None:
+        return
+    from ..graders import check_graders
+
+    with open(path) as f:
+        for i, line in zip(range(GRADED_ROWS_CHECKED), f):
+            item = {k: v for k, v in json.loads(line).items() if k != "prompt"}
+            try:
+                check_graders(grpo.graders, item, field="algorithm_config.graders")
+            except ValueError as e:
+                raise BadRequest(f"{e} (row {i} of {field} has columns {sorted(item)})") from None
 
 
 def check_output_layer_adapter(settings: dict[str, Any]) -> None:
@@ -472,6 +500,7 @@ def prepare_job(
         output_dir = checkpoint_output_dir(checkpoint_dir, result_name or job_uuid, defaults)
     kind = METHODS[method].rows
     write_rows(train_rows, run_dir / "train.jsonl", kind, "training_config.data_config.dataset_id")
+    check_graded_rows(settings, run_dir / "train.jsonl", "training_config.data_config.dataset_id")
     validation_file = None
     if validation_rows is not None:
         validation_file = str(run_dir / "validation.jsonl")

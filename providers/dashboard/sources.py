@@ -23,7 +23,9 @@ from ..training.spec import SAFE_NAME
 
 # Keys of metrics.jsonl records the dashboard charts (TRL's names; ours for distillation and tokens/s).
 CHARTED = ("loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm", "rewards/chosen", "rewards/rejected",
-           "rewards/margins", "rewards/accuracies", "hard_loss", "soft_loss")
+           "rewards/margins", "rewards/accuracies", "hard_loss", "soft_loss", "reward", "reward_std", "kl",
+           "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "clip_ratio/low_mean",
+           "clip_ratio/high_mean")
 
 
 # Workflow tasks (DATA_DIR/workflows/KIND/ID/task.json, written by providers/workflows/tasks.py) and the

@@ -10,7 +10,7 @@ Accepted row formats:
 
 Output rows are `{"prompt": [msgs], "completion": [assistant msg]}` for SFT and distillation and
 `{"prompt": [msgs], "chosen": [msg], "rejected": [msg]}` for DPO (and `{"prompt": [msgs]}` for teacher
-tasks), so the tokenizer's chat template is
+tasks, `{"prompt": [msgs], **other columns}` for GRPO), so the tokenizer's chat template is
 applied by TRL and `train_on_input` maps onto TRL's completion-only loss.
 """
 
@@ -133,9 +133,21 @@ def prompt_row(row: dict[str, Any], index: int) -> dict[str, Any]:
     )
 
 
+PROMPT_FIELDS = ("messages", "dialog", "chat_completion_input", "input_query", "prompt")
+
+
+def graded_prompt_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    """A prompt (as `prompt_row` finds it) plus every other column of the row, kept as it is: GRPO's graders
+    read them as `item` (e.g. `{{ item.expected_answer }}`)."""
+    out = prompt_row(row, index)
+    out.update({k: v for k, v in row.items() if k not in PROMPT_FIELDS})
+    return out
+
+
 def normalize_rows(rows: Iterable[dict[str, Any]], kind: RowKind) -> Iterator[dict[str, Any]]:
     """Yield normalized rows; raises DataFormatError naming the first bad row."""
-    convert = {"preference": preference_row, "prompt": prompt_row, "completion": completion_row}[kind]
+    convert = {"preference": preference_row, "prompt": prompt_row, "completion": completion_row,
+               "graded_prompt": graded_prompt_row}[kind]
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataFormatError(f"row {i} is a {type(row).__name__}, not an object")

@@ -111,6 +111,15 @@ def check_supported(e: EfficiencySpec, prefix: str = "training_config.") -> None
             raise ValueError(f"{prefix}torch_compile: torch.compile on GPUs needs the triton package")
 
 
+def check_vllm(field: str = "algorithm_config.use_vllm") -> None:
+    """Raise ValueError naming `field` unless vLLM generation can run here: a CUDA GPU and the vllm package."""
+    if _cuda_capability() is None:
+        raise ValueError(f"{field}: vLLM generation needs a CUDA GPU and this host has none: leave use_vllm off "
+                         "(the model's own generate is used)")
+    if not _has("vllm"):
+        raise ValueError(f"{field}: the vllm package is not installed: install it or leave use_vllm off")
+
+
 def model_kwargs(spec: JobSpec, precision: str) -> dict[str, Any]:
     """from_pretrained arguments for the trained model: attention implementation and 4-bit quantization."""
     e = spec.efficiency

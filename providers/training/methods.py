@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-RowKind = Literal["completion", "preference", "prompt"]
+# graded_prompt: a prompt plus the row's other columns, which GRPO's graders read as `item`
+RowKind = Literal["completion", "preference", "prompt", "graded_prompt"]
 SFT_CALL = "supervised_fine_tune"
 PREFERENCE_CALL = "preference_optimize"
 
@@ -44,6 +45,9 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
                precompute_ref_log_probs=True, reference=True, fixed_order=True),
     MethodInfo("orpo", "orpo", "preference", "orpo", PREFERENCE_CALL, ("orpo",)),
+    # GRPO's algorithm_config type "grpo" is this project's extension of preference_optimize (Llama Stack has
+    # no RL call); its reference (beta > 0) is the base with adapters off under PEFT, else a frozen copy.
+    MethodInfo("grpo", "grpo", "graded_prompt", "grpo", PREFERENCE_CALL, ("grpo",)),
     MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
     MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),
 )}

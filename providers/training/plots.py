@@ -6,6 +6,7 @@ matplotlib's Agg backend (no display). `python -m providers.training.plots RUN_D
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ PLOTS = {
     "dpo_rewards": ("DPO rewards", "reward", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
                                               ("rewards/margins", "margin")]),
     "dpo_accuracy": ("DPO reward accuracy", "accuracy", [("rewards/accuracies", "accuracy")]),
+    # GRPO (TRL's GRPOTrainer names); "*" is each grader's name
+    "grpo_reward": ("GRPO reward", "reward", [("reward", "mean"), ("reward_std", "std")]),
+    "grpo_graders": ("GRPO reward per grader", "reward", [("rewards/*/mean", "*")]),
+    "grpo_kl": ("GRPO KL to the reference", "KL", [("kl", "KL")]),
+    "grpo_completion_length": ("GRPO completion length", "tokens", [("completions/mean_length", "mean")]),
+    "grpo_clip_ratio": ("GRPO clip ratio", "share of tokens", [("clip_ratio/region_mean", "region"),
+                                                              ("clip_ratio/low_mean", "low"),
+                                                              ("clip_ratio/high_mean", "high")]),
     "distillation_loss": ("Distillation loss", "loss", [("hard_loss", "hard (CE)"), ("soft_loss", "soft (T^2 KL)")]),
 }
 
@@ -41,7 +50,10 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     out_dir = files.dir / "plots"
     written = []
     job = files.dir.name
+    keys = sorted({k for r in records for k in r})
     for name, (title, ylabel, series) in PLOTS.items():
+        series = [(k, label.replace("*", k.split("/")[1]) if "*" in key else label)
+                  for key, label in series for k in (fnmatch.filter(keys, key) if "*" in key else [key])]
         lines = [(label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r])
                  for key, label in series]
         lines = [(label, pts) for label, pts in lines if pts]

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..graders import GraderList
 from .keys import KnownKeys
 from .methods import METHOD_NAMES, METHODS, with_flag
 
@@ -164,6 +165,37 @@ class OrpoSpec(Strict):
     beta: PositiveFloat = 0.1
 
 
+# TRL 1.16 GRPOTrainer's losses that run with token-level importance sampling (its default); "luspo"
+# needs sequence-level sampling and is left out.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "vespo")
+GrpoLossType = Literal[GRPO_LOSS_TYPES]  # type: ignore[valid-type]
+
+
+class GrpoSpec(Strict):
+    """Group relative policy optimization (TRL's GRPOTrainer): `num_generations` sampled answers per prompt,
+    scored by the graders; each answer's advantage is its reward against its group's."""
+
+    graders: GraderList
+    num_generations: Annotated[int, Field(ge=2, le=256)] = 8
+    max_completion_length: NewTokens = 64
+    temperature: PositiveFloat = 1.0
+    beta: float = Field(0.0, ge=0)  # KL to the reference; 0: no reference model at all
+    loss_type: GrpoLossType = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, gt=0, lt=1)  # clipping of the policy ratio
+    num_iterations: Annotated[int, Field(ge=1, le=64)] = 1  # updates per generated batch
+    use_vllm: bool = False  # GPU only, with vllm installed (colocated with the trainer)
+    # Samples drawn as a function of (seed, step, prompt, place in group): the same on 1 rank or N, at the cost
+    # of one small generator per row and token (recipes/grpo.py RowKeyedSampler); not with vLLM
+    row_keyed_sampling: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GrpoSpec:
+        if self.use_vllm and self.row_keyed_sampling:
+            raise ValueError("row_keyed_sampling: vLLM samples with its own generator; use one of the two")
+        return self
+
+
 class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
 
@@ -285,6 +317,7 @@ class JobSpec(Strict):
     distill: DistillSpec | None = None
     kto: KtoSpec | None = None
     orpo: OrpoSpec | None = None
+    grpo: GrpoSpec | None = None
     teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)

@@ -12,6 +12,12 @@ const CHARTS = [
   { id: "rewards", title: "DPO rewards", keys: ["rewards/chosen", "rewards/rejected", "rewards/margins"],
     labels: ["chosen", "rejected", "margin"] },
   { id: "accuracy", title: "DPO reward accuracy", keys: ["rewards/accuracies"], labels: ["accuracy"] },
+  { id: "grpo_reward", title: "GRPO reward", keys: ["reward", "reward_std"], labels: ["mean", "std"] },
+  { id: "grpo_kl", title: "GRPO KL to the reference", keys: ["kl"], labels: ["KL"] },
+  { id: "grpo_length", title: "GRPO completion length", keys: ["completions/mean_length", "completions/clipped_ratio"],
+    labels: ["mean tokens", "truncated share"] },
+  { id: "grpo_clip", title: "GRPO clip ratio", keys: ["clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"],
+    labels: ["region", "low", "high"] },
   { id: "distill", title: "Distillation loss", keys: ["hard_loss", "soft_loss"], labels: ["hard (CE)", "soft (T²·KL)"] },
   { id: "gradnorm", title: "Gradient norm", keys: ["grad_norm"], labels: ["grad norm"] },
   // GRPO: TRL logs one reward per reward function, named after the grader: those charts take their series from
