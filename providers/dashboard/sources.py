@@ -21,13 +21,6 @@ from ..training.plots import plot_files
 from ..training.run_files import RunFiles
 from ..training.spec import SAFE_NAME
 
-# Keys of metrics.jsonl records the dashboard charts (TRL's names; ours for distillation and tokens/s).
-CHARTED = ("loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm", "rewards/chosen", "rewards/rejected",
-           "rewards/margins", "rewards/accuracies", "hard_loss", "soft_loss", "reward", "reward_std", "kl",
-           "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "clip_ratio/low_mean",
-           "clip_ratio/high_mean")
-
-
 # Workflow tasks (DATA_DIR/workflows/KIND/ID/task.json, written by providers/workflows/tasks.py) and the
 # report each kind writes beside its state.
 TASK_REPORTS = {"enhancements": "enhancement_report.json", "validations": "validation.json",
