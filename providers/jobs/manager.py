@@ -103,6 +103,7 @@ class JobManager:
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._shutting_down = False
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
@@ -270,6 +271,8 @@ class JobManager:
         (a scheduler queues them) at once. A job that cannot start fails alone, with the reason: it never
         blocks the queue."""
         with self._lock:
+            if self._shutting_down:  # a job stopped by the shutdown frees its slot: nothing new starts now
+                return
             running = self.local.running()
             for job in self.store.list(statuses=("scheduled",), by_priority=True):
                 if job.external_id is not None or job.job_uuid in self._running:
@@ -461,6 +464,8 @@ class JobManager:
         """Stop the jobs running on this host (they are marked failed on the next start if this process dies
         first), then fold the store's write-ahead log into it. Jobs a scheduler runs go on; the next
         start follows them again."""
+        with self._lock:
+            self._shutting_down = True
         for job_uuid, (launcher, external_id) in list(self._running.items()):
             if launcher is self.local:
                 self._cancelled[job_uuid] = "the server shut down while the job was running"

@@ -28,7 +28,7 @@ from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
-from ...jobs.store import StoreUnavailable, UnknownJobError
+from ...jobs.store import StoreTooNew, StoreUnavailable, UnknownJobError
 from ...launchers import LAUNCHERS
 from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except LauncherUnavailable as e:
         raise SystemExit(str(e)) from None
-    except (StoreUnavailable, OSError, sqlite3.Error) as e:
-        # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir.
+    except (StoreUnavailable, StoreTooNew, OSError, sqlite3.Error) as e:
+        # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir, or
+        # one a newer version wrote.
         raise SystemExit(f"cannot start: data dir {config.data_path}: {e}") from None
     # llama_stack's logging set-up (run on its first import) puts every logger that exists then at WARNING: ours
     # too when one of our modules made its logger first. The service's levels are basicConfig's.
