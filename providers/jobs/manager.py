@@ -104,6 +104,9 @@ class JobManager:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._shutting_down = False
+        # Jobs that were running when this process's predecessor stopped and that recovery failed: their
+        # parts on other nodes (a multi-node job) must be stopped too (providers/launchers/nodes.py does).
+        self.failed_at_start: list[str] = []
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
@@ -135,6 +138,7 @@ class JobManager:
                     if launcher is self.local:
                         self.local.stop_orphan(external_id, files)
                     self._fail(job.job_uuid, "the server restarted while the job was running")
+                    self.failed_at_start.append(job.job_uuid)
             except Exception as e:  # noqa: BLE001 - one job's recovery must not stop start-up
                 log.exception("job %s: recovery failed", job.job_uuid)
                 self._fail(job.job_uuid, f"the server restarted and could not follow the job: {type(e).__name__}: {e}")

@@ -85,7 +85,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         heartbeat = HeartbeatSender(
             config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
             peer_headers, service.local_load,
-            config.heartbeat_interval_s,
+            config.heartbeat_interval_s, lost_after_s=config.down_after_s,
+            on_lost=lambda silent_s: nodes.stop_parts_of_lost_coordinator(silent_s, config.coordinator),
         )
 
     @asynccontextmanager
@@ -97,7 +98,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             heartbeat.stop.set()
         for stop in core.on_shutdown:
             stop()
-        nodes.stop.set()
+        nodes.shutdown()  # the other nodes' parts of running multi-node jobs, before this node's stop
         service.jobs.shutdown()
 
     app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,
