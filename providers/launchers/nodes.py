@@ -376,6 +376,8 @@ class NodesLauncher:
         finished_at = None
         with self._http() as http:
             while True:
+                if self.stop.is_set():  # this service stops: `shutdown` stops the parts, the job says why
+                    return
                 local = self.service.jobs.store.get(job_uuid)
                 if local.status not in ACTIVE and local.status != "completed":
                     self._cancel_remote(job_uuid, None)
@@ -436,7 +438,8 @@ class NodesLauncher:
         seen[node_id] = {"status": status["status"], "step": res.get("step"), "error": res.get("error"),
                          "ranks": res.get("ranks", [])}
         if status["status"] in ("failed", "cancelled"):
-            return f"node {node_id} (node_rank {part['node_rank']}) {status['status']}: {seen[node_id]['error']}"
+            why = seen[node_id]["error"]
+            return f"node {node_id} (node_rank {part['node_rank']}) {status['status']}" + (f": {why}" if why else "")
         return None
 
     def _parts_or_none(self, job_uuid: str) -> list[dict[str, Any]]:
