@@ -145,7 +145,10 @@ class JobStore:
             self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:  # a corrupt file may refuse even that: the first error says what is wrong
+                pass
             raise
 
     def _execute(self, query: str, args=()) -> sqlite3.Cursor:
