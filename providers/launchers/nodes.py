@@ -367,6 +367,8 @@ class NodesLauncher:
             log.exception("job %s: following its parts failed", job_uuid)
         finally:
             self._following.discard(job_uuid)
+            for key in [k for k in self._unreachable if k[0] == job_uuid]:
+                self._unreachable.pop(key, None)
 
     def _follow(self, job_uuid: str) -> None:
         """Fail the whole job as soon as any part fails or its node goes down (or stops answering for the
