@@ -103,6 +103,10 @@ class JobManager:
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._shutting_down = False
+        # Jobs that were running when this process's predecessor stopped and that recovery failed: their
+        # parts on other nodes (a multi-node job) must be stopped too (providers/launchers/nodes.py does).
+        self.failed_at_start: list[str] = []
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
@@ -134,6 +138,7 @@ class JobManager:
                     if launcher is self.local:
                         self.local.stop_orphan(external_id, files)
                     self._fail(job.job_uuid, "the server restarted while the job was running")
+                    self.failed_at_start.append(job.job_uuid)
             except Exception as e:  # noqa: BLE001 - one job's recovery must not stop start-up
                 log.exception("job %s: recovery failed", job.job_uuid)
                 self._fail(job.job_uuid, f"the server restarted and could not follow the job: {type(e).__name__}: {e}")
@@ -270,6 +275,8 @@ class JobManager:
         (a scheduler queues them) at once. A job that cannot start fails alone, with the reason: it never
         blocks the queue."""
         with self._lock:
+            if self._shutting_down:  # a job stopped by the shutdown frees its slot: nothing new starts now
+                return
             running = self.local.running()
             for job in self.store.list(statuses=("scheduled",), by_priority=True):
                 if job.external_id is not None or job.job_uuid in self._running:
@@ -461,6 +468,8 @@ class JobManager:
         """Stop the jobs running on this host (they are marked failed on the next start if this process dies
         first), then fold the store's write-ahead log into it. Jobs a scheduler runs go on; the next
         start follows them again."""
+        with self._lock:
+            self._shutting_down = True
         for job_uuid, (launcher, external_id) in list(self._running.items()):
             if launcher is self.local:
                 self._cancelled[job_uuid] = "the server shut down while the job was running"

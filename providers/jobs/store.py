@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 from ..errors import Conflict
 
@@ -60,6 +61,53 @@ class JobRecord:
 _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
 
 
+class StoreTooNew(RuntimeError):
+    """The job store was written by a newer version of this software (its schema version is higher than any
+    this one knows): opening it could lose what that version stored, so the service refuses to start."""
+
+
+def _v1_baseline(db: sqlite3.Connection) -> None:
+    """Stores from before schema versions (user_version 0): the jobs table with every column the releases
+    without a version added over time (a store from any of them gains the missing ones)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, method TEXT, run_dir TEXT, status TEXT, "
+        "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
+        "seq INTEGER)"
+    )
+    have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for column, kind in (("launcher", "TEXT DEFAULT 'local'"), ("external_id", "TEXT"),
+                         ("priority", "INTEGER DEFAULT 0"), ("attempts", "INTEGER DEFAULT 0")):
+        if column not in have:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+
+
+# Schema version -> the migration that brings a store at the version before it to that version. Append only:
+# a schema change adds the next number (never edit a released one); SCHEMA_VERSION is the highest.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _v1_baseline,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection, db_path: Path,
+            migrations: dict[int, Callable[[sqlite3.Connection], None]] = MIGRATIONS) -> int:
+    """Bring the store to the newest schema version (PRAGMA user_version), applying each missing migration in
+    order; call inside a write transaction, so that a failed migration leaves the store as it was. Raises
+    StoreTooNew for a store written by a newer version. Returns the version the store had."""
+    newest = max(migrations)
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > newest:
+        raise StoreTooNew(f"the job store {db_path} has schema version {found}, written by a newer version of this "
+                          f"software (this one reads versions up to {newest}): run that version, or restore a "
+                          "backup of the data dir made before the upgrade")
+    for version in range(found + 1, newest + 1):
+        log.info("job store %s: migrating to schema version %d", db_path, version)
+        migrations[version](db)
+    if found != newest:
+        db.execute(f"PRAGMA user_version = {int(newest)}")
+    return found
+
+
 class JobStore:
     def __init__(self, db_path: str | Path):
         db_path = Path(db_path)
@@ -89,21 +137,19 @@ class JobStore:
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after checkpoints
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, method TEXT, run_dir TEXT, status TEXT, "
-            "scheduled_at TEXT, started_at TEXT, completed_at TEXT, pid INTEGER, error TEXT, resources TEXT, "
-            "seq INTEGER)"
-        )
-        # Columns added after the first release: a store written by an older version gains them.
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in (("launcher", "TEXT DEFAULT 'local'"), ("external_id", "TEXT"),
-                             ("priority", "INTEGER DEFAULT 0"), ("attempts", "INTEGER DEFAULT 0")):
-            if column not in have:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-        self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
         # Can this process write it? (read-only file system, another process's exclusive lock): fail at start.
+        # The migrations run inside this same write transaction: all of them or none.
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("ROLLBACK")
+        try:
+            migrate(self._db, db_path)
+            self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            self._db.execute("COMMIT")
+        except BaseException:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:  # a corrupt file may refuse even that: the first error says what is wrong
+                pass
+            raise
 
     def _execute(self, query: str, args=()) -> sqlite3.Cursor:
         """Run one statement under the lock; SQLite's operational errors (full, read-only, locked, I/O) become

@@ -79,10 +79,19 @@ class NodesLauncher:
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, Any]] = {}  # job_uuid -> a waiting job's entry (its body stays on disk)
         self._placing: set[str] = set()
+        self._fencing: set[str] = set()  # parts this worker is stopping because its coordinator is gone
         self.stop = threading.Event()
+        self._following: set[str] = set()  # jobs a follower thread watches (a completed one: until every part is)
+        self._unreachable: dict[tuple[str, str], float] = {}  # (job, node) -> since when its status is unanswered
         for job in service.jobs.store.list(statuses=ACTIVE):  # jobs of a previous run of this service
             if (Path(job.run_dir) / "nodes.json").exists():
-                self._watch(job.job_uuid)
+                self._watch(job.job_uuid)  # node 0's part still runs here: follow every part again
+        # Node 0's part died with the previous run of this service, so the job failed: stop its other parts
+        # (they would otherwise wait in a collective until it times out).
+        orphaned = [u for u in getattr(service.jobs, "failed_at_start", []) if self._parts_or_none(u)]
+        if orphaned:
+            threading.Thread(target=self._stop_orphaned_parts, args=(orphaned,), daemon=True,
+                             name="stop-orphaned-parts").start()
         for path in sorted(self.pending_dir.glob("*.json")):  # jobs that were waiting for nodes
             entry = load_state(path, default=None)
             if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict):
@@ -311,13 +320,18 @@ class NodesLauncher:
             },
         }
 
+    def _shown_status(self, job_uuid: str, status: str) -> str:
+        """A multi-node job whose node 0 completed is `in_progress` until every other part said it completed."""
+        return "in_progress" if status == "completed" and job_uuid in self._following else status
+
     def is_waiting(self, job_uuid: str) -> bool:
         """Whether `job_uuid` names a job waiting for nodes (it has no JobManager record yet)."""
         return job_uuid in self._pending
 
     def list_jobs(self) -> list[dict[str, str]]:
         """Every job: the JobManager's records, then the jobs still waiting for nodes."""
-        jobs = [{"job_uuid": j.job_uuid, "status": j.status} for j in self.service.jobs.store.list()]
+        jobs = [{"job_uuid": j.job_uuid, "status": self._shown_status(j.job_uuid, j.status)}
+                for j in self.service.jobs.store.list()]
         known = {j["job_uuid"] for j in jobs}
         return jobs + [{"job_uuid": u, "status": "scheduled"} for u in list(self._pending) if u not in known]
 
@@ -343,14 +357,29 @@ class NodesLauncher:
         return [p for p in self._parts(job_uuid) if p["node_id"] != self.registry.local.node_id]
 
     def _watch(self, job_uuid: str) -> None:
-        threading.Thread(target=self._follow, args=(job_uuid,), daemon=True, name=f"watch-{job_uuid}").start()
+        self._following.add(job_uuid)
+        threading.Thread(target=self._follow_parts, args=(job_uuid,), daemon=True, name=f"watch-{job_uuid}").start()
+
+    def _follow_parts(self, job_uuid: str) -> None:
+        try:
+            self._follow(job_uuid)
+        except Exception:  # noqa: BLE001 - logged; the job's own supervisor still records node 0's end
+            log.exception("job %s: following its parts failed", job_uuid)
+        finally:
+            self._following.discard(job_uuid)
+            for key in [k for k in self._unreachable if k[0] == job_uuid]:
+                self._unreachable.pop(key, None)
 
     def _follow(self, job_uuid: str) -> None:
-        """Fail the whole job as soon as any part fails or its node goes down."""
+        """Fail the whole job as soon as any part fails or its node goes down (or stops answering for the
+        registry's down_after_s); once node 0 completes, the job is completed only when every other part
+        says it completed too (see `view`)."""
         seen = self.part_status.setdefault(job_uuid, {})
         finished_at = None
         with self._http() as http:
             while True:
+                if self.stop.is_set():  # this service stops: `shutdown` stops the parts, the job says why
+                    return
                 local = self.service.jobs.store.get(job_uuid)
                 if local.status not in ACTIVE and local.status != "completed":
                     self._cancel_remote(job_uuid, None)
@@ -362,43 +391,114 @@ class NodesLauncher:
                         self.service.jobs.cancel(job_uuid, reason=failure)
                         self._cancel_remote(job_uuid, None)
                         return
+                    if failure:  # node 0 completed, this part did not: the job did not complete
+                        self._fail_completed(job_uuid, f"{failure} (after node 0's part completed)")
+                        return
                 if local.status == "completed":
-                    # Keep the other parts' final state for the status view (they end within seconds).
                     finished_at = finished_at or time.monotonic()
-                    done = all(seen.get(p["node_id"], {}).get("status") not in (None, *ACTIVE)
-                               for p in self._remote(job_uuid))
-                    if done or time.monotonic() - finished_at > 60:
+                    done = all(seen.get(p["node_id"], {}).get("status") == "completed" for p in self._remote(job_uuid))
+                    if done:
+                        return
+                    if time.monotonic() - finished_at > 60:
+                        waiting = [p["node_id"] for p in self._remote(job_uuid)
+                                   if seen.get(p["node_id"], {}).get("status") != "completed"]
+                        self._fail_completed(job_uuid, f"node 0's part completed, but {waiting} did not report "
+                                                       "completing theirs within 60 s")
                         return
                 time.sleep(self.poll_s)
+
+    def _fail_completed(self, job_uuid: str, reason: str) -> None:
+        """A job whose node 0 completed while another part failed (or never said it completed) is failed:
+        no job is reported completed that did not complete on every node."""
+        log.warning("job %s: %s", job_uuid, reason)
+        self.service.jobs.store.update(job_uuid, status="failed", error=reason)
+        try:
+            RunFiles(self.service.jobs.store.get(job_uuid).run_dir).update_status(state="failed", error=reason)
+        except OSError as e:
+            log.warning("job %s: could not write its status file: %s", job_uuid, e)
+        self._cancel_remote(job_uuid, None)
 
     def _part_failure(self, http: httpx.Client, job_uuid: str, part: dict, seen: dict) -> str | None:
         node_id = part["node_id"]
         try:
             if self.registry.get(node_id).state == "down":
-                return f"node {node_id} is down (missed heartbeats)"
+                return f"node {node_id} is down (no heartbeat for {self.registry.down_after_s:g} s)"
         except KeyError:
             return f"node {node_id} is no longer registered"
         try:
             r = http.get(f"{part['url']}/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=5)
             r.raise_for_status()
         except httpx.HTTPError as e:
-            return f"node {node_id} unreachable: {e}"
+            # One unanswered poll is no partition: fail after as long as the registry waits for heartbeats.
+            since = self._unreachable.setdefault((job_uuid, node_id), time.monotonic())
+            if time.monotonic() - since > self.registry.down_after_s:
+                return f"node {node_id} unreachable for {time.monotonic() - since:.0f} s: {type(e).__name__}: {e}"
+            return None
+        self._unreachable.pop((job_uuid, node_id), None)
         status = r.json()
         res = status["resources_allocated"]
         seen[node_id] = {"status": status["status"], "step": res.get("step"), "error": res.get("error"),
                          "ranks": res.get("ranks", [])}
         if status["status"] in ("failed", "cancelled"):
-            return f"node {node_id} (node_rank {part['node_rank']}) {status['status']}: {seen[node_id]['error']}"
+            why = seen[node_id]["error"]
+            return f"node {node_id} (node_rank {part['node_rank']}) {status['status']}" + (f": {why}" if why else "")
         return None
 
-    def _cancel_remote(self, job_uuid: str, nodes: list[Node] | None) -> None:
+    def _parts_or_none(self, job_uuid: str) -> list[dict[str, Any]]:
+        try:
+            return self._remote(job_uuid)
+        except (UnknownJobError, OSError):
+            return []
+
+    def _stop_orphaned_parts(self, job_uuids: list[str], attempts: int = 30) -> None:
+        """Cancel the other nodes' parts of jobs whose node 0 died with this service's previous run; a node
+        not reachable now is tried again (it stops its parts itself once it misses its coordinator too)."""
+        left = list(job_uuids)
+        for _ in range(attempts):
+            left = [u for u in left if not self._cancel_remote(u, None)]
+            if not left or self.stop.wait(2):
+                return
+        log.warning("jobs %s: parts on other nodes could not be reached to stop them", left)
+
+    def stop_parts_of_lost_coordinator(self, silent_s: float, coordinator: str) -> None:
+        """On a worker that has not reached its coordinator for `silent_s`: stop every part of a multi-node
+        job running here (the coordinator fails those jobs once it misses this node's heartbeats)."""
+        for job in self.service.jobs.store.list(statuses=ACTIVE):
+            if (job.resources.get("node_rank") or 0) > 0 and job.job_uuid not in self._fencing:
+                self._fencing.add(job.job_uuid)
+                reason = (f"lost contact with the coordinator {coordinator} for {silent_s:.0f} s (a network "
+                          "partition, or the coordinator is down): this node stopped its part")
+                log.warning("job %s: %s", job.job_uuid, reason)
+                threading.Thread(target=self._fence, args=(job.job_uuid, reason), daemon=True,
+                                 name=f"fence-{job.job_uuid}").start()
+
+    def _fence(self, job_uuid: str, reason: str) -> None:
+        try:
+            self.service.jobs.cancel(job_uuid, reason=reason)
+        finally:
+            self._fencing.discard(job_uuid)
+
+    def shutdown(self) -> None:
+        """This service stops: node 0's parts stop with it (the JobManager's shutdown), so stop the other
+        nodes' parts of every running multi-node job first."""
+        self.stop.set()
+        for job in self.service.jobs.store.list(statuses=ACTIVE):
+            if self._parts_or_none(job.job_uuid):
+                self._cancel_remote(job.job_uuid, None, timeout_s=5)
+
+    def _cancel_remote(self, job_uuid: str, nodes: list[Node] | None, timeout_s: float = 30) -> bool:
+        """Cancel the job's parts on other nodes; whether every one answered."""
         targets = [{"node_id": n.node_id, "url": n.url} for n in nodes] if nodes is not None else self._remote(job_uuid)
+        reached = True
         with self._http() as http:
             for part in targets:
                 try:
-                    http.post(f"{part['url']}/v1/post-training/job/cancel", json={"job_uuid": job_uuid}, timeout=30)
+                    http.post(f"{part['url']}/v1/post-training/job/cancel", json={"job_uuid": job_uuid},
+                              timeout=timeout_s).raise_for_status()
                 except httpx.HTTPError as e:
+                    reached = False
                     log.warning("could not cancel job %s on node %s: %s", job_uuid, part["node_id"], e)
+        return reached
 
     def cancel(self, job_uuid: str) -> None:
         """Cancel on the coordinator: this node's part and every other node's, or the job while it waits."""
@@ -460,6 +560,10 @@ class NodesLauncher:
             ]
             remote_ranks = [r for node in last.values() for r in node.get("ranks", [])]
             res["ranks"] = sorted(res.get("ranks", []) + remote_ranks, key=lambda r: r.get("rank", 0))
+            shown = self._shown_status(job_uuid, view["status"])
+            if shown != view["status"]:
+                view["status"] = shown
+                res["waiting_for"] = "every other node to report its part completed"
         return view
 
     def is_distributed(self, job_uuid: str) -> bool:

@@ -28,7 +28,7 @@ from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
 from ...versions import warn_untested_versions
-from ...jobs.store import StoreUnavailable, UnknownJobError
+from ...jobs.store import StoreTooNew, StoreUnavailable, UnknownJobError
 from ...launchers import LAUNCHERS
 from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
@@ -85,7 +85,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         heartbeat = HeartbeatSender(
             config.coordinator, Registration(node_id=local.node_id, url=local.url, capabilities=local.capabilities),
             peer_headers, service.local_load,
-            config.heartbeat_interval_s,
+            config.heartbeat_interval_s, lost_after_s=config.down_after_s,
+            on_lost=lambda silent_s: nodes.stop_parts_of_lost_coordinator(silent_s, config.coordinator),
         )
 
     @asynccontextmanager
@@ -97,7 +98,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             heartbeat.stop.set()
         for stop in core.on_shutdown:
             stop()
-        nodes.stop.set()
+        nodes.shutdown()  # the other nodes' parts of running multi-node jobs, before this node's stop
         service.jobs.shutdown()
 
     app = FastAPI(title="TRL FSDP post-training service", version="0.1.0", lifespan=lifespan,
@@ -273,8 +274,9 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except LauncherUnavailable as e:
         raise SystemExit(str(e)) from None
-    except (StoreUnavailable, OSError, sqlite3.Error) as e:
-        # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir.
+    except (StoreUnavailable, StoreTooNew, OSError, sqlite3.Error) as e:
+        # One line saying what to fix, never a traceback: a read-only, full, missing or locked data dir, or
+        # one a newer version wrote.
         raise SystemExit(f"cannot start: data dir {config.data_path}: {e}") from None
     # llama_stack's logging set-up (run on its first import) puts every logger that exists then at WARNING: ours
     # too when one of our modules made its logger first. The service's levels are basicConfig's.

@@ -138,6 +138,9 @@ class NodeRegistry:
         # This node sends itself no heartbeat: its load is counted when asked (jobs running on this host).
         self.local_load = local_load or (lambda: 0)
         self._lock = threading.Lock()
+        # A restart is not a missed heartbeat: nodes loaded from the file get down_after_s from now to beat, so
+        # that the jobs they run can be followed again (re-attached) rather than failed at once.
+        self._since = time.time()
         self._nodes: dict[str, Node] = {local.node_id: local}
         for raw in load_state(path, default=[]):
             try:
@@ -184,7 +187,7 @@ class NodeRegistry:
             for node in self._nodes.values():
                 if node.node_id == self.local.node_id:
                     node.last_heartbeat, node.state, node.load = now, "up", self.local_load()
-                elif now - node.last_heartbeat > self.down_after_s:
+                elif now - max(node.last_heartbeat, self._since) > self.down_after_s:
                     node.state = "down"
             return [n.model_copy() for n in self._nodes.values()]
 
@@ -216,14 +219,29 @@ class HeartbeatSender(threading.Thread):
     """A worker's link to its coordinator: register, then heartbeat; register again if forgotten."""
 
     def __init__(self, coordinator: str, registration: Registration, headers: dict[str, str], load,
-                 interval_s: float = 2.0):
+                 interval_s: float = 2.0, lost_after_s: float | None = None, on_lost=None):
         super().__init__(daemon=True, name="heartbeat")
         self.coordinator = coordinator.rstrip("/")
         self.registration = registration
         self.headers = headers
         self.load = load
         self.interval_s = interval_s
+        # No answer from the coordinator for lost_after_s (a partition, or the coordinator is down): call
+        # on_lost(seconds) on every beat until it answers again. The coordinator marks this node down after the
+        # same time and fails its jobs, so this node stops its parts of them: both sides agree, nothing hangs.
+        self.lost_after_s = lost_after_s
+        self.on_lost = on_lost
+        self.last_contact = time.monotonic()
         self.stop = threading.Event()
+
+    def _check_contact(self) -> None:
+        silent = time.monotonic() - self.last_contact
+        if self.on_lost is None or self.lost_after_s is None or silent <= self.lost_after_s:
+            return
+        try:
+            self.on_lost(silent)
+        except Exception:  # noqa: BLE001 - the heartbeat thread must outlive a failed fence
+            log.exception("stopping the parts of coordinator %s's jobs failed", self.coordinator)
 
     def run(self) -> None:
         registered = False
@@ -239,7 +257,9 @@ class HeartbeatSender(threading.Thread):
                         registered = False
                         continue
                     r.raise_for_status()
+                    self.last_contact = time.monotonic()
                 except httpx.HTTPError as e:
                     log.warning("coordinator %s: %s", self.coordinator, e)
                     registered = registered and not isinstance(e, httpx.HTTPStatusError)
+                    self._check_contact()
                 self.stop.wait(self.interval_s)

@@ -1,0 +1,130 @@
+"""Faults between nodes (issue 21), on one two-node cluster in network namespaces (tests/test_multinode.py's
+Network): a partition mid-job, and a coordinator that dies and restarts during a multi-node job. Each must
+end in a truthful job state on both sides, with no rank left running anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers import processes_mentioning, wait_until
+from test_multinode import HTTP, Network, _ok, body, start_service, status, two_services, wait_done
+
+pytestmark = pytest.mark.slow  # two services in network namespaces, training
+
+PROGRESS_TIMEOUT_S = 30  # each job's watchdog; the nodes' --down-after-s is 4 (test_multinode.start_service)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, toy_data):
+    net = Network()
+    if not net.namespaces:
+        pytest.skip(f"a partition needs network namespaces: {net.kind}")
+    try:
+        with two_services(tmp_path_factory.mktemp("faults-cluster"), net, toy_data, 18432, 18433) as c:
+            yield c
+    finally:
+        net.destroy()
+
+
+def long_job(job_uuid: str, model: str) -> dict:
+    job = body(job_uuid, model, nnodes=2, nproc=1, steps=25, epochs=200)
+    job["training_config"]["scheduling"] = {"progress_timeout_s": PROGRESS_TIMEOUT_S}
+    return job
+
+
+def submit_and_wait_for_training(url: str, job: dict) -> None:
+    r = HTTP.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: (status(url, job["job_uuid"])["resources_allocated"].get("step") or 0) >= 2, 300,
+               message="both nodes training")
+
+
+def part_state(data_dir, job_uuid: str) -> dict:
+    """A node's own record of its part of a job (its status file)."""
+    return json.loads((data_dir / "runs" / job_uuid / "status.json").read_text())
+
+
+def no_process_of(cluster, job_uuid: str) -> bool:
+    return all(processes_mentioning(str(d / "runs" / job_uuid)) == [] for d in cluster["dirs"].values())
+
+
+def node_states(url: str) -> dict[str, str]:
+    return {n["node_id"]: n["state"] for n in HTTP.get(url + "/v1/nodes", timeout=10).json()["data"]}
+
+
+def test_a_partition_fails_the_job_on_both_sides_and_the_node_takes_work_when_it_heals(cluster, tiny_models):
+    url, dirs, net = cluster["url"], cluster["dirs"], cluster["net"]
+    submit_and_wait_for_training(url, long_job("split", tiny_models["student"]))
+    link = ["ip", "-n", net.namespaces[1], "link", "set", net.ifname["b"]]
+    subprocess.run([*link, "down"], check=True)
+    t_cut = time.monotonic()
+    try:
+        final = wait_done(url, "split", timeout=PROGRESS_TIMEOUT_S + 60)
+        detect_s = time.monotonic() - t_cut
+        error = final["resources_allocated"]["error"]
+        print(f"\npartition: coordinator says {final['status']} after {detect_s:.1f} s: {error[:200]}")
+        assert final["status"] == "failed" and "node-b" in error, error
+        assert detect_s < PROGRESS_TIMEOUT_S
+        # Each side stops its own ranks: node B cannot be told (it is cut off), so it stops its part itself.
+        wait_until(lambda: no_process_of(cluster, "split"), 60, message="no rank left on either side")
+        stopped_s = time.monotonic() - t_cut
+        b = wait_until(lambda: (s := part_state(dirs["b"], "split"))["state"] not in ("scheduled", "in_progress")
+                       and s, 30, message="node B's record of its part ended")
+        print(f"partition: node B's part {b['state']}: {b.get('error')}; every rank gone {stopped_s:.1f} s after the cut")
+        assert b["state"] == "failed" and "lost contact with the coordinator" in b["error"], b
+        assert node_states(url)["node-b"] == "down"
+    finally:
+        subprocess.run([*link, "up"], check=True)
+    t_heal = time.monotonic()
+    wait_until(lambda: node_states(url) == {"node-a": "up", "node-b": "up"}, 60, message="node B up again")
+    print(f"partition healed: node-b up after {time.monotonic() - t_heal:.1f} s")
+    assert status(url, "split")["status"] == "failed"  # no job ended in another state on the way
+    job = body("after-split", tiny_models["student"], nnodes=2, nproc=1, steps=2)
+    assert HTTP.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
+    done = wait_done(url, "after-split", timeout=300)
+    assert done["status"] == "completed", done["resources_allocated"].get("error")
+    # Completed is shown only once node B's part said it completed too.
+    assert [n.get("status") for n in done["resources_allocated"]["nodes"]] == ["completed", "completed"]
+    assert part_state(dirs["b"], "after-split")["state"] == "completed"
+
+
+def test_a_coordinator_that_dies_mid_job_leaves_no_rank_on_any_node_when_it_restarts(cluster, tiny_models):
+    """kill -9 of the coordinator's service (its ranks run on, in their own process group), then a restart:
+    it follows the job again, or fails it and stops every part; no rank is ever orphaned."""
+    url, dirs, net, procs = cluster["url"], cluster["dirs"], cluster["net"], cluster["procs"]
+    submit_and_wait_for_training(url, long_job("restart", tiny_models["student"]))
+    port = int(url.rsplit(":", 1)[1])
+    os.killpg(procs["a"].pid, signal.SIGKILL)
+    procs["a"].wait(timeout=30)
+    t_kill = time.monotonic()
+    procs["a"] = start_service(net, "a", port, dirs["a"], None, ["--allowed-checkpoint-root", str(cluster["shared"])])
+    wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up again")
+    final = wait_done(url, "restart", timeout=240)
+    detect_s = time.monotonic() - t_kill
+    error = final["resources_allocated"].get("error")
+    print(f"\ncoordinator kill -9 + restart: {final['status']} {detect_s:.1f} s after the kill: {str(error)[:300]}")
+    wait_until(lambda: no_process_of(cluster, "restart"), 60, message="no rank left on either node")
+    b = part_state(dirs["b"], "restart")
+    print(f"node B's part: {b['state']}: {b.get('error')}")
+    if final["status"] == "completed":  # re-attached, and every part completed
+        assert b["state"] == "completed"
+    else:
+        assert final["status"] == "failed" and b["state"] in ("failed", "cancelled"), (final, b)
+    # The graceful restart (SIGTERM): the coordinator stops every node's part before it exits.
+    wait_until(lambda: node_states(url) == {"node-a": "up", "node-b": "up"}, 60, message="both nodes up")
+    submit_and_wait_for_training(url, long_job("restart-term", tiny_models["student"]))
+    os.killpg(procs["a"].pid, signal.SIGTERM)
+    procs["a"].wait(timeout=60)
+    wait_until(lambda: no_process_of(cluster, "restart-term"), 30, message="no rank left after a clean stop")
+    b = part_state(dirs["b"], "restart-term")
+    print(f"coordinator SIGTERM: node B's part {b['state']}: {b.get('error')}")
+    assert b["state"] in ("failed", "cancelled")
+    procs["a"] = start_service(net, "a", port, dirs["a"], None, ["--allowed-checkpoint-root", str(cluster["shared"])])
+    wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up again")
+    final = wait_done(url, "restart-term", timeout=120)
+    assert final["status"] == "failed" and "shut down" in final["resources_allocated"]["error"], final
