@@ -260,7 +260,7 @@ def test_preference_config_errors_keep_0_2_12_field_paths(algorithm_config, loc)
 
 @pytest.mark.parametrize("algorithm_config, needles", [
     ({**GRPO, "graders": [{**EXACT, "reference": "{{ item.answer }}"}]},
-     ["algorithm_config.graders[0]", "exact", "answer", "expected_answer"]),  # a column the rows lack
+     ["algorithm_config.graders[0].reference", "answer", "expected_answer"]),  # a column the rows lack
     ({**GRPO, "graders": [{**EXACT, "type": "python"}]}, ["algorithm_config", "graders", "python"]),
     ({**GRPO, "graders": []}, ["algorithm_config", "graders"]),
     ({k: v for k, v in GRPO.items() if k != "graders"}, ["algorithm_config", "graders"]),
