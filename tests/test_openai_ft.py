@@ -27,6 +27,8 @@ CHAT = {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "as
 PREF = {"input": {"messages": [{"role": "user", "content": "reverse: a b"}]},
         "preferred_output": [{"role": "assistant", "content": "b a"}],
         "non_preferred_output": [{"role": "assistant", "content": "a b"}]}
+PROMPT = {"messages": [{"role": "developer", "content": "Reverse."}, {"role": "user", "content": "reverse: a b"}],
+          "reference_answer": "b a"}
 
 
 def jsonl(rows) -> bytes:
@@ -48,6 +50,8 @@ def test_validators_accept_both_formats(tmp_path):
     assert validate_jsonl(path) == {"kind": "chat", "rows": 2}
     path.write_bytes(jsonl([PREF]) + b"\n" + jsonl([PREF]))
     assert validate_jsonl(path) == {"kind": "preference", "rows": 2}
+    path.write_bytes(jsonl([PROMPT] * 3))  # reinforcement: no assistant message, other fields for the graders
+    assert validate_jsonl(path) == {"kind": "prompt", "rows": 3}
 
 
 @pytest.mark.parametrize("rows,line,field", [
@@ -56,6 +60,7 @@ def test_validators_accept_both_formats(tmp_path):
     ([CHAT, {"messages": "hi"}], 2, "messages"),
     ([CHAT, {"prompt": "x"}], 2, "messages"),
     ([CHAT, PREF], 2, "messages"),
+    ([PROMPT, {**PROMPT, "messages": [*PROMPT["messages"], CHAT["messages"][1]]}], 2, "messages[2].role"),
     ([PREF, dict(PREF, preferred_output=[{"role": "user", "content": "x"}])], 2, "preferred_output[0].role"),
     ([PREF, dict(PREF, non_preferred_output=[])], 2, "non_preferred_output"),
     ([PREF, {**PREF, "input": {"messages": [{"role": "user", "content": 3}]}}], 2, "input.messages[0].content"),
@@ -318,8 +323,63 @@ def test_dpo_margin_grows(service, toy_data, tiny_models):
     # a DPO file cannot train a supervised job, and reinforcement is refused, each naming the field
     with pytest.raises(openai.BadRequestError, match="training_file"):
         client.fine_tuning.jobs.create(model="x", training_file=f.id)
-    with pytest.raises(openai.BadRequestError, match="reinforcement fine-tuning is not available on this service"):
+    with pytest.raises(openai.BadRequestError, match="method.reinforcement: required"):
         client.fine_tuning.jobs.create(model="x", training_file=f.id, method={"type": "reinforcement"})
+
+
+def rl_rows(toy_data, n=16):
+    return [{"messages": [{"role": "user", "content": r["input_query"]}], "reference_answer": r["expected_answer"]}
+            for r in toy_data["instruct"][:n]]
+
+
+EXACT = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+         "reference": "{{ item.reference_answer }}", "operation": "eq"}
+
+
+@pytest.mark.slow
+def test_reinforcement_job_runs_grpo_with_the_grader(service, toy_data, tiny_models):
+    """method.type reinforcement through the SDK: OpenAI's grader and hyperparameters become a grpo job
+    (compute_multiplier 0.5: 4 answers a prompt); its events carry the reward per step, its model chats; a
+    grader naming a field the rows lack, a python grader, a formula with a call and a chat file are 400s
+    naming the field."""
+    client = sdk(service)
+    f = upload(client, rl_rows(toy_data), name="rl.jsonl")
+    assert f.id and client.files.retrieve(f.id).bytes > 0
+
+    def create(grader, file_id=f.id, **hp):
+        return client.fine_tuning.jobs.create(
+            model=tiny_models["student"], training_file=file_id, seed=0, suffix="rl",
+            method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+                "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "reasoning_effort": "low", **hp}}},
+            extra_body={"trl": {"grpo": {"max_completion_length": 8},
+                                "training_config": {"max_steps_per_epoch": 2, "dtype": "fp32", "max_seq_len": 64}}})
+
+    for grader, needle in (
+        ({**EXACT, "reference": "{{ item.answer }}"}, "method.reinforcement.grader.reference|graders\\[0\\].reference"),
+        ({"type": "python", "name": "py", "source": "def grade(s, i): return 1"}, "python"),
+        ({"type": "multi", "name": "m", "graders": {"a": EXACT}, "calculate_output": "__import__('os')"},
+         "calculate_output"),
+        ({**EXACT, "type": "label_maker"}, "grader"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            create(grader)
+    chat = upload(client, chat_rows(toy_data, 4), name="chat-for-rl.jsonl")
+    with pytest.raises(openai.BadRequestError, match="training_file.*prompt rows"):
+        create(EXACT, file_id=chat.id)
+
+    job = create(EXACT)
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.name == "exact"
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", (job.error, service["log"].read_text()[-3000:])
+    trl = job.model_extra["trl"]
+    assert trl["num_generations"] == 4 and trl["not_applied"] == {"reasoning_effort": "low"}
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert len(metrics) == 2 and all("reward" in m and "rewards/exact/mean" in m for m in metrics), metrics
+    assert any("not applied" in e.message for e in events)
+    answer = client.chat.completions.create(model=job.fine_tuned_model,
+                                            messages=[{"role": "user", "content": "reverse: a b c"}], max_tokens=8)
+    assert answer.choices[0].message.content is not None
 
 
 def _pgid(service, job_id) -> int | None:

@@ -3,7 +3,8 @@
 - `validate_jsonl(path)`: a `purpose=fine-tune` upload checked line by line; the first error names the line
   and the field (`line 3: messages[1].role: ...`). A file is either chat rows (`{"messages": [...]}`, for
   `supervised`) or preference rows (`{"input": {"messages": [...]}, "preferred_output": [...],
-  "non_preferred_output": [...]}`, for `dpo`), never both.
+  "non_preferred_output": [...]}`, for `dpo`) or prompt rows (`{"messages": [...], "reference_answer": ...}`:
+  no assistant message, every other field kept for the graders' `item`, for `reinforcement`), one kind a file.
 - `service_row(row, kind)`: such a row as the service's normalized rows (`prompt`/`completion` or
   `prompt`/`chosen`/`rejected` message lists), which every method's data loader takes.
 - `openai_status(core_status, ...)`: the job store's status as OpenAI's.
@@ -21,7 +22,8 @@ from ..errors import BadRequest
 
 MAX_LINE_BYTES = 4 << 20  # one example; a longer line is refused before it is parsed
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-KINDS = {"chat": "supervised", "preference": "dpo"}  # a file's kind -> the method it trains
+KINDS = {"chat": "supervised", "preference": "dpo", "prompt": "reinforcement"}  # a file's kind -> its method
+PROMPT_ROLES = ("system", "developer", "user")  # a reinforcement prompt: the model writes the answer
 
 
 class FileFormatError(BadRequest):
@@ -100,10 +102,20 @@ def preference_row(row: dict[str, Any], line: int) -> dict[str, Any]:
     return out
 
 
+def prompt_row(row: dict[str, Any], line: int) -> dict[str, Any]:
+    """A reinforcement row as the service's graded prompt row: `messages` (no assistant message) plus the
+    row's other fields, which the graders read as `item` (`{{ item.reference_answer }}`)."""
+    msgs = check_messages(row.get("messages"), "messages", line, roles=PROMPT_ROLES)
+    return {"messages": msgs, **{k: v for k, v in row.items() if k != "messages"}}
+
+
 def row_kind(row: dict[str, Any], line: int) -> str:
-    """`chat` or `preference`, from the row's fields."""
+    """`chat`, `preference` or `prompt`, from the row's fields: messages with no assistant message are a
+    reinforcement prompt."""
     if "messages" in row:
-        return "chat"
+        msgs = row["messages"]
+        answered = isinstance(msgs, list) and any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
+        return "chat" if answered else "prompt"
     if "input" in row or "preferred_output" in row or "non_preferred_output" in row:
         return "preference"
     raise FileFormatError(line, "messages", f"missing: a row has fields {sorted(row)[:10]}; a chat row needs "
@@ -112,7 +124,7 @@ def row_kind(row: dict[str, Any], line: int) -> str:
 
 def service_row(row: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
     """An OpenAI row of `kind` as the service's normalized row."""
-    return chat_row(row, line) if kind == "chat" else preference_row(row, line)
+    return {"chat": chat_row, "preference": preference_row, "prompt": prompt_row}[kind](row, line)
 
 
 def iter_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES):
@@ -148,10 +160,12 @@ def validate_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> dict[str
     kind, rows = None, 0
     for n, row in iter_rows(path, max_line_bytes):
         this = row_kind(row, n)
+        if {this, kind} == {"chat", "prompt"}:
+            this = kind  # a messages row is checked as the file's kind: its error names the message at fault
         if kind is None:
             kind = this
         elif this != kind:
-            raise FileFormatError(n, "messages" if kind == "chat" else "input",
+            raise FileFormatError(n, "input" if kind == "preference" else "messages",
                                   f"a {this} row in a file whose first row is a {kind} row (one format per file)")
         service_row(row, kind, n)
         rows += 1

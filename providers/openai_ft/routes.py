@@ -37,7 +37,7 @@ from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, temp_path
-from ..training.methods import METHODS
+from ..graders import openai_method_to_graders
 from ..training.run_files import RunFiles
 from .formats import (
     KINDS,
@@ -144,6 +144,9 @@ class TrlOptions(BaseModel):
     finetuning: Literal["lora", "full"] | None = None
     lora: dict[str, Any] | None = None
     training_config: dict[str, Any] = Field(default_factory=dict)
+    # reinforcement: the grpo algorithm_config settings OpenAI has no field for (max_completion_length,
+    # temperature, beta, loss_type, scale_rewards, epsilon, num_iterations, row_keyed_sampling)
+    grpo: dict[str, Any] | None = None
 
 
 class JobCreate(BaseModel):
@@ -308,12 +311,11 @@ class OpenAIFineTuning:
         except ValidationError as e:
             first = e.errors()[0]
             raise ApiError(400, first_validation_error(e), ".".join(map(str, first["loc"])) or None) from None
+        rl: dict[str, Any] = {}
         if isinstance(req.method, dict) and req.method.get("type") == "reinforcement":
-            if "grpo" not in METHODS:
-                raise ApiError(400, "method.type: reinforcement fine-tuning is not available on this service (it "
-                                    "has no grpo method); accepted: 'supervised', 'dpo'", "method.type")
-            return self.reinforcement_request(req)
-        method_type, given = self._method(req)
+            method_type, given, rl = self._reinforcement(req)
+        else:
+            method_type, given = self._method(req)
         if req.integrations:
             raise ApiError(400, "integrations: not supported by this service (use trl.training_config's "
                                 "logger settings)", "integrations")
@@ -344,7 +346,7 @@ class OpenAIFineTuning:
             "id": job_id, "created_at": int(time.time()), "model": req.model, "base_model": model,
             "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
             "seed": seed, "metadata": req.metadata, "method": method_type, "given": given, "hyperparameters": hp,
-            "finetuning": finetuning, "trl": trl.model_dump(), "paused": False, "result_files": [],
+            "finetuning": finetuning, "trl": trl.model_dump(), "paused": False, "result_files": [], **rl,
             "fine_tuned_model": f"ft:{base_name}:{ORG}:{req.suffix or ''}:{job_id}",
             "submitted": False, "error": None,
             "events": [{"created_at": int(time.time()), "level": "info",
@@ -353,6 +355,9 @@ class OpenAIFineTuning:
                         "message": f"Validating training file: {req.training_file}"
                                    + (f" and validation file: {req.validation_file}" if val else "")}],
         }
+        if rl.get("not_applied"):
+            rec["events"].append({"created_at": int(time.time()), "level": "warn", "message":
+                                  f"Accepted, not applied by this service: {rl['not_applied']}"})
         self.state.put_job(rec)
         try:
             self._submit(rec, train, val)
@@ -363,12 +368,33 @@ class OpenAIFineTuning:
             raise
         return self.job_object(self.state.get_job(job_id))
 
-    def reinforcement_request(self, req: JobCreate) -> dict[str, Any]:
-        """A `method.type: reinforcement` job (OpenAI's graders as rewards) as a job of the service's grpo
-        method. The request mapping is not part of this service yet: a 400 naming method.type."""
-        raise ApiError(400, "method.type: reinforcement fine-tuning is not available on this service: its grpo "
-                            "method takes no OpenAI reinforcement requests yet; accepted: 'supervised', 'dpo'",
-                       "method.type")
+    def _reinforcement(self, req: JobCreate) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """A `method.type: reinforcement` job: OpenAI's grader becomes the grpo method's graders; n_epochs,
+        batch_size (prompts a step) and learning_rate_multiplier as for the other methods; compute_multiplier
+        scales the answers sampled per prompt (8 at 1.0). Returns (method, given, the job record's grpo part)."""
+        if req.hyperparameters:
+            raise ApiError(400, "hyperparameters: the legacy field is for supervised jobs; use "
+                                "method.reinforcement.hyperparameters", "hyperparameters")
+        try:
+            graders, hp = openai_method_to_graders(req.method)
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split(":", 1)[0]) from None
+        given = {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if hp[k] is not None}
+        compute = hp["compute_multiplier"]
+        generations = 8 if compute is None else max(2, min(64, round(8 * compute)))
+        # No evaluation pass or reasoning budget in this recipe: accepted, reported, not applied.
+        ignored = {k: hp[k] for k in ("eval_interval", "eval_samples", "reasoning_effort") if hp[k] is not None}
+        clash = sorted({"type", "graders", "num_generations", "peft"} & set(req.trl.grpo or {}))
+        if clash:
+            raise ApiError(400, f"trl.grpo: {clash} come from method.reinforcement and trl.finetuning/lora, not "
+                                "here", "trl.grpo")
+        return "reinforcement", given, {
+            "graders": [g.model_dump(mode="json") for g in graders], "num_generations": generations,
+            "reinforcement_hyperparameters": {
+                "compute_multiplier": "auto" if compute is None else compute,
+                **{k: "auto" if hp[k] is None else hp[k] for k in ("eval_interval", "eval_samples")},
+                "reasoning_effort": hp["reasoning_effort"] or "default"},
+            "not_applied": ignored}
 
     def _method(self, req: JobCreate) -> tuple[str, dict[str, Any]]:
         method = req.method or {"type": "supervised"}
@@ -398,8 +424,9 @@ class OpenAIFineTuning:
         except NotFound as e:
             raise ApiError(400, str(e), field, "invalid_file") from None
         if meta.get("kind") not in KINDS or KINDS[meta["kind"]] != method:
-            want = "chat rows ({\"messages\": [...]})" if method == "supervised" else \
-                "preference rows ({\"input\", \"preferred_output\", \"non_preferred_output\"})"
+            want = {"supervised": "chat rows ({\"messages\": [... an assistant answer]})",
+                    "dpo": "preference rows ({\"input\", \"preferred_output\", \"non_preferred_output\"})",
+                    "reinforcement": "prompt rows ({\"messages\": [... no assistant message], other fields})"}[method]
             raise ApiError(400, f"{field}: {file_id} holds {meta.get('kind')} rows; a {method} job takes {want}",
                            field, "invalid_file")
         return meta
@@ -454,20 +481,28 @@ class OpenAIFineTuning:
               **trl["training_config"]}
         if "validation" in datasets:
             tc["data_config"]["validation_dataset_id"] = datasets["validation"]
+        lora = None
+        if rec["finetuning"] == "lora":
+            lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
+                    "apply_lora_to_output": False, "rank": 8, "alpha": 16, **(trl["lora"] or {})}
         with openai_errors("trl"):
-            if rec["method"] == "dpo":
+            if rec["method"] == "reinforcement":
+                algorithm = {"type": "grpo", "graders": rec["graders"], "num_generations": rec["num_generations"],
+                             **(trl.get("grpo") or {})}
+                if lora:
+                    algorithm["peft"] = lora
+                req = PreferenceOptimizeRequest(
+                    job_uuid=job_id, finetuned_model=job_id, model=rec["base_model"], training_config=tc,
+                    algorithm_config=algorithm)
+                route = "preference-optimize"
+            elif rec["method"] == "dpo":
                 req = PreferenceOptimizeRequest(
                     job_uuid=job_id, finetuned_model=job_id, model=rec["base_model"], training_config=tc,
                     algorithm_config={"type": "dpo", "beta": hp["beta"]})
                 route = "preference-optimize"
             else:
-                algo = None
-                if rec["finetuning"] == "lora":
-                    lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
-                            "apply_lora_to_output": False, "rank": 8, "alpha": 16, **(trl["lora"] or {})}
-                    algo = LoraFinetuningConfig(**lora)
                 req = SupervisedFineTuneRequest(job_uuid=job_id, model=rec["base_model"], training_config=tc,
-                                                algorithm_config=algo)
+                                                algorithm_config=LoraFinetuningConfig(**lora) if lora else None)
                 route = "supervised-fine-tune"
             # The event first: an idle service starts the job at once, and its start must come after this
             self.state.add_event(job_id, "Files validated, moving job to queued state")
@@ -509,12 +544,16 @@ class OpenAIFineTuning:
         hp = rec["hyperparameters"]
         shown = {k: hp[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
         method_hp = shown | ({"beta": hp["beta"]} if rec["method"] == "dpo" else {})
+        method = {"type": rec["method"], rec["method"]: {"hyperparameters": method_hp}}
+        if rec["method"] == "reinforcement":
+            method_hp.update({k: v for k, v in rec["reinforcement_hyperparameters"].items() if k not in method_hp})
+            method["reinforcement"]["grader"] = rec["graders"][0]
         return {
             "id": rec["id"], "object": "fine_tuning.job", "created_at": rec["created_at"],
             "model": rec["model"], "organization_id": ORG, "status": status, "error": error,
             "fine_tuned_model": rec["fine_tuned_model"] if status == "succeeded" else None,
             "finished_at": epoch(view.get("completed_at")) if view and core not in ACTIVE else None,
-            "hyperparameters": shown, "method": {"type": rec["method"], rec["method"]: {"hyperparameters": method_hp}},
+            "hyperparameters": shown, "method": method,
             "result_files": rec.get("result_files", []), "seed": rec["seed"],
             "trained_tokens": tokens if status == "succeeded" else None,
             "training_file": rec["training_file"], "validation_file": rec.get("validation_file"),
@@ -525,6 +564,8 @@ class OpenAIFineTuning:
                     "learning_rate": hp["learning_rate"], "finetuning": rec["finetuning"],
                     "base_model": rec["base_model"],
                     "job_uuid": rec["id"], "step": res.get("step"), "total_steps": res.get("total_steps"),
+                    **({"num_generations": rec["num_generations"], "not_applied": rec["not_applied"]}
+                       if rec["method"] == "reinforcement" else {}),
                     **{k: v for k, v in rec["trl"].items() if v}},
         }
 
@@ -564,7 +605,7 @@ class OpenAIFineTuning:
                     data = {"step": m["step"], "train_loss": m["loss"], "total_steps": total}
                     if "mean_token_accuracy" in m:
                         data["train_mean_token_accuracy"] = m["mean_token_accuracy"]
-                    data.update({k: v for k, v in m.items() if k.startswith("rewards/")})
+                    data.update({k: v for k, v in m.items() if k.startswith("rewards/") or k in ("reward", "kl")})
                     out.append((logged, "info", "metrics", f"Step {m['step']}/{total}: training loss={m['loss']:.4f}",
                                 data))
                 elif "eval_loss" in m:
