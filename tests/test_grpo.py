@@ -138,3 +138,28 @@ def test_grpo_on_two_fsdp_ranks_matches_one_rank(service, base_policy):
     assert max(abs(x["kl"] - y["kl"]) for x, y in zip(a, b)) < 1e-5
     assert held_fraction(one) == [1.0]
     assert held_fraction(two) == pytest.approx([0.5, 0.5], abs=0.02)
+
+
+def test_the_dashboard_charts_grpo_reward_per_grader(service):
+    """The job page of the GRPO job above in a real browser: the reward, per-grader reward (a series named
+    after the grader, from the keys the records carry), KL-free length and clip-ratio charts have points."""
+    from test_dashboard import Page, points
+
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from operator_fixtures import chromium_path
+
+    if service.status("grpo-learns")["status"] != "completed":
+        pytest.skip("needs the job of test_grpo_raises_the_heldout_reward_through_the_service")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = Page(b, service.url)
+            page.page.goto(f"{service.url}/dashboard/#/job/grpo-learns")
+            page.page.wait_for_selector("#chart-grader_reward", timeout=60_000)
+            for chart in ("grpo_reward", "grader_reward", "grader_reward_std", "grpo_length", "grpo_clip"):
+                assert points(page.page, chart) >= 16, chart
+            legend = page.page.inner_text("#chart-grader_reward")
+            assert "exact" in legend, legend
+            assert not page.errors, page.errors
+        finally:
+            b.close()
