@@ -423,6 +423,23 @@ def test_dpo_widens_the_chosen_rejected_margin(client, student, base_student, to
     assert generate(model, tok, pairs[0]["prompt"])[0] >= 1
 
 
+def test_grpo_runs_inline_through_the_typed_client(client, student):
+    """GRPO (our algorithm_config type) on the inline provider, sent by llama-stack-client's
+    preference_optimize: prompts from instruct rows, an exact-match grader on their expected_answer column;
+    every step logs the grader's reward (learning itself: tests/test_grpo.py)."""
+    job_uuid = new_id("grpo")
+    grader = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
+              "reference": "{{ item.expected_answer }}", "operation": "eq"}
+    tc = training_config("toy_small", steps=2, lr=1e-4, batch_size=2)
+    status = run_job(client, dpo, job_uuid, student, tc, {"type": "grpo", "graders": [grader], "num_generations": 4,
+                                                          "max_completion_length": 8})
+    records = [r for r in metric_records(status.resources_allocated["run_dir"]) if "loss" in r]
+    assert len(records) == 2 and all("rewards/exact/mean" in r and "reward_std" in r for r in records), records
+    with pytest.raises(BadRequestError, match="graders.0..reference|graders\\[0\\].reference"):
+        dpo(client, new_id("grpo-bad"), student, tc,
+            {"type": "grpo", "graders": [{**grader, "reference": "{{ item.answer }}"}]})
+
+
 # -- distillation -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher(tiny_models):
