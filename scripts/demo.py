@@ -19,10 +19,12 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -45,6 +47,11 @@ builder = load_builder()
 
 def start(argv: list[str], log: Path, health_url: str, env: dict[str, str]) -> subprocess.Popen:
     """Start a server in its own process group and wait until its health route answers."""
+    port = urllib.parse.urlsplit(health_url).port
+    with socket.socket() as probe:  # a server already there would answer the health check for ours
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            sys.exit(f"port {port} is in use (another llama stack or training service?); stop it and run the "
+                     "demo again")
     warn = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), PYTHONWARNINGS)))
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
