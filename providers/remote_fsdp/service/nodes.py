@@ -109,7 +109,7 @@ class Registration(BaseModel):
 class Heartbeat(BaseModel):
     load: int = Field(0, ge=0, le=100_000)
     # The multi-node jobs this node runs a part of: the coordinator answers which of them have ended there.
-    parts: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=10_000)
+    parts: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=1_000)
 
 
 class HeartbeatAnswer(Node):
