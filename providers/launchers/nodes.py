@@ -484,9 +484,11 @@ class NodesLauncher:
         return ended
 
     def stop_parts_of_ended_jobs(self, ended: dict[str, str], coordinator: str) -> None:
-        """On a worker: stop its parts of the jobs its coordinator says ended (`ended_parts`)."""
+        """On a worker: stop its parts of the jobs its coordinator says ended (`ended_parts`): `cancelled` where a
+        user cancelled the job, else `failed` with how it ended."""
         for job_uuid, how in ended.items():
-            self._stop_part(job_uuid, f"the coordinator {coordinator} ended the job ({how}): this node stopped its part")
+            why = f"the coordinator {coordinator} ended the job ({how}): this node stopped its part"
+            self._stop_part(job_uuid, None if how == "cancelled" else why, why)
 
     def stop_parts_of_lost_coordinator(self, silent_s: float, coordinator: str) -> None:
         """On a worker that has not reached its coordinator for `silent_s`: stop every part of a multi-node
@@ -495,8 +497,9 @@ class NodesLauncher:
             self._stop_part(job_uuid, f"lost contact with the coordinator {coordinator} for {silent_s:.0f} s (a "
                                       "network partition, or the coordinator is down): this node stopped its part")
 
-    def _stop_part(self, job_uuid: str, reason: str) -> None:
-        """Fail this worker's part of a job (in a thread: the caller is the heartbeat thread)."""
+    def _stop_part(self, job_uuid: str, reason: str | None, why: str | None = None) -> None:
+        """Stop this worker's part of a job: `failed` with `reason`, or `cancelled` when None (in a thread: the
+        caller is the heartbeat thread)."""
         try:
             job = self.service.jobs.store.get(job_uuid)
         except UnknownJobError:
@@ -504,10 +507,10 @@ class NodesLauncher:
         if job.status not in ACTIVE or (job.resources.get("node_rank") or 0) == 0 or job_uuid in self._fencing:
             return
         self._fencing.add(job_uuid)
-        log.warning("job %s: %s", job_uuid, reason)
+        log.warning("job %s: %s", job_uuid, why or reason)
         threading.Thread(target=self._fence, args=(job_uuid, reason), daemon=True, name=f"fence-{job_uuid}").start()
 
-    def _fence(self, job_uuid: str, reason: str) -> None:
+    def _fence(self, job_uuid: str, reason: str | None) -> None:
         try:
             self.service.jobs.cancel(job_uuid, reason=reason)
         finally:
