@@ -1,6 +1,7 @@
 """Faults between nodes (issue 21), on one two-node cluster in network namespaces (tests/test_multinode.py's
-Network): a partition mid-job, and a coordinator that dies and restarts during a multi-node job. Each must
-end in a truthful job state on both sides, with no rank left running anywhere."""
+Network): a partition mid-job, a worker node stopped whole (SIGSTOP) mid-job, and a coordinator that dies and
+restarts during a multi-node job. Each must end in a truthful job state on both sides, with no rank left
+running anywhere."""
 
 from __future__ import annotations
 
@@ -91,6 +92,78 @@ def test_a_partition_fails_the_job_on_both_sides_and_the_node_takes_work_when_it
     # Completed is shown only once node B's part said it completed too.
     assert [n.get("status") for n in done["resources_allocated"]["nodes"]] == ["completed", "completed"]
     assert part_state(dirs["b"], "after-split")["state"] == "completed"
+
+
+def node_processes(service_pid: int, data_dir) -> list[int]:
+    """A node's service and every process it started (the zygote, torchrun, the ranks: its descendants),
+    plus any process naming its data dir."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [service_pid]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return sorted(found | {pid for pid, _ in processes_mentioning(str(data_dir))})
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_stopped_worker_node_fails_the_job_and_stops_its_own_ranks_when_it_continues(cluster, tiny_models):
+    """SIGSTOP of node B's whole service and ranks (hung, not dead): the coordinator fails the job once B misses
+    its heartbeats and stops its own ranks; its cancel for B's part goes unanswered, so when B continues it
+    learns from its coordinator that the job is over and stops its part; B is up again and takes new work."""
+    url, dirs, procs = cluster["url"], cluster["dirs"], cluster["procs"]
+    log_a = dirs["a"].parent / "service-a.log"
+    submit_and_wait_for_training(url, long_job("stall", tiny_models["student"]))
+    frozen = node_processes(procs["b"].pid, dirs["b"])
+    assert len(frozen) > 2, frozen  # the service and at least its part's torchrun and rank
+    signal_all(frozen, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    try:
+        final = wait_done(url, "stall", timeout=PROGRESS_TIMEOUT_S + 60)
+        detect_s = time.monotonic() - t_stop
+        error = final["resources_allocated"]["error"]
+        print(f"\nnode B stopped: coordinator says {final['status']} after {detect_s:.1f} s: {error[:200]}")
+        assert final["status"] == "failed" and "node-b" in error, error
+        assert detect_s < PROGRESS_TIMEOUT_S
+        wait_until(lambda: processes_mentioning(str(dirs["a"] / "runs" / "stall")) == [], 30,
+                   message="the coordinator's own ranks stopped")
+        print(f"node B stopped: the coordinator's ranks gone {time.monotonic() - t_stop:.1f} s after the stop")
+        # No cancel reaches a stopped node: B must find out that the job is over once it runs again.
+        wait_until(lambda: "job stall: node node-b is down; it stops its part" in log_a.read_text(errors="replace"), 30,
+                   message="the coordinator left node B's part to its next heartbeat")
+        assert processes_mentioning(str(dirs["b"] / "runs" / "stall"))  # still there, frozen
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+    t_cont = time.monotonic()
+    wait_until(lambda: no_process_of(cluster, "stall"), 60, message="no rank left on either node")
+    gone_s = time.monotonic() - t_cont
+    b = wait_until(lambda: (s := part_state(dirs["b"], "stall"))["state"] not in ("scheduled", "in_progress") and s,
+                   30, message="node B's record of its part ended")
+    print(f"node B continued: its part {b['state']} ({b.get('error')}); every rank gone {gone_s:.1f} s after "
+          f"SIGCONT ({time.monotonic() - t_stop:.1f} s after the stop)")
+    assert b["state"] == "failed", b  # a part of a failed job, not a user's cancel
+    wait_until(lambda: node_states(url) == {"node-a": "up", "node-b": "up"}, 30, message="node B up again")
+    assert status(url, "stall")["status"] == "failed"  # never `completed`, whatever node B said later
+    job = body("after-stall", tiny_models["student"], nnodes=2, nproc=1, steps=2)
+    assert HTTP.post(url + "/v1/post-training/supervised-fine-tune", json=job, timeout=60).status_code == 200
+    done = wait_done(url, "after-stall", timeout=300)
+    assert done["status"] == "completed", done["resources_allocated"].get("error")
 
 
 def test_a_coordinator_that_dies_mid_job_leaves_no_rank_on_any_node_when_it_restarts(cluster, tiny_models):

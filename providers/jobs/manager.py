@@ -426,7 +426,8 @@ class JobManager:
         if job.status not in ACTIVE:
             return job
         with self._lock:
-            self._cancelled[job_uuid] = reason
+            # A second stop (a user's cancel while a failed node's part is stopped) keeps the first one's reason.
+            reason = self._cancelled.setdefault(job_uuid, reason)
             followed = self._running.get(job_uuid)
             if followed is None:  # still queued here
                 state = "failed" if reason else "cancelled"

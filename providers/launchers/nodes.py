@@ -30,7 +30,7 @@ from ..api.paths import check_job_uuid
 from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..api.to_spec import method_of, preference_target, scheduling_spec
 from ..jobs.manager import JobManager
-from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, UnknownJobError
+from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, StoreUnavailable, UnknownJobError
 from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit, requested
 from ..state_files import load_state, save_state
 from ..training.run_files import RunFiles, utc_now
@@ -79,7 +79,8 @@ class NodesLauncher:
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, Any]] = {}  # job_uuid -> a waiting job's entry (its body stays on disk)
         self._placing: set[str] = set()
-        self._fencing: set[str] = set()  # parts this worker is stopping because its coordinator is gone
+        self._fencing: set[str] = set()  # parts this worker is stopping (its coordinator is gone or ended the job)
+        self._resuming: set[str] = set()  # jobs whose parts are being resumed (not ended, whatever the record says)
         self.stop = threading.Event()
         self._following: set[str] = set()  # jobs a follower thread watches (a completed one: until every part is)
         self._unreachable: dict[tuple[str, str], float] = {}  # (job, node) -> since when its status is unanswered
@@ -460,19 +461,56 @@ class NodesLauncher:
                 return
         log.warning("jobs %s: parts on other nodes could not be reached to stop them", left)
 
+    def running_parts(self) -> list[str]:
+        """On a worker: the multi-node jobs it runs a part of now (its heartbeats name them)."""
+        return [job.job_uuid for job in self.service.jobs.store.list(statuses=ACTIVE)
+                if (job.resources.get("node_rank") or 0) > 0]
+
+    def ended_parts(self, node_id: str, job_uuids: list[str]) -> dict[str, str]:
+        """On the coordinator: of the jobs node `node_id` says it runs a part of, those that ended here (failed
+        or cancelled), with how: the node stops those parts. Slurm does the same with a returning node's jobs:
+        a cancel sent while the node was stopped or cut off may never have reached it."""
+        ended = {}
+        for job_uuid in job_uuids:
+            if job_uuid in self._resuming:  # its other parts resume first, then this node's record
+                continue
+            try:
+                job = self.service.jobs.store.get(job_uuid)
+            except (UnknownJobError, StoreUnavailable):  # being placed (its parts start before its record)
+                continue
+            if job.status in ("failed", "cancelled") and any(p["node_id"] == node_id
+                                                             for p in self._parts_or_none(job_uuid)):
+                ended[job_uuid] = job.status + (f": {job.error[:1000]}" if job.error else "")
+        return ended
+
+    def stop_parts_of_ended_jobs(self, ended: dict[str, str], coordinator: str) -> None:
+        """On a worker: stop its parts of the jobs its coordinator says ended (`ended_parts`): `cancelled` where a
+        user cancelled the job, else `failed` with how it ended."""
+        for job_uuid, how in ended.items():
+            why = f"the coordinator {coordinator} ended the job ({how}): this node stopped its part"
+            self._stop_part(job_uuid, None if how == "cancelled" else why, why)
+
     def stop_parts_of_lost_coordinator(self, silent_s: float, coordinator: str) -> None:
         """On a worker that has not reached its coordinator for `silent_s`: stop every part of a multi-node
         job running here (the coordinator fails those jobs once it misses this node's heartbeats)."""
-        for job in self.service.jobs.store.list(statuses=ACTIVE):
-            if (job.resources.get("node_rank") or 0) > 0 and job.job_uuid not in self._fencing:
-                self._fencing.add(job.job_uuid)
-                reason = (f"lost contact with the coordinator {coordinator} for {silent_s:.0f} s (a network "
-                          "partition, or the coordinator is down): this node stopped its part")
-                log.warning("job %s: %s", job.job_uuid, reason)
-                threading.Thread(target=self._fence, args=(job.job_uuid, reason), daemon=True,
-                                 name=f"fence-{job.job_uuid}").start()
+        for job_uuid in self.running_parts():
+            self._stop_part(job_uuid, f"lost contact with the coordinator {coordinator} for {silent_s:.0f} s (a "
+                                      "network partition, or the coordinator is down): this node stopped its part")
 
-    def _fence(self, job_uuid: str, reason: str) -> None:
+    def _stop_part(self, job_uuid: str, reason: str | None, why: str | None = None) -> None:
+        """Stop this worker's part of a job: `failed` with `reason`, or `cancelled` when None (in a thread: the
+        caller is the heartbeat thread)."""
+        try:
+            job = self.service.jobs.store.get(job_uuid)
+        except UnknownJobError:
+            return
+        if job.status not in ACTIVE or (job.resources.get("node_rank") or 0) == 0 or job_uuid in self._fencing:
+            return
+        self._fencing.add(job_uuid)
+        log.warning("job %s: %s", job_uuid, why or reason)
+        threading.Thread(target=self._fence, args=(job_uuid, reason), daemon=True, name=f"fence-{job_uuid}").start()
+
+    def _fence(self, job_uuid: str, reason: str | None) -> None:
         try:
             self.service.jobs.cancel(job_uuid, reason=reason)
         finally:
@@ -492,6 +530,13 @@ class NodesLauncher:
         reached = True
         with self._http() as http:
             for part in targets:
+                if self._is_down(part["node_id"]):
+                    # A stopped node would hold the request until it timed out, a cut-off one never gets it: it
+                    # stops its part when its next heartbeat is answered (ended_parts), or itself without us.
+                    reached = False
+                    log.warning("job %s: node %s is down; it stops its part when it is back (or by itself after "
+                                "%g s without this coordinator)", job_uuid, part["node_id"], self.registry.down_after_s)
+                    continue
                 try:
                     http.post(f"{part['url']}/v1/post-training/job/cancel", json={"job_uuid": job_uuid},
                               timeout=timeout_s).raise_for_status()
@@ -499,6 +544,12 @@ class NodesLauncher:
                     reached = False
                     log.warning("could not cancel job %s on node %s: %s", job_uuid, part["node_id"], e)
         return reached
+
+    def _is_down(self, node_id: str) -> bool:
+        try:
+            return self.registry.get(node_id).state == "down"
+        except KeyError:  # not registered: nothing will answer its heartbeats, so try the request
+            return False
 
     def cancel(self, job_uuid: str) -> None:
         """Cancel on the coordinator: this node's part and every other node's, or the job while it waits."""
@@ -524,6 +575,13 @@ class NodesLauncher:
         job = self.service.jobs.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
             raise BadRequest(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
+        self._resuming.add(job_uuid)
+        try:
+            return self._resume(job_uuid)
+        finally:
+            self._resuming.discard(job_uuid)
+
+    def _resume(self, job_uuid: str) -> JobRecord:
         with self._http() as http:
             for part in self._remote(job_uuid):
                 try:

@@ -87,6 +87,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             peer_headers, service.local_load,
             config.heartbeat_interval_s, lost_after_s=config.down_after_s,
             on_lost=lambda silent_s: nodes.stop_parts_of_lost_coordinator(silent_s, config.coordinator),
+            parts=nodes.running_parts,
+            on_ended=lambda ended: nodes.stop_parts_of_ended_jobs(ended, config.coordinator),
         )
 
     @asynccontextmanager
@@ -113,7 +115,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.include_router(job_parts_router(service, config), prefix="/v1/post-training", dependencies=node_only)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
-    app.include_router(node_membership_router(registry), prefix="/v1", dependencies=node_only)
+    app.include_router(node_membership_router(registry, nodes.ended_parts), prefix="/v1", dependencies=node_only)
     core = ServiceCore(config, service, registry, peer_headers, auth, node_only,
                        upload_prefixes=["/v1/datasets/"])
     for addon in ADDONS:

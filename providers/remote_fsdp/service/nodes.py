@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 from pydantic import BaseModel, Field, field_validator
@@ -107,6 +108,15 @@ class Registration(BaseModel):
 
 class Heartbeat(BaseModel):
     load: int = Field(0, ge=0, le=100_000)
+    # The multi-node jobs this node runs a part of: the coordinator answers which of them have ended there.
+    parts: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=1_000)
+
+
+class HeartbeatAnswer(Node):
+    """The coordinator's answer to a heartbeat: the node as registered, and the parts it should stop (job_uuid ->
+    how the job ended): a cancel sent while the node was stopped or cut off may never have reached it."""
+
+    ended_parts: dict[str, str] = Field(default_factory=dict)
 
 
 def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: str | None) -> Capabilities:
@@ -219,7 +229,8 @@ class HeartbeatSender(threading.Thread):
     """A worker's link to its coordinator: register, then heartbeat; register again if forgotten."""
 
     def __init__(self, coordinator: str, registration: Registration, headers: dict[str, str], load,
-                 interval_s: float = 2.0, lost_after_s: float | None = None, on_lost=None):
+                 interval_s: float = 2.0, lost_after_s: float | None = None, on_lost=None, parts=None,
+                 on_ended=None):
         super().__init__(daemon=True, name="heartbeat")
         self.coordinator = coordinator.rstrip("/")
         self.registration = registration
@@ -232,6 +243,10 @@ class HeartbeatSender(threading.Thread):
         self.lost_after_s = lost_after_s
         self.on_lost = on_lost
         self.last_contact = time.monotonic()
+        # parts(): the job_uuids of the parts running here; on_ended({job_uuid: why}): stop those, the
+        # coordinator ended their jobs (its cancel may have been lost while this node was stopped or cut off).
+        self.parts = parts or (lambda: [])
+        self.on_ended = on_ended
         self.stop = threading.Event()
 
     def _check_contact(self) -> None:
@@ -243,6 +258,16 @@ class HeartbeatSender(threading.Thread):
         except Exception:  # noqa: BLE001 - the heartbeat thread must outlive a failed fence
             log.exception("stopping the parts of coordinator %s's jobs failed", self.coordinator)
 
+    def _stop_ended(self, answer: httpx.Response) -> None:
+        if self.on_ended is None:
+            return
+        try:
+            ended = answer.json().get("ended_parts")  # an older coordinator answers without it
+            if ended:
+                self.on_ended(ended)
+        except Exception:  # noqa: BLE001 - the heartbeat thread must outlive a failed stop
+            log.exception("stopping the parts of jobs coordinator %s ended failed", self.coordinator)
+
     def run(self) -> None:
         registered = False
         with httpx.Client(base_url=self.coordinator, headers=self.headers, timeout=5) as http:
@@ -252,12 +277,14 @@ class HeartbeatSender(threading.Thread):
                         http.post("/v1/nodes/register", json=self.registration.model_dump()).raise_for_status()
                         registered = True
                         log.info("registered with coordinator %s as %s", self.coordinator, self.registration.node_id)
-                    r = http.post(f"/v1/nodes/{self.registration.node_id}/heartbeat", json={"load": self.load()})
+                    r = http.post(f"/v1/nodes/{self.registration.node_id}/heartbeat",
+                                  json={"load": self.load(), "parts": self.parts()})
                     if r.status_code == 404:
                         registered = False
                         continue
                     r.raise_for_status()
                     self.last_contact = time.monotonic()
+                    self._stop_ended(r)
                 except httpx.HTTPError as e:
                     log.warning("coordinator %s: %s", self.coordinator, e)
                     registered = registered and not isinstance(e, httpx.HTTPStatusError)

@@ -26,7 +26,7 @@ from ...api.requests import JobRef, PreferenceOptimizeRequest, SupervisedFineTun
 from ...training.plots import plot_files
 from .config import ServiceConfig
 from .jobs import FsdpJobService
-from .nodes import Heartbeat, Node, NodeRegistry, Registration
+from .nodes import Heartbeat, HeartbeatAnswer, Node, NodeRegistry, Registration
 from .security import (
     DiskQuota,
     check_node_url,
@@ -309,8 +309,9 @@ def nodes_router(registry: NodeRegistry) -> APIRouter:
     return r
 
 
-def node_membership_router(registry: NodeRegistry) -> APIRouter:
-    """Joining the cluster (node token): registration and heartbeats."""
+def node_membership_router(registry: NodeRegistry, ended_parts) -> APIRouter:
+    """Joining the cluster (node token): registration and heartbeats. `ended_parts(node_id, job_uuids)`: which
+    of the parts a node says it runs belong to jobs that ended here (the heartbeat's answer names them)."""
     r = APIRouter()
 
     @r.post("/nodes/register")
@@ -320,10 +321,11 @@ def node_membership_router(registry: NodeRegistry) -> APIRouter:
         return registry.register(reg)
 
     @r.post("/nodes/{node_id}/heartbeat")
-    def heartbeat(node_id: str, beat: Heartbeat) -> Node:
+    def heartbeat(node_id: str, beat: Heartbeat) -> HeartbeatAnswer:
         try:
-            return registry.heartbeat(node_id, beat)
+            node = registry.heartbeat(node_id, beat)
         except KeyError:
             raise HTTPException(status_code=404, detail=f"node_id: {node_id[:200]!r} is not registered") from None
+        return HeartbeatAnswer(**node.model_dump(), ended_parts=ended_parts(node_id, beat.parts) if beat.parts else {})
 
     return r
