@@ -101,6 +101,9 @@ class JobManager:
         self.launchers: dict[str, Launcher] = {self.local.name: self.local, **(launchers or {})}
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
+        # What another part of the service knows of a failed job's cause, added to its error when it is
+        # recorded (the nodes launcher: which node of a multi-node job stopped answering)
+        self.failure_context: Callable[[str], str | None] | None = None
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._shutting_down = False
@@ -382,6 +385,14 @@ class JobManager:
             full = no_space_left(self._job_dirs(job))
             if full:
                 error = f"{full}: {error}"
+        if state == "failed" and not cancelled and self.failure_context is not None:
+            try:
+                context = self.failure_context(job_uuid)
+            except Exception as e:  # noqa: BLE001 - the end is recorded whatever the context lookup does
+                log.warning("job %s: looking up its failure's context failed: %s", job_uuid, e)
+                context = None
+            if context:
+                error = f"{error}; {context}" if error else context
         if state == "failed" and not cancelled and self._retry(job, error):
             return
         self._record_end(job_uuid, status=state, error=error, completed_at=utc_now())

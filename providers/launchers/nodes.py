@@ -408,6 +408,20 @@ class NodesLauncher:
                         return
                 time.sleep(self.poll_s)
 
+    def silent_nodes(self, job_uuid: str) -> str | None:
+        """Which other nodes of a failed multi-node job do not answer now, or None. When a machine dies, its
+        peers' collectives break ("Connection closed by peer [ADDRESS]") before its heartbeats are missed:
+        this names the machine in the job's error (JobManager.failure_context)."""
+        silent = []
+        with self._http() as http:
+            for part in self._remote(job_uuid):
+                try:
+                    http.get(f"{part['url']}/v1/post-training/job/status", params={"job_uuid": job_uuid},
+                             timeout=3).raise_for_status()
+                except httpx.HTTPError as e:
+                    silent.append(f"node {part['node_id']} ({part['url']}) does not answer: {type(e).__name__}")
+        return "; ".join(silent) or None
+
     def _fail_completed(self, job_uuid: str, reason: str) -> None:
         """A job whose node 0 completed while another part failed (or never said it completed) is failed:
         no job is reported completed that did not complete on every node."""

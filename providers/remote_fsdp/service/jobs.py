@@ -80,6 +80,7 @@ class FsdpJobService:
         this host as the registry sees it."""
         self.nodes = nodes
         self.jobs.local.misfit = lambda resources: misfit(nodes.registry.local.capabilities, resources)
+        self.jobs.failure_context = nodes.silent_nodes
 
     def launcher(self, name: str) -> Launcher:
         """The launcher object named `name` on this service."""
