@@ -126,13 +126,13 @@ class JobManager:
             if external_id is None:
                 problem = self._unstartable(job)
                 if problem:
-                    self._fail(job.job_uuid, problem)
+                    self.fail(job.job_uuid, problem)
                 continue
             launcher = self.launchers.get(job.launcher)
             files = RunFiles(job.run_dir)
             try:
                 if launcher is None:
-                    self._fail(job.job_uuid, f"the server restarted without the {job.launcher!r} launcher; the "
+                    self.fail(job.job_uuid, f"the server restarted without the {job.launcher!r} launcher; the "
                                              f"job ({job.launcher} id {external_id}) may still run there")
                 elif launcher.alive(external_id, files):
                     log.info("job %s: following %s job %s again", job.job_uuid, job.launcher, external_id)
@@ -140,11 +140,11 @@ class JobManager:
                 else:
                     if launcher is self.local:
                         self.local.stop_orphan(external_id, files)
-                    self._fail(job.job_uuid, "the server restarted while the job was running")
+                    self.fail(job.job_uuid, "the server restarted while the job was running")
                     self.failed_at_start.append(job.job_uuid)
             except Exception as e:  # noqa: BLE001 - one job's recovery must not stop start-up
                 log.exception("job %s: recovery failed", job.job_uuid)
-                self._fail(job.job_uuid, f"the server restarted and could not follow the job: {type(e).__name__}: {e}")
+                self.fail(job.job_uuid, f"the server restarted and could not follow the job: {type(e).__name__}: {e}")
         if self.runs_dir is not None and self.runs_dir.is_dir():
             for run_dir in self.runs_dir.iterdir():
                 if run_dir.is_dir() and not self.store.exists(run_dir.name):
@@ -163,7 +163,7 @@ class JobManager:
             return f"the job's spec cannot be read: {type(e).__name__}: {str(e)[:300]}"
         return None
 
-    def _fail(self, job_uuid: str, reason: str) -> None:
+    def fail(self, job_uuid: str, reason: str) -> None:
         """Mark a job failed with `reason`, in the store first (the source of truth), then its status file."""
         self._record_end(job_uuid, status="failed", error=reason, completed_at=utc_now())
         try:
@@ -289,13 +289,13 @@ class JobManager:
                 try:
                     problem = self._unstartable(job)
                     if problem:
-                        self._fail(job.job_uuid, problem)
+                        self.fail(job.job_uuid, problem)
                         continue
                     self._start(job)
                     running += self._on_this_host(job)
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
-                    self._fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
+                    self.fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
 
     def _on_this_host(self, job: JobRecord) -> bool:
         """Whether the job's processes run on this host (they take one of its max_concurrent_jobs slots)."""
@@ -342,7 +342,7 @@ class JobManager:
             self._record_exit(job_uuid, launcher, outcome)
         except Exception as e:  # noqa: BLE001 - the job must end in a final state, whatever happened
             log.exception("job %s: following it failed", job_uuid)
-            self._fail(job_uuid, f"the job's end could not be recorded: {type(e).__name__}: {e}")
+            self.fail(job_uuid, f"the job's end could not be recorded: {type(e).__name__}: {e}")
         finally:
             with self._lock:
                 self._running.pop(job_uuid, None)

@@ -416,8 +416,7 @@ class NodesLauncher:
         with self._http() as http:
             for part in self._remote(job_uuid):
                 try:
-                    http.get(f"{part['url']}/v1/post-training/job/status", params={"job_uuid": job_uuid},
-                             timeout=3).raise_for_status()
+                    self._part_status(http, job_uuid, part, timeout=3)
                 except httpx.HTTPError as e:
                     silent.append(f"node {part['node_id']} ({part['url']}) does not answer: {type(e).__name__}")
         return "; ".join(silent) or None
@@ -425,13 +424,15 @@ class NodesLauncher:
     def _fail_completed(self, job_uuid: str, reason: str) -> None:
         """A job whose node 0 completed while another part failed (or never said it completed) is failed:
         no job is reported completed that did not complete on every node."""
-        log.warning("job %s: %s", job_uuid, reason)
-        self.service.jobs.store.update(job_uuid, status="failed", error=reason)
-        try:
-            RunFiles(self.service.jobs.store.get(job_uuid).run_dir).update_status(state="failed", error=reason)
-        except OSError as e:
-            log.warning("job %s: could not write its status file: %s", job_uuid, e)
+        self.service.jobs.fail(job_uuid, reason)
         self._cancel_remote(job_uuid, None)
+
+    @staticmethod
+    def _part_status(http: httpx.Client, job_uuid: str, part: dict, timeout: float) -> dict[str, Any]:
+        """A part's status, from its node's service; raises httpx.HTTPError when the node does not answer."""
+        r = http.get(f"{part['url']}/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
 
     def _part_failure(self, http: httpx.Client, job_uuid: str, part: dict, seen: dict) -> str | None:
         node_id = part["node_id"]
@@ -441,8 +442,7 @@ class NodesLauncher:
         except KeyError:
             return f"node {node_id} is no longer registered"
         try:
-            r = http.get(f"{part['url']}/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=5)
-            r.raise_for_status()
+            status = self._part_status(http, job_uuid, part, timeout=5)
         except httpx.HTTPError as e:
             # One unanswered poll is no partition: fail after as long as the registry waits for heartbeats.
             since = self._unreachable.setdefault((job_uuid, node_id), time.monotonic())
@@ -450,7 +450,6 @@ class NodesLauncher:
                 return f"node {node_id} unreachable for {time.monotonic() - since:.0f} s: {type(e).__name__}: {e}"
             return None
         self._unreachable.pop((job_uuid, node_id), None)
-        status = r.json()
         res = status["resources_allocated"]
         seen[node_id] = {"status": status["status"], "step": res.get("step"), "error": res.get("error"),
                          "ranks": res.get("ranks", [])}
