@@ -58,6 +58,16 @@ def node_states(url: str) -> dict[str, str]:
     return {n["node_id"]: n["state"] for n in HTTP.get(url + "/v1/nodes", timeout=10).json()["data"]}
 
 
+def assert_fails_naming_node_b(url: str, job_uuid: str, t_fault: float, fault: str) -> None:
+    """The coordinator fails the job, naming node-b, within the progress timeout of the fault at `t_fault`."""
+    final = wait_done(url, job_uuid, timeout=PROGRESS_TIMEOUT_S + 60)
+    detect_s = time.monotonic() - t_fault
+    error = final["resources_allocated"]["error"]
+    print(f"\n{fault}: coordinator says {final['status']} after {detect_s:.1f} s: {error[:200]}")
+    assert final["status"] == "failed" and "node-b" in error, error
+    assert detect_s < PROGRESS_TIMEOUT_S
+
+
 def test_a_partition_fails_the_job_on_both_sides_and_the_node_takes_work_when_it_heals(cluster, tiny_models):
     url, dirs, net = cluster["url"], cluster["dirs"], cluster["net"]
     submit_and_wait_for_training(url, long_job("split", tiny_models["student"]))
@@ -65,12 +75,7 @@ def test_a_partition_fails_the_job_on_both_sides_and_the_node_takes_work_when_it
     subprocess.run([*link, "down"], check=True)
     t_cut = time.monotonic()
     try:
-        final = wait_done(url, "split", timeout=PROGRESS_TIMEOUT_S + 60)
-        detect_s = time.monotonic() - t_cut
-        error = final["resources_allocated"]["error"]
-        print(f"\npartition: coordinator says {final['status']} after {detect_s:.1f} s: {error[:200]}")
-        assert final["status"] == "failed" and "node-b" in error, error
-        assert detect_s < PROGRESS_TIMEOUT_S
+        assert_fails_naming_node_b(url, "split", t_cut, "partition")
         # Each side stops its own ranks: node B cannot be told (it is cut off), so it stops its part itself.
         wait_until(lambda: no_process_of(cluster, "split"), 60, message="no rank left on either side")
         stopped_s = time.monotonic() - t_cut
@@ -135,12 +140,7 @@ def test_a_stopped_worker_node_fails_the_job_and_stops_its_own_ranks_when_it_con
     signal_all(frozen, signal.SIGSTOP)
     t_stop = time.monotonic()
     try:
-        final = wait_done(url, "stall", timeout=PROGRESS_TIMEOUT_S + 60)
-        detect_s = time.monotonic() - t_stop
-        error = final["resources_allocated"]["error"]
-        print(f"\nnode B stopped: coordinator says {final['status']} after {detect_s:.1f} s: {error[:200]}")
-        assert final["status"] == "failed" and "node-b" in error, error
-        assert detect_s < PROGRESS_TIMEOUT_S
+        assert_fails_naming_node_b(url, "stall", t_stop, "node B stopped")
         wait_until(lambda: processes_mentioning(str(dirs["a"] / "runs" / "stall")) == [], 30,
                    message="the coordinator's own ranks stopped")
         print(f"node B stopped: the coordinator's ranks gone {time.monotonic() - t_stop:.1f} s after the stop")
