@@ -7,7 +7,6 @@ logger_config onto the JobSpec's sections, writes the rows into the run director
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -373,24 +372,34 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
     return {"peft": peft_spec(algorithm_config, model, check_host=check_host)}
 
 
-GRADED_ROWS_CHECKED = 8  # the first rows every grader is rendered on before the job starts
+GRADERS_FIELD = "algorithm_config.graders"
 
 
-def check_graded_rows(settings: dict[str, Any], path: Path, field: str) -> None:
-    """GRPO's graders rendered on the first written rows (their columns but `prompt` are the graders' `item`):
-    a template naming a column the rows lack is a 400 naming the grader, before anything starts."""
+def resolve_grader_models(settings: dict[str, Any], defaults: ProviderDefaults) -> None:
+    """GRPO's score_model graders' models resolved and confined exactly as the job's model is
+    (`paths.resolve_model`: the allowed roots, the Hugging Face cache), so the spec names local directories;
+    errors name the grader's field (`algorithm_config.graders[0].model`)."""
     grpo = settings.get("grpo")
     if grpo is None:
         return
-    from ..graders import check_graders
+    from ..graders import resolve_models
 
-    with open(path) as f:
-        for i, line in zip(range(GRADED_ROWS_CHECKED), f):
-            item = {k: v for k, v in json.loads(line).items() if k != "prompt"}
-            try:
-                check_graders(grpo.graders, item, field="algorithm_config.graders")
-            except ValueError as e:
-                raise BadRequest(f"{e} (row {i} of {field} has columns {sorted(item)})") from None
+    graders = resolve_models(grpo.graders, lambda ref, field: resolve_model(ref, field, defaults), GRADERS_FIELD)
+    settings["grpo"] = grpo.model_copy(update={"graders": graders})
+
+
+def check_graded_rows(settings: dict[str, Any], path: Path, field: str) -> None:
+    """GRPO's graders rendered on the first written rows (their columns but `prompt` are the graders' `item`),
+    in a child process limited in CPU seconds and memory (`graders.row_check`): a template naming a column the
+    rows lack, or one that takes too long on them, is a 400 naming the grader, before anything starts."""
+    grpo = settings.get("grpo")
+    if grpo is None:
+        return
+    from ..graders.row_check import check_rows
+    from ..jobs.child_env import child_env
+
+    with client_errors():
+        check_rows(grpo.graders, path, GRADERS_FIELD, field, env=child_env(extra={"PYTHONSAFEPATH": "1"}))
 
 
 def check_output_layer_adapter(settings: dict[str, Any]) -> None:
@@ -495,6 +504,7 @@ def prepare_job(
     model = resolve_model(ref, asked_as, defaults)
     model_id, model_revision = hub_origin(ref, model)
     settings = algorithm_settings(method, model, algorithm_config, defaults, check_host)
+    resolve_grader_models(settings, defaults)
     check_output_layer_adapter(settings)
     if output_dir is None:
         output_dir = checkpoint_output_dir(checkpoint_dir, result_name or job_uuid, defaults)

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from ..training.keys import KnownKeys
 from .templates import TEMPLATE_MAX_CHARS, check_template
@@ -22,6 +22,9 @@ from .templates import TEMPLATE_MAX_CHARS, check_template
 FORMULA_MAX_CHARS = 1024
 FORMULA_MAX_NODES = 256
 MAX_GRADERS = 32  # all graders of a request, those inside `multi` included
+# The text of all graders of a request (templates, names, formulas): each template is parsed as the request is
+# read, about 7 ms a KiB, so this bounds that work at about half a second.
+GRADERS_MAX_CHARS = 64 * 1024
 MULTI_MAX_GRADERS = 16
 SCORE_MODEL_MAX_MESSAGES = 16
 SCORE_MODEL_MAX_NEW_TOKENS = 512
@@ -48,6 +51,9 @@ class StringCheckGrader(GraderBase):
 
 
 SIMILARITY_METRICS = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+# rouge metrics compare the first this many tokens of each side: rouge_l's LCS table is the product of the two
+# counts (1024 x 1024: at most about 30 MB and 0.2 s a sample). The other metrics are linear in the rendered text.
+SIMILARITY_MAX_TOKENS = 1024
 UNSERVED_METRICS = {
     "cosine": "needs an embedding model, which this service does not run",
     "meteor": "needs the WordNet corpus, which this service does not install",
@@ -57,7 +63,7 @@ UNSERVED_METRICS = {
 class TextSimilarityGrader(GraderBase):
     """The similarity of `input` to `reference` in [0, 1]: fuzzy_match (rapidfuzz's normalized ratio),
     bleu (sacrebleu's sentence BLEU), gleu (nltk's sentence GLEU), rouge_1..rouge_5 and rouge_l
-    (rouge-score's F-measure)."""
+    (rouge-score's F-measure over the first SIMILARITY_MAX_TOKENS tokens of each side)."""
 
     type: Literal["text_similarity"] = "text_similarity"
     input: Template
@@ -247,6 +253,29 @@ def _is_name(key: str) -> bool:
     return bool(re.fullmatch(NAME_PATTERN, key)) and len(key) <= 64
 
 
+def _text_chars(data: Any) -> int:
+    """The characters of every string (keys included) in request JSON."""
+    total, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple)):
+            stack += value
+    return total
+
+
+def _bound_text(graders: Any) -> Any:
+    """Before any template is parsed: the graders' text in all is at most GRADERS_MAX_CHARS."""
+    total = _text_chars(graders)
+    if total > GRADERS_MAX_CHARS:
+        raise ValueError(f"the graders hold {total} characters of text (templates, names, formulas); at most "
+                         f"{GRADERS_MAX_CHARS} in all")
+    return graders
+
+
 def _count_graders(graders: list) -> list:
     total = sum(len(g.graders) + 1 if isinstance(g, MultiGrader) else 1 for g in graders)
     if total > MAX_GRADERS:
@@ -260,4 +289,5 @@ def _count_graders(graders: list) -> list:
 
 Grader = Annotated[Union[StringCheckGrader, TextSimilarityGrader, ScoreModelGrader, MultiGrader, PythonGrader,
                          LabelModelGrader], Field(discriminator="type")]
-GraderList = Annotated[list[Grader], Field(min_length=1, max_length=16), AfterValidator(_count_graders)]
+GraderList = Annotated[list[Grader], Field(min_length=1, max_length=16), BeforeValidator(_bound_text),
+                       AfterValidator(_count_graders)]

@@ -21,8 +21,8 @@ from pydantic import TypeAdapter, ValidationError
 from simpleeval import SimpleEval
 
 from . import scorer
-from .models import (FORMULA_FUNCTIONS, Grader, GraderList, MultiGrader, ScoreModelGrader, StringCheckGrader,
-                     TextSimilarityGrader, check_formula)
+from .models import (FORMULA_FUNCTIONS, SIMILARITY_MAX_TOKENS, Grader, GraderList, MultiGrader, ScoreModelGrader,
+                     StringCheckGrader, TextSimilarityGrader, check_formula)
 from .templates import RENDERED_MAX_CHARS, render
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,18 @@ def string_check(grader: StringCheckGrader, item: dict, sample: dict) -> float:
 _rouge_scorers: dict[str, Any] = {}
 
 
+class _FirstTokens:
+    """rouge-score's own tokens of a text, the first SIMILARITY_MAX_TOKENS of them."""
+
+    def __init__(self):
+        from rouge_score.tokenizers import DefaultTokenizer
+
+        self._tokenizer = DefaultTokenizer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tokenizer.tokenize(text)[:SIMILARITY_MAX_TOKENS]
+
+
 def similarity(metric: str, got: str, want: str) -> float:
     """`metric` of `got` against `want`, in [0, 1]."""
     if metric == "fuzzy_match":
@@ -97,7 +109,7 @@ def similarity(metric: str, got: str, want: str) -> float:
     if key not in _rouge_scorers:
         from rouge_score import rouge_scorer
 
-        _rouge_scorers[key] = rouge_scorer.RougeScorer([key])
+        _rouge_scorers[key] = rouge_scorer.RougeScorer([key], tokenizer=_FirstTokens())
     return float(_rouge_scorers[key].score(want, got)[key].fmeasure)
 
 
