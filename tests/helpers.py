@@ -214,14 +214,35 @@ def token_service(root: Path, token: str, models_root: str, *extra_args: str):
     """A training service process on a free port with a clean data dir under `root`, the clients' `token`
     read from a file, and models allowed under `models_root`; yields (url, data dir, log file). On exit the
     service is stopped and any process naming its data dir is killed."""
-    data = root / "data"
     (root / "token").write_text(token)
+    with _service(root, ["--api-token-file", str(root / "token")], models_root, *extra_args) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def users_service(root: Path, users: dict[str, tuple[str, str, dict]], models_root: str, *extra_args: str):
+    """As token_service, with users instead of one token: `users` maps a name to (role, key, limits), written
+    as an --api-keys-file holding each key's SHA-256 only."""
+    import hashlib
+
+    import yaml
+
+    entries = [{"name": name, "role": role, "key_sha256": hashlib.sha256(key.encode()).hexdigest(), "limits": limits}
+               for name, (role, key, limits) in users.items()]
+    (root / "keys.yaml").write_text(yaml.safe_dump({"users": entries}))
+    with _service(root, ["--api-keys-file", str(root / "keys.yaml")], models_root, *extra_args) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _service(root: Path, auth_args: list[str], models_root: str, *extra_args: str):
+    data = root / "data"
     port = free_port()
     log = root / "service.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port), "--data-dir", str(data),
-             "--api-token-file", str(root / "token"), "--allowed-model-root", models_root, *extra_args],
+             *auth_args, "--allowed-model-root", models_root, *extra_args],
             cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import access
 from ..jobs.store import ACTIVE, JobStore, UnknownJobError
 from ..training.plots import plot_files
 from ..training.run_files import RunFiles
@@ -150,6 +151,7 @@ class JobsSource:
         node_ids = [n.get("node_id") for n in nodes] if isinstance(nodes, list) else []
         row = {
             "job_uuid": job_uuid,
+            "owner": res.get("owner"),
             "status": v["status"],
             "method": res.get("method"),
             "model": res.get("model"),
@@ -210,20 +212,20 @@ class JobsSource:
         out = []
         for path in (self.data_dir / "workflows" / kind).glob("*/task.json"):
             state = _read_json(path)
-            if not isinstance(state, dict) or "state" not in state:
+            if not isinstance(state, dict) or "state" not in state or not access.can_see(state.get("owner")):
                 continue
             report = _read_json(path.parent / TASK_REPORTS[kind])
             out.append({"id": path.parent.name, "kind": kind, "state": state["state"],
                         "created_at": state.get("created_at"), "started_at": state.get("started_at"),
                         "finished_at": state.get("finished_at"), "error": state.get("error"),
-                        "headline": task_headline(kind, report if isinstance(report, dict) else None, state)})
+                        "owner": state.get("owner"), "headline": task_headline(kind, report if isinstance(report, dict) else None, state)})
         return sorted(out, key=lambda t: t["created_at"] or "", reverse=True)
 
     def task(self, kind: str, task_id: str) -> dict[str, Any]:
         """A task's state (its request without the rows), its report, and a workflow's step reports."""
         d = self._task_dir(kind, task_id)
         state = _read_json(d / "task.json")
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not access.can_see(state.get("owner")):
             raise UnknownJobError(task_id)
         report = _read_json(d / TASK_REPORTS[kind])
         out = {**state, "report": report}
@@ -238,7 +240,9 @@ class JobsSource:
                 state = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            out.append({"pipeline_id": state["pipeline_id"], "state": state["state"],
+            if not access.can_see(state.get("owner")):
+                continue
+            out.append({"pipeline_id": state["pipeline_id"], "state": state["state"], "owner": state.get("owner"),
                         "created_at": state.get("created_at"), "finished_at": state.get("finished_at"),
                         "students": len(state.get("students", [])), "error": state.get("error")})
         return out
@@ -289,7 +293,10 @@ def read_pipeline(data_dir: Path, pipeline_id: str) -> dict[str, Any]:
     path = root / pipeline_id / "pipeline.json"
     if not path.is_file() or path.parent.parent != root:
         raise UnknownJobError(pipeline_id)
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    if not access.can_see(state.get("owner")):
+        raise UnknownJobError(pipeline_id)
+    return state
 
 
 def data_dir_source(data_dir: str | Path, cancel: Callable[[str], Any] | None = None) -> JobsSource:
@@ -319,6 +326,8 @@ def data_dir_source(data_dir: str | Path, cancel: Callable[[str], Any] | None = 
             res["error"] = job.error
         res["run_dir"] = job.run_dir
         res.setdefault("method", job.method)
+        if job.owner is not None:
+            res["owner"] = job.owner
         return {"job_uuid": job.job_uuid, "status": job.status, "scheduled_at": job.scheduled_at,
                 "started_at": job.started_at, "completed_at": job.completed_at, "resources_allocated": res,
                 "checkpoints": status.get("checkpoints", [])}

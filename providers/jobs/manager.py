@@ -6,6 +6,7 @@ server stays responsive and cancel can stop every process of a job with one sign
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -18,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import access
 from ..errors import BadRequest, client_errors
-from ..training.run_files import RunFiles, no_space_left, progress_timeout_s, utc_now
+from ..training.run_files import DEFAULT_PROGRESS_TIMEOUT_S, RunFiles, no_space_left, progress_limit, utc_now
 from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
 from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from ..training.spec import JobSpec, check_name
@@ -30,6 +32,8 @@ from .zygote import prestart
 __all__ = ["JobManager", "QueueFullError", "kill_process_group", "process_group_alive", "process_group_runs"]
 
 log = logging.getLogger("providers.jobs")
+
+HELD_RETRY_S = 5.0  # how often job ends held in memory (the disk was full) are written again
 
 # (spec, run files) -> argv of the job's process group leader. No shell strings.
 CommandBuilder = Callable[[JobSpec, RunFiles], list[str]]
@@ -89,7 +93,9 @@ class JobManager:
         self.max_concurrent_jobs = max_concurrent_jobs  # jobs on this host (`local`); schedulers keep their own queue
         self.max_queued_jobs = max_queued_jobs
         self.env = dict(env or {})
-        if progress_timeout_s is not None:  # the service's default; a job's scheduling.progress_timeout_s wins
+        # The service's limit (the ceiling of a pace-derived one, see progress_limit); a job's own wins.
+        self.progress_timeout_s = int(progress_timeout_s or DEFAULT_PROGRESS_TIMEOUT_S)
+        if progress_timeout_s is not None:
             self.env["TRL_PROGRESS_TIMEOUT_S"] = str(int(progress_timeout_s))
         self.runs_dir = Path(runs_dir).resolve() if runs_dir else None
         if niceness is None:
@@ -104,14 +110,22 @@ class JobManager:
         # What another part of the service knows of a failed job's cause, added to its error when it is
         # recorded (the nodes launcher: which node of a multi-node job stopped answering)
         self.failure_context: Callable[[str], str | None] | None = None
+        # A job owner's limits (access.UserLimits, by the owner's name): the service's users; none here.
+        self.limits_of: Callable[[str | None], access.UserLimits | None] = lambda owner: None
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._shutting_down = False
         # Jobs that were running when this process's predecessor stopped and that recovery failed: their
         # parts on other nodes (a multi-node job) must be stopped too (providers/launchers/nodes.py does).
         self.failed_at_start: list[str] = []
+        # job_uuid -> (run dir, status.json fields) of a job end its status file could not take yet (the store's
+        # part is held by the store); written by the held-ends thread.
+        self._held_status: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._write_problem: str | None = None  # why the last held end could not be written
+        self._job_timeouts: dict[str, int | None] = {}  # job_uuid -> its own scheduling.progress_timeout_s
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
+        threading.Thread(target=self._write_held_ends, daemon=True, name="held-ends").start()
         if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
             prestart(self.job_env())
 
@@ -137,10 +151,17 @@ class JobManager:
                 elif launcher.alive(external_id, files):
                     log.info("job %s: following %s job %s again", job.job_uuid, job.launcher, external_id)
                     self._follow(job.job_uuid, launcher, external_id)
+                elif launcher is self.local and (ended := files.read_status()).get("state") in ("completed", "failed"):
+                    # It ended while no server watched it: its status file says how (and why).
+                    self.local.stop_orphan(external_id, files)
+                    self._record_end(job.job_uuid, ended["state"], ended.get("error"), ended.get("finished_at"))
+                    if ended["state"] == "failed":
+                        self.failed_at_start.append(job.job_uuid)
                 else:
                     if launcher is self.local:
                         self.local.stop_orphan(external_id, files)
-                    self.fail(job.job_uuid, "the server restarted while the job was running")
+                    full = no_space_left(self._job_dirs(job))  # its end may not have reached disk for that
+                    self.fail(job.job_uuid, "the server restarted while the job was running" + (f" ({full})" if full else ""))
                     self.failed_at_start.append(job.job_uuid)
             except Exception as e:  # noqa: BLE001 - one job's recovery must not stop start-up
                 log.exception("job %s: recovery failed", job.job_uuid)
@@ -165,37 +186,102 @@ class JobManager:
 
     def fail(self, job_uuid: str, reason: str) -> None:
         """Mark a job failed with `reason`, in the store first (the source of truth), then its status file."""
-        self._record_end(job_uuid, status="failed", error=reason, completed_at=utc_now())
-        try:
-            job = self.store.get(job_uuid)
-            if Path(job.run_dir).is_dir():
-                RunFiles(job.run_dir).update_status(state="failed", error=reason, finished_at=utc_now())
-        except (OSError, UnknownJobError, StoreUnavailable) as e:
-            log.warning("job %s: could not write its status file: %s", job_uuid, e)
+        self._record_end(job_uuid, "failed", reason)
         log.warning("job %s failed: %s", job_uuid, reason)
 
-    def _record_end(self, job_uuid: str, **fields: Any) -> None:
-        """Write a job's end to the store; while the store cannot take it (disk full, read-only), keep it in
-        memory (job_view shows it) and try again every few seconds: a supervisor never dies of a write."""
-        delay, held = 1.0, False
-        while True:
-            if held and not self.store.is_held(job_uuid):
-                return  # written by another path (a resume writes it first)
+    # -- job ends: on disk even when the disk is full, never waited for --------------------------------
+    def _record_end(self, job_uuid: str, state: str, error: str | None, finished_at: str | None = None) -> None:
+        """Record a job's end in the store (the source of truth), then in its status file. Readers see it at
+        once; when the disk is full the store's reserved space is given up for it; what still cannot be
+        written is held in memory (every read shows it, /health says degraded) and written by the held-ends
+        thread as soon as it can be. Never blocks: start-up, a supervisor or a cancel never waits on a disk."""
+        now = utc_now()
+        try:
+            run_dir = self.store.get(job_uuid).run_dir
+        except UnknownJobError:
+            return
+        RunFiles(run_dir).drop_rank_reserves()  # those of killed ranks: space for what follows
+        with self._lock:
+            self.store.hold(job_uuid, status=state, error=error, completed_at=now)
+            self._held_status[job_uuid] = (run_dir, {"state": state, "error": error, "finished_at": finished_at or now})
+        problem, full = self._write_end(job_uuid)
+        space = self.store.reserved_space
+        if problem and full and space.release(f"job {job_uuid}'s end found the disk full"):
+            log.warning("the disk of %s is full: gave up the %d MiB kept back there to record job %s's end; new "
+                        "jobs wait until there is room for it again", space.path.parent, space.size >> 20, job_uuid)
+            problem, full = self._write_end(job_uuid)
+        if problem:
+            log.error("job %s ended (%s: %s) but %s; its end is held in memory and written again every %.0f s",
+                      job_uuid, state, error, problem, HELD_RETRY_S)
+
+    def _write_end(self, job_uuid: str) -> tuple[str | None, bool]:
+        """Write what is held of a job's end: (None, False) once all of it is on disk, else (why not, whether
+        the disk is full)."""
+        try:
+            self.store.write_held(job_uuid)
+        except StoreUnavailable as e:
+            self._write_problem = str(e)
+            return str(e), e.full
+        with self._lock:
+            run_dir, fields = self._held_status.get(job_uuid, (None, None))
+        if fields is not None:
             try:
-                self.store.update(job_uuid, **fields)
-                break
-            except StoreUnavailable as e:
-                if not held:
-                    log.error("job %s ended (%s) but %s; retrying until it can be written", job_uuid,
-                              fields.get("status"), e)
-                    self.store.hold(job_uuid, **fields)
-                    held = True
-                if self._stopping.wait(delay):
-                    return
-                delay = min(delay * 2, 10.0)
+                if Path(run_dir).is_dir():
+                    RunFiles(run_dir).update_status(**fields)
+            except OSError as e:
+                self._write_problem = f"its status file cannot be written: {e}"
+                return self._write_problem, e.errno in (errno.ENOSPC, errno.EDQUOT)
+            with self._lock:
+                if self._held_status.get(job_uuid, (None, None))[1] is fields:
+                    del self._held_status[job_uuid]
+        return None, False
+
+    def held_ends(self) -> list[str]:
+        """Jobs whose end is held in memory, not yet on disk."""
+        with self._lock:
+            return sorted(set(self.store.held()) | set(self._held_status))
+
+    def _write_held_ends(self) -> None:
+        """Every HELD_RETRY_S: write the job ends held in memory; once the disk has room again, keep space back
+        again and start what waits in the queue."""
+        while not self._stopping.wait(HELD_RETRY_S):
+            for job_uuid in self.held_ends():
+                if self._write_end(job_uuid)[0] is None:
+                    log.info("job %s: its end is on disk now", job_uuid)
+            if self.store.reserved_space.released_because and not self.held_ends() and not self._disk_full():
+                log.info("the disk of %s has room again: %d MiB kept back for job ends; queued jobs start",
+                         self.store.reserved_space.path.parent, self.store.reserved_space.size >> 20)
+                try:
+                    self._pump()
+                except StoreUnavailable as e:
+                    log.error("queued jobs start once the store is available: %s", e)
+
+    def _disk_full(self) -> str | None:
+        """Why new work waits (the space kept back for job ends was given up and there is no room to take it
+        again), or None."""
+        space = self.store.reserved_space
+        if space.released_because is None or space.make():
+            return None
+        return (f"the disk of {space.path.parent} is full: the {space.size >> 20} MiB kept back there for job ends "
+                f"is given up ({space.released_because}); new jobs are refused (507) and queued ones wait until "
+                f"{2 * space.size >> 20} MiB are free there")
+
+    def problems(self) -> list[str]:
+        """What keeps this service from recording jobs as usual (none when healthy): /health shows them."""
+        found = []
+        held = self.held_ends()
         if held:
-            self.store.release(job_uuid)
-            log.info("job %s: its end (%s) is written to the store now", job_uuid, fields.get("status"))
+            found.append(f"{len(held)} job end(s) held in memory, not yet on disk ({', '.join(held[:10])}): "
+                         f"{self._write_problem}; written again every {HELD_RETRY_S:.0f} s")
+        full = self._disk_full()
+        if full:
+            found.append(full)
+        return found
+
+    def _refuse_new_work_when_disk_full(self) -> None:
+        full = self._disk_full()
+        if full:
+            raise StoreUnavailable(f"job_uuid: not accepted now: {full}", full=True)
 
     def _watch_progress(self, interval_s: float = 2.0) -> None:
         """Fail a local job whose rank stopped making progress (no heartbeat for its progress timeout): a
@@ -206,21 +292,26 @@ class JobManager:
                 if launcher is not self.local or job_uuid in failing:
                     continue
                 try:
-                    job = self.store.get(job_uuid)
-                    timeout = progress_timeout_s(JobSpec.load(job.run_dir).scheduling.progress_timeout_s)
-                    stalled = RunFiles(job.run_dir).stalled_rank(timeout)
+                    files = RunFiles(self.store.get(job_uuid).run_dir)
+                    timeout, basis = self.progress_limit(job_uuid, files)
+                    stalled = files.stalled_rank(timeout)
                 except Exception as e:  # noqa: BLE001 - the watchdog must outlive any one job's files
                     log.warning("job %s: progress check failed: %s", job_uuid, e)
                     continue
                 if stalled:
                     rank, age = stalled
                     failing.add(job_uuid)
-                    reason = (f"rank {rank} made no progress for {age} s (limit {timeout} s: "
-                              "training_config.scheduling.progress_timeout_s or the service's --progress-timeout-s); "
-                              "every process of the job was stopped")
+                    reason = (f"rank {rank} made no progress for {age} s (limit {timeout} s: {basis}); every "
+                              "process of the job was stopped")
                     threading.Thread(target=self.cancel, args=(job_uuid, reason), daemon=True,
                                      name=f"watchdog-{job_uuid}").start()
             failing &= set(self._running)
+
+    def progress_limit(self, job_uuid: str, files: RunFiles) -> tuple[int, str]:
+        """(seconds, why) a rank of the job may go without a heartbeat (run_files.progress_limit)."""
+        if job_uuid not in self._job_timeouts:
+            self._job_timeouts[job_uuid] = JobSpec.load(files.dir).scheduling.progress_timeout_s
+        return progress_limit(files, self._job_timeouts[job_uuid], self.progress_timeout_s)
 
     @contextmanager
     def reserve(self, job_uuid: str):
@@ -229,6 +320,7 @@ class JobManager:
         its run directory exist together or not at all."""
         with client_errors():
             check_name(job_uuid, "job_uuid")
+        self._refuse_new_work_when_disk_full()
         if self.store.exists(job_uuid):
             raise DuplicateJobError(f"job_uuid: a job named {job_uuid!r} already exists")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -246,13 +338,20 @@ class JobManager:
     def submit(self, spec: JobSpec, resources: dict[str, Any] | None = None, launcher: str = "local") -> JobRecord:
         """Write the job's spec and record it (the record last: it is what makes the job exist), then start
         it when a slot is free. Raises DuplicateJobError. Call inside `reserve`."""
+        self._refuse_new_work_when_disk_full()
         if launcher not in self.launchers:
             raise BadRequest(f"training_config.torch_run_config.launcher: {launcher!r} is not enabled on this server "
                              f"(enabled: {sorted(self.launchers)})")
-        queued = len(self.store.list(statuses=("scheduled",)))
-        if queued >= self.max_queued_jobs:
-            raise QueueFullError(f"job_uuid: {queued} jobs are already queued (the limit is {self.max_queued_jobs}); "
-                                 "submit again when some have run")
+        scheduled = self.store.list(statuses=("scheduled",), everyone=True)
+        if len(scheduled) >= self.max_queued_jobs:
+            raise QueueFullError(f"job_uuid: {len(scheduled)} jobs are already queued (the limit is "
+                                 f"{self.max_queued_jobs}); submit again when some have run")
+        owner = access.owner_name()
+        own_limit = (self.limits_of(owner) or access.UserLimits()).max_queued_jobs
+        own_queued = sum(1 for j in scheduled if j.owner == owner)
+        if own_limit is not None and own_queued >= own_limit:
+            raise QueueFullError(f"job_uuid: user {owner!r} has {own_queued} jobs queued already (its limit, "
+                                 f"max_queued_jobs, is {own_limit}); submit again when some have run")
         resources = dict(resources or {})
         if spec.not_applied:
             resources["not_applied"] = spec.not_applied
@@ -266,6 +365,7 @@ class JobManager:
             resources=resources,
             launcher=launcher,
             priority=spec.scheduling.priority,
+            owner=owner,
         )
         spec.save()
         RunFiles(spec.run_dir).update_status(state="scheduled")
@@ -276,16 +376,24 @@ class JobManager:
     def _pump(self) -> None:
         """Start queued jobs, highest priority first: local ones while this host has a free slot, the others
         (a scheduler queues them) at once. A job that cannot start fails alone, with the reason: it never
-        blocks the queue."""
-        with self._lock:
+        blocks the queue. Runs as the service (whichever user's request calls it: it starts everyone's jobs)."""
+        with self._lock, access.acting_as(None):
             if self._shutting_down:  # a job stopped by the shutdown frees its slot: nothing new starts now
                 return
+            if self._disk_full():  # a new job would fill it again: queued jobs wait (the held-ends thread pumps)
+                return
             running = self.local.running()
-            for job in self.store.list(statuses=("scheduled",), by_priority=True):
+            by_owner: dict[str | None, int] = {}  # running jobs per user, for the users' max_concurrent_jobs
+            for job in self.store.list(statuses=("in_progress",), everyone=True):
+                by_owner[job.owner] = by_owner.get(job.owner, 0) + 1
+            for job in self.store.list(statuses=("scheduled",), by_priority=True, everyone=True):
                 if job.external_id is not None or job.job_uuid in self._running:
                     continue  # handed to its launcher already (pending in a scheduler's queue)
                 if self._on_this_host(job) and running >= self.max_concurrent_jobs:
                     continue
+                own_limit = (self.limits_of(job.owner) or access.UserLimits()).max_concurrent_jobs
+                if own_limit is not None and by_owner.get(job.owner, 0) >= own_limit:
+                    continue  # its owner runs as many as it may: the next user's job goes first
                 try:
                     problem = self._unstartable(job)
                     if problem:
@@ -293,6 +401,7 @@ class JobManager:
                         continue
                     self._start(job)
                     running += self._on_this_host(job)
+                    by_owner[job.owner] = by_owner.get(job.owner, 0) + 1
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
                     self.fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
@@ -364,7 +473,10 @@ class JobManager:
         fields: dict[str, Any] = {"resources": resources}
         if state.state == RUNNING and job.status == "scheduled":
             fields.update(status="in_progress", started_at=utc_now())
-        self.store.update(job_uuid, **fields)
+        try:
+            self.store.update(job_uuid, **fields)
+        except StoreUnavailable as e:  # what the launcher says is shown again at its next change
+            log.warning("job %s: its launcher state is not recorded: %s", job_uuid, e)
 
     def _record_exit(self, job_uuid: str, launcher: Launcher, outcome: LaunchState) -> None:
         job = self.store.get(job_uuid)
@@ -393,14 +505,13 @@ class JobManager:
                 context = None
             if context:
                 error = f"{error}; {context}" if error else context
-        if state == "failed" and not cancelled and self._retry(job, error):
-            return
-        self._record_end(job_uuid, status=state, error=error, completed_at=utc_now())
-        if files.dir.is_dir():
+        if state == "failed" and not cancelled:
             try:
-                files.update_status(state=state, error=error, finished_at=status.get("finished_at") or utc_now())
-            except OSError as e:  # the store has it; the status file catches up on the next write
-                log.warning("job %s: could not write its status file: %s", job_uuid, e)
+                if self._retry(job, error):
+                    return
+            except (StoreUnavailable, OSError) as e:  # a full disk: the failure is recorded, not retried
+                log.error("job %s: cannot queue it again: %s", job_uuid, e)
+        self._record_end(job_uuid, state, error, status.get("finished_at"))
         log.info("job %s %s", job_uuid, state)
 
     @staticmethod
@@ -441,10 +552,7 @@ class JobManager:
             reason = self._cancelled.setdefault(job_uuid, reason)
             followed = self._running.get(job_uuid)
             if followed is None:  # still queued here
-                state = "failed" if reason else "cancelled"
-                self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
-                if Path(job.run_dir).is_dir():
-                    RunFiles(job.run_dir).update_status(state=state, error=reason)
+                self._record_end(job_uuid, "failed" if reason else "cancelled", reason)
                 return self.store.get(job_uuid)
         launcher, external_id = followed
         launcher.cancel(external_id)
@@ -453,9 +561,7 @@ class JobManager:
         while self.store.get(job_uuid).status in ACTIVE and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.store.get(job_uuid).status in ACTIVE:  # the launcher never confirmed: our record says it anyway
-            state = "failed" if reason else "cancelled"
-            self.store.update(job_uuid, status=state, error=reason, completed_at=utc_now())
-            RunFiles(job.run_dir).update_status(state=state, error=reason, finished_at=utc_now())
+            self._record_end(job_uuid, "failed" if reason else "cancelled", reason)
         return self.store.get(job_uuid)
 
     def resume(self, job_uuid: str) -> JobRecord:
@@ -463,7 +569,9 @@ class JobManager:
         job = self.store.get(job_uuid)
         if job.status not in ("failed", "cancelled"):
             raise BadRequest(f"job_uuid: job {job_uuid!r} is {job.status}; only failed or cancelled jobs resume")
-        self.store.write_held(job_uuid)  # its end first: the database must take writes before it can run again
+        problem, full = self._write_end(job_uuid)  # its end first: the disk must take writes before it runs again
+        if problem:
+            raise StoreUnavailable(f"job_uuid: job {job_uuid!r} cannot resume now: {problem}", full=full)
         problem = self._unstartable(job)
         if problem:
             raise BadRequest(f"job_uuid: job {job_uuid!r} cannot resume: {problem}")
@@ -490,6 +598,12 @@ class JobManager:
         while any(l is self.local for l, _ in list(self._running.values())) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stopping.set()
+        for job_uuid in self.held_ends():
+            problem = self._write_end(job_uuid)[0]
+            if problem:  # the next start records "the server restarted while the job was running"
+                job = self.store.get(job_uuid)
+                log.error("job %s: its end (%s: %s) is lost at this shutdown: %s", job_uuid, job.status, job.error,
+                          problem)
         self.store.checkpoint()
 
     # -- views -------------------------------------------------------------------------------------
@@ -505,6 +619,15 @@ class JobManager:
         for key in ("step", "total_steps", "last_loss", "final_train_loss", "final_validation_loss"):
             if status.get(key) is not None:
                 resources[key] = status[key]
+        files = RunFiles(job.run_dir)
+        logged = files.last_metrics(4096)  # status.json is rewritten at most once a second; the metrics every step
+        if logged and isinstance(logged[-1].get("step"), int) and logged[-1]["step"] > resources.get("step", -1):
+            resources["step"] = logged[-1]["step"]
+        if job.status == "in_progress" and job.launcher == self.local.name:
+            try:
+                resources["progress_timeout_s"], resources["progress_timeout_from"] = self.progress_limit(job_uuid, files)
+            except Exception as e:  # noqa: BLE001 - a status answer never fails for it
+                log.warning("job %s: its progress limit is unknown: %s", job_uuid, e)
         if job.error:
             resources["error"] = job.error
         resources["launcher"] = job.launcher
@@ -514,6 +637,8 @@ class JobManager:
             resources["attempts"] = job.attempts
         resources["run_dir"] = job.run_dir
         resources["log_file"] = str(RunFiles(job.run_dir).log)
+        if job.owner is not None:
+            resources["owner"] = job.owner
         return finite({
             "job_uuid": job.job_uuid,
             "status": job.status,

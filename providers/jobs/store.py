@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import access
 from ..errors import Conflict
+from ..training.run_files import SpaceReserve, no_space_left
 
 log = logging.getLogger("providers.jobs")
 
@@ -25,14 +27,25 @@ class DuplicateJobError(Conflict):
     pass
 
 
+STORE_RESERVE_BYTES = 2 << 20  # kept back beside jobs.db for job ends and their causes when the disk fills
+
+
 class StoreUnavailable(RuntimeError):
     """The job store cannot be read or written now (disk full, read-only, locked by another process): the
-    service answers 503 with this reason; the supervisor of a job keeps its end until it can be written."""
+    service answers 507 (`full`) or 503 with this reason; a job's end is held until it can be written."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full
+
+
+def _full(db_path: Path, e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or no_space_left([db_path.parent]) is not None
 
 
 def _unavailable(db_path: Path, e: sqlite3.Error) -> StoreUnavailable:
     return StoreUnavailable(f"the job store {db_path} cannot be written: {e} (free space on its file system, "
-                            "make it writable, or stop the process that holds it)")
+                            "make it writable, or stop the process that holds it)", full=_full(db_path, e))
 
 
 class UnknownJobError(KeyError):
@@ -56,6 +69,7 @@ class JobRecord:
     external_id: str | None = None  # the launcher's id of the current run: pgid, Slurm job id, Ray submission id
     priority: int = 0  # higher starts first
     attempts: int = 0  # runs started so far (retries and resumes included)
+    owner: str | None = None  # the user whose request made it (providers/access.py); None: before users
 
 
 _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
@@ -81,10 +95,17 @@ def _v1_baseline(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
 
+def _v2_owner(db: sqlite3.Connection) -> None:
+    """Users: every job records the user who submitted it (jobs from before have none: admins see them)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, status)")
+
+
 # Schema version -> the migration that brings a store at the version before it to that version. Append only:
 # a schema change adds the next number (never edit a released one); SCHEMA_VERSION is the highest.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _v1_baseline,
+    2: _v2_owner,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -116,8 +137,16 @@ class JobStore:
         self._lock = threading.Lock()
         # job_uuid -> fields written to memory only, while the database cannot take them (see `hold`).
         self._held: dict[str, dict[str, Any]] = {}
+        # Given up when a job's end finds the disk full (JobManager), or when the store cannot open for lack of
+        # space: start-up then records the ends of the jobs it finds, and serves.
+        self.reserved_space = SpaceReserve(db_path.with_name(f"{db_path.name}.reserve"), STORE_RESERVE_BYTES)
         try:
-            self._open(db_path)
+            try:
+                self._open(db_path)
+            except sqlite3.OperationalError as e:
+                if not (_full(db_path, e) and self.reserved_space.release(f"the job store could not open: {e}")):
+                    raise
+                self._open(db_path)
         except sqlite3.OperationalError as e:
             # Locked, read-only, full: nothing is wrong with the file itself; setting it aside would lose jobs.
             raise _unavailable(db_path, e) from None
@@ -131,6 +160,8 @@ class JobStore:
                 if src.exists():
                     os.replace(src, f"{aside}{suffix}")
             self._open(db_path)
+        if not self.reserved_space.make() and self.reserved_space.released_because is None:
+            self.reserved_space.released_because = "there was no room for it at start"
 
     def _open(self, db_path: Path) -> None:
         # One connection shared by the server's threads, serialized by a lock; WAL keeps readers cheap.
@@ -181,12 +212,20 @@ class JobStore:
     def is_held(self, job_uuid: str) -> bool:
         return job_uuid in self._held
 
+    def held(self) -> list[str]:
+        """The jobs whose fields are held in memory, not yet written."""
+        with self._lock:
+            return list(self._held)
+
     def write_held(self, job_uuid: str) -> None:
         """Write the job's held fields now (raises StoreUnavailable if the database still cannot take them)."""
-        fields = self._held.get(job_uuid)
+        with self._lock:
+            fields = dict(self._held.get(job_uuid) or {})
         if fields:
             self.update(job_uuid, **fields)
-            self.release(job_uuid)
+            with self._lock:
+                if self._held.get(job_uuid) == fields:  # unless a newer hold came meanwhile
+                    del self._held[job_uuid]
 
     def exists(self, job_uuid: str) -> bool:
         with self._lock:
@@ -215,18 +254,24 @@ class JobStore:
             )
 
     def get(self, job_uuid: str) -> JobRecord:
+        """The job, if the current user may see it (access.can_see): another user's job is as unknown as a
+        job that does not exist."""
         with self._lock:
             row = self._execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
-        if row is None:
+        if row is None or not access.can_see(row[_COLUMNS.index("owner")]):
             raise UnknownJobError(job_uuid)
         return self._with_held(self._record(row))
 
-    def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False,
+    def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False, everyone: bool = False,
              _raw: bool = False) -> list[JobRecord]:
+        """The jobs the current user may see (`everyone`: all of them, for the service's own bookkeeping such as
+        queue limits and scheduling, whoever's request runs it)."""
+        if not everyone and access.current() is not None and not access.current().is_admin:
+            return [r for r in self.list(statuses, by_priority, everyone=True) if access.can_see(r.owner)]
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
         args: list[str] = []
         if self._held and not _raw:  # held statuses differ from the rows': filter after applying them
-            records = [self._with_held(r) for r in self.list(by_priority=by_priority, _raw=True)]
+            records = [self._with_held(r) for r in self.list(by_priority=by_priority, everyone=True, _raw=True)]
             return [r for r in records if not statuses or r.status in statuses]
         if statuses:
             query += f" WHERE status IN ({', '.join('?' * len(statuses))})"

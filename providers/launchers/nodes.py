@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from .. import access
 from ..errors import BadRequest, Conflict
 from ..api.paths import check_job_uuid
 from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
@@ -140,7 +141,7 @@ class NodesLauncher:
                     "seq": time.time_ns(), "priority": scheduling.priority, "nnodes": opts.nnodes,
                     "nproc_per_node": opts.nproc_per_node, "resources": scheduling.resources.model_dump(),
                     "method": method_of(route, request.algorithm_config),
-                    "model": model,
+                    "model": model, "owner": access.owner_name(),
                 }
                 save_state(self._pending_path(job_uuid), {**entry, "body": body})
                 self._pending[job_uuid] = entry
@@ -275,7 +276,8 @@ class NodesLauncher:
                     raise ValueError(f"its pending file {self._pending_path(job_uuid)} is unreadable")
                 opts = self.service.torch_run_options(body["training_config"].get("torch_run_config"))
                 log.info("job %s: placing on %s", job_uuid, [n.node_id for n in nodes])
-                self._start(entry["route"], body, opts, nodes, waited_since=entry["submitted_at"])
+                with access.acting_for(entry.get("owner")):  # its record names the user who submitted it
+                    self._start(entry["route"], body, opts, nodes, waited_since=entry["submitted_at"])
             except Exception as e:  # noqa: BLE001 - the job records why it could not start
                 log.warning("job %s could not be placed: %s", job_uuid, e)
                 with self._lock:
@@ -327,14 +329,16 @@ class NodesLauncher:
 
     def is_waiting(self, job_uuid: str) -> bool:
         """Whether `job_uuid` names a job waiting for nodes (it has no JobManager record yet)."""
-        return job_uuid in self._pending
+        entry = self._pending.get(job_uuid)
+        return entry is not None and access.can_see(entry.get("owner"))
 
     def list_jobs(self) -> list[dict[str, str]]:
         """Every job: the JobManager's records, then the jobs still waiting for nodes."""
         jobs = [{"job_uuid": j.job_uuid, "status": self._shown_status(j.job_uuid, j.status)}
                 for j in self.service.jobs.store.list()]
         known = {j["job_uuid"] for j in jobs}
-        return jobs + [{"job_uuid": u, "status": "scheduled"} for u in list(self._pending) if u not in known]
+        return jobs + [{"job_uuid": u, "status": "scheduled"} for u, entry in list(self._pending.items())
+                       if u not in known and access.can_see(entry.get("owner"))]
 
     def _send_part(self, node: Node, route: str, part: dict[str, Any]) -> None:
         dataset_id = part["training_config"]["data_config"]["dataset_id"]
@@ -476,12 +480,12 @@ class NodesLauncher:
 
     def running_parts(self) -> list[str]:
         """On a worker: the multi-node jobs it runs a part of now (its heartbeats name them)."""
-        return [job.job_uuid for job in self.service.jobs.store.list(statuses=ACTIVE)
+        return [job.job_uuid for job in self.service.jobs.store.list(statuses=ACTIVE, everyone=True)
                 if (job.resources.get("node_rank") or 0) > 0]
 
-    def ended_parts(self, node_id: str, job_uuids: list[str]) -> dict[str, str]:
-        """On the coordinator: of the jobs node `node_id` says it runs a part of, those that ended here (failed
-        or cancelled), with how: the node stops those parts. Slurm does the same with a returning node's jobs:
+    def ended_parts(self, node_id: str, url: str, job_uuids: list[str]) -> dict[str, str]:
+        """On the coordinator: of the jobs node `node_id` at `url` says it runs a part of, those placed on it that
+        ended here (failed or cancelled), with how: the node stops those parts. Slurm does the same with a returning node's jobs:
         a cancel sent while the node was stopped or cut off may never have reached it."""
         ended = {}
         for job_uuid in job_uuids:
@@ -491,7 +495,7 @@ class NodesLauncher:
                 job = self.service.jobs.store.get(job_uuid)
             except (UnknownJobError, StoreUnavailable):  # being placed (its parts start before its record)
                 continue
-            if job.status in ("failed", "cancelled") and any(p["node_id"] == node_id
+            if job.status in ("failed", "cancelled") and any(p["node_id"] == node_id and p.get("url") == url
                                                              for p in self._parts_or_none(job_uuid)):
                 ended[job_uuid] = job.status + (f": {job.error[:1000]}" if job.error else "")
         return ended
@@ -533,7 +537,7 @@ class NodesLauncher:
         """This service stops: node 0's parts stop with it (the JobManager's shutdown), so stop the other
         nodes' parts of every running multi-node job first."""
         self.stop.set()
-        for job in self.service.jobs.store.list(statuses=ACTIVE):
+        for job in self.service.jobs.store.list(statuses=ACTIVE, everyone=True):
             if self._parts_or_none(job.job_uuid):
                 self._cancel_remote(job.job_uuid, None, timeout_s=5)
 
@@ -570,7 +574,7 @@ class NodesLauncher:
         while True:
             with self._lock:
                 if job_uuid not in self._placing:
-                    entry = self._pending.get(job_uuid)
+                    entry = self._pending.get(job_uuid) if self.is_waiting(job_uuid) else None
                     if entry is not None:
                         self._end_waiting(entry, "cancelled", None)
                         return
@@ -615,7 +619,7 @@ class NodesLauncher:
         return record
 
     def view(self, job_uuid: str) -> dict[str, Any]:
-        entry = self._pending.get(job_uuid)
+        entry = self._pending.get(job_uuid) if self.is_waiting(job_uuid) else None
         if entry is not None:
             return self._pending_view(entry)
         view = self.service.view(job_uuid)

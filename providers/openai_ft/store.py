@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFound
+from .. import access
+from ..errors import ClientError, NotFound
 from ..state_files import load_state, save_state
 
 FILE_ID = re.compile(r"file-[a-f0-9]{24}")
+MAX_STORED_FILES = 1000  # files a data dir keeps (beyond: 429); a job's results file is never refused
+LIST_FILES_LIMIT = 1000  # GET /files: the default and largest page (its records are the only ones read)
 JOB_ID = re.compile(r"ftjob-[a-f0-9]{24}")
 MODEL_FILES_SKIPPED = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args")  # Trainer state
 
@@ -39,9 +42,14 @@ def link_model_files(src: Path, dest: Path) -> None:
                 shutil.copy2(f, dest / f.name)
 
 
+class TooManyFiles(ClientError):
+    status = 429
+
+
 class FtState:
     """Files and jobs of the OpenAI API, one JSON state file each; a lock per process keeps read-modify-write
-    updates whole."""
+    updates whole. Each record names its `owner` (the user whose request made it): reads see only what the
+    current user may (access.can_see), so another user's file or job is as unknown as a missing one."""
 
     def __init__(self, data_dir: Path):
         self.blobs = data_dir / "files"
@@ -57,19 +65,45 @@ class FtState:
         return self.blobs / f"{file_id}.jsonl"
 
     def put_file(self, meta: dict[str, Any]) -> None:
+        meta.setdefault("owner", access.owner_name())
         save_state(self.files_dir / f"{meta['id']}.json", meta)
 
     def get_file(self, file_id: str, field: str = "file_id") -> dict[str, Any]:
         """The file's record; NotFound naming `field` for an unknown (or malformed) id."""
         meta = load_state(self.files_dir / f"{file_id}.json", None) if FILE_ID.fullmatch(file_id) else None
-        if meta is None:
+        if meta is None or not access.can_see(meta.get("owner")):
             raise NotFound(f"{field}: no file {file_id[:100]!r}")
         return meta
 
-    def list_files(self) -> list[dict[str, Any]]:
-        """Every file, newest first."""
-        metas = [load_state(p, None) for p in self.files_dir.glob("file-*.json")]
-        return sorted((m for m in metas if m), key=lambda m: (m["created_at"], m["id"]), reverse=True)
+    def list_files(self, after: str | None = None, limit: int = LIST_FILES_LIMIT,
+                   purpose: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """A page of the files the current user may see, newest first: at most `limit` after the one whose id is
+        `after` (none if it is unknown), and whether more follow. Records are ordered by their write time
+        (a stat each) and read only until the page is full."""
+        stats = []
+        for path in self.files_dir.glob("file-*.json"):
+            try:
+                stats.append((path.stat().st_mtime_ns, path.stem))
+            except FileNotFoundError:  # deleted since the listing
+                continue
+        ids = [file_id for _, file_id in sorted(stats, reverse=True)]
+        if after:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        page = []
+        for file_id in ids:
+            meta = load_state(self.files_dir / f"{file_id}.json", None)
+            if meta and access.can_see(meta.get("owner")) and purpose in (None, meta.get("purpose")):
+                if len(page) == limit:
+                    return page, True
+                page.append(meta)
+        return page, False
+
+    def check_room(self) -> None:
+        """TooManyFiles when the data dir holds MAX_STORED_FILES files (per owner, once users have limits)."""
+        count = sum(1 for _ in self.files_dir.glob("file-*.json"))
+        if count >= MAX_STORED_FILES:
+            raise TooManyFiles(f"file: this service keeps at most {MAX_STORED_FILES} files and holds {count}: "
+                               "delete some (DELETE /v1/openai/v1/files/FILE_ID), then upload again")
 
     def delete_file(self, file_id: str) -> None:
         self.blob(file_id).unlink(missing_ok=True)
@@ -77,18 +111,19 @@ class FtState:
 
     # -- jobs ---------------------------------------------------------------------------------------
     def put_job(self, rec: dict[str, Any]) -> None:
+        rec.setdefault("owner", access.owner_name())
         save_state(self.jobs_dir / f"{rec['id']}.json", rec)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         rec = load_state(self.jobs_dir / f"{job_id}.json", None) if JOB_ID.fullmatch(job_id) else None
-        if rec is None:
+        if rec is None or not access.can_see(rec.get("owner")):
             raise NotFound(f"fine_tuning_job_id: no fine-tuning job {job_id[:100]!r}")
         return rec
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job, newest first."""
         recs = [load_state(p, None) for p in self.jobs_dir.glob("ftjob-*.json")]
-        return sorted((r for r in recs if r), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        return sorted((r for r in recs if r and access.can_see(r.get("owner"))), key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
     def add_event(self, job_id: str, message: str, level: str = "info", **updates: Any) -> dict[str, Any]:
         """Append an event to a job's record, with `updates` to its fields in the same write; the record."""

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import httpx
+from fastapi import Depends
 
 from ..dashboard import JobsSource, dashboard_router
 from ..dashboard.sources import read_pipeline
@@ -20,6 +21,7 @@ from ..jobs.store import UnknownJobError
 from ..remote_fsdp.service.core import ServiceCore
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.nodes import NodeRegistry
+from ..remote_fsdp.service.users import require_admin
 from .metrics import install_metrics
 
 
@@ -27,9 +29,9 @@ def _enabled(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def service_source(service: FsdpJobService, registry: NodeRegistry, token: str | None) -> JobsSource:
-    """The dashboard's view of this service: its job store, node registry, pipelines and actions."""
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+def service_source(service: FsdpJobService, registry: NodeRegistry, headers: dict[str, str]) -> JobsSource:
+    """The dashboard's view of this service: its job store, node registry, pipelines and actions; `headers`:
+    what calls to other nodes carry (the node token)."""
 
     def nodes() -> list[dict[str, Any]]:
         return [{**n.model_dump(), "local": n.node_id == registry.local.node_id} for n in registry.nodes()]
@@ -70,10 +72,10 @@ def service_source(service: FsdpJobService, registry: NodeRegistry, token: str |
 def install(app, core: ServiceCore) -> None:
     """Add /dashboard (page public; data behind the client token; cancel/resume only when a token is set)
     and /metrics (behind the client token) to the service's app."""
-    service, registry, token, auth = core.service, core.registry, core.config.api_token, core.auth
-    if _enabled("TRL_FSDP_METRICS"):
-        install_metrics(app, service.jobs.store, registry, auth)
+    service, registry, auth = core.service, core.registry, core.auth
+    keys = core.config.user_keys() is not None
+    if _enabled("TRL_FSDP_METRICS"):  # every user's jobs in one series: admins only
+        install_metrics(app, service.jobs.store, registry, [*auth, Depends(require_admin)])
     if _enabled("TRL_FSDP_DASHBOARD"):
-        source = service_source(service, registry, token)
-        app.include_router(dashboard_router(source, auth=auth, actions=token is not None,
-                                            token_required=token is not None), prefix="/dashboard")
+        source = service_source(service, registry, core.peer_headers)
+        app.include_router(dashboard_router(source, auth=auth, actions=keys, token_required=keys), prefix="/dashboard")

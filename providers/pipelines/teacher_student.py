@@ -35,6 +35,7 @@ import httpx
 from llama_stack.apis.post_training import LoraFinetuningConfig
 from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt
 
+from .. import access
 from ..errors import BadRequest, Conflict
 from ..api.requests import DistillationConfig, PeftFinetuningConfig, TrainingConfig
 from ..api.to_spec import peft_spec
@@ -139,7 +140,7 @@ class Pipelines:
     def _read(self, pipeline_id: str) -> dict[str, Any]:
         path = self._state_path(pipeline_id)
         state = load_state(path, default=None) if path.exists() else None
-        if not isinstance(state, dict) or "teacher" not in state:
+        if not isinstance(state, dict) or "teacher" not in state or not access.can_see(state.get("owner")):
             raise UnknownJobError(pipeline_id)
         return state
 
@@ -228,7 +229,7 @@ class Pipelines:
         with self._lock:
             for p in sorted(self.root.glob("*/pipeline.json")):
                 state = load_state(p, default=None)
-                if isinstance(state, dict):
+                if isinstance(state, dict) and access.can_see(state.get("owner")):
                     out.append({"pipeline_id": p.parent.name, "state": state.get("state")})
         return out
 
@@ -297,6 +298,7 @@ class Pipelines:
         (pdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state = {
             "pipeline_id": req.pipeline_id, "state": "scheduled", "created_at": utc_now(), "finished_at": None,
+            "owner": access.owner_name(),
             "error": None, "output_dir": str(pdir), "request": req.model_dump(mode="json", exclude={"rows"}),
             "teacher": {"job_uuid": f"{req.pipeline_id}-teacher", "outputs": str(pdir / "teacher_outputs")},
             "students": [{"name": s.name, "job_uuid": f"{req.pipeline_id}-student-{s.name}",
@@ -352,6 +354,12 @@ class Pipelines:
             raise PipelineCancelled(pipeline_id)
 
     def _run(self, pipeline_id: str) -> None:
+        with access.acting_as(None):
+            owner = self._read(pipeline_id).get("owner")
+        with access.acting_for(owner):  # its tasks are jobs of the user who submitted the pipeline
+            self._run_as_owner(pipeline_id)
+
+    def _run_as_owner(self, pipeline_id: str) -> None:
         try:
             self._update(pipeline_id, state="in_progress")
             state = self._read(pipeline_id)

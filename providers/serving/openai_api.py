@@ -13,6 +13,7 @@ server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 import time
@@ -177,7 +178,8 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
         handed_off = False  # once the last step runs, it leaves the pool when it ends
         try:
             try:
-                path = await loop.run_in_executor(pool.loader, resolve, req.model)
+                # resolve in the request's context: it checks that the model is the requesting user's
+                path = await loop.run_in_executor(pool.loader, contextvars.copy_context().run, resolve, req.model)
                 loaded = await loop.run_in_executor(pool.loader, cache.get, path)
             except ValueError as e:
                 return _openai_error(400, str(e), "invalid_request_error", "model")

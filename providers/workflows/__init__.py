@@ -14,4 +14,4 @@ from .routes import include_workflow_routes
 
 def install(app, core: ServiceCore) -> None:
     """Mount the chat API and the workflow task routes behind the client token."""
-    include_workflow_routes(app, core.service, core.auth)
+    include_workflow_routes(app, core.service, core.auth, core.internal_key)

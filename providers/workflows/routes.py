@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 
+from .. import access
 from ..enhance.roles import role_target
 from ..export.hub import hub_target
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -55,7 +56,7 @@ def _task_routes(r: APIRouter, path: str, kind: str, tasks: WorkflowTasks) -> No
         return FileResponse(tasks.file(kind, task_id, name))
 
 
-def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies: list,
+def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies: list, internal_key: str | None,
                             cache_size: int | None = None) -> WorkflowTasks:
     """Mount the workflow routes on the service app (behind `dependencies`, the bearer-token check).
     The chat API keeps `cache_size` models loaded (env TRL_FSDP_SERVED_MODELS, default 2)."""
@@ -64,12 +65,14 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     cache = ModelCache(cache_size or int(os.environ.get("TRL_FSDP_SERVED_MODELS", "2")))
     local_url = f"http://{config.node_address}:{config.port}/v1/openai/v1"
     outbound = config.outbound  # the only endpoints and Hub settings requests may pick from
-    tasks = WorkflowTasks(service, refs, local_url, config.api_token)
+    tasks = WorkflowTasks(service, refs, local_url, internal_key)
     app.state.workflow_tasks = tasks
 
     def available_models() -> list[str]:
         done = service.jobs.store.list(statuses=("completed",))
-        listed = [*cache.loaded(), *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
+        user = access.current()
+        loaded = cache.loaded() if user is None or user.is_admin else []  # a member's ids: from the lines below
+        listed = [*loaded, *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
         return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,

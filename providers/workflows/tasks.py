@@ -42,6 +42,7 @@ from ..jobs.child_env import child_env
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..serving.engine import adapter_base, is_adapter
+from .. import access
 from ..state_files import load_state, save_state
 from ..training.keys import KnownKeys
 from ..training.run_files import utc_now
@@ -174,6 +175,11 @@ class ModelRefs:
             return self._checked_adapter(Path(self.resolvers[kind](ref, field)), field)
         check_path_text(ref, field)  # before any file system call: NUL, '..', over-long names
         resolved = Path(ref).expanduser().resolve()
+        if self.data_dir in resolved.parents and not (access.current() is None or access.current().is_admin):
+            # A member's models in the data dir are named by id (job:, ft:, pipeline:, workflow:), whose owner
+            # is checked; a path there could be another user's.
+            raise BadRequest(f"{field}: name a model in the service's data dir by its id (job:<job_uuid>, ft:..., "
+                             "pipeline:<id>, workflow:<id>), not by its path")
         # An adapter directory is looked at only inside the data dir (a path elsewhere reveals nothing).
         if self.data_dir in resolved.parents and (resolved / "adapter_config.json").is_file():
             return self._checked_adapter(resolved, field)
@@ -201,11 +207,15 @@ class ModelRefs:
                 raise BadRequest(f"{field}: job {first!r} produced no model (a teacher task's outputs?)")
             return self._checked_adapter(path, field)
         if kind == "pipeline":
+            state = load_state(self.service.data_dir / "pipelines" / first / "pipeline.json", default=None)
+            if not isinstance(state, dict) or not access.can_see(state.get("owner")):
+                raise BadRequest(f"{field}: no pipeline {first!r}")
             root = self.service.data_dir / "pipelines" / first
             path = root / "students" / rest / "final" if rest else root / "merged"
         else:
-            state = self.service.data_dir / "workflows" / "workflows" / first / "task.json"
-            trained = json.loads(state.read_text()).get("outputs", {}).get("model") if state.exists() else None
+            state = load_state(self.service.data_dir / "workflows" / "workflows" / first / "task.json", default=None)
+            state = state if isinstance(state, dict) and access.can_see(state.get("owner")) else {}
+            trained = state.get("outputs", {}).get("model")
             if not trained:
                 raise BadRequest(f"{field}: workflow {first!r} has no trained model (yet)")
             path = Path(trained)
@@ -243,6 +253,8 @@ class WorkflowTasks:
         if not path.exists():
             raise UnknownJobError(task_id)
         state = json.loads(path.read_text())
+        if not access.can_see(state.get("owner")):
+            raise UnknownJobError(task_id)
         state.pop("request", None)
         return state
 
@@ -256,7 +268,7 @@ class WorkflowTasks:
         out = []
         for p in sorted((self.root / kind).glob("*/task.json")):
             s = load_state(p, default=None)
-            if not isinstance(s, dict):
+            if not isinstance(s, dict) or not access.can_see(s.get("owner")):
                 continue
             out.append({"id": s["id"], "state": s["state"], "created_at": s["created_at"]})
         return out
@@ -296,14 +308,17 @@ class WorkflowTasks:
                     f.write(json.dumps(row) + "\n")
         body = request.model_dump(mode="json", by_alias=True, exclude={"rows"})
         state = {"id": task_id, "kind": kind, "state": "scheduled", "created_at": utc_now(), "started_at": None,
-                 "finished_at": None, "error": None, "progress": {}, "outputs": {}, "request": body}
+                 "finished_at": None, "error": None, "progress": {}, "outputs": {}, "request": body,
+                 "owner": access.owner_name()}
         save_state(d / "task.json", state)
         self._start(kind, task_id)
         return self.get(kind, task_id)
 
     def _start(self, kind: str, task_id: str) -> None:
         self._stops[(kind, task_id)] = threading.Event()
-        thread = threading.Thread(target=self._run, args=(kind, task_id), daemon=True, name=f"{kind}-{task_id}")
+        owner = load_state(self.task_dir(kind, task_id) / "task.json", default={}).get("owner")
+        thread = threading.Thread(target=self._run_as, args=(owner, kind, task_id), daemon=True,
+                                  name=f"{kind}-{task_id}")
         self._threads[(kind, task_id)] = thread
         thread.start()
 
@@ -345,6 +360,10 @@ class WorkflowTasks:
 
     def _stopped(self, kind: str, task_id: str) -> bool:
         return self._stops[(kind, task_id)].is_set()
+
+    def _run_as(self, owner: str | None, kind: str, task_id: str) -> None:
+        with access.acting_for(owner):  # what the task makes (its training job) is its owner's
+            self._run(kind, task_id)
 
     def _run(self, kind: str, task_id: str) -> None:
         try:

@@ -9,6 +9,7 @@ import argparse
 import errno
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import sys
@@ -34,6 +35,8 @@ from ...launchers.base import LauncherUnavailable
 from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
 from .core import ServiceCore
+from .quota import attach as attach_user_quotas, usage_router
+from .users import client_auth, read_users_file, require_admin
 from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .docs import install_offline_docs
@@ -48,7 +51,6 @@ from .security import (
     BodyTooLarge,
     LimitsAndAudit,
     QuotaExceeded,
-    client_auth,
     install_printable_logs,
     node_auth,
     node_headers,
@@ -108,15 +110,20 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.service = service
     app.state.registry = registry
 
-    auth = [Depends(client_auth(config.api_token))]
+    keys = config.user_keys()
+    service.jobs.limits_of = lambda owner: (keys.named(owner).limits if keys and keys.named(owner) else None)
+    internal_key = secrets.token_urlsafe(32)  # the service's calls to its own routes; never leaves this process
+    auth = [Depends(client_auth(keys, config.node_token, internal_key))]
     node_only = [Depends(node_auth(config.node_token))]
     for prefix in ("/v1/post-training", "/v1alpha/post-training"):
         app.include_router(post_training_router(service), prefix=prefix, dependencies=auth)
     app.include_router(job_parts_router(service, config), prefix="/v1/post-training", dependencies=node_only)
     app.include_router(datasets_router(service), prefix="/v1", dependencies=auth)
+    quotas = attach_user_quotas(service, keys)  # each claim on --max-data-gb is its user's too (max_data_gb)
+    app.include_router(usage_router(quotas, keys), prefix="/v1", dependencies=[*auth, Depends(require_admin)])
     app.include_router(nodes_router(registry), prefix="/v1", dependencies=auth)
     app.include_router(node_membership_router(registry, nodes.ended_parts), prefix="/v1", dependencies=node_only)
-    core = ServiceCore(config, service, registry, peer_headers, auth, node_only,
+    core = ServiceCore(config, service, registry, peer_headers, auth, node_only, internal_key,
                        upload_prefixes=["/v1/datasets/"])
     for addon in ADDONS:
         addon.install(app, core)
@@ -126,8 +133,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "OK", "node_id": local.node_id,
-                "jobs_running": len(service.jobs.store.list(statuses=("in_progress",)))}
+        # 200 while degraded (a full or unwritable store): reads work and a restart would not help, so a
+        # liveness probe must not kill it; "problems" says what an operator has to fix.
+        problems = service.jobs.problems()
+        return {"status": "degraded" if problems else "OK", **({"problems": problems} if problems else {}),
+                "node_id": local.node_id, "jobs_running": len(service.jobs.store.list(statuses=("in_progress",)))}
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError):
@@ -160,7 +170,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable):
-        return _error(503, str(exc))
+        return _error(507 if exc.full else 503, str(exc))
 
     @app.exception_handler(OSError)
     async def os_error(request: Request, exc: OSError):
@@ -195,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-token-file", help="file holding the clients' bearer token (env TRL_FSDP_API_TOKEN "
                                                  "also works; a token on the command line is visible in ps)")
     parser.add_argument("--api-token", help=argparse.SUPPRESS)  # deprecated: visible in ps
+    parser.add_argument("--api-keys-file", help="YAML/JSON file of users: name, role (admin|member), key_sha256 and "
+                                                "limits; each user sees only its own jobs, files and models "
+                                                "(README: Security)")
     parser.add_argument("--node-token-file", help="file holding the cluster's node (join) token: needed to take "
                                                   "or join nodes (env TRL_FSDP_NODE_TOKEN)")
     parser.add_argument("--insecure-no-auth", action="store_true",
@@ -257,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(e)) from None
     if args.api_token_file:
         overrides["api_token"] = read_secret(args.api_token_file, "--api-token-file")
+    if args.api_keys_file:
+        if args.api_token_file or args.api_token or os.environ.get("TRL_FSDP_API_TOKEN"):
+            raise SystemExit("--api-keys-file: give it alone (an admin's key belongs in it), not beside "
+                             "--api-token-file or TRL_FSDP_API_TOKEN")
+        overrides["api_keys"] = read_users_file(args.api_keys_file)
     if args.node_token_file:
         overrides["node_token"] = read_secret(args.node_token_file, "--node-token-file")
     launchers_file = args.launchers_config or os.environ.get("TRL_FSDP_LAUNCHERS_CONFIG")
@@ -304,7 +322,7 @@ def check_exposure(config: ServiceConfig) -> None:
     code and read every model. `--insecure-no-auth` overrides, loudly."""
     if config.loopback_only:
         return
-    if config.api_token is None:
+    if config.user_keys() is None:
         if not config.insecure_no_auth:
             raise SystemExit(
                 f"refusing to serve {config.host} without an API token: anyone who can reach it could train and "

@@ -14,6 +14,7 @@ from ...launchers.ray import RayConfig
 from ...launchers.slurm import SlurmConfig
 from ...launchers.torchrun import TorchRunOptions
 from ...outbound import OutboundConfig
+from .users import UserEntry, UserKeys
 from ...training.spec import FsdpSpec
 
 
@@ -59,7 +60,9 @@ class ServiceConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8322
     data_dir: str = "~/.llama/trl_fsdp_service"
-    api_token: str | None = None  # set: every /v1 route needs `Authorization: Bearer <token>`
+    api_token: str | None = None  # set: every /v1 route needs `Authorization: Bearer <token>` (one admin key)
+    # --api-keys-file: the users, each a key (by its SHA-256), a role and limits (service/users.py)
+    api_keys: list[UserEntry] | None = None
     # The nodes' credential (a join token, separate from the clients' API token): registration, heartbeats
     # and the parts of multi-node jobs a coordinator sends carry it. Unset: this service takes no nodes
     # and no job parts.
@@ -110,6 +113,13 @@ class ServiceConfig(BaseModel):
             return self.advertise_url.rstrip("/")
         # A wildcard bind is no address another node can call: advertise this node's address instead.
         return f"http://{self.node_address}:{self.port}"
+
+    def user_keys(self) -> UserKeys | None:
+        """The keys clients authenticate with: the users file's, else the one admin token; None: no keys
+        (loopback only: every request acts as the local admin)."""
+        if self.api_keys:
+            return UserKeys(self.api_keys)
+        return UserKeys.single_admin(self.api_token) if self.api_token else None
 
     @property
     def loopback_only(self) -> bool:

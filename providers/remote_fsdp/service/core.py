@@ -23,6 +23,7 @@ class ServiceCore:
     peer_headers: dict[str, str]  # what calls to other nodes carry (the API token and the node token)
     auth: list  # route dependencies: the clients' bearer token
     node_only: list  # route dependencies: the cluster's node token
+    internal_key: str  # a bearer key for the service's calls to its own routes (acts as the service)
     # Route prefixes whose bodies are streamed uploads: they get the upload limit, not the JSON body limit.
     upload_prefixes: list[str] = field(default_factory=list)
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the app stops

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ... import access
 from ...errors import BadRequest, Conflict, client_errors, first_validation_error
 from ...jobs.manager import JobManager
 from ...api.paths import ProviderDefaults, check_job_uuid, resolve_model
@@ -36,7 +37,8 @@ from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec, SchedulingSpec, check_name
 from .config import ServiceConfig
 from .nodes import misfit
-from .security import clean_partial_files
+from .quota import rows_bytes
+from .security import DiskQuota, clean_partial_files
 
 # What a client may set in torch_run_config; the rest (placement) comes from a coordinator. rdzv_backend
 # stays for clients that send "static"; any other value is a 400 (TorchRunOptions.only_static says why).
@@ -131,9 +133,18 @@ class FsdpJobService:
 
     # -- datasets ------------------------------------------------------------------------------------
     def dataset_path(self, dataset_id: str) -> Path:
+        """Where the dataset `dataset_id` of the current user lies: each member's names are its own
+        (datasets/users/NAME/); the service's and the single admin's lie in datasets/ itself."""
         with client_errors():
             check_name(dataset_id, "dataset_id")
-        return self.datasets_dir / f"{dataset_id}.jsonl"
+        return self.user_datasets_dir() / f"{dataset_id}.jsonl"
+
+    def user_datasets_dir(self, owner: str | None = None) -> Path:
+        """The datasets folder of `owner` (None: the current request's user, or the service's own)."""
+        owner = owner or access.owner_name()
+        if owner is None or owner == access.LOCAL_ADMIN.name:
+            return self.datasets_dir
+        return self.datasets_dir / "users" / owner
 
     def teacher_outputs_dir(self, job_uuid: str) -> Path:
         """Where a local teacher task writes its outputs."""
@@ -162,7 +173,7 @@ class FsdpJobService:
                         raise BadRequest(f"{field}: line {n} of the dataset is not JSON ({e})") from None
 
     def list_datasets(self) -> list[dict[str, Any]]:
-        return [{"dataset_id": p.stem, "bytes": p.stat().st_size} for p in sorted(self.datasets_dir.glob("*.jsonl"))]
+        return [{"dataset_id": p.stem, "bytes": p.stat().st_size} for p in sorted(self.user_datasets_dir().glob("*.jsonl"))]
 
     # -- jobs ----------------------------------------------------------------------------------------
     def _command(self, spec: JobSpec, files: RunFiles) -> list[str]:
@@ -171,7 +182,8 @@ class FsdpJobService:
 
     def local_load(self) -> int:
         """Jobs running on this host: in progress, not handed to a scheduler that runs them elsewhere."""
-        return sum(1 for job in self.jobs.store.list(statuses=("in_progress",)) if not runs_elsewhere(job.launcher))
+        return sum(1 for job in self.jobs.store.list(statuses=("in_progress",), everyone=True)
+                   if not runs_elsewhere(job.launcher))
 
     def torch_run_options(self, overrides: dict[str, Any] | None, trusted: bool = False) -> TorchRunOptions:
         """The job's torchrun options: the service's, with a request's overrides. Rendezvous placement
@@ -229,7 +241,9 @@ class FsdpJobService:
         val_rows = validation_rows
         if val_rows is None and dc.validation_dataset_id:
             val_rows = self.dataset_rows(dc.validation_dataset_id, "training_config.data_config.validation_dataset_id")
-        with self.jobs.reserve(job_uuid) as run_dir:
+        # The run dir's copies of the rows are claimed first: past the data dir's or the user's quota, a 507.
+        with DiskQuota.of(self.config).reservation(f"job {job_uuid}") as claim, self.jobs.reserve(job_uuid) as run_dir:
+            claim.expect(rows_bytes(self, dc, rows, validation_rows))
             spec = prepare_job(
                 job_uuid=job_uuid, run_dir=run_dir, method=method, model=model, training_config=training_config,
                 algorithm_config=algorithm_config, logger_config=logger_config, checkpoint_dir=checkpoint_dir,

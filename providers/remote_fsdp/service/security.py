@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
 
+from ... import access
 from ...errors import BadRequest
 
 audit = logging.getLogger("providers.remote_fsdp.audit")
@@ -71,18 +72,6 @@ def _same_secret(given: str, expected: str) -> bool:
     return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
-def client_auth(api_token: str | None):
-    """A FastAPI dependency: the bearer API token, when one is configured."""
-
-    async def require_token(request: Request) -> None:  # async: no thread-pool hop per request
-        if api_token is None:
-            return
-        if not _same_secret(request.headers.get("authorization", ""), f"Bearer {api_token}"):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
-
-    return require_token
-
-
 def node_auth(node_token: str | None):
     """A FastAPI dependency: the node (join) token. Without one configured, this service takes no nodes."""
 
@@ -114,7 +103,7 @@ class BodyTooLarge(Exception):
 
 class LimitsAndAudit:
     """ASGI middleware: refuses bodies over the route's limit (413) without reading them, and writes one
-    audit line per request (client address, method, path and query, status, duration; never headers)."""
+    audit line per request (client address, user, method, path and query, status, duration; never headers)."""
 
     def __init__(self, app, body_limit: int, upload_limit: int, upload_prefixes: tuple[str, ...]):
         self.app = app
@@ -170,9 +159,10 @@ class LimitsAndAudit:
                 status["code"] = 413
         if path not in ("/health", "/metrics"):
             query = scope.get("query_string", b"").decode("latin-1")[:300]
-            audit.info("%s %s %s%s -> %s in %.0f ms", printable(client[0]), printable(scope.get("method")),
-                       printable(path), f"?{printable(query)}" if query else "", status["code"],
-                       (time.monotonic() - started) * 1000)
+            user = getattr((scope.get("state") or {}).get("user"), "name", "-")  # set by the key check
+            audit.info("%s user=%s %s %s%s -> %s in %.0f ms", printable(client[0]), user,
+                       printable(scope.get("method")), printable(path), f"?{printable(query)}" if query else "",
+                       status["code"], (time.monotonic() - started) * 1000)
 
 
 async def _send_json(send, code: int, detail: str) -> None:
@@ -187,9 +177,11 @@ async def _send_json(send, code: int, detail: str) -> None:
 
 # -- disk quota ------------------------------------------------------------------------------------
 # What the quota counts, under the data dir: uploaded datasets, teacher outputs pushed by a coordinator,
-# and what the service downloads or receives as files. Run dirs and checkpoints (training output) are not.
-QUOTA_DIRS = ("datasets", "uploaded_teacher_outputs", "downloads", "files")
+# and what the service downloads or receives as files; with users attached (quota.attach), also the copies jobs
+# make of rows and the models made to continue from. Training output (checkpoints) counts per user only.
+QUOTA_DIRS = ("datasets", "uploaded_teacher_outputs", "downloads", "files", "openai_ft/models")
 PARTIAL_MARKERS = (".part-", ".extract-", ".upload-")
+DISK_SCAN_TTL_S = 5.0  # how long a walk of the quota dirs is trusted (a claimed write that lands ends it sooner)
 
 
 class QuotaExceeded(Exception):
@@ -202,6 +194,7 @@ class DiskQuota:
     `used()` is what the quota dirs hold on disk (partial files excluded) plus what writers in progress
     have reserved; a writer reserves bytes before it writes them (`reserve`, or a `Reservation` while it
     streams) and releases them when its file is in place (or gone). One instance per data dir: `of(config)`.
+    `users` (quota.UserQuotas, set by quota.attach): each claim is also its user's, and the jobs' copies count.
     """
 
     _instances: dict[Path, DiskQuota] = {}
@@ -212,8 +205,10 @@ class DiskQuota:
         self.limit = int(limit_bytes)
         self.dirs = tuple(dirs)
         self.flag = flag
+        self.users = None  # quota.UserQuotas
         self._reserved = 0
         self._lock = threading.Lock()
+        self._walked: tuple[float, int] = (-1e18, 0)  # (when, bytes) of the last walk of the quota dirs
 
     @classmethod
     def of(cls, config) -> DiskQuota:
@@ -227,7 +222,15 @@ class DiskQuota:
             return quota
 
     def on_disk(self) -> int:
-        """Bytes of the regular files in the quota dirs (partial files are counted by their reservations)."""
+        """Bytes of the regular files in the quota dirs (partial files are counted by their reservations), and
+        the jobs' copies when users are attached; a walk is reused for DISK_SCAN_TTL_S."""
+        when, walked = self._walked
+        if time.monotonic() - when > DISK_SCAN_TTL_S:
+            walked = self._walk()
+            self._walked = (time.monotonic(), walked)
+        return walked + (self.users.data_dir_bytes() if self.users is not None else 0)
+
+    def _walk(self) -> int:
         total = 0
         for name in self.dirs:
             stack = [self.root / name]
@@ -254,21 +257,32 @@ class DiskQuota:
         with self._lock:
             return on_disk + self._reserved
 
-    def reserve(self, nbytes: int, what: str = "this upload") -> None:
-        """Claim `nbytes` more, or raise QuotaExceeded naming the quota (nothing is claimed then)."""
+    def reserve(self, nbytes: int, what: str = "this upload", owner: str | None = None) -> None:
+        """Claim `nbytes` more (for the user `owner`, when users are attached), or raise QuotaExceeded naming
+        the quota (nothing is claimed then)."""
         on_disk = self.on_disk() if nbytes else 0
         with self._lock:
             if on_disk + self._reserved + nbytes > self.limit:
                 raise QuotaExceeded(
-                    f"{what}: the data dir's quota for uploads and downloads ({self.flag} = "
+                    f"{what}: the data dir's quota for uploads, downloads and jobs' copies of them ({self.flag} = "
                     f"{self.limit / (1 << 30):g} GB, {self.limit} bytes) would be exceeded: "
                     f"{on_disk + self._reserved} bytes are used and {nbytes} more were asked for")
             self._reserved += nbytes
+        if self.users is not None:
+            try:
+                self.users.reserve(owner, nbytes, what)
+            except QuotaExceeded:
+                self.release(nbytes)
+                raise
 
-    def release(self, nbytes: int) -> None:
-        """Give back what `reserve` claimed (once the file is in place, the disk counts it)."""
+    def release(self, nbytes: int, owner: str | None = None) -> None:
+        """Give back what `reserve` claimed (once the file is in place, the disk counts it: the next claim walks
+        the dirs again)."""
         with self._lock:
             self._reserved = max(0, self._reserved - nbytes)
+            self._walked = (-1e18, 0)
+        if self.users is not None:
+            self.users.release(owner, nbytes)
 
     def reservation(self, what: str = "this upload", step: int = 64 << 20) -> Reservation:
         """A context manager for one streamed write: `add(n)` before writing n bytes."""
@@ -281,6 +295,7 @@ class Reservation:
 
     def __init__(self, quota: DiskQuota, what: str, step: int):
         self.quota, self.what, self.step = quota, what, step
+        self.owner = access.owner_name()  # whose quota it claims from: the user whose request writes
         self.claimed = self.written = 0
 
     def add(self, nbytes: int) -> None:
@@ -289,23 +304,23 @@ class Reservation:
         if self.written > self.claimed:
             more = max(self.written - self.claimed, min(self.step, max(0, self.quota.limit // 64)))
             try:
-                self.quota.reserve(more, self.what)
+                self.quota.reserve(more, self.what, self.owner)
             except QuotaExceeded:
                 more = self.written - self.claimed  # the last step may be too large: ask for what is needed
-                self.quota.reserve(more, self.what)
+                self.quota.reserve(more, self.what, self.owner)
             self.claimed += more
 
     def expect(self, nbytes: int) -> None:
         """Claim a declared size (a Content-Length) up front, so a body that cannot fit is refused unread."""
         if nbytes > self.claimed:
-            self.quota.reserve(nbytes - self.claimed, self.what)
+            self.quota.reserve(nbytes - self.claimed, self.what, self.owner)
             self.claimed = nbytes
 
     def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.quota.release(self.claimed)
+        self.quota.release(self.claimed, self.owner)
         self.claimed = 0
 
 
