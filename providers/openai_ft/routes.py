@@ -29,8 +29,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..api.multipart import read_multipart
 from ..api.requests import LoraFinetuningConfig, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..errors import BadRequest, ClientError, NotFound, client_errors, first_validation_error
 from ..jobs.manager import QueueFullError
@@ -49,10 +49,9 @@ from .formats import (
     service_row,
     validate_jsonl,
 )
-from .store import FtState, link_model_files
+from .store import LIST_FILES_LIMIT, FtState, TooManyFiles, link_model_files
 
 ORG = "local"  # the `<org>` of ft: ids and organization_id: this service has no organisations
-MAX_FIELD_BYTES = 4096  # a multipart form field other than `file`
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PAUSE_WAIT_S = 120  # how long pause waits for a running job's checkpoint before it stops the job anyway
 RETRY_AFTER_S = 30  # a 429's Retry-After: about how long a queued job takes to leave the queue
@@ -69,8 +68,10 @@ class ApiError(ClientError):
     def response(self) -> JSONResponse:
         kind = {401: "authentication_error", 404: "invalid_request_error", 409: "conflict_error",
                 429: "rate_limit_error", 507: "insufficient_storage"}.get(self.status, "invalid_request_error")
-        # A full queue is worth retrying later (the SDK waits Retry-After); nothing else is.
-        headers = {"retry-after": str(RETRY_AFTER_S)} if self.status == 429 else {"x-should-retry": "false"}
+        # A full queue is worth retrying later (the SDK waits Retry-After); nothing else is (a 429 for too
+        # many files stays one until files are deleted).
+        retry = self.status == 429 and self.code == "rate_limit_exceeded"
+        headers = {"retry-after": str(RETRY_AFTER_S)} if retry else {"x-should-retry": "false"}
         return JSONResponse(status_code=self.status, headers=headers, content={
             "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}})
 
@@ -84,6 +85,8 @@ def openai_errors(param: str | None = None) -> Iterator[None]:
         raise
     except FileFormatError as e:
         raise ApiError(400, str(e), param or e.field, "invalid_file_format") from None
+    except TooManyFiles as e:
+        raise ApiError(429, str(e), "file", "file_limit_reached") from None
     except ClientError as e:
         raise ApiError(e.status, str(e), param) from None
     except ValidationError as e:
@@ -165,90 +168,6 @@ class JobCreate(BaseModel):
     trl: TrlOptions = Field(default_factory=TrlOptions)
 
 
-# -- multipart upload -------------------------------------------------------------------------------------
-class _Form:
-    """A multipart/form-data body streamed through python-multipart: the `file` part to `dest` (each chunk
-    claimed from the quota first), the other fields kept in memory (small)."""
-
-    def __init__(self, dest: Path, quota):
-        self.dest, self.quota = dest, quota
-        self.fields: dict[str, str] = {}
-        self.filename: str | None = None
-        self.file_parts = 0
-        self._out = None
-        self._header_field = b""
-        self._header_value = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._value = bytearray()
-        self._name: str | None = None
-
-    def callbacks(self) -> dict:
-        return {"on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
-                "on_header_field": self._hfield, "on_header_value": self._hvalue, "on_header_end": self._hend,
-                "on_headers_finished": self._headers_done}
-
-    def _begin(self):
-        self._headers, self._value, self._name = {}, bytearray(), None
-
-    def _hfield(self, data, start, end):
-        self._header_field += data[start:end]
-
-    def _hvalue(self, data, start, end):
-        self._header_value += data[start:end]
-
-    def _hend(self):
-        self._headers[self._header_field.lower()] = self._header_value
-        self._header_field, self._header_value = b"", b""
-
-    def _headers_done(self):
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._name = params.get(b"name", b"").decode("utf-8", "replace")
-        if self._name == "file":
-            self.file_parts += 1
-            if self.file_parts > 1:
-                raise BadRequest("file: more than one file part; upload one file per request")
-            self.filename = params.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")[:255]
-            self._out = open(self.dest, "wb")
-
-    def _data(self, data, start, end):
-        if self._name == "file":
-            self.quota.add(end - start)
-            self._out.write(data[start:end])
-        else:
-            self._value += data[start:end]
-            if len(self._value) > MAX_FIELD_BYTES:
-                raise BadRequest(f"{self._name}: a form field of more than {MAX_FIELD_BYTES} bytes")
-
-    def _end(self):
-        if self._name == "file":
-            self._out.close()
-            self._out = None
-        elif self._name:
-            self.fields[self._name] = self._value.decode("utf-8", "replace")
-
-    def close(self):
-        if self._out is not None:
-            self._out.close()
-
-
-async def read_upload(request: Request, dest: Path, quota) -> _Form:
-    """Stream a multipart upload: the file to `dest`, the fields returned."""
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
-        raise BadRequest("body: must be multipart/form-data with a `file` part and a `purpose` field")
-    form = _Form(dest, quota)
-    parser = MultipartParser(params[b"boundary"], form.callbacks())
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
-    finally:
-        form.close()
-    if form.file_parts == 0:
-        raise BadRequest("file: missing (a multipart part named `file`)")
-    return form
-
-
 # -- the API ----------------------------------------------------------------------------------------------
 class OpenAIFineTuning:
     """Files and fine-tuning jobs over one FsdpJobService."""
@@ -268,22 +187,24 @@ class OpenAIFineTuning:
         dest = self.state.blob(file_id)
         tmp = temp_path(dest.parent, file_id)
         try:
+            self.state.check_room()  # before the body is read
             with DiskQuota.of(self.service.config).reservation(f"file {file_id}") as quota:
                 quota.expect(_declared_length(request))
-                form = await read_upload(request, tmp, quota)
+                form = await read_multipart(request, "file", tmp, quota)
                 purpose = form.fields.get("purpose")
                 if purpose != "fine-tune":
                     raise ApiError(400, f"purpose: {str(purpose)[:50]!r} is not accepted here; this service "
                                         "takes purpose=fine-tune (JSONL training and validation files)", "purpose")
                 info = await asyncio.to_thread(validate_jsonl, tmp)
-                size = tmp.stat().st_size
-                tmp.replace(dest)
+                meta = {"id": file_id, "bytes": tmp.stat().st_size, "created_at": int(time.time()),
+                        "filename": form.filename, "purpose": "fine-tune", "status": "processed",
+                        "status_details": None, "expires_at": None, "kind": info["kind"], "rows": info["rows"]}
+                with self.state.lock:  # uploads ending at once: the one past the cap is refused
+                    self.state.check_room()
+                    tmp.replace(dest)
+                    self.state.put_file(meta)
         finally:
             tmp.unlink(missing_ok=True)
-        meta = {"id": file_id, "bytes": size, "created_at": int(time.time()), "filename": form.filename,
-                "purpose": "fine-tune", "status": "processed", "status_details": None, "expires_at": None,
-                "kind": info["kind"], "rows": info["rows"]}
-        self.state.put_file(meta)
         return self.file_object(meta)
 
     def result_file(self, job_id: str, text: str) -> str:
@@ -769,10 +690,11 @@ def openai_ft_router(api: OpenAIFineTuning) -> APIRouter:
             return await api.upload(request)
 
     @r.get("/files")
-    def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
-                   purpose: str | None = None) -> dict[str, Any]:
-        files = [api.file_object(m) for m in state.list_files() if purpose in (None, m["purpose"])]
-        return page(files, after, limit)
+    def list_files(after: str | None = Query(None, max_length=200),
+                   limit: int = Query(LIST_FILES_LIMIT, ge=1, le=LIST_FILES_LIMIT),
+                   purpose: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+        files, has_more = state.files_page(after, limit, purpose)
+        return {"object": "list", "data": [api.file_object(m) for m in files], "has_more": has_more}
 
     @r.get("/files/{file_id}")
     def get_file(file_id: str) -> dict[str, Any]:
