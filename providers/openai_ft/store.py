@@ -75,7 +75,12 @@ class FtState:
             raise NotFound(f"{field}: no file {file_id[:100]!r}")
         return meta
 
-    def list_files(self, after: str | None = None, limit: int = LIST_FILES_LIMIT,
+    def list_files(self) -> list[dict[str, Any]]:
+        """Every file the current user may see, newest first (at most MAX_STORED_FILES and the results files)."""
+        metas = [load_state(p, None) for p in self.files_dir.glob("file-*.json")]
+        return sorted((m for m in metas if m and access.can_see(m.get("owner"))), key=lambda m: (m["created_at"], m["id"]), reverse=True)
+
+    def files_page(self, after: str | None = None, limit: int = LIST_FILES_LIMIT,
                    purpose: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         """A page of the files the current user may see, newest first: at most `limit` after the one whose id is
         `after` (none if it is unknown), and whether more follow. Records are ordered by their write time

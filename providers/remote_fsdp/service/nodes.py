@@ -14,15 +14,17 @@ import threading
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, Field, field_validator
 
-from ...errors import BadRequest, Conflict
+from ...errors import BadRequest, ClientError, Conflict
 from ...api.requests import FINITE
 from ...training.spec import SAFE_NAME
 from ...training.spec import ResourceRequest
 from ...state_files import load_state, save_state
+from .security import host_is
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 
@@ -97,6 +99,13 @@ class Node(BaseModel):
     load: int = 0  # jobs running
     registered_at: float = Field(default_factory=time.time)
     last_heartbeat: float = Field(default_factory=time.time)
+    registered_from: str | None = None  # the address its registration came from: its heartbeats must too
+
+
+class NotFromNode(ClientError):
+    """A heartbeat sent from another address than its node's."""
+
+    status = 403
 
 
 class Registration(BaseModel):
@@ -165,9 +174,9 @@ class NodeRegistry:
         remote = [n.model_dump() for n in self._nodes.values() if n.node_id != self.local.node_id]
         save_state(self.path, remote)
 
-    def register(self, reg: Registration) -> Node:
-        """Add a node, or renew a known one. A node id that is up under another URL is not taken over
-        (a second machine, or an impostor, must pick its own name)."""
+    def register(self, reg: Registration, peer: str | None = None) -> Node:
+        """Add a node, or renew a known one, registered from address `peer`. A node id that is up under another
+        URL is not taken over (a second machine, or an impostor, must pick its own name)."""
         with self._lock:
             if reg.node_id == self.local.node_id:
                 raise BadRequest(f"node_id: {reg.node_id!r} is this coordinator's own name")
@@ -176,18 +185,30 @@ class NodeRegistry:
             if known is not None and known.url != url and time.time() - known.last_heartbeat <= self.down_after_s:
                 raise Conflict(f"node_id: {reg.node_id!r} is registered and up at {known.url}; "
                                       "a node cannot take over another's name")
-            node = Node(node_id=reg.node_id, url=url, capabilities=reg.capabilities)
+            node = Node(node_id=reg.node_id, url=url, capabilities=reg.capabilities, registered_from=peer)
             self._nodes[node.node_id] = node
             self._save()
         log.info("node %s registered at %s%s", node.node_id, node.url,
                  f" (was {known.url})" if known is not None and known.url != url else "")
         return node
 
-    def heartbeat(self, node_id: str, beat: Heartbeat) -> Node:
+    def heartbeat(self, node_id: str, beat: Heartbeat, peer: str | None = None) -> Node:
+        """A heartbeat from address `peer`: only the address the node registered from may send it (NotFromNode
+        otherwise: a node token alone must not revive another machine's node or learn how its jobs ended)."""
         with self._lock:
             node = self._nodes.get(node_id)
             if node is None:
                 raise KeyError(node_id)
+            if node_id == self.local.node_id:
+                raise BadRequest(f"node_id: {node_id!r} is this coordinator's own name; it sends itself no heartbeat")
+            # A node registered before addresses were kept: its URL's host, which registration checked.
+            expected = node.registered_from or urlsplit(node.url).hostname or ""
+            if peer is not None and not host_is(expected, peer):
+                raise NotFromNode(f"node_id: {node_id!r} registered from {expected}; this heartbeat came from {peer} "
+                                  "(a node sends heartbeats from the address it registered from: register again "
+                                  "from the new one)")
+            if peer is not None and node.registered_from is None:
+                node.registered_from = peer
             node.last_heartbeat, node.load, node.state = time.time(), beat.load, "up"
             return node
 

@@ -310,22 +310,25 @@ def nodes_router(registry: NodeRegistry) -> APIRouter:
 
 
 def node_membership_router(registry: NodeRegistry, ended_parts) -> APIRouter:
-    """Joining the cluster (node token): registration and heartbeats. `ended_parts(node_id, job_uuids)`: which
-    of the parts a node says it runs belong to jobs that ended here (the heartbeat's answer names them)."""
+    """Joining the cluster (node token): registration and heartbeats. `ended_parts(node_id, url, job_uuids)`:
+    which of the parts a node says it runs were placed on it and belong to jobs that ended here (the heartbeat's
+    answer names them)."""
     r = APIRouter()
 
     @r.post("/nodes/register")
     def register(reg: Registration, request: Request) -> Node:
         peer = request.client.host if request.client else None
         reg.url = check_node_url(reg.url, peer)
-        return registry.register(reg)
+        return registry.register(reg, peer)
 
     @r.post("/nodes/{node_id}/heartbeat")
-    def heartbeat(node_id: str, beat: Heartbeat) -> HeartbeatAnswer:
+    def heartbeat(node_id: str, beat: Heartbeat, request: Request) -> HeartbeatAnswer:
         try:
-            node = registry.heartbeat(node_id, beat)
+            node = registry.heartbeat(node_id, beat, request.client.host if request.client else None)
         except KeyError:
             raise HTTPException(status_code=404, detail=f"node_id: {node_id[:200]!r} is not registered") from None
-        return HeartbeatAnswer(**node.model_dump(), ended_parts=ended_parts(node_id, beat.parts) if beat.parts else {})
+        # Only this node's own parts (placed on it at its URL: not those of a machine it took the name over from).
+        ended = ended_parts(node_id, node.url, beat.parts) if beat.parts else {}
+        return HeartbeatAnswer(**node.model_dump(), ended_parts=ended)
 
     return r
