@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
+from .. import access
 from ..jobs.store import UnknownJobError
 from .sources import TASK_REPORTS, JobsSource, log_path, read_metrics, tail_lines
 
@@ -62,7 +63,9 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
 
     @api.get("/jobs")
     async def jobs() -> dict[str, Any]:
-        return {"data": source.jobs()}
+        user = access.current()  # who signed in: an admin's page names each job's owner
+        viewer = {"name": user.name, "role": user.role} if user else None
+        return {"data": source.jobs(), "viewer": viewer}
 
     @api.get("/jobs/{job_uuid}")
     async def job(job_uuid: str) -> dict[str, Any]:

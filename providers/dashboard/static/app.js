@@ -78,7 +78,7 @@ function setLive(ok) { $("#live").classList.toggle("stale", !ok); $("#live").tex
 // -- views -----------------------------------------------------------------------------------------
 async function jobsView(el) {
   el.innerHTML = `<h2>Jobs <button id="compare" disabled title="tick two or more runs">Compare selected</button></h2>
-    <table id="jobs"><thead><tr><th></th><th>job</th><th>status</th><th>method</th><th>model</th>
+    <table id="jobs"><thead><tr><th></th><th>job</th><th class="owner" hidden>owner</th><th>status</th><th>method</th><th>model</th>
     <th>progress</th><th>step</th><th>ranks / nodes</th><th>duration</th><th>last loss</th><th>final loss</th><th>error</th></tr></thead>
     <tbody></tbody></table>`;
   const compare = $("#compare", el);
@@ -97,7 +97,10 @@ async function jobsView(el) {
   });
   updateCompare();
   return async () => {
-    const { data } = await api("/jobs");
+    const { data, viewer } = await api("/jobs");
+    const admin = viewer && viewer.role === "admin";  // an admin sees every user's jobs: name each owner
+    $("th.owner", el).hidden = !admin;
+    $("#viewer").textContent = viewer ? `signed in as ${viewer.name} (${viewer.role})` : "";
     const known = new Set(data.map((j) => j.job_uuid));
     for (const id of state.selected) if (!known.has(id)) state.selected.delete(id);
     updateCompare();
@@ -107,13 +110,14 @@ async function jobsView(el) {
       <tr class="clickable" data-job="${esc(j.job_uuid)}" data-href="#/job/${encodeURIComponent(j.job_uuid)}">
         <td><input type="checkbox" class="pick" value="${esc(j.job_uuid)}" aria-label="select ${esc(j.job_uuid)}"
           ${state.selected.has(j.job_uuid) ? "checked" : ""}></td>
-        <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a></td><td>${badge(j.status)}</td>
+        <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a></td>
+        ${admin ? `<td class="owner">${esc(j.owner || "–")}</td>` : ""}<td>${badge(j.status)}</td>
         <td>${esc(j.method)}</td><td class="model" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
         <td>${bar(j.progress)}</td><td>${fmt(j.step)} / ${fmt(j.total_steps)}</td>
         <td>${fmt(j.world_size)}${j.nodes.length ? " on " + j.nodes.map(esc).join(", ") : ""}</td>
         <td>${duration(j.duration_s)}</td><td>${fmt(j.last_loss)}</td><td>${fmt(j.final_loss)}</td>
         <td class="error clip" title="${esc(j.error || "")}">${esc(j.error || "")}</td></tr>`).join("")
-      : `<tr><td colspan="12" class="muted">No jobs yet.</td></tr>`;
+      : `<tr><td colspan="13" class="muted">No jobs yet.</td></tr>`;
   };
 }
 
