@@ -55,6 +55,7 @@ def svc(tmp_path_factory, tiny_models, toy_data):
         http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {ALICE}"}, timeout=120)
         rows = [{"messages": r["messages"]} for r in chat_rows(toy_data)]
         assert http.post("/v1/datasets/toy/rows", json=rows).json()["rows"] == 16
+        datasets = http.get("/v1/datasets").json()["data"]
         f = alice.files.create(file=("train.jsonl", io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())),
                                purpose="fine-tune")
         job = alice.fine_tuning.jobs.create(
@@ -75,7 +76,7 @@ def svc(tmp_path_factory, tiny_models, toy_data):
             "students": [{"name": "s", "model": tiny_models["student"], "max_steps_per_epoch": 1}]})
         assert r.status_code == 200, r.text
         yield {"url": url, "data": data, "log": log, "job": job, "file": f, "ckpt": ckpt, "http": http,
-               "student": tiny_models["student"]}
+               "student": tiny_models["student"], "datasets": datasets}
         http.close()
 
 
@@ -83,8 +84,9 @@ def client(svc, key):
     return httpx.Client(base_url=svc["url"], headers={"authorization": f"Bearer {key}"}, timeout=120)
 
 
-def same_as_missing(bob: httpx.Client, method: str, path: str, real: str, fake: str, **kw) -> None:
-    """Bob asking for alice's `real` id gets exactly what he gets for the id `fake` that exists nowhere."""
+def same_as_missing(bob: httpx.Client, method: str, path: str, real: str, fake: str, field: str = "", **kw) -> None:
+    """Bob asking for alice's `real` id gets exactly what he gets for the id `fake` that exists nowhere (an
+    error naming `field`)."""
     def ask(ident):
         swap = lambda v: json.loads(json.dumps(v).replace(real, ident)) if v is not None else None
         r = bob.request(method, path.replace(real, ident), params=swap(kw.get("params")), json=swap(kw.get("json")))
@@ -92,11 +94,11 @@ def same_as_missing(bob: httpx.Client, method: str, path: str, real: str, fake: 
 
     got, missing = ask(real), ask(fake)
     assert got == missing, (method, path, got, missing)
-    assert got[0] in (400, 404), (method, path, got)
+    assert got[0] in (400, 404) and field in got[1], (method, path, got)
 
 
 @pytest.mark.slow
-def test_bob_finds_nothing_of_alices_anywhere(svc):
+def test_bob_finds_nothing_of_alices_anywhere(svc, toy_data):
     job, f, ckpt = svc["job"], svc["file"], svc["ckpt"]
     fake_job, fake_file = "ftjob-" + "0" * 24, "file-" + "0" * 24
     with client(svc, BOB) as bob:
@@ -141,12 +143,23 @@ def test_bob_finds_nothing_of_alices_anywhere(svc):
                         json={"model": svc["student"], "training_file": f.id})
         same_as_missing(bob, "POST", "/v1/openai/v1/fine_tuning/jobs", job.id, fake_job,
                         json={"model": job.fine_tuned_model, "training_file": f.id})
-        # by path: a member names models in the data dir by id only
-        run_dir = svc["http"].get("/v1/post-training/job/status", params={"job_uuid": job.id}).json()
-        final = run_dir["checkpoints"][-1]["path"]
-        r = bob.post("/v1/openai/v1/chat/completions", json={"model": final, "max_tokens": 2,
-                                                            "messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 400 and "by its id" in r.text, r.text
+        # by path: her checkpoint (to chat with, to train from, as checkpoint_dir), her pipeline's teacher outputs
+        final = svc["http"].get("/v1/post-training/job/status", params={"job_uuid": job.id}).json()["checkpoints"][-1]["path"]
+        assert bob.post("/v1/datasets/toy/rows", json=[{"messages": r["messages"]} for r in chat_rows(toy_data, 8)]
+                        ).json()["rows"] == 8
+        same_as_missing(bob, "POST", "/v1/openai/v1/chat/completions", job.id, fake_job, "model",
+                        json={"model": final, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        sft = {"job_uuid": "b-steal", "model": final, "algorithm_config": None, "logger_config": {},
+               "hyperparam_search_config": {}, "checkpoint_dir": None,
+               "training_config": {"n_epochs": 1, "max_steps_per_epoch": 1,
+                                   "data_config": {"dataset_id": "toy", "batch_size": 2}}}
+        same_as_missing(bob, "POST", "/v1/post-training/supervised-fine-tune", job.id, fake_job, "model", json=sft)
+        same_as_missing(bob, "POST", "/v1/post-training/supervised-fine-tune", job.id, fake_job, "checkpoint_dir",
+                        json={**sft, "model": svc["student"], "checkpoint_dir": str(Path(final).parent)})
+        outputs = str(svc["data"] / "teacher_outputs" / "pipe-a-teacher")
+        same_as_missing(bob, "POST", "/v1/post-training/supervised-fine-tune", "pipe-a-teacher", "nothing-here",
+                        "teacher_outputs_dir", json={**sft, "model": svc["student"],
+                              "algorithm_config": {"type": "distillation", "teacher_outputs_dir": outputs}})
         # workflow tasks and pipelines, each listing, reading, cancelling
         for base, ident in (("/v1/validations", "val-a"), ("/v1/pipelines", "pipe-a")):
             assert ident not in bob.get(base).text
@@ -159,10 +172,9 @@ def test_bob_finds_nothing_of_alices_anywhere(svc):
                      "/dashboard/api/jobs", "/dashboard/api/pipelines", "/dashboard/api/tasks/validations"):
             text = bob.get(path).text
             assert job.id not in text and f.id not in text and "pipe-a" not in text and "val-a" not in text, path
-        # her dataset name is hers: bob's job cannot read it, and his own "toy" leaves hers as it was
-        assert "toy" not in bob.get("/v1/datasets").text
-        assert bob.post("/v1/datasets/toy/rows", json=[{"messages": []}]).json()["rows"] == 1
-        assert svc["http"].get("/v1/datasets").json()["data"][0]["bytes"] > 1000
+        # her dataset name is hers: his own "toy" left hers as it was
+        mine, hers = (c.get("/v1/datasets").json()["data"] for c in (bob, svc["http"]))
+        assert [d["dataset_id"] for d in mine] == ["toy"] and hers == svc["datasets"] and mine != hers
         # /metrics is every user's: admins only
         assert bob.get("/metrics").status_code == 403
     # the Llama Stack adapter passes bob's key: alice's job is unknown there too

@@ -5,10 +5,12 @@ Every error is a ValueError naming the request field."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePath
 
 from pydantic import BaseModel, Field, field_validator
 
+from .. import access
 from ..errors import BadRequest, client_errors
 from ..outbound import HubDownloads
 from ..training.spec import SAFE_NAME_RE, check_name
@@ -29,6 +31,10 @@ class ProviderDefaults(BaseModel):
     model_roots_hint: str = "add it to allowed_model_roots in the provider config"
     # Whether a hub id not in the cache may be downloaded, and up to what size: off unless the operator allows.
     hub_downloads: HubDownloads = Field(default_factory=HubDownloads)
+    # A service with users: the folders that hold its users' objects, and who owns a path inside them (a job's
+    # run dir, an `ft:` model, a task's folder...; None: the service's own). A member names only its own.
+    private_dirs: list[str] = Field(default_factory=list)
+    path_owner: Callable[[Path], str | None] | None = Field(None, exclude=True)
 
     @field_validator("dtype")
     @classmethod
@@ -36,9 +42,16 @@ class ProviderDefaults(BaseModel):
         return normalize_dtype(v, "dtype (the provider config's default precision)")
 
     @property
-    def checkpoints_dir(self) -> Path:
-        """Where relative checkpoint_dir values land (the Llama Stack examples send ./checkpoints)."""
+    def checkpoints_root(self) -> Path:
         return Path(self.data_dir).expanduser() / "checkpoints"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where relative checkpoint_dir values land (the Llama Stack examples send ./checkpoints): a
+        member's own folder under DATA_DIR/checkpoints/users/ on a service with users."""
+        root = self.checkpoints_root
+        user = access.current()
+        return root / "users" / user.name if self.path_owner and user and not user.is_admin else root
 
 
 # A Hugging Face hub id: "org/name" (or a bare "name"), as users write `meta-llama/Llama-3.2-1B-Instruct`.
@@ -71,16 +84,27 @@ def is_within(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def confine(path: Path, roots: list[str] | None, field: str, value: str, hint: str) -> Path:
-    """`path` with symlinks resolved, which must lie under one of `roots` (None: anywhere)."""
+def confine(path: Path, roots: list[str] | None, field: str, value: str, hint: str,
+            defaults: ProviderDefaults | None = None) -> Path:
+    """`path` with symlinks resolved, which must lie under one of `roots` (None: anywhere) and, inside a
+    service's data dir, belong to the requesting user (`defaults.path_owner`): another user's path is
+    refused with the same words as a path outside the roots, whether it exists or not."""
     resolved = path.expanduser().resolve()
-    if roots is None:
-        return resolved
-    allowed = [Path(r).expanduser().resolve() for r in roots]
-    if not is_within(resolved, allowed):
-        raise BadRequest(f"{field}: {value!r} is outside the allowed directories {[str(r) for r in allowed]}; "
-                         f"to allow it, {hint}")
+    allowed = [Path(r).expanduser().resolve() for r in roots] if roots is not None else None
+    if (allowed is not None and not is_within(resolved, allowed)) or not owned(resolved, defaults):
+        shown = [str(r) for r in allowed] if allowed is not None else "of this service"
+        raise BadRequest(f"{field}: {value!r} is outside the allowed directories {shown}; to allow it, {hint}")
     return resolved
+
+
+def owned(resolved: Path, defaults: ProviderDefaults | None) -> bool:
+    """Whether the requesting user may name `resolved` (a resolved path): anything outside the service's
+    private dirs, and inside them what `defaults.path_owner` says is the user's (admins, the service: all)."""
+    if defaults is None or defaults.path_owner is None:
+        return True
+    if not is_within(resolved, [Path(d).resolve() for d in defaults.private_dirs]):
+        return True
+    return access.can_see(defaults.path_owner(resolved))
 
 
 def hf_cache_dir() -> Path:
@@ -136,7 +160,7 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
     roots = None
     if defaults.allowed_model_roots is not None:
         roots = [*defaults.allowed_model_roots, str(hf_cache_dir())]
-    path = confine(path, roots, field, ref, defaults.model_roots_hint)  # before any existence check
+    path = confine(path, roots, field, ref, defaults.model_roots_hint, defaults)  # before any existence check
     check_model_path(str(path), field)
     return str(path)
 
@@ -167,7 +191,7 @@ def checkpoint_output_dir(checkpoint_dir: str | None, result_name: str, defaults
     roots = None
     if defaults.allowed_checkpoint_roots is not None:
         roots = [str(defaults.checkpoints_dir), *defaults.allowed_checkpoint_roots]
-    out = confine(base, roots, "checkpoint_dir", checkpoint_dir, defaults.checkpoint_roots_hint) / result_name
+    out = confine(base, roots, "checkpoint_dir", checkpoint_dir, defaults.checkpoint_roots_hint, defaults) / result_name
     if out.exists():
         raise BadRequest(f"checkpoint_dir: {str(out)!r} already exists; a new job writes a new directory "
                          "(choose another checkpoint_dir or result name)")

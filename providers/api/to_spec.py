@@ -338,7 +338,7 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
             if defaults.allowed_model_roots is not None:  # a server that confines paths: outputs of its own tasks
                 roots = [defaults.data_dir, *defaults.allowed_model_roots]
             teacher = str(confine(Path(d.teacher_outputs_dir), roots, field, d.teacher_outputs_dir,
-                                  defaults.model_roots_hint))
+                                  defaults.model_roots_hint, defaults))
             if not (Path(teacher) / "teacher_task.json").exists():
                 raise BadRequest(f"{field}: {teacher!r} holds no teacher task outputs")
         spec = DistillSpec(

@@ -144,9 +144,17 @@ class JobStore:
             try:
                 self._open(db_path)
             except sqlite3.OperationalError as e:
-                if not (_full(db_path, e) and self.reserved_space.release(f"the job store could not open: {e}")):
+                if not _full(db_path, e):
                     raise
-                self._open(db_path)
+                # A full disk: give up the space kept back, so that start-up records the ends it finds; with none
+                # left, open for reading (the service serves degraded, JobManager holds job ends in memory).
+                self.reserved_space.release(f"the job store could not take a write at start: {e}")
+                try:
+                    self._open(db_path)
+                except sqlite3.OperationalError as e:
+                    if not _full(db_path, e):
+                        raise
+                    self._open(db_path, write_probe=False)
         except sqlite3.OperationalError as e:
             # Locked, read-only, full: nothing is wrong with the file itself; setting it aside would lose jobs.
             raise _unavailable(db_path, e) from None
@@ -163,7 +171,7 @@ class JobStore:
         if not self.reserved_space.make() and self.reserved_space.released_because is None:
             self.reserved_space.released_because = "there was no room for it at start"
 
-    def _open(self, db_path: Path) -> None:
+    def _open(self, db_path: Path, write_probe: bool = True) -> None:
         # One connection shared by the server's threads, serialized by a lock; WAL keeps readers cheap.
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -174,12 +182,16 @@ class JobStore:
         try:
             migrate(self._db, db_path)
             self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            if write_probe:  # a real write: a read-only disk fails here at start, not at the first job's end
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                self._db.execute(f"PRAGMA user_version = {int(version)}")
             self._db.execute("COMMIT")
         except BaseException:
             try:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:  # a corrupt file may refuse even that: the first error says what is wrong
                 pass
+            self._db.close()  # a second try opens its own (this one could still hold the write lock)
             raise
 
     def _execute(self, query: str, args=()) -> sqlite3.Cursor:
@@ -261,6 +273,12 @@ class JobStore:
         if row is None or not access.can_see(row[_COLUMNS.index("owner")]):
             raise UnknownJobError(job_uuid)
         return self._with_held(self._record(row))
+
+    def owner_of(self, job_uuid: str) -> str | None:
+        """Who submitted the job, whoever asks (None: no such job, or the service's own)."""
+        with self._lock:
+            row = self._execute("SELECT owner FROM jobs WHERE job_uuid = ?", [job_uuid]).fetchone()
+        return row[0] if row else None
 
     def list(self, statuses: tuple[str, ...] | None = None, by_priority: bool = False, everyone: bool = False,
              _raw: bool = False) -> list[JobRecord]:

@@ -30,6 +30,9 @@ def install(app, core: ServiceCore) -> None:
     roots = core.service.defaults.allowed_model_roots
     if roots is not None:  # the `ft:` models jobs continue from (made from the jobs' own records)
         roots.append(str(api.state.models_dir))
+    # FTJOB_ID-final / FTJOB_ID-step-N: the fine-tuning job's (a job of the service's store, same id) owner's
+    core.service.own_folder(api.state.models_dir, lambda parts: core.service.jobs.store.owner_of(parts[0][:30])
+                            if parts else None)
     router = openai_ft_router(api)
     for prefix in PREFIXES:
         app.include_router(router, prefix=prefix, dependencies=core.auth)

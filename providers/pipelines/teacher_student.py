@@ -144,6 +144,11 @@ class Pipelines:
             raise UnknownJobError(pipeline_id)
         return state
 
+    def owner_of(self, parts: tuple[str, ...]) -> str | None:
+        """Who submitted the pipeline whose folder `parts[0]` is (the service's own when unknown)."""
+        state = load_state(self.root / parts[0] / "pipeline.json", default=None) if parts else None
+        return state.get("owner") if isinstance(state, dict) else None
+
     def get(self, pipeline_id: str) -> dict[str, Any]:
         with self._lock:
             state = self._read(pipeline_id)

@@ -66,6 +66,7 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     local_url = f"http://{config.node_address}:{config.port}/v1/openai/v1"
     outbound = config.outbound  # the only endpoints and Hub settings requests may pick from
     tasks = WorkflowTasks(service, refs, local_url, internal_key)
+    service.own_folder(tasks.root, tasks.owner_of)  # a task's folder (and what it made there): its submitter's
     app.state.workflow_tasks = tasks
 
     def available_models() -> list[str]:

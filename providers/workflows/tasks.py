@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BadRequest, Conflict
-from ..api.paths import check_path_text
+from ..api.paths import check_path_text, owned
 from ..api.requests import (
     DPOAlignmentConfig,
     PeftFinetuningConfig,
@@ -175,11 +175,8 @@ class ModelRefs:
             return self._checked_adapter(Path(self.resolvers[kind](ref, field)), field)
         check_path_text(ref, field)  # before any file system call: NUL, '..', over-long names
         resolved = Path(ref).expanduser().resolve()
-        if self.data_dir in resolved.parents and not (access.current() is None or access.current().is_admin):
-            # A member's models in the data dir are named by id (job:, ft:, pipeline:, workflow:), whose owner
-            # is checked; a path there could be another user's.
-            raise BadRequest(f"{field}: name a model in the service's data dir by its id (job:<job_uuid>, ft:..., "
-                             "pipeline:<id>, workflow:<id>), not by its path")
+        if not owned(resolved, self.service.defaults):  # another user's path: as if it were outside the roots
+            return self.service.resolve_model(ref, field)
         # An adapter directory is looked at only inside the data dir (a path elsewhere reveals nothing).
         if self.data_dir in resolved.parents and (resolved / "adapter_config.json").is_file():
             return self._checked_adapter(resolved, field)
@@ -243,6 +240,11 @@ class WorkflowTasks:
                     self._start(kind, state_file.parent.name)
 
     # -- state ---------------------------------------------------------------------------------------
+    def owner_of(self, parts: tuple[str, ...]) -> str | None:
+        """Who created the task whose folder is KIND/ID (`parts`); the service's own when unknown."""
+        state = load_state(self.root.joinpath(*parts[:2]) / "task.json", default=None) if len(parts) >= 2 else None
+        return state.get("owner") if isinstance(state, dict) else None
+
     def task_dir(self, kind: str, task_id: str) -> Path:
         if kind not in KINDS or not re.fullmatch(SAFE_NAME, task_id):
             raise UnknownJobError(task_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class FsdpJobService:
             checkpoint_roots_hint="start the service with --allowed-checkpoint-root DIR",
             model_roots_hint="start the service with --allowed-model-root DIR (or --model-dir)",
             hub_downloads=config.outbound.hub_downloads,
+            private_dirs=[str(self.data_dir), str(config.shared_path)], path_owner=self.path_owner,
         )
         for directory in (self.datasets_dir, self.data_dir / "uploaded_teacher_outputs", self.data_dir / "tmp"):
             clean_partial_files(directory)  # what uploads and extractions cut short by a crash left
@@ -75,6 +76,25 @@ class FsdpJobService:
                                launchers=build_launchers(config), prestart_zygote=True,
                                progress_timeout_s=config.progress_timeout_s)
         self.nodes: NodesLauncher | None = None  # the `nodes` launcher, once the app has the node registry
+        # Who owns what in the data dir: folder -> (its path parts below the folder -> owner). Add-ons add their
+        # folders (openai_ft: its `ft:` models; pipelines; workflow tasks) with `own_folder`.
+        self.folder_owners: dict[Path, Callable[[tuple[str, ...]], str | None]] = {}
+        job_owner = lambda parts: self.jobs.store.owner_of(parts[0]) if parts else None
+        self.own_folder(self.runs_dir, job_owner)
+        self.own_folder(self.data_dir / "teacher_outputs", job_owner)
+        for users_dir in (self.datasets_dir / "users", self.defaults.checkpoints_root / "users"):
+            self.own_folder(users_dir, lambda parts: parts[0] if parts else None)
+
+    def own_folder(self, folder: Path, owner_of: Callable[[tuple[str, ...]], str | None]) -> None:
+        """Declare who owns the paths below `folder` (a path's parts below it -> the owner's name)."""
+        self.folder_owners[folder.resolve()] = owner_of
+
+    def path_owner(self, path: Path) -> str | None:
+        """The user who owns `path` (resolved) in the data or shared dir; None: the service's own (admins only)."""
+        for folder, owner_of in self.folder_owners.items():
+            if folder == path or folder in path.parents:
+                return owner_of(path.relative_to(folder).parts)
+        return None
 
     # -- launchers -----------------------------------------------------------------------------------
     def attach_nodes(self, nodes: NodesLauncher) -> None:
