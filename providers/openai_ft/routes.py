@@ -30,12 +30,15 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import access
 from ..api.multipart import read_multipart
 from ..api.requests import LoraFinetuningConfig, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..errors import BadRequest, ClientError, NotFound, client_errors, first_validation_error
 from ..jobs.manager import QueueFullError
 from ..jobs.store import ACTIVE, UnknownJobError
+from ..state_files import load_state
 from ..remote_fsdp.service.jobs import FsdpJobService
+from ..remote_fsdp.service.quota import USER, bytes_under, quotas_of
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, temp_path
 from ..graders import openai_method_to_graders
 from ..training.run_files import RunFiles
@@ -49,6 +52,7 @@ from .formats import (
     service_row,
     validate_jsonl,
 )
+from .continuation import merge_in_child, merged_bytes
 from .store import LIST_FILES_LIMIT, FtState, TooManyFiles, link_model_files
 
 ORG = "local"  # the `<org>` of ft: ids and organization_id: this service has no organisations
@@ -123,18 +127,6 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
 
 
-def merge_adapter(adapter: Path, base: str, dest: Path) -> None:
-    """A LoRA checkpoint merged into its base model, saved with its tokenizer as a full model in `dest`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(str(dest))
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(dest))
-
-
 # -- request models ---------------------------------------------------------------------------------------
 class TrlOptions(BaseModel):
     """The `trl` key of a job request (the SDK's `extra_body={"trl": {...}}`): what OpenAI's API has no field
@@ -176,6 +168,11 @@ class OpenAIFineTuning:
         self.service = service
         self.state = FtState(service.data_dir)
         self.models_lock = threading.Lock()  # one continuation model made at a time (a merge loads a model)
+        self.fresh_models: set[str] = set()  # continuation models made for a job not submitted yet
+        self.file_owners: dict[str, str | None] = {}  # file id -> its owner, for the quotas
+        quotas = quotas_of(service)
+        if quotas is not None:  # what users hold here: their files, and the models made from their jobs
+            quotas.sources.append(self.held_by_users)
 
     # files
     def file_object(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -364,35 +361,102 @@ class OpenAIFineTuning:
     def continuation_model(self, ref: str) -> str:
         """An `ft:` model or checkpoint id as a full model directory under DATA_DIR/openai_ft/models (an allowed
         model root): a full model's files hard-linked (copied across file systems), an adapter merged into
-        its job's base model. Made once per id; later jobs reuse it."""
+        its job's base model in a child process with limits (continuation.merge_in_child). Its bytes are
+        claimed from the quotas first (the data dir's and the source job's owner's: 507 past either). Made
+        once per id; later jobs reuse it; one this request made is removed if its job is not submitted."""
         rec, src, step = self._ft_source(ref, "model")
         dest = self.state.models_dir / f"{rec['id']}-{'final' if step is None else f'step-{step}'}"
         with self.models_lock:
             if dest.is_dir():
+                self.fresh_models.discard(str(dest))  # another job's base now: it stays
                 return str(dest)
             tmp = temp_path(dest.parent, dest.name)
+            adapter = (src / "adapter_config.json").is_file()
+            size = merged_bytes(Path(rec["base_model"])) if adapter else bytes_under(src)
             try:
-                if (src / "adapter_config.json").is_file():
-                    merge_adapter(src, rec["base_model"], tmp)
-                else:
-                    link_model_files(src, tmp)
-                tmp.rename(dest)
+                with access.acting_for(rec.get("owner")), \
+                        DiskQuota.of(self.service.config).reservation(f"model: {ref[:200]}") as claim:
+                    claim.expect(size)
+                    if adapter:
+                        merge_log = dest.parent / f".{dest.name}.merge.log"
+                        merge_in_child(src, rec["base_model"], tmp, merge_log)
+                        merge_log.unlink()  # kept only when the merge fails
+                    else:
+                        link_model_files(src, tmp)
+                    tmp.rename(dest)
+            except QuotaExceeded as e:
+                raise ApiError(507, str(e), "model", "quota_exceeded") from None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            self.fresh_models.add(str(dest))
         return str(dest)
 
+    def _drop_fresh_model(self, model: str) -> None:
+        """Remove a continuation model this request made when its job was not submitted (nobody else uses it)."""
+        with self.models_lock:
+            if model in self.fresh_models:
+                self.fresh_models.discard(model)
+                shutil.rmtree(model, ignore_errors=True)
+
+    def held_by_users(self):
+        """What users hold here (quota.UserQuotas' source): each file by its owner, each continuation model by
+        the owner of the job it was made from. A file's owner is read once (records never change hands)."""
+        for path in self.state.files_dir.glob("file-*.json"):
+            file_id = path.stem
+            if file_id not in self.file_owners:
+                meta = load_state(path, None)
+                if meta is None:
+                    continue
+                self.file_owners[file_id] = meta.get("owner")
+            yield self.file_owners[file_id], self.state.blob(file_id), USER, file_id  # a file never changes
+        for d in self.state.models_dir.iterdir():
+            if d.name.startswith("."):
+                continue
+            try:
+                with access.acting_as(None):
+                    owner = self.state.get_job(d.name[:len("ftjob-") + 24]).get("owner")  # FTJOB_ID-final|step-N
+            except NotFound:
+                owner = None
+            yield owner, d, USER, d.name
+
     def _submit(self, rec: dict[str, Any], train: dict[str, Any], val: dict[str, Any] | None) -> None:
+        """Submit the job: its files' rows converted into the service datasets FTJOB_ID-train/-validation (each
+        line claimed from the quotas before it is written), which the job copies into its run dir (claimed
+        by submit_job); the dataset copies are removed once the job holds its own (a job spanning nodes
+        sends them when it is placed: they stay, counted). On any failure, nothing is left behind: the
+        datasets (create_job), and a continuation model this request made."""
+        try:
+            self._submit_rows(rec, train, val)
+        except (QuotaExceeded, ApiError) as e:
+            self._drop_fresh_model(rec["base_model"])
+            if isinstance(e, ApiError) and e.status != 507:
+                raise
+            raise ApiError(507, str(e), "training_file", "quota_exceeded") from None  # the copies of training_file
+        except BaseException:
+            self._drop_fresh_model(rec["base_model"])
+            raise
+        with self.models_lock:
+            self.fresh_models.discard(rec["base_model"])
+        nodes = self.service.nodes
+        if nodes is None or not (nodes.is_waiting(rec["id"]) or nodes.is_distributed(rec["id"])):
+            for name in ("train", "validation"):
+                self.service.dataset_path(f"{rec['id']}-{name}").unlink(missing_ok=True)
+
+    def _submit_rows(self, rec: dict[str, Any], train: dict[str, Any], val: dict[str, Any] | None) -> None:
         job_id, hp, trl = rec["id"], rec["hyperparameters"], rec["trl"]
         datasets = {}
-        with openai_errors():
+        with openai_errors(), DiskQuota.of(self.service.config).reservation(f"job {job_id}: its rows") as claim:
             for name, meta in (("train", train), ("validation", val)):
                 if meta is None:
                     continue
                 dataset_id = f"{job_id}-{name}"
                 path = self.service.dataset_path(dataset_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "w") as out:
                     for n, row in iter_rows(self.state.blob(meta["id"]), MAX_LINE_BYTES):
-                        out.write(json.dumps(service_row(row, meta["kind"], n)) + "\n")
+                        line = json.dumps(service_row(row, meta["kind"], n)) + "\n"
+                        claim.add(len(line.encode()))
+                        out.write(line)
                 datasets[name] = dataset_id
         rows, bs = train["rows"], hp["batch_size"]
         tc = {"n_epochs": hp["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(rows / bs)), "seed": rec["seed"],
