@@ -257,14 +257,18 @@ class JobManager:
                     log.error("queued jobs start once the store is available: %s", e)
 
     def _disk_full(self) -> str | None:
-        """Why new work waits (the space kept back for job ends was given up and there is no room to take it
-        again), or None."""
+        """Why new work waits, or None: the data dir's disk has less free than the space kept back for job ends,
+        or that space was given up and there is no room to take it again."""
         space = self.store.reserved_space
-        if space.released_because is None or space.make():
-            return None
-        return (f"the disk of {space.path.parent} is full: the {space.size >> 20} MiB kept back there for job ends "
-                f"is given up ({space.released_because}); new jobs are refused (507) and queued ones wait until "
-                f"{2 * space.size >> 20} MiB are free there")
+        if space.released_because is not None and not space.make():
+            full = no_space_left([space.path.parent], min_free=2 * space.size) or "no room"
+            return (f"{full}: the {space.size >> 20} MiB kept back there for job ends was given up "
+                    f"({space.released_because}); new jobs are refused (507) and queued ones wait until "
+                    f"{2 * space.size >> 20} MiB are free there")
+        full = no_space_left([space.path.parent], min_free=space.size)
+        if full:
+            return f"{full}: new jobs are refused (507) and queued ones wait until {space.size >> 20} MiB are free there"
+        return None
 
     def problems(self) -> list[str]:
         """What keeps this service from recording jobs as usual (none when healthy): /health shows them."""

@@ -3,6 +3,7 @@ zygote, or spawned). The external id is the group leader's pid."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,6 +95,7 @@ class LocalLauncher:
     def __init__(self, niceness: int = 0):
         self.niceness = niceness
         self._procs: dict[str, subprocess.Popen] = {}
+        self._adopted: dict[str, str] = {}  # pgid -> run dir: parts of multi-node jobs followed again after a restart
         # Why this host cannot hold one node's share of a job's resources (None: it can); the service
         # sets it from its node registry's view of this host. None: no resources check.
         self.misfit: Callable[[ResourceRequest], str | None] | None = None
@@ -134,7 +136,8 @@ class LocalLauncher:
             os.nice(self.niceness)
 
     def running(self) -> int:
-        return sum(1 for p in self._procs.values() if p.poll() is None)
+        return (sum(1 for p in self._procs.values() if p.poll() is None)
+                + sum(1 for pgid, run_dir in list(self._adopted.items()) if process_group_runs(int(pgid), run_dir)))
 
     def poll(self, external_id: str, files: RunFiles) -> LaunchState:
         proc = self._procs.get(external_id)
@@ -147,6 +150,14 @@ class LocalLauncher:
                            reason=None if code == 0 else f"training process exited with code {code}")
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
+        if external_id in self._adopted:  # not this process's child: no exit code, the run's status file says
+            while process_group_runs(int(external_id), str(files.dir)):
+                time.sleep(1.0)
+            self._adopted.pop(external_id, None)
+            if files.read_status().get("state") == "completed":
+                return LaunchState(SUCCEEDED, exit_code=0)
+            return LaunchState(FAILED, reason="the job's processes ended without completing (followed again after a "
+                                              "server restart: their exit code is unknown)")
         proc = self._procs[external_id]
         proc.wait()
         # Ranks of a failed torchrun job may linger; nothing of the job may outlive it.
@@ -161,9 +172,19 @@ class LocalLauncher:
         if proc is not None:
             kill_process_group(proc.pid)
             proc.wait()
+        elif external_id in self._adopted and process_group_runs(int(external_id), self._adopted[external_id]):
+            kill_process_group(int(external_id))
 
     def alive(self, external_id: str, files: RunFiles) -> bool:
-        # A local job's supervisor was this server: after a restart its processes are stopped, not followed.
+        """After a restart: a part of a multi-node job that still runs is followed again (stopping it would fail
+        every node's part); a one-node job's supervisor was this server, so its processes are stopped instead."""
+        try:
+            nnodes = json.loads((files.dir / "torchrun.json").read_text()).get("nnodes", 1)
+        except (OSError, ValueError, AttributeError):
+            return False
+        if nnodes > 1 and process_group_runs(int(external_id), str(files.dir)):
+            self._adopted[external_id] = str(files.dir)
+            return True
         return False
 
     def stop_orphan(self, external_id: str, files: RunFiles) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .run_files import write_atomically
 from .spec import FsdpSpec, JobSpec
 
 log = logging.getLogger("providers.training")
@@ -270,6 +271,4 @@ def write_rank_report(rank_dir: Path, **fields: Any) -> None:
     report["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if torch.cuda.is_available():
         report["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(report))

@@ -15,7 +15,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 
 from .plots import write_plots_quietly  # noqa: E402
-from .run_files import RunFiles, utc_now, writes_status  # noqa: E402
+from .run_files import RANK_RESERVE_BYTES, RunFiles, SpaceReserve, utc_now, writes_status  # noqa: E402
 from .spec import JobSpec  # noqa: E402
 
 
@@ -50,12 +50,17 @@ def resources_used(spec: JobSpec) -> dict:
 
 def redirect_rank_output(files: RunFiles) -> None:
     """Under torchrun each rank writes its own log, logs/rank{RANK}.log (torchrun's own output stays in
-    logs/train.log)."""
+    logs/train.log), a line at a time: what a rank printed before it died is on disk."""
     files.logs.mkdir(parents=True, exist_ok=True)
     fd = os.open(files.logs / f"rank{os.environ['RANK']}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
 
 def start_heartbeat(files: RunFiles, spec: JobSpec) -> None:
@@ -124,6 +129,10 @@ def main(run_dir: str) -> int:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.load(run_dir)
+    # Kept back while the run goes well, given up when it fails: on a full disk its traceback, status.json and
+    # rank report still reach disk.
+    reserve = SpaceReserve(files.rank_reserve(os.environ.get("RANK", "0")), RANK_RESERVE_BYTES)
+    reserve.make()
     start_heartbeat(files, spec)
     is_main = writes_status()
     if is_main:
@@ -145,6 +154,7 @@ def main(run_dir: str) -> int:
         recipe = importlib.import_module(recipe_module(spec.method))
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
+        reserve.release("the run failed")
         traceback.print_exc()
         sys.stderr.flush()
         error = describe_error(e, spec, files)
@@ -168,6 +178,7 @@ def main(run_dir: str) -> int:
 
             shutdown_distributed(wait_for_peers=False)  # peers may be gone: a barrier could hang
         return 1
+    reserve.release("the run completed")
     if spec.fsdp is not None:
         from .fsdp import shutdown_distributed, write_rank_report
 

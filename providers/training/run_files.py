@@ -21,7 +21,10 @@ from typing import Any
 
 
 RUN_STARTED = "=== run"
-DEFAULT_PROGRESS_TIMEOUT_S = 300  # the service's --progress-timeout-s default
+DEFAULT_PROGRESS_TIMEOUT_S = 300  # the service's --progress-timeout-s default: the limit until a job's pace is known
+PROGRESS_FLOOR_S = 60  # a pace-derived limit is never shorter: heartbeats beat every 10 s, a loaded host delays them
+PROGRESS_STEPS = 10  # once the pace is known, a rank may go this many step times without a heartbeat
+RANK_RESERVE_BYTES = 256 << 10  # what a rank keeps back for its traceback, status.json and rank report
 
 
 def progress_timeout_s(scheduling_timeout: int | None) -> int:
@@ -33,6 +36,21 @@ def progress_timeout_s(scheduling_timeout: int | None) -> int:
         return int(float(os.environ.get("TRL_PROGRESS_TIMEOUT_S", DEFAULT_PROGRESS_TIMEOUT_S)))
     except ValueError:
         return DEFAULT_PROGRESS_TIMEOUT_S
+
+
+def progress_limit(files: RunFiles, job_timeout: int | None, service_timeout: int) -> tuple[int, str]:
+    """(seconds, why) a rank of the job may go without a heartbeat: the job's own progress_timeout_s; else,
+    once its pace is known, PROGRESS_STEPS step times within [PROGRESS_FLOOR_S, the service's limit]; else
+    the service's limit (--progress-timeout-s), while the model loads and the first steps run."""
+    if job_timeout:
+        return int(job_timeout), "training_config.scheduling.progress_timeout_s"
+    step_s = files.step_time_s()
+    if step_s is None:
+        return service_timeout, "the service's --progress-timeout-s (the job's step time is not known yet)"
+    floor = min(PROGRESS_FLOOR_S, service_timeout)
+    limit = int(min(service_timeout, max(floor, PROGRESS_STEPS * step_s)))
+    return limit, (f"{PROGRESS_STEPS} x the job's step time ({step_s:.2f} s), at least {floor} s, at most "
+                   f"--progress-timeout-s ({service_timeout} s)")
 
 
 def no_space_left(directories: list[str | Path], min_free: int = 1 << 20) -> str | None:
@@ -63,6 +81,60 @@ def writes_status() -> bool:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temp file and a rename, so readers never see half of it; a failed write (a full
+    disk) leaves the old file and no temp file."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class SpaceReserve:
+    """A file holding `size` bytes of a file system back, given up when a write that must reach disk (a job's
+    end and its cause) finds the disk full, and made again once there is room: a ballast file (CockroachDB's
+    EMERGENCY_BALLAST is one). posix_fallocate takes real blocks (glibc writes zeros where the file system
+    cannot allocate)."""
+
+    def __init__(self, path: str | Path, size: int):
+        self.path = Path(path)
+        self.size = size
+        self.released_because: str | None = None  # why it was given up, until it is made again
+
+    def make(self) -> bool:
+        """Take the space unless that would leave less than `size` free besides; True if it is held now."""
+        try:
+            if self.path.exists() and self.path.stat().st_blocks * 512 >= self.size:
+                self.released_because = None
+                return True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 2 * self.size:
+                return False
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            return False
+        self.released_because = None
+        return True
+
+    def release(self, because: str) -> bool:
+        """Give the space back to the file system; True if there was any to give."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        self.released_because = because
+        return True
 
 
 class RunFiles:
@@ -103,9 +175,7 @@ class RunFiles:
         """Merge fields into status.json; written to a temp file and renamed so readers never see half."""
         status = self.read_status()
         status.update(fields)
-        tmp = self.status.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(status, indent=2, default=str))
-        os.replace(tmp, self.status)
+        write_atomically(self.status, json.dumps(status, indent=2, default=str))
         return status
 
     def add_checkpoint(self, checkpoint: dict[str, Any], keep: set[str] | None = None) -> None:
@@ -118,6 +188,47 @@ class RunFiles:
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def last_metrics(self, tail_bytes: int = 16384) -> list[dict[str, Any]]:
+        """The newest records of metrics.jsonl (those in its last `tail_bytes`): cheap on a long run's file."""
+        try:
+            with open(self.metrics, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - tail_bytes))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+        records = []
+        for line in lines[1:] if size > tail_bytes else lines:  # the first may be cut
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def step_time_s(self) -> float | None:
+        """Seconds per optimizer step over the newest logged steps, the first logged step left out (it carries
+        compilation and warm-up); None until three steps were logged."""
+        first_seen: dict[int, float] = {}
+        for r in self.last_metrics():
+            if isinstance(r.get("step"), int) and isinstance(r.get("time"), (int, float)):
+                first_seen.setdefault(r["step"], float(r["time"]))
+        steps = sorted(first_seen.items())
+        if len(steps) < 3 or steps[-1][0] <= steps[1][0]:
+            return None
+        return max(0.0, (steps[-1][1] - steps[1][1]) / (steps[-1][0] - steps[1][0]))
+
+    def rank_reserve(self, rank: int | str) -> Path:
+        """The space a rank keeps back for its failure report (see SpaceReserve)."""
+        return self.ranks / f"rank{rank}.reserve"
+
+    def drop_rank_reserves(self) -> None:
+        """Remove the reserves of ranks that could not remove their own (killed)."""
+        for path in self.ranks.glob("rank*.reserve"):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only disk: nothing to gain there
+                pass
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
