@@ -104,11 +104,18 @@ class FtState:
         return page, False
 
     def check_room(self) -> None:
-        """TooManyFiles when the data dir holds MAX_STORED_FILES files (per owner, once users have limits)."""
-        count = sum(1 for _ in self.files_dir.glob("file-*.json"))
-        if count >= MAX_STORED_FILES:
-            raise TooManyFiles(f"file: this service keeps at most {MAX_STORED_FILES} files and holds {count}: "
+        """TooManyFiles when the data dir holds MAX_STORED_FILES files, or the current user its max_files."""
+        paths = list(self.files_dir.glob("file-*.json"))
+        if len(paths) >= MAX_STORED_FILES:
+            raise TooManyFiles(f"file: this service keeps at most {MAX_STORED_FILES} files and holds {len(paths)}: "
                                "delete some (DELETE /v1/openai/v1/files/FILE_ID), then upload again")
+        user = access.current()
+        limit = user.limits.max_files if user is not None else None
+        if limit is not None:  # at most MAX_STORED_FILES small reads
+            mine = sum(1 for p in paths if (load_state(p, None) or {}).get("owner") == user.name)
+            if mine >= limit:
+                raise TooManyFiles(f"file: user {user.name!r} keeps at most {limit} files (its max_files) and holds "
+                                   f"{mine}: delete some (DELETE /v1/openai/v1/files/FILE_ID), then upload again")
 
     def delete_file(self, file_id: str) -> None:
         self.blob(file_id).unlink(missing_ok=True)
