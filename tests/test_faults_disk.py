@@ -139,7 +139,7 @@ def test_a_stopped_rank_is_found_from_the_jobs_pace_with_default_settings(tmp_pa
     body["training_config"]["n_epochs"] = 20
     assert svc.post(SUBMIT, json=body).status_code == 200
     run = svc.runs_dir / "paced"
-    shown = wait_until(lambda: "step time" in (s := svc.status("paced")["resources_allocated"]).get(
+    shown = wait_until(lambda: "x the job's step time" in (s := svc.status("paced")["resources_allocated"]).get(
         "progress_timeout_from", "") and s, 300, interval=0.5, message="the job's pace known")
     print(f"\nprogress limit: {shown['progress_timeout_s']} s: {shown['progress_timeout_from']}")
     assert shown["progress_timeout_s"] == PROGRESS_FLOOR_S  # tiny steps: the floor, not the 300 s default
@@ -164,6 +164,6 @@ def test_a_stopped_rank_is_found_from_the_jobs_pace_with_default_settings(tmp_pa
     detect_s = time.monotonic() - t_stop
     error = ended["resources_allocated"].get("error", "")
     print(f"SIGSTOP of rank 1, default settings: {ended['status']} after {detect_s:.1f} s: {error[:200]}")
-    assert ended["status"] == "failed" and "rank 1 made no progress" in error and "step time" in error, error
+    assert ended["status"] == "failed" and "rank 1 made no progress" in error and "x the job's step time" in error, error
     assert PROGRESS_FLOOR_S - 12 <= detect_s < PROGRESS_FLOOR_S + 30  # the last beat was up to 10 s before the stop
     wait_until(lambda: not processes_mentioning(str(run)), 30, message="no process of the job left")
