@@ -111,7 +111,7 @@ def test_a_job_fails_naming_the_quota_when_its_checkpoints_fill_it(svc):
     """Training output is written by the job, not the service: a user whose checkpoints pass its quota has its
     running job failed within seconds, naming max_data_gb (a full fine-tune saving every step, 2 MB a save)."""
     erin = sdk(svc, "erin")
-    job = erin.fine_tuning.jobs.create(model=svc["student"], training_file=chat_file(erin, 16),
+    job = erin.fine_tuning.jobs.create(model=svc["student"], training_file=chat_file(erin, 64),
                                        **trl(400, "full", save_steps=1))
     job = wait_job(erin, job.id, timeout=180)
     assert job.status == "failed" and "max_data_gb" in job.error.message, job
