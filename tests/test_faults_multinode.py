@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import processes_mentioning, wait_until
+from helpers import processes_mentioning, stop_process_group, wait_until
 from test_multinode import HTTP, Network, _ok, body, start_service, status, two_services, wait_done
 
 pytestmark = pytest.mark.slow  # two services in network namespaces, training
@@ -201,3 +201,34 @@ def test_a_coordinator_that_dies_mid_job_leaves_no_rank_on_any_node_when_it_rest
     wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up again")
     final = wait_done(url, "restart-term", timeout=120)
     assert final["status"] == "failed" and "shut down" in final["resources_allocated"]["error"], final
+
+
+def test_a_coordinator_restarted_within_the_workers_grace_follows_the_job_to_completion(cluster, tiny_models):
+    """kill -9 of the coordinator mid-job and a restart before node B gives up on it: the restarted coordinator
+    follows node 0's part (still running in its own process group) and node B's again, and the job completes
+    on both nodes. Node B is restarted first with a grace longer than the coordinator's restart (and keeps it:
+    this test runs last in the module)."""
+    url, dirs, net, procs = cluster["url"], cluster["dirs"], cluster["net"], cluster["procs"]
+    port_a = int(url.rsplit(":", 1)[1])
+    shared = ["--allowed-checkpoint-root", str(cluster["shared"])]
+    stop_process_group(procs["b"])
+    wait_until(lambda: node_states(url)["node-b"] == "down", 30, message="node B gone")
+    procs["b"] = start_service(net, "b", port_a + 1, dirs["b"], f"http://{net.a_addr}:{port_a}",
+                               [*shared, "--down-after-s", "180"])
+    wait_until(lambda: node_states(url) == {"node-a": "up", "node-b": "up"}, 120, message="node B up again")
+    job = body("reattach", tiny_models["student"], nnodes=2, nproc=1, steps=25, epochs=16)
+    submit_and_wait_for_training(url, job)
+    os.killpg(procs["a"].pid, signal.SIGKILL)
+    procs["a"].wait(timeout=30)
+    t_kill = time.monotonic()
+    procs["a"] = start_service(net, "a", port_a, dirs["a"], None, shared)
+    wait_until(lambda: _ok(url + "/health"), 120, message="coordinator up again")
+    shown = status(url, "reattach")
+    print(f"\ncoordinator kill -9 + restart: answering {time.monotonic() - t_kill:.1f} s after the kill; the job is "
+          f"{shown['status']} at step {shown['resources_allocated'].get('step')}")
+    assert shown["status"] == "in_progress", shown["resources_allocated"].get("error")
+    final = wait_done(url, "reattach", timeout=600)
+    assert final["status"] == "completed", final["resources_allocated"].get("error")
+    assert [n.get("status") for n in final["resources_allocated"]["nodes"]] == ["completed", "completed"]
+    assert part_state(dirs["b"], "reattach")["state"] == "completed"
+    wait_until(lambda: no_process_of(cluster, "reattach"), 30, message="no rank left on either node")
