@@ -17,7 +17,7 @@ import pytest
 from helpers import users_service, wait_until
 
 ALICE, BOB, ROOT = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef", "root-key-0123456789abcdef"
-USERS = {"alice": ("member", ALICE, {}), "bob": ("member", BOB, {"max_queued_jobs": 1}),
+USERS = {"alice": ("member", ALICE, {}), "bob": ("member", BOB, {"max_queued_jobs": 1, "max_files": 1}),
          "root": ("admin", ROOT, {})}
 
 
@@ -214,8 +214,9 @@ def test_an_admin_sees_everyone_with_the_owner_named_and_the_audit_log_names_use
 
 
 @pytest.mark.slow
-def test_a_users_queue_limit_leaves_others_free(svc, toy_data):
-    """Bob may queue one job (max_queued_jobs: 1): his second is a 429 naming his limit; alice still submits."""
+def test_a_users_limits_leave_others_free(svc, toy_data):
+    """Bob may queue one job (max_queued_jobs: 1) and keep one file (max_files: 1): past each, a 429 naming his
+    limit; alice is not held back by his."""
     body = lambda uuid: {"job_uuid": uuid, "model": svc["student"], "algorithm_config": None, "logger_config": {},
                          "hyperparam_search_config": {}, "checkpoint_dir": None,
                          "training_config": {"n_epochs": 1, "max_steps_per_epoch": 1, "dtype": "fp32",
@@ -233,3 +234,10 @@ def test_a_users_queue_limit_leaves_others_free(svc, toy_data):
         assert alice.post("/v1/post-training/supervised-fine-tune", json=body("a-2")).status_code == 200
         for uuid, c in (("a-long", alice), ("b-1", bob), ("a-2", alice)):
             assert c.post("/v1/post-training/job/cancel", json={"job_uuid": uuid}).status_code == 200
+    # bob keeps one file (max_files: 1); alice is not limited by his count
+    upload = lambda key: openai.OpenAI(base_url=svc["url"] + "/v1/openai/v1", api_key=key, max_retries=0).files.create(
+        file=("t.jsonl", io.BytesIO(("".join(json.dumps(r) + "\n" for r in rows)).encode())), purpose="fine-tune")
+    upload(BOB)
+    with pytest.raises(openai.RateLimitError, match="max_files"):
+        upload(BOB)
+    upload(ALICE)

@@ -204,13 +204,14 @@ class OpenAIFineTuning:
             tmp.unlink(missing_ok=True)
         return self.file_object(meta)
 
-    def result_file(self, job_id: str, text: str) -> str:
-        """Store a job's results CSV as a file (purpose fine-tune-results); its id."""
+    def result_file(self, job_id: str, text: str, owner: str | None) -> str:
+        """Store a job's results CSV as a file (purpose fine-tune-results) of the job's owner; its id."""
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         self.state.blob(file_id).write_text(text)
         self.state.put_file({"id": file_id, "bytes": len(text.encode()), "created_at": int(time.time()),
                              "filename": f"{job_id}-results.csv", "purpose": "fine-tune-results",
-                             "status": "processed", "status_details": None, "expires_at": None, "kind": "results"})
+                             "status": "processed", "status_details": None, "expires_at": None, "kind": "results",
+                             "owner": owner})
         return file_id
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
@@ -568,7 +569,7 @@ class OpenAIFineTuning:
                 if "loss" in m:
                     acc = m.get("mean_token_accuracy", "")
                     w.writerow([m["step"], m["loss"], acc, m.get("eval_loss", ""), "", acc, "", ""])
-            rec["result_files"] = [self.result_file(rec["id"], out.getvalue())]
+            rec["result_files"] = [self.result_file(rec["id"], out.getvalue(), rec.get("owner"))]
             self.state.put_job(rec)
             return rec
 
