@@ -17,6 +17,7 @@ def install(app, core: ServiceCore) -> None:
     """Run the service's pipelines (those a restart interrupted go on) and mount their routes."""
     pipelines = Pipelines(core.service, core.registry, core.peer_headers, max_running=core.config.max_pipelines)
     core.service.own_folder(pipelines.root, pipelines.owner_of)  # a pipeline's folder: its submitter's
+    core.service.own_folder(core.service.data_dir / "merged" / "users", lambda parts: parts[0] if parts else None)
     core.on_shutdown.append(pipelines.stop.set)
     core.upload_prefixes.append("/v1/teacher-outputs/")  # tar.gz archives, not JSON bodies
     app.include_router(pipelines_router(core.service, pipelines), prefix="/v1", dependencies=core.auth)

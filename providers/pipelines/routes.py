@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from .. import access
 from ..errors import BadRequest, Conflict, client_errors
 from ..api.requests import FINITE
 from ..training.spec import SAFE_NAME
@@ -111,7 +112,7 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
             if view["status"] != "completed" or not view["checkpoints"]:
                 raise BadRequest(f"job_uuids: {job_uuid!r} is {view['status']}, not a completed job")
             finals.append(view["checkpoints"][-1]["path"])
-        out = service.data_dir / "merged" / req.output_name
+        out = merged_dir(service) / req.output_name
         if out.exists():
             raise Conflict(f"output_name: a merged adapter named {req.output_name!r} already exists")
         with client_errors():  # weights that do not fit the adapters, a method peft does not have
@@ -119,6 +120,13 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
         return {"path": str(out), **merged}
 
     return r
+
+
+def merged_dir(service: FsdpJobService):
+    """Where the current user's merged adapters go: a member's in merged/users/NAME (its own folder)."""
+    user = access.current()
+    root = service.data_dir / "merged"
+    return root / "users" / user.name if user is not None and not user.is_admin else root
 
 
 def teacher_outputs_router(service: FsdpJobService) -> APIRouter:
