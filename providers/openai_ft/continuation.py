@@ -66,20 +66,10 @@ def merge_in_child(adapter: Path, base: str, dest: Path, log_file: Path) -> None
                            f"{address_space} bytes of address space): {tail[-1000:]}")
 
 
-def merge_adapter(adapter: Path, base: str, dest: Path) -> None:
-    """A LoRA checkpoint merged into its base model, saved with its tokenizer as a full model in `dest`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(str(dest))
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(dest))
-
-
 if __name__ == "__main__":
     adapter_dir, base_dir, dest_dir, cpu_limit, as_limit = sys.argv[1:6]
     resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_limit), int(cpu_limit)))
     resource.setrlimit(resource.RLIMIT_AS, (int(as_limit), int(as_limit)))
-    merge_adapter(Path(adapter_dir), base_dir, Path(dest_dir))
+    from ..training.components import save_merged  # after the limits: it imports torch
+
+    save_merged(Path(adapter_dir), base_dir, Path(dest_dir))

@@ -366,9 +366,10 @@ def record_model_origin(directory: Path, spec: JobSpec) -> None:
         card.write_text(card.read_text().replace(spec.model, spec.model_id))
 
 
-def save_merged(adapter_dir: Path, base: str | None = None) -> None:
-    """Base model + adapter from disk, merged into one full model at adapter_dir/merged. `base`: the base
-    model's local directory (default: the adapter's base_model_name_or_path and revision)."""
+def save_merged(adapter_dir: Path, base: str | None = None, dest: Path | None = None) -> None:
+    """Base model + adapter from disk, merged into one full model with its tokenizer at `dest` (default
+    adapter_dir/merged): the one adapter merge (end of training, export, `ft:` continuations). `base`: the
+    base model's local directory (default: the adapter's base_model_name_or_path and revision)."""
     from peft import AutoPeftModelForCausalLM, PeftModel
 
     if base is None:
@@ -376,5 +377,7 @@ def save_merged(adapter_dir: Path, base: str | None = None) -> None:
     else:
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(adapter_dir / "merged"))
-    load_tokenizer(str(adapter_dir)).save_pretrained(str(adapter_dir / "merged"))
+    dest = Path(dest or Path(adapter_dir) / "merged")
+    merged.save_pretrained(str(dest))
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file() or base is None
+    load_tokenizer(str(adapter_dir) if has_tokenizer else base).save_pretrained(str(dest))
