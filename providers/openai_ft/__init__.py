@@ -24,7 +24,9 @@ def install(app, core: ServiceCore) -> None:
     """Mount the routes behind the client token; uploads get the upload limit; `ft:` ids resolve in chat and
     are listed by GET /models."""
     # Here, not at the top: the file validators (formats.py) import without the service and its torch stack.
-    from .routes import ApiError, OpenAIFineTuning, openai_ft_router
+    from .api import OpenAIFineTuning
+    from .errors import ApiError
+    from .routes import openai_ft_router
 
     api = OpenAIFineTuning(core.service)
     roots = core.service.defaults.allowed_model_roots

@@ -35,8 +35,9 @@ from ... import access
 from ...jobs.store import ACTIVE
 from .security import PARTIAL_MARKERS, DiskQuota, QuotaExceeded
 
+FsdpJobService = Any  # jobs.FsdpJobService, which imports this module (rows_bytes): named, not imported
+
 if TYPE_CHECKING:
-    from .jobs import FsdpJobService
     from .users import UserKeys
 
 log = logging.getLogger("providers.remote_fsdp.quota")
