@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
-from ..training.keys import KnownKeys
+from ..keys import KnownKeys
 from .templates import TEMPLATE_MAX_CHARS, check_template
 
 FORMULA_MAX_CHARS = 1024

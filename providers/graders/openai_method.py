@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
-from ..training.keys import UNKNOWN_KEY, KnownKeys, error_loc, unknown_key_message
+from ..keys import UNKNOWN_KEY, KnownKeys, error_loc, unknown_key_message
 from .models import Grader
 from .rewards import field_path, parse_graders
 

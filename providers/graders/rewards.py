@@ -245,7 +245,7 @@ def field_path(prefix: str, parts: Sequence[Any]) -> str:
 def parse_graders(data: Any, field: str = "graders") -> list[Grader]:
     """Graders from request JSON (a list of grader objects); ValueError naming the field of the first error
     (`graders[1].graders.b.reference: ...`)."""
-    from ..training.keys import error_loc
+    from ..keys import error_loc
 
     try:
         return _GRADER_LIST.validate_python(data)

@@ -32,7 +32,7 @@ from ..api.requests import PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from ..api.to_spec import method_of, preference_target, scheduling_spec
 from ..jobs.manager import JobManager
 from ..jobs.store import ACTIVE, DuplicateJobError, JobRecord, StoreUnavailable, UnknownJobError
-from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit, requested
+from ..cluster.nodes import Node, NodeRegistry, describe, misfit, requested
 from ..state_files import load_state, save_state
 from ..training.run_files import RunFiles, utc_now
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest

@@ -9,12 +9,10 @@ Two credentials, as in Kubernetes (API token vs kubeadm join token) or Ray (job 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
 import shutil
-import socket
 import tarfile
 import tempfile
 import threading
@@ -27,6 +25,7 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException, Request
 
 from ... import access
+from ...cluster.nodes import host_is  # the node registry checks heartbeats with it too
 from ...errors import BadRequest
 
 audit = logging.getLogger("providers.remote_fsdp.audit")
@@ -430,19 +429,3 @@ def check_node_url(url: str, peer: str | None) -> str:
     if peer is not None and not host_is(parts.hostname, peer):
         raise BadRequest(f"url: host {parts.hostname!r} is not the address this registration came from ({peer})")
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def host_is(host: str, address: str) -> bool:
-    """Whether `host` (an IP or a name) is `address`."""
-    try:
-        peer = ipaddress.ip_address(address)
-    except ValueError:
-        return host == address
-    try:
-        return ipaddress.ip_address(host) == peer
-    except ValueError:
-        pass
-    try:
-        return any(ipaddress.ip_address(info[4][0]) == peer for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
