@@ -98,19 +98,55 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-# The graders (declared rewards: models, templates, reward functions) sit beside the core: GRPO's spec and
-# recipe use them, and they import nothing but providers.training.keys.
-CORE = ("providers.training", "providers.graders")
+# Dependencies point down: each package may import, of providers/, only itself and what this table names.
+# The training core sits on the graders (GRPO's spec and recipe use them), both on the unknown-key checks;
+# the node registry sits below the launchers and the service that place work with it.
+BELOW = {
+    "providers.keys": (),
+    "providers.graders": ("providers.keys",),
+    "providers.training": ("providers.graders", "providers.keys"),
+    "providers.cluster": ("providers.training", "providers.keys", "providers.errors", "providers.state_files"),
+}
 
 
-def test_training_imports_nothing_above_it():
-    """providers/training/ is the core: HTTP, jobs, the service and the tools sit on it, never under it."""
+def _module_files(package: str) -> list[Path]:
+    path = REPO_ROOT / package.replace(".", "/")
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+
+
+@pytest.mark.parametrize("package", list(BELOW))
+def test_dependencies_point_down(package):
+    """The core packages import nothing above them: the training core no HTTP, jobs, service or tools; the
+    graders nothing of the training core (which imports them); the node registry no launcher and no service."""
+    allowed = (package, *BELOW[package])
     above = []
-    for path in sorted([*(PROVIDERS / "training").rglob("*.py"), *(PROVIDERS / "graders").rglob("*.py")]):
+    for path in _module_files(package):
         for line, name in imported_modules(path):
-            if name.split(".")[0] == "providers" and not (name == "providers" or name.startswith(CORE)):
+            if name.split(".")[0] == "providers" and name != "providers" and not any(
+                    name == a or name.startswith(a + ".") for a in allowed):
                 above.append(f"{path.relative_to(REPO_ROOT)}:{line}: {name}")
     assert not above, "\n".join(above)
+
+
+def test_launchers_import_nothing_of_the_service():
+    """A launcher knows how to start the entry point, not the service that calls it: the service builds the
+    launchers (and hands the nodes launcher what it needs), never the other way round."""
+    wrong = [f"{path.relative_to(REPO_ROOT)}:{line}: {name}"
+             for path in _module_files("providers.launchers") for line, name in imported_modules(path)
+             if name.startswith("providers.remote_fsdp")]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.slow  # one fresh interpreter
+def test_the_service_config_imports_no_launcher_module():
+    """Naming a launcher costs no import (the registry loads a launcher's module on first use): the service
+    config with its defaults loads the registry and the torchrun options, no launcher."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import providers.remote_fsdp.service.config"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    launchers = sorted(m for m in imported if m.startswith("providers.launchers."))
+    assert launchers == ["providers.launchers.torchrun"], launchers
 
 
 def test_the_service_core_imports_no_add_on():

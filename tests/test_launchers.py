@@ -39,6 +39,47 @@ def test_accepted_names_come_from_the_registry():
     assert list(built) == ["ray"] and built["ray"].name == "ray"
 
 
+@pytest.mark.parametrize("job_uuid, name", [
+    ("sft-7", "trl-sft-7"),  # already a DNS-1123 label: unchanged
+    ("SFT_run.2", "trl-sft-run-2-" + __import__("hashlib").sha256(b"SFT_run.2").hexdigest()[:8]),
+    ("sft-run-2", "trl-sft-run-2"),  # the name SFT_run.2 would have had without its digest: theirs differ
+])
+def test_job_ids_become_dns_names(job_uuid, name):
+    import re
+
+    from providers.launchers.base import dns_name
+
+    assert dns_name(job_uuid) == name
+    long = dns_name("x" * 200)
+    for n in (name, long, dns_name("Ünïcode…"), dns_name("-_-")):
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", n) and len(n) <= 63, n
+    assert dns_name("a" * 200) != dns_name("a" * 201)
+
+
+def test_launcher_sections_are_validated_by_their_launcher():
+    """Each launcher's section of the config is its own model's (imported when configured or enabled); an
+    unknown section or a bad value is named with its path."""
+    cfg = LaunchersConfig(enabled=["local", "slurm"], slurm={"partition": "gpu"}, path_map={"/srv/trl": "/mnt/trl"})
+    assert cfg.section("slurm").partition == "gpu" and cfg.section("ray").address == "http://127.0.0.1:8265"
+    with pytest.raises(ValidationError, match="launchers.k8s: unknown key; launcher sections: slurm, ray"):
+        LaunchersConfig(k8s={})
+    with pytest.raises(ValidationError, match="launchers.ray.poll_s: Input should be greater than 0"):
+        LaunchersConfig(ray={"poll_s": 0})
+    with pytest.raises(ValidationError, match="launchers.path_map: 'trl' -> '/mnt/trl': both sides must be absolute"):
+        LaunchersConfig(path_map={"trl": "/mnt/trl"})
+
+
+def test_local_logs_are_the_jobs_log(tmp_path):
+    from providers.launchers.local import LocalLauncher
+    from providers.training.run_files import RunFiles
+
+    files = RunFiles(tmp_path)
+    assert LocalLauncher().logs("1", files) == ""  # nothing written yet
+    files.logs.mkdir()
+    files.log.write_text("step 1\nstep 2\n")
+    assert LocalLauncher().logs("1", files, limit_bytes=7) == "step 2\n"
+
+
 def test_what_each_launcher_cannot_honour():
     spec = JobSpec.model_construct(scheduling=SchedulingSpec(priority=5, resources={"gpu_memory_gb": 40}))
     unhonoured = {name: launcher_class(name).unhonoured(None, spec) for name in LAUNCHERS}

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, final_state
+from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchRequest, final_state
 from providers.launchers.ray import RayConfig
 from providers.launchers.torchrun import TorchRunOptions
 from providers.launchers import ray as ray_launcher
@@ -121,12 +121,14 @@ def test_final_state_joins_ray_and_the_trainer(details, status, cancelled, expec
 
 # -- the HTTP calls, against a stand-in Jobs API ---------------------------------------------------------
 class FakeJobsApi:
-    """Answers like Ray's dashboard: POST /api/jobs/, GET /api/jobs/{id}, POST /api/jobs/{id}/stop."""
+    """Answers like Ray's dashboard: POST /api/jobs/, GET /api/jobs/{id}, POST /api/jobs/{id}/stop, and
+    GET /api/jobs/{id}/logs once `logs` is set."""
 
     def __init__(self):
         self.requests: list[httpx.Request] = []
         self.jobs: dict[str, dict] = {}
         self.down = False
+        self.logs: str | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -137,6 +139,8 @@ class FakeJobsApi:
             body = json.loads(request.content)
             self.jobs[body["submission_id"]] = {"status": "PENDING", "message": "Job has not started yet."}
             return httpx.Response(200, json={"job_id": body["submission_id"], "submission_id": body["submission_id"]})
+        if path.endswith("/logs"):
+            return httpx.Response(200, json={"logs": self.logs}) if self.logs is not None else httpx.Response(404)
         job_id = path.removeprefix("/api/jobs/").removesuffix("/stop")
         if job_id not in self.jobs:
             return httpx.Response(404, text=f"Job {job_id} does not exist")
@@ -160,7 +164,7 @@ def test_launcher_submits_polls_and_stops_through_the_jobs_api(job, monkeypatch)
     monkeypatch.setenv("TEST_RAY_TOKEN", "tok-123")
     launcher = RayLauncher(RayConfig(address="http://head:8265/", token_env="TEST_RAY_TOKEN"), "/opt/venv/bin/python",
                            transport=httpx.MockTransport(api))
-    job_id = launcher.submit("job-1", spec, run_files, ["ignored"], SERVICE_ENV)
+    job_id = launcher.submit(LaunchRequest.of(spec, run_files, ["ignored"], SERVICE_ENV))
     sent = json.loads(api.requests[0].content)
     assert job_id == sent["submission_id"] and job_id.startswith("trl-job-1-")
     assert api.requests[0].headers["authorization"] == "Bearer tok-123"
@@ -183,7 +187,7 @@ def test_unreachable_api_keeps_the_last_state_then_gives_up(job, monkeypatch):
     spec, run_files = job
     api = FakeJobsApi()
     launcher = RayLauncher(RayConfig(token_env=None), "/usr/bin/python3", transport=httpx.MockTransport(api))
-    job_id = launcher.submit("job-1", spec, run_files, [], {})
+    job_id = launcher.submit(LaunchRequest.of(spec, run_files, [], {}))
     api.jobs[job_id] = {"status": "RUNNING"}
     assert launcher.poll(job_id, run_files).state == RUNNING
     assert "authorization" not in api.requests[0].headers
@@ -197,6 +201,26 @@ def test_unreachable_api_keeps_the_last_state_then_gives_up(job, monkeypatch):
     assert launcher.poll(job_id, run_files).state == RUNNING
 
 
+def test_the_nodes_mount_and_the_driver_log(job):
+    """A shared dir the Ray nodes mount elsewhere: the driver gets the run dir as they see it and the ranks the
+    map (TRL_PATH_MAP); logs() is the driver's log from the Jobs API, else the job's log in the run dir."""
+    from providers.training.path_map import PathMap
+
+    spec, run_files = job
+    api = FakeJobsApi()
+    host_root = str(run_files.dir.parent.parent)
+    launcher = RayLauncher(RayConfig(token_env=None), "/usr/bin/python3", transport=httpx.MockTransport(api),
+                           paths=PathMap({host_root: "/mnt/shared"}))
+    job_id = launcher.submit(LaunchRequest.of(spec, run_files, [], {}))
+    sent = json.loads(api.requests[0].content)
+    assert "/mnt/shared/runs/job-1 " in sent["entrypoint"] and host_root not in sent["entrypoint"]
+    assert json.loads(sent["runtime_env"]["env_vars"]["TRL_PATH_MAP"]) == {host_root: "/mnt/shared"}
+    run_files.log.write_text("from the run dir\n")
+    assert launcher.logs(job_id, run_files) == "from the run dir\n"  # the fake API has no logs route: 404
+    api.logs = "driver: placement group ready\n"
+    assert launcher.logs(job_id, run_files) == "driver: placement group ready\n"
+
+
 def test_refused_submission_names_rays_answer(job):
     spec, run_files = job
     def refuse(request: httpx.Request) -> httpx.Response:
@@ -204,7 +228,7 @@ def test_refused_submission_names_rays_answer(job):
 
     launcher = RayLauncher(RayConfig(), "/usr/bin/python3", transport=httpx.MockTransport(refuse))
     with pytest.raises(ray_launcher.RayError, match="Ray refused the job \\(HTTP 400\\): Job with submission_id"):
-        launcher.submit("job-1", spec, run_files, [], {})
+        launcher.submit(LaunchRequest.of(spec, run_files, [], {}))
 
 
 def test_cluster_side_torchrun_command():

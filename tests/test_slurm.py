@@ -17,7 +17,20 @@ from helpers import processes_mentioning, wait_until
 from slurm_cluster import SlurmCluster, missing_commands
 from test_fsdp_service import Service, sft_body, submit, two_node_body
 
-from providers.launchers.base import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, final_state
+from providers.launchers.base import (
+    ACTIVE_STATUS,
+    CANCELLED,
+    FAILED,
+    PENDING,
+    REQUEUED,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    UNKNOWN,
+    LaunchRequest,
+    LaunchState,
+    final_state,
+)
 from providers.launchers.slurm import SlurmConfig
 from providers.launchers.torchrun import TorchRunOptions
 from providers.launchers.slurm import failed_node, nice_of, parse_scontrol, render_sbatch, state_of
@@ -109,11 +122,53 @@ def test_a_failed_node_is_named_with_its_node_rank_and_ranks():
     ("JobId=5 JobState=OUT_OF_MEMORY Reason=OutOfMemory ExitCode=0:125",
      (FAILED, "OUT_OF_MEMORY", "a node ran out of memory (OutOfMemory)", 253)),
     ("JobId=5 JobState=PREEMPTED Reason=None ExitCode=0:0", (FAILED, "PREEMPTED", "Slurm preempted the job", 0)),
+    # suspended or put back in the queue: active, not a failure (the job keeps its retries)
+    ("JobId=5 JobState=SUSPENDED Reason=None ExitCode=0:0", (SUSPENDED, "SUSPENDED", "Slurm suspended the job", 0)),
+    ("JobId=5 JobState=STOPPED Reason=None ExitCode=0:0",
+     (SUSPENDED, "STOPPED", "Slurm stopped the job's processes (SIGSTOP)", 0)),
+    ("JobId=5 JobState=REQUEUED Reason=None ExitCode=0:0",
+     (REQUEUED, "REQUEUED", "Slurm put the job back in its queue", 0)),
+    ("JobId=5 JobState=PENDING Reason=BeginTime Restarts=1 ExitCode=0:0",
+     (REQUEUED, "PENDING", "Slurm put the job back in its queue (restart 1) (BeginTime)", 0)),
 ])
 def test_slurm_states_map_to_launcher_states(scontrol, expected):
     f = parse_scontrol(scontrol)
-    s = state_of(f["JobState"], f["Reason"], f["ExitCode"])
+    s = state_of(f["JobState"], f["Reason"], f["ExitCode"], int(f.get("Restarts", 0)))
     assert (s.state, s.detail, s.reason, s.exit_code) == expected
+    assert not s.final or s.state in (SUCCEEDED, FAILED, CANCELLED)
+    if s.state in (SUSPENDED, REQUEUED):  # the job waits as `scheduled`; final_state is never asked
+        assert ACTIVE_STATUS[s.state] == "scheduled"
+        with pytest.raises(ValueError, match="is active"):
+            final_state(s, {"state": "in_progress"}, False, None, "slurm")
+
+
+def test_submit_maps_the_run_dir_to_the_nodes_mount_and_asks_for_no_requeue(tmp_path):
+    """A shared dir mounted at /mnt/trl on the nodes: sbatch gets the run dir, its log and the map as the nodes
+    see them; the script asks Slurm never to requeue (the JobManager retries); logs() reads the job's output."""
+    from providers.launchers.slurm import SlurmLauncher
+    from providers.training.path_map import PathMap
+    from providers.training.run_files import RunFiles
+
+    files = RunFiles(tmp_path / "runs" / "Job_1")
+    files.logs.mkdir(parents=True)
+    files.log.write_text("x" * 100 + "srun: error: vm2: task 1: Killed\n")
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append((argv, kw.get("env")))
+        return subprocess.CompletedProcess(argv, 0, "42;cluster\n", "")
+
+    launcher = SlurmLauncher(SlurmConfig(), "/usr/bin/python3", runner=fake_run, paths=PathMap({str(tmp_path): "/mnt/trl"}))
+    request = LaunchRequest(job_uuid="Job_1", files=files, scheduling=SchedulingSpec(), env={"PYTHONSAFEPATH": "1"},
+                            nnodes=2, nproc_per_node=1)
+    assert launcher.submit(request) == "42"
+    argv, env = calls[0]
+    assert argv[:4] == ["sbatch", "--parsable", "--chdir=/mnt/trl/runs/Job_1", "--output=/mnt/trl/runs/Job_1/logs/train.log"]
+    assert json.loads(env["TRL_PATH_MAP"]) == {str(tmp_path): "/mnt/trl"} and env["PYTHONSAFEPATH"] == "1"
+    script = (files.dir / "slurm.sbatch").read_text()
+    assert "#SBATCH --no-requeue\n" in script and "#SBATCH --job-name=trl-job-1-" in script  # a DNS-1123 name
+    assert "providers.training.run /mnt/trl/runs/Job_1" in script and str(tmp_path) not in script
+    assert launcher.logs("42", files, limit_bytes=33) == "srun: error: vm2: task 1: Killed\n"
 
 
 @pytest.mark.parametrize("launch, status, cancelled, expected", [

@@ -22,7 +22,7 @@ from typing import Any
 from .. import access
 from ..errors import BadRequest, client_errors
 from ..training.run_files import DEFAULT_PROGRESS_TIMEOUT_S, RunFiles, no_space_left, progress_limit, utc_now
-from ..launchers.base import RUNNING, Launcher, LaunchState, final_state
+from ..launchers.base import ACTIVE_STATUS, Launcher, LaunchRequest, LaunchState, final_state
 from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from ..training.spec import JobSpec, check_name
 from .child_env import child_env
@@ -426,14 +426,14 @@ class JobManager:
             moved = set_aside_unrecorded_checkpoints(spec, files)
             if moved:
                 files.update_status(unrecorded_checkpoints_set_aside=moved)
-        argv = self.command(spec, files)
+        request = LaunchRequest.of(spec, files, self.command(spec, files), self.job_env())
         files.mark_run_start(job.attempts + 1, job.launcher)
-        external_id = launcher.submit(job.job_uuid, spec, files, argv, self.job_env())
+        external_id = launcher.submit(request)
         fields: dict[str, Any] = {"external_id": external_id, "attempts": job.attempts + 1}
         if launcher is self.local:
             fields.update(status="in_progress", started_at=utc_now(), pid=int(external_id))
         self.store.update(job.job_uuid, **fields)
-        log.info("job %s started (%s %s): %s", job.job_uuid, job.launcher, external_id, " ".join(argv))
+        log.info("job %s started (%s %s): %s", job.job_uuid, job.launcher, external_id, " ".join(request.command))
         self._follow(job.job_uuid, launcher, external_id)
 
     def _follow(self, job_uuid: str, launcher: Launcher, external_id: str) -> None:
@@ -465,8 +465,8 @@ class JobManager:
                 log.error("job %s: queued jobs start once the store is available: %s", job_uuid, e)
 
     def _launch_state(self, job_uuid: str, state: LaunchState) -> None:
-        """What the launcher says while the job is active: shown in resources_allocated; running means the
-        job is in progress."""
+        """What the launcher says while the job is active: shown in resources_allocated; the job's status follows
+        (ACTIVE_STATUS: running is in progress; pending, suspended and requeued are scheduled)."""
         job = self.store.get(job_uuid)
         if job.status not in ACTIVE:
             return
@@ -475,8 +475,11 @@ class JobManager:
         if state.reason:
             resources["launcher_reason"] = state.reason
         fields: dict[str, Any] = {"resources": resources}
-        if state.state == RUNNING and job.status == "scheduled":
-            fields.update(status="in_progress", started_at=utc_now())
+        status = ACTIVE_STATUS.get(state.state, job.status)
+        if status != job.status:
+            fields["status"] = status
+            if status == "in_progress":
+                fields["started_at"] = utc_now()
         try:
             self.store.update(job_uuid, **fields)
         except StoreUnavailable as e:  # what the launcher says is shown again at its next change

@@ -6,6 +6,17 @@ from the preloaded zygote, or spawned); the service adds `slurm`, `ray` and `nod
 providers/launchers/__init__.py). Each job records its launcher's name and the external id the
 launcher returned, so a restarted server re-attaches to jobs that outlived it.
 
+The JobManager describes each launch as data (`LaunchRequest`: the entry point module, its run dir, nodes and
+processes per node, resources, priority, environment); each launcher turns it into its own command (a process
+group here, an sbatch script, a Ray job, a pod spec) with its own interpreter or image, its own names
+(`dns_name`) and, where the job's hosts mount the shared volume elsewhere, the config's path map.
+
+One owner of retries: the JobManager (scheduling.max_retries; the next attempt resumes from the newest
+checkpoint the job recorded). Launchers ask their schedulers for none (sbatch --no-requeue; a Ray job and its
+actors restart nothing; a Kubernetes job: backoffLimit 0, restartPolicy Never). What a scheduler still does
+by its operator's policy is no retry of a failure: a job it suspends or puts back in its queue stays active
+(`suspended`, `requeued`) and keeps its attempts.
+
 Callers ask the launcher instead of comparing names: `runs_elsewhere` (a scheduler places the job's
 processes on other hosts, so this host's hardware says nothing about them), `unhonoured(spec)` (settings
 it cannot apply, recorded in the spec's not_applied) and `check(...)` (what can be refused before the job
@@ -17,18 +28,74 @@ RUN_DIR/status.json. `final_state` joins them in one table.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..training.run_files import RunFiles
-from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
+from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
 
-# Launcher states: pending and running are active; the rest are final.
+# Launcher states: pending, running, suspended and requeued are active; the rest are final.
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, UNKNOWN = "pending", "running", "succeeded", "failed", "cancelled", "unknown"
+SUSPENDED = "suspended"  # the scheduler stopped the job's processes and keeps its place (Slurm SUSPENDED, Kueue)
+REQUEUED = "requeued"  # the scheduler ended this run of the processes and will start them again (preemption)
 LAUNCH_FINAL = (SUCCEEDED, FAILED, CANCELLED, UNKNOWN)
+# The job's status while its launcher is in an active state: only running processes are `in_progress`.
+ACTIVE_STATUS = {PENDING: "scheduled", RUNNING: "in_progress", SUSPENDED: "scheduled", REQUEUED: "scheduled"}
+
+ENTRY_POINT = "providers.training.run"  # `python -m ENTRY_POINT RUN_DIR`: what every launcher runs on each rank
+
+
+def dns_name(job_uuid: str, prefix: str = "trl", max_len: int = 63) -> str:
+    """A DNS-1123 label for the job's objects (a Kubernetes TrainJob, a Slurm job name, a Ray submission id):
+    `trl-` and the id in lowercase letters, digits and '-'. Where that changed or shortened the id, 8 hex
+    digits of its SHA-256 follow, so different ids never share a name."""
+    body = re.sub(r"[^a-z0-9]+", "-", job_uuid.lower()).strip("-")
+    name = f"{prefix}-{body}".rstrip("-")
+    if name != f"{prefix}-{job_uuid}" or len(name) > max_len:
+        digest = hashlib.sha256(job_uuid.encode()).hexdigest()[:8]
+        name = f"{name[:max_len - 9].rstrip('-')}-{digest}"
+    return name
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """A job's launch as data, built by the JobManager; each launcher turns it into its own command.
+
+    The ranks run `python -m {module} {run dir}`: a launcher supplies the interpreter (or image) and maps the
+    run dir to its hosts' mount of the shared volume. `command` is this host's command for it (torchrun or
+    the forked ranks), which only launchers that start processes here (`local`) run."""
+
+    job_uuid: str
+    files: RunFiles  # the run dir as this host sees it
+    scheduling: SchedulingSpec  # priority and each node's resources (max_retries is the JobManager's)
+    env: dict[str, str]  # the job's environment (the service's secrets removed): each launcher passes what it may
+    command: list[str] = field(default_factory=list)
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    rdzv_timeout_s: int = 60
+    module: str = ENTRY_POINT
+
+    @classmethod
+    def of(cls, spec: JobSpec, files: RunFiles, command: list[str], env: dict[str, str]) -> LaunchRequest:
+        """The request for a job whose spec and torchrun options (RUN_DIR/torchrun.json, if any) are written."""
+        try:
+            torch_run = json.loads((files.dir / "torchrun.json").read_text())
+        except FileNotFoundError:  # the inline provider: one process
+            torch_run = {}
+        return cls(job_uuid=spec.job_uuid, files=files, scheduling=spec.scheduling, env=env, command=command,
+                   nnodes=torch_run.get("nnodes", 1), nproc_per_node=torch_run.get("nproc_per_node", 1),
+                   rdzv_timeout_s=torch_run.get("rdzv_timeout_s", 60))
+
+    @property
+    def name(self) -> str:
+        """What a launcher names the job's objects (a DNS-1123 label)."""
+        return dns_name(self.job_uuid)
 
 
 @dataclass
@@ -72,11 +139,15 @@ class Launcher(Protocol):
     def unhonoured(self, spec: JobSpec) -> dict[str, str]:
         """Settings of `spec` this launcher has no way to apply: field -> why."""
 
-    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
-        """Start the job (argv: this host's torchrun or entry-point command, for launchers that use it);
-        returns the launcher's id of it."""
+    def submit(self, request: LaunchRequest) -> str:
+        """Start the job its own way (a process group, an sbatch script, a Ray job, a TrainJob); returns the
+        launcher's id of it. The scheduler is asked for no retries: the JobManager owns them."""
 
     def poll(self, external_id: str, files: RunFiles) -> LaunchState: ...
+
+    def logs(self, external_id: str, files: RunFiles, limit_bytes: int = 64 * 1024) -> str:
+        """The last `limit_bytes` of the job's output as the launcher has it (the job's log, the Ray driver's,
+        a pod's): what a user reads when the run dir says nothing (a job that never started)."""
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         """Block until the job is final; call `on_change` whenever the launcher's state changes."""
@@ -103,6 +174,17 @@ def poll_until_final(launcher: Launcher, external_id: str, files: RunFiles, on_c
             return state
         if stop is None:
             time.sleep(poll_s)
+
+
+def log_tail(path, limit_bytes: int) -> str:
+    """The last `limit_bytes` of a log file ('' when it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class LastKnownStates:
@@ -148,8 +230,14 @@ def final_state(launch: LaunchState, status: dict, cancelled: bool, cancel_reaso
     | launcher: cancelled (scancel, ray job stop)      | cancelled | who cancelled it               |
     | launcher: failed (exit code, TIMEOUT, NODE_FAIL) | failed    | the failed node (if known), then the trainer's error, else the launcher's reason |
     | launcher: unknown (forgot the job)               | status.json's final state, else failed |
+
+    While the launcher's state is active the job is too, with ACTIVE_STATUS's status: pending, suspended and
+    requeued (the scheduler stopped the processes or put the job back in its queue) are `scheduled`, running
+    is `in_progress`; none of them ends the job or uses one of its retries.
     """
     trainer = status.get("state")
+    if not launch.final:
+        raise ValueError(f"final_state: the launcher's state {launch.state!r} is active (ACTIVE_STATUS)")
     if cancelled:
         return ("failed", cancel_reason) if cancel_reason else ("cancelled", None)
     if launch.state == SUCCEEDED:

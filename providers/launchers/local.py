@@ -15,7 +15,7 @@ from ..errors import BadRequest
 from ..jobs.zygote import launch_job_process
 from ..training.run_files import RunFiles
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest
-from .base import FAILED, RUNNING, SUCCEEDED, UNKNOWN, LaunchState, check_mesh
+from .base import FAILED, RUNNING, SUCCEEDED, UNKNOWN, LaunchRequest, LaunchState, check_mesh, log_tail
 
 
 def process_group_alive(pgid: int) -> bool:
@@ -112,17 +112,19 @@ class LocalLauncher:
     def unhonoured(self, spec: JobSpec) -> dict[str, str]:
         return {}
 
-    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
+    def submit(self, request: LaunchRequest) -> str:
+        """Run this host's command for the job (`request.command`) as its own process group."""
+        files = request.files
         with open(files.log, "ab") as out:
             # Forked from the preloaded zygote when it can (the same session, env, cwd and log), else Popen.
             proc = launch_job_process(
-                argv,
+                request.command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: cancel signals the whole tree
                 preexec_fn=self._lower_priority,
-                env=env,
+                env=request.env,
                 cwd=str(files.dir),
                 niceness=self.niceness,
             )
@@ -148,6 +150,10 @@ class LocalLauncher:
             return LaunchState(RUNNING)
         return LaunchState(SUCCEEDED if code == 0 else FAILED, exit_code=code,
                            reason=None if code == 0 else f"training process exited with code {code}")
+
+    def logs(self, external_id: str, files: RunFiles, limit_bytes: int = 64 * 1024) -> str:
+        """The job's log: its processes write it on this host."""
+        return log_tail(files.log, limit_bytes)
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         if external_id in self._adopted:  # not this process's child: no exit code, the run's status file says

@@ -6,7 +6,10 @@ cluster, `python -m providers.remote_fsdp.ray_launch RUN_DIR ...`: it reserves o
 per node (STRICT_SPREAD), starts one actor in each and has every actor run torchrun with a static
 rendezvous on the first one (its store bound to that node's Ray address). The ranks are the same
 `providers.training.run` processes as with `local` and `slurm`. Run directories must be on a file system
-every node mounts (`launchers.shared_dir`); only global rank 0 writes the job's status there.
+every node mounts (`launchers.shared_dir`, at another path where `launchers.path_map` says so); only
+global rank 0 writes the job's status there. Ray retries nothing (its job driver runs once, the actors have
+Ray's default max_restarts=0): the JobManager owns retries. Ray's job states have no suspended or requeued
+one (KubeRay's RayJob does, with Kueue: see docs/kubernetes.md).
 
 Ray has no job priority: `scheduling.priority` orders this service's own queue only (recorded in the Ray
 job's metadata as not applied), and `resources.gpu_memory_gb` has no Ray resource either.
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..training.path_map import PathMap
 from ..training.run_files import RunFiles
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
 from .base import (
@@ -34,8 +38,11 @@ from .base import (
     SUCCEEDED,
     UNKNOWN,
     LastKnownStates,
+    LaunchRequest,
     LaunchState,
     check_mesh,
+    dns_name,
+    log_tail,
     poll_until_final,
 )
 from .torchrun import TorchRunOptions
@@ -91,9 +98,11 @@ def node_resources(scheduling: SchedulingSpec, cfg: RayConfig) -> dict[str, floa
 
 
 def render_job_request(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling: SchedulingSpec,
-                       cfg: RayConfig, python: str, env: dict[str, str], suffix: str | None = None) -> dict:
-    """The body of `POST /api/jobs/` for a job. `suffix` makes the submission id unique per run (retries
-    and resumes submit the job again); None: a short random one."""
+                       cfg: RayConfig, python: str, env: dict[str, str], suffix: str | None = None,
+                       paths: PathMap | None = None) -> dict:
+    """The body of `POST /api/jobs/` for a job (`run_dir` as the nodes mount it; `paths` tells the ranks the
+    rest). `suffix` makes the submission id unique per run (retries and resumes submit the job again); None:
+    a short random one."""
     res = node_resources(scheduling, cfg)
     argv = [python, "-m", "providers.remote_fsdp.ray_launch", run_dir,
             "--nnodes", str(opts.nnodes), "--nproc-per-node", str(opts.nproc_per_node),
@@ -108,8 +117,8 @@ def render_job_request(job_uuid: str, run_dir: str, opts: TorchRunOptions, sched
         metadata["gpu_memory_gb"] = f"{scheduling.resources.gpu_memory_gb:g} (not applied: no Ray resource)"
     return {
         "entrypoint": shlex.join(argv),
-        "submission_id": f"trl-{job_uuid}-{suffix or secrets.token_hex(4)}",
-        "runtime_env": {"env_vars": runtime_env_vars(env)},
+        "submission_id": f"{dns_name(job_uuid, max_len=54)}-{suffix or secrets.token_hex(4)}",
+        "runtime_env": {"env_vars": {**runtime_env_vars(env), **(paths.env() if paths else {})}},
         "entrypoint_resources": dict(cfg.entrypoint_resources),  # the driver runs on the head node
         "metadata": metadata,
     }
@@ -145,11 +154,13 @@ class RayLauncher:
     @classmethod
     def from_config(cls, cfg, python: str) -> RayLauncher:
         """The launcher of the service's `launchers` config (its `ray` section)."""
-        return cls(cfg.ray, python)
+        return cls(cfg.section("ray"), python, paths=PathMap(cfg.path_map))
 
-    def __init__(self, cfg: RayConfig, python: str, transport: httpx.BaseTransport | None = None):
+    def __init__(self, cfg: RayConfig, python: str, transport: httpx.BaseTransport | None = None,
+                 paths: PathMap | None = None):
         self.cfg = cfg
         self.python = python
+        self.paths = paths or PathMap()  # this host's shared dir -> the nodes' mount of it
         headers = {}
         token = os.environ.get(cfg.token_env) if cfg.token_env else None
         if token:
@@ -170,14 +181,18 @@ class RayLauncher:
                                                          "or custom resource in the launcher's config)")
         return out
 
-    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
-        opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
-        body = render_job_request(job_uuid, str(files.dir), opts, spec.scheduling, self.cfg, self.python, env)
+    def submit(self, request: LaunchRequest) -> str:
+        """POST the job to the Ray Jobs API (its body also in RUN_DIR/ray_job.json)."""
+        files, job_uuid, scheduling = request.files, request.job_uuid, request.scheduling
+        opts = TorchRunOptions(nnodes=request.nnodes, nproc_per_node=request.nproc_per_node,
+                               rdzv_timeout_s=request.rdzv_timeout_s)
+        body = render_job_request(job_uuid, self.paths.to_job(str(files.dir)), opts, scheduling, self.cfg, self.python,
+                                  request.env, paths=self.paths)
         # What was asked of Ray, beside the job's other files (it holds no secret: see PASSED_VARS).
         (files.dir / "ray_job.json").write_text(json.dumps(body, indent=2) + "\n")
-        if spec.scheduling.priority:
+        if scheduling.priority:
             log.warning("job %s: priority %d orders this service's queue only (Ray has no job priority)",
-                        job_uuid, spec.scheduling.priority)
+                        job_uuid, scheduling.priority)
         try:
             r = self.http.post("/api/jobs/", json=body)
         except httpx.HTTPError as e:
@@ -196,6 +211,17 @@ class RayLauncher:
         if r.status_code != 200:
             return self.last_known.unreachable(external_id, f"HTTP {r.status_code}: {r.text.strip()[:300]}")
         return self.last_known.answered(external_id, state_of(r.json()))
+
+    def logs(self, external_id: str, files: RunFiles, limit_bytes: int = 64 * 1024) -> str:
+        """The driver's log from the Ray Jobs API (what the job printed before its ranks started, or why they
+        could not), else the job's log in the shared run dir."""
+        try:
+            r = self.http.get(f"/api/jobs/{external_id}/logs")
+            if r.status_code == 200:
+                return str(r.json().get("logs") or "")[-limit_bytes:]
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("ray job logs %s: %s", external_id, e)
+        return log_tail(files.log, limit_bytes)
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)

@@ -5,7 +5,9 @@ node's ranks, and a static rendezvous (node rank = SLURM_NODEID) joins the nodes
 node, whose store listens on that node's Slurm address (NodeAddr) only (providers/training/bound_store.py). The service talks to Slurm through its
 commands (sbatch, scontrol, sacct where accounting exists, scancel), so it runs on any login node and
 needs no Python binding. Run directories must be on a file system every node mounts
-(`launchers.shared_dir`); only global rank 0 writes the job's status there.
+(`launchers.shared_dir`, at another path where `launchers.path_map` says so); only global rank 0 writes the
+job's status there. Slurm never requeues a job (`--no-requeue`): the JobManager owns retries. A job Slurm
+suspends (scontrol suspend, PreemptMode=SUSPEND) is `suspended`; one it put back in its queue is `requeued`.
 """
 
 from __future__ import annotations
@@ -22,19 +24,25 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..training.bound_store import torchrun_argv
+from ..training.path_map import PathMap
 from ..training.run_files import RUN_STARTED, RunFiles
 from ..training.spec import FsdpSpec, JobSpec, ResourceRequest, SchedulingSpec
 from .base import (
     CANCELLED,
     FAILED,
     PENDING,
+    REQUEUED,
     RUNNING,
     SUCCEEDED,
+    SUSPENDED,
     UNKNOWN,
     LastKnownStates,
     LauncherUnavailable,
+    LaunchRequest,
     LaunchState,
     check_mesh,
+    dns_name,
+    log_tail,
     poll_until_final,
 )
 from .torchrun import TorchRunOptions
@@ -43,10 +51,10 @@ log = logging.getLogger("providers.remote_fsdp")
 
 # Slurm job states (squeue(1), "JOB STATE CODES") -> launcher states.
 SLURM_STATES = {
-    "PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING,
-    "REQUEUE_FED": PENDING, "RESV_DEL_HOLD": PENDING, "SPECIAL_EXIT": PENDING,
-    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "SIGNALING": RUNNING,
-    "SUSPENDED": RUNNING, "STOPPED": RUNNING, "RESIZING": RUNNING,
+    "PENDING": PENDING, "CONFIGURING": PENDING, "RESV_DEL_HOLD": PENDING, "SPECIAL_EXIT": PENDING,
+    "REQUEUED": REQUEUED, "REQUEUE_HOLD": REQUEUED, "REQUEUE_FED": REQUEUED,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "STAGE_OUT": RUNNING, "SIGNALING": RUNNING, "RESIZING": RUNNING,
+    "SUSPENDED": SUSPENDED, "STOPPED": SUSPENDED,
     "COMPLETED": SUCCEEDED,
     "CANCELLED": CANCELLED,
     "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "OUT_OF_MEMORY": FAILED, "PREEMPTED": FAILED,
@@ -56,6 +64,8 @@ WHY = {
     "TIMEOUT": "the job reached its Slurm time limit", "NODE_FAIL": "a node of the job failed",
     "OUT_OF_MEMORY": "a node ran out of memory", "PREEMPTED": "Slurm preempted the job",
     "BOOT_FAIL": "a node failed to boot", "DEADLINE": "the job reached its Slurm deadline",
+    "SUSPENDED": "Slurm suspended the job", "STOPPED": "Slurm stopped the job's processes (SIGSTOP)",
+    "REQUEUED": "Slurm put the job back in its queue",
 }
 
 
@@ -104,7 +114,8 @@ def render_sbatch(job_uuid: str, run_dir: str, opts: TorchRunOptions, scheduling
     res = scheduling.resources
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name=trl-{job_uuid}",
+        f"#SBATCH --job-name={dns_name(job_uuid)}",
+        "#SBATCH --no-requeue",  # the JobManager owns retries (providers/launchers/base.py)
         f"#SBATCH --nodes={opts.nnodes}",
         "#SBATCH --ntasks-per-node=1",  # one torchrun per node; it starts the node's ranks
         f"#SBATCH --cpus-per-task={max(res.cpu_cores, opts.nproc_per_node)}",
@@ -165,14 +176,18 @@ def failed_node(output: str, nproc_per_node: int, dead_rank: int | None = None) 
     return f"node {node.group(1)} failed" if node else None
 
 
-def state_of(slurm_state: str, reason: str | None, exit_code: str | None) -> LaunchState:
+def state_of(slurm_state: str, reason: str | None, exit_code: str | None, restarts: int = 0) -> LaunchState:
+    """Our state of a Slurm job's (scontrol's JobState, Reason, ExitCode, Restarts). A PENDING job that ran
+    before (Restarts > 0: requeued after preemption or a node failure) is `requeued`."""
     base = slurm_state.split()[0].rstrip("+") if slurm_state else ""
     state = SLURM_STATES.get(base, UNKNOWN if not base else RUNNING)
+    if state == PENDING and restarts > 0:
+        state = REQUEUED
     code = None
     if exit_code and re.fullmatch(r"\d+:\d+", exit_code):
         rc, sig = (int(x) for x in exit_code.split(":"))
         code = rc or (128 + sig if sig else 0)
-    why = WHY.get(base)
+    why = WHY.get(base) or (f"Slurm put the job back in its queue (restart {restarts})" if state == REQUEUED else None)
     if reason and reason not in ("None", "(null)"):
         why = f"{why} ({reason})" if why else reason
     if state == FAILED and not why:
@@ -187,11 +202,13 @@ class SlurmLauncher:
     @classmethod
     def from_config(cls, cfg, python: str) -> SlurmLauncher:
         """The launcher of the service's `launchers` config (its `slurm` section)."""
-        return cls(cfg.slurm, python)
+        return cls(cfg.section("slurm"), python, paths=PathMap(cfg.path_map))
 
-    def __init__(self, cfg: SlurmConfig, python: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+    def __init__(self, cfg: SlurmConfig, python: str, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                 paths: PathMap | None = None):
         self.cfg = cfg
         self.python = python
+        self.paths = paths or PathMap()  # this host's shared dir -> the nodes' mount of it
         self.run = runner
         self.last_known = LastKnownStates("Slurm")
         missing = [c for c in ("sbatch", "scontrol", "scancel") if shutil.which(c) is None]
@@ -211,13 +228,17 @@ class SlurmLauncher:
     def _cmd(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run(argv, capture_output=True, text=True, timeout=60, env=env)
 
-    def submit(self, job_uuid: str, spec: JobSpec, files: RunFiles, argv: list[str], env: dict[str, str]) -> str:
-        opts = TorchRunOptions.model_validate_json((files.dir / "torchrun.json").read_text())
+    def submit(self, request: LaunchRequest) -> str:
+        """Write RUN_DIR/slurm.sbatch (paths as the nodes mount them) and sbatch it."""
+        files = request.files
+        opts = TorchRunOptions(nnodes=request.nnodes, nproc_per_node=request.nproc_per_node,
+                               rdzv_timeout_s=request.rdzv_timeout_s)
+        run_dir = self.paths.to_job(str(files.dir))
         script = files.dir / "slurm.sbatch"
-        script.write_text(render_sbatch(job_uuid, str(files.dir), opts, spec.scheduling, self.cfg, self.python))
+        script.write_text(render_sbatch(request.job_uuid, run_dir, opts, request.scheduling, self.cfg, self.python))
         # The job's environment (the service's secrets removed) is what sbatch exports to the job.
-        r = self._cmd(["sbatch", "--parsable", f"--chdir={files.dir}", f"--output={files.log}", "--open-mode=append",
-                       str(script)], env=env)
+        r = self._cmd(["sbatch", "--parsable", f"--chdir={run_dir}", f"--output={self.paths.to_job(str(files.log))}",
+                       "--open-mode=append", str(script)], env={**request.env, **self.paths.env()})
         if r.returncode != 0:
             raise SlurmError(f"sbatch refused the job: {(r.stderr or r.stdout).strip()[:1000]}")
         return r.stdout.strip().split(";")[0]
@@ -229,8 +250,9 @@ class SlurmLauncher:
             return self.last_known.unreachable(external_id, "scontrol timed out")
         if r.returncode == 0 and "JobState=" in r.stdout:
             f = parse_scontrol(r.stdout)
+            restarts = int(f["Restarts"]) if f.get("Restarts", "").isdigit() else 0
             return self.last_known.answered(external_id, self._where(state_of(
-                f.get("JobState", ""), f.get("Reason"), f.get("ExitCode")), files))
+                f.get("JobState", ""), f.get("Reason"), f.get("ExitCode"), restarts), files))
         if "invalid job id" not in (r.stderr + r.stdout).lower():  # slurmctld down or restarting, not a verdict
             return self.last_known.unreachable(external_id, (r.stderr or r.stdout).strip()[:300])
         # scontrol forgets finished jobs after MinJobAge; sacct remembers them where accounting is on.
@@ -254,6 +276,10 @@ class SlurmLauncher:
         killed = files.killed_rank()  # torchrun's root cause, when a rank died and its agent lived
         state.failed_node = failed_node(output, nproc, int(killed[0]) if killed else None)
         return state
+
+    def logs(self, external_id: str, files: RunFiles, limit_bytes: int = 64 * 1024) -> str:
+        """The job's output (sbatch --output: RUN_DIR/logs/train.log on the shared file system), srun's lines too."""
+        return log_tail(files.log, limit_bytes)
 
     def wait(self, external_id: str, files: RunFiles, on_change: Callable[[LaunchState], None]) -> LaunchState:
         return poll_until_final(self, external_id, files, on_change, self.cfg.poll_s)

@@ -8,7 +8,7 @@ import sys
 from pydantic import ConfigDict, Field, PositiveInt, field_validator
 
 from ..training.bound_store import torchrun_argv
-from ..training.keys import KnownKeys
+from ..keys import KnownKeys
 from ..training.run_files import RunFiles
 from ..training.spec import JobSpec
 from . import NAME_PATTERN

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .path_map import PathMap
+
 
 RUN_STARTED = "=== run"
 DEFAULT_PROGRESS_TIMEOUT_S = 300  # the service's --progress-timeout-s default: the limit until a job's pace is known
@@ -148,6 +150,8 @@ class RunFiles:
         self.ranks = self.dir / "ranks"
         self.pause_request = self.dir / "pause.request"  # the service asks for a checkpoint, then stops the run
         self.pause_saved = self.dir / "pause.saved"  # the step of that checkpoint, once it is recorded
+        # In a job whose hosts mount the shared volume elsewhere: paths are recorded as the service sees them.
+        self.paths = PathMap.from_env()
 
     def heartbeat(self, rank: int | str) -> Path:
         """The file rank `rank` touches while it makes progress (its mtime is the rank's last sign of life)."""
@@ -174,12 +178,14 @@ class RunFiles:
     def update_status(self, **fields: Any) -> dict[str, Any]:
         """Merge fields into status.json; written to a temp file and renamed so readers never see half."""
         status = self.read_status()
-        status.update(fields)
+        status.update(self.paths.tree_to_host(fields))
         write_atomically(self.status, json.dumps(status, indent=2, default=str))
         return status
 
     def add_checkpoint(self, checkpoint: dict[str, Any], keep: set[str] | None = None) -> None:
         """Record a checkpoint; `keep` (paths still on disk) drops records of rotated-out checkpoints."""
+        checkpoint = self.paths.tree_to_host(checkpoint)
+        keep = None if keep is None else {self.paths.to_host(p) for p in keep}
         checkpoints = [c for c in self.read_status().get("checkpoints", []) if c["path"] != checkpoint["path"]]
         if keep is not None:
             checkpoints = [c for c in checkpoints if c["path"] in keep]

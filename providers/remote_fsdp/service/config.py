@@ -7,11 +7,9 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from ...launchers import LauncherName
-from ...launchers.ray import RayConfig
-from ...launchers.slurm import SlurmConfig
+from ...launchers import LAUNCHERS, LauncherName, settings_model
 from ...launchers.torchrun import TorchRunOptions
 from ...outbound import OutboundConfig
 from .users import UserEntry, UserKeys
@@ -39,21 +37,52 @@ def read_secret(path: str, what: str) -> str:
 
 
 class LaunchersConfig(BaseModel):
-    """Which launchers jobs may ask for (torch_run_config.launcher) and their settings."""
+    """Which launchers jobs may ask for (torch_run_config.launcher) and their settings: one section per
+    launcher (`slurm:`, `ray:`), validated by that launcher's own model (the registry's `settings`), so this
+    module imports only the launchers a config enables or configures."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # the launchers' sections; any other key is refused in _sections
     enabled: list[LauncherName] = Field(default_factory=lambda: ["local", "nodes"])
     default: LauncherName = "local"
     # Run directories (spec, status, logs, checkpoints) of slurm/ray jobs: a file system every cluster node
-    # mounts at this path. Default: the service's data dir (enough for one-host clusters and tests).
+    # mounts. Default: the service's data dir (enough for one-host clusters and tests).
     shared_dir: str | None = None
+    # Where the job's hosts mount what this host sees (this host's directory -> theirs, e.g. {"/srv/trl":
+    # "/mnt/trl"}): the run dir and every path in spec.json as the job sees them. Empty: the same paths.
+    path_map: dict[str, str] = Field(default_factory=dict)
     python: str | None = None  # the interpreter on the cluster's nodes (default: this service's)
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
 
-    def model_post_init(self, _: object) -> None:
+    @field_validator("path_map")
+    @classmethod
+    def _absolute(cls, value: dict[str, str]) -> dict[str, str]:
+        for here, there in value.items():
+            if not (here.startswith("/") and there.startswith("/")):
+                raise ValueError(f"launchers.path_map: {here!r} -> {there!r}: both sides must be absolute paths")
+        return value
+
+    @model_validator(mode="after")
+    def _sections(self) -> LaunchersConfig:
         if self.default not in self.enabled:
             raise ValueError(f"launchers.default: {self.default!r} is not in launchers.enabled {self.enabled}")
+        sections = self.__pydantic_extra__ or {}
+        configurable = [name for name, entry in LAUNCHERS.items() if entry.settings]
+        for key in sections:
+            if key not in configurable:
+                raise ValueError(f"launchers.{key}: unknown key; launcher sections: {', '.join(configurable)}")
+        for name in configurable:
+            if name in sections or name in self.enabled:
+                try:
+                    sections[name] = settings_model(name).model_validate(sections.get(name) or {})
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    msg = first["msg"].removeprefix("Value error, ")
+                    where = ".".join(["launchers", name, *(str(p) for p in first["loc"])])
+                    raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        return self
+
+    def section(self, name: str) -> BaseModel:
+        """Launcher `name`'s settings (its defaults where the config has no section for it)."""
+        return (self.__pydantic_extra__ or {}).get(name) or settings_model(name)()
 
 
 class ServiceConfig(BaseModel):
