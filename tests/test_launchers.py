@@ -169,3 +169,28 @@ def test_the_mesh_is_checked_for_every_launcher(ray_service, tiny_models):
     with pytest.raises(ValueError, match="fsdp_config.sharding_strategy: HYBRID_SHARD with one process"):
         ray_service.submit_request("supervised-fine-tune", body)
     assert ray_service.fake_ray.submitted == []
+
+
+def test_a_job_reads_and_records_paths_through_the_path_map(tmp_path, monkeypatch):
+    """The service wrote spec.json with its paths (/srv/...); the job's hosts mount that volume at /mnt/...:
+    with TRL_PATH_MAP the trainer reads every path as it sees it and records checkpoints as the service does."""
+    from providers.training.path_map import PathMap, load_spec
+    from providers.training.run_files import RunFiles
+    from providers.training.spec import CheckpointSpec, DataSpec
+
+    host = tmp_path / "srv"
+    run_dir = host / "runs" / "j1"
+    JobSpec(job_uuid="j1", method="sft", model=str(host / "models" / "m"), run_dir=str(run_dir),
+            data=DataSpec(train_file=str(run_dir / "train.jsonl")),
+            checkpoint=CheckpointSpec(output_dir=str(run_dir / "checkpoints"))).save()
+    monkeypatch.setenv(*next(iter(PathMap({str(host): "/mnt/shared"}).env().items())))
+    spec = load_spec(run_dir)
+    assert (spec.model, spec.run_dir, spec.data.train_file, spec.checkpoint.output_dir) == (
+        "/mnt/shared/models/m", "/mnt/shared/runs/j1", "/mnt/shared/runs/j1/train.jsonl", "/mnt/shared/runs/j1/checkpoints")
+    files = RunFiles(run_dir)
+    files.add_checkpoint({"path": "/mnt/shared/runs/j1/checkpoints/checkpoint-2", "step": 2})
+    files.add_checkpoint({"path": "/mnt/shared/runs/j1/checkpoints/checkpoint-4", "step": 4},
+                         keep={"/mnt/shared/runs/j1/checkpoints/checkpoint-4"})
+    assert files.read_status()["checkpoints"] == [{"path": str(run_dir / "checkpoints" / "checkpoint-4"), "step": 4}]
+    monkeypatch.delenv("TRL_PATH_MAP")
+    assert load_spec(run_dir).model == str(host / "models" / "m")  # no map: the paths as written
