@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ...errors import ClientError, first_validation_error
 from ...training.keys import error_loc
 
-from ... import openai_ft, operator_tools, pipelines, workflows
+from ... import openai_ft, operator_tools, pipelines, tinker_api, workflows
 from ...jobs.child_env import parse_pass_env
 from ...jobs.manager import QueueFullError
 from ...outbound import read_outbound_config
@@ -64,6 +64,7 @@ ADDONS = (
     workflows,  # OpenAI chat, data enhancement, validation, export, enhance -> train -> validate -> export
     operator_tools,  # /dashboard, /metrics
     openai_ft,  # the OpenAI files and fine-tuning API (after workflows: its `ft:` models resolve in chat)
+    tinker_api,  # the Tinker API (/api/v1) for the `tinker` SDK: sessions, resident LoRA models, sampling
 )
 
 

@@ -122,8 +122,11 @@ def client_auth(keys: UserKeys | None, node_token: str | None = None, internal_k
         else:
             header = request.headers.get("authorization", "")
             scheme, _, key = header.partition(" ")
-            user = keys.user_of(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-            if user is None and internal_key is not None and _same_secret(key.strip(), internal_key):
+            key = key.strip() if scheme.lower() == "bearer" else ""
+            if not key:  # the Tinker SDK sends the same key as X-API-Key
+                key = request.headers.get("x-api-key", "").strip()
+            user = keys.user_of(key) if key else None
+            if user is None and internal_key is not None and _same_secret(key, internal_key):
                 request.state.user = NODE_PRINCIPAL
                 enter(NODE_PRINCIPAL)
                 return
@@ -135,7 +138,7 @@ def client_auth(keys: UserKeys | None, node_token: str | None = None, internal_k
                     return
                 raise HTTPException(
                     status_code=401,
-                    detail=("missing API key: send `Authorization: Bearer KEY`" if not header else
+                    detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)" if not header and not key else
                             "wrong API key: the bearer key is not one of this service's keys (--api-keys-file)"))
         request.state.user = user
         enter(user)
