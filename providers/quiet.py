@@ -40,6 +40,10 @@ def install() -> None:
     # warns on each DPO job. Only a TRL release can change that line.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                             module=r"transformers\.modeling_utils")
+    # TRL keeps newer trainers (ORPO, CPO) in trl.experimental, whose import warns that its API may change; the
+    # recipes pin TRL's version (constraints.txt) and tests/test_preference_methods.py trains each one.
+    warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'", category=UserWarning,
+                            module=r"providers\.training\.(recipes\.\w+|preload)$")
     # bitsandbytes, on import on an AVX512-BF16 CPU, tries to fetch an optional 4-bit CPU kernel from the Hugging
     # Face Hub through the `kernels` package and falls back to its own kernel when it cannot. Installing
     # `kernels` does not help offline (the fetch fails instead); the fallback only matters for 4-bit on CPU.

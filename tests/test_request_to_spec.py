@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pydantic import TypeAdapter
 
 from providers.api.paths import ProviderDefaults
 from providers.api.requests import (
+    ALGORITHM_CONFIGS,
+    WRITTEN_CONFIGS,
     PreferenceAlgorithmConfig,
     PreferenceOptimizeRequest,
     SFTAlgorithmConfig,
@@ -43,11 +46,17 @@ EXACT = {"type": "string_check", "name": "exact", "input": "{{ sample.output_tex
 GRPO = {"type": "grpo", "graders": [EXACT], "num_generations": 4, "max_completion_length": 16, "beta": 0.04,
         "loss_type": "dr_grpo", "scale_rewards": "none", "temperature": 0.9, "epsilon": 0.3, "num_iterations": 2}
 
+# The fields an algorithm_config type cannot do without
+REQUIRED = {"distillation": {"teacher_model": "t"}, "PEFT": {"method": "lora"}, "grpo": {"graders": [EXACT]},
+            "LoRA": {"lora_attn_modules": [], "apply_lora_to_mlp": True, "apply_lora_to_output": False, "rank": 4,
+                     "alpha": 8},
+            "QAT": {"quantizer_name": "q", "group_size": 32}}
+
 # (case, call, algorithm_config, method, what the spec must hold)
 CASES = [
     ("sft-full", SFT_CALL, None, "sft", lambda s: s.peft is None),
-    ("sft-lora", SFT_CALL, LORA, "sft", lambda s: s.peft.method == "lora" and s.peft.target_modules == ["q_proj", "v_proj"]),
-    ("sft-peft", SFT_CALL, {"type": "PEFT", "method": "ia3"}, "sft", lambda s: s.peft.method == "ia3"),
+    ("sft-lora", SFT_CALL, LORA, "sft", lambda s: s.peft.peft_type == "lora" and s.peft.target_modules == ["q_proj", "v_proj"]),
+    ("sft-peft", SFT_CALL, {"type": "PEFT", "method": "ia3"}, "sft", lambda s: s.peft.peft_type == "ia3"),
     ("distill", SFT_CALL, {"type": "distillation", "teacher_model": "TEACHER", "method": "logit",
                            "kl_direction": "reverse"}, "distill",
      lambda s: s.distill.kl_direction == "reverse" and s.distill.teacher_model),
@@ -58,11 +67,20 @@ CASES = [
      "kto", lambda s: (s.kto.beta, s.kto.desirable_weight, s.kto.undesirable_weight) == (0.2, 1.5, 0.5)),
     ("kto-defaults", PREFERENCE_CALL, {"type": "kto"}, "kto", lambda s: s.kto.beta == 0.1),
     ("orpo", PREFERENCE_CALL, {"type": "orpo", "beta": 0.25}, "orpo", lambda s: s.orpo.beta == 0.25),
+    ("cpo-simpo", PREFERENCE_CALL, {"type": "cpo", "loss_type": "simpo", "simpo_gamma": 1.0, "cpo_alpha": 0.0},
+     "cpo", lambda s: (s.cpo.loss_type, s.cpo.simpo_gamma, s.cpo.cpo_alpha) == ("simpo", 1.0, 0.0)),
+    # every preference method takes adapters
+    ("dpo-lora", PREFERENCE_CALL, {"type": "dpo", "peft": LORA}, "dpo", lambda s: s.peft.peft_type == "lora"),
+    ("kto-ia3", PREFERENCE_CALL, {"type": "kto", "peft": {"type": "PEFT", "method": "ia3"}}, "kto",
+     lambda s: s.peft.peft_type == "ia3" and s.kto.beta == 0.1),
+    ("orpo-lora", PREFERENCE_CALL, {"type": "orpo", "peft": LORA}, "orpo",
+     lambda s: s.peft.target_modules == ["q_proj", "v_proj"]),
+    ("cpo-lora", PREFERENCE_CALL, {"type": "cpo", "peft": LORA}, "cpo", lambda s: s.peft.peft_type == "lora"),
     ("grpo", PREFERENCE_CALL, GRPO, "grpo",
      lambda s: s.grpo.model_dump(exclude={"use_vllm", "row_keyed_sampling"}) == {k: v for k, v in GRPO.items()
                                                                                  if k != "type"}),
     ("grpo-lora", PREFERENCE_CALL, {**GRPO, "peft": LORA}, "grpo",
-     lambda s: s.peft.method == "lora" and s.peft.target_modules == ["q_proj", "v_proj"] and s.grpo.beta == 0.04),
+     lambda s: s.peft.peft_type == "lora" and s.peft.target_modules == ["q_proj", "v_proj"] and s.grpo.beta == 0.04),
 ]
 
 
@@ -123,7 +141,10 @@ def test_request_becomes_the_methods_spec(tmp_path, tiny_models, rows, case, cal
 def test_every_method_is_covered_by_a_case():
     requestable = {name for name, m in METHODS.items() if m.call}
     assert requestable == {c[3] for c in CASES}
-    assert {"kto", "orpo", "grpo"} <= requestable
+    assert {"kto", "orpo", "cpo", "grpo"} <= requestable
+    # every preference method is also requested with adapters
+    assert {n for n, m in METHODS.items() if m.call == PREFERENCE_CALL} == {
+        c[3] for c in CASES if c[1] == PREFERENCE_CALL and (c[2] or {}).get("peft")}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -140,20 +161,21 @@ def test_every_table_entry_has_a_recipe_a_request_type_and_a_row_kind(name):
     union = SFTAlgorithmConfig if m.call == SFT_CALL else PreferenceAlgorithmConfig
     for algorithm_type in m.algorithm_types:
         assert method_for(m.call, algorithm_type) == name
-        if algorithm_type is not None:  # a request model of the call's algorithm_config carries the type
-            parsed = TypeAdapter(union).validate_python(
-                {"type": algorithm_type, **({"teacher_model": "t"} if name == "distill" else {}),
-                 **({"method": "lora"} if algorithm_type == "PEFT" else {}),
-                 **({"graders": [EXACT]} if algorithm_type == "grpo" else {}),
-                 **({"lora_attn_modules": [], "apply_lora_to_mlp": True, "apply_lora_to_output": False,
-                     "rank": 4, "alpha": 8} if algorithm_type == "LoRA" else {}),
-                 **({"quantizer_name": "q", "group_size": 32} if algorithm_type == "QAT" else {})})
-            assert parsed.type == algorithm_type
+        if algorithm_type is not None:  # the call's union holds the type's request model, and it parses
+            model = ALGORITHM_CONFIGS[algorithm_type]
+            assert model in typing.get_args(typing.get_args(union)[0])
+            parsed = TypeAdapter(union).validate_python({"type": algorithm_type, **REQUIRED.get(algorithm_type, {})})
+            assert type(parsed) is model and parsed.type == algorithm_type
+            if m.settings is not None and model not in WRITTEN_CONFIGS:  # generated: the settings, type and peft
+                assert issubclass(model, m.settings) and set(model.model_fields) == {*m.settings.model_fields,
+                                                                                     "type", "peft"}
+            if m.call == PREFERENCE_CALL:
+                assert "peft" in model.model_fields
     assert m.servable == (name in SERVABLE)
 
 
 def test_cli_methods_come_from_the_table(tmp_path):
-    from providers.cli.jobfile import METHODS as CLI_METHODS
+    from providers.cli.jobfile import REQUESTABLE as CLI_METHODS
     from providers.cli.jobfile import job_request
 
     assert set(CLI_METHODS) == {n for n, m in METHODS.items() if m.call}
@@ -195,7 +217,9 @@ def test_completion_rows_for_a_preference_method_name_the_dataset(tmp_path, tiny
 
 
 def test_unknown_algorithm_type_names_the_field():
-    with pytest.raises(ValueError, match=r"algorithm_config.type: 'ppo' .*\['dpo', 'kto', 'orpo', 'grpo'\]"):
+    accepted = [t for m in METHODS.values() if m.call == PREFERENCE_CALL for t in m.algorithm_types if t]
+    assert accepted[:3] == ["dpo", "kto", "orpo"] and "cpo" in accepted
+    with pytest.raises(ValueError, match=rf"algorithm_config.type: 'ppo' .*{re.escape(str(accepted))}"):
         method_for(PREFERENCE_CALL, "ppo")
 
 
@@ -233,7 +257,8 @@ def test_both_providers_pass_the_preference_algorithm_config_through():
     for provider in (TrlPostTrainingImpl, TrlFsdpAdapter):
         annotation = inspect.signature(provider.preference_optimize).parameters["algorithm_config"].annotation
         assert annotation == PreferenceAlgorithmConfig, provider
-    for cfg in ({"type": "kto", "beta": 0.3}, {"type": "orpo", "beta": 0.3}, DPO_0_2_12):
+    for cfg in ({"type": "kto", "beta": 0.3}, {"type": "orpo", "beta": 0.3}, {"type": "cpo", "loss_type": "simpo"},
+                DPO_0_2_12):
         parsed = TypeAdapter(PreferenceAlgorithmConfig).validate_python(cfg)
         forwarded = parsed.model_dump(mode="json")  # what the adapter sends the service
         assert method_of(PREFERENCE_CALL, PreferenceOptimizeRequest.model_validate(

@@ -5,14 +5,18 @@ API: they extend 0.2.12's types (everything 0.2.12 clients send stays valid) wit
 - `PeftFinetuningConfig` and `DistillationConfig` as extra `algorithm_config` types for
   supervised_fine_tune,
 - `DPOAlignmentConfig` with defaults for what the short guide payload omits, plus `beta`/`loss_type`,
+- every other method's algorithm_config, generated from the method table: the method's settings model
+  (providers/training/settings.py) plus its `type` and `peft`,
 - `TrainingConfig` with positive sizes and checkpoint, sequence-length and FSDP options.
-Both providers and the FSDP service use them, so a request means the same thing everywhere.
-`providers/api/to_spec.py` turns them into a JobSpec.
+Both providers and the FSDP service use them, so a request means the same thing everywhere. Each
+algorithm_config model turns itself into the job's settings (`job_settings`); `providers/api/to_spec.py`
+turns the whole request into a JobSpec.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import logging
+from typing import Annotated, Any, ClassVar, Literal, Protocol, Union
 
 from llama_stack.apis.post_training import DataConfig as _DataConfig
 from llama_stack.apis.post_training import (
@@ -23,21 +27,33 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training import OptimizerConfig as _OptimizerConfig
 from llama_stack.apis.post_training import TrainingConfig as _TrainingConfig
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, WrapValidator, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    WrapValidator,
+    create_model,
+    field_validator,
+)
 
 from ..errors import BadRequest
-from ..graders import GraderList
 from ..training.keys import KnownKeys, keys_checker
+from ..training.methods import METHODS, PREFERENCE_CALL, SFT_CALL
 from ..training.spec import (
     DPO_LOSS_TYPES,
-    GRPO_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSSES,
     MAX_COUNT,
     PEFT_METHODS,
     AttnImplementation,
     Count,
-    KlDirection,
-    NewTokens,
+    DistillSpec,
+    DpoSpec,
+    PeftSpec,
 )
+
+log = logging.getLogger("providers.api")
 
 # JSON allows 1e999 (parsed as inf) and Python's json also NaN/Infinity: refused in every request model,
 # since pydantic would write them back out as null and a job spec could not be read again.
@@ -119,9 +135,11 @@ def normalize_dtype(value: str, field: str = "dtype") -> str:
 class PeftFinetuningConfig(KnownKeys):
     """Any PEFT method that trains under TRL: `{"type": "PEFT", "method": "ia3", ...}`."""
 
-    model_config = FINITE
+    # The wire format's "method" is the PEFT type (`peft_type` inside, where "method" is the training method)
+    model_config = ConfigDict(allow_inf_nan=False, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
     type: Literal["PEFT"] = "PEFT"
-    method: Literal[PEFT_METHODS]  # type: ignore[valid-type]
+    peft_type: Literal[PEFT_METHODS] = Field(alias="method")  # type: ignore[valid-type]
     target_modules: list[str] | None = None
     rank: Count = 8
     alpha: PositiveFloat = 16
@@ -130,30 +148,54 @@ class PeftFinetuningConfig(KnownKeys):
     merge_adapter: bool = False
 
 
-class DistillationConfig(KnownKeys):
-    """Knowledge distillation through supervised_fine_tune: `{"type": "distillation", ...}`."""
+# A request's LoRA or PEFT adapters (`peft`, distillation's `student_peft`)
+AdapterConfig = Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
+                          BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))]
+
+
+class RequestContext(Protocol):
+    """What an algorithm_config asks of the API layer while it becomes the job's settings (api/to_spec.py)."""
+
+    check_host: bool  # whether this host must be able to run the job
+
+    def peft(self, cfg: Any, field: str) -> PeftSpec | None: ...  # adapters, checked against the model
+    def teacher(self, model: str | None, outputs_dir: str | None, kind: str) -> tuple[str, str]: ...
+    def check_on_host(self, settings: BaseModel, field: str) -> None: ...  # what the settings need here
+
+
+class MethodConfig(KnownKeys):
+    """A method's algorithm_config: its settings model's fields, its `type`, and `peft` (adapters instead of
+    the whole model; where the method has a reference, it is the base with the adapters off)."""
 
     model_config = FINITE
+    method: ClassVar[str]  # the training method it requests (methods.py)
+    peft: AdapterConfig = None
+
+    def job_settings(self, ctx: RequestContext) -> dict[str, Any]:
+        """The JobSpec parts of this algorithm_config: the method's section and `peft`."""
+        info = METHODS[self.method]
+        section = info.settings.model_validate(self.model_dump(include=set(info.settings.model_fields)))
+        ctx.check_on_host(section, "algorithm_config")
+        return {info.section: section, "peft": ctx.peft(self.peft, "algorithm_config.peft")}
+
+
+class DistillationConfig(DistillSpec):
+    """Knowledge distillation through supervised_fine_tune: `{"type": "distillation", ...}`; the teacher is a
+    model reference or a teacher task's outputs, resolved and confined as the job's model is."""
+
+    model_config = FINITE
+    method: ClassVar[str] = "distill"
     type: Literal["distillation"] = "distillation"
-    teacher_model: str | None = None  # a live teacher, loaded beside the student
-    teacher_outputs_dir: str | None = None  # or a teacher task's outputs (answers + top-k log-probs)
-    method: Literal["output", "logit", "hybrid"] = "logit"
-    temperature: PositiveFloat = 2.0
-    alpha: float = Field(0.5, ge=0, le=1)
-    kl_direction: KlDirection = "forward"
-    max_new_tokens: NewTokens = 32
-    student_peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
-                            BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
+    student_peft: AdapterConfig = None
+
+    def job_settings(self, ctx: RequestContext) -> dict[str, Any]:
+        teacher_model, teacher_outputs_dir = ctx.teacher(self.teacher_model, self.teacher_outputs_dir, self.kind)
+        spec = DistillSpec.model_validate({**self.model_dump(include=set(DistillSpec.model_fields)),
+                                           "teacher_model": teacher_model, "teacher_outputs_dir": teacher_outputs_dir})
+        return {"distill": spec, "peft": ctx.peft(self.student_peft, "algorithm_config.student_peft")}
 
 
-SFTAlgorithmConfig = Annotated[
-    LoraFinetuningConfig | QATFinetuningConfig | PeftFinetuningConfig | DistillationConfig,
-    Field(discriminator="type"),
-    BeforeValidator(keys_checker(LoraFinetuningConfig, QATFinetuningConfig, PeftFinetuningConfig, DistillationConfig)),
-]
-
-
-class DPOAlignmentConfig(KnownKeys):
+class DPOAlignmentConfig(MethodConfig):
     """0.2.12's DPO config (its client sends all four fields), with defaults, and the `beta`/`loss_type`
     of later releases.
 
@@ -164,7 +206,7 @@ class DPOAlignmentConfig(KnownKeys):
     - reward_clip, gamma: DPO has no such parameter; accepted, logged, and listed as not applied.
     """
 
-    model_config = FINITE
+    method: ClassVar[str] = "dpo"
     type: Literal["dpo"] = "dpo"
     reward_scale: PositiveFloat | None = None
     reward_clip: float | None = None
@@ -174,55 +216,80 @@ class DPOAlignmentConfig(KnownKeys):
     loss_type: Literal[DPO_LOSS_TYPES] | list[Literal[DPO_LOSS_TYPES]] = "sigmoid"  # type: ignore[valid-type]
     loss_weights: list[float] | None = None
 
+    def job_settings(self, ctx: RequestContext) -> dict[str, Any]:
+        """DpoSpec, `peft`, and the 0.2.12 settings this request carried that have no effect (with why)."""
+        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        not_applied: dict[str, str] = {}
+        if self.reward_clip not in (None, 0.0):
+            not_applied["reward_clip"] = f"{self.reward_clip}: DPO has no reward clipping"
+        if self.gamma not in (None, 0.0):
+            not_applied["gamma"] = f"{self.gamma}: DPO has no discount factor"
+        smoothing = 0.0
+        if self.epsilon not in (None, 0.0):
+            if set(LABEL_SMOOTHING_LOSSES) & set(loss_type):
+                if not 0 <= self.epsilon < 0.5:
+                    raise BadRequest(f"algorithm_config.epsilon: {self.epsilon} is label smoothing for loss_type "
+                                     f"{loss_type} and must be in [0, 0.5)")
+                smoothing = self.epsilon
+            else:
+                not_applied["epsilon"] = (f"{self.epsilon}: label smoothing is read only by loss_type "
+                                          f"{list(LABEL_SMOOTHING_LOSSES)}, not {loss_type}")
+        for field, why in not_applied.items():
+            log.warning("algorithm_config.%s=%s is accepted but not applied", field, why)
+        try:
+            spec = DpoSpec(beta=self.beta or self.reward_scale or 0.1, loss_type=loss_type,
+                           loss_weights=self.loss_weights, label_smoothing=smoothing)
+        except ValueError as e:
+            raise BadRequest(f"algorithm_config: {e}") from None
+        return {"dpo": spec, "peft": ctx.peft(self.peft, "algorithm_config.peft"),
+                "not_applied": {f"algorithm_config.{k}": v for k, v in not_applied.items()}}
 
-class KTOAlignmentConfig(KnownKeys):
-    """KTO through preference_optimize: `{"type": "kto", ...}`. Paired rows are unpaired (chosen: desirable,
-    rejected: undesirable)."""
 
-    model_config = FINITE
-    type: Literal["kto"] = "kto"
-    beta: PositiveFloat = 0.1
-    desirable_weight: PositiveFloat = 1.0
-    undesirable_weight: PositiveFloat = 1.0
+# Request models written out: where the wire format is not the settings model's (0.2.12's DPO fields;
+# distillation's teacher references and `student_peft`) or is Llama Stack's own (sft's adapters).
+WRITTEN_CONFIGS: tuple[type[BaseModel], ...] = (
+    LoraFinetuningConfig, QATFinetuningConfig, PeftFinetuningConfig, DistillationConfig, DPOAlignmentConfig)
 
 
-class ORPOAlignmentConfig(KnownKeys):
-    """ORPO through preference_optimize: `{"type": "orpo", "beta": 0.1}` (paired rows, as DPO takes)."""
+def method_config(name: str) -> type[MethodConfig]:
+    """The algorithm_config model of a method from the table: its settings, `type` and `peft`
+    (e.g. "kto" -> KTOAlignmentConfig)."""
+    info = METHODS[name]
+    (algorithm_type,) = (t for t in info.algorithm_types if t is not None)
+    model = create_model(
+        f"{name.upper()}AlignmentConfig", __base__=(info.settings, MethodConfig), __module__=__name__,
+        __doc__=f'{info.settings.__doc__ or name}\n\nRequested as `{{"type": "{algorithm_type}", ...}}`.',
+        type=(Literal[algorithm_type], algorithm_type),
+    )
+    model.method = name
+    return model
 
-    model_config = FINITE
-    type: Literal["orpo"] = "orpo"
-    beta: PositiveFloat = 0.1
+
+def _algorithm_configs() -> dict[str, type[BaseModel]]:
+    """Every algorithm_config `type` of the table -> its request model (written out, else generated)."""
+    written = {m.model_fields["type"].default: m for m in WRITTEN_CONFIGS}
+    return {t: written.get(t) or method_config(name)
+            for name, m in METHODS.items() for t in m.algorithm_types if t is not None}
 
 
-class GRPOAlignmentConfig(KnownKeys):
-    """GRPO through preference_optimize: `{"type": "grpo", "graders": [...], ...}`, this project's extension
-    (Llama Stack has no reinforcement call). Rows are prompts; their other columns are the graders' `item`."""
+ALGORITHM_CONFIGS = _algorithm_configs()
 
-    model_config = FINITE
-    type: Literal["grpo"] = "grpo"
-    graders: GraderList
-    num_generations: int = Field(8, ge=2, le=256)
-    max_completion_length: NewTokens = 64
-    temperature: PositiveFloat = 1.0
-    beta: float = Field(0.0, ge=0)
-    loss_type: Literal[GRPO_LOSS_TYPES] = "dapo"  # type: ignore[valid-type]
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    epsilon: float = Field(0.2, gt=0, lt=1)
-    num_iterations: int = Field(1, ge=1, le=64)
-    use_vllm: bool = False
-    row_keyed_sampling: bool = False
-    # Train adapters instead of the whole model; with beta > 0 the reference is the base, adapters disabled
-    peft: Annotated[LoraFinetuningConfig | PeftFinetuningConfig | None,
-                    BeforeValidator(keys_checker(LoraFinetuningConfig, PeftFinetuningConfig))] = None
 
+def configs_of(call: str) -> dict[str, type[BaseModel]]:
+    """The algorithm_config types of a Llama Stack call -> their request models, in table order."""
+    return {t: ALGORITHM_CONFIGS[t] for m in METHODS.values() if m.call == call for t in m.algorithm_types
+            if t is not None}
+
+
+SFT_CONFIGS = tuple(configs_of(SFT_CALL).values())
+SFTAlgorithmConfig = Annotated[
+    Union[SFT_CONFIGS],  # noqa: UP007 - a union built from the table
+    Field(discriminator="type"),
+    BeforeValidator(keys_checker(*SFT_CONFIGS)),
+]
 
 # preference_optimize's algorithm_config: its `type` -> the request model of the method it selects
-PREFERENCE_CONFIGS: dict[str, type[BaseModel]] = {
-    "dpo": DPOAlignmentConfig,
-    "kto": KTOAlignmentConfig,
-    "orpo": ORPOAlignmentConfig,
-    "grpo": GRPOAlignmentConfig,
-}
+PREFERENCE_CONFIGS: dict[str, type[BaseModel]] = configs_of(PREFERENCE_CALL)
 
 
 def _preference_config(value: Any, handler: Any) -> BaseModel:
@@ -240,7 +307,7 @@ def _preference_config(value: Any, handler: Any) -> BaseModel:
 
 
 PreferenceAlgorithmConfig = Annotated[
-    DPOAlignmentConfig | KTOAlignmentConfig | ORPOAlignmentConfig | GRPOAlignmentConfig,
+    Union[tuple(PREFERENCE_CONFIGS.values())],  # noqa: UP007 - a union built from the table
     WrapValidator(_preference_config),
 ]
 

@@ -15,16 +15,13 @@ from llama_stack.apis.post_training import LoraFinetuningConfig, QATFinetuningCo
 from pydantic import ValidationError
 
 from ..errors import BadRequest, client_errors, first_validation_error
-from ..training.efficiency import check_4bit, check_supported, check_vllm
+from ..training.efficiency import check_4bit, check_method_settings, check_supported
 from ..training.keys import unknown_key_message
 from ..training.loggers import check_report_to
 from ..training.methods import METHODS, PREFERENCE_CALL, method_for
 from ..training.spec import (
-    LABEL_SMOOTHING_LOSSES,
     CheckpointSpec,
     DataSpec,
-    DistillSpec,
-    DpoSpec,
     EfficiencySpec,
     JobSpec,
     LoggingSpec,
@@ -42,13 +39,7 @@ from .paths import (
     resolve_model,
     result_name_of,
 )
-from .requests import (
-    DataConfig,
-    DistillationConfig,
-    DPOAlignmentConfig,
-    PeftFinetuningConfig,
-    TrainingConfig,
-)
+from .requests import ALGORITHM_CONFIGS, DataConfig, PeftFinetuningConfig, TrainingConfig
 
 log = logging.getLogger("providers.api")
 
@@ -195,37 +186,9 @@ def peft_spec(cfg: LoraFinetuningConfig | PeftFinetuningConfig | None, model: st
                       f"{field}.lora_attn_modules", attn)
         check_targets(model_type, modules, targets, f"{field}.apply_lora_to_mlp/apply_lora_to_output")
     return PeftSpec(
-        method="dora" if cfg.use_dora else "lora", target_modules=targets, rank=cfg.rank, alpha=cfg.alpha,
+        peft_type="dora" if cfg.use_dora else "lora", target_modules=targets, rank=cfg.rank, alpha=cfg.alpha,
         quantize_base=bool(cfg.quantize_base),
     )
-
-
-def dpo_spec(cfg: DPOAlignmentConfig) -> tuple[DpoSpec, dict[str, str]]:
-    """The DPO settings of a request, and the 0.2.12 settings it carried that have no effect (with why)."""
-    loss_type = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
-    not_applied: dict[str, str] = {}
-    if cfg.reward_clip not in (None, 0.0):
-        not_applied["reward_clip"] = f"{cfg.reward_clip}: DPO has no reward clipping"
-    if cfg.gamma not in (None, 0.0):
-        not_applied["gamma"] = f"{cfg.gamma}: DPO has no discount factor"
-    smoothing = 0.0
-    if cfg.epsilon not in (None, 0.0):
-        if set(LABEL_SMOOTHING_LOSSES) & set(loss_type):
-            if not 0 <= cfg.epsilon < 0.5:
-                raise BadRequest(f"algorithm_config.epsilon: {cfg.epsilon} is label smoothing for loss_type "
-                                 f"{loss_type} and must be in [0, 0.5)")
-            smoothing = cfg.epsilon
-        else:
-            not_applied["epsilon"] = (f"{cfg.epsilon}: label smoothing is read only by loss_type "
-                                      f"{list(LABEL_SMOOTHING_LOSSES)}, not {loss_type}")
-    for field, why in not_applied.items():
-        log.warning("algorithm_config.%s=%s is accepted but not applied", field, why)
-    try:
-        spec = DpoSpec(beta=cfg.beta or cfg.reward_scale or 0.1, loss_type=loss_type,
-                       loss_weights=cfg.loss_weights, label_smoothing=smoothing)
-    except ValueError as e:
-        raise BadRequest(f"algorithm_config: {e}") from None
-    return spec, {f"algorithm_config.{k}": v for k, v in not_applied.items()}
 
 
 def build_job_spec(
@@ -315,61 +278,61 @@ def scheduling_spec(tc: TrainingConfig) -> SchedulingSpec:
         raise BadRequest(first_validation_error(e, "training_config.scheduling")) from None
 
 
-def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults,
-                       check_host: bool = True) -> dict[str, Any]:
-    """The JobSpec parts (peft, the method's section, not-applied settings) of a request's algorithm_config;
-    raises ValueError naming the field."""
-    if method == "dpo":
-        dpo, not_applied = dpo_spec(algorithm_config or DPOAlignmentConfig())
-        return {"dpo": dpo, "not_applied": not_applied}
-    if isinstance(algorithm_config, QATFinetuningConfig):
-        raise BadRequest("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
-    if isinstance(algorithm_config, DistillationConfig):
-        d = algorithm_config
-        if (d.teacher_model is None) == (d.teacher_outputs_dir is None):
-            raise BadRequest("algorithm_config: give exactly one of teacher_model and teacher_outputs_dir")
-        if d.teacher_model is not None:
+class RequestContext:
+    """What an algorithm_config's `job_settings` (api/requests.py) asks of the API layer: adapters checked
+    against the job's model, a distillation teacher resolved and confined as the job's model is, and whether
+    this host can run the method's settings."""
+
+    def __init__(self, model: str, defaults: ProviderDefaults, check_host: bool):
+        self.model, self.defaults, self.check_host = model, defaults, check_host
+
+    def peft(self, cfg: LoraFinetuningConfig | PeftFinetuningConfig | None, field: str) -> PeftSpec | None:
+        return peft_spec(cfg, self.model, field, self.check_host)
+
+    def check_on_host(self, settings: Any, field: str) -> None:
+        if self.check_host:
+            with client_errors():
+                check_method_settings(settings, field)
+
+    def teacher(self, model: str | None, outputs_dir: str | None, kind: str) -> tuple[str | None, str | None]:
+        """(teacher model, teacher outputs dir), one of them set: a model resolved as the job's is, or a teacher
+        task's outputs in this server's directories; logit and hybrid distillation need the student's tokenizer."""
+        if model is not None:
             field = "algorithm_config.teacher_model"
-            teacher = resolve_model(d.teacher_model, field, defaults)
+            teacher = resolve_model(model, field, self.defaults)
         else:
             field = "algorithm_config.teacher_outputs_dir"
-            check_path_text(d.teacher_outputs_dir, field)
+            check_path_text(outputs_dir, field)
             roots = None
-            if defaults.allowed_model_roots is not None:  # a server that confines paths: outputs of its own tasks
-                roots = [defaults.data_dir, *defaults.allowed_model_roots]
-            teacher = str(confine(Path(d.teacher_outputs_dir), roots, field, d.teacher_outputs_dir,
-                                  defaults.model_roots_hint, defaults))
+            if self.defaults.allowed_model_roots is not None:  # a server that confines paths: its own tasks' outputs
+                roots = [self.defaults.data_dir, *self.defaults.allowed_model_roots]
+            teacher = str(confine(Path(outputs_dir), roots, field, outputs_dir, self.defaults.model_roots_hint,
+                                  self.defaults))
             if not (Path(teacher) / "teacher_task.json").exists():
                 raise BadRequest(f"{field}: {teacher!r} holds no teacher task outputs")
-        spec = DistillSpec(
-            **d.model_dump(exclude={"type", "student_peft", "teacher_model", "teacher_outputs_dir"}),
-            teacher_model=teacher if d.teacher_model else None,
-            teacher_outputs_dir=None if d.teacher_model else teacher,
-        )
-        if d.method != "output":
+        if kind != "output":
             from ..training.components import check_same_tokenizer
 
             try:
-                check_same_tokenizer(model, teacher)
+                check_same_tokenizer(self.model, teacher)
             except ValueError as e:
                 raise BadRequest(f"{field}: {e}") from None
-        return {"distill": spec, "peft": peft_spec(d.student_peft, model, "algorithm_config.student_peft", check_host)}
-    if check_host and getattr(algorithm_config, "use_vllm", False):  # GRPO's generation through vLLM
-        with client_errors():
-            check_vllm()
-    section = METHODS[method].section
-    if section is not None:  # a method whose request fields are its section's fields (kto, orpo, grpo)
-        fields = algorithm_config.model_dump(exclude={"type", "peft"}) if algorithm_config is not None else {}
-        try:
-            settings = {section: JobSpec.section_model(section)(**fields)}
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise BadRequest(f"algorithm_config.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        peft = getattr(algorithm_config, "peft", None)  # adapters instead of the whole model (grpo)
-        if peft is not None:
-            settings["peft"] = peft_spec(peft, model, "algorithm_config.peft", check_host)
-        return settings
-    return {"peft": peft_spec(algorithm_config, model, check_host=check_host)}
+        return (teacher, None) if model is not None else (None, teacher)
+
+
+def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults: ProviderDefaults,
+                       check_host: bool = True) -> dict[str, Any]:
+    """The JobSpec parts (peft, the method's section, not-applied settings) of a request's algorithm_config:
+    the config's own `job_settings` (api/requests.py), or, for sft, its adapters; raises ValueError naming
+    the field."""
+    if algorithm_config is None and METHODS[method].settings is not None:  # e.g. DPO with its defaults
+        algorithm_config = ALGORITHM_CONFIGS[next(t for t in METHODS[method].algorithm_types if t)]()
+    ctx = RequestContext(model, defaults, check_host)
+    if hasattr(algorithm_config, "job_settings"):
+        return algorithm_config.job_settings(ctx)
+    if isinstance(algorithm_config, QATFinetuningConfig):
+        raise BadRequest("algorithm_config.type 'QAT': quantization-aware training is not supported by this provider")
+    return {"peft": ctx.peft(algorithm_config, "algorithm_config")}
 
 
 GRADERS_FIELD = "algorithm_config.graders"
@@ -408,7 +371,7 @@ def check_output_layer_adapter(settings: dict[str, Any]) -> None:
     peft, distill = settings.get("peft"), settings.get("distill")
     if peft is None or "lm_head" not in (peft.target_modules or []):
         return
-    if distill is not None and distill.teacher_outputs_dir and distill.method != "output":
+    if distill is not None and distill.teacher_outputs_dir and distill.kind != "output":
         return
     raise BadRequest(
         "algorithm_config.apply_lora_to_output / target_modules: an adapter on lm_head is not trained by "

@@ -37,13 +37,12 @@ from typing import Any
 
 import yaml
 
-from ..training.methods import METHODS as METHOD_TABLE
 from ..training.keys import unknown_key_message
-from ..training.methods import PREFERENCE_CALL
+from ..training.methods import METHODS, PREFERENCE_CALL
 
 DATA_KEYS = ("batch_size", "shuffle", "data_format", "packed", "train_on_input", "validation_dataset_id")
 OPTIMIZER_KEYS = ("optimizer_type", "lr", "weight_decay", "num_warmup_steps")
-METHODS = tuple(name for name, m in METHOD_TABLE.items() if m.call)  # those a Llama Stack call requests
+REQUESTABLE = tuple(name for name, m in METHODS.items() if m.call)  # the methods a Llama Stack call requests
 # 0.2.12's DPO config has four required fields; a job file may leave them out.
 ALGORITHM_DEFAULTS = {"dpo": {"reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0, "gamma": 0.0}}
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -168,12 +167,12 @@ def check_sections(spec: dict[str, Any], method: str, path: Path) -> None:
 
     shortcuts = {k: (Any, None) for k in (*DATA_KEYS, *OPTIMIZER_KEYS)}  # training: data/optimizer shortcuts
     training = create_model("Training", __base__=TrainingConfig, **shortcuts)
-    algorithm = PREFERENCE_CONFIGS.get(method) if METHOD_TABLE[method].call == PREFERENCE_CALL else SFTAlgorithmConfig
+    types = [t for t in METHODS[method].algorithm_types if t is not None]
+    algorithm = PREFERENCE_CONFIGS[types[0]] if METHODS[method].call == PREFERENCE_CALL else SFTAlgorithmConfig
     document = create_model(
         "JobFile", training=(training | None, None), fsdp=(FsdpSpec | None, None),
         torch_run=(TorchRunOptions | None, None), algorithm=(algorithm | None, None))
     sections = {k: spec[k] for k in ("training", "fsdp", "torch_run", "algorithm") if isinstance(spec.get(k), dict)}
-    types = [t for t in METHOD_TABLE[method].algorithm_types if t is not None]
     if "algorithm" in sections and len(types) == 1:  # the type job_request fills in selects the model
         sections["algorithm"] = {"type": types[0], **sections["algorithm"]}
     found = first_unknown_key(document, sections)
@@ -198,8 +197,8 @@ def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
         if key not in known:
             raise JobFileError(f"{path}: {key}: {unknown_key_message(key, known)}")
     method = spec.get("method")
-    if method not in METHODS:
-        raise JobFileError(f"{path}: method: {method!r} is not one of {list(METHODS)}")
+    if method not in REQUESTABLE:
+        raise JobFileError(f"{path}: method: {method!r} is not one of {list(REQUESTABLE)}")
     check_sections(spec, method, path)
     for key in ("model", "dataset"):
         if key not in spec:
@@ -243,7 +242,7 @@ def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
                             "logger_config": spec.get("logger") or {}}
     if spec.get("checkpoint_dir"):
         body["checkpoint_dir"] = spec["checkpoint_dir"]
-    info = METHOD_TABLE[method]
+    info = METHODS[method]
     types = [t for t in info.algorithm_types if t is not None]
     if len(types) == 1:  # a method selected by one algorithm_config type: the job file may omit it
         algorithm = {"type": types[0], **ALGORITHM_DEFAULTS.get(method, {}), **algorithm}

@@ -330,7 +330,7 @@ class Pipelines:
     def _check_mergeable(students: list[StudentConfig]) -> None:
         if any(s.peft is None for s in students):
             raise BadRequest("merge: every student needs a PEFT adapter (full fine-tunes cannot be merged)")
-        kinds = {(s.model, peft_spec(s.peft).method) for s in students}
+        kinds = {(s.model, peft_spec(s.peft).peft_type) for s in students}
         if len(kinds) > 1:
             raise BadRequest(f"merge: students must share base model and PEFT method, got {sorted(map(str, kinds))}")
 

@@ -91,7 +91,7 @@ def peft_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
     import peft
 
     targets = spec.target_modules
-    m = spec.method
+    m = spec.peft_type
     if m in ("lora", "dora"):
         return peft.LoraConfig(
             r=spec.rank,

@@ -120,6 +120,12 @@ def check_vllm(field: str = "algorithm_config.use_vllm") -> None:
         raise ValueError(f"{field}: the vllm package is not installed: install it or leave use_vllm off")
 
 
+def check_method_settings(settings: Any, field: str = "algorithm_config") -> None:
+    """What a method's settings section needs of this host (a ValueError naming the field): vLLM for use_vllm."""
+    if getattr(settings, "use_vllm", False):
+        check_vllm(f"{field}.use_vllm")
+
+
 def model_kwargs(spec: JobSpec, precision: str) -> dict[str, Any]:
     """from_pretrained arguments for the trained model: attention implementation and 4-bit quantization."""
     e = spec.efficiency

@@ -5,14 +5,19 @@ holds its settings (spec.py), the recipe `run.py` imports, the kind of rows the 
 algorithm_config `type` selects it on which Llama Stack call (api/to_spec.py), which knobs apply to it
 (efficiency checks), whether its output is a model to chat with, validate or export, and the CLI's choices.
 
-Add a method: its settings section in spec.py, its recipe in recipes/, its request model in
-api/requests.py, and one line here.
+Add a method: its settings model in settings.py, its recipe in recipes/, and one line here (CONTRIBUTING.md).
+The JobSpec section, the request model and its place in the request unions, the CLI's choices, the zygote's
+preloads and the tests' expectations are derived from this table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import BaseModel
+
+from .settings import CpoSpec, DistillSpec, DpoSpec, GrpoSpec, KtoSpec, OrpoSpec, TeacherSpec
 
 # graded_prompt: a prompt plus the row's other columns, which GRPO's graders read as `item`
 RowKind = Literal["completion", "preference", "prompt", "graded_prompt"]
@@ -25,7 +30,9 @@ class MethodInfo:
     name: str
     recipe: str  # module in providers/training/recipes/ with `train(spec, files) -> dict`
     rows: RowKind  # what providers/training/data.normalize_rows makes of the job's rows
-    section: str | None  # the JobSpec field holding its settings (None: none beyond `peft`)
+    # Its settings model (settings.py): the JobSpec section named after the method, and the request's fields
+    # (None: no settings beyond `peft`)
+    settings: type[BaseModel] | None
     call: str | None  # the Llama Stack post-training call that requests it (None: not requestable there)
     # The algorithm_config `type`s that select it on that call; None: a request without algorithm_config.
     algorithm_types: tuple[str | None, ...] = ()
@@ -36,20 +43,26 @@ class MethodInfo:
     reference: bool = False  # it trains against a frozen reference policy
     fixed_order: bool = False  # its trainer reads rows in a fixed order (shuffled once): no group_by_length
 
+    @property
+    def section(self) -> str | None:
+        """The JobSpec field holding its settings: the method's name (None: it has no settings model)."""
+        return self.name if self.settings is not None else None
+
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("sft", "sft", "completion", None, SFT_CALL, (None, "LoRA", "QAT", "PEFT"),
                padding_free=True, chunked_lm_head=True),
-    MethodInfo("dpo", "dpo", "preference", "dpo", PREFERENCE_CALL, (None, "dpo"),
+    MethodInfo("dpo", "dpo", "preference", DpoSpec, PREFERENCE_CALL, (None, "dpo"),
                precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
-    MethodInfo("kto", "kto", "preference", "kto", PREFERENCE_CALL, ("kto",),
+    MethodInfo("kto", "kto", "preference", KtoSpec, PREFERENCE_CALL, ("kto",),
                precompute_ref_log_probs=True, reference=True, fixed_order=True),
-    MethodInfo("orpo", "orpo", "preference", "orpo", PREFERENCE_CALL, ("orpo",)),
+    MethodInfo("orpo", "orpo", "preference", OrpoSpec, PREFERENCE_CALL, ("orpo",)),
+    MethodInfo("cpo", "cpo", "preference", CpoSpec, PREFERENCE_CALL, ("cpo",)),
     # GRPO's algorithm_config type "grpo" is this project's extension of preference_optimize (Llama Stack has
     # no RL call); its reference (beta > 0) is the base with adapters off under PEFT, else a frozen copy.
-    MethodInfo("grpo", "grpo", "graded_prompt", "grpo", PREFERENCE_CALL, ("grpo",)),
-    MethodInfo("distill", "distill", "completion", "distill", SFT_CALL, ("distillation",), padding_free=True),
-    MethodInfo("teacher", "teacher", "prompt", "teacher", None, servable=False),
+    MethodInfo("grpo", "grpo", "graded_prompt", GrpoSpec, PREFERENCE_CALL, ("grpo",)),
+    MethodInfo("distill", "distill", "completion", DistillSpec, SFT_CALL, ("distillation",), padding_free=True),
+    MethodInfo("teacher", "teacher", "prompt", TeacherSpec, None, servable=False),
 )}
 
 METHOD_NAMES = tuple(METHODS)

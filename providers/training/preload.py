@@ -13,7 +13,10 @@ import os
 import sys
 import threading
 
-# What a training job imports before its first step; importing them here is the whole point.
+from .methods import METHODS, recipe_module
+
+# What a training job imports before its first step; importing them here is the whole point. Every method's
+# recipe (the method table's), so that no job of a new method pays for the imports the zygote saves.
 PRELOAD = (
     "torch",
     "transformers",
@@ -23,10 +26,7 @@ PRELOAD = (
     "trl",
     "providers.training.run",
     "providers.training.components",
-    "providers.training.recipes.sft",
-    "providers.training.recipes.dpo",
-    "providers.training.recipes.distill",
-    "providers.training.recipes.teacher",
+    *(recipe_module(name) for name in METHODS),
 )
 
 

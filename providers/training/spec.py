@@ -10,28 +10,34 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, create_model, model_validator
 
-from ..graders import GraderList
-from .keys import KnownKeys
 from .methods import METHOD_NAMES, METHODS, with_flag
-
-# Every count a request can set is bounded: a huge literal must be a 400, not an overflow inside torch.
-MAX_COUNT = 2**31 - 1
-Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
-# Generation sizes are bounded tighter: they decide memory per request.
-MAX_NEW_TOKENS = 8192
-MAX_GENERATION_BATCH = 1024
-NewTokens = Annotated[int, Field(gt=0, le=MAX_NEW_TOKENS)]
-GenerationBatch = Annotated[int, Field(gt=0, le=MAX_GENERATION_BATCH)]
+from .settings import (  # noqa: F401 - the method sections and bounded types, re-exported for their users
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    GRPO_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSSES,
+    MAX_COUNT,
+    MAX_GENERATION_BATCH,
+    MAX_NEW_TOKENS,
+    Count,
+    CpoSpec,
+    DistillSpec,
+    DpoLossType,
+    DpoSpec,
+    GenerationBatch,
+    GrpoLossType,
+    GrpoSpec,
+    KlDirection,
+    KtoSpec,
+    NewTokens,
+    OrpoSpec,
+    Strict,
+    TeacherSpec,
+)
 
 # Names that become directory names (job_uuid, result names, dataset ids, pipeline and node names): no path
 # separators and no leading '.', so that '.' and '..' can never point a directory (or its clean-up) elsewhere.
@@ -54,7 +60,6 @@ def check_name(value: str, field: str) -> str:
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 Dtype = Literal["fp32", "bf16", "fp16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "kernels"]
-KlDirection = Literal["forward", "reverse"]  # distillation: KL(teacher || student) or KL(student || teacher)
 
 # PEFT methods that train under TRL 1.16's trainers on a Llama model (see shared FACTS.md).
 PEFT_METHODS = (
@@ -74,35 +79,6 @@ PEFT_METHODS = (
 )
 PeftMethod = Literal[PEFT_METHODS]  # type: ignore[valid-type]
 
-# Every loss type TRL 1.16's DPOTrainer implements.
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
-DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
-# The losses whose TRL 1.16 implementation reads label_smoothing (the others ignore it).
-LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
-
-
-class Strict(KnownKeys):
-    # KnownKeys: an unknown key is an error naming the nearest accepted one (a typo never falls back to a default)
-    # No inf/nan anywhere: pydantic would write them to spec.json as null, and the spec could not be read back.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
 class DataSpec(Strict):
     train_file: str  # JSONL of normalized rows, written by the API layer into the run dir
     validation_file: str | None = None
@@ -121,7 +97,9 @@ class OptimizerSpec(Strict):
 
 
 class PeftSpec(Strict):
-    method: PeftMethod = "lora"
+    # JSON calls the PEFT type "method" (Llama Stack's wire format, and spec.json's); `peft_type` inside, as peft does
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    peft_type: PeftMethod = Field("lora", alias="method")
     target_modules: list[str] | None = None  # None: the method's default for the architecture
     rank: Count = 8
     alpha: PositiveFloat = 16
@@ -129,98 +107,6 @@ class PeftSpec(Strict):
     num_virtual_tokens: Count = 8  # prompt-learning methods only
     merge_adapter: bool = False  # also save a merged full model next to the adapter
     quantize_base: bool = False  # QLoRA: the frozen base in 4-bit NF4 (same as efficiency.load_in_4bit)
-
-
-class DpoSpec(Strict):
-    beta: PositiveFloat = 0.1
-    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
-    loss_weights: list[float] | None = None
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-
-    @model_validator(mode="after")
-    def _check(self) -> DpoSpec:
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
-            )
-        if self.label_smoothing > 0 and not set(LABEL_SMOOTHING_LOSSES) & set(self.loss_type):
-            raise ValueError(
-                f"label_smoothing only has a meaning for loss_type {list(LABEL_SMOOTHING_LOSSES)}; "
-                f"got loss_type={self.loss_type}"
-            )
-        return self
-
-
-class KtoSpec(Strict):
-    """Kahneman-Tversky optimization (TRL's KTOTrainer): each answer is desirable or undesirable on its own."""
-
-    beta: PositiveFloat = 0.1
-    desirable_weight: PositiveFloat = 1.0  # loss weight of desirable (chosen) answers
-    undesirable_weight: PositiveFloat = 1.0  # loss weight of undesirable (rejected) answers
-
-
-class OrpoSpec(Strict):
-    """Odds-ratio preference optimization (TRL's ORPOTrainer): SFT on chosen plus beta * odds-ratio loss, no reference."""
-
-    beta: PositiveFloat = 0.1
-
-
-# TRL 1.16 GRPOTrainer's losses that run with token-level importance sampling (its default); "luspo"
-# needs sequence-level sampling and is left out.
-GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "vespo")
-GrpoLossType = Literal[GRPO_LOSS_TYPES]  # type: ignore[valid-type]
-
-
-class GrpoSpec(Strict):
-    """Group relative policy optimization (TRL's GRPOTrainer): `num_generations` sampled answers per prompt,
-    scored by the graders; each answer's advantage is its reward against its group's."""
-
-    graders: GraderList
-    num_generations: Annotated[int, Field(ge=2, le=256)] = 8
-    max_completion_length: NewTokens = 64
-    temperature: PositiveFloat = 1.0
-    beta: float = Field(0.0, ge=0)  # KL to the reference; 0: no reference model at all
-    loss_type: GrpoLossType = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    epsilon: float = Field(0.2, gt=0, lt=1)  # clipping of the policy ratio
-    num_iterations: Annotated[int, Field(ge=1, le=64)] = 1  # updates per generated batch
-    use_vllm: bool = False  # GPU only, with vllm installed (colocated with the trainer)
-    # Samples drawn as a function of (seed, step, prompt, place in group): the same on 1 rank or N, at the cost
-    # of one small generator per row and token (recipes/grpo.py RowKeyedSampler); not with vLLM
-    row_keyed_sampling: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> GrpoSpec:
-        if self.use_vllm and self.row_keyed_sampling:
-            raise ValueError("row_keyed_sampling: vLLM samples with its own generator; use one of the two")
-        return self
-
-
-class TeacherSpec(Strict):
-    """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
-
-    teacher_model: str
-    top_k: Annotated[int, Field(gt=0, le=1000)] | None = 20  # None: answers only (enough for the output method)
-    max_new_tokens: NewTokens = 32
-    generation_batch_size: GenerationBatch = 16
-    shard_rows: Count = 1000  # rows per JSONL shard
-
-
-class DistillSpec(Strict):
-    method: Literal["output", "logit", "hybrid"] = "logit"
-    teacher_model: str | None = None  # path of a live teacher; None with teacher_outputs_dir
-    teacher_outputs_dir: str | None = None  # a teacher task's shards: no teacher in memory while training
-    temperature: PositiveFloat = 2.0
-    alpha: float = Field(0.5, ge=0, le=1)  # hybrid: alpha * CE + (1 - alpha) * T^2 * KL
-    kl_direction: KlDirection = "forward"
-    max_new_tokens: NewTokens = 32  # output method: teacher generation length
-    generation_batch_size: GenerationBatch = 16
-
-    @model_validator(mode="after")
-    def _check(self) -> DistillSpec:
-        if (self.teacher_model is None) == (self.teacher_outputs_dir is None):
-            raise ValueError("distillation needs exactly one of teacher_model (a path) and teacher_outputs_dir")
-        return self
 
 
 class CheckpointSpec(Strict):
@@ -292,7 +178,15 @@ class SchedulingSpec(Strict):
     resources: ResourceRequest = Field(default_factory=ResourceRequest)
 
 
-class JobSpec(Strict):
+# One optional section per method with settings (methods.py's `settings`), named after the method: the table
+# is the only list of them.
+MethodSections = create_model(
+    "MethodSections", __base__=Strict, __module__=__name__,
+    **{m.section: (m.settings | None, None) for m in METHODS.values() if m.section is not None},
+)
+
+
+class JobSpec(MethodSections):
     job_uuid: str = Field(pattern=SAFE_NAME)
     result_name: str | None = Field(None, pattern=SAFE_NAME)  # the trained model's name (default: job_uuid)
     # Request settings accepted for compatibility but without effect on this job: setting -> why.
@@ -313,12 +207,6 @@ class JobSpec(Strict):
     dtype: Dtype = "fp32"
     seed: int = Field(42, ge=0, le=2**32 - 1)
     peft: PeftSpec | None = None
-    dpo: DpoSpec | None = None
-    distill: DistillSpec | None = None
-    kto: KtoSpec | None = None
-    orpo: OrpoSpec | None = None
-    grpo: GrpoSpec | None = None
-    teacher: TeacherSpec | None = None
     checkpoint: CheckpointSpec
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     fsdp: FsdpSpec | None = None  # set: run under torchrun with FSDP
@@ -345,8 +233,8 @@ class JobSpec(Strict):
             raise ValueError(f"group_by_length: {self.method!r} reads its rows in a fixed order (shuffled once)")
         if e.group_by_length and self.data.packed:
             raise ValueError("group_by_length: packed batches have no padding to save; use one of packed and group_by_length")
-        if e.padding_free and self.peft is not None and self.peft.method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
-            raise ValueError(f"padding_free: {self.peft.method} prepends virtual tokens to every row; it needs padded rows")
+        if e.padding_free and self.peft is not None and self.peft.peft_type in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+            raise ValueError(f"padding_free: {self.peft.peft_type} prepends virtual tokens to every row; it needs padded rows")
         if e.group_by_length and not self.data.shuffle:
             raise ValueError("group_by_length reorders the rows; it cannot be combined with shuffle=false")
         return self
@@ -366,7 +254,7 @@ class JobSpec(Strict):
     @classmethod
     def section_model(cls, section: str) -> type[BaseModel]:
         """The settings model of a method's JobSpec section (e.g. "dpo" -> DpoSpec)."""
-        return next(a for a in get_args(cls.model_fields[section].annotation) if a is not type(None))
+        return METHODS[section].settings
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path or Path(self.run_dir) / "spec.json")

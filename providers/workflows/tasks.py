@@ -506,7 +506,7 @@ class WorkflowTasks:
                 results["steps"]["validate"] = {"status": "skipped"}
             if req.export:
                 card = {"method": req.train.method, "base_model": trained["base_model"],
-                        "training": {"method": req.train.method, "peft": req.train.peft.method if req.train.peft else "full",
+                        "training": {"method": req.train.method, "peft": req.train.peft.peft_type if req.train.peft else "full",
                                      "epochs": req.train.n_epochs, "lr": req.train.lr, "job": job_uuid},
                         "data": {"rows": report["rows_total"], "rows_kept": report["rows_kept"],
                                  "preference_pairs": report["preference_pairs"],

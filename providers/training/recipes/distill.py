@@ -57,7 +57,7 @@ class DistillationTrainer(SFTTrainer):
         super().__init__(*args, **kw)
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         self.distill = distill
-        self.alpha = 0.0 if distill.method == "logit" else distill.alpha
+        self.alpha = 0.0 if distill.kind == "logit" else distill.alpha
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -183,7 +183,7 @@ class CachedDistillationTrainer(Trainer):
     def __init__(self, *args, distill: DistillSpec, **kw):
         super().__init__(*args, **kw)
         self.distill = distill
-        self.alpha = 0.0 if distill.method == "logit" else distill.alpha
+        self.alpha = 0.0 if distill.kind == "logit" else distill.alpha
         self.extra_metrics: dict[str, list[float]] = {"hard_loss": [], "soft_loss": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -224,7 +224,7 @@ def train_from_cached_logits(spec: JobSpec, files: RunFiles, rows: list[dict]) -
     d = spec.distill
     if "topk_ids" not in rows[0]:
         raise ValueError(f"{d.teacher_outputs_dir} has answers but no top-k log-probs (teacher top_k was null): "
-                         f"method {d.method!r} needs them; use method 'output'")
+                         f"method {d.kind!r} needs them; use method 'output'")
     check_same_tokenizer(spec.model, d.teacher_outputs_dir)
     tokenizer = load_tokenizer(spec.model)
     model = load_model(spec.model, spec)
@@ -257,10 +257,10 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         rows = read_shards(d.teacher_outputs_dir)
         if not rows:
             raise ValueError(f"teacher_outputs_dir {d.teacher_outputs_dir} holds no teacher outputs")
-        if d.method == "output":
+        if d.kind == "output":
             return sft.train(spec, files, train_ds=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]))
         return train_from_cached_logits(spec, files, rows)
-    if d.method == "output":
+    if d.kind == "output":
         rows = load_dataset(spec.data.train_file).to_list()
         generated = teacher_answers(spec, rows)
         write_jsonl(generated, files.dir / "teacher_outputs.jsonl")
