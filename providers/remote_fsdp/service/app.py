@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-token", help=argparse.SUPPRESS)  # deprecated: visible in ps
     parser.add_argument("--api-keys-file", help="YAML/JSON file of users: name, role (admin|member), key_sha256 and "
                                                 "limits; each user sees only its own jobs, files and models "
-                                                "(README: Security)")
+                                                "(docs/security.md)")
     parser.add_argument("--node-token-file", help="file holding the cluster's node (join) token: needed to take "
                                                   "or join nodes (env TRL_FSDP_NODE_TOKEN)")
     parser.add_argument("--insecure-no-auth", action="store_true",
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                              "a job's training_config.scheduling.progress_timeout_s overrides it)")
     parser.add_argument("--launchers-config", help=f"YAML file: which launchers jobs may use ({', '.join(LAUNCHERS)}), "
                                                    "their settings and the shared run dir "
-                                                   "(env TRL_FSDP_LAUNCHERS_CONFIG; README: Running on Slurm / Ray)")
+                                                   "(env TRL_FSDP_LAUNCHERS_CONFIG; docs/clusters.md)")
     parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
                                                   "name, the Hub token and namespaces exports may push to, Hub "
                                                   "downloads (env TRL_FSDP_OUTBOUND_CONFIG; default: none of them)")
@@ -306,9 +306,22 @@ def main(argv: list[str] | None = None) -> None:
             logger.setLevel(logging.NOTSET)
     # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
     # before its exit handlers run (the zygote's temporary directory would stay behind).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGTERM, lambda *_: exit_after_handlers(128 + signal.SIGTERM))
     log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+def exit_after_handlers(code: int) -> None:
+    """Run the exit handlers (the zygote's temporary directory, logging) and leave without the interpreter's
+    teardown: with transformers' Trainer imported, its final garbage collections take seconds of CPU."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def read_launchers_config(path: str) -> LaunchersConfig:
