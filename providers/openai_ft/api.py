@@ -639,25 +639,26 @@ class OpenAIFineTuning:
             self.state.put_job(rec)
         return self.job_object(rec)
 
-    def pause(self, job_id: str) -> dict[str, Any]:
+    async def pause(self, job_id: str) -> dict[str, Any]:
         """Stop a queued or running job so that it can resume: a running job first saves a checkpoint at the end
-        of its current step (waiting at most PAUSE_WAIT_S for it), then its processes are stopped."""
+        of its current step (waiting at most PAUSE_WAIT_S for it, on the event loop: a waiting pause holds no
+        worker thread), then its processes are stopped."""
         rec = self.state.get_job(job_id)
         view = self._view(rec)
         status = view["status"] if view else None
         if status not in ACTIVE:
             raise ApiError(409, f"fine_tuning_job_id: {job_id} is {openai_status(status, rec.get('paused'))}; only "
                                 "queued or running jobs pause", "fine_tuning_job_id")
-        step = self._pause_checkpoint(job_id, view) if status == "in_progress" else None
+        step = await self._pause_checkpoint(job_id, view) if status == "in_progress" else None
         if self._core_status(rec) not in ACTIVE:  # it ended (finished, failed) before it reached a step end
             return self.job_object(rec)
-        self.service.cancel_job(job_id)
+        await asyncio.to_thread(self.service.cancel_job, job_id)
         message = (f"Job paused with a checkpoint at step {step}; it resumes there" if step is not None else
                    "Job paused; it resumes from its newest checkpoint")
         rec = self.state.add_event(job_id, message, paused=True)
         return self.job_object(rec)
 
-    def _pause_checkpoint(self, job_id: str, view: dict[str, Any]) -> int | None:
+    async def _pause_checkpoint(self, job_id: str, view: dict[str, Any]) -> int | None:
         """Ask the running job for a checkpoint (RunFiles.pause_request) and wait until it is recorded; its
         step, or None when none came in PAUSE_WAIT_S or the job ended first."""
         files = RunFiles(view["resources_allocated"]["run_dir"])
@@ -671,7 +672,7 @@ class OpenAIFineTuning:
                 pass
             if self.service.job_view(job_id)["status"] not in ACTIVE:
                 return None
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         return None
 
     def resume(self, job_id: str) -> dict[str, Any]:

@@ -72,9 +72,9 @@ def openai_ft_router(api: OpenAIFineTuning) -> APIRouter:
             return api.cancel(job_id)
 
     @r.post("/fine_tuning/jobs/{job_id}/pause")
-    def pause_job(job_id: str) -> dict[str, Any]:
+    async def pause_job(job_id: str) -> dict[str, Any]:  # waits for the checkpoint on the event loop
         with openai_errors("fine_tuning_job_id"):
-            return api.pause(job_id)
+            return await api.pause(job_id)
 
     @r.post("/fine_tuning/jobs/{job_id}/resume")
     def resume_job(job_id: str) -> dict[str, Any]:
