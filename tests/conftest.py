@@ -24,6 +24,9 @@ from helpers import (  # noqa: E402
     stop_process_group,
     wait_for_health,
 )
+# The operators' tools service: defined here, so every module that uses it (test_cli*, test_dashboard) shares
+# one for the session; a module importing a fixture gets its own copy (another service).
+from operator_fixtures import cli_env, ops_service  # noqa: E402, F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_YAML = REPO_ROOT / "run.yaml"

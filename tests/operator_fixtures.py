@@ -1,8 +1,9 @@
 """Fixtures shared by the operators' tools tests (tests/test_cli.py, tests/test_dashboard.py): one FSDP
 service with an API token for the whole session, the `trl-post-training` command, artifacts folder.
 
-Imported by those modules (`from operator_fixtures import ...`), so the service starts once even when
-both run in one session. Everything listens on 127.0.0.1 only.
+The fixtures (ops_service, cli_env) are registered by tests/conftest.py, so the service starts once even when
+several modules use it; modules import only the helpers (a module importing a fixture would start its own).
+Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations

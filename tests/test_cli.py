@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 from helpers import processes_mentioning, wait_until
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (
     EXAMPLES,
     REPO_ROOT,
     artifacts_dir,
     cli,
     cli_command,
-    cli_env,
     long_sft_file,
-    ops_service,
     tmux_available,
 )
 

@@ -12,14 +12,12 @@ import subprocess
 import pytest
 import yaml
 from helpers import wait_until
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (
     EXAMPLES,
     REPO_ROOT,
     cli,
     cli_command,
-    cli_env,
     long_sft_file,
-    ops_service,
 )
 
 pytestmark = pytest.mark.slow

@@ -17,16 +17,14 @@ import time
 import httpx
 import pytest
 from helpers import free_port, processes_mentioning, stop_process_group, wait_for_health, wait_until
-from operator_fixtures import (  # noqa: F401 - fixtures
+from operator_fixtures import (
     EXAMPLES,
     REPO_ROOT,
     artifacts_dir,
     chromium_path,
     cli,
     cli_command,
-    cli_env,
     long_sft_file,
-    ops_service,
     save_json,
 )
 
