@@ -310,3 +310,11 @@ def test_grpo_rows_keep_the_columns_the_graders_read(tmp_path, tiny_models, toy_
                    {"graded_prompt": dialog})
     first = json.loads(Path(spec.data.train_file).read_text().splitlines()[0])
     assert first == {"prompt": [{"role": "user", "content": "reverse: a b"}], "answer": "b a", "level": 1}
+
+
+def test_the_docs_show_every_methods_algorithm_config():
+    """docs/inline-trl.md shows a request of every method the table makes requestable with a settings model."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "inline-trl.md").read_text()
+    missing = [t for m in METHODS.values() if m.call and m.settings for t in m.algorithm_types
+               if t and f'"type": "{t}"' not in docs]
+    assert not missing, f"docs/inline-trl.md shows no algorithm_config of type {missing}"
