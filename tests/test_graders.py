@@ -3,6 +3,7 @@ the field it is about, templates that cannot escape their sandbox or run unbound
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import time
@@ -246,6 +247,84 @@ def test_rendered_output_is_bounded():
     template = "{{ item.big }}" * 100
     out = render(template, {"big": "x" * 100_000}, {"output_text": ""})
     assert len(out) == RENDERED_MAX_CHARS
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{{ item.x | round(100000000, 'floor') }}", "'round': 100000000 is not accepted as precision: an integer from 0"),
+    ("{{ item.x | round(2, 'up') }}", "method: 'common', 'ceil' or 'floor'"),
+    ("{{ item.x | tojson(100000000) }}", "'tojson' takes no arguments"),
+    ("{{ item.x | trim('" + "ab" * 20 + "') }}", "chars: text of at most 16"),
+    ("{{ item.x | int(0, 99) }}", "base: 0 or 2 to 36"),
+    ("{{ item.x | lower(1) }}", "'lower' takes no arguments"),
+    ("{{ item.x | default(1, 2, 3) }}", "'default' takes default_value"),
+])
+def test_filter_arguments_are_bounded_when_the_template_is_checked(template, match):
+    start = time.monotonic()
+    refused([{"type": "string_check", "name": "s", "input": template, "reference": "y"}], match)
+    assert time.monotonic() - start < 1  # refused before 10**100000000 is computed (minutes, holding the GIL)
+
+
+def test_the_environment_holds_only_the_allowed_filters_and_no_tests_or_globals():
+    from providers.graders.templates import _ENV, FILTER_ARGS
+
+    assert set(_ENV.filters) == set(FILTER_ARGS) and "join" not in _ENV.filters
+    assert _ENV.tests == {} and _ENV.globals == {}
+
+
+def test_a_chain_of_filters_cannot_grow_a_value():
+    """tojson doubles every backslash: 40 of them chained would be 2**40 times the field."""
+    start = time.monotonic()
+    out = render("{{ item.x" + " | tojson" * 40 + " | length }}", {"x": "\\" * 1000}, {"output_text": ""})
+    assert int(out) <= RENDERED_MAX_CHARS and time.monotonic() - start < 5
+
+
+def test_a_filter_that_cannot_take_the_rows_value_is_a_field_error():
+    message = refused([{"type": "string_check", "name": "s", "input": "{{ item.answer | round }}", "reference": "y"}],
+                      "^graders\\[0\\].input: a filter cannot take the row's value", item={"answer": "four"})
+    assert "__round__" in message
+
+
+def test_the_graders_text_is_bounded_before_any_template_is_parsed():
+    from providers.graders.models import GRADERS_MAX_CHARS
+
+    unit = "{{ item.x | lower | trim }}"
+    part = unit * (4000 // len(unit))
+    judge = {"type": "score_model", "name": "j", "model": "/m", "input": [{"role": "user", "content": [part] * 16}] * 16}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"at most {GRADERS_MAX_CHARS} in all"):
+        parse_graders([{**judge, "name": f"j{i}"} for i in range(16)])  # 16 MB of templates
+    assert time.monotonic() - start < 1
+
+
+def test_rouge_compares_the_first_tokens_of_each_side():
+    from providers.graders.models import SIMILARITY_MAX_TOKENS
+
+    same = "a " * SIMILARITY_MAX_TOKENS
+    assert sim("rouge_l", same + "b " * 30_000, same + "c " * 30_000) == 1.0  # what follows the bound is not read
+    assert sim("rouge_l", "x " + same, same) < 1.0
+
+
+@pytest.mark.slow
+def test_the_row_check_runs_in_a_child_within_cpu_and_memory_limits(tmp_path):
+    from providers.graders.row_check import GraderCheckOverLimit, check_rows
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "answer": "4", "x": "a " * 10_000_000}) + "\n")
+    graders = parse_graders([{"type": "string_check", "name": "e", "input": OUT, "reference": "{{ item.answer }}"}])
+    check_rows(graders, rows, "graders", "rows")
+    with pytest.raises(ValueError, match=r"graders\[0\]\.reference: no field 'missing'.*row 0 of rows has columns"):
+        check_rows(parse_graders([{**EXACT_MISSING}]), rows, "graders", "rows")
+    slow = parse_graders([{"type": "string_check", "name": "e", "input": "{{ item.x | title | length }}",
+                           "reference": "y"}])  # linear, and about 14 s on 10 million words
+    start = time.monotonic()
+    with pytest.raises(GraderCheckOverLimit, match="more than 1 CPU seconds"):
+        check_rows(slow, rows, "graders", "rows", cpu_seconds=1)
+    assert time.monotonic() - start < 10
+    with pytest.raises(GraderCheckOverLimit, match="more than 64 MB of memory"):
+        check_rows(graders, rows, "graders", "rows", memory_bytes=64 << 20)
+
+
+EXACT_MISSING = {"type": "string_check", "name": "e", "input": OUT, "reference": "{{ item.missing }}"}
 
 
 def test_template_reads_row_fields_json_output_and_filters():
