@@ -162,7 +162,7 @@ class TinkerModel:
         outputs = [{"logprobs": logp[i, :len(d.tokens)].detach().numpy().astype(np.float32),
                     "elementwise_loss": elementwise[i, :len(d.tokens)].detach().numpy().astype(np.float32)}
                    for i, d in enumerate(data)]
-        return outputs, {"loss:sum": float(loss)}
+        return outputs, {"loss:sum": loss.item()}
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,146 @@
+"""The Tinker API (/api/v1) driven by the official `tinker` SDK, as a research team's own loop would: one
+service with two users whose keys carry the SDK's `tml-` prefix; the tiny student model on CPU.
+
+A training client's logprobs before any step are the base model's (a plain transformers forward);
+supervised loss falls through forward_backward + optim_step; what the model memorised comes back from a
+sampling client at temperature 0; save_state -> create_training_client_from_state gives the same logprobs;
+bad input fails through the SDK's own exception (never a stuck future); another user's sessions, models and
+tinker:// paths answer as missing ones; max_sessions caps a user's open sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+from helpers import users_service  # noqa: E402
+
+ALICE, BOB = "tml-alice-0123456789abcdef", "tml-bob-0123456789abcdef"
+USERS = {"alice": ("member", ALICE, {}), "bob": ("member", BOB, {"max_sessions": 1})}
+TEXT = "The cat sat on the mat."
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_models):
+    models_root = str(Path(tiny_models["student"]).parent)
+    with users_service(tmp_path_factory.mktemp("tinker"), USERS, models_root) as (url, data, log):
+        yield url, data, log
+
+
+@pytest.fixture(scope="module")
+def alice(service):
+    return tinker.ServiceClient(base_url=service[0], api_key=ALICE)
+
+
+@pytest.fixture(scope="module")
+def trained(alice, tiny_models):
+    """Alice's training client, its tokenizer's ids of TEXT, one datum (a 4-token prompt and its 4-token
+    completion, weighted on the completion), its logprobs before any step and the losses of 20 steps."""
+    tc = alice.create_lora_training_client(base_model=tiny_models["student"], rank=16, seed=0).result()
+    ids = tc.get_tokenizer().encode(TEXT)[:8]  # from get_info's tokenizer_id: a local path, no hub
+    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                        loss_fn_inputs={"target_tokens": ids[1:], "weights": [0.0] * 3 + [1.0] * 4})
+    before = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    losses = []
+    for _ in range(20):
+        fb = tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+        losses.append(fb.metrics["loss:sum"])
+    return tc, ids, datum, before, losses
+
+
+def test_first_logprobs_are_the_base_models(trained, tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, ids, _, before, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0]
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).numpy()
+    np.testing.assert_allclose(before, expected, atol=1e-4)
+
+
+def test_supervised_loss_falls(trained):
+    _, ids, _, before, losses = trained
+    assert losses[0] == pytest.approx(-before[3:].sum(), rel=1e-4)  # cross-entropy: the weighted SUM
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_memorised_text_comes_back_from_the_sampler(trained):
+    tc, ids, datum, _, _ = trained
+    sampler = tc.save_weights_and_get_sampling_client()
+    prompt, rest = ids[:4], ids[4:]
+    out = sampler.sample(types.ModelInput.from_ints(prompt), 2,
+                         types.SamplingParams(max_tokens=len(rest), temperature=0, seed=1)).result()
+    assert [s.tokens for s in out.sequences] == [rest, rest]
+    assert out.sequences[0].stop_reason == "length"
+    # the sampler's logprobs of its tokens are the trainer's for the same tokens
+    trainer = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(out.sequences[0].logprobs, trainer[3:], atol=1e-4)
+
+
+def test_save_state_then_from_state_gives_the_same_logprobs(alice, trained):
+    tc, _, datum, _, _ = trained
+    path = tc.save_state("after-12").result().path
+    assert path.startswith("tinker://") and path.endswith("/weights/after-12")
+    here = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    for restored in (alice.create_training_client_from_state(path).result(),
+                     alice.create_training_client_from_state_with_optimizer(path).result()):
+        there = restored.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        np.testing.assert_allclose(there, here, atol=1e-5)
+
+
+def test_bad_input_is_a_clear_error_through_the_sdk(trained):
+    tc, ids, _, _, _ = trained
+
+    def datum(tokens, **inputs):
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+    cases = [
+        (lambda: tc.forward_backward([datum(ids[:3], target_tokens=ids[1:4])], "nope"), "loss_fn: 'nope'"),
+        (lambda: tc.forward_backward([datum(ids[:3], target_tokens=ids[1:4], weights=[1.0, 1.0])],
+                                     "cross_entropy"), "loss_fn_inputs.weights: 2 values for 3"),
+        (lambda: tc.forward_backward([datum([1, 2, 10**6], target_tokens=[2, 3, 4])], "cross_entropy"),
+         "token id 1000000 is outside the vocabulary"),
+        (lambda: tc.forward_backward([datum(ids[:3], target_tokens=ids[1:4])], "importance_sampling"),
+         "loss_fn_inputs.logprobs: required"),
+    ]
+    sampler = tc.save_weights_and_get_sampling_client()
+    prompt = types.ModelInput.from_ints(ids[:3])
+    cases += [
+        (lambda: sampler.sample(prompt, 10_000, types.SamplingParams(max_tokens=4)), "num_samples: 10000"),
+        (lambda: sampler.sample(prompt, 1, types.SamplingParams(max_tokens=10**7)), "max_tokens: 10000000"),
+    ]
+    for call, message in cases:
+        with pytest.raises(tinker.BadRequestError, match=message):
+            call().result(timeout=60)
+
+
+def test_another_users_ids_and_paths_are_missing(service, alice, trained, tiny_models):
+    tc, _, datum, _, _ = trained
+    path = tc.save_state("alices").result().path
+    bob = tinker.ServiceClient(base_url=service[0], api_key=BOB)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        bob.create_training_client_from_state(path).result(timeout=60)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        bob.create_sampling_client(model_path=path).sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result(timeout=60)
+    http = httpx.Client(base_url=service[0] + "/api/v1", headers={"X-API-Key": BOB}, timeout=30)
+    answer = http.post("/get_info", json={"model_id": tc.model_id})
+    assert answer.status_code == 404 and "unknown model" in answer.text, answer.text
+    # bob's own session works; a second one is over his max_sessions
+    assert bob.create_lora_training_client(base_model=tiny_models["student"], rank=4).result().get_info()
+    again = tinker.ServiceClient(base_url=service[0], api_key=BOB)  # the SDK opens its session on first use
+    with pytest.raises(tinker.PermissionDeniedError, match="max_sessions"):
+        again.create_lora_training_client(base_model=tiny_models["student"], rank=4).result(timeout=60)
+    with pytest.raises(tinker.AuthenticationError, match="wrong API key"):
+        tinker.ServiceClient(base_url=service[0], api_key="tml-not-a-key-of-this-service").create_lora_training_client(
+            base_model=tiny_models["student"], rank=4).result(timeout=60)
