@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import access
 from ..api.multipart import read_multipart
 from ..api.requests import LoraFinetuningConfig, PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from ..errors import BadRequest, NotFound, client_errors, first_validation_error
+from ..errors import BadRequest, ClientError, NotFound, client_errors, first_validation_error
 from ..jobs.store import ACTIVE, UnknownJobError
 from ..state_files import load_state
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -446,7 +446,14 @@ class OpenAIFineTuning:
                 route = "supervised-fine-tune"
             # The event first: an idle service starts the job at once, and its start must come after this
             self.state.add_event(job_id, "Files validated, moving job to queued state")
-            self.service.submit_job(route, req)
+            try:
+                self.service.submit_job(route, req)
+            except ClientError as e:  # the grader's fields by the names this API's request gave them
+                grader = "algorithm_config.graders[0]"
+                if rec["method"] != "reinforcement" or not str(e).startswith(grader):
+                    raise
+                raise ApiError(e.status, "method.reinforcement.grader" + str(e)[len(grader):],
+                               "method.reinforcement.grader") from None
         with self.state.lock:
             rec = self.state.get_job(job_id)
             rec["submitted"] = True
