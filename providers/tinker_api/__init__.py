@@ -21,13 +21,6 @@ PREFIX = "/api/v1"
 
 def install(app, core: ServiceCore) -> None:
     """Mount the routes behind the client keys; resident models stop with the service."""
-    import importlib.util
-    import logging
-
-    if importlib.util.find_spec("tinker") is None:  # its protobuf messages are the wire format
-        logging.getLogger("providers.tinker_api").warning(
-            "the Tinker API (/api/v1) is off: install the `tinker` package (pip install tinker==0.38.0) to serve it")
-        return
     # Here, not at the top: the SDK's protobuf module and torch load only in a service that mounts this.
     from .routes import tinker_router
     from .service import TinkerService
