@@ -126,7 +126,7 @@ def test_a_refused_request_exits_2_with_one_line(cli_env, files, case):
 ], ids=" ".join)
 def test_a_wrong_token_exits_2_with_one_line(cli_env, args):
     one_line_error(cli({**cli_env, "TRL_POST_TRAINING_TOKEN": "wrong"}, *args, check=None), 2,
-                   "HTTP 401 Unauthorized", "bearer token")
+                   "HTTP 401 Unauthorized", "wrong API key")
 
 
 def test_usage_errors_exit_2_and_an_unreachable_server_exits_1(cli_env, files):

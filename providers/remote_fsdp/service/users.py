@@ -138,8 +138,9 @@ def client_auth(keys: UserKeys | None, node_token: str | None = None, internal_k
                     return
                 raise HTTPException(
                     status_code=401,
-                    detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)" if not header and not key else
-                            "wrong API key: the bearer key is not one of this service's keys (--api-keys-file)"))
+                    detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)"
+                            if not header and not key else
+                            "wrong API key: not a key of this service (its --api-keys-file or --api-token-file)"))
         request.state.user = user
         enter(user)
 
