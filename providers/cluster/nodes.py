@@ -245,8 +245,11 @@ class NodeRegistry:
         raise KeyError(node_id)
 
     def live(self) -> list[Node]:
-        """Up nodes, this one first, then by load."""
-        up = [n for n in self.nodes() if n.state == "up"]
+        """Up nodes that new work may go to, this one first, then by load: a node loaded from the file at a
+        restart is given time to beat (its running parts are not failed), but takes new work only once it has
+        sent a heartbeat to this run of the service (it may have been down when the previous one stopped)."""
+        up = [n for n in self.nodes() if n.state == "up"
+              and (n.node_id == self.local.node_id or n.last_heartbeat >= self._since)]
         return sorted(up, key=lambda n: (n.node_id != self.local.node_id, n.load))
 
     def fitting(self, resources: ResourceRequest, live_only: bool = True) -> list[Node]:
