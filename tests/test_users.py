@@ -139,6 +139,8 @@ def test_bob_finds_nothing_of_alices_anywhere(svc, toy_data):
         for model in (job.fine_tuned_model, ckpt, f"job:{job.id}"):
             same_as_missing(bob, "POST", "/v1/openai/v1/chat/completions", job.id, fake_job,
                             json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+            same_as_missing(bob, "POST", "/v1/openai/v1/completions", job.id, fake_job, "model",
+                            json={"model": model, "prompt": "x", "max_tokens": 2, "logprobs": 1, "echo": True})
         same_as_missing(bob, "POST", "/v1/openai/v1/fine_tuning/jobs", f.id, fake_file,
                         json={"model": svc["student"], "training_file": f.id})
         same_as_missing(bob, "POST", "/v1/openai/v1/fine_tuning/jobs", job.id, fake_job,
@@ -149,6 +151,8 @@ def test_bob_finds_nothing_of_alices_anywhere(svc, toy_data):
                         ).json()["rows"] == 8
         same_as_missing(bob, "POST", "/v1/openai/v1/chat/completions", job.id, fake_job, "model",
                         json={"model": final, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        same_as_missing(bob, "POST", "/v1/completions", job.id, fake_job, "model",
+                        json={"model": final, "max_tokens": 2, "prompt": "x"})
         sft = {"job_uuid": "b-steal", "model": final, "algorithm_config": None, "logger_config": {},
                "hyperparam_search_config": {}, "checkpoint_dir": None,
                "training_config": {"n_epochs": 1, "max_steps_per_epoch": 1,

@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +105,29 @@ class ModelCache:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (before temperature and top_p), with the `top` likeliest
+    alternatives at its position (most likely first; empty unless asked for)."""
+
+    token: str
+    logprob: float | None  # None: a prompt's first token (nothing before it)
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Delta(str):
+    """A streamed piece of text; `logprobs`: the tokens decoded since the previous piece (when asked for)."""
+
+    logprobs: Sequence[TokenLogprob] = ()
+
+
+@dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (eos or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked for
 
 
 def prompt_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
@@ -118,6 +136,27 @@ def prompt_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> list[int]
         return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     return tok(text, add_special_tokens=True)["input_ids"]
+
+
+def text_prompt_ids(loaded: LoadedModel, text: str) -> list[int]:
+    """A raw completion prompt's tokens (the tokenizer's own special tokens, no chat template)."""
+    return loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _token_logprob(loaded: LoadedModel, logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    decode = loaded.tokenizer.decode
+    top = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = [(decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+    return TokenLogprob(decode([token]), float(logprobs[token]), top)
+
+
+def _prompt_logprobs(loaded: LoadedModel, ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it, from the prompt pass's logits
+    (row by row: no second vocabulary-sized copy of the whole prompt)."""
+    return [TokenLogprob(loaded.tokenizer.decode([ids[0]]), None)] + [_token_logprob(loaded, torch.log_softmax(logits[i].float(), -1), ids[i + 1], k)
+                     for i in range(len(ids) - 1)]
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -139,6 +178,19 @@ def _held_back(text: str, stop: list[str]) -> int:
 def stream_tokens(loaded: LoadedModel, ids: list[int], max_tokens: int, temperature: float, top_p: float,
                   seed: int | None) -> Iterator[int]:
     """Token ids one by one (KV cache; greedy at temperature 0), until eos or max_tokens."""
+    eos = set(_eos_ids(loaded))
+    for token, _ in token_steps(loaded, ids, max_tokens, temperature, top_p, seed):
+        if token in eos:
+            return
+        yield token
+
+
+def token_steps(loaded: LoadedModel, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                seed: int | None, top_logprobs: int | None = None, prompt_logprobs: list | None = None
+                ) -> Iterator[tuple[int, TokenLogprob | None]]:
+    """(token id, its TokenLogprob when `top_logprobs` is not None) one by one (KV cache; greedy at
+    temperature 0), until max_tokens or an eos token (yielded too: its log-prob is the answer's last). With a
+    `prompt_logprobs` list, the prompt's own log-probs are appended to it from the prompt pass (even at max_tokens 0)."""
     model = loaded.model
     eos = set(_eos_ids(loaded))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -146,8 +198,12 @@ def stream_tokens(loaded: LoadedModel, ids: list[int], max_tokens: int, temperat
     past = None
     cache_kw = _cache_keyword(model)
     with torch.inference_mode():
-        for _ in range(max_tokens):
+        for step in range(max(max_tokens, 1 if prompt_logprobs is not None else 0)):
             out = model(input_ids=x, use_cache=True, **{cache_kw: past})
+            if step == 0 and prompt_logprobs is not None:
+                prompt_logprobs.extend(_prompt_logprobs(loaded, ids, out.logits[0], top_logprobs or 0))
+                if max_tokens == 0:
+                    return
             past = getattr(out, cache_kw)
             logits = out.logits[0, -1].float().cpu()
             if temperature <= 0:
@@ -159,9 +215,12 @@ def stream_tokens(loaded: LoadedModel, ids: list[int], max_tokens: int, temperat
                     keep = sorted_p.cumsum(0) - sorted_p < top_p
                     probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
                 nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+            logprob = None
+            if top_logprobs is not None:
+                logprob = _token_logprob(loaded, torch.log_softmax(logits, -1), nxt, top_logprobs)
+            yield nxt, logprob
             if nxt in eos:
                 return
-            yield nxt
             x = torch.tensor([[nxt]], device=model.device)
 
 
@@ -180,43 +239,70 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
 
 
 def generate_stream(loaded: LoadedModel, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None
-                    ) -> Iterator[str | Completion]:
-    """Text deltas as they are decoded, then the Completion (text, token counts, finish reason)."""
+                    top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                    top_logprobs: int | None = None) -> Iterator[str | Completion]:
+    """A chat reply: text deltas as they are decoded, then the Completion (text, token counts, finish reason)."""
+    return generate_ids_stream(loaded, prompt_ids(loaded, messages), max_tokens, temperature, top_p, stop, seed,
+                               top_logprobs)
+
+
+def generate_ids_stream(loaded: LoadedModel, ids: list[int], max_tokens: int, temperature: float = 0.0,
+                        top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                        top_logprobs: int | None = None, echo_logprobs: bool = False) -> Iterator[str | Completion]:
+    """The continuation of prompt tokens `ids`: text deltas as they are decoded (`Delta`s carrying their tokens'
+    log-probs when `top_logprobs` is not None: that many alternatives each), then the Completion. `echo_logprobs`:
+    the Completion also carries the prompt tokens' log-probs."""
     stop = stop or []
-    ids = prompt_ids(loaded, messages)
     if _is_prompt_learning(loaded.model):
+        if top_logprobs is not None or echo_logprobs:
+            raise BadRequest("logprobs: not available for prefix/prompt-tuning adapters (their virtual tokens are "
+                             "added inside peft's generate); ask without logprobs")
         yield from _generate_whole(loaded, ids, max_tokens, temperature, top_p, stop, seed)
         return
+    eos = set(_eos_ids(loaded))
     generated: list[int] = []
-    sent = 0
+    logprobs: list[TokenLogprob] = []  # the generated tokens' and, at the end, the eos token's
+    prompt_logprobs: list | None = [] if echo_logprobs else None
+    sent_text = sent_logprobs = 0
     finish = "length"
+
+    def delta(text: str) -> Delta:
+        nonlocal sent_logprobs
+        piece = Delta(text)
+        if top_logprobs is not None:
+            piece.logprobs, sent_logprobs = logprobs[sent_logprobs:], len(logprobs)
+        return piece
+
     with loaded.lock:
-        for token in stream_tokens(loaded, ids, max_tokens, temperature, top_p, seed):
+        for token, logprob in token_steps(loaded, ids, max_tokens, temperature, top_p, seed, top_logprobs,
+                                          prompt_logprobs):
+            if logprob is not None:
+                logprobs.append(logprob)
+            if token in eos:
+                finish = "stop"
+                break
             generated.append(token)
             text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
             text, stopped = _cut_at_stop(text, stop)
             if stopped:
                 finish = "stop"
-                if len(text) > sent:
-                    yield text[sent:]
-                sent = len(text)
+                if len(text) > sent_text:
+                    yield delta(text[sent_text:])
+                sent_text = len(text)
                 break
             # Hold back a partial stop string and a trailing partial UTF-8 character.
             ready = len(text) - _held_back(text, stop)
             if text.endswith("\ufffd"):
                 ready = min(ready, len(text) - 1)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        else:
-            if len(generated) < max_tokens:
-                finish = "stop"
+            if ready > sent_text:
+                yield delta(text[sent_text:ready])
+                sent_text = ready
     final = loaded.tokenizer.decode(generated, skip_special_tokens=True)
     final, stopped = _cut_at_stop(final, stop)
-    if len(final) > sent:
-        yield final[sent:]
-    yield Completion(final, len(ids), len(generated), "stop" if stopped else finish)
+    if len(final) > sent_text or sent_logprobs < len(logprobs):
+        yield delta(final[sent_text:])
+    yield Completion(final, len(ids), len(generated), "stop" if stopped else finish,
+                     logprobs if top_logprobs is not None else None, prompt_logprobs)
 
 
 def _is_prompt_learning(model) -> bool:
@@ -246,10 +332,19 @@ def _generate_whole(loaded: LoadedModel, ids: list[int], max_tokens: int, temper
 
 
 def generate(loaded: LoadedModel, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Completion:
+             top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+             top_logprobs: int | None = None) -> Completion:
     """One chat completion (see generate_stream)."""
+    return generate_ids(loaded, prompt_ids(loaded, messages), max_tokens, temperature, top_p, stop, seed, top_logprobs)
+
+
+def generate_ids(loaded: LoadedModel, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None, top_logprobs: int | None = None,
+                 echo_logprobs: bool = False) -> Completion:
+    """One continuation of prompt tokens (see generate_ids_stream)."""
     result = None
-    for item in generate_stream(loaded, messages, max_tokens, temperature, top_p, stop, seed):
+    for item in generate_ids_stream(loaded, ids, max_tokens, temperature, top_p, stop, seed, top_logprobs,
+                                    echo_logprobs):
         result = item
     assert isinstance(result, Completion)
     return result
