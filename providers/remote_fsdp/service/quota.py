@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +31,7 @@ from fastapi import APIRouter
 
 from ... import access
 from ...jobs.store import ACTIVE
-from .security import PARTIAL_MARKERS, DiskQuota, QuotaExceeded
+from .security import DiskQuota, QuotaExceeded, bytes_under
 
 FsdpJobService = Any  # jobs.FsdpJobService, which imports this module (rows_bytes): named, not imported
 
@@ -51,36 +49,6 @@ GB = 1 << 30
 # (owner, path, counts against: USER | DATA_DIR, a version while the path does not change (an ended job's end
 # time): its size is measured once per version; None: measured on every scan)
 Held = tuple[str | None, Path, int, Any]
-
-
-def bytes_under(path: Path) -> int:
-    """Bytes of the regular files at or under `path` (never following links; partial files left out: their
-    writers' claims count them). A file with several hard links (a continuation model's files and the
-    checkpoint they came from) counts its share at each, so that the two together count it once."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size // st.st_nlink if stat.S_ISREG(st.st_mode) else 0
-    total, stack = 0, [path]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for e in entries:
-            if any(m in e.name for m in PARTIAL_MARKERS):
-                continue
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(Path(e.path))
-                elif e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    total += st.st_size // st.st_nlink
-            except OSError:
-                continue
-    return total
 
 
 class UserQuotas:

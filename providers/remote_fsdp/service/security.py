@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -183,6 +184,36 @@ PARTIAL_MARKERS = (".part-", ".extract-", ".upload-")
 DISK_SCAN_TTL_S = 5.0  # how long a walk of the quota dirs is trusted (a claimed write that lands ends it sooner)
 
 
+def bytes_under(path: Path) -> int:
+    """Bytes of the regular files at or under `path` (never following links; partial files left out: their
+    writers' claims count them). A file with several hard links (a continuation model's files and the
+    checkpoint they came from) counts its share at each, so that the two together count it once."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size // st.st_nlink if stat.S_ISREG(st.st_mode) else 0
+    total, stack = 0, [path]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            if any(m in e.name for m in PARTIAL_MARKERS):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    total += st.st_size // st.st_nlink
+            except OSError:
+                continue
+    return total
+
+
 class QuotaExceeded(Exception):
     """Storing more would pass the data dir's quota (--max-data-gb): the service answers 507."""
 
@@ -230,25 +261,7 @@ class DiskQuota:
         return walked + (self.users.data_dir_bytes() if self.users is not None else 0)
 
     def _walk(self) -> int:
-        total = 0
-        for name in self.dirs:
-            stack = [self.root / name]
-            while stack:
-                try:
-                    entries = list(os.scandir(stack.pop()))
-                except OSError:
-                    continue
-                for e in entries:
-                    if any(m in e.name for m in PARTIAL_MARKERS):
-                        continue
-                    try:
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append(Path(e.path))
-                        elif e.is_file(follow_symlinks=False):
-                            total += e.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        continue
-        return total
+        return sum(bytes_under(self.root / name) for name in self.dirs)
 
     def used(self) -> int:
         """Bytes on disk in the quota dirs plus bytes reserved by writers in progress."""
