@@ -14,6 +14,7 @@ of series stays bounded.
     trl_node_heartbeat_age_seconds{node_id}  seconds since the node's last heartbeat
     trl_node_up{node_id}, trl_node_load{node_id}
     trl_http_request_duration_seconds{method, route, status}   histogram
+    trl_tinker_sessions, trl_tinker_models_resident, trl_tinker_requests_queued, trl_tinker_futures_pending
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ class ServiceCollector:
         yield from (age, up, load)
 
 
+class TinkerCollector:
+    """The Tinker API's gauges (providers/tinker_api: TinkerService.gauges), when the app serves it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def collect(self):
+        tinker = getattr(self.app.state, "tinker", None)  # read at scrape time: mounted after /metrics
+        for name, (help_text, value) in (tinker.gauges().items() if tinker is not None else ()):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
 def _total_steps(run_dir: str) -> int | None:
     from ..training.run_files import RunFiles
 
@@ -149,6 +162,7 @@ def install_metrics(app, store: JobStore, nodes: NodeRegistry, auth: list) -> Co
     disable_created_metrics()  # no *_created series: Prometheus does not need them
     registry = CollectorRegistry()
     registry.register(ServiceCollector(store, nodes))
+    registry.register(TinkerCollector(app))
     histogram = Histogram(
         "trl_http_request_duration_seconds", "HTTP request latency", ["method", "route", "status"],
         registry=registry,

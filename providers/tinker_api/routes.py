@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import can_see, owner_name
@@ -261,6 +261,20 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         _, meta = svc.checkpoint(str(body.get("tinker_path", "")), "tinker_path")
         return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": meta["lora"]["rank"],
                 **{k: meta["lora"][k] for k in ("train_unembed", "train_mlp", "train_attn")}}
+
+    @r.get("/training_runs")
+    async def training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+        runs = await asyncio.to_thread(svc.training_runs)  # reads the checkpoints' records on disk
+        return {"training_runs": runs[offset:offset + limit],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+
+    @r.get("/training_runs/{run_id}")
+    async def training_run(run_id: str) -> dict:
+        return await asyncio.to_thread(svc.training_run, run_id)
+
+    @r.get("/training_runs/{run_id}/checkpoints")
+    async def checkpoints(run_id: str) -> dict:
+        return {"checkpoints": await asyncio.to_thread(svc.checkpoints, run_id)}
 
     @r.post("/create_sampling_session")
     async def create_sampling_session(body: CreateSamplingSession) -> dict:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,10 @@ class TinkerLimits(BaseModel):
     future_wait_s: float = Field(30.0, gt=0, description="how long retrieve_future holds a pending request")
     session_timeout_s: float = Field(600.0, gt=0, description="a session without heartbeat for this long ends")
     keep_futures: int = Field(10000, ge=100, description="finished results kept for retrieve_future")
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
 
 
 class Forbidden(ClientError):
@@ -119,6 +124,15 @@ class TinkerService:
         for sid, s in list(self.sessions.items()):
             if now - s.last_seen > self.limits.session_timeout_s:
                 self.end_session(sid)
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """/metrics' figures of the Tinker API: name -> (help, value)."""
+        workers = [w for s in list(self.sessions.values()) for w in list(s.workers.values())]
+        return {"trl_tinker_sessions": ("Open Tinker API sessions", len(self.sessions)),
+                "trl_tinker_models_resident": ("Models and samplers loaded in memory",
+                                               sum(w.model is not None for w in workers)),
+                "trl_tinker_requests_queued": ("Requests waiting for their model", sum(w.queue.qsize() for w in workers)),
+                "trl_tinker_futures_pending": ("Requests not yet answered", self.futures.pending())}
 
     def shutdown(self) -> None:
         for sid in list(self.sessions):
@@ -223,6 +237,61 @@ class TinkerService:
         if meta is None or not can_see(meta.get("owner")):
             raise NotFound(f"{field_name}: no checkpoint {path!r}")
         return directory, meta
+
+    # -- training runs (the REST client's listing): a run is a model id; its record outlives the session --
+    def _run_checkpoints(self, run_dir: Path) -> list[dict]:
+        """A run directory's checkpoints the caller may read, oldest first, as the SDK's Checkpoint."""
+        found = []
+        for kind in KINDS:
+            for directory in sorted((run_dir / kind).glob("*")):
+                try:
+                    meta = json.loads((directory / "tinker.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if not can_see(meta.get("owner")):
+                    continue
+                found.append({"checkpoint_id": f"{kind}/{directory.name}",
+                              "checkpoint_type": "training" if kind == "weights" else "sampler",
+                              "time": _iso(meta["created"]), "tinker_path": f"tinker://{meta['model_id']}/{kind}/"
+                              f"{directory.name}", "size_bytes": sum(f.stat().st_size for f in directory.iterdir()),
+                              "public": False, "_meta": meta})
+        return sorted(found, key=lambda c: c["time"])
+
+    def _training_run(self, run_id: str, checkpoints: list[dict]) -> dict | None:
+        rec = self.models.get(run_id)
+        if rec is not None and can_see(rec.owner):
+            owner, base, rank = rec.owner, rec.base_ref, rec.lora.rank
+            last = time.time() - (time.monotonic() - rec.worker.last_used)
+        elif checkpoints:
+            meta = checkpoints[-1]["_meta"]
+            owner, base, rank, last = meta["owner"], meta["base_model"], meta["lora"]["rank"], meta["created"]
+        else:
+            return None
+        public = [{k: v for k, v in c.items() if k != "_meta"} for c in checkpoints]
+        latest = {t: next((c for c in reversed(public) if c["checkpoint_type"] == t), None)
+                  for t in ("training", "sampler")}
+        return {"training_run_id": run_id, "base_model": base, "model_owner": owner or "", "is_lora": True,
+                "lora_rank": rank, "corrupted": False, "last_request_time": _iso(last),
+                "last_checkpoint": latest["training"], "last_sampler_checkpoint": latest["sampler"]}
+
+    def training_runs(self) -> list[dict]:
+        """The caller's runs (its resident models, and every model that saved a checkpoint), newest first."""
+        ids = {d.name.replace("-train-", ":train:") for d in self.root.glob("*-train-*")} | set(self.models)
+        runs = [self.training_run(i, missing_ok=True) for i in ids if RUN_ID.fullmatch(i)]
+        return sorted((r for r in runs if r), key=lambda r: r["last_request_time"], reverse=True)
+
+    def training_run(self, run_id: str, missing_ok: bool = False) -> dict | None:
+        run = None
+        if RUN_ID.fullmatch(run_id):
+            run = self._training_run(run_id, self._run_checkpoints(self.root / run_id.replace(":", "-")))
+        if run is None and not missing_ok:
+            raise NotFound(f"training_run_id: unknown training run {run_id!r}")
+        return run
+
+    def checkpoints(self, run_id: str) -> list[dict]:
+        self.training_run(run_id)  # an unknown (or another user's) run is a 404, not an empty list
+        return [{k: v for k, v in c.items() if k != "_meta"}
+                for c in self._run_checkpoints(self.root / run_id.replace(":", "-"))]
 
     def checkpoint_meta(self, rec: ModelRecord, model_id: str) -> dict:
         return {"owner": rec.owner, "model_id": model_id, "base_model": rec.base_ref,

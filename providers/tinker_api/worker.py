@@ -56,6 +56,10 @@ class FutureTable:
         with self._lock:
             return self._futures.get(rid)
 
+    def pending(self) -> int:
+        with self._lock:
+            return sum(not f.done.is_set() for f in self._futures.values())
+
     def done(self, result: Any) -> tuple[str, Future]:
         """A request answered at once (a future that is already finished)."""
         rid, fut = self.create(None)
