@@ -34,11 +34,17 @@ def preload() -> str | None:
     """Import the training stack (PRELOAD); None when this process may fork afterwards, else why not."""
     import importlib
 
-    # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import; both libraries
-    # stop and restart them around fork (pthread_atfork). Any other thread after the imports (torch's
-    # OpenMP or inter-op pools would only start with a torch op) means the process must not fork.
+    # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import, and so do scipy's own
+    # OpenBLAS workers where scipy is installed (peft imports it when it can: lm-evaluation-harness brings it);
+    # these libraries stop and restart them around fork (pthread_atfork). Any other thread after the imports
+    # (torch's OpenMP or inter-op pools would only start with a torch op) means the process must not fork.
     import numpy  # noqa: F401
     import pyarrow  # noqa: F401
+
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError:
+        pass
 
     baseline = _thread_count()
     for module in PRELOAD:
