@@ -18,8 +18,11 @@ offline into RUN_DIR/comet when no COMET_API_KEY is set; dvclive and codecarbon 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,7 @@ def logger_args(logging_spec, job_uuid: str, run_dir: str | Path) -> dict[str, A
             env.setdefault("MLFLOW_EXPERIMENT_NAME", project)
     if "trackio" in names:
         env.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))
+        import_again("trackio")  # it reads TRACKIO_DIR when imported, maybe in the zygote before this job's
     if "wandb" in names:
         env.setdefault("WANDB_DIR", str(run_dir))
         if project:
@@ -110,3 +114,17 @@ def logger_args(logging_spec, job_uuid: str, run_dir: str | Path) -> dict[str, A
     if project and "project" in {f.name for f in dataclasses.fields(TrainingArguments)}:
         args["project"] = project  # trackio reads it from the arguments
     return args
+
+
+def import_again(name: str) -> None:
+    """Import package `name` afresh (a process forked from a preloaded one has it as the zygote imported it,
+    with the zygote's environment) and point every loaded module's reference to it at the new one."""
+    old = sys.modules.get(name)
+    if old is None:
+        return
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    new = importlib.import_module(name)
+    for module in list(sys.modules.values()):
+        if isinstance(module, types.ModuleType) and vars(module).get(name) is old:  # no lazy __getattr__
+            setattr(module, name, new)
