@@ -244,18 +244,19 @@ class NodeRegistry:
                 return node
         raise KeyError(node_id)
 
-    def live(self) -> list[Node]:
-        """Up nodes that new work may go to, this one first, then by load: a node loaded from the file at a
-        restart is given time to beat (its running parts are not failed), but takes new work only once it has
-        sent a heartbeat to this run of the service (it may have been down when the previous one stopped)."""
+    def live(self, heard: bool = False) -> list[Node]:
+        """Up nodes, this one first, then by load. `heard`: only those heard from since this service started (a
+        node loaded from the file at a restart is given time to beat, so that its running parts are not failed,
+        but it may have been down when the previous run stopped: work that waited for nodes waits for it)."""
         up = [n for n in self.nodes() if n.state == "up"
-              and (n.node_id == self.local.node_id or n.last_heartbeat >= self._since)]
+              and (not heard or n.node_id == self.local.node_id or n.last_heartbeat >= self._since)]
         return sorted(up, key=lambda n: (n.node_id != self.local.node_id, n.load))
 
-    def fitting(self, resources: ResourceRequest, live_only: bool = True) -> list[Node]:
+    def fitting(self, resources: ResourceRequest, live_only: bool = True, heard: bool = False) -> list[Node]:
         """The nodes that can hold one node's share of a task asking for `resources`: the live ones (this
-        one first, then by load), or with `live_only=False` every registered one (down ones may come back)."""
-        nodes = self.live() if live_only else self.nodes()
+        one first, then by load; `heard`: as in `live`), or with `live_only=False` every registered one (down
+        ones may come back)."""
+        nodes = self.live(heard) if live_only else self.nodes()
         return [n for n in nodes if misfit(n.capabilities, resources) is None]
 
     def largest(self) -> str:

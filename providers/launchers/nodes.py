@@ -195,9 +195,10 @@ class NodesLauncher:
                 f"{self.registry.largest()}"
             )
 
-    def _fitting(self, resources: ResourceRequest, nnodes: int) -> list[Node] | None:
-        """`nnodes` live nodes with `resources`, this coordinator first, then the least loaded; None if too few."""
-        nodes = self.registry.fitting(resources)
+    def _fitting(self, resources: ResourceRequest, nnodes: int, heard: bool = False) -> list[Node] | None:
+        """`nnodes` live nodes with `resources`, this coordinator first, then the least loaded; None if too few.
+        `heard`: only nodes heard from since this service started (NodeRegistry.live)."""
+        nodes = self.registry.fitting(resources, heard=heard)
         if len(nodes) < nnodes or nodes[0].node_id != self.registry.local.node_id:
             return None
         return nodes[:nnodes]
@@ -266,7 +267,7 @@ class NodesLauncher:
             with self._lock:
                 if job_uuid not in self._pending:  # cancelled meanwhile
                     continue
-                nodes = self._fitting(ResourceRequest(**entry["resources"]), entry["nnodes"])
+                nodes = self._fitting(ResourceRequest(**entry["resources"]), entry["nnodes"], heard=True)
                 if nodes is None:
                     continue
                 self._placing.add(job_uuid)
