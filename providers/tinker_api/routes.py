@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import can_see, owner_name
@@ -256,9 +256,8 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         return submit(rec.worker, work, model_id=model_id)
 
     @r.post("/weights_info")
-    async def weights_info(request: Request) -> dict:
-        body = await request.json()
-        _, meta = svc.checkpoint(str(body.get("tinker_path", "")), "tinker_path")
+    async def weights_info(body: dict[str, Any] = Body(...)) -> dict:  # not JSON, not an object: a 400
+        _, meta = svc.checkpoint(str(body.get("tinker_path", ""))[:2000], "tinker_path")
         return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": meta["lora"]["rank"],
                 **{k: meta["lora"][k] for k in ("train_unembed", "train_mlp", "train_attn")}}
 
