@@ -138,6 +138,8 @@ class JobManager:
         for job in self.store.list(statuses=ACTIVE):
             external_id = job.external_id or (str(job.pid) if job.status == "in_progress" and job.pid else None)
             if external_id is None:
+                if self.launchers.get(job.launcher) is self.local:  # started just before the server died?
+                    self.local.stop_strays(RunFiles(job.run_dir))
                 problem = self._unstartable(job)
                 if problem:
                     self.fail(job.job_uuid, problem)

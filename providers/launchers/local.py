@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -66,6 +67,26 @@ def process_group_runs(pgid: int, run_dir: str) -> bool:
         except (OSError, IndexError, ValueError):
             continue
     return False
+
+
+def groups_running(run_dir: str) -> set[int]:
+    """The process groups (not this process's own) that hold a process whose command line names `run_dir`."""
+    proc, own = Path("/proc"), os.getpgrp()
+    # the run dir as a whole path: runs/job-1 must not match runs/job-1-queued
+    needle = re.compile(re.escape(str(run_dir).encode()) + rb"(?=$|[\x00 /)])")
+    groups: set[int] = set()
+    if not proc.is_dir():
+        return groups
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) != own and needle.search((entry / "cmdline").read_bytes()):
+                groups.add(int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return groups
 
 
 def check_host_processes(nproc_per_node: int) -> None:
@@ -192,6 +213,12 @@ class LocalLauncher:
             self._adopted[external_id] = str(files.dir)
             return True
         return False
+
+    def stop_strays(self, files: RunFiles) -> None:
+        """Stop processes of a job the server had started but not yet recorded as started when it died (its run
+        dir named on their command line): the job is queued again, and one incarnation at a time may run."""
+        for pgid in groups_running(str(files.dir)):
+            kill_process_group(pgid)
 
     def stop_orphan(self, external_id: str, files: RunFiles) -> None:
         """Stop what is left of a job whose server died (its recorded group, if it still runs the job)."""
