@@ -11,11 +11,11 @@ and the operator routes (/metrics); a `member` only on its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -69,19 +69,10 @@ def can_see(owner: str | None) -> bool:
     return user is None or user.is_admin or (owner is not None and owner == user.name)
 
 
-def visible(records: Iterable[Any], owner_of=lambda r: r.get("owner")) -> list[Any]:
-    """The records the running request may see."""
-    return [r for r in records if can_see(owner_of(r))]
-
-
 def enter(user: User | None):
-    """Make `user` the current user until the returned token is handed to `leave` (the key check does this
-    once per request)."""
+    """Make `user` the current user for the rest of this context (the key check does this once per request;
+    each request runs in a context of its own)."""
     return _current.set(user)
-
-
-def leave(token) -> None:
-    _current.reset(token)
 
 
 @contextmanager

@@ -198,19 +198,24 @@ def tinker_router(svc: TinkerService) -> APIRouter:
 
         return submit(rec.worker, work, model_id=body.model_id)
 
-    @r.post("/save_weights")
-    async def save_weights(body: SaveWeights) -> dict:
-        rec = svc.model(body.model_id)
-        directory, path = svc.checkpoint_dir(body.model_id, "weights", body.path)
-        if directory.exists() and not body.overwrite:
+    def save(rec, body: SaveWeights, kind: str, answer: str, with_optimizer: bool) -> dict:
+        """A model's weights (and optimizer state) saved as tinker://RUN/KIND/NAME by its worker, in its order;
+        named weights are not replaced unless `overwrite`, sampler weights always are."""
+        directory, path = svc.checkpoint_dir(body.model_id, kind, body.path)
+        if with_optimizer and directory.exists() and not body.overwrite:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
         meta = svc.checkpoint_meta(rec, body.model_id)
 
         def work(m: TinkerModel) -> dict:
-            m.save(directory, with_optimizer=True, meta=meta)
-            return {"type": "save_weights", "path": path}
+            m.save(directory, with_optimizer=with_optimizer, meta=meta)
+            return {"type": answer, "path": path}
 
         return submit(rec.worker, work, model_id=body.model_id)
+
+    @r.post("/save_weights")
+    async def save_weights(body: SaveWeights) -> dict:
+        rec = svc.model(body.model_id)
+        return save(rec, body, "weights", "save_weights", with_optimizer=True)
 
     @r.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(body: SaveWeights) -> dict:
@@ -226,14 +231,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
                 return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
             return submit(rec.worker, take, model_id=body.model_id)
-        directory, path = svc.checkpoint_dir(body.model_id, "sampler_weights", body.path)
-        meta = svc.checkpoint_meta(rec, body.model_id)
-
-        def work(m: TinkerModel) -> dict:
-            m.save(directory, with_optimizer=False, meta=meta)
-            return {"type": "save_weights_for_sampler", "path": path}
-
-        return submit(rec.worker, work, model_id=body.model_id)
+        return save(rec, body, "sampler_weights", "save_weights_for_sampler", with_optimizer=False)
 
     @r.post("/load_weights")
     async def load_weights(body: LoadWeights) -> dict:

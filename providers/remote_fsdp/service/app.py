@@ -112,7 +112,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.registry = registry
 
     keys = config.user_keys()
-    service.jobs.limits_of = lambda owner: (keys.named(owner).limits if keys and keys.named(owner) else None)
+    if keys is not None:
+        service.jobs.limits_of = keys.limits_of
     internal_key = secrets.token_urlsafe(32)  # the service's calls to its own routes; never leaves this process
     auth = [Depends(client_auth(keys, config.node_token, internal_key))]
     node_only = [Depends(node_auth(config.node_token))]

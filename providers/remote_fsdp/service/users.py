@@ -91,6 +91,11 @@ class UserKeys:
     def named(self, name: str | None) -> User | None:
         return self._by_name.get(name) if name else None
 
+    def limits_of(self, name: str | None) -> UserLimits | None:
+        """The limits of the user named `name` (None: no such user, e.g. the service's own jobs)."""
+        user = self.named(name)
+        return user.limits if user is not None else None
+
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
@@ -117,34 +122,32 @@ def client_auth(keys: UserKeys | None, node_token: str | None = None, internal_k
     acts as the service itself."""
 
     async def require_user(request: Request) -> None:  # async: it runs in the request's own context
-        if keys is None:
-            user = LOCAL_ADMIN
-        else:
-            header = request.headers.get("authorization", "")
-            scheme, _, key = header.partition(" ")
-            key = key.strip() if scheme.lower() == "bearer" else ""
-            if not key:  # the Tinker SDK sends the same key as X-API-Key
-                key = request.headers.get("x-api-key", "").strip()
-            user = keys.user_of(key) if key else None
-            if user is None and internal_key is not None and _same_secret(key, internal_key):
-                request.state.user = NODE_PRINCIPAL
-                enter(NODE_PRINCIPAL)
-                return
-            if user is None:
-                given = request.headers.get(NODE_TOKEN_HEADER)
-                if node_token is not None and given is not None and _same_secret(given, node_token):
-                    request.state.user = NODE_PRINCIPAL
-                    enter(NODE_PRINCIPAL)
-                    return
-                raise HTTPException(
-                    status_code=401,
-                    detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)"
-                            if not header and not key else
-                            "wrong API key: not a key of this service (its --api-keys-file or --api-token-file)"))
+        user = LOCAL_ADMIN if keys is None else _key_user(request, keys, node_token, internal_key)
         request.state.user = user
         enter(user)
 
     return require_user
+
+
+def _key_user(request: Request, keys: UserKeys, node_token: str | None, internal_key: str | None) -> User | None:
+    """The user a request's key names; NODE_PRINCIPAL (the service) for the node token or the internal key;
+    a 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    if not key:  # the Tinker SDK sends the same key as X-API-Key
+        key = request.headers.get("x-api-key", "").strip()
+    user = keys.user_of(key) if key else None
+    if user is not None:
+        return user
+    given = request.headers.get(NODE_TOKEN_HEADER)
+    if (internal_key is not None and key and _same_secret(key, internal_key)) or (
+            node_token is not None and given is not None and _same_secret(given, node_token)):
+        return NODE_PRINCIPAL
+    raise HTTPException(
+        status_code=401,
+        detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)" if not header and not key
+                else "wrong API key: not a key of this service (its --api-keys-file or --api-token-file)"))
 
 
 def require_admin(request: Request) -> None:
