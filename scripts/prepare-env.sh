@@ -10,7 +10,9 @@ fi
 . .venv/bin/activate
 # This kind of machine's pip config names local index folders that may be absent; pip warns about each
 # one on every install, a warning no user can act on. Every other line of pip's output passes through.
-quiet_pip() { { pip "$@" 2>&1 1>&3 | sed '/is ignored: it is neither a file nor a directory/d' >&2; } 3>&1; }
+# Also: pytablewriter (lm-evaluation-harness, test extras) asks for mbstrdecoder[all], an extra that release dropped.
+quiet_pip() { { pip "$@" 2>&1 1>&3 | sed -e '/is ignored: it is neither a file nor a directory/d' \
+  -e "/mbstrdecoder [0-9.]* does not provide the extra 'all'/d" >&2; } 3>&1; }
 python -m pip install -q --upgrade pip 2>/dev/null || true
 if ! python -c "import torch" 2>/dev/null; then
   quiet_pip install -q "torch==2.13.0"
