@@ -170,7 +170,7 @@ def test_a_percent_encoded_newline_cannot_forge_an_audit_line(svc):
     lines = wait_until(lambda: [line for line in svc.log.read_text(errors="replace").splitlines() if "10.6.6.6" in line],
                        30, message="the audit line of the forged request")
     for line in lines:
-        assert not line.startswith("2026-01-01") and "127.0.0.1 GET /v1/post-training/jobs\\n" in line, line
+        assert not line.startswith("2026-01-01") and " GET /v1/post-training/jobs\\n" in line, line
     assert not any("\x1b" in line or "\u2028" in line or "\r" in line for line in svc.log.read_text().splitlines())
 
 

@@ -215,8 +215,9 @@ class OpenAIFineTuning:
         job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
         base_name = re.sub(r"[^A-Za-z0-9._-]", "-", req.model.split(":")[1] if req.model.startswith("ft:")
                            else req.model.rstrip("/").rsplit("/", 1)[-1])[:64] or "model"
+        now = time.time()
         rec = {
-            "id": job_id, "created_at": int(time.time()), "model": req.model, "base_model": model,
+            "id": job_id, "created_at": int(now), "t": now, "model": req.model, "base_model": model,
             "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
             "seed": seed, "metadata": req.metadata, "method": method_type, "given": given, "hyperparameters": hp,
             "finetuning": finetuning, "trl": trl.model_dump(), "paused": False, "result_files": [], **rl,

@@ -133,9 +133,10 @@ class FtState:
         return rec
 
     def list_jobs(self) -> list[dict[str, Any]]:
-        """Every job, newest first."""
+        """Every job, newest first (by `t`: two jobs are often created within the same second)."""
         recs = [load_state(p, None) for p in self.jobs_dir.glob("ftjob-*.json")]
-        return sorted((r for r in recs if r and access.can_see(r.get("owner"))), key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        return sorted((r for r in recs if r and access.can_see(r.get("owner"))),
+                      key=lambda r: (r.get("t", r["created_at"]), r["id"]), reverse=True)
 
     def add_event(self, job_id: str, message: str, level: str = "info", **updates: Any) -> dict[str, Any]:
         """Append an event to a job's record, with `updates` to its fields in the same write; the record."""
