@@ -42,7 +42,6 @@ from ..errors import BadRequest
 from ..training.keys import KnownKeys, keys_checker
 from ..training.methods import METHODS, PREFERENCE_CALL, SFT_CALL
 from ..training.spec import (
-    DPO_LOSS_TYPES,
     LABEL_SMOOTHING_LOSSES,
     MAX_COUNT,
     PEFT_METHODS,
@@ -195,11 +194,10 @@ class DistillationConfig(DistillSpec):
         return {"distill": spec, "peft": ctx.peft(self.student_peft, "algorithm_config.student_peft")}
 
 
-class DPOAlignmentConfig(MethodConfig):
-    """0.2.12's DPO config (its client sends all four fields), with defaults, and the `beta`/`loss_type`
-    of later releases.
+class DPOAlignmentConfig(DpoSpec, MethodConfig):
+    """DPO's settings (DpoSpec: `beta`, `loss_type`, `loss_weights`, `label_smoothing`), `peft`, and the four
+    fields of 0.2.12's DPO config (its client sends them all), mapped onto TRL's DPOTrainer:
 
-    Mapping onto TRL's DPOTrainer:
     - reward_scale -> beta (the implicit reward is beta * log-ratio); `beta` wins when both are given.
     - epsilon -> label_smoothing where the loss reads it (robust, exo_pair, aot, aot_unpaired); with any
       other loss it is accepted, logged, and listed in resources_allocated.not_applied.
@@ -212,35 +210,31 @@ class DPOAlignmentConfig(MethodConfig):
     reward_clip: float | None = None
     epsilon: float | None = None
     gamma: float | None = None
-    beta: PositiveFloat | None = None
-    loss_type: Literal[DPO_LOSS_TYPES] | list[Literal[DPO_LOSS_TYPES]] = "sigmoid"  # type: ignore[valid-type]
-    loss_weights: list[float] | None = None
 
     def job_settings(self, ctx: RequestContext) -> dict[str, Any]:
         """DpoSpec, `peft`, and the 0.2.12 settings this request carried that have no effect (with why)."""
-        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        settings = self.model_dump(include=set(DpoSpec.model_fields))
+        given = self.model_fields_set
+        if "beta" not in given and self.reward_scale is not None:
+            settings["beta"] = self.reward_scale
         not_applied: dict[str, str] = {}
         if self.reward_clip not in (None, 0.0):
             not_applied["reward_clip"] = f"{self.reward_clip}: DPO has no reward clipping"
         if self.gamma not in (None, 0.0):
             not_applied["gamma"] = f"{self.gamma}: DPO has no discount factor"
-        smoothing = 0.0
         if self.epsilon not in (None, 0.0):
-            if set(LABEL_SMOOTHING_LOSSES) & set(loss_type):
-                if not 0 <= self.epsilon < 0.5:
-                    raise BadRequest(f"algorithm_config.epsilon: {self.epsilon} is label smoothing for loss_type "
-                                     f"{loss_type} and must be in [0, 0.5)")
-                smoothing = self.epsilon
-            else:
+            if not set(LABEL_SMOOTHING_LOSSES) & set(self.loss_type):
                 not_applied["epsilon"] = (f"{self.epsilon}: label smoothing is read only by loss_type "
-                                          f"{list(LABEL_SMOOTHING_LOSSES)}, not {loss_type}")
+                                          f"{list(LABEL_SMOOTHING_LOSSES)}, not {self.loss_type}")
+            elif not 0 <= self.epsilon < 0.5:
+                raise BadRequest(f"algorithm_config.epsilon: {self.epsilon} is label smoothing for loss_type "
+                                 f"{self.loss_type} and must be in [0, 0.5)")
+            elif "label_smoothing" not in given:
+                settings["label_smoothing"] = self.epsilon
         for field, why in not_applied.items():
             log.warning("algorithm_config.%s=%s is accepted but not applied", field, why)
-        try:
-            spec = DpoSpec(beta=self.beta or self.reward_scale or 0.1, loss_type=loss_type,
-                           loss_weights=self.loss_weights, label_smoothing=smoothing)
-        except ValueError as e:
-            raise BadRequest(f"algorithm_config: {e}") from None
+        spec = DpoSpec.model_validate(settings)
+        ctx.check_on_host(spec, "algorithm_config")
         return {"dpo": spec, "peft": ctx.peft(self.peft, "algorithm_config.peft"),
                 "not_applied": {f"algorithm_config.{k}": v for k, v in not_applied.items()}}
 

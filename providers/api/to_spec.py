@@ -335,43 +335,12 @@ def algorithm_settings(method: str, model: str, algorithm_config: Any, defaults:
     return {"peft": ctx.peft(algorithm_config, "algorithm_config")}
 
 
-GRADERS_FIELD = "algorithm_config.graders"
-
-
-def resolve_grader_models(settings: dict[str, Any], defaults: ProviderDefaults) -> None:
-    """GRPO's score_model graders' models resolved and confined exactly as the job's model is
-    (`paths.resolve_model`: the allowed roots, the Hugging Face cache), so the spec names local directories;
-    errors name the grader's field (`algorithm_config.graders[0].model`)."""
-    grpo = settings.get("grpo")
-    if grpo is None:
-        return
-    from ..graders import resolve_models
-
-    graders = resolve_models(grpo.graders, lambda ref, field: resolve_model(ref, field, defaults), GRADERS_FIELD)
-    settings["grpo"] = grpo.model_copy(update={"graders": graders})
-
-
-def check_graded_rows(settings: dict[str, Any], path: Path, field: str) -> None:
-    """GRPO's graders rendered on the first written rows (their columns but `prompt` are the graders' `item`),
-    in a child process limited in CPU seconds and memory (`graders.row_check`): a template naming a column the
-    rows lack, or one that takes too long on them, is a 400 naming the grader, before anything starts."""
-    grpo = settings.get("grpo")
-    if grpo is None:
-        return
-    from ..graders.row_check import check_rows
-    from ..jobs.child_env import child_env
-
-    with client_errors():
-        check_rows(grpo.graders, path, GRADERS_FIELD, field, env=child_env(extra={"PYTHONSAFEPATH": "1"}))
-
-
-def check_output_layer_adapter(settings: dict[str, Any]) -> None:
+def check_output_layer_adapter(peft: PeftSpec | None, section: Any) -> None:
     """TRL 1.16's trainers compute log-probs from `lm_head.weight` directly, so an adapter on the LM head
-    would never train: refuse it, except for distillation from cached logits (a plain Trainer)."""
-    peft, distill = settings.get("peft"), settings.get("distill")
+    would never train: refuse it, unless the method's settings say it trains (`trains_lm_head_adapter`)."""
     if peft is None or "lm_head" not in (peft.target_modules or []):
         return
-    if distill is not None and distill.teacher_outputs_dir and distill.kind != "output":
+    if section is not None and section.trains_lm_head_adapter:
         return
     raise BadRequest(
         "algorithm_config.apply_lora_to_output / target_modules: an adapter on lm_head is not trained by "
@@ -467,13 +436,25 @@ def prepare_job(
     model = resolve_model(ref, asked_as, defaults)
     model_id, model_revision = hub_origin(ref, model)
     settings = algorithm_settings(method, model, algorithm_config, defaults, check_host)
-    resolve_grader_models(settings, defaults)
-    check_output_layer_adapter(settings)
+    # the method's own checks (training/settings.py hooks): its other models confined as the job's model is,
+    # and, once the rows are written, its settings against them
+    name = METHODS[method].section
+    section = settings.get(name) if name else None
+    if section is not None:
+        section = settings[name] = section.with_models_resolved(
+            lambda ref, field: resolve_model(ref, field, defaults), "algorithm_config")
+    check_output_layer_adapter(settings.get("peft"), section)
     if output_dir is None:
         output_dir = checkpoint_output_dir(checkpoint_dir, result_name or job_uuid, defaults)
     kind = METHODS[method].rows
-    write_rows(train_rows, run_dir / "train.jsonl", kind, "training_config.data_config.dataset_id")
-    check_graded_rows(settings, run_dir / "train.jsonl", "training_config.data_config.dataset_id")
+    rows_field = "training_config.data_config.dataset_id"
+    write_rows(train_rows, run_dir / "train.jsonl", kind, rows_field)
+    if section is not None:
+        from ..jobs.child_env import child_env
+
+        with client_errors():  # the child's environment carries no secret
+            section.check_rows(run_dir / "train.jsonl", "algorithm_config", rows_field,
+                               child_env(extra={"PYTHONSAFEPATH": "1"}))
     validation_file = None
     if validation_rows is not None:
         validation_file = str(run_dir / "validation.jsonl")

@@ -39,12 +39,15 @@ import yaml
 
 from ..training.keys import unknown_key_message
 from ..training.methods import METHODS, PREFERENCE_CALL
+from ..training.settings import DpoSpec
 
 DATA_KEYS = ("batch_size", "shuffle", "data_format", "packed", "train_on_input", "validation_dataset_id")
 OPTIMIZER_KEYS = ("optimizer_type", "lr", "weight_decay", "num_warmup_steps")
 REQUESTABLE = tuple(name for name, m in METHODS.items() if m.call)  # the methods a Llama Stack call requests
-# 0.2.12's DPO config has four required fields; a job file may leave them out.
-ALGORITHM_DEFAULTS = {"dpo": {"reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0, "gamma": 0.0}}
+# 0.2.12's DPO config has four required fields (a Llama Stack server checks them); a job file may leave them
+# out: the values that change nothing (beta's default; no clipping, smoothing or discount).
+LLAMA_STACK_REQUIRED = {"dpo": {"reward_scale": DpoSpec.model_fields["beta"].default, "reward_clip": 0.0,
+                                "epsilon": 0.0, "gamma": 0.0}}
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -245,9 +248,7 @@ def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
     info = METHODS[method]
     types = [t for t in info.algorithm_types if t is not None]
     if len(types) == 1:  # a method selected by one algorithm_config type: the job file may omit it
-        algorithm = {"type": types[0], **ALGORITHM_DEFAULTS.get(method, {}), **algorithm}
-    if method == "distill" and "teacher_model" not in algorithm and "teacher_outputs_dir" not in algorithm:
-        raise JobFileError(f"{path}: algorithm.teacher_model: required for method distill")
+        algorithm = {"type": types[0], **LLAMA_STACK_REQUIRED.get(method, {}), **algorithm}
     body["finetuned_model" if info.call == PREFERENCE_CALL else "model"] = model
     if algorithm:
         body["algorithm_config"] = algorithm

@@ -7,9 +7,11 @@ api/requests.py. So a setting, its bounds and its doc are declared once, here. N
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from ..graders import GraderList
 from .keys import KnownKeys
@@ -49,16 +51,38 @@ LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class Strict(KnownKeys):
+    """A method's settings. Its hooks let a method check what only it knows, while the request becomes a job
+    (api/to_spec.py calls them on every method's section alike); the defaults do nothing."""
+
     # KnownKeys: an unknown key is an error naming the nearest accepted one (a typo never falls back to a default)
     # No inf/nan anywhere: pydantic would write them to spec.json as null, and the spec could not be read back.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # whether an adapter on lm_head trains: TRL 1.16's trainers compute log-probs from `lm_head.weight` directly
+    trains_lm_head_adapter: ClassVar[bool] = False
+
+    def with_models_resolved(self, resolve: Callable[[str, str], str], field: str) -> Self:
+        """A copy whose model references (other than the job's model) are `resolve(reference, field_path)`: local
+        directories, resolved and confined as the job's model is. `field`: where these settings sit in the request."""
+        return self
+
+    def check_rows(self, rows_path: Path, field: str, rows_field: str, env: Mapping[str, str]) -> None:
+        """Check these settings against the job's first written rows (JSONL) in a limited child process with
+        `env`; ValueError naming the field (`field.setting`) and the rows (`rows_field`)."""
 
 
 class DpoSpec(Strict):
+    """Direct preference optimization (TRL's DPOTrainer): the policy's log-ratio to a frozen reference on the
+    chosen answer against the rejected one; several losses can be combined with `loss_weights`."""
+
     beta: PositiveFloat = 0.1
-    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    loss_type: list[DpoLossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)  # or one name
     loss_weights: list[float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_name(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> DpoSpec:
@@ -118,6 +142,20 @@ class GrpoSpec(Strict):
             raise ValueError("row_keyed_sampling: vLLM samples with its own generator; use one of the two")
         return self
 
+    def with_models_resolved(self, resolve: Callable[[str, str], str], field: str) -> GrpoSpec:
+        """The score_model graders' models resolved (errors name `FIELD.graders[0].model`)."""
+        from ..graders import resolve_models
+
+        return self.model_copy(update={"graders": resolve_models(self.graders, resolve, f"{field}.graders")})
+
+    def check_rows(self, rows_path: Path, field: str, rows_field: str, env: Mapping[str, str]) -> None:
+        """The graders rendered on the first rows (their columns but `prompt` are the graders' `item`), limited in
+        CPU seconds and memory (graders.row_check): a template naming a column the rows lack, or one that takes
+        too long on them, is refused naming the grader, before anything starts."""
+        from ..graders.row_check import check_rows
+
+        check_rows(self.graders, rows_path, f"{field}.graders", rows_field, env=env)
+
 
 class TeacherSpec(Strict):
     """A teacher task: answers for every prompt, optionally with top-k log-probs per answer token."""
@@ -143,6 +181,11 @@ class DistillSpec(Strict):
     kl_direction: KlDirection = "forward"
     max_new_tokens: NewTokens = 32  # output method: teacher generation length
     generation_batch_size: GenerationBatch = 16
+
+    @property
+    def trains_lm_head_adapter(self) -> bool:  # type: ignore[override]
+        """From cached logits the student trains in a plain Trainer, which does train an adapter on lm_head."""
+        return bool(self.teacher_outputs_dir) and self.kind != "output"
 
     @model_validator(mode="after")
     def _check(self) -> DistillSpec:
