@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/prepare-env.sh
 . .venv/bin/activate
-exec python -m pytest -q "$@"
+# Two workers (pytest-xdist): each module is one unit, the cluster modules one unit together (tests/conftest.py);
+# TEST_WORKERS=0 runs everything in this process.
+exec python -m pytest -q -n "${TEST_WORKERS:-2}" "$@"

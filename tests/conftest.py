@@ -74,7 +74,9 @@ def tiny_models(request, tiny_builder, tmp_path_factory) -> dict[str, str]:
     Set TRL_TEST_MODELS_DIR to reuse a build across sessions (the builder checks its version marker).
     The fast tier only reuses a build: its tests that need a model are skipped, saying so, where none is."""
     given = os.environ.get("TRL_TEST_MODELS_DIR")
-    out = given or str(tmp_path_factory.mktemp("tiny_models"))
+    # under pytest-xdist, the workers share one build (the builder locks it) in the run's common temp dir
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    out = given or str(shared / "tiny_models" if shared else tmp_path_factory.mktemp("tiny_models"))
     if fast_tier(request.config) and not tiny_builder._is_built(Path(out), 0):
         # A cold build pretrains the teacher: minutes of CPU, far beyond the fast tier's budget.
         build = f"`python scripts/build_tiny_models.py --out {given or 'DIR'}` (minutes of CPU)"
@@ -234,8 +236,28 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{seconds:7.1f}s {nodeid}")
 
 
+# The suite runs on two pytest-xdist workers (scripts/test.sh): each module is one unit of work (its
+# module-scoped service and models are shared by its tests), and the modules that bring up clusters, network
+# namespaces or fixed ports are one unit together, run first and in this order: on two cores, two clusters
+# (and Ray's 2 GB) must never overlap, and they take the longest, so the other worker runs the rest meanwhile.
+CLUSTER_MODULES = ("test_multinode.py", "test_faults_multinode.py", "test_security_rendezvous.py",
+                   "test_slurm.py", "test_ray_e2e.py")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The cluster end-to-end modules run last, Slurm's before Ray's, each cluster torn down before the next
-    starts: on two cores, two clusters (and Ray's 2 GB) must never overlap."""
-    order = {"test_slurm.py": 1, "test_ray_e2e.py": 2}
-    items.sort(key=lambda item: order.get(item.path.name, 0))  # stable: everything else keeps its order
+    order = {name: i for i, name in enumerate(CLUSTER_MODULES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # pytest-xdist's own loadgroup cannot group under pytest 9 (it renames nodeids, which pytest 9 ignores):
+    # its scope scheduler, with the unit chosen here
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "clusters" if Path(module).name in CLUSTER_MODULES else module
+
+    return ModuleUnits(config, log)
