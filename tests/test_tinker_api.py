@@ -11,7 +11,12 @@ training runs and checkpoints only; /metrics counts sessions and resident models
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -19,7 +24,7 @@ import numpy as np
 import pytest
 
 tinker = pytest.importorskip("tinker")
-from helpers import users_service  # noqa: E402
+from helpers import free_port, stop_process_group, users_service, wait_for_health, wait_until  # noqa: E402
 from tinker import types  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("tinker_loop", Path(__file__).resolve().parent.parent / "examples"
@@ -194,3 +199,93 @@ def test_metrics_count_sessions_and_resident_models(service, trained):
               if line.startswith("trl_tinker_")}
     assert gauges["trl_tinker_sessions"] >= 1 and gauges["trl_tinker_models_resident"] >= 1, gauges
     assert gauges["trl_tinker_requests_queued"] == 0 and gauges["trl_tinker_futures_pending"] == 0, gauges
+
+
+# -- the execution model: shared bases, eviction and restore, restarts -------------------------------------
+@contextlib.contextmanager
+def tinker_service(root: Path, port: int, models_root: str):
+    """A service on `port` over `root/data` with Alice's and the admin's keys, whose idle models leave memory
+    after 8 s; the process, for a test to stop as it likes."""
+    import hashlib
+
+    import yaml
+
+    keys = [{"name": n, "role": role, "key_sha256": hashlib.sha256(k.encode()).hexdigest()}
+            for n, (role, k, _) in USERS.items() if n in ("alice", "ops")]
+    (root / "keys.yaml").write_text(yaml.safe_dump({"users": keys}))
+    (root / "tinker.yaml").write_text(yaml.safe_dump({"tinker": {"evict_after_s": 8}}))
+    with open(root / "service.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port), "--data-dir",
+             str(root / "data"), "--api-keys-file", str(root / "keys.yaml"), "--allowed-model-root", models_root,
+             "--tinker-config", str(root / "tinker.yaml")],
+            cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", timeout=120, proc=proc, path="/health",
+                        log_file=root / "service.log")
+        yield proc
+    finally:
+        stop_process_group(proc)
+
+
+def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_path, tiny_models):
+    """Two sessions on one base hold it once; an idle model is saved and leaves memory, and its next call
+    restores it exactly; a service stopped with SIGTERM restores every model for the same SDK clients; one
+    killed after an unsaved step says the model lost its weights (and its checkpoint still loads); a future
+    of the service's earlier run is a 410, which the SDK answers by sending the request again."""
+    port, models_root = free_port(), str(Path(tiny_models["student"]).parent)
+    url = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {OPS}"}
+
+    def overview() -> list[dict]:
+        sessions = httpx.get(url + "/api/v1/session_overview", headers=admin, timeout=30).json()["sessions"]
+        return [m for s in sessions for m in s["models"]]
+
+    def gauge(name: str) -> float:
+        text = httpx.get(url + "/metrics", headers=admin, timeout=30).text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    with tinker_service(tmp_path, port, models_root) as proc:
+        first = tinker.ServiceClient(base_url=url, api_key=ALICE)
+        tc = first.create_lora_training_client(base_model=tiny_models["student"], rank=8, seed=0).result()
+        other = tinker.ServiceClient(base_url=url, api_key=ALICE).create_lora_training_client(
+            base_model=tiny_models["student"], rank=4, seed=1).result()
+        ids = tc.get_tokenizer().encode(TEXT)[:8]
+        datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+        for _ in range(3):
+            tc.forward_backward([datum], "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        other.forward([datum], "cross_entropy").result()
+        assert (gauge("trl_tinker_bases_loaded"), gauge("trl_tinker_models_resident")) == (1, 2)
+
+        def logprobs(client):
+            return client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+        trained = logprobs(tc)
+        assert not np.allclose(trained, logprobs(other), atol=1e-3)  # two adapters, each its own weights
+        wait_until(lambda: not any(m["resident"] for m in overview()) and gauge("trl_tinker_bases_loaded") == 0,
+                   60, message="idle models saved and evicted, the base dropped")
+        np.testing.assert_allclose(logprobs(tc), trained, atol=1e-5)  # restored as it was
+        assert [m["steps"] for m in overview() if m["model_id"] == tc.model_id] == [3]
+
+        # 410 for a future of an earlier run (the SDK resubmits), 404 for one that never was
+        stale = httpx.post(url + "/api/v1/retrieve_future", json={"request_id": "req-000000000000-0"},
+                           headers={"X-API-Key": ALICE}, timeout=30)
+        assert stale.status_code == 410 and "restarted" in stale.text
+        assert httpx.post(url + "/api/v1/retrieve_future", json={"request_id": "nope"}, headers={"X-API-Key": ALICE},
+                          timeout=30).status_code == 404
+        saved = tc.save_state("before-kill").result().path
+        stop_process_group(proc)  # SIGTERM: every model in memory is saved
+
+    with tinker_service(tmp_path, port, models_root) as proc:
+        np.testing.assert_allclose(logprobs(tc), trained, atol=1e-5)  # the same client, after the restart
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()  # a step no save holds
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    with tinker_service(tmp_path, port, models_root):
+        with pytest.raises(tinker.RequestFailedError, match="lost its weights"):
+            tc.forward([datum], "cross_entropy").result()
+        restored = tinker.ServiceClient(base_url=url, api_key=ALICE).create_training_client_from_state(saved)
+        np.testing.assert_allclose(logprobs(restored), trained, atol=1e-5)

@@ -2,10 +2,13 @@
 models, forward_backward / optim_step, sampling, tinker:// checkpoints, futures) under /api/v1, behind the
 same keys as the other routes (the SDK sends its key as X-API-Key).
 
-    model.py    TinkerModel: base + LoRA + AdamW; forward_backward, optim_step, sample, save/load (tensors only)
+    model.py    SharedBase: a base and its models' LoRA adapters (each with AdamW); forward_backward,
+                optim_step, sample, save/load on one adapter (tensors only)
     wire.py     the SDK's protobuf messages in and out
-    worker.py   ModelWorker (one resident model, requests in arrival order) and the FutureTable
-    service.py  sessions, models, samplers, tinker:// paths, ownership and limits
+    worker.py   BaseWorker (one base's thread: every request on it in arrival order) and the FutureTable
+    limits.py   TinkerLimits: each bound and time-out, declared once (--tinker-config)
+    service.py  sessions, models, samplers and their records on disk, eviction and restore, tinker:// paths,
+                ownership and limits
     routes.py   the routes
 """
 
@@ -20,12 +23,13 @@ PREFIX = "/api/v1"
 
 
 def install(app, core: ServiceCore) -> None:
-    """Mount the routes behind the client keys; resident models stop with the service."""
+    """Mount the routes behind the client keys; at shutdown every model in memory is saved (a restarted
+    service restores it on its next request)."""
     # Here, not at the top: the SDK's protobuf module and torch load only in a service that mounts this.
     from .routes import tinker_router
     from .service import TinkerService
 
-    svc = TinkerService(core.config.data_path, core.service.resolve_model)
+    svc = TinkerService(core.config.data_path, core.service.resolve_model, core.config.tinker)
     app.state.tinker = svc
     app.include_router(tinker_router(svc), prefix=PREFIX, dependencies=core.auth)
     core.on_shutdown.append(svc.shutdown)

@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..access import can_see, owner_name
+from ..access import can_see
 from ..errors import BadRequest, NotFound
-from .model import LoraSpec, TinkerModel, UserInputError
-from .service import TinkerService
+from .model import LoraSpec, SharedBase, UserInputError
+from .service import Gone, TinkerService
 from .wire import WireError, decode_forward_backward, parse_forward_backward, encode_forward_backward, encode_sample
 
 PROTOBUF = "application/x-protobuf"
@@ -121,10 +121,9 @@ def tinker_router(svc: TinkerService) -> APIRouter:
     r = APIRouter()
     limits = svc.limits
 
-    def submit(worker, work, kind: str = "json", model_id: str | None = None) -> dict[str, Any]:
-        rid, fut = svc.futures.create(owner_name(), kind)
-        worker.submit(fut, work)
-        return {"request_id": rid, "model_id": model_id}
+    def submit(rec, work, kind: str = "json", model_id: str | None = None) -> dict[str, Any]:
+        """`work(base, adapter)` queued on the model's (or sampler's) base; the SDK's future."""
+        return {"request_id": svc.run_on(rec, work, kind), "model_id": model_id}
 
     @r.post("/client/config")
     async def client_config() -> dict:
@@ -145,6 +144,18 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         svc.end_session(session_id)
         return {}
 
+    @r.get("/sessions")
+    async def list_sessions(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+        return {"sessions": svc.list_sessions()[offset:offset + limit]}
+
+    @r.get("/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict:
+        return svc.get_session(session_id)
+
+    @r.get("/session_overview")  # this service's own: the dashboard's and the CLI's view of the sessions
+    async def session_overview() -> dict:
+        return {"sessions": svc.sessions_view()}
+
     @r.post("/telemetry")
     async def telemetry() -> dict:
         return {"status": "accepted"}  # the SDK's own telemetry: not kept
@@ -154,7 +165,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         lora = LoraSpec(**body.lora_config.model_dump())
         rec = await asyncio.to_thread(svc.new_model, body.session_id, body.model_seq_id, body.base_model, lora)
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
-        return submit(rec.worker, lambda m: {"model_id": model_id, "type": "create_model"}, model_id=model_id)
+        return submit(rec, lambda base, name: {"model_id": model_id, "type": "create_model"}, model_id=model_id)
 
     @r.post("/get_info")
     async def get_info(body: ModelRef) -> dict:
@@ -182,21 +193,27 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         loss = loss_fn if loss_fn in ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro") \
             else "cross_entropy"  # forward_only with another name: the logprobs are what the client wants
 
-        def work(m: TinkerModel) -> bytes:
-            return encode_forward_backward(*m.forward_backward(data, loss, config, forward_only))
+        tokens = sum(len(d.tokens) for d in data)
 
-        return submit(rec.worker, work, "proto", model_id)
+        def work(base: SharedBase, name: str) -> bytes:
+            outputs, metrics = base.forward_backward(name, data, loss, config, forward_only)
+            svc.stepped(rec, loss=metrics["loss:sum"], tokens=tokens)
+            return encode_forward_backward(outputs, metrics)
+
+        return submit(rec, work, "proto", model_id)
 
     @r.post("/optim_step")
     async def optim_step(body: OptimStep) -> dict:
         rec = svc.model(body.model_id)
         p = body.adam_params
 
-        def work(m: TinkerModel) -> dict:
-            return {"type": "optim_step", "metrics": m.optim_step(p.learning_rate, p.beta1, p.beta2, p.eps,
-                                                                  p.weight_decay, p.grad_clip_norm)}
+        def work(base: SharedBase, name: str) -> dict:
+            metrics = base.optim_step(name, p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay,
+                                      p.grad_clip_norm)
+            svc.stepped(rec, step=True)
+            return {"type": "optim_step", "metrics": metrics}
 
-        return submit(rec.worker, work, model_id=body.model_id)
+        return submit(rec, work, model_id=body.model_id)
 
     def save(rec, body: SaveWeights, kind: str, answer: str, with_optimizer: bool) -> dict:
         """A model's weights (and optimizer state) saved as tinker://RUN/KIND/NAME by its worker, in its order;
@@ -206,11 +223,11 @@ def tinker_router(svc: TinkerService) -> APIRouter:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
         meta = svc.checkpoint_meta(rec, body.model_id)
 
-        def work(m: TinkerModel) -> dict:
-            m.save(directory, with_optimizer=with_optimizer, meta=meta)
+        def work(base: SharedBase, name: str) -> dict:
+            base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
             return {"type": answer, "path": path}
 
-        return submit(rec.worker, work, model_id=body.model_id)
+        return submit(rec, work, model_id=body.model_id)
 
     @r.post("/save_weights")
     async def save_weights(body: SaveWeights) -> dict:
@@ -223,14 +240,14 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         if body.path is None and body.sampling_session_seq_id is not None:  # ephemeral: no file at all
             if body.kind not in ("snapshot", "inflight"):
                 raise BadRequest(f"kind: {body.kind!r} is not 'snapshot' or 'inflight'")
-            sampler_id, sampler = svc.sampler_of_model(rec, live=body.kind == "inflight")
+            sampler_id, sampler = svc.sampler_of_model(body.model_id, rec, live=body.kind == "inflight")
 
-            def take(m: TinkerModel) -> dict:
+            def take(base: SharedBase, name: str) -> dict:
                 if body.kind == "snapshot":
-                    sampler.snapshot = m.snapshot()
+                    sampler.snapshot = base.snapshot(name)
                 return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
-            return submit(rec.worker, take, model_id=body.model_id)
+            return submit(rec, take, model_id=body.model_id)
         return save(rec, body, "sampler_weights", "save_weights_for_sampler", with_optimizer=False)
 
     @r.post("/load_weights")
@@ -247,11 +264,12 @@ def tinker_router(svc: TinkerService) -> APIRouter:
                                           body.base_model or meta["base_model"], lora)
             model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
-        def work(m: TinkerModel) -> dict:
-            m.load(directory, with_optimizer=body.optimizer)
+        def work(base: SharedBase, name: str) -> dict:
+            base.load(name, directory, with_optimizer=body.optimizer)
+            svc.stepped(rec, loaded=True)
             return {"type": "load_weights", "path": body.path, "model_id": model_id}
 
-        return submit(rec.worker, work, model_id=model_id)
+        return submit(rec, work, model_id=model_id)
 
     @r.post("/weights_info")
     async def weights_info(body: dict[str, Any] = Body(...)) -> dict:  # not JSON, not an object: a 400
@@ -310,18 +328,23 @@ def tinker_router(svc: TinkerService) -> APIRouter:
                              f"are over the model's context ({rec.max_positions})")
         stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 
-        def work(m: TinkerModel) -> bytes:
-            return encode_sample(m.sample(prompt, body.num_samples, max_tokens, params.temperature, params.top_k,
-                                          params.top_p, params.seed, stop, bool(body.prompt_logprobs),
-                                          None if rec.live else rec.snapshot))
+        def work(base: SharedBase, name: str | None) -> bytes:
+            result = base.sample(name, prompt, body.num_samples, max_tokens, params.temperature, params.top_k,
+                                 params.top_p, params.seed, stop, bool(body.prompt_logprobs),
+                                 None if rec.live else rec.snapshot)
+            svc.counts["sampled_tokens"] += sum(len(q["tokens"]) for q in result["sequences"])
+            return encode_sample(result)
 
-        out = submit(rec.worker, work, "proto")
+        out = submit(rec, work, "proto")
         out["sample_sequence_ids"] = [f"{out['request_id']}:{i}" for i in range(body.num_samples)]
         return out
 
     @r.post("/retrieve_future")
     async def retrieve_future(body: FutureRef):
         fut = svc.futures.get(body.request_id)
+        if fut is None and svc.futures.from_before_restart(body.request_id):
+            raise Gone(f"request_id: {body.request_id[:80]!r} was made before the service restarted; "
+                       "send the request again")
         if fut is None or not can_see(fut.owner):
             raise NotFound(f"request_id: unknown request {body.request_id!r}")
         deadline, wait = time.monotonic() + limits.future_wait_s, 0.002

@@ -1,41 +1,35 @@
-"""The Tinker API's state: sessions, resident models (each a ModelWorker), sampling sessions, futures and
-the `tinker://` checkpoints under DATA_DIR/tinker. Everything belongs to the user whose key created it;
+"""The Tinker API's state: sessions, training models (LoRA adapters on shared bases, each base on one
+BaseWorker), sampling sessions, futures and the `tinker://` checkpoints under DATA_DIR/tinker. Everything belongs to the user whose key created it;
 another user's ids answer as missing ones."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import re
+import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..access import can_see, current, owner_name
 from ..errors import BadRequest, ClientError, NotFound
-from .model import LoraSpec, TinkerModel
-from .worker import FutureTable, ModelWorker
+from ..state_files import load_state, save_state
+from .limits import TinkerLimits
+from .model import LoraSpec, SharedBase, UserInputError
+from .worker import UNLOAD, BaseWorker, FutureTable
+
+log = logging.getLogger("providers.tinker_api")
 
 RUN_ID = re.compile(r"[0-9a-f]{32}:train:\d{1,9}")
 CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KINDS = {"weights": "weights", "sampler_weights": "sampler_weights"}
-
-
-class TinkerLimits(BaseModel):
-    """Each bound on what one Tinker request may cost, declared once."""
-    model_config = ConfigDict(extra="forbid")
-    max_num_samples: int = Field(64, ge=1, description="samples per asample")
-    max_sample_tokens: int = Field(4096, ge=1, description="max_tokens per asample")
-    max_batch_tokens: int = Field(262144, ge=1, description="input tokens per forward_backward")
-    max_lora_rank: int = Field(256, ge=1)
-    max_models_per_session: int = Field(8, ge=1, description="training and sampling models held at once")
-    future_wait_s: float = Field(30.0, gt=0, description="how long retrieve_future holds a pending request")
-    session_timeout_s: float = Field(600.0, gt=0, description="a session without heartbeat for this long ends")
-    keep_futures: int = Field(10000, ge=100, description="finished results kept for retrieve_future")
 
 
 def _iso(epoch_s: float) -> str:
@@ -46,15 +40,23 @@ class Forbidden(ClientError):
     status = 403  # not 429: the SDK retries a 429 for hours
 
 
+class Gone(ClientError):
+    status = 410  # the SDK resubmits the original request
+
+
 @dataclass
 class Session:
     owner: str | None
+    created: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    workers: dict[str, ModelWorker] = field(default_factory=dict)  # model or sampler id -> its worker
+    members: set[str] = field(default_factory=set)  # its training models' and samplers' ids
 
 
 @dataclass
 class ModelRecord:
+    """A training model: a LoRA adapter on its base. `version` counts its optimizer steps and loads;
+    `saved_version` is the version of its resident save (what an eviction or a shutdown wrote), so a model
+    comes back only as it was."""
     owner: str | None
     session_id: str
     base_ref: str  # what the client named (model_name in get_info)
@@ -62,32 +64,102 @@ class ModelRecord:
     lora: LoraSpec
     vocab_size: int
     max_positions: int
-    worker: ModelWorker
+    version: int = 0
+    saved_version: int | None = None
+    steps: int = 0
+    last_loss: float | None = None
+    tokens: int = 0
+    last_used: float = field(default_factory=time.time)
+    adapter: str = ""  # its adapter's name on the base, while resident
+    resident: bool = False
+    model_id: str = ""
+
+    def persisted(self) -> dict:
+        return {"owner": self.owner, "session_id": self.session_id, "base_ref": self.base_ref,
+                "base_path": self.base_path, "lora": asdict(self.lora), "vocab_size": self.vocab_size,
+                "max_positions": self.max_positions, "version": self.version, "saved_version": self.saved_version,
+                "steps": self.steps, "last_loss": self.last_loss, "tokens": self.tokens, "last_used": self.last_used}
 
 
 @dataclass
 class SamplerRecord:
+    """A sampling session: the base (no adapter), a training model's adapter (`model_id`: live, or as of a
+    `snapshot`), or a tinker:// checkpoint's adapter (`model_path`, loaded on the base when used)."""
     owner: str | None
+    session_id: str
     base_ref: str
     base_path: str
     vocab_size: int
     max_positions: int
-    worker: ModelWorker
+    model_id: str | None = None
     model_path: str | None = None
     snapshot: object = None  # an AdapterSnapshot (ephemeral, set in the worker's queue order) or None
     live: bool = False  # sample the training model's weights as they are when the request runs
+    adapter: str = ""  # a model_path sampler's adapter name on the base, while resident
+    resident: bool = False
+    last_used: float = field(default_factory=time.time)
+
+    def persisted(self) -> dict | None:
+        """Its record on disk; None for an ephemeral snapshot sampler (its weights were only in memory)."""
+        if self.snapshot is not None or (self.model_id and not self.live):
+            return None
+        return {k: getattr(self, k) for k in ("owner", "session_id", "base_ref", "base_path", "vocab_size",
+                                              "max_positions", "model_id", "model_path", "live")}
 
 
 class TinkerService:
+    """Sessions, models and samplers of the Tinker API, and where their requests run: one BaseWorker per
+    base model, shared by every model on it. Records live in DATA_DIR/tinker/state, so a restarted service
+    knows every session and model; a model idle for `evict_after_s` (and every model at shutdown) is saved
+    to DATA_DIR/tinker/resident and leaves memory, and its next request restores it."""
+
     def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None):
         self.root = data_dir / "tinker" / "runs"
+        self.state_dir = data_dir / "tinker" / "state"
+        self.resident_dir = data_dir / "tinker" / "resident"
         self.resolve_model = resolve_model
         self.limits = limits or TinkerLimits()
         self.futures = FutureTable(self.limits.keep_futures)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ModelRecord] = {}
         self.samplers: dict[str, SamplerRecord] = {}
-        self._lock = threading.Lock()
+        self.bases: dict[str, BaseWorker] = {}
+        self.counts = {"requests": 0, "train_tokens": 0, "sampled_tokens": 0}
+        for kind in ("sessions", "models", "samplers"):
+            (self.state_dir / kind).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._adapter_names = itertools.count()
+        self._stop = threading.Event()
+        self._load_records()
+        self._janitor = threading.Thread(target=self._maintain, name="tinker-janitor", daemon=True)
+        self._janitor.start()
+
+    # -- records on disk -----------------------------------------------------------------------------------
+    def _record_path(self, kind: str, rid: str) -> Path:
+        return self.state_dir / kind / f"{rid.replace(':', '-')}.json"
+
+    def _save(self, kind: str, rid: str, value: dict | None) -> None:
+        if value is not None:
+            save_state(self._record_path(kind, rid), {"id": rid, **value})
+
+    def _load_records(self) -> None:
+        """Every session, model and sampler of the service's earlier runs: known again, none in memory."""
+        for path in sorted(self.state_dir.glob("sessions/*.json")):
+            rec = load_state(path, None)
+            if rec:
+                self.sessions[rec["id"]] = Session(rec["owner"], rec["created"])
+        for path in sorted(self.state_dir.glob("models/*.json")):
+            rec = load_state(path, None)
+            if rec and rec.get("session_id") in self.sessions:
+                rid = rec.pop("id")
+                self.models[rid] = ModelRecord(**{**rec, "lora": LoraSpec(**rec["lora"]), "model_id": rid})
+                self.sessions[rec["session_id"]].members.add(rid)
+        for path in sorted(self.state_dir.glob("samplers/*.json")):
+            rec = load_state(path, None)
+            if rec and rec.get("session_id") in self.sessions:
+                rid = rec.pop("id")
+                self.samplers[rid] = SamplerRecord(**rec)
+                self.sessions[rec["session_id"]].members.add(rid)
 
     # -- sessions ------------------------------------------------------------------------------------------
     def create_session(self) -> str:
@@ -99,7 +171,8 @@ class TinkerService:
                 raise Forbidden(f"max_sessions: user {user.name!r} already has {limit} open Tinker sessions "
                                 "(its limit in --api-keys-file); close one (or let it time out) first")
             sid = uuid.uuid4().hex
-            self.sessions[sid] = Session(owner_name())
+            s = self.sessions[sid] = Session(owner_name())
+        self._save("sessions", sid, {"owner": s.owner, "created": s.created})
         return sid
 
     def session(self, sid: str) -> Session:
@@ -110,14 +183,19 @@ class TinkerService:
         return s
 
     def end_session(self, sid: str) -> None:
+        """The session's models and samplers leave memory and the records; their tinker:// checkpoints stay."""
         with self._lock:
             s = self.sessions.pop(sid, None)
-        if s is None:
-            return
-        for wid, worker in s.workers.items():
-            worker.stop()
-            self.models.pop(wid, None)
-            self.samplers.pop(wid, None)
+            if s is None:
+                return
+            gone = [(rid, self.models.pop(rid, None) or self.samplers.pop(rid, None)) for rid in s.members]
+        for rid, rec in gone:
+            if rec is not None and rec.resident:
+                self.bases[rec.base_path].submit(None, lambda host, name=rec.adapter: host.remove(name))
+            kind = "models" if isinstance(rec, ModelRecord) else "samplers"
+            self._record_path(kind, rid).unlink(missing_ok=True)
+            shutil.rmtree(self.resident_dir / rid.replace(":", "-"), ignore_errors=True)
+        self._record_path("sessions", sid).unlink(missing_ok=True)
 
     def end_idle_sessions(self) -> None:
         now = time.monotonic()
@@ -125,27 +203,168 @@ class TinkerService:
             if now - s.last_seen > self.limits.session_timeout_s:
                 self.end_session(sid)
 
+    def list_sessions(self) -> list[str]:
+        """The caller's sessions, oldest first."""
+        return [sid for sid, s in sorted(self.sessions.items(), key=lambda kv: kv[1].created) if can_see(s.owner)]
+
+    def sessions_view(self) -> list[dict]:
+        """The caller's sessions (an admin's: everyone's) for the dashboard and the CLI, newest first."""
+        now = time.monotonic()
+        out = []
+        for sid, s in sorted(self.sessions.items(), key=lambda kv: -kv[1].created):
+            if not can_see(s.owner):
+                continue
+            models = [{"model_id": rid, "base_model": m.base_ref, "lora_rank": m.lora.rank, "steps": m.steps,
+                       "last_loss": m.last_loss, "tokens": m.tokens, "resident": m.resident,
+                       "idle_s": round(time.time() - m.last_used, 1)}
+                      for rid, m in sorted(self.models.items()) if rid in s.members]
+            samplers = [{"sampler_id": rid, "base_model": r.base_ref, "model_id": r.model_id,
+                         "model_path": r.model_path} for rid, r in self.samplers.items() if rid in s.members]
+            out.append({"session_id": sid, "owner": s.owner, "created": _iso(s.created),
+                        "idle_s": round(now - s.last_seen, 1), "models": models, "samplers": samplers})
+        return out
+
+    def get_session(self, sid: str) -> dict:
+        s = self.session(sid)
+        return {"training_run_ids": sorted(r for r in s.members if r in self.models),
+                "sampler_ids": sorted(r for r in s.members if r in self.samplers), "user_metadata": None}
+
     def gauges(self) -> dict[str, tuple[str, float]]:
         """/metrics' figures of the Tinker API: name -> (help, value)."""
-        workers = [w for s in list(self.sessions.values()) for w in list(s.workers.values())]
         return {"trl_tinker_sessions": ("Open Tinker API sessions", len(self.sessions)),
-                "trl_tinker_models_resident": ("Models and samplers loaded in memory",
-                                               sum(w.model is not None for w in workers)),
-                "trl_tinker_requests_queued": ("Requests waiting for their model", sum(w.queue.qsize() for w in workers)),
-                "trl_tinker_futures_pending": ("Requests not yet answered", self.futures.pending())}
+                "trl_tinker_models": ("Training models known (in memory or saved)", len(self.models)),
+                "trl_tinker_models_resident": ("Training models in memory",
+                                               sum(m.resident for m in list(self.models.values()))),
+                "trl_tinker_bases_loaded": ("Base models in memory (each shared by its models)",
+                                            sum(w.host is not None for w in list(self.bases.values()))),
+                "trl_tinker_requests_queued": ("Requests waiting for their base",
+                                               sum(w.queue.qsize() for w in list(self.bases.values()))),
+                "trl_tinker_futures_pending": ("Requests not yet answered", self.futures.pending()),
+                "trl_tinker_requests_total": ("Requests run on a model", self.counts["requests"]),
+                "trl_tinker_train_tokens_total": ("Tokens through forward_backward", self.counts["train_tokens"]),
+                "trl_tinker_sampled_tokens_total": ("Tokens sampled", self.counts["sampled_tokens"])}
+
+    # -- where requests run --------------------------------------------------------------------------------
+    def _worker(self, base_path: str) -> BaseWorker:
+        with self._lock:
+            worker = self.bases.get(base_path)
+            if worker is None:
+                worker = self.bases[base_path] = BaseWorker(base_path)
+            return worker
+
+    def run_on(self, rec: ModelRecord | SamplerRecord, work: Callable[[SharedBase, str | None], Any],
+               kind: str = "json") -> str:
+        """Queue `work(base, adapter_name)` for a model or sampler on its base's worker, with the model (or
+        the checkpoint) restored there first if it is not in memory; the request id of its future."""
+        rid, fut = self.futures.create(owner_name(), kind)
+
+        def run(host: SharedBase) -> Any:
+            name = self._ensure(host, rec)
+            self.counts["requests"] += 1
+            return work(host, name)
+
+        self._worker(rec.base_path).submit(fut, run)
+        return rid
+
+    def _ensure(self, host: SharedBase, rec: ModelRecord | SamplerRecord) -> str | None:
+        """The adapter `rec` runs with, in memory (its base's thread). A model comes back from its resident
+        save, or fresh if it never stepped; one that stepped since its last save (the service was killed)
+        cannot, and says so."""
+        rec.last_used = time.time()
+        if isinstance(rec, SamplerRecord) and rec.model_id is not None:
+            model = self.models.get(rec.model_id)
+            if model is None:
+                raise UserInputError(f"sampling_session_id: its model {rec.model_id} has ended")
+            return self._ensure(host, model)
+        if isinstance(rec, SamplerRecord) and rec.model_path is None:
+            return None  # the base itself
+        if rec.resident and rec.adapter in host.adapters:
+            return rec.adapter
+        name = f"a{next(self._adapter_names)}"
+        if isinstance(rec, SamplerRecord):
+            directory, _ = self.checkpoint(rec.model_path, "model_path", owner=rec.owner)
+            host.add(name, None, directory)
+        else:
+            model_id = rec.model_id
+            saved = self.resident_dir / model_id.replace(":", "-")
+            if rec.saved_version is not None and rec.saved_version == rec.version:
+                host.add(name, rec.lora, saved, with_optimizer=True)
+                host.adapters[name].version = rec.version
+            elif rec.version == 0:
+                host.add(name, rec.lora)
+            else:
+                raise UserInputError(
+                    f"model_id: {model_id} lost its weights when the service stopped without saving them "
+                    f"({rec.version - (rec.saved_version or 0)} optimizer steps or loads since its last save); "
+                    "load_weights from your last checkpoint (create_training_client_from_state)")
+        rec.adapter, rec.resident = name, True
+        return name
+
+    def _maintain(self) -> None:
+        """Every few seconds: end sessions without heartbeat, save and evict idle models, drop idle bases."""
+        period = max(0.5, min(30.0, self.limits.evict_after_s / 4))
+        while not self._stop.wait(period):
+            try:
+                self.end_idle_sessions()
+                self.evict_idle(self.limits.evict_after_s)
+            except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
+                log.exception("tinker janitor")
+
+    def evict_idle(self, idle_s: float, wait: bool = False) -> None:
+        """Save (to DATA_DIR/tinker/resident) and drop every model unused for `idle_s`, except one holding
+        gradients not yet stepped; then drop bases left without a model and unused as long."""
+        cutoff = time.time() - idle_s
+        done = []
+        for model_id, rec in list(self.models.items()):
+            if rec.resident and rec.last_used <= cutoff:
+                done.append(self._submit_evict(model_id, rec))
+        for sampler_id, rec in list(self.samplers.items()):
+            if rec.resident and rec.last_used <= cutoff:
+                self.bases[rec.base_path].submit(None, lambda host, r=rec: self._drop(host, r))
+        for worker in list(self.bases.values()):
+            if time.monotonic() - worker.last_used >= idle_s:
+                worker.submit(None, UNLOAD)
+        for event in done if wait else ():
+            event.wait(120)
+
+    def _submit_evict(self, model_id: str, rec: ModelRecord) -> threading.Event:
+        finished = threading.Event()
+
+        def evict(host: SharedBase) -> None:
+            try:
+                if not rec.resident or rec.adapter not in host.adapters or host.has_gradients(rec.adapter):
+                    return
+                saved = self.resident_dir / model_id.replace(":", "-")
+                host.save(rec.adapter, saved, with_optimizer=True, meta={"model_id": model_id,
+                                                                          "version": rec.version})
+                rec.saved_version = rec.version
+                self._save("models", model_id, rec.persisted())
+                self._drop(host, rec)
+            finally:
+                finished.set()
+
+        self.bases[rec.base_path].submit(None, evict)
+        return finished
+
+    @staticmethod
+    def _drop(host: SharedBase, rec: ModelRecord | SamplerRecord) -> None:
+        host.remove(rec.adapter)
+        rec.resident, rec.adapter = False, ""
 
     def shutdown(self) -> None:
-        for sid in list(self.sessions):
-            self.end_session(sid)
-
-    def _add_worker(self, s: Session, wid: str, build) -> ModelWorker:
-        if len(s.workers) >= self.limits.max_models_per_session:
-            raise Forbidden(f"session: already holds {len(s.workers)} models and samplers "
-                            f"(at most {self.limits.max_models_per_session})")
-        s.workers[wid] = worker = ModelWorker(wid, build)
-        return worker
+        """Every resident model saved (a restarted service restores them), then the workers stop."""
+        self._stop.set()
+        self.evict_idle(0.0, wait=True)
+        for worker in list(self.bases.values()):
+            worker.stop(wait_s=5)
 
     # -- models --------------------------------------------------------------------------------------------
+    def _add_member(self, s: Session, sid: str, rid: str) -> None:
+        if len(s.members) >= self.limits.max_models_per_session:
+            raise Forbidden(f"session: already holds {len(s.members)} models and samplers "
+                            f"(at most {self.limits.max_models_per_session})")
+        s.members.add(rid)
+
     def new_model(self, sid: str, model_seq_id: int, base_ref: str, lora: LoraSpec) -> ModelRecord:
         s = self.session(sid)
         model_id = f"{sid}:train:{model_seq_id}"
@@ -154,10 +373,25 @@ class TinkerService:
         if not 1 <= lora.rank <= self.limits.max_lora_rank:
             raise BadRequest(f"lora_config.rank: {lora.rank} is outside 1..{self.limits.max_lora_rank}")
         base_path, vocab, positions = self._base(base_ref)
-        worker = self._add_worker(s, model_id, lambda: TinkerModel(base_path, lora))
-        rec = ModelRecord(owner_name(), sid, base_ref, base_path, lora, vocab, positions, worker)
-        self.models[model_id] = rec
+        with self._lock:
+            self._add_member(s, sid, model_id)
+            rec = self.models[model_id] = ModelRecord(owner_name(), sid, base_ref, base_path, lora, vocab, positions,
+                                                      model_id=model_id)
+        self._save("models", model_id, rec.persisted())
         return rec
+
+    def stepped(self, rec: ModelRecord, loss: float | None = None, tokens: int = 0, step: bool = False,
+                loaded: bool = False) -> None:
+        """What a request did to a model (its base's thread): counted, and the record kept on disk when its
+        weights changed."""
+        rec.tokens += tokens
+        self.counts["train_tokens"] += tokens
+        if loss is not None:
+            rec.last_loss = loss
+        if step or loaded:
+            rec.version += 1
+            rec.steps += step
+            self._save("models", rec.model_id, rec.persisted())
 
     def _base(self, base_ref: str) -> tuple[str, int, int]:
         from transformers import AutoConfig
@@ -180,37 +414,32 @@ class TinkerService:
             raise NotFound(f"sampling_session_id: unknown sampling session {sampler_id!r}")
         return rec
 
-    def sampler_of_model(self, rec: ModelRecord, live: bool) -> tuple[str, SamplerRecord]:
+    def sampler_of_model(self, model_id: str, rec: ModelRecord, live: bool) -> tuple[str, SamplerRecord]:
+        s = self.session(rec.session_id)
         sampler_id = f"samp-{uuid.uuid4().hex}"
-        sampler = SamplerRecord(rec.owner, rec.base_ref, rec.base_path, rec.vocab_size, rec.max_positions,
-                                rec.worker, live=live)
-        self.samplers[sampler_id] = sampler
+        sampler = SamplerRecord(rec.owner, rec.session_id, rec.base_ref, rec.base_path, rec.vocab_size,
+                                rec.max_positions, model_id=model_id, live=live)
+        with self._lock:
+            s.members.add(sampler_id)  # ephemeral: one per RL step, not counted against the session's models
+            self.samplers[sampler_id] = sampler
+        self._save("samplers", sampler_id, sampler.persisted())
         return sampler_id, sampler
 
     def new_sampler(self, sid: str, base_ref: str | None, model_path: str | None) -> str:
         s = self.session(sid)
         sampler_id = f"samp-{uuid.uuid4().hex}"
         if model_path:
-            directory, meta = self.checkpoint(model_path, "model_path")
+            _, meta = self.checkpoint(model_path, "model_path")
             base_ref = meta["base_model"]
-            lora = LoraSpec(**meta["lora"])
-            base_path, vocab, positions = self._base(base_ref)
-
-            def build():
-                m = TinkerModel(base_path, lora)
-                m.load(directory, with_optimizer=False)
-                return m
-        elif base_ref:
-            base_path, vocab, positions = self._base(base_ref)
-            lora = None
-
-            def build():
-                return TinkerModel(base_path, None)
-        else:
+        elif not base_ref:
             raise BadRequest("model_path or base_model: one is required")
-        worker = self._add_worker(s, sampler_id, build)
-        self.samplers[sampler_id] = SamplerRecord(owner_name(), base_ref, base_path, vocab, positions, worker,
-                                                  model_path=model_path, live=True)
+        base_path, vocab, positions = self._base(base_ref)
+        sampler = SamplerRecord(owner_name(), sid, base_ref, base_path, vocab, positions, model_path=model_path,
+                                live=True)
+        with self._lock:
+            self._add_member(s, sid, sampler_id)
+            self.samplers[sampler_id] = sampler
+        self._save("samplers", sampler_id, sampler.persisted())
         return sampler_id
 
     # -- tinker:// checkpoints -----------------------------------------------------------------------------
@@ -222,8 +451,9 @@ class TinkerService:
                              "at most 128; no '/')")
         return self.root / model_id.replace(":", "-") / kind / name, f"tinker://{model_id}/{kind}/{name}"
 
-    def checkpoint(self, path: str, field_name: str = "path") -> tuple[Path, dict]:
-        """A tinker:// path's directory and its record, if it exists and the caller may read it."""
+    def checkpoint(self, path: str, field_name: str = "path", owner: str | None | bool = False) -> tuple[Path, dict]:
+        """A tinker:// path's directory and its record, if it exists and the caller (or `owner`, when given:
+        a worker thread has no caller) may read it."""
         parts = path.removeprefix("tinker://").split("/") if path.startswith("tinker://") else []
         if len(parts) != 3 or not RUN_ID.fullmatch(parts[0]) or parts[1] not in KINDS \
                 or not CHECKPOINT_NAME.fullmatch(parts[2]):
@@ -234,7 +464,9 @@ class TinkerService:
             meta = json.loads((directory / "tinker.json").read_text())
         except (OSError, ValueError):
             meta = None
-        if meta is None or not can_see(meta.get("owner")):
+        visible = can_see(meta.get("owner")) if meta is not None and owner is False else \
+            meta is not None and (owner is None or meta.get("owner") == owner)
+        if not visible:
             raise NotFound(f"{field_name}: no checkpoint {path!r}")
         return directory, meta
 
@@ -260,8 +492,7 @@ class TinkerService:
     def _training_run(self, run_id: str, checkpoints: list[dict]) -> dict | None:
         rec = self.models.get(run_id)
         if rec is not None and can_see(rec.owner):
-            owner, base, rank = rec.owner, rec.base_ref, rec.lora.rank
-            last = time.time() - (time.monotonic() - rec.worker.last_used)
+            owner, base, rank, last = rec.owner, rec.base_ref, rec.lora.rank, rec.last_used
         elif checkpoints:
             meta = checkpoints[-1]["_meta"]
             owner, base, rank, last = meta["owner"], meta["base_model"], meta["lora"]["rank"], meta["created"]

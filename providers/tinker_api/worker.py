@@ -1,6 +1,6 @@
-"""Futures and model workers: each resident model runs its requests one at a time, in the order they
-arrived (the SDK submits a training client's requests in seq_id order), on its own thread; every request's
-outcome lands in the FutureTable, which `retrieve_future` long-polls.
+"""Futures and base workers: the models on one base run their requests one at a time, in the order they
+arrived (the SDK submits a training client's requests in seq_id order), on that base's thread; every
+request's outcome lands in the FutureTable, which `retrieve_future` long-polls.
 
 A thread, not yet a process: a request that crashes the interpreter would take the service with it (see
 the report of issue 29 for the plan to move the worker behind the service's zygote).
@@ -8,6 +8,7 @@ the report of issue 29 for the plan to move the worker behind the service's zygo
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import TinkerModel, UserInputError
+from .model import SharedBase, UserInputError
 
 log = logging.getLogger("providers.tinker_api")
 
@@ -34,15 +35,20 @@ class Future:
 
 
 class FutureTable:
-    """request_id -> Future; the oldest finished ones are forgotten beyond `keep` (an unknown id is a 404)."""
+    """request_id -> Future; the oldest finished ones are forgotten beyond `keep`. A request id names the
+    service's incarnation (`req-INCARNATION-...`), so an id from before a restart is told from an unknown one."""
 
     def __init__(self, keep: int):
         self._futures: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._keep = keep
+        self.incarnation = uuid.uuid4().hex[:12]
+
+    def from_before_restart(self, rid: str) -> bool:
+        return rid.startswith("req-") and not rid.startswith(f"req-{self.incarnation}-")
 
     def create(self, owner: str | None, kind: str = "json") -> tuple[str, Future]:
-        rid, fut = f"req-{uuid.uuid4().hex}", Future(owner, kind)
+        rid, fut = f"req-{self.incarnation}-{uuid.uuid4().hex}", Future(owner, kind)
         with self._lock:
             self._futures[rid] = fut
             while len(self._futures) > self._keep:
@@ -68,55 +74,61 @@ class FutureTable:
         return rid, fut
 
 
-class ModelWorker:
-    """One resident TinkerModel, built and used on its own thread; requests queue in arrival order."""
+UNLOAD = object()  # a queue item: drop the base if it holds no adapter
 
-    def __init__(self, name: str, build: Callable[[], TinkerModel]):
-        self.name = name
-        self.model: TinkerModel | None = None
+
+class BaseWorker:
+    """The thread that owns one SharedBase: it reads the base on first use, runs every request of every model
+    on that base in arrival order (so each client's order holds), and drops the base when told to while it
+    holds no adapter (the next request reads it again)."""
+
+    def __init__(self, base_path: str):
+        self.base_path = base_path
+        self.host: SharedBase | None = None
         self.queue: queue.Queue = queue.Queue()
         self.last_used = time.monotonic()
-        self._thread = threading.Thread(target=self._run, args=(build,), name=f"tinker-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"tinker-base-{base_path[-40:]}", daemon=True)
         self._thread.start()
 
-    def submit(self, fut: Future, work: Callable[[TinkerModel], Any]) -> None:
+    def submit(self, fut: Future | None, work: Callable[[SharedBase], Any]) -> None:
+        """Run `work(base)` in turn; its result or error goes to `fut` (None: the service's own work, logged)."""
         self.queue.put((fut, work))
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
         self.queue.put(None)
+        if wait_s:
+            self._thread.join(wait_s)
 
-    def _run(self, build) -> None:
-        try:
-            self.model = build()
-        except Exception as e:
-            self._fail_all(e)
-            return
+    def _run(self) -> None:
         while True:
             item = self.queue.get()
             if item is None:
                 return
             fut, work = item
+            if work is UNLOAD:
+                if self.host is not None and not self.host.adapters:
+                    self.host = None
+                    gc.collect()
+                continue
             self.last_used = time.monotonic()
             try:
-                fut.result = work(self.model)
+                if self.host is None:
+                    try:
+                        self.host = SharedBase(self.base_path)
+                    except (OSError, ValueError) as e:
+                        raise UserInputError(f"the model could not be loaded: {type(e).__name__}: {str(e)[:300]}")
+                result = work(self.host)
+                if fut is not None:
+                    fut.result = result
             except UserInputError as e:
-                fut.error, fut.category = str(e), "user"
+                if fut is None:
+                    log.warning("tinker base %s: %s", self.base_path, e)
+                else:
+                    fut.error, fut.category = str(e), "user"
             except Exception as e:  # a bug (or out of memory): the future fails, the worker goes on
                 error_id = uuid.uuid4().hex[:12]
-                log.exception("tinker worker %s: request failed (error id %s)", self.name, error_id)
-                fut.error, fut.category = f"internal error {error_id}: {type(e).__name__}", "server"
-            fut.done.set()
-
-    def _fail_all(self, e: Exception) -> None:
-        """The model could not be built: every request, now and later, fails with the reason."""
-        user = isinstance(e, (UserInputError, OSError, ValueError))
-        if not user:
-            log.exception("tinker worker %s: model failed to load", self.name)
-        reason = f"the model could not be loaded: {type(e).__name__}: {str(e)[:300]}"
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            fut, _ = item
-            fut.error, fut.category = reason, "user" if user else "server"
-            fut.done.set()
+                log.exception("tinker base %s: request failed (error id %s)", self.base_path, error_id)
+                if fut is not None:
+                    fut.error, fut.category = f"internal error {error_id}: {type(e).__name__}", "server"
+            if fut is not None:
+                fut.done.set()

@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
                                                   "name, the Hub token and namespaces exports may push to, Hub "
                                                   "downloads (env TRL_FSDP_OUTBOUND_CONFIG; default: none of them)")
+    parser.add_argument("--tinker-config", help="YAML file: the Tinker API's limits (per request, sessions, how "
+                                                "long an idle model stays in memory; docs/tinker.md)")
     args = parser.parse_args(argv)
     # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -285,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     outbound_file = args.outbound_config or os.environ.get("TRL_FSDP_OUTBOUND_CONFIG")
     if outbound_file:
         overrides["outbound"] = read_outbound_config(outbound_file)
+    if args.tinker_config:
+        from ...config_file import read_section
+        from ...tinker_api.limits import TinkerLimits
+
+        overrides["tinker"] = read_section(args.tinker_config, "--tinker-config", "tinker", TinkerLimits)
     config = ServiceConfig.from_env(**overrides)
     if args.nproc_per_node:
         config.torch_run.nproc_per_node = args.nproc_per_node

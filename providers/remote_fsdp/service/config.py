@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from ...launchers import LAUNCHERS, LauncherName, settings_model
 from ...launchers.torchrun import TorchRunOptions
 from ...outbound import OutboundConfig
+from ...tinker_api.limits import TinkerLimits
 from .users import UserEntry, UserKeys
 from ...training.spec import FsdpSpec
 
@@ -135,6 +136,7 @@ class ServiceConfig(BaseModel):
     launchers: LaunchersConfig = Field(default_factory=LaunchersConfig)
     # Endpoints, keys, Hub namespaces and downloads the operator allows (--outbound-config); default: none
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)
+    tinker: TinkerLimits = Field(default_factory=TinkerLimits)  # the Tinker API's limits (--tinker-config)
 
     @property
     def url(self) -> str:
