@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -289,3 +290,42 @@ def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_pat
             tc.forward([datum], "cross_entropy").result()
         restored = tinker.ServiceClient(base_url=url, api_key=ALICE).create_training_client_from_state(saved)
         np.testing.assert_allclose(logprobs(restored), trained, atol=1e-5)
+
+
+def test_sessions_in_the_cli_and_the_dashboard(service, trained, tmp_path):
+    """`trl-post-training sessions list` shows a user's own sessions (an admin's: everyone's) with the
+    model's steps and loss; `sessions end` ends one; the dashboard's Sessions page lists the model and
+    draws its loss curve in a real browser."""
+    from operator_fixtures import chromium_path, cli
+
+    url, tc = service[0], trained[0]
+    env = {**os.environ, "TRL_POST_TRAINING_URL": url, "COLUMNS": "200"}
+    listed = json.loads(cli({**env, "TRL_POST_TRAINING_TOKEN": ALICE}, "sessions", "list", "--json").stdout)
+    mine = [m for s in listed for m in s["models"] if m["model_id"] == tc.model_id]
+    assert mine and mine[0]["steps"] >= 20 and mine[0]["last_loss"] is not None, listed
+    assert "alice" in cli({**env, "TRL_POST_TRAINING_TOKEN": OPS}, "sessions", "list").stdout  # the table
+    carol_env = {**env, "TRL_POST_TRAINING_TOKEN": CAROL}
+    assert tc.model_id not in cli(carol_env, "sessions", "list", "--json").stdout
+    alice_session = tc.model_id.split(":")[0]
+    cli(carol_env, "sessions", "end", alice_session, check=4)  # another user's session: not found
+    carol_session = tinker.ServiceClient(base_url=url, api_key=CAROL).holder.get_session_id()
+    assert carol_session in cli(carol_env, "sessions", "list", "--json").stdout
+    assert "ended" in cli(carol_env, "sessions", "end", carol_session).stdout
+    assert carol_session not in cli(carol_env, "sessions", "list", "--json").stdout
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/dashboard/")
+        page.evaluate(f"localStorage.setItem('trl-dashboard-token', {ALICE!r})")
+        page.goto(url + "/dashboard/#/sessions")
+        page.reload()
+        page.wait_for_selector(f"#sessions td:has-text('{tc.model_id.split(':', 1)[1]}')", timeout=30000)
+        page.wait_for_selector("#session-charts canvas", timeout=30000)
+        row = page.inner_text("#sessions tbody")
+        assert "alice" in row and "resident" in row, row
+        browser.close()
+    assert not errors, errors

@@ -7,6 +7,7 @@ Talks to the FSDP training service or to a Llama Stack server (told apart by the
     trl-post-training watch JOB            # live bar: step/total, loss, lr, tokens/s, ETA (+ DPO / KD stats)
     trl-post-training logs JOB -f --rank 1
     trl-post-training pipeline run examples/pipeline_teacher_students.yaml --watch
+    trl-post-training sessions list        # Tinker API sessions: models, steps, loss, memory
     trl-post-training dashboard --data-dir ~/.llama/trl_post_training
 
 `--url` (env TRL_POST_TRAINING_URL, default http://127.0.0.1:8322) and `--token` (env
@@ -29,6 +30,7 @@ from rich.table import Table
 from .backends import connect
 from .errors import EXIT_CODES_HELP, EXIT_USAGE, CliError, run_app
 from .jobfile import job_request, pipeline_request
+from .sessions import sessions_app
 from .watch import watch_job, watch_pipeline
 from .workflow import register_workflow_commands
 
@@ -39,6 +41,7 @@ app = typer.Typer(help=__doc__.split("\n\n")[0], epilog=EXIT_CODES_HELP, no_args
 pipeline_app = typer.Typer(help="Teacher-student pipelines (FSDP service).", epilog=EXIT_CODES_HELP,
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(sessions_app, name="sessions")
 console = Console()
 
 

@@ -40,6 +40,13 @@ class ServiceBackend:
             raise _http_error(r, f"{method} {path}")
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
+    # Tinker API sessions
+    def tinker_sessions(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/session_overview")["sessions"]
+
+    def end_tinker_session(self, session_id: str) -> None:
+        self._call("POST", f"/api/v1/sessions/{session_id}/finish")
+
     # datasets and jobs
     def has_dataset(self, dataset_id: str) -> bool:
         return any(d["dataset_id"] == dataset_id for d in self._call("GET", "/v1/datasets")["data"])

@@ -30,6 +30,7 @@ log = logging.getLogger("providers.tinker_api")
 RUN_ID = re.compile(r"[0-9a-f]{32}:train:\d{1,9}")
 CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KINDS = {"weights": "weights", "sampler_weights": "sampler_weights"}
+LOSS_HISTORY = 500  # losses a model keeps for the dashboard's curve
 
 
 def _iso(epoch_s: float) -> str:
@@ -73,6 +74,7 @@ class ModelRecord:
     adapter: str = ""  # its adapter's name on the base, while resident
     resident: bool = False
     model_id: str = ""
+    losses: list[float] = field(default_factory=list)  # the last LOSS_HISTORY forward_backward losses (memory only)
 
     def persisted(self) -> dict:
         return {"owner": self.owner, "session_id": self.session_id, "base_ref": self.base_ref,
@@ -216,7 +218,7 @@ class TinkerService:
                 continue
             models = [{"model_id": rid, "base_model": m.base_ref, "lora_rank": m.lora.rank, "steps": m.steps,
                        "last_loss": m.last_loss, "tokens": m.tokens, "resident": m.resident,
-                       "idle_s": round(time.time() - m.last_used, 1)}
+                       "idle_s": round(time.time() - m.last_used, 1), "losses": m.losses}
                       for rid, m in sorted(self.models.items()) if rid in s.members]
             samplers = [{"sampler_id": rid, "base_model": r.base_ref, "model_id": r.model_id,
                          "model_path": r.model_path} for rid, r in self.samplers.items() if rid in s.members]
@@ -388,6 +390,7 @@ class TinkerService:
         self.counts["train_tokens"] += tokens
         if loss is not None:
             rec.last_loss = loss
+            rec.losses = [*rec.losses[-(LOSS_HISTORY - 1):], loss]
         if step or loaded:
             rec.version += 1
             rec.steps += step

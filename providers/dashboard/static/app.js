@@ -521,6 +521,39 @@ async function taskView(el, kind, taskId) {
   };
 }
 
+// Tinker API sessions: the service's own overview (/api/v1/session_overview), one loss curve per model
+async function sessionsView(el) {
+  el.innerHTML = `<h2>Tinker sessions</h2><table id="sessions"><thead><tr><th>session</th><th>user</th><th>model</th>
+    <th>base model</th><th>LoRA rank</th><th>steps</th><th>last loss</th><th>tokens</th><th>memory</th><th>idle</th></tr></thead>
+    <tbody></tbody></table><div id="session-charts" class="charts"></div>`;
+  const charts = new Map();
+  return async () => {
+    const headers = {};
+    const token = localStorage.getItem(TOKEN_KEY);
+    if (token) headers.authorization = `Bearer ${token}`;
+    const r = await fetch("../api/v1/session_overview", { headers });
+    if (r.status === 401) throw new AuthError("token required");
+    if (r.status === 404) {
+      $("#sessions tbody", el).innerHTML = `<tr><td colspan="10" class="muted">No Tinker API here (a data dir has no sessions).</td></tr>`;
+      return;
+    }
+    const { sessions } = await r.json();
+    const rows = sessions.flatMap((s) => (s.models.length ? s.models : [null]).map((m) => `<tr>
+      <td>${esc(s.session_id.slice(0, 12))}</td><td>${esc(s.owner || "–")}</td><td>${m ? esc(m.model_id.split(":").slice(1).join(":")) : "–"}</td>
+      <td class="wrap">${m ? esc(m.base_model) : "–"}</td><td>${m ? m.lora_rank : "–"}</td><td>${m ? m.steps : "–"}</td>
+      <td>${m ? fmt(m.last_loss) : "–"}</td><td>${m ? m.tokens : "–"}</td><td>${m ? (m.resident ? "resident" : "saved to disk") : "–"}</td>
+      <td>${Number(m ? m.idle_s : s.idle_s).toFixed(0)} s</td></tr>`));
+    $("#sessions tbody", el).innerHTML = rows.join("") || `<tr><td colspan="10" class="muted">No sessions.</td></tr>`;
+    for (const m of sessions.flatMap((s) => s.models)) {
+      if (!charts.has(m.model_id)) {
+        charts.set(m.model_id, makeChart({ id: `tinker-${charts.size}`, title: `loss of ${m.model_id.slice(0, 12)}…${m.model_id.split(":").slice(1).join(":")}`,
+                                           keys: ["loss"], labels: ["loss"] }, $("#session-charts", el)));
+      }
+      charts.get(m.model_id).plot.setData([m.losses.map((_, i) => i + 1), m.losses]);
+    }
+  };
+}
+
 // -- routing ---------------------------------------------------------------------------------------
 async function route() {
   clearInterval(state.timer);
@@ -533,7 +566,7 @@ async function route() {
     if (state.info.auth_required && !localStorage.getItem(TOKEN_KEY)) { login(); return; }
     $("#source").textContent = state.info.source === "service" ? "FSDP service" : `data dir (${state.info.actions ? "actions on" : "read-only"})`;
     const views = { "": jobsView, job: jobView, nodes: nodesView, pipelines: pipelinesView, pipeline: pipelineView,
-                    compare: compareView, tasks: tasksView, task: taskView };
+                    compare: compareView, tasks: tasksView, task: taskView, sessions: sessionsView };
     const refresh = await (views[page || ""] || jobsView)(el, id, sub);
     const tick = async () => {
       try { await refresh(); setLive(true); }
