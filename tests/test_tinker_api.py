@@ -329,3 +329,34 @@ def test_sessions_in_the_cli_and_the_dashboard(service, trained, tmp_path):
         assert "alice" in row and "resident" in row, row
         browser.close()
     assert not errors, errors
+
+
+def test_chunks_give_the_whole_batchs_gradient_and_the_sampler_the_trainers_logprobs(alice, trained, tiny_models):
+    """Two models from the same seed: one steps on a batch of two datums in one forward_backward, the other
+    on the same datums in two calls before its optim_step; their weights stay the same. A sampled answer's
+    per-token logprobs are the trainer's logprobs of the same tokens."""
+    tc, ids, datum = trained[:3]
+    other = types.Datum(model_input=types.ModelInput.from_ints(ids[1:]),
+                        loss_fn_inputs={"target_tokens": ids[2:] + ids[:1], "weights": [1.0] * 7})
+    whole, split = (alice.create_lora_training_client(base_model=tiny_models["student"], rank=4, seed=3).result()
+                    for _ in range(2))
+    whole.forward_backward([datum, other], "cross_entropy").result()
+    split.forward_backward([datum], "cross_entropy").result()
+    split.forward_backward([other], "cross_entropy").result()
+    for client in (whole, split):
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+
+    def logprobs(client, d):
+        return client.forward([d], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+    for d in (datum, other):
+        np.testing.assert_allclose(logprobs(whole, d), logprobs(split, d), atol=1e-5)
+
+    sampler = tc.save_weights_and_get_sampling_client()
+    prompt = ids[:4]
+    seq = sampler.sample(types.ModelInput.from_ints(prompt), 1,
+                         types.SamplingParams(max_tokens=6, temperature=1.0, seed=7)).result().sequences[0]
+    full = prompt + list(seq.tokens)
+    replay = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})
+    trainer = logprobs(tc, replay)[len(prompt) - 1:]
+    np.testing.assert_allclose(np.array(seq.logprobs), trainer, atol=1e-4)

@@ -234,7 +234,7 @@ class SharedBase:
         adapter = self.adapters[name]
         params = adapter.params
         if adapter.optimizer is None:
-            adapter.optimizer = torch.optim.AdamW(params, lr=learning_rate)
+            adapter.optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=True)  # as the training core
         for group in adapter.optimizer.param_groups:
             group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
         grads = [p.grad for p in params if p.grad is not None]
@@ -284,7 +284,7 @@ class SharedBase:
         self._set_adapter(name, load_file(str(directory / "adapter_model.safetensors")))
         adapter.optimizer = None
         if with_optimizer and (directory / "optimizer.pt").exists():
-            adapter.optimizer = torch.optim.AdamW(adapter.params)
+            adapter.optimizer = torch.optim.AdamW(adapter.params, fused=True)
             adapter.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         adapter.version += 1
 
