@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_common as bc  # noqa: F401  (sets the offline environment, puts the repo on sys.path)
+import bench_common as bc  # sets the offline environment, puts the repository on sys.path
 
 KEY = "tml-bench-0123456789abcdef"
 LORA_ALPHA = 32  # Tinker's fixed LoRA alpha (the service's too)
@@ -53,23 +54,22 @@ LORA_ALPHA = 32  # Tinker's fixed LoRA alpha (the service's too)
 
 # -- the service ----------------------------------------------------------------------------------------------
 def start_service(work: Path, models_root: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """The service on a free port, one user (KEY), its torch threads set; returns once /health answers."""
     import httpx
     import yaml
 
     keys = work / "keys.yaml"
     keys.write_text(yaml.safe_dump({"users": [{"name": "bench", "role": "member",
                                                "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}))
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(work / "service.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port),
-                             "--data-dir", str(work / "data"), "--api-keys-file", str(keys),
-                             "--allowed-model-root", models_root],
-                            cwd=bc.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    with open(work / "service.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "providers.remote_fsdp.service.app", "--port", str(port),
+                                 "--data-dir", str(work / "data"), "--api-keys-file", str(keys),
+                                 "--allowed-model-root", models_root],
+                                cwd=bc.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
