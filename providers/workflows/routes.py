@@ -10,7 +10,9 @@ validation, export, and the one-call enhance -> train -> validate -> export pipe
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -69,11 +71,21 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     service.own_folder(tasks.root, tasks.owner_of)  # a task's folder (and what it made there): its submitter's
     app.state.workflow_tasks = tasks
 
+    def base_model(job) -> str | None:
+        """The model a job trained from, as its spec names it (None when the spec is unreadable)."""
+        try:
+            return json.loads((Path(job.run_dir) / "spec.json").read_text())["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def available_models() -> list[str]:
-        done = service.jobs.store.list(statuses=("completed",))
+        done = [j for j in service.jobs.store.list(statuses=("completed",)) if j.method in SERVABLE]
         user = access.current()
         loaded = cache.loaded() if user is None or user.is_admin else []  # a member's ids: from the lines below
-        listed = [*loaded, *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
+        # each job's base beside its result: a client that registers listed models only (Llama Stack's
+        # remote::vllm) can then answer with both, the comparison an evaluation makes
+        bases = [b for b in map(base_model, done) if b]
+        listed = [*loaded, *(f"job:{j.job_uuid}" for j in done), *bases]
         return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
