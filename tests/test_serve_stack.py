@@ -16,7 +16,7 @@ from test_fsdp_service import Service
 pytestmark = pytest.mark.slow  # the FSDP service and `llama stack run`, training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STEPS, BATCH = 100, 32  # one epoch over fresh rows
+STEPS, BATCH = 160, 32  # one epoch over fresh rows (100 steps: 1 of 20 right; the demo: ~95% at 200)
 HELDOUT = 20
 EQUALITY = {"basic::equality": {"type": "basic", "aggregation_functions": ["accuracy"]}}
 
@@ -82,11 +82,10 @@ def test_train_serve_and_score_in_one_stack(stack, tiny_models):
     trained = final["identifier"]
     assert trained == "serve-sft-final" and Path(final["path"], "config.json").is_file()
 
-    # Llama Stack 0.2.12 routes a model_id only once it is registered (docs/serving.md says why): one call
-    # each, naming what the service serves them as (its GET /v1/openai/v1/models lists both).
-    assert trained not in {m.identifier for m in client.models.list()}
-    client.models.register(model_id=trained, provider_id="trl_fsdp_serving", provider_model_id="job:serve-sft",
-                           model_type="llm", metadata={})
+    # The completed job's final checkpoint is a model of the stack already (the adapter registers it with
+    # serve_provider_id when it sees the job completed); a base model takes one models.register call.
+    registered = {m.identifier: m for m in client.models.list()}
+    assert trained in registered and registered[trained].provider_id == "trl_fsdp_serving", list(registered)
     client.models.register(model_id="reverse-base", provider_id="trl_fsdp_serving", provider_model_id=student,
                            model_type="llm", metadata={})
     assert {trained, "reverse-base"} <= {m.identifier for m in client.models.list()}
@@ -99,7 +98,7 @@ def test_train_serve_and_score_in_one_stack(stack, tiny_models):
     print(f"held-out exact match: base {right_before}/{HELDOUT}, trained {right_after}/{HELDOUT}; "
           f"e.g. {heldout[0]['input_query']!r} -> base {before[0]!r}, trained {after[0]!r}")
     assert sum(a != b for a, b in zip(after, before)) >= HELDOUT // 2, (after, before)
-    assert right_after > right_before, (after, before)
+    assert right_after >= HELDOUT // 4 and right_after > right_before, (after, before)
 
     # streamed, the trained model answers as it does in one piece
     chunks = client.inference.chat_completion(

@@ -10,4 +10,4 @@ async def get_adapter_impl(config: TrlFsdpAdapterConfig, deps: dict[Any, Any]):
 
     from .adapter import TrlFsdpAdapter
 
-    return TrlFsdpAdapter(config, deps[Api.datasetio])
+    return TrlFsdpAdapter(config, deps[Api.datasetio], deps.get(Api.models))

@@ -24,9 +24,10 @@ from .config import TrlFsdpAdapterConfig
 
 
 class TrlFsdpAdapter:
-    def __init__(self, config: TrlFsdpAdapterConfig, datasetio: Any) -> None:
+    def __init__(self, config: TrlFsdpAdapterConfig, datasetio: Any, models: Any = None) -> None:
         self.config = config
         self.datasetio = datasetio
+        self.models = models  # the stack's model registry (with serve_provider_id: completed jobs join it)
         headers = {"authorization": f"Bearer {config.api_token}"} if config.api_token else {}
         self.http = httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, headers=headers)
 
@@ -127,12 +128,47 @@ class TrlFsdpAdapter:
         return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=j["job_uuid"]) for j in out["data"]])
 
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
-        return PostTrainingJobStatusResponse(**await self._call("GET", "/v1/post-training/job/status",
-                                                                params={"job_uuid": job_uuid}))
+        status = await self._call("GET", "/v1/post-training/job/status", params={"job_uuid": job_uuid})
+        if status.get("status") == "completed":
+            await self._register_final(job_uuid, status.get("checkpoints") or [])
+        return PostTrainingJobStatusResponse(**status)
 
     async def cancel_training_job(self, job_uuid: str) -> None:
         await self._call("POST", "/v1/post-training/job/cancel", json={"job_uuid": job_uuid})
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
-        return PostTrainingJobArtifactsResponse(**await self._call("GET", "/v1/post-training/job/artifacts",
-                                                                   params={"job_uuid": job_uuid}))
+        artifacts = await self._call("GET", "/v1/post-training/job/artifacts", params={"job_uuid": job_uuid})
+        if artifacts.get("checkpoints") and self._serving():
+            status = await self._call("GET", "/v1/post-training/job/status", params={"job_uuid": job_uuid})
+            if status.get("status") == "completed":
+                await self._register_final(job_uuid, artifacts["checkpoints"])
+        return PostTrainingJobArtifactsResponse(**artifacts)
+
+    def _serving(self) -> bool:
+        return self.models is not None and self.config.serve_provider_id is not None
+
+    async def _register_final(self, job_uuid: str, checkpoints: list[dict[str, Any]]) -> None:
+        """A completed job's final checkpoint as a model of the stack (its artifacts' identifier), answered by
+        serve_provider_id as the service's `job:<uuid>`; once (a registered identifier is left as it is)."""
+        if not self._serving() or not checkpoints:
+            return
+        identifier = checkpoints[-1]["identifier"]
+        if await self._registered(identifier):
+            return
+        from llama_stack.apis.models import ModelType
+
+        try:
+            await self.models.register_model(model_id=identifier, provider_model_id=f"job:{job_uuid}",
+                                             provider_id=self.config.serve_provider_id, model_type=ModelType.llm,
+                                             metadata={"post_training_job": job_uuid})
+        except ValueError as e:  # e.g. registered meanwhile by another request: the model is there either way
+            if not await self._registered(identifier):
+                raise BadRequest(f"job {job_uuid}: its final checkpoint could not be registered as model "
+                                 f"{identifier!r} with {self.config.serve_provider_id}: {e}") from None
+
+    async def _registered(self, identifier: str) -> bool:
+        try:
+            await self.models.get_model(identifier)  # 0.2.12: a ValueError when there is none
+        except ValueError:
+            return False
+        return True

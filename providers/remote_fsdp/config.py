@@ -16,6 +16,10 @@ class TrlFsdpAdapterConfig(BaseModel):
     # Defaults for every job; a request's training_config.fsdp_config / torch_run_config override them.
     fsdp_config: dict[str, Any] = Field(default_factory=dict)
     torch_run_config: dict[str, Any] = Field(default_factory=dict)
+    # The stack's inference provider that answers with this service's models (run_fsdp_serve.yaml's
+    # remote::vllm on the service's OpenAI endpoint): each completed job's final checkpoint is registered
+    # there as a model of the stack, under the identifier its artifacts give. None: nothing is registered.
+    serve_provider_id: str | None = None
 
     @classmethod
     def sample_run_config(cls, **kwargs: Any) -> dict[str, Any]:
