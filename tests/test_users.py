@@ -212,7 +212,7 @@ def test_an_admin_sees_everyone_with_the_owner_named_and_the_audit_log_names_use
     with client(svc, "not-a-key") as stranger:
         r = stranger.get("/v1/post-training/jobs")
         assert r.status_code == 401 and "wrong API key" in r.text
-    log = svc["log"].read_text()
+    log = (svc["data"] / "logs" / "service.log").read_text()  # the audit trail: in the data dir, not on stderr
     assert "user=alice POST /v1/openai/v1/fine_tuning/jobs -> 200" in log
     assert "user=bob GET /v1/post-training/job/status" in log
 

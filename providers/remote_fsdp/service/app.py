@@ -15,6 +15,7 @@ import sqlite3
 import sys
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +51,9 @@ from .routes import (
 from .security import (
     BodyTooLarge,
     LimitsAndAudit,
+    PrintableFormatter,
     QuotaExceeded,
+    audit,
     install_printable_logs,
     node_auth,
     node_headers,
@@ -251,10 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outbound-config", help="YAML file: chat endpoints (and their key variables) requests may "
                                                   "name, the Hub token and namespaces exports may push to, Hub "
                                                   "downloads (env TRL_FSDP_OUTBOUND_CONFIG; default: none of them)")
+    parser.add_argument("--log-requests-to-stderr", action="store_true",
+                        help="print each request's audit line on stderr too (always in DATA_DIR/logs/service.log)")
     args = parser.parse_args(argv)
-    # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # force: importing llama_stack installs its own root handler at WARNING, which would hide the service's lines.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
     install_printable_logs()  # request data in any log line is escaped: one record, one line
+    if not args.log_requests_to_stderr:
+        # One audit line per request would flood the terminal where `--watch` draws; the log file keeps them.
+        logging.getLogger().handlers[0].addFilter(lambda record: not record.name.startswith(audit.name))
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,
@@ -293,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Access lines come from our audit log (client, route, status), which never prints headers.
     try:
+        log_file = log_to_file(config.data_path)
         app = create_app(config)
     except LauncherUnavailable as e:
         raise SystemExit(str(e)) from None
@@ -308,8 +317,24 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
     # before its exit handlers run (the zygote's temporary directory would stay behind).
     signal.signal(signal.SIGTERM, lambda *_: exit_after_handlers(128 + signal.SIGTERM))
-    log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
+    log.info("serving on %s, dashboard %s/dashboard/, log %s", config.url, config.url, log_file)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_file(data_path: Path) -> Path:
+    """Send every log line of the service (audit lines included) to DATA_DIR/logs/service.log as well,
+    rotated at 10 MB with 5 old files kept; returns the file's path."""
+    from logging.handlers import RotatingFileHandler
+
+    path = data_path / "logs" / "service.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(path, maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
+    handler.setFormatter(PrintableFormatter(LOG_FORMAT))  # one record, one line, as on stderr
+    logging.getLogger().addHandler(handler)
+    return path
 
 
 def exit_after_handlers(code: int) -> None:
