@@ -162,8 +162,11 @@ def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(Fa
 
 @app.command()
 def cancel(ctx: typer.Context, job_uuid: str) -> None:
-    """Cancel a job (every process it started stops)."""
+    """Cancel a job (every process it started stops); a job that has already ended is an error (exit 2)."""
     c = _ctx(ctx)
+    state = c.backend.status(job_uuid)["status"]
+    if state in ("completed", "failed", "cancelled"):
+        raise CliError(f"cancel: job {job_uuid} has already ended ({state}); nothing to cancel", EXIT_USAGE)
     c.backend.cancel(job_uuid)
     print(f"{job_uuid}: {c.backend.status(job_uuid)['status']}")
 
