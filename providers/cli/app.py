@@ -104,9 +104,14 @@ def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
     cells = [[j["job_uuid"], j["status"], _fmt(j.get("method")),
               f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}", _fmt(j.get("world_size")),
               _fmt(j.get("last_loss")), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
+    names = ("job", "status", "method", "step", "ranks", "loss", "final")
+    if not console.is_terminal:
+        # A pipe or a file: one job per line, tab-separated and whole, for grep, cut and awk.
+        for c in [[*names, "error"], *cells]:
+            print("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in c), file=console.file)
+        return
     # Widths are fixed here rather than left to rich, which shrinks whatever column it likes when a terminal
     # is narrow: the status and numbers stay whole, a long job name folds, the error gets what is left.
-    names = ("job", "status", "method", "step", "ranks", "loss", "final")
     widths = [max([len(n), *(len(str(c[i])) for c in cells)]) for i, n in enumerate(names)]
     room = console.width - sum(w + 3 for w in widths[1:]) - 5  # padding and a separator per column
     widths[0] = max(8, min(widths[0], 24, room - 3))
@@ -149,13 +154,20 @@ def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(Fa
     if as_json:
         print(json.dumps(a, indent=2))
         return
-    t = Table("checkpoint", "step", "train loss", "validation loss")
-    t.add_column("path", overflow="fold")
-    for cp in a.get("checkpoints") or []:
-        m = cp.get("training_metrics") or {}
-        t.add_row(cp.get("identifier", ""), _fmt(cp.get("step")), _fmt(m.get("train_loss")),
-                  _fmt(m.get("validation_loss")), cp.get("path", ""))
-    console.print(t)
+    names = ("checkpoint", "step", "train loss", "validation loss", "path")
+    rows = [[cp.get("identifier", ""), _fmt(cp.get("step")), _fmt((cp.get("training_metrics") or {}).get("train_loss")),
+             _fmt((cp.get("training_metrics") or {}).get("validation_loss")), cp.get("path", "")]
+            for cp in a.get("checkpoints") or []]
+    if not console.is_terminal:  # a pipe or a file: whole names and paths, tab-separated
+        for row in [names, *rows]:
+            print("\t".join(map(str, row)), file=console.file)
+    else:
+        t = Table()
+        for name in names:  # names and paths fold onto a second line rather than lose their ends
+            t.add_column(name, overflow="fold" if name in ("checkpoint", "path") else "ellipsis")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
     for p in a.get("plots") or []:
         print(f"plot {p}")
 
