@@ -16,7 +16,9 @@ TRL_POST_TRAINING_TOKEN) apply to every command. Exit codes (providers/cli/error
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -214,15 +216,39 @@ def logs(ctx: typer.Context, job_uuid: str, follow: bool = typer.Option(False, "
     c = _ctx(ctx)
     if not follow:
         for line in c.backend.logs(job_uuid, tail, rank):
-            print(line)
+            if (shown := readable_log_line(line)) is not None:
+                print(shown)
         return
 
+    partial = ""  # a chunk may end inside a line: it is shown when its end comes
     try:
         for chunk in c.backend.follow_logs(job_uuid, tail, rank):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                if (shown := readable_log_line(line)) is not None:
+                    print(shown, flush=True)
+        if partial and (shown := readable_log_line(partial)) is not None:
+            print(shown)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# Lines of older jobs' logs that say nothing to a job's owner (providers/quiet.py keeps them out of new ones).
+LOG_NOISE = (re.compile(r"^\S+ \S+ INFO accelerate\."), re.compile(r"mtime may not be reliable"))
+TRAINER_LOG = re.compile(r"^\{'[\w/]+': .*\}$")  # transformers' Trainer prints each log as a Python dict
+
+
+def readable_log_line(line: str) -> str | None:
+    """A job log line as `logs` shows it: the Trainer's dicts as `key value` pairs; None for noise."""
+    if any(p.search(line) for p in LOG_NOISE):
+        return None
+    if TRAINER_LOG.match(line):
+        try:
+            values = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            return line
+        return "  ".join(f"{k} {v}" for k, v in values.items())
+    return line
 
 
 @app.command()
