@@ -37,7 +37,7 @@ from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
 from .core import ServiceCore
 from .quota import attach as attach_user_quotas, usage_router
-from .users import client_auth, read_users_file, require_admin
+from .users import client_auth, install_auth_errors, read_users_file, require_admin
 from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .docs import install_offline_docs
@@ -151,6 +151,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for e in exc.errors()
         ]
         return _error(400, errors)
+
+    install_auth_errors(app)
 
     @app.exception_handler(ClientError)
     async def client_error(_: Request, exc: ClientError):
