@@ -11,6 +11,7 @@ validation, export, and the one-call enhance -> train -> validate -> export pipe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -72,7 +73,11 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     def available_models() -> list[str]:
         done = service.jobs.store.list(statuses=("completed",))
         user = access.current()
-        loaded = cache.loaded() if user is None or user.is_admin else []  # a member's ids: from the lines below
+        # A model loaded from the data dir (a job's checkpoint, an `ft:` model's files) has an id below: its path
+        # would show the server's layout. Loaded models the operator's roots hold keep their path as their id.
+        inside = (config.data_path, config.shared_path)
+        loaded = [m for m in cache.loaded() if not any(Path(m).is_relative_to(d) for d in inside)] if (
+            user is None or user.is_admin) else []  # a member's ids: from the lines below
         listed = [*loaded, *(f"job:{j.job_uuid}" for j in done if j.method in SERVABLE)]
         return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 
