@@ -331,9 +331,15 @@ def log_to_file(data_path: Path) -> Path:
     rotated at 10 MB with 5 old files kept; returns the file's path."""
     from logging.handlers import RotatingFileHandler
 
+    class LogFile(RotatingFileHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            # A full disk: the service serves on (degraded, as /health says); a traceback on stderr for every
+            # line it could not write would bury the lines stderr still gets.
+            pass
+
     path = data_path / "logs" / "service.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = RotatingFileHandler(path, maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
+    handler = LogFile(path, maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
     handler.setFormatter(PrintableFormatter(LOG_FORMAT))  # one record, one line, as on stderr
     logging.getLogger().addHandler(handler)
     return path
