@@ -1,5 +1,6 @@
-"""`trl-post-training list` in a pipe: one job a line, tab-separated, nothing cut. In a narrow terminal: the status and the numbers stay whole (issue 20: the
-status column was cut at 80 columns); a long job name folds, the error gets what room is left."""
+"""`trl-post-training list` in a pipe: one job a line, tab-separated, nothing cut. In a narrow terminal: the
+status and the numbers stay whole (issue 20: the status column was cut at 80 columns); a long job name folds,
+the error gets what room is left. `artifacts` keeps whole checkpoint names in both."""
 
 from __future__ import annotations
 
