@@ -10,6 +10,8 @@ import-time warning needs the `PYTHONWARNINGS` value below in the server's envir
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 # llama_stack 0.2.12's SqlStoreConfig (providers/utils/sqlstore/sqlstore.py) puts `default="sqlite"` in an
@@ -50,6 +52,30 @@ def install() -> None:
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _DropMessage) for f in bnb.filters):
         bnb.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # transformers falls back to numbered checkpoint order where a file system's mtimes are coarse; the
+    # checkpoints here are numbered, so the fallback is the order they have anyway.
+    sorting = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _DropMessage) for f in sorting.filters):
+        sorting.addFilter(_DropMessage("mtime may not be reliable"))
+    # accelerate's INFO lines (FSDP state saved, a dataset without a length) say nothing a job's owner acts on.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    no_progress_bars()
+
+
+def no_progress_bars() -> None:
+    """No progress bars (`Loading weights`, dataset `map`s) from the Hugging Face libraries: in the service's and
+    jobs' logs they are carriage-return noise, and in a terminal they cross `--watch`'s lines. The variables
+    reach child processes (training jobs, ranks); a library imported before this package is told directly.
+    Setting a variable to 0 brings the bars back."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub, and transformers through it
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 install()

@@ -49,6 +49,8 @@ def test_submit_sft_lora_example_and_watch_to_completion(cli_env, ops_service):
     again = cli(cli_env, "submit", str(EXAMPLES / "sft_lora.yaml"), "--job-uuid", "cli-sft-lora-2")
     assert "uploaded" not in again.stderr
     cli(cli_env, "cancel", "cli-sft-lora-2")
+    ended = cli(cli_env, "cancel", "cli-sft-lora", check=2)  # nothing to cancel: an error, not a silent 0
+    assert "cli-sft-lora has already ended (completed)" in ended.stderr
 
 
 @pytest.mark.skipif(not tmux_available(), reason="tmux is not installed")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 from helpers import process_group_exists, token_service, wait_until
@@ -91,6 +92,26 @@ def test_status_mapping_and_auto_hyperparameters():
         choose_hyperparameters({"n_epochs": 0}, "supervised", 10, "lora")
     with pytest.raises(ValueError, match="beta"):
         choose_hyperparameters({"beta": 0.2}, "supervised", 10, "lora")
+
+
+def test_an_openai_model_name_is_answered_with_this_services_models(tmp_path, monkeypatch):
+    """`gpt-4o-mini-2024-07-18` is no repo to `hf download`: the 400 names the models the service has."""
+    from huggingface_hub import constants
+
+    from providers.api.paths import ProviderDefaults, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "models" / "student" / "config.json").write_text("{}")
+    (tmp_path / "models" / "notes").mkdir()
+    defaults = ProviderDefaults(data_dir=str(tmp_path / "data"), allowed_model_roots=[str(tmp_path / "models")])
+    with pytest.raises(ValueError) as e:
+        resolve_model("gpt-4o-mini-2024-07-18", "model", defaults)
+    message = str(e.value)
+    assert "'gpt-4o-mini-2024-07-18' is not a model of this service" in message and "hf download" not in message
+    assert f"one of its models by path: {tmp_path / 'models' / 'student'}, or" in message and "notes" not in message
+    with pytest.raises(ValueError, match=r"hf download org/name"):  # an ORG/NAME id: fetch it into the cache
+        resolve_model("org/name", "model", defaults)
 
 
 @pytest.mark.slow  # imports transformers (seconds)
@@ -245,7 +266,11 @@ def test_sft_files_events_checkpoints_and_chat(service, toy_data):
     for c in (client, sdk(service, prefix="/v1")):
         listed = [m.id for m in c.models.list().data]
         assert job.fine_tuned_model in listed and all(cp.fine_tuned_model_checkpoint in listed for cp in cps)
+        assert not [m for m in listed if str(service["data"]) in m], listed  # ids, never the server's paths
         assert c.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
+    # the dashboard's job list names the job by the ft: model it made (its suffix in it)
+    rows = httpx.get(service["url"] + "/dashboard/api/jobs", headers={"authorization": f"Bearer {TOKEN}"}).json()["data"]
+    assert next(r for r in rows if r["job_uuid"] == job.id)["name"] == job.fine_tuned_model
     assert client.models.retrieve(cps[-1].fine_tuned_model_checkpoint).owned_by == "local"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve(job.fine_tuned_model + "x")
@@ -277,8 +302,6 @@ def test_sft_files_events_checkpoints_and_chat(service, toy_data):
         client.fine_tuning.jobs.create(model=f"{job.fine_tuned_model}:ckpt-step-999", training_file=f.id)
 
     # one job store: the same job through the post-training API (Llama Stack's shapes) and /v1
-    import httpx
-
     listed = httpx.get(service["url"] + "/v1/post-training/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert {"job_uuid": job.id, "status": "completed"} in listed["data"]
     assert sdk(service, prefix="/v1").fine_tuning.jobs.retrieve(job.id).status == "succeeded"
@@ -412,8 +435,12 @@ def test_cancel_pause_resume_leave_no_process(service, toy_data):
     # pause saved a checkpoint at the step it reached, and no step ran beyond it
     saved = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
     assert saved >= at_pause and train_steps(client, job.id)[-1] == saved
-    assert any(e.message.startswith(f"Job paused with a checkpoint at step {saved};")
-               for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data][::-1]  # oldest first
+    paused_at = next(i for i, m in enumerate(events) if m.startswith(f"Job paused with a checkpoint at step {saved};"))
+    assert "Fine-tuning job started" in events[:paused_at], events  # the paused run's start stays
+    # the service's log calls it a pause, not a cancel
+    wait_until(lambda: f"job {job.id} paused" in service["log"].read_text(), 30, message="the pause in the log")
+    assert f"job {job.id} cancelled" not in service["log"].read_text()
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.pause(job.id)
     resumed = client.fine_tuning.jobs.resume(job.id)
@@ -440,6 +467,7 @@ def test_cancel_pause_resume_leave_no_process(service, toy_data):
     wait_until(lambda: not process_group_exists(pgid), timeout=30, message="no process left")
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert "The job was cancelled" in messages and "Job resumed" in messages
+    assert messages[::-1].index("Fine-tuning job started") < messages[::-1].index("Job resumed")
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(job.id)
     with pytest.raises(openai.ConflictError):  # a queued or running job's file stays

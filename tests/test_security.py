@@ -439,8 +439,8 @@ def test_corrupt_state_files_are_set_aside_and_the_service_starts(tmp_path, tiny
         assert svc.post("/v1/post-training/supervised-fine-tune", json=sft("after-corruption", tiny_models["student"],
                                                                            steps=1)).status_code == 200
         assert svc.wait("after-corruption")["status"] == "completed"
-        log = svc.log.read_text()
-        assert "POST /v1/post-training/supervised-fine-tune -> 200" in log  # the audit trail
+        log = (data / "logs" / "service.log").read_text() + svc.log.read_text()
+        assert "POST /v1/post-training/supervised-fine-tune -> 200" in log  # the audit trail, in the data dir
         assert API_TOKEN not in log and NODE_TOKEN not in log
     finally:
         svc.stop()

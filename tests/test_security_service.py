@@ -167,11 +167,12 @@ def test_a_percent_encoded_newline_cannot_forge_an_audit_line(svc):
     conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30)
     conn.request("GET", path)  # no token: a 401, and still an audit line
     assert conn.getresponse().status in (401, 404)
-    lines = wait_until(lambda: [line for line in svc.log.read_text(errors="replace").splitlines() if "10.6.6.6" in line],
+    audit_log = svc.data_dir / "logs" / "service.log"  # the audit trail: in the data dir, not on stderr
+    lines = wait_until(lambda: [line for line in audit_log.read_text(errors="replace").splitlines() if "10.6.6.6" in line],
                        30, message="the audit line of the forged request")
     for line in lines:
         assert not line.startswith("2026-01-01") and " GET /v1/post-training/jobs\\n" in line, line
-    assert not any("\x1b" in line or "\u2028" in line or "\r" in line for line in svc.log.read_text().splitlines())
+    assert not any("\x1b" in line or "\u2028" in line or "\r" in line for line in audit_log.read_text().splitlines())
 
 
 # -- 8. disk quota ------------------------------------------------------------------------------------------------

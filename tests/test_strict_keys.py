@@ -79,6 +79,14 @@ def test_typos_in_other_methods_algorithm_sections(tmp_path):
             job_request(path)
 
 
+def test_a_misspelt_method_gets_the_nearest(tmp_path):
+    with pytest.raises(JobFileError, match=r"method: 'gpro' is not one of .*; did you mean 'grpo'\?"):
+        job_request(job_file(tmp_path, method="gpro"))
+    with pytest.raises(JobFileError) as e:
+        job_request(job_file(tmp_path, method="reinforce"))
+    assert "did you mean" not in str(e.value)
+
+
 def test_the_shipped_examples_have_no_unknown_key(monkeypatch):
     monkeypatch.setenv("TRL_MODELS_DIR", "/models")
     examples = Path(__file__).resolve().parent.parent / "examples"

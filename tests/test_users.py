@@ -199,6 +199,40 @@ def test_bob_finds_nothing_of_alices_anywhere(svc, toy_data):
     assert job.id not in str(listed) and "unknown job_uuid" in str(error), error
 
 
+def test_a_wrong_or_missing_key_is_a_401_whose_message_the_sdk_shows():
+    """Through the OpenAI SDK, which prints only `error.message`: not a bare `Error code: 401`."""
+    from fastapi import Depends, FastAPI
+
+    from providers.remote_fsdp.service.users import UserKeys, client_auth, install_auth_errors
+
+    app = FastAPI()
+    install_auth_errors(app)
+
+    @app.get("/v1/models", dependencies=[Depends(client_auth(UserKeys.single_admin("the-key")))])
+    async def models():
+        return {"object": "list", "data": []}
+
+    async def call(key: str) -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            sdk = openai.AsyncOpenAI(base_url="http://t/v1", api_key=key, http_client=http, max_retries=0)
+            try:
+                await sdk.models.list()
+            except openai.AuthenticationError as e:
+                assert e.status_code == 401
+                return str(e)
+            return "accepted"
+
+    assert asyncio.run(call("the-key")) == "accepted"
+    wrong = asyncio.run(call("not-the-key"))
+    assert "wrong API key: not a key of this service" in wrong, wrong
+
+    async def bare() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return await http.get("/v1/models")
+    r = asyncio.run(bare())  # Llama Stack clients read `detail`
+    assert r.status_code == 401 and r.json()["detail"].startswith("missing API key")
+
+
 @pytest.mark.slow
 def test_an_admin_sees_everyone_with_the_owner_named_and_the_audit_log_names_users(svc):
     job = svc["job"]
@@ -212,7 +246,7 @@ def test_an_admin_sees_everyone_with_the_owner_named_and_the_audit_log_names_use
     with client(svc, "not-a-key") as stranger:
         r = stranger.get("/v1/post-training/jobs")
         assert r.status_code == 401 and "wrong API key" in r.text
-    log = svc["log"].read_text()
+    log = (svc["data"] / "logs" / "service.log").read_text()  # the audit trail: in the data dir, not on stderr
     assert "user=alice POST /v1/openai/v1/fine_tuning/jobs -> 200" in log
     assert "user=bob GET /v1/post-training/job/status" in log
 

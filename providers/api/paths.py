@@ -113,7 +113,20 @@ def hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def hub_snapshot(repo_id: str, field: str, policy: HubDownloads) -> Path:
+def local_models(defaults: ProviderDefaults, limit: int = 12) -> list[str]:
+    """The model directories in the allowed model roots (a root that is a model, or its sub-directories that
+    are), the service's private dirs left out: what an error about an unknown model offers instead."""
+    private = [Path(d).resolve() for d in defaults.private_dirs]
+    found: list[str] = []
+    for root in map(Path, defaults.allowed_model_roots or []):
+        if is_within(root.resolve(), private) or not root.is_dir():
+            continue
+        candidates = [root] if (root / "config.json").is_file() else sorted(root.iterdir())
+        found += [str(c) for c in candidates if (c / "config.json").is_file()]
+    return found[:limit]
+
+
+def hub_snapshot(repo_id: str, field: str, policy: HubDownloads, models: list[str] | None = None) -> Path:
     """A hub model's snapshot directory from the Hugging Face cache. Downloaded only when the operator allows
     it (`policy.allow_download`, HF_HUB_OFFLINE unset) and the repository's files in total fit
     `policy.max_download_gb`, checked before anything is downloaded."""
@@ -126,6 +139,12 @@ def hub_snapshot(repo_id: str, field: str, policy: HubDownloads) -> Path:
     if constants.HF_HUB_OFFLINE or not policy.allow_download:
         why = ("HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else
                "this service downloads no models (its operator allows it with hub_downloads.allow_download)")
+        if "/" not in repo_id:  # no ORG/NAME: most likely a model name from elsewhere (an OpenAI model), not a repo
+            offer = f"one of its models by path: {', '.join(models)}" if models else "a model directory by its path"
+            raise BadRequest(
+                f"{field}: {repo_id!r} is not a model of this service (no such directory, and no Hugging Face "
+                f"model by that name in its cache; {why}). Name {offer}, or a Hugging Face model id ORG/NAME in "
+                f"its cache")
         raise BadRequest(
             f"{field}: {repo_id!r} is not a local directory and not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}); {why}. Download it on a machine with network access "
@@ -156,7 +175,8 @@ def resolve_model(ref: str, field: str, defaults: ProviderDefaults) -> str:
     check_path_text(ref, field)
     local = Path(ref).expanduser()
     is_path = ref.startswith(("/", "./", "~")) or not HUB_ID.fullmatch(ref)
-    path = local if is_path or local.is_dir() else hub_snapshot(ref, field, defaults.hub_downloads)
+    path = (local if is_path or local.is_dir() else
+            hub_snapshot(ref, field, defaults.hub_downloads, local_models(defaults)))
     roots = None
     if defaults.allowed_model_roots is not None:
         roots = [*defaults.allowed_model_roots, str(hf_cache_dir())]

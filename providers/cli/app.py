@@ -17,7 +17,9 @@ TRL_POST_TRAINING_TOKEN) apply to every command. Exit codes (providers/cli/error
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -107,9 +109,14 @@ def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
     cells = [[j["job_uuid"], j["status"], _fmt(j.get("method")),
               f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}", _fmt(j.get("world_size")),
               _fmt(j.get("last_loss")), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
+    names = ("job", "status", "method", "step", "ranks", "loss", "final")
+    if not console.is_terminal:
+        # A pipe or a file: one job per line, tab-separated and whole, for grep, cut and awk.
+        for c in [[*names, "error"], *cells]:
+            print("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in c), file=console.file)
+        return
     # Widths are fixed here rather than left to rich, which shrinks whatever column it likes when a terminal
     # is narrow: the status and numbers stay whole, a long job name folds, the error gets what is left.
-    names = ("job", "status", "method", "step", "ranks", "loss", "final")
     widths = [max([len(n), *(len(str(c[i])) for c in cells)]) for i, n in enumerate(names)]
     room = console.width - sum(w + 3 for w in widths[1:]) - 5  # padding and a separator per column
     widths[0] = max(8, min(widths[0], 24, room - 3))
@@ -152,21 +159,31 @@ def artifacts(ctx: typer.Context, job_uuid: str, as_json: bool = typer.Option(Fa
     if as_json:
         print(json.dumps(a, indent=2))
         return
-    t = Table("checkpoint", "step", "train loss", "validation loss")
-    t.add_column("path", overflow="fold")
-    for cp in a.get("checkpoints") or []:
-        m = cp.get("training_metrics") or {}
-        t.add_row(cp.get("identifier", ""), _fmt(cp.get("step")), _fmt(m.get("train_loss")),
-                  _fmt(m.get("validation_loss")), cp.get("path", ""))
-    console.print(t)
+    names = ("checkpoint", "step", "train loss", "validation loss", "path")
+    rows = [[cp.get("identifier", ""), _fmt(cp.get("step")), _fmt((cp.get("training_metrics") or {}).get("train_loss")),
+             _fmt((cp.get("training_metrics") or {}).get("validation_loss")), cp.get("path", "")]
+            for cp in a.get("checkpoints") or []]
+    if not console.is_terminal:  # a pipe or a file: whole names and paths, tab-separated
+        for row in [names, *rows]:
+            print("\t".join(map(str, row)), file=console.file)
+    else:
+        t = Table()
+        for name in names:  # names and paths fold onto a second line rather than lose their ends
+            t.add_column(name, overflow="fold" if name in ("checkpoint", "path") else "ellipsis")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
     for p in a.get("plots") or []:
         print(f"plot {p}")
 
 
 @app.command()
 def cancel(ctx: typer.Context, job_uuid: str) -> None:
-    """Cancel a job (every process it started stops)."""
+    """Cancel a job (every process it started stops); a job that has already ended is an error (exit 2)."""
     c = _ctx(ctx)
+    state = c.backend.status(job_uuid)["status"]
+    if state in ("completed", "failed", "cancelled"):
+        raise CliError(f"cancel: job {job_uuid} has already ended ({state}); nothing to cancel", EXIT_USAGE)
     c.backend.cancel(job_uuid)
     print(f"{job_uuid}: {c.backend.status(job_uuid)['status']}")
 
@@ -202,15 +219,39 @@ def logs(ctx: typer.Context, job_uuid: str, follow: bool = typer.Option(False, "
     c = _ctx(ctx)
     if not follow:
         for line in c.backend.logs(job_uuid, tail, rank):
-            print(line)
+            if (shown := readable_log_line(line)) is not None:
+                print(shown)
         return
 
+    partial = ""  # a chunk may end inside a line: it is shown when its end comes
     try:
         for chunk in c.backend.follow_logs(job_uuid, tail, rank):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                if (shown := readable_log_line(line)) is not None:
+                    print(shown, flush=True)
+        if partial and (shown := readable_log_line(partial)) is not None:
+            print(shown)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# Lines of older jobs' logs that say nothing to a job's owner (providers/quiet.py keeps them out of new ones).
+LOG_NOISE = (re.compile(r"^\S+ \S+ INFO accelerate\."), re.compile(r"mtime may not be reliable"))
+TRAINER_LOG = re.compile(r"^\{'[\w/]+': .*\}$")  # transformers' Trainer prints each log as a Python dict
+
+
+def readable_log_line(line: str) -> str | None:
+    """A job log line as `logs` shows it: the Trainer's dicts as `key value` pairs; None for noise."""
+    if any(p.search(line) for p in LOG_NOISE):
+        return None
+    if TRAINER_LOG.match(line):
+        try:
+            values = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            return line
+        return "  ".join(f"{k} {v}" for k, v in values.items())
+    return line
 
 
 @app.command()

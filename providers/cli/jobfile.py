@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ..training.keys import unknown_key_message
+from ..training.keys import nearest, unknown_key_message
 from ..training.methods import METHODS, PREFERENCE_CALL
 from ..training.settings import DpoSpec
 
@@ -201,7 +201,9 @@ def job_request(path: str | Path, job_uuid: str | None = None) -> JobRequest:
             raise JobFileError(f"{path}: {key}: {unknown_key_message(key, known)}")
     method = spec.get("method")
     if method not in REQUESTABLE:
-        raise JobFileError(f"{path}: method: {method!r} is not one of {list(REQUESTABLE)}")
+        near = nearest(method, REQUESTABLE) if isinstance(method, str) else None
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise JobFileError(f"{path}: method: {method!r} is not one of {list(REQUESTABLE)}{hint}")
     check_sections(spec, method, path)
     for key in ("model", "dataset"):
         if key not in spec:

@@ -128,6 +128,7 @@ class JobsSource:
     resume: Callable[[str], Any] | None = None
     cancel_pipeline: Callable[[str], Any] | None = None
     kind: str = "service"
+    names: list[Callable[[str], str | None]] = field(default_factory=list)  # a job's name (an OpenAI job's ft: id)
     _summary_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -151,6 +152,7 @@ class JobsSource:
         node_ids = [n.get("node_id") for n in nodes] if isinstance(nodes, list) else []
         row = {
             "job_uuid": job_uuid,
+            "name": next((n for n in (name(job_uuid) for name in self.names) if n), None),
             "owner": res.get("owner"),
             "status": v["status"],
             "method": res.get("method"),

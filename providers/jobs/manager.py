@@ -107,6 +107,7 @@ class JobManager:
         self.launchers: dict[str, Launcher] = {self.local.name: self.local, **(launchers or {})}
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
         self._cancelled: dict[str, str | None] = {}  # job_uuid -> failure reason (None: a user's cancel)
+        self._logged_as: dict[str, str] = {}  # job_uuid -> what the log calls a cancel ("paused")
         # What another part of the service knows of a failed job's cause, added to its error when it is
         # recorded (the nodes launcher: which node of a multi-node job stopped answering)
         self.failure_context: Callable[[str], str | None] | None = None
@@ -521,7 +522,8 @@ class JobManager:
             except (StoreUnavailable, OSError) as e:  # a full disk: the failure is recorded, not retried
                 log.error("job %s: cannot queue it again: %s", job_uuid, e)
         self._record_end(job_uuid, state, error, status.get("finished_at"))
-        log.info("job %s %s", job_uuid, state)
+        logged_as = self._logged_as.pop(job_uuid, "cancelled")
+        log.info("job %s %s", job_uuid, logged_as if state == "cancelled" else state)
 
     @staticmethod
     def _job_dirs(job: JobRecord) -> list[str]:
@@ -550,17 +552,19 @@ class JobManager:
                           resources={**job.resources, "retries": retries})
         return True
 
-    def cancel(self, job_uuid: str, reason: str | None = None) -> JobRecord:
-        """Stop a job and every process it started: `cancelled`, or `failed` with `reason` when the job is
-        stopped because something else failed. Cancelling a finished job changes nothing."""
+    def cancel(self, job_uuid: str, reason: str | None = None, logged_as: str = "cancelled") -> JobRecord:
+        """Stop a job and every process it started: `cancelled` (the log says `logged_as`), or `failed` with
+        `reason` when the job is stopped because something else failed. Cancelling a finished job changes nothing."""
         job = self.store.get(job_uuid)
         if job.status not in ACTIVE:
             return job
         with self._lock:
+            self._logged_as[job_uuid] = logged_as
             # A second stop (a user's cancel while a failed node's part is stopped) keeps the first one's reason.
             reason = self._cancelled.setdefault(job_uuid, reason)
             followed = self._running.get(job_uuid)
             if followed is None:  # still queued here
+                self._logged_as.pop(job_uuid, None)
                 self._record_end(job_uuid, "failed" if reason else "cancelled", reason)
                 return self.store.get(job_uuid)
         launcher, external_id = followed

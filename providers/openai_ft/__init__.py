@@ -44,6 +44,7 @@ def install(app, core: ServiceCore) -> None:
         return exc.response()
 
     app.add_exception_handler(ApiError, openai_error)
+    core.job_names.append(api.job_name)
     tasks = getattr(app.state, "workflow_tasks", None)  # the chat API's model references (workflows add-on)
     if tasks is not None:
         tasks.refs.resolvers["ft"] = api.resolve_ft

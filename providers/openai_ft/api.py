@@ -53,6 +53,7 @@ from .store import FtState, link_model_files
 
 ORG = "local"  # the `<org>` of ft: ids and organization_id: this service has no organisations
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+STARTED = "Fine-tuning job started"
 PAUSE_WAIT_S = 120  # how long pause waits for a running job's checkpoint before it stops the job anyway
 OWN_FIELDS = {"n_epochs", "data_config", "optimizer_config", "seed", "learning_rate"}  # set by hyperparameters
 
@@ -544,8 +545,8 @@ class OpenAIFineTuning:
         if view:
             res = view["resources_allocated"]
             started = iso_seconds(view.get("started_at")) or rec["created_at"]
-            if view.get("started_at"):
-                out.append((started, "info", "message", "Fine-tuning job started", {}))
+            if view.get("started_at") and (started, STARTED) not in {(e[0], e[3]) for e in out}:
+                out.append((started, "info", "message", STARTED, {}))
             total = res.get("total_steps")
             for m in RunFiles(res["run_dir"]).read_metrics() if res.get("run_dir") else []:
                 logged = m.get("time", started)
@@ -622,6 +623,13 @@ class OpenAIFineTuning:
                              f"(it has {sorted({c['step'] for c in checkpoints})})")
         return rec, Path(found[-1]["path"]), step
 
+    def job_name(self, job_uuid: str) -> str | None:
+        """What the dashboard shows beside a fine-tuning job's id: the `ft:` model it makes (its suffix in it)."""
+        try:
+            return self.state.get_job(job_uuid)["fine_tuned_model"]
+        except NotFound:  # not a fine-tuning job (or another user's)
+            return None
+
     def served_models(self) -> list[str]:
         """The `ft:` ids the chat API serves: each succeeded job's model and every job's checkpoints."""
         out = []
@@ -660,7 +668,10 @@ class OpenAIFineTuning:
         step = await self._pause_checkpoint(job_id, view) if status == "in_progress" else None
         if self._core_status(rec) not in ACTIVE:  # it ended (finished, failed) before it reached a step end
             return self.job_object(rec)
-        await asyncio.to_thread(self.service.cancel_job, job_id)
+        started = self.service.job_view(job_id).get("started_at")
+        await asyncio.to_thread(self.service.cancel_job, job_id, "paused")
+        if started:  # the run being paused: its start stays an event (a resumed run has a start of its own)
+            self.state.add_event(job_id, STARTED, at=iso_seconds(started))
         message = (f"Job paused with a checkpoint at step {step}; it resumes there" if step is not None else
                    "Job paused; it resumes from its newest checkpoint")
         rec = self.state.add_event(job_id, message, paused=True)

@@ -138,12 +138,14 @@ class FtState:
         return sorted((r for r in recs if r and access.can_see(r.get("owner"))),
                       key=lambda r: (r.get("t", r["created_at"]), r["id"]), reverse=True)
 
-    def add_event(self, job_id: str, message: str, level: str = "info", **updates: Any) -> dict[str, Any]:
-        """Append an event to a job's record, with `updates` to its fields in the same write; the record."""
+    def add_event(self, job_id: str, message: str, level: str = "info", at: float | None = None,
+                  **updates: Any) -> dict[str, Any]:
+        """Append an event (at `at`, Unix seconds; default now) to a job's record, with `updates` to its fields in
+        the same write; the record."""
         with self.lock:
             rec = self.get_job(job_id)
             rec.update(updates)
-            now = time.time()  # `t` orders events within a second; the API shows created_at
+            now = time.time() if at is None else at  # `t` orders events within a second; the API shows created_at
             rec.setdefault("events", []).append({"created_at": int(now), "t": now, "level": level,
                                                  "message": message})
             self.put_job(rec)

@@ -81,10 +81,17 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
     def available_models() -> list[str]:
         done = [j for j in service.jobs.store.list(statuses=("completed",)) if j.method in SERVABLE]
         user = access.current()
-        loaded = cache.loaded() if user is None or user.is_admin else []  # a member's ids: from the lines below
+        # A model loaded from the data dir (a job's checkpoint, an `ft:` model's files) has an id below: its path
+        # would show the server's layout. Models the operator's roots hold keep their path as their id.
+        inside = (config.data_path, config.shared_path)
+
+        def outside(path: str) -> bool:
+            return not any(Path(path).is_relative_to(d) for d in inside)
+
+        loaded = [m for m in cache.loaded() if outside(m)] if user is None or user.is_admin else []
         # each job's base beside its result: a client that registers listed models only (Llama Stack's
         # remote::vllm) can then answer with both, the comparison an evaluation makes
-        bases = [b for b in map(base_model, done) if b]
+        bases = [b for b in map(base_model, done) if b and outside(b)]
         listed = [*loaded, *(f"job:{j.job_uuid}" for j in done), *bases]
         return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 

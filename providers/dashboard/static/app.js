@@ -110,7 +110,8 @@ async function jobsView(el) {
       <tr class="clickable" data-job="${esc(j.job_uuid)}" data-href="#/job/${encodeURIComponent(j.job_uuid)}">
         <td><input type="checkbox" class="pick" value="${esc(j.job_uuid)}" aria-label="select ${esc(j.job_uuid)}"
           ${state.selected.has(j.job_uuid) ? "checked" : ""}></td>
-        <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a></td>
+        <td><a href="#/job/${encodeURIComponent(j.job_uuid)}">${esc(j.job_uuid)}</a>${j.name
+          ? `<div class="muted job-name" title="${esc(j.name)}">${esc(j.name)}</div>` : ""}</td>
         ${admin ? `<td class="owner">${esc(j.owner || "–")}</td>` : ""}<td>${badge(j.status)}</td>
         <td>${esc(j.method)}</td><td class="model" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
         <td>${bar(j.progress)}</td><td>${fmt(j.step)} / ${fmt(j.total_steps)}</td>

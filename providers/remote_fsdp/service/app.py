@@ -15,6 +15,7 @@ import sqlite3
 import sys
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +37,7 @@ from ...launchers.nodes import NodesLauncher
 from .config import LaunchersConfig, ServiceConfig, read_secret
 from .core import ServiceCore
 from .quota import attach as attach_user_quotas, usage_router
-from .users import client_auth, read_users_file, require_admin
+from .users import client_auth, install_auth_errors, read_users_file, require_admin
 from .jobs import FsdpJobService
 from .nodes import HeartbeatSender, Node, NodeRegistry, Registration, local_capabilities
 from .docs import install_offline_docs
@@ -50,7 +51,9 @@ from .routes import (
 from .security import (
     BodyTooLarge,
     LimitsAndAudit,
+    PrintableFormatter,
     QuotaExceeded,
+    audit,
     install_printable_logs,
     node_auth,
     node_headers,
@@ -148,6 +151,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for e in exc.errors()
         ]
         return _error(400, errors)
+
+    install_auth_errors(app)
 
     @app.exception_handler(ClientError)
     async def client_error(_: Request, exc: ClientError):
@@ -253,10 +258,15 @@ def main(argv: list[str] | None = None) -> None:
                                                   "downloads (env TRL_FSDP_OUTBOUND_CONFIG; default: none of them)")
     parser.add_argument("--tinker-config", help="YAML file: the Tinker API's limits (per request, sessions, how "
                                                 "long an idle model stays in memory; docs/tinker.md)")
+    parser.add_argument("--log-requests-to-stderr", action="store_true",
+                        help="print each request's audit line on stderr too (always in DATA_DIR/logs/service.log)")
     args = parser.parse_args(argv)
-    # force: importing llama_stack installs its own root handler at WARNING, which would hide the audit log.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # force: importing llama_stack installs its own root handler at WARNING, which would hide the service's lines.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
     install_printable_logs()  # request data in any log line is escaped: one record, one line
+    if not args.log_requests_to_stderr:
+        # One audit line per request would flood the terminal where `--watch` draws; the log file keeps them.
+        logging.getLogger().handlers[0].addFilter(lambda record: not record.name.startswith(audit.name))
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir, "api_token": args.api_token,
         "max_concurrent_jobs": args.max_concurrent_jobs, "max_queued_jobs": args.max_queued_jobs,
@@ -300,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Access lines come from our audit log (client, route, status), which never prints headers.
     try:
+        log_file = log_to_file(config.data_path)
         app = create_app(config)
     except LauncherUnavailable as e:
         raise SystemExit(str(e)) from None
@@ -315,8 +326,30 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown: with the default action the process would die
     # before its exit handlers run (the zygote's temporary directory would stay behind).
     signal.signal(signal.SIGTERM, lambda *_: exit_after_handlers(128 + signal.SIGTERM))
-    log.info("serving on http://%s:%d, data in %s", config.host, config.port, config.data_path)
+    log.info("serving on %s, dashboard %s/dashboard/, log %s", config.url, config.url, log_file)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_file(data_path: Path) -> Path:
+    """Send every log line of the service (audit lines included) to DATA_DIR/logs/service.log as well,
+    rotated at 10 MB with 5 old files kept; returns the file's path."""
+    from logging.handlers import RotatingFileHandler
+
+    class LogFile(RotatingFileHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            # A full disk: the service serves on (degraded, as /health says); a traceback on stderr for every
+            # line it could not write would bury the lines stderr still gets.
+            pass
+
+    path = data_path / "logs" / "service.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = LogFile(path, maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
+    handler.setFormatter(PrintableFormatter(LOG_FORMAT))  # one record, one line, as on stderr
+    logging.getLogger().addHandler(handler)
+    return path
 
 
 def exit_after_handlers(code: int) -> None:

@@ -27,3 +27,5 @@ class ServiceCore:
     # Route prefixes whose bodies are streamed uploads: they get the upload limit, not the JSON body limit.
     upload_prefixes: list[str] = field(default_factory=list)
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the app stops
+    # An add-on's name for a job of the store (None: not its job), shown beside the job's id (the dashboard).
+    job_names: list[Callable[[str], str | None]] = field(default_factory=list)

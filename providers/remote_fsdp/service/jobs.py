@@ -127,12 +127,13 @@ class FsdpJobService:
             return self.nodes.submit(route, req.model_dump(mode="json"))
         return self.submit_request(route, req)
 
-    def cancel_job(self, job_uuid: str) -> None:
-        """Cancel a job whatever runs it: every part of a multi-node job, or a job waiting for nodes."""
+    def cancel_job(self, job_uuid: str, logged_as: str = "cancelled") -> None:
+        """Cancel a job whatever runs it: every part of a multi-node job, or a job waiting for nodes. The
+        service's log names its end `logged_as` (an OpenAI job's pause: "paused")."""
         if self._placed_by_nodes(job_uuid):
             self.nodes.cancel(job_uuid)
         else:
-            self.jobs.cancel(job_uuid)
+            self.jobs.cancel(job_uuid, logged_as=logged_as)
 
     def resume_job(self, job_uuid: str) -> JobRecord:
         """Run a failed or cancelled job again from its newest checkpoint, through its launcher: every part

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from fastapi import HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...access import LOCAL_ADMIN, Role, User, UserLimits, enter
@@ -144,10 +145,36 @@ def _key_user(request: Request, keys: UserKeys, node_token: str | None, internal
     if (internal_key is not None and key and _same_secret(key, internal_key)) or (
             node_token is not None and given is not None and _same_secret(given, node_token)):
         return NODE_PRINCIPAL
-    raise HTTPException(
-        status_code=401,
-        detail=("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)" if not header and not key
-                else "wrong API key: not a key of this service (its --api-keys-file or --api-token-file)"))
+    if not header and not key:
+        raise Unauthenticated("missing API key: send `Authorization: Bearer KEY` (or `X-API-Key: KEY`)",
+                              "missing_api_key")
+    raise Unauthenticated("wrong API key: not a key of this service (its --api-keys-file or --api-token-file)",
+                          "invalid_api_key")
+
+
+class Unauthenticated(Exception):
+    """A 401 whose message every client shows: FastAPI's `detail` for Llama Stack clients, and OpenAI's
+    `error.message` for the OpenAI, Tinker and llama-stack-client SDKs, which otherwise print a bare
+    `Error code: 401`."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        message = str(self)
+        return JSONResponse(status_code=401, headers={"x-should-retry": "false", "www-authenticate": "Bearer"},
+                            content={"detail": message, "error": {"message": message, "type": "authentication_error",
+                                                                  "param": None, "code": self.code}})
+
+
+def install_auth_errors(app: FastAPI) -> None:
+    """Answer the key check's refusals (`Unauthenticated`) with their own response."""
+
+    async def unauthenticated(_: Request, exc: Unauthenticated) -> JSONResponse:
+        return exc.response()
+
+    app.add_exception_handler(Unauthenticated, unauthenticated)
 
 
 def require_admin(request: Request) -> None:
