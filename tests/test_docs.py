@@ -117,7 +117,8 @@ def test_example_files_named_in_docs_exist_and_each_example_is_named() -> None:
 OTHER_TOOLS_FLAGS = {"--apply_chat_template", "--tasks", "--model", "--model_args", "--constraint", "--max-restarts",
                      "--max_restarts", "--rdzv-backend", "--node-ip-address", "--cpus-per-task", "--exclusive",
                      "--gres", "--mem", "--nice", "--nodes", "--ntasks-per-node", "--no-requeue",
-                     "--kill-on-bad-exit", "--help"}
+                     "--kill-on-bad-exit", "--help",
+                     "--durations"}  # pytest
 
 
 def cli_flags() -> set[str]:
