@@ -13,6 +13,8 @@ JOBS = [
      "total_steps": 40, "world_size": 2, "last_loss": 1.234, "error": None},
     {"job_uuid": "j2", "status": "cancelled", "method": "dpo", "step": 4, "total_steps": 40, "world_size": 1,
      "error": "RuntimeError: rank 1 died: Signal 9 (SIGKILL) while saving checkpoint-4"},
+    {"job_uuid": "g", "status": "completed", "method": "grpo", "step": 8, "total_steps": 8, "world_size": 1,
+     "last_loss": 4.959e-7, "last": {"reward": 0.625, "rewards/exact/mean": 0.625}, "error": None},
 ]
 
 
@@ -39,3 +41,9 @@ def test_status_and_numbers_stay_whole(width, monkeypatch):
 
 def test_a_wide_terminal_shows_the_error(monkeypatch):
     assert "RuntimeError: rank 1 died" in listing(160, monkeypatch)
+
+
+def test_the_last_column_shows_each_methods_headline(monkeypatch):
+    text = listing(160, monkeypatch)
+    assert "reward 0.625" in text and "4.959e-07" not in text  # GRPO: its reward, not a ~0 loss
+    assert "1.234" in text  # a job without headline figures: its last loss

@@ -29,7 +29,7 @@ from rich.table import Table
 from .backends import connect
 from .errors import EXIT_CODES_HELP, EXIT_USAGE, CliError, run_app
 from .jobfile import job_request, pipeline_request
-from .watch import watch_job, watch_pipeline
+from .watch import metric_text, watch_job, watch_pipeline
 from .workflow import register_workflow_commands
 
 DEFAULT_URL = "http://127.0.0.1:8322"
@@ -94,6 +94,13 @@ def submit(ctx: typer.Context, job_file: Path = typer.Argument(..., help="job YA
         raise typer.Exit(watch_job(b, uuid, console, plain=plain or None))
 
 
+def _last(job: dict[str, Any]) -> str:
+    """The method's first headline metric at its last logged step ('reward 0.625', 'margin 1.203'), else the last
+    loss; `watch` and `status` show the others."""
+    key, value = next(iter((job.get("last") or {}).items()), (None, None))
+    return metric_text(key, value) if key else _fmt(job.get("last_loss"))
+
+
 @app.command("list")
 def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Jobs with state, method, progress and loss."""
@@ -103,10 +110,10 @@ def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"))
         return
     cells = [[j["job_uuid"], j["status"], _fmt(j.get("method")),
               f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}", _fmt(j.get("world_size")),
-              _fmt(j.get("last_loss")), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
+              _last(j), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
     # Widths are fixed here rather than left to rich, which shrinks whatever column it likes when a terminal
     # is narrow: the status and numbers stay whole, a long job name folds, the error gets what is left.
-    names = ("job", "status", "method", "step", "ranks", "loss", "final")
+    names = ("job", "status", "method", "step", "ranks", "last", "final")
     widths = [max([len(n), *(len(str(c[i])) for c in cells)]) for i, n in enumerate(names)]
     room = console.width - sum(w + 3 for w in widths[1:]) - 5  # padding and a separator per column
     widths[0] = max(8, min(widths[0], 24, room - 3))
