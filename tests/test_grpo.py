@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -148,6 +149,8 @@ def test_the_dashboard_charts_grpo_reward_per_grader(service):
                 assert points(page.page, chart) >= 16, chart
             legend = page.page.inner_text("#chart-grader_reward")
             assert "exact" in legend, legend
+            facts = page.page.inner_text("#job-facts")  # its headline metrics, not a loss near 0
+            assert re.search(r"reward \d.* · exact \d", facts), facts
             assert not page.errors, page.errors
         finally:
             b.close()
