@@ -4,7 +4,7 @@ Talks to the FSDP training service or to a Llama Stack server (told apart by the
 
     trl-post-training submit examples/sft_lora.yaml --watch
     trl-post-training list
-    trl-post-training watch JOB            # live bar: step/total, loss, lr, tokens/s, ETA (+ DPO / KD stats)
+    trl-post-training watch JOB            # live bar: step/total, the method's headline metrics, loss, lr, ETA
     trl-post-training logs JOB -f --rank 1
     trl-post-training pipeline run examples/pipeline_teacher_students.yaml --watch
     trl-post-training dashboard --data-dir ~/.llama/trl_post_training
@@ -103,7 +103,7 @@ def _last(job: dict[str, Any]) -> str:
 
 @app.command("list")
 def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Jobs with state, method, progress and loss."""
+    """Jobs with state, method, progress and the last value of the method's headline metric."""
     rows = _ctx(ctx).backend.jobs()
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -190,9 +190,9 @@ def watch(ctx: typer.Context, job_uuid: str,
           interval: float = typer.Option(1.0, help="seconds between polls"),
           plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal"),
           replay: bool = typer.Option(False, "--replay", help="a finished job: every logged step, not the summary")) -> None:
-    """Follow a job: live bar with step/total, loss, lr, tokens/s, ETA (and DPO margin/accuracy, KD
-    hard/soft loss). A job that has already ended: a summary (state, steps, final train/validation loss,
-    duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
+    """Follow a job: live bar with step/total, the method's headline metrics (GRPO reward per grader, DPO
+    margin/accuracy, KD hard/soft loss), loss, lr, tokens/s, ETA. A job that has already ended: a summary
+    (state, steps, headline metrics first -> last, final train/validation loss, duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
     fails, 3 when it is cancelled."""
     c = _ctx(ctx)
     raise typer.Exit(watch_job(c.backend, job_uuid, console, interval, plain or None, replay))
