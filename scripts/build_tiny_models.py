@@ -9,6 +9,9 @@ Everything is created locally (no model hub access):
   200 steps of batch 32 (the demo's before/after comparison),
 * ``teacher``: a larger ``LlamaForCausalLM`` briefly pretrained on the toy
   task so that its greedy answers are mostly right,
+* ``noisy_teacher``: the teacher with seeded noise on its weight matrices, right on
+  about a third of the held-out prompts: a policy GRPO can improve (its groups'
+  answers differ in reward, which an always-right or never-right model cannot give),
 * ``other_tokenizer_student``: the student architecture paired with a
   *different* (smaller-vocab) tokenizer, used to check that logit
   distillation rejects mismatched tokenizers,
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import random
@@ -42,9 +46,10 @@ from pathlib import Path
 
 # Bump whenever anything that affects the produced artifacts changes, so that
 # cached builds (e.g. in test fixtures) are invalidated.
-BUILD_VERSION = "tiny-models-v2"
+BUILD_VERSION = "tiny-models-v3"
 MARKER_FILE = ".build_marker.json"
-MODEL_NAMES = ("student", "teacher", "other_tokenizer_student", "demo_student")
+MODEL_NAMES = ("student", "teacher", "other_tokenizer_student", "demo_student", "noisy_teacher")
+TEACHER_NOISE = 1.2  # relative weight noise of noisy_teacher: held-out exact match 1.0 -> about 0.33
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -376,6 +381,17 @@ class _BuildLock:
         self.file.close()  # closing releases the lock
 
 
+def add_weight_noise(model, relative: float, seed: int) -> None:
+    """Seeded Gaussian noise on every weight matrix, scaled by `relative` x that matrix's std (in place)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * relative * p.std())
+
+
 def _build(out_dir: Path, seed: int) -> None:
     """Train tokenizers, create/pretrain models and save everything."""
     import torch
@@ -392,11 +408,14 @@ def _build(out_dir: Path, seed: int) -> None:
     pretrain_teacher(teacher, tokenizer, exclude={r["input_query"] for r in heldout}, seed=seed)
     print(f"teacher pretraining: {time.perf_counter() - t1:.1f}s")
 
+    noisy_teacher = copy.deepcopy(teacher)
+    add_weight_noise(noisy_teacher, TEACHER_NOISE, seed)
     models = {
         "student": (make_model(tokenizer, STUDENT_ARCH, seed), tokenizer),
         "teacher": (teacher, tokenizer),
         "other_tokenizer_student": (make_model(other_tokenizer, STUDENT_ARCH, seed), other_tokenizer),
         "demo_student": (make_model(tokenizer, DEMO_STUDENT_ARCH, seed), tokenizer),
+        "noisy_teacher": (noisy_teacher, tokenizer),
     }
     for name, (model, tok) in models.items():
         model.save_pretrained(out_dir / name)
@@ -437,7 +456,7 @@ def _no_progress_bars():
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """Build (or reuse) the tiny models under ``out_dir``.
 
-    Returns ``{"student": path, "teacher": path, "other_tokenizer_student": path, "demo_student": path}``.
+    Returns ``{name: path}`` for each of :data:`MODEL_NAMES`.
     Reuses an existing build when its marker matches :data:`BUILD_VERSION` and
     ``seed``; otherwise builds (~15-20 s on 2 CPU cores), verifies the saved
     models by reloading them, and writes the marker last so an interrupted

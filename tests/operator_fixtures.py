@@ -108,6 +108,7 @@ def long_sft_file(tmp_path: Path, job_uuid: str, steps: int = 2000, save_steps: 
 
     spec = yaml.safe_load((EXAMPLES / "sft_lora.yaml").read_text())
     spec["job_uuid"] = job_uuid
+    spec["model"] = "${TRL_MODELS_DIR}/student"  # a long job, not a learning one: the fastest model
     spec["dataset"] = str(EXAMPLES / "data" / "reverse_instruct.jsonl")
     spec.pop("validation_dataset")
     spec["training"].update(n_epochs=steps // 25 + 1, max_steps_per_epoch=25, batch_size=8)

@@ -167,15 +167,16 @@ def test_watch_on_a_finished_job_prints_a_summary_and_replay_prints_every_step(c
     live = cli(cli_env, "submit", str(EXAMPLES / "sft_lora.yaml"), "--watch", "--job-uuid", job).stdout.splitlines()
     steps = [x for x in live if x.startswith("step ")]
     evals = [x for x in live if x.startswith("eval at step ")]
-    assert len(steps) == 12 and evals  # sft_lora.yaml evaluates every save (6 steps) on its validation set
+    assert len(steps) == 16 and evals  # sft_lora.yaml evaluates every save (8 steps) on its validation set
     assert not any(" val " in x for x in steps)  # the validation loss only where it was measured
     assert "eta" not in steps[0] and "eta" in steps[1]  # an ETA once two steps give a rate
 
     summary = cli(cli_env, "watch", job, "--plain").stdout.splitlines()
     assert len(summary) <= 8 and not any(x.startswith("step ") for x in summary), summary
     text = "\n".join(summary)
-    assert summary[0] == f"{job}: completed" and "steps        12/12" in text and "train loss" in text
-    assert "val loss" in text and "(step 12" in text and "duration" in text
+    assert summary[0] == f"{job}: completed" and "steps        16/16" in text and "train loss" in text
+    assert "val loss" in text and "(step 16" in text and "duration" in text
+    assert summary[2].startswith("  loss         ") and "(first -> last logged step)" in summary[2]  # its headline
     assert f"checkpoint   {ops_service.data_dir / 'runs' / job}" in text
     assert summary[-1].startswith(f"{job} completed: final loss")
 

@@ -14,6 +14,8 @@ JOBS = [
      "total_steps": 40, "world_size": 2, "last_loss": 1.234, "error": None},
     {"job_uuid": "j2", "status": "cancelled", "method": "dpo", "step": 4, "total_steps": 40, "world_size": 1,
      "error": "RuntimeError: rank 1 died: Signal 9 (SIGKILL) while saving checkpoint-4"},
+    {"job_uuid": "g", "status": "completed", "method": "grpo", "step": 8, "total_steps": 8, "world_size": 1,
+     "last_loss": 4.959e-7, "last": {"reward": 0.625, "rewards/exact/mean": 0.625}, "error": None},
 ]
 
 
@@ -47,7 +49,7 @@ def test_a_wide_terminal_shows_the_error(monkeypatch):
 def test_a_pipe_gets_one_whole_job_per_line_tab_separated(monkeypatch):
     lines = listing(None, monkeypatch).splitlines()
     assert lines[0].split("\t")[:2] == ["job", "status"] and len(lines) == 1 + len(JOBS)
-    first, second = (line.split("\t") for line in lines[1:])
+    first, second = (line.split("\t") for line in lines[1:3])
     assert first[:4] == ["reverse-sft-lora-2-with-a-long-name", "in_progress", "sft", "12/40"]
     assert second[-1] == JOBS[1]["error"]
 
@@ -73,3 +75,9 @@ def test_artifacts_keep_whole_names(width, monkeypatch):
         line.split("│")[1].strip() if "│" in line else "" for line in out.getvalue().splitlines())
     assert "reverse-sft-lora-2-with-a-long-name-step-40" in text, out.getvalue()
     assert "…" not in out.getvalue()
+
+
+def test_the_last_column_shows_each_methods_headline(monkeypatch):
+    text = listing(160, monkeypatch)
+    assert "reward 0.625" in text and "4.959e-07" not in text  # GRPO: its reward, not a ~0 loss
+    assert "1.234" in text  # a job without headline figures: its last loss

@@ -10,6 +10,7 @@ test-artifacts/ (or TRL_TEST_ARTIFACTS_DIR); the ones the docs show also to docs
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -277,7 +278,7 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
         model = f"tr[data-job='{job}'] td.model"
         assert page.eval_on_selector(model, "c => [getComputedStyle(c).whiteSpace, getComputedStyle(c).overflowWrap]") \
             == ["nowrap", "normal"]
-        assert page.get_attribute(model, "title").endswith("/student")
+        assert page.get_attribute(model, "title").endswith("/noisy_teacher")  # examples/sft_lora.yaml's model
     heights = page.eval_on_selector_all("#jobs tbody tr", "rows => rows.map(r => r.getBoundingClientRect().height)")
     assert max(heights) < 2 * min(heights), heights
     p.shot("dashboard-failed-job.png", docs=True)
@@ -292,6 +293,7 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
     page.wait_for_selector("#compare-eval_loss[data-series='2']")
     final = page.inner_text("#compare-final")
     assert "cmp-a" in final and "cmp-b" in final and final.count("completed") == 2
+    assert re.search(r"headline metrics\)\s+loss \d", final), final  # SFT's headline: its loss at the last step
     diff = page.eval_on_selector_all("#compare-diff tr[data-key]", "rows => rows.map(r => r.dataset.key)")
     assert diff == ["optimizer.lr"], diff  # paths that differ only by the run's id are not differences
     assert "0.003" in page.inner_text("#compare-diff") and "0.001" in page.inner_text("#compare-diff")

@@ -2,7 +2,8 @@
 through the FSDP service (a real `trl-fsdp-service` process, torchrun on gloo).
 
 The task is the toy "reverse the letters" with an exact-match grader. The base policy is the tiny teacher with
-its weights perturbed by seeded noise until it answers about a third of the held-out prompts right: GRPO needs
+its weights perturbed by seeded noise until it answers about a third of the held-out prompts right
+(scripts/build_tiny_models.py's noisy_teacher, which examples/grpo.yaml trains too): GRPO needs
 groups whose answers differ in reward, which a model that is always right (the teacher) or never right (the
 random student) cannot give."""
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import processes_mentioning
 from test_fsdp_service import Service, held_fraction
 
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.slow
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
          "reference": "{{ item.expected_answer }}", "operation": "eq"}
-NOISE = 1.2  # relative weight noise: the teacher's held-out exact match goes from 1.0 to about 0.33
 
 
 def builder():
@@ -34,20 +34,9 @@ def builder():
 
 
 @pytest.fixture(scope="module")
-def base_policy(tiny_models, tmp_path_factory) -> str:
-    """The tiny teacher with seeded noise on its weight matrices, saved as a model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=gen) * NOISE * p.std())
-    out = tmp_path_factory.mktemp("grpo_base") / "noisy_teacher"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_models["teacher"]).save_pretrained(out)
-    return str(out)
+def base_policy(tiny_models) -> str:
+    """The tiny teacher with seeded noise on its weight matrices (build_tiny_models' noisy_teacher)."""
+    return tiny_models["noisy_teacher"]
 
 
 def heldout_reward(model_dir: str | Path, rows: list[dict]) -> float:
@@ -160,6 +149,8 @@ def test_the_dashboard_charts_grpo_reward_per_grader(service):
                 assert points(page.page, chart) >= 16, chart
             legend = page.page.inner_text("#chart-grader_reward")
             assert "exact" in legend, legend
+            facts = page.page.inner_text("#job-facts")  # its headline metrics, not a loss near 0
+            assert re.search(r"reward \d.* · exact \d", facts), facts
             assert not page.errors, page.errors
         finally:
             b.close()

@@ -47,8 +47,22 @@ def test_summary_of_a_finished_job():
               "resources_allocated": {"step": 4, "total_steps": 4, "final_train_loss": 0.75}}
     records = [train(1, 1.0), train(2, 2.0), {"step": 2, "eval_loss": 0.5}, {"step": 4, "eval_loss": 0.4}]
     assert summary_lines("j", status, records) == [
-        "j: completed", "  steps        4/4", "  train loss   0.7500", "  val loss     0.4000 (step 4, 2 evaluation(s))",
+        "j: completed", "  steps        4/4", "  loss         1.0000 -> 1.0000  (first -> last logged step)",
+        "  train loss   0.7500", "  val loss     0.4000 (step 4, 2 evaluation(s))",
         "  duration     1:05", "  checkpoint   /runs/j/final"]
     no_eval = summary_lines("j", {**status, "checkpoints": []}, records[:2])
     assert "  val loss     - (never measured)" in no_eval and not any("checkpoint" in x for x in no_eval)
     assert duration_text(3725) == "1:02:05"
+
+
+def test_grpo_shows_its_reward_and_each_graders_and_dpo_its_margin_first():
+    grpo = StepLines(total=4, method="grpo")
+    records = [train(1, 1.0, loss=0.0, reward=0.25, **{"rewards/exact/mean": 0.25, "rewards/exact/std": 0.4}),
+               train(2, 2.0, loss=0.0, reward=0.625, **{"rewards/exact/mean": 0.625})]
+    assert grpo.line(records[0]) == "step 1/4  reward 0.250  exact 0.250  loss 0.0000  lr 1.00e-03"
+    status = {"status": "completed", "resources_allocated": {"method": "grpo", "step": 2, "total_steps": 2}}
+    summary = summary_lines("g", status, records)
+    assert summary[2:4] == ["  reward       0.250 -> 0.625  (first -> last logged step)", "  exact        0.250 -> 0.625"]
+    dpo = StepLines(total=4, method="dpo")
+    line = dpo.line(train(1, 1.0, loss=0.69, **{"rewards/margins": 0.01, "rewards/accuracies": 0.5}))
+    assert line == "step 1/4  margin 0.010  acc 0.50  loss 0.6900  lr 1.00e-03"

@@ -4,7 +4,7 @@ Talks to the FSDP training service or to a Llama Stack server (told apart by the
 
     trl-post-training submit examples/sft_lora.yaml --watch
     trl-post-training list
-    trl-post-training watch JOB            # live bar: step/total, loss, lr, tokens/s, ETA (+ DPO / KD stats)
+    trl-post-training watch JOB            # live bar: step/total, the method's headline metrics, loss, lr, ETA
     trl-post-training logs JOB -f --rank 1
     trl-post-training pipeline run examples/pipeline_teacher_students.yaml --watch
     trl-post-training sessions list        # Tinker API sessions: models, steps, loss, memory
@@ -33,7 +33,7 @@ from .backends import connect
 from .errors import EXIT_CODES_HELP, EXIT_USAGE, CliError, run_app
 from .jobfile import job_request, pipeline_request
 from .sessions import sessions_app
-from .watch import watch_job, watch_pipeline
+from .watch import metric_text, watch_job, watch_pipeline
 from .workflow import register_workflow_commands
 
 DEFAULT_URL = "http://127.0.0.1:8322"
@@ -99,17 +99,24 @@ def submit(ctx: typer.Context, job_file: Path = typer.Argument(..., help="job YA
         raise typer.Exit(watch_job(b, uuid, console, plain=plain or None))
 
 
+def _last(job: dict[str, Any]) -> str:
+    """The method's first headline metric at its last logged step ('reward 0.625', 'margin 1.203'), else the last
+    loss; `watch` and `status` show the others."""
+    key, value = next(iter((job.get("last") or {}).items()), (None, None))
+    return metric_text(key, value) if key else _fmt(job.get("last_loss"))
+
+
 @app.command("list")
 def list_jobs(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Jobs with state, method, progress and loss."""
+    """Jobs with state, method, progress and the last value of the method's headline metric."""
     rows = _ctx(ctx).backend.jobs()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     cells = [[j["job_uuid"], j["status"], _fmt(j.get("method")),
               f"{_fmt(j.get('step'))}/{_fmt(j.get('total_steps'))}", _fmt(j.get("world_size")),
-              _fmt(j.get("last_loss")), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
-    names = ("job", "status", "method", "step", "ranks", "loss", "final")
+              _last(j), _fmt(j.get("final_loss")), (j.get("error") or "")[:200]] for j in rows]
+    names = ("job", "status", "method", "step", "ranks", "last", "final")
     if not console.is_terminal:
         # A pipe or a file: one job per line, tab-separated and whole, for grep, cut and awk.
         for c in [[*names, "error"], *cells]:
@@ -203,9 +210,9 @@ def watch(ctx: typer.Context, job_uuid: str,
           interval: float = typer.Option(1.0, help="seconds between polls"),
           plain: bool = typer.Option(False, "--plain", help="plain lines even on a terminal"),
           replay: bool = typer.Option(False, "--replay", help="a finished job: every logged step, not the summary")) -> None:
-    """Follow a job: live bar with step/total, loss, lr, tokens/s, ETA (and DPO margin/accuracy, KD
-    hard/soft loss). A job that has already ended: a summary (state, steps, final train/validation loss,
-    duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
+    """Follow a job: live bar with step/total, the method's headline metrics (GRPO reward per grader, DPO
+    margin/accuracy, KD hard/soft loss), loss, lr, tokens/s, ETA. A job that has already ended: a summary
+    (state, steps, headline metrics first -> last, final train/validation loss, duration, checkpoint), or its whole history with --replay. Exit 0 when it completes, 1 when it
     fails, 3 when it is cancelled."""
     c = _ctx(ctx)
     raise typer.Exit(watch_job(c.backend, job_uuid, console, interval, plain or None, replay))

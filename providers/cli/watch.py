@@ -17,11 +17,14 @@ from rich.progress import (
 )
 from rich.table import Column
 
+from ..training.methods import headline_metrics
 from .backends import ACTIVE
 
 # (metrics key, short name, format) shown next to the bar when the job logs them (a training step's own
-# record; the validation loss comes from evaluation records, at the steps where it was measured)
+# record; the validation loss comes from evaluation records, at the steps where it was measured); the method's
+# headline metrics (methods.py) come first
 STATS = (
+    ("reward", "reward", "{:.3f}"),
     ("loss", "loss", "{:.4f}"),
     ("learning_rate", "lr", "{:.2e}"),
     ("tokens_per_s", "tok/s", "{:,.0f}"),
@@ -34,10 +37,33 @@ EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
 RATE_WINDOW = 20  # logged steps the ETA's rate is taken over
 
 
-def stats_text(record: dict[str, Any]) -> str:
-    """A training step's own figures (nothing carried over from earlier records)."""
-    return "  ".join(f"{name} {fmt.format(record[key])}" for key, name, fmt in STATS
-                     if isinstance(record.get(key), (int, float)))
+NAMES = {key: (name, fmt) for key, name, fmt in STATS}
+
+
+def metric_text(key: str, value: float) -> str:
+    """'loss 1.2345', 'margin 0.120', a grader's mean reward by the grader's name ('rewards/exact/mean' -> 'exact')."""
+    name, fmt = NAMES.get(key, (key.split("/")[1] if key.startswith("rewards/") else key, "{:.3f}"))
+    return f"{name} {fmt.format(value)}"
+
+
+def stats_text(record: dict[str, Any], method: str | None = None) -> str:
+    """A training step's own figures (nothing carried over from earlier records): the method's headline
+    metrics first, then the others of STATS it logs."""
+    first = list(headline_metrics(method, record))
+    rest = [key for key, _, _ in STATS if key not in first and isinstance(record.get(key), (int, float))]
+    return "  ".join(metric_text(key, record[key]) for key in first + rest)
+
+
+def first_to_last(method: str | None, records: list[dict[str, Any]]) -> list[str]:
+    """Each headline metric's first and last logged training-step value: 'reward 0.250 -> 0.625'."""
+    steps = [r for r in records if "loss" in r and isinstance(r.get("step"), int)]
+    keys = headline_metrics(method, {k: v for r in steps for k, v in r.items()})
+    out = []
+    for key in keys:
+        values = [r[key] for r in steps if isinstance(r.get(key), (int, float))]
+        if values:
+            out.append(f"{metric_text(key, values[0])} -> {metric_text(key, values[-1]).split(' ', 1)[1]}")
+    return out
 
 
 def duration_text(seconds: float) -> str:
@@ -51,8 +77,9 @@ class StepLines:
     evaluation ('eval at step N/T  val 1.2345'). The ETA appears once two timed steps give a rate, and only from
     the steps logged so far (a replay does not borrow the future's rate)."""
 
-    def __init__(self, total: int | None = None):
+    def __init__(self, total: int | None = None, method: str | None = None):
         self.total = total
+        self.method = method
         self.timed: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
         self.last_step = -1
         self.last_eval: tuple[int, float] | None = None  # (step, validation loss) last measured
@@ -83,14 +110,17 @@ class StepLines:
         if isinstance(r.get("time"), (int, float)):
             self.timed.append((step, r["time"]))
         eta = self.eta_s(step)
-        return f"{where}  {stats_text(r)}" + (f"  eta {duration_text(eta)}" if eta is not None else "")
+        return f"{where}  {stats_text(r, self.method)}" + (f"  eta {duration_text(eta)}" if eta is not None else "")
 
 
 def summary_lines(job_uuid: str, status: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """What a finished job came to: state, steps, final train/validation loss, duration, checkpoint."""
+    """What a finished job came to: state, steps, its headline metrics first -> last, final train/validation
+    loss, duration, checkpoint."""
     res = status.get("resources_allocated") or {}
     step = res.get("step") or max((r.get("step", 0) for r in records), default=0)
     lines = [f"{job_uuid}: {status['status']}", f"  steps        {step}/{res.get('total_steps') or '?'}"]
+    for i, (name, change) in enumerate(t.split(" ", 1) for t in first_to_last(res.get("method"), records)):
+        lines.append(f"  {name:<12} {change}" + ("  (first -> last logged step)" if i == 0 else ""))
     train = res.get("final_train_loss", res.get("last_loss"))
     if not isinstance(train, (int, float)):
         train = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
@@ -112,12 +142,14 @@ def summary_lines(job_uuid: str, status: dict[str, Any], records: list[dict[str,
     return lines
 
 
-def _end(job_uuid: str, state: str, res: dict[str, Any], console: Console) -> int:
+def _end(job_uuid: str, state: str, res: dict[str, Any], console: Console,
+         records: list[dict[str, Any]] | None = None) -> int:
     error = res.get("error")
     final = res.get("final_train_loss")
     if state == "completed":
-        console.print(f"{job_uuid} completed" + (f": final loss {final:.4f}" if isinstance(final, float) else ""),
-                      markup=False, highlight=False)
+        moved = first_to_last(res.get("method"), records or [])
+        console.print(f"{job_uuid} completed" + (f": final loss {final:.4f}" if isinstance(final, float) else "")
+                      + (f" ({', '.join(moved)})" if moved else ""), markup=False, highlight=False)
     else:
         Console(stderr=True).print(f"{job_uuid} {state}" + (f": {error}" if error else ""), markup=False,
                                    highlight=False)
@@ -138,7 +170,7 @@ def watch_job(backend, job_uuid: str, console: Console, interval: float = 1.0, p
     records: list[dict[str, Any]] = []
     offset = 0
     last_state = None
-    lines = StepLines()
+    lines = StepLines(method=(status.get("resources_allocated") or {}).get("method"))
     # The stats column gives way first on a narrow terminal (ellipsis); the bar and counts stay.
     progress = None if plain else Progress(
         TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)), BarColumn(bar_width=24),
@@ -164,7 +196,7 @@ def watch_job(backend, job_uuid: str, console: Console, interval: float = 1.0, p
             if progress is not None:
                 desc = f"{job_uuid} [{state}]" if state != "in_progress" else job_uuid
                 last_step = next((r for r in reversed(records) if "loss" in r), {})
-                stats = stats_text(last_step)
+                stats = stats_text(last_step, lines.method)
                 if lines.last_eval:
                     stats += f"  val {lines.last_eval[1]:.4f} @{lines.last_eval[0]}"
                 eta = lines.eta_s(step)
@@ -183,7 +215,7 @@ def watch_job(backend, job_uuid: str, console: Console, interval: float = 1.0, p
     finally:
         if progress is not None:
             progress.stop()
-    return _end(job_uuid, state, res, console)
+    return _end(job_uuid, state, res, console, records)
 
 
 def pipeline_tasks(p: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import access
 from ..jobs.store import ACTIVE, JobStore, UnknownJobError
+from ..training.methods import headline_metrics
 from ..training.plots import plot_files
 from ..training.run_files import RunFiles
 from ..training.spec import SAFE_NAME
@@ -167,6 +168,7 @@ class JobsSource:
             "completed_at": v.get("completed_at"),
             "duration_s": _seconds(v.get("started_at"), v.get("completed_at")),
             "last_loss": res.get("last_loss"),
+            "last": self._last_headline(res),
             "final_loss": res.get("final_train_loss"),
             "final_validation_loss": res.get("final_validation_loss"),
             "error": res.get("error"),
@@ -174,6 +176,13 @@ class JobsSource:
         if v["status"] not in ACTIVE:
             self._summary_cache[job_uuid] = row
         return row
+
+    @staticmethod
+    def _last_headline(res: dict[str, Any]) -> dict[str, float]:
+        """The method's headline metrics (methods.py) at its last logged training step: what the list shows."""
+        run_dir = res.get("run_dir")
+        steps = [r for r in RunFiles(run_dir).last_metrics() if "loss" in r] if run_dir else []
+        return headline_metrics(res.get("method"), steps[-1]) if steps else {}
 
     def job(self, job_uuid: str) -> dict[str, Any]:
         v = self.view(job_uuid)

@@ -12,8 +12,9 @@ preloads and the tests' expectations are derived from this table.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -42,6 +43,9 @@ class MethodInfo:
     chunked_lm_head: bool = False  # its recipe chooses TRL's chunked LM head or full logits
     reference: bool = False  # it trains against a frozen reference policy
     fixed_order: bool = False  # its trainer reads rows in a fixed order (shuffled once): no group_by_length
+    # The metrics (keys its trainer logs; `*` matches a grader's name) that say whether it learns: what `watch`,
+    # the job list and the summaries show first
+    headline: tuple[str, ...] = ("loss",)
 
     @property
     def section(self) -> str | None:
@@ -49,19 +53,26 @@ class MethodInfo:
         return self.name if self.settings is not None else None
 
 
+# TRL's preference trainers log the implicit reward's margin (chosen - rejected) and how often chosen wins
+PREFERENCE_HEADLINE = ("rewards/margins", "rewards/accuracies")
+
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("sft", "sft", "completion", None, SFT_CALL, (None, "LoRA", "QAT", "PEFT"),
                padding_free=True, chunked_lm_head=True),
     MethodInfo("dpo", "dpo", "preference", DpoSpec, PREFERENCE_CALL, (None, "dpo"),
-               precompute_ref_log_probs=True, chunked_lm_head=True, reference=True),
+               precompute_ref_log_probs=True, chunked_lm_head=True, reference=True,
+               headline=PREFERENCE_HEADLINE),
     MethodInfo("kto", "kto", "preference", KtoSpec, PREFERENCE_CALL, ("kto",),
-               precompute_ref_log_probs=True, reference=True, fixed_order=True),
-    MethodInfo("orpo", "orpo", "preference", OrpoSpec, PREFERENCE_CALL, ("orpo",)),
-    MethodInfo("cpo", "cpo", "preference", CpoSpec, PREFERENCE_CALL, ("cpo",)),
+               precompute_ref_log_probs=True, reference=True, fixed_order=True,
+               headline=PREFERENCE_HEADLINE),
+    MethodInfo("orpo", "orpo", "preference", OrpoSpec, PREFERENCE_CALL, ("orpo",), headline=PREFERENCE_HEADLINE),
+    MethodInfo("cpo", "cpo", "preference", CpoSpec, PREFERENCE_CALL, ("cpo",), headline=PREFERENCE_HEADLINE),
     # GRPO's algorithm_config type "grpo" is this project's extension of preference_optimize (Llama Stack has
     # no RL call); its reference (beta > 0) is the base with adapters off under PEFT, else a frozen copy.
-    MethodInfo("grpo", "grpo", "graded_prompt", GrpoSpec, PREFERENCE_CALL, ("grpo",)),
-    MethodInfo("distill", "distill", "completion", DistillSpec, SFT_CALL, ("distillation",), padding_free=True),
+    MethodInfo("grpo", "grpo", "graded_prompt", GrpoSpec, PREFERENCE_CALL, ("grpo",),
+               headline=("reward", "rewards/*/mean")),
+    MethodInfo("distill", "distill", "completion", DistillSpec, SFT_CALL, ("distillation",), padding_free=True,
+               headline=("loss", "hard_loss", "soft_loss")),
     MethodInfo("teacher", "teacher", "prompt", TeacherSpec, None, servable=False),
 )}
 
@@ -72,6 +83,18 @@ SERVABLE = tuple(name for name, m in METHODS.items() if m.servable)
 def with_flag(flag: str) -> tuple[str, ...]:
     """The methods whose `flag` (a MethodInfo capability, e.g. "padding_free") is set."""
     return tuple(name for name, m in METHODS.items() if getattr(m, flag))
+
+
+def headline_metrics(method: str | None, record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record that are the method's headline, in the method's order (a pattern such as
+    rewards/*/mean: every grader the record has); an unknown method's headline is the loss."""
+    patterns = METHODS[method].headline if method in METHODS else ("loss",)
+    found: dict[str, float] = {}
+    for pattern in patterns:
+        for key in sorted(k for k in record if fnmatch.fnmatchcase(k, pattern)):
+            if isinstance(record[key], (int, float)) and not isinstance(record[key], bool):
+                found.setdefault(key, record[key])
+    return found
 
 
 def method_for(call: str, algorithm_type: str | None) -> str:

@@ -38,6 +38,14 @@ function fmt(v, digits = 4) {
   if (typeof v === "number") return Math.abs(v) >= 1000 || Number.isInteger(v) ? v.toLocaleString() : v.toPrecision(digits);
   return esc(v);
 }
+// A job's headline metrics (its method's, methods.py MethodInfo.headline) at its last logged step, as the jobs
+// table, the job page and the compare table show them: "reward 0.6250 · exact 0.6250"; without them, the loss.
+const METRIC_NAMES = { "rewards/margins": "margin", "rewards/accuracies": "accuracy" };
+function headline(row) {
+  const last = Object.entries((row && row.last) || {});
+  const name = (k) => METRIC_NAMES[k] || (k.startsWith("rewards/") ? k.split("/")[1] : k);
+  return last.length ? last.map(([k, v]) => `${esc(name(k))} ${fmt(v)}`).join(" · ") : fmt(row && row.last_loss);
+}
 function duration(s) {
   if (s === null || s === undefined) return "–";
   s = Math.round(s);
@@ -79,7 +87,7 @@ function setLive(ok) { $("#live").classList.toggle("stale", !ok); $("#live").tex
 async function jobsView(el) {
   el.innerHTML = `<h2>Jobs <button id="compare" disabled title="tick two or more runs">Compare selected</button></h2>
     <table id="jobs"><thead><tr><th></th><th>job</th><th class="owner" hidden>owner</th><th>status</th><th>method</th><th>model</th>
-    <th>progress</th><th>step</th><th>ranks / nodes</th><th>duration</th><th>last loss</th><th>final loss</th><th>error</th></tr></thead>
+    <th>progress</th><th>step</th><th>ranks / nodes</th><th>duration</th><th>last</th><th>final loss</th><th>error</th></tr></thead>
     <tbody></tbody></table>`;
   const compare = $("#compare", el);
   const updateCompare = () => {
@@ -116,7 +124,7 @@ async function jobsView(el) {
         <td>${esc(j.method)}</td><td class="model" title="${esc(j.model)}">${esc((j.model || "").split("/").slice(-2).join("/"))}</td>
         <td>${bar(j.progress)}</td><td>${fmt(j.step)} / ${fmt(j.total_steps)}</td>
         <td>${fmt(j.world_size)}${j.nodes.length ? " on " + j.nodes.map(esc).join(", ") : ""}</td>
-        <td>${duration(j.duration_s)}</td><td>${fmt(j.last_loss)}</td><td>${fmt(j.final_loss)}</td>
+        <td>${duration(j.duration_s)}</td><td>${headline(j)}</td><td>${fmt(j.final_loss)}</td>
         <td class="error clip" title="${esc(j.error || "")}">${esc(j.error || "")}</td></tr>`).join("")
       : `<tr><td colspan="13" class="muted">No jobs yet.</td></tr>`;
   };
@@ -235,7 +243,7 @@ async function jobView(el, jobUuid) {
       ["method", esc(s.method)], ["model", esc(s.model)], ["progress", `${bar(s.progress)} ${fmt(s.step)} / ${fmt(s.total_steps)}`],
       ["world size", `${fmt(res.world_size)} (${esc(fsdp)})`], ["device", `${esc(res.device_type)} ${esc(res.backend || "")}`],
       ["started", esc(s.started_at ? new Date(s.started_at).toLocaleString() : "–")], ["duration", esc(duration(s.duration_s))],
-      ["last loss", fmt(s.last_loss)], ["final loss", fmt(s.final_loss)], ["final validation loss", fmt(s.final_validation_loss)],
+      ["last", headline(s)], ["final loss", fmt(s.final_loss)], ["final validation loss", fmt(s.final_validation_loss)],
       // an ETA only once two logged steps give a rate
       ...(job.eta_s !== null && job.eta_s !== undefined
         ? [["ETA", `${esc(duration(job.eta_s))} <span class="muted">(${fmt(job.rates.steps_per_s, 3)} steps/s)</span>`]] : []),
@@ -387,9 +395,8 @@ async function compareView(el, ids) {
       ["status", (j) => badge(j.status)], ["method", (j) => esc(j.summary.method)], ["model", (j) => esc(j.summary.model)],
       ["steps", (j) => `${fmt(j.summary.step)} / ${fmt(j.summary.total_steps)}`], ["duration", (j) => esc(duration(j.summary.duration_s))],
       ["final train loss", (j) => fmt(j.summary.final_loss)], ["final validation loss", (j) => fmt(j.summary.final_validation_loss)],
-      ["last loss", (j) => fmt(j.summary.last_loss)],
+      ["last (the method's headline metrics)", (j) => headline(j.summary)],
       ["last tokens/s", (j, m) => fmt(lastOf(m.records, "tokens_per_s"))],
-      ["last DPO reward accuracy", (j, m) => fmt(lastOf(m.records, "rewards/accuracies"))],
     ];
     const head = `<thead><tr><th></th>${runs.map((r, i) => `<th><span class="swatch" style="background:${COLORS[i % COLORS.length]}"></span>${esc(r)}</th>`).join("")}</tr></thead>`;
     $("#compare-metrics", el).innerHTML = `<table id="compare-final">${head}<tbody>${rows.map(([name, cell]) =>
