@@ -55,6 +55,8 @@ def service(tmp_path_factory, toy_data, base_policy):
                   env={"OMP_NUM_THREADS": "1"})  # one thread per rank: 2 shared cores, no oversubscription
     prompts = "".join(json.dumps(r) + "\n" for r in toy_data["instruct"])
     assert svc.post("/v1/datasets/prompts/rows", data=prompts).json()["rows"] == len(toy_data["instruct"])
+    heldout = "".join(json.dumps(r) + "\n" for r in toy_data["heldout_prompts"])
+    assert svc.post("/v1/datasets/heldout/rows", data=heldout).json()["rows"] == len(toy_data["heldout_prompts"])
     yield svc
     svc.stop()
     for pid, _ in processes_mentioning(str(svc.data_dir)):
@@ -62,10 +64,11 @@ def service(tmp_path_factory, toy_data, base_policy):
 
 
 def grpo_body(job_uuid: str, model: str, steps: int, lr: float, nproc: int = 1, prompts_per_rank: int = 4,
-              **algorithm) -> dict:
+              validation: dict | None = None, **algorithm) -> dict:
     training = {
         "n_epochs": 1, "max_steps_per_epoch": steps, "dtype": "fp32", "max_seq_len": 64, "seed": 0,
         "data_config": {"dataset_id": "prompts", "batch_size": prompts_per_rank, "shuffle": True},
+        **(validation or {}),
         "optimizer_config": {"optimizer_type": "adamw", "lr": lr, "weight_decay": 0.0, "num_warmup_steps": 0},
         "torch_run_config": {"nproc_per_node": nproc},
     }
@@ -95,13 +98,20 @@ def test_grpo_raises_the_heldout_reward_through_the_service(service, base_policy
     curves (per-grader reward, completion length, clip ratio), and greedy held-out reward rises."""
     heldout = toy_data["heldout_prompts"]
     before = heldout_reward(base_policy, heldout)
-    status = run(service, grpo_body("grpo-learns", base_policy, steps=16, lr=2e-4))
+    # held-out prompts graded every 8 steps (2 batches of them) and at the end
+    validation = {"save_steps": 8, "max_validation_steps": 2}
+    body = grpo_body("grpo-learns", base_policy, steps=16, lr=2e-4, validation=validation)
+    body["training_config"]["data_config"]["validation_dataset_id"] = "heldout"
+    status = run(service, body)
     assert status["resources_allocated"]["method"] == "grpo"  # from algorithm_config.type, not the route
     records = metrics(service, "grpo-learns")
     assert len(records) == 16
     for key in ("reward", "reward_std", "rewards/exact/mean", "completions/mean_length", "clip_ratio/region_mean"):
         assert all(key in r for r in records), key
     assert 0 < sum(r["reward_std"] for r in records)  # groups had answers of different reward
+    path = service.runs_dir / "grpo-learns" / "metrics.jsonl"
+    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_reward" in r]
+    assert len(evals) >= 2 and all("eval_rewards/exact/mean" in r for r in evals), evals
     artifacts = service.get("/v1/post-training/job/artifacts", params={"job_uuid": "grpo-learns"}).json()
     plots = {Path(p).name for p in artifacts["plots"]}  # the dashboard's curves, drawn for the job's artifacts
     assert {"grpo_reward.png", "grpo_graders.png", "grpo_completion_length.png", "grpo_clip_ratio.png"} <= plots

@@ -19,7 +19,8 @@ from transformers import LogitsProcessor
 from trl import GRPOConfig, GRPOTrainer
 
 from ...graders import reward_functions
-from ..components import callbacks, load_model, load_tokenizer, peft_config, train_and_save, trainer_args
+from ..components import (callbacks, eval_slice, load_model, load_tokenizer, peft_config, train_and_save,
+                          trainer_args)
 from ..data import load_dataset
 from ..efficiency import check_vllm
 from ..run_files import RunFiles
@@ -28,7 +29,7 @@ from ..spec import JobSpec
 
 def grpo_config(spec: JobSpec, num_rows: int) -> GRPOConfig:
     g = spec.grpo
-    args = trainer_args(spec, num_rows, has_eval=False)
+    args = trainer_args(spec, num_rows, has_eval=spec.data.validation_file is not None)
     # data.batch_size counts prompts; TRL's per-device batch counts completions (num_generations per prompt)
     args["per_device_train_batch_size"] = args["per_device_eval_batch_size"] = spec.data.batch_size * g.num_generations
     args.pop("train_sampling_strategy")  # GRPO's own sampler repeats each prompt num_generations times
@@ -93,6 +94,8 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     tokenizer = load_tokenizer(spec.model)
     model = load_model(spec.model, spec)
     train_ds = load_dataset(spec.data.train_file)
+    # held-out prompts: graded as the training ones (eval_reward, eval_rewards/NAME/mean) every eval_steps
+    val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
     reporter, cbs = callbacks(spec, files, tokenizer)
     trainer_cls = RowKeyedGRPOTrainer if spec.grpo.row_keyed_sampling else GRPOTrainer
     trainer = trainer_cls(
@@ -100,6 +103,7 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         reward_funcs=reward_functions(spec.grpo.graders),
         args=grpo_config(spec, len(train_ds)),
         train_dataset=train_ds,
+        eval_dataset=eval_slice(train_ds, val_ds, spec) if val_ds is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,
