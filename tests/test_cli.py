@@ -30,7 +30,9 @@ def test_submit_sft_lora_example_and_watch_to_completion(cli_env, ops_service):
     p = cli(cli_env, "submit", str(EXAMPLES / "sft_lora.yaml"), "--watch", "--job-uuid", "cli-sft-lora")
     lines = p.stdout.splitlines()
     assert lines[0] == "cli-sft-lora"
-    assert "uploaded 200 rows" in p.stderr and "reverse_instruct-" in p.stderr
+    # the rows go up once per content: a test of another module on this (session-wide) service may have
+    # uploaded the same file first
+    assert ("uploaded 200 rows" in p.stderr and "reverse_instruct-" in p.stderr) or not p.stderr.strip(), p.stderr
     steps = [line for line in lines if line.startswith("step ")]
     assert steps[-1].startswith("step 16/16") and "loss" in steps[-1] and "lr 2.00e-03" in steps[-1]
     assert "tok/s" in steps[-1] and "eta" in steps[1]
@@ -168,7 +170,7 @@ def test_grpo_example_shows_its_reward_rising_per_grader(cli_env, ops_service):
     rewards = [float(re.search(r"reward (\S+)", line).group(1)) for line in steps]
     assert sum(rewards[-4:]) > sum(rewards[:4]) + 0.4, rewards  # measured: 0.05, 0.17, ... 0.47, 0.38, 0.58
     assert re.search(r"cli-grpo completed: .*\(reward \S+ -> \S+, exact \S+ -> \S+\)", p.stdout), p.stdout
-    assert re.search(r"cli-grpo .* reward \d", cli(cli_env, "list").stdout)
+    assert re.search(r"cli-grpo\s.*reward \d", cli(cli_env, "list").stdout)  # tab-separated into a pipe
 
 
 def test_llama_stack_server_is_detected_and_drives_the_inline_provider(llama_stack_factory, tmp_path, cli_env):

@@ -31,6 +31,7 @@ RUN_ID = re.compile(r"[0-9a-f]{32}:train:\d{1,9}")
 CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KINDS = {"weights": "weights", "sampler_weights": "sampler_weights"}
 LOSS_HISTORY = 500  # losses a model keeps for the dashboard's curve
+EPHEMERAL_SAMPLERS = 8  # samplers of a model's own weights kept per model (the SDK makes one per RL step)
 
 
 def _iso(epoch_s: float) -> str:
@@ -362,10 +363,24 @@ class TinkerService:
 
     # -- models --------------------------------------------------------------------------------------------
     def _add_member(self, s: Session, sid: str, rid: str) -> None:
-        if len(s.members) >= self.limits.max_models_per_session:
-            raise Forbidden(f"session: already holds {len(s.members)} models and samplers "
+        """A training model or a sampler of its own (base or checkpoint) joins the session, within its limit
+        (a model's ephemeral samplers do not count: _add_ephemeral bounds them)."""
+        held = [m for m in s.members if m in self.models or (m in self.samplers and self.samplers[m].model_id is None)]
+        if len(held) >= self.limits.max_models_per_session:
+            raise Forbidden(f"session: already holds {len(held)} models and samplers "
                             f"(at most {self.limits.max_models_per_session})")
         s.members.add(rid)
+
+    def _add_ephemeral(self, s: Session, rid: str, sampler: SamplerRecord) -> None:
+        """A model's sampler of its current or snapshot weights (one per RL step in the cookbook's loops): the
+        newest EPHEMERAL_SAMPLERS of each model are kept, older ones (and their snapshots) are forgotten."""
+        mine = [m for m in s.members if m in self.samplers and self.samplers[m].model_id == sampler.model_id]
+        for old in sorted(mine, key=lambda m: self.samplers[m].last_used)[:max(0, len(mine) - EPHEMERAL_SAMPLERS + 1)]:
+            s.members.discard(old)
+            self.samplers.pop(old, None)
+            self._record_path("samplers", old).unlink(missing_ok=True)
+        s.members.add(rid)
+        self.samplers[rid] = sampler
 
     def new_model(self, sid: str, model_seq_id: int, base_ref: str, lora: LoraSpec) -> ModelRecord:
         s = self.session(sid)
@@ -423,8 +438,7 @@ class TinkerService:
         sampler = SamplerRecord(rec.owner, rec.session_id, rec.base_ref, rec.base_path, rec.vocab_size,
                                 rec.max_positions, model_id=model_id, live=live)
         with self._lock:
-            s.members.add(sampler_id)  # ephemeral: one per RL step, not counted against the session's models
-            self.samplers[sampler_id] = sampler
+            self._add_ephemeral(s, sampler_id, sampler)
         self._save("samplers", sampler_id, sampler.persisted())
         return sampler_id, sampler
 
