@@ -232,7 +232,9 @@ def test_sigkill_at_random_points_keeps_every_record_consistent(tmp_path, tiny_m
         for i in range(10):
             point = ("submit", "training", "checkpoint")[i % 3]
             running = f"chaos-{i}"
-            body = sft_body(running, student, steps=16, save_steps=2, save_total_limit=2)
+            # 48 steps with a checkpoint every 2: a kill within 0.5 s of a checkpoint finds the job still running
+            # (with 16, a fast machine finished some before the kill, and none was left failed to resume)
+            body = sft_body(running, student, steps=48, save_steps=2, save_total_limit=2)
             queued = sft_body(f"chaos-{i}-queued", student, steps=1)
             if point == "submit":
                 t = threading.Thread(target=lambda: _quiet_post(svc, body))
