@@ -138,7 +138,9 @@ class TrlFsdpAdapter:
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
         artifacts = await self._call("GET", "/v1/post-training/job/artifacts", params={"job_uuid": job_uuid})
-        if artifacts.get("checkpoints") and self._serving():
+        checkpoints = artifacts.get("checkpoints")
+        # the job's status only while its last checkpoint is not a model yet: one HTTP call, once
+        if checkpoints and self._serving() and not await self._registered(checkpoints[-1]["identifier"]):
             status = await self._call("GET", "/v1/post-training/job/status", params={"job_uuid": job_uuid})
             if status.get("status") == "completed":
                 await self._register_final(job_uuid, artifacts["checkpoints"])
