@@ -308,6 +308,18 @@ def test_sessions_in_the_cli_and_the_dashboard(service, trained, tmp_path):
     assert tc.model_id not in cli(carol_env, "sessions", "list", "--json").stdout
     alice_session = tc.model_id.split(":")[0]
     cli(carol_env, "sessions", "end", alice_session, check=4)  # another user's session: not found
+    # the SDK's session routes: another user's session is a missing one
+    for key, seen in ((ALICE, True), (CAROL, False)):
+        listed_ids = httpx.get(url + "/api/v1/sessions", headers={"X-API-Key": key}, timeout=30).json()["sessions"]
+        assert (alice_session in listed_ids) == seen
+        got = httpx.get(url + f"/api/v1/sessions/{alice_session}", headers={"X-API-Key": key}, timeout=30)
+        assert got.status_code == (200 if seen else 404) and (tc.model_id in got.text) == seen, got.text
+    # one sampler per RL step: a model keeps its newest 8, so a long loop holds no growing pile of snapshots
+    for _ in range(10):
+        tc.save_weights_and_get_sampling_client().result()
+    overview = httpx.get(url + "/api/v1/session_overview", headers={"X-API-Key": ALICE}, timeout=30).json()
+    own = [r for s in overview["sessions"] for r in s["samplers"] if r["model_id"] == tc.model_id]
+    assert len(own) == 8, own
     carol_session = tinker.ServiceClient(base_url=url, api_key=CAROL).holder.get_session_id()
     assert carol_session in cli(carol_env, "sessions", "list", "--json").stdout
     assert "ended" in cli(carol_env, "sessions", "end", carol_session).stdout
