@@ -118,7 +118,6 @@ def lora_targets(groups: dict[str, set[str]], spec: LoraSpec) -> list[str]:
 class Adapter:
     """One model's LoRA adapter on a SharedBase: its peft name, parameters and optimizer."""
     name: str  # the peft adapter name (ModuleDict keys: no '.' or ':')
-    lora: LoraSpec | None  # None: a sampler's adapter loaded from a checkpoint (its config comes with it)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer | None = None
     version: int = 0  # optimizer steps taken (or loads): what a snapshot is compared with
@@ -166,7 +165,7 @@ class SharedBase:
         self.peft.set_adapter(name)
         self.peft.eval()
         marker = f".{name}."
-        adapter = Adapter(name, lora, [p for n, p in self.peft.named_parameters() if marker in n])
+        adapter = Adapter(name, [p for n, p in self.peft.named_parameters() if marker in n])
         self.adapters[name] = adapter
         if directory is not None:
             self.load(name, directory, with_optimizer)

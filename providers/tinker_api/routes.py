@@ -221,7 +221,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         directory, path = svc.checkpoint_dir(body.model_id, kind, body.path)
         if with_optimizer and directory.exists() and not body.overwrite:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
-        meta = svc.checkpoint_meta(rec, body.model_id)
+        meta = svc.checkpoint_meta(rec)
 
         def work(base: SharedBase, name: str) -> dict:
             base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
@@ -240,7 +240,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         if body.path is None and body.sampling_session_seq_id is not None:  # ephemeral: no file at all
             if body.kind not in ("snapshot", "inflight"):
                 raise BadRequest(f"kind: {body.kind!r} is not 'snapshot' or 'inflight'")
-            sampler_id, sampler = svc.sampler_of_model(body.model_id, rec, live=body.kind == "inflight")
+            sampler_id, sampler = svc.sampler_of_model(rec, live=body.kind == "inflight")
 
             def take(base: SharedBase, name: str) -> dict:
                 if body.kind == "snapshot":

@@ -362,7 +362,7 @@ class TinkerService:
             worker.stop(wait_s=5)
 
     # -- models --------------------------------------------------------------------------------------------
-    def _add_member(self, s: Session, sid: str, rid: str) -> None:
+    def _add_member(self, s: Session, rid: str) -> None:
         """A training model or a sampler of its own (base or checkpoint) joins the session, within its limit
         (a model's ephemeral samplers do not count: _add_ephemeral bounds them)."""
         held = [m for m in s.members if m in self.models or (m in self.samplers and self.samplers[m].model_id is None)]
@@ -391,7 +391,7 @@ class TinkerService:
             raise BadRequest(f"lora_config.rank: {lora.rank} is outside 1..{self.limits.max_lora_rank}")
         base_path, vocab, positions = self._base(base_ref)
         with self._lock:
-            self._add_member(s, sid, model_id)
+            self._add_member(s, model_id)
             rec = self.models[model_id] = ModelRecord(owner_name(), sid, base_ref, base_path, lora, vocab, positions,
                                                       model_id=model_id)
         self._save("models", model_id, rec.persisted())
@@ -432,11 +432,11 @@ class TinkerService:
             raise NotFound(f"sampling_session_id: unknown sampling session {sampler_id!r}")
         return rec
 
-    def sampler_of_model(self, model_id: str, rec: ModelRecord, live: bool) -> tuple[str, SamplerRecord]:
+    def sampler_of_model(self, rec: ModelRecord, live: bool) -> tuple[str, SamplerRecord]:
         s = self.session(rec.session_id)
         sampler_id = f"samp-{uuid.uuid4().hex}"
         sampler = SamplerRecord(rec.owner, rec.session_id, rec.base_ref, rec.base_path, rec.vocab_size,
-                                rec.max_positions, model_id=model_id, live=live)
+                                rec.max_positions, model_id=rec.model_id, live=live)
         with self._lock:
             self._add_ephemeral(s, sampler_id, sampler)
         self._save("samplers", sampler_id, sampler.persisted())
@@ -454,7 +454,7 @@ class TinkerService:
         sampler = SamplerRecord(owner_name(), sid, base_ref, base_path, vocab, positions, model_path=model_path,
                                 live=True)
         with self._lock:
-            self._add_member(s, sid, sampler_id)
+            self._add_member(s, sampler_id)
             self.samplers[sampler_id] = sampler
         self._save("samplers", sampler_id, sampler.persisted())
         return sampler_id
@@ -541,6 +541,6 @@ class TinkerService:
         return [{k: v for k, v in c.items() if k != "_meta"}
                 for c in self._run_checkpoints(self.root / run_id.replace(":", "-"))]
 
-    def checkpoint_meta(self, rec: ModelRecord, model_id: str) -> dict:
-        return {"owner": rec.owner, "model_id": model_id, "base_model": rec.base_ref,
+    def checkpoint_meta(self, rec: ModelRecord) -> dict:
+        return {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
                 "lora": rec.lora.__dict__, "created": time.time()}
