@@ -131,7 +131,6 @@ def test_manager_runs_jobs_from_the_zygote_and_survives_a_crash(tiny_models, toy
         root = tmp_path / mode
         manager = JobManager(JobStore(root / "jobs.db"), training_command, env={"OMP_NUM_THREADS": "1"}, niceness=0)
         if mode == "zygote":
-            zygote.prestart(manager.job_env())  # what a server does at start
             assert zygote.zygote_for(manager.job_env()).ready()
         spec = sft_spec(root, f"{mode}-job", tiny_models["student"], rows)
         t0 = time.time()

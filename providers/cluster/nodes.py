@@ -145,10 +145,12 @@ class HeartbeatAnswer(Node):
 
 
 def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: str | None) -> Capabilities:
-    import torch
+    from ..training.devices import cuda_available
 
     gpus = []
-    if torch.cuda.is_available():
+    if cuda_available():
+        import torch
+
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             gpus.append(Gpu(name=p.name, memory_gb=round(p.total_memory / 2**30, 1)))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..serving.engine import adapter_base, is_adapter
-from ..training.components import save_merged
 from .names import base_label, gguf_file_name, hub_id, ollama_name, result_name
 
 
@@ -38,6 +37,8 @@ def merged_model(model: Path, out: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("merged"))
+        from ..training.components import save_merged  # torch, transformers, peft: only when merging
+
         save_merged(tmp)  # writes tmp/merged
         src = tmp / "merged"
     dest = out / "merged"

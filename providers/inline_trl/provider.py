@@ -49,8 +49,7 @@ class TrlPostTrainingImpl:
         )
         env = {"OMP_NUM_THREADS": str(config.num_threads)} if config.num_threads else {}
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), training_command, config.max_concurrent_jobs, env,
-                               runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs,
-                               prestart_zygote=True)
+                               runs_dir=self.data_dir / "runs", max_queued_jobs=config.max_queued_jobs)
 
     async def initialize(self) -> None:
         pass

@@ -27,7 +27,6 @@ from ..launchers.local import LocalLauncher, kill_process_group, process_group_a
 from ..training.spec import JobSpec, check_name
 from .child_env import child_env
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, StoreUnavailable, UnknownJobError
-from .zygote import prestart
 
 __all__ = ["JobManager", "QueueFullError", "kill_process_group", "process_group_alive", "process_group_runs"]
 
@@ -85,7 +84,6 @@ class JobManager:
         runs_dir: str | Path | None = None,
         max_queued_jobs: int = 100,
         launchers: dict[str, Launcher] | None = None,
-        prestart_zygote: bool = False,
         progress_timeout_s: float | None = None,
     ):
         self.store = store
@@ -98,11 +96,6 @@ class JobManager:
         if progress_timeout_s is not None:
             self.env["TRL_PROGRESS_TIMEOUT_S"] = str(int(progress_timeout_s))
         self.runs_dir = Path(runs_dir).resolve() if runs_dir else None
-        if niceness is None:
-            import torch
-
-            niceness = 0 if torch.cuda.is_available() else 10
-        self.niceness = niceness
         self.local = LocalLauncher(niceness)
         self.launchers: dict[str, Launcher] = {self.local.name: self.local, **(launchers or {})}
         self._running: dict[str, tuple[Launcher, str]] = {}  # job_uuid -> its launcher and id, while followed
@@ -127,8 +120,6 @@ class JobManager:
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         threading.Thread(target=self._write_held_ends, daemon=True, name="held-ends").start()
-        if prestart_zygote:  # a server: import the training stack now, so that its first job starts fast
-            prestart(self.job_env())
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _recover(self) -> None:

@@ -2,8 +2,9 @@
 
 A fresh `python -m providers.training.run RUN_DIR` spends most of a short job importing torch,
 transformers, TRL, peft and datasets (7-9 s on a 2-core machine). The zygote is a separate process,
-started once per server and job environment (`python -m providers.jobs.zygote SOCKET`), that imports the
-training stack and then only waits on a Unix socket. It never runs a torch op, so no OpenMP/MKL thread
+started with a server's first job in each job environment (`python -m providers.jobs.zygote SOCKET`), that
+imports the training stack and then only waits on a Unix socket. Not at the server's start: a server that
+runs no job (or no job yet) holds no training stack in memory and spends no CPU importing it. It never runs a torch op, so no OpenMP/MKL thread
 pool and no CUDA context exists when it forks (it checks, before it serves anything, that importing
 started no thread beyond the fork-safe pools of numpy's OpenBLAS and pyarrow's jemalloc, and that CUDA
 is not initialised). For each job it forks a child that:
@@ -238,12 +239,6 @@ def zygote_for(env: dict[str, str]) -> Zygote:
                 _zygotes.pop(next(iter(_zygotes))).stop()
             z = _zygotes[key] = Zygote(env)
         return z
-
-
-def prestart(env: dict[str, str]) -> None:
-    """Start the zygote for this environment now, so that the first job finds it ready."""
-    if enabled():
-        zygote_for(env)
 
 
 def launch_job_process(argv: list[str], *, stdout, env: dict[str, str], cwd: str, niceness: int = 0,

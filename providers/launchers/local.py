@@ -91,14 +91,12 @@ def groups_running(run_dir: str) -> set[int]:
 
 def check_host_processes(nproc_per_node: int) -> None:
     """Refuse more ranks than this host's GPUs, or so many on its CPU cores that they would thrash."""
-    import torch
+    from ..training.devices import cuda_available, device_type
 
-    from ..training.components import device_type
-
-    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+    if cuda_available() and nproc_per_node > _gpu_count():
         raise BadRequest(
             f"training_config.torch_run_config.nproc_per_node: {nproc_per_node} processes but this "
-            f"node has {torch.cuda.device_count()} GPUs"
+            f"node has {_gpu_count()} GPUs"
         )
     if nproc_per_node > (os.cpu_count() or 1) * 4 and device_type() == "cpu":
         raise BadRequest(
@@ -107,14 +105,20 @@ def check_host_processes(nproc_per_node: int) -> None:
         )
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 class LocalLauncher:
     """Jobs as process groups on this host. The external id is the group leader's pid (= its pgid)."""
 
     name = "local"
     runs_elsewhere = False
 
-    def __init__(self, niceness: int = 0):
-        self.niceness = niceness
+    def __init__(self, niceness: int | None = None):
+        self._niceness = niceness
         self._procs: dict[str, subprocess.Popen] = {}
         self._adopted: dict[str, str] = {}  # pgid -> run dir: parts of multi-node jobs followed again after a restart
         # Why this host cannot hold one node's share of a job's resources (None: it can); the service
@@ -151,6 +155,16 @@ class LocalLauncher:
             )
         self._procs[str(proc.pid)] = proc
         return str(proc.pid)
+
+    @property
+    def niceness(self) -> int:
+        """The jobs' niceness: given, else 10 on a CPU-only host (see _lower_priority) and 0 beside GPUs,
+        decided at the first job (it imports torch)."""
+        if self._niceness is None:
+            from ..training.devices import cuda_available
+
+            self._niceness = 0 if cuda_available() else 10
+        return self._niceness
 
     def _lower_priority(self) -> None:
         # On a CPU-only host the job's processes compete with the server for cores: a lower priority

@@ -22,8 +22,7 @@ from ..training.spec import SAFE_NAME
 from ..remote_fsdp.service.jobs import FsdpJobService
 from ..remote_fsdp.service.routes import declared_length
 from ..remote_fsdp.service.security import ArchiveError, DiskQuota, extract_archive, temp_path
-from ..training.merge import merge_adapters
-from ..training.recipes.teacher import read_shards
+from ..training.data import read_shards
 from .teacher_student import PipelineRequest, Pipelines, StudentConfig, TeacherTaskConfig
 
 
@@ -116,6 +115,8 @@ def pipelines_router(service: FsdpJobService, pipelines: Pipelines) -> APIRouter
         if out.exists():
             raise Conflict(f"output_name: a merged adapter named {req.output_name!r} already exists")
         with client_errors():  # weights that do not fit the adapters, a method peft does not have
+            from ..training.merge import merge_adapters  # torch: imported when a merge runs
+
             merged = merge_adapters(finals, out, req.weights, req.method)
         return {"path": str(out), **merged}
 

@@ -47,8 +47,7 @@ from ..remote_fsdp.service.nodes import Node, NodeRegistry, describe, misfit
 from ..remote_fsdp.service.security import extract_archive, write_archive
 from ..state_files import load_state, save_state
 from ..training.keys import KnownKeys, keys_checker
-from ..training.merge import merge_adapters
-from ..training.recipes.teacher import read_shards
+from ..training.data import read_shards
 from ..training.run_files import utc_now
 from ..training.spec import SAFE_NAME, KlDirection, ResourceRequest, SchedulingSpec
 
@@ -389,6 +388,8 @@ class Pipelines:
                     self.runner(task["node_id"]).fetch(task["job_uuid"], Path(task["output"]))
             if req.merge:
                 self._check_live(pipeline_id)
+                from ..training.merge import merge_adapters  # torch: imported when a merge runs
+
                 summary = merge_adapters([t["output"] for t in state["students"]], state["merge"]["output"],
                                          req.merge.weights, req.merge.method)
                 self._update(pipeline_id, merge={**state["merge"], "state": "completed", **summary})

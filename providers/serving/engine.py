@@ -17,10 +17,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from ..errors import BadRequest
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded or run: importing this module (a server) costs none
+    import torch
 
 
 @dataclass
@@ -41,9 +43,12 @@ def adapter_base(path: str | Path) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_for_inference(path: str | Path, base_model: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A model directory or a PEFT adapter (over its base) in eval mode, with its tokenizer."""
+def load_for_inference(path: str | Path, base_model: str | None = None) -> LoadedModel:
+    """A model directory or a PEFT adapter (over its base) in eval mode (fp32), with its tokenizer."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32
 
     path = Path(path)
     if is_adapter(path):
@@ -155,6 +160,8 @@ def _token_logprob(loaded: LoadedModel, logprobs: torch.Tensor, token: int, k: i
 def _prompt_logprobs(loaded: LoadedModel, ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
     """Each prompt token's log-probability given the tokens before it, from the prompt pass's logits
     (row by row: no second vocabulary-sized copy of the whole prompt)."""
+    import torch
+
     return [TokenLogprob(loaded.tokenizer.decode([ids[0]]), None)] + [_token_logprob(loaded, torch.log_softmax(logits[i].float(), -1), ids[i + 1], k)
                      for i in range(len(ids) - 1)]
 
@@ -191,6 +198,8 @@ def token_steps(loaded: LoadedModel, ids: list[int], max_tokens: int, temperatur
     """(token id, its TokenLogprob when `top_logprobs` is not None) one by one (KV cache; greedy at
     temperature 0), until max_tokens or an eos token (yielded too: its log-prob is the answer's last). With a
     `prompt_logprobs` list, the prompt's own log-probs are appended to it from the prompt pass (even at max_tokens 0)."""
+    import torch
+
     model = loaded.model
     eos = set(_eos_ids(loaded))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -313,6 +322,8 @@ def _is_prompt_learning(model) -> bool:
 def _generate_whole(loaded: LoadedModel, ids: list[int], max_tokens: int, temperature: float, top_p: float,
                     stop: list[str], seed: int | None) -> Iterator[str | Completion]:
     # Prefix/prompt tuning inject virtual tokens inside peft's generate: no token-by-token loop here.
+    import torch
+
     if seed is not None:
         torch.manual_seed(seed)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}

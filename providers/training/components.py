@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from .devices import device_type
 from .efficiency import check_supported, model_kwargs, trainer_kwargs
 from .loggers import logger_args
 from .pause import PauseCheckpoint
@@ -20,10 +21,6 @@ from .run_files import RunFiles, utc_now, writes_status
 from .spec import JobSpec, PeftSpec
 
 log = logging.getLogger("providers.training")
-
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(requested: str) -> tuple[str, str | None]:

@@ -170,6 +170,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_shards(teacher_outputs_dir: str | Path) -> list[dict]:
+    """All rows of a teacher task's outputs (recipes/teacher.py writes them), in order."""
+    rows: list[dict] = []
+    for shard in sorted(Path(teacher_outputs_dir).glob("shard-*.jsonl")):
+        rows.extend(read_jsonl(shard))
+    return rows
+
+
 def load_dataset(path: str | Path):
     """The normalized JSONL rows of a run as a `datasets.Dataset`."""
     from datasets import Dataset

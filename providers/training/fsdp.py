@@ -35,14 +35,11 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .devices import backend
 from .run_files import write_atomically
 from .spec import FsdpSpec, JobSpec
 
 log = logging.getLogger("providers.training")
-
-
-def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def world() -> tuple[int, int, int]:

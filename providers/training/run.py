@@ -26,7 +26,8 @@ def resources_used(spec: JobSpec) -> dict:
 
     import torch
 
-    from .components import device_type, resolve_dtype
+    from .components import resolve_dtype
+    from .devices import device_type
 
     precision, note = resolve_dtype(spec.dtype)
     used = {

@@ -30,8 +30,7 @@ from ...launchers.base import Launcher
 from ...launchers.local import LocalLauncher
 from ...launchers.nodes import NodesLauncher
 from ...launchers.torchrun import TorchRunOptions, torchrun_command
-from ...training.components import device_type
-from ...training.fsdp import backend
+from ...training.devices import backend, device_type
 from ...training.keys import unknown_key_message
 from ...training.run_files import RunFiles
 from ...training.spec import FsdpSpec, JobSpec, SchedulingSpec, check_name
@@ -73,7 +72,7 @@ class FsdpJobService:
         env.update({v: os.environ[v] for v in config.pass_env.get("training", []) if v in os.environ})  # --pass-env
         self.jobs = JobManager(JobStore(self.data_dir / "jobs.db"), self._command, config.max_concurrent_jobs, env,
                                runs_dir=self.runs_dir, max_queued_jobs=config.max_queued_jobs,
-                               launchers=build_launchers(config), prestart_zygote=True,
+                               launchers=build_launchers(config),
                                progress_timeout_s=config.progress_timeout_s)
         self.nodes: NodesLauncher | None = None  # the `nodes` launcher, once the app has the node registry
         # Who owns what in the data dir: folder -> (its path parts below the folder -> owner). Add-ons add their

@@ -32,7 +32,7 @@ from ..components import (
     train_and_save,
     trainer_args,
 )
-from ..data import load_dataset, write_jsonl
+from ..data import load_dataset, read_shards, write_jsonl
 from ..efficiency import padding_free
 from ..run_files import RunFiles
 from ..spec import DistillSpec, JobSpec, TeacherSpec
@@ -251,8 +251,6 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     d = spec.distill
     if d.teacher_outputs_dir:
         from datasets import Dataset
-
-        from .teacher import read_shards
 
         rows = read_shards(d.teacher_outputs_dir)
         if not rows:

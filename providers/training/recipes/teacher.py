@@ -90,11 +90,3 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     files.add_checkpoint({"identifier": f"{spec.job_uuid}-teacher-outputs", "created_at": utc_now(), "epoch": 0,
                           "post_training_job_id": spec.job_uuid, "path": str(out), "training_metrics": None})
     return {"teacher_outputs_dir": str(out), **summary}
-
-
-def read_shards(teacher_outputs_dir: str | Path) -> list[dict]:
-    """All rows of a teacher task, in order."""
-    rows: list[dict] = []
-    for shard in sorted(Path(teacher_outputs_dir).glob("shard-*.jsonl")):
-        rows.extend(read_jsonl(shard))
-    return rows
