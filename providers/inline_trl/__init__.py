@@ -10,4 +10,4 @@ async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any])
 
     from .provider import TrlPostTrainingImpl
 
-    return TrlPostTrainingImpl(config, deps[Api.datasetio], deps.get(Api.datasets))
+    return TrlPostTrainingImpl(config, deps[Api.datasetio], deps.get(Api.datasets), deps.get(Api.models))

@@ -23,6 +23,10 @@ class TrlPostTrainingConfig(BaseModel):
     max_queued_jobs: PositiveInt = 100
     # Threads per training process (torch.set_num_threads); null leaves torch's default.
     num_threads: PositiveInt | None = Field(default=None)
+    # The stack's inference provider that answers with this package's checkpoints (run_serve.yaml's
+    # inline::trl_serving): each completed job's final checkpoint is registered there as a model of the stack,
+    # under the identifier its artifacts give. None (or a stack without inference): nothing is registered.
+    serve_provider_id: str | None = None
 
     @classmethod
     def sample_run_config(cls, __distro_dir__: str = "~/.llama/distributions/trl", **kwargs: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, Traini
 from ..api.to_spec import data_config_of, fetch_rows, method_of, preference_target, prepare_job
 from ..training.methods import PREFERENCE_CALL, SFT_CALL
 from ..training.run_files import RunFiles
+from ..stack_models import StackModels
 from ..versions import warn_untested_versions
 from ..training.spec import JobSpec
 from .config import TrlPostTrainingConfig
@@ -35,10 +36,11 @@ def training_command(spec: JobSpec, files: RunFiles) -> list[str]:
 
 
 class TrlPostTrainingImpl:
-    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any, datasets: Any = None) -> None:
+    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any, datasets: Any = None, models: Any = None) -> None:
         warn_untested_versions()
         self.config = config
         self.datasetio = datasetio
+        self.stack_models = StackModels(models, config.serve_provider_id)  # completed jobs join the stack's models
         self.data_dir = Path(config.data_dir).expanduser().resolve()
         self.defaults = ProviderDefaults(
             data_dir=str(self.data_dir),
@@ -128,13 +130,22 @@ class TrlPostTrainingImpl:
         except UnknownJobError as e:
             raise BadRequest(f"job_uuid: {e}") from None
 
+    async def _seen(self, job_uuid: str) -> dict[str, Any]:
+        """The job's view; a completed job's final checkpoint is made a model of the stack (its local path is
+        what serve_provider_id loads)."""
+        view = self._view(job_uuid)
+        checkpoints = view["checkpoints"]
+        if view["status"] == "completed" and checkpoints:
+            await self.stack_models.register_final(job_uuid, checkpoints, checkpoints[-1]["path"])
+        return view
+
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
-        return PostTrainingJobStatusResponse(**self._view(job_uuid))
+        return PostTrainingJobStatusResponse(**await self._seen(job_uuid))
 
     async def cancel_training_job(self, job_uuid: str) -> None:
         self._view(job_uuid)
         await asyncio.to_thread(self.jobs.cancel, job_uuid)
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
-        view = self._view(job_uuid)
+        view = await self._seen(job_uuid)
         return PostTrainingJobArtifactsResponse(job_uuid=job_uuid, checkpoints=view["checkpoints"])

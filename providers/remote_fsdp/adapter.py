@@ -18,6 +18,7 @@ from llama_stack.apis.post_training import (
 )
 
 from ..errors import BadRequest
+from ..stack_models import StackModels
 from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, TrainingConfig
 from ..api.to_spec import data_config_of, fetch_rows
 from .config import TrlFsdpAdapterConfig
@@ -27,7 +28,7 @@ class TrlFsdpAdapter:
     def __init__(self, config: TrlFsdpAdapterConfig, datasetio: Any, models: Any = None) -> None:
         self.config = config
         self.datasetio = datasetio
-        self.models = models  # the stack's model registry (with serve_provider_id: completed jobs join it)
+        self.stack_models = StackModels(models, config.serve_provider_id)  # completed jobs join the stack's models
         headers = {"authorization": f"Bearer {config.api_token}"} if config.api_token else {}
         self.http = httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, headers=headers)
 
@@ -130,7 +131,7 @@ class TrlFsdpAdapter:
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
         status = await self._call("GET", "/v1/post-training/job/status", params={"job_uuid": job_uuid})
         if status.get("status") == "completed":
-            await self._register_final(job_uuid, status.get("checkpoints") or [])
+            await self.stack_models.register_final(job_uuid, status.get("checkpoints") or [], f"job:{job_uuid}")
         return PostTrainingJobStatusResponse(**status)
 
     async def cancel_training_job(self, job_uuid: str) -> None:
@@ -140,37 +141,9 @@ class TrlFsdpAdapter:
         artifacts = await self._call("GET", "/v1/post-training/job/artifacts", params={"job_uuid": job_uuid})
         checkpoints = artifacts.get("checkpoints")
         # the job's status only while its last checkpoint is not a model yet: one HTTP call, once
-        if checkpoints and self._serving() and not await self._registered(checkpoints[-1]["identifier"]):
+        models = self.stack_models
+        if checkpoints and models.enabled and not await models.has(checkpoints[-1]["identifier"]):
             status = await self._call("GET", "/v1/post-training/job/status", params={"job_uuid": job_uuid})
             if status.get("status") == "completed":
-                await self._register_final(job_uuid, artifacts["checkpoints"])
+                await models.register_final(job_uuid, checkpoints, f"job:{job_uuid}")
         return PostTrainingJobArtifactsResponse(**artifacts)
-
-    def _serving(self) -> bool:
-        return self.models is not None and self.config.serve_provider_id is not None
-
-    async def _register_final(self, job_uuid: str, checkpoints: list[dict[str, Any]]) -> None:
-        """A completed job's final checkpoint as a model of the stack (its artifacts' identifier), answered by
-        serve_provider_id as the service's `job:<uuid>`; once (a registered identifier is left as it is)."""
-        if not self._serving() or not checkpoints:
-            return
-        identifier = checkpoints[-1]["identifier"]
-        if await self._registered(identifier):
-            return
-        from llama_stack.apis.models import ModelType
-
-        try:
-            await self.models.register_model(model_id=identifier, provider_model_id=f"job:{job_uuid}",
-                                             provider_id=self.config.serve_provider_id, model_type=ModelType.llm,
-                                             metadata={"post_training_job": job_uuid})
-        except ValueError as e:  # e.g. registered meanwhile by another request: the model is there either way
-            if not await self._registered(identifier):
-                raise BadRequest(f"job {job_uuid}: its final checkpoint could not be registered as model "
-                                 f"{identifier!r} with {self.config.serve_provider_id}: {e}") from None
-
-    async def _registered(self, identifier: str) -> bool:
-        try:
-            await self.models.get_model(identifier)  # 0.2.12: a ValueError when there is none
-        except ValueError:
-            return False
-        return True

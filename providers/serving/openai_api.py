@@ -217,7 +217,7 @@ def _chat_token(entry: TokenLogprob) -> dict[str, Any]:
             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in entry.top]}
 
 
-def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
     return None if entries is None else {"content": [_chat_token(e) for e in entries], "refusal": None}
 
 
@@ -307,13 +307,13 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
             cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             if req.stream:
                 chunk = _chat_chunker(cid, created, req.model)
-                return StreamingResponse(_sse(_Stream(run_last, runs(loaded)), chunk, req.n, req.include_usage()),
+                return StreamingResponse(_sse(GenerationStream(run_last, runs(loaded)), chunk, req.n, req.include_usage()),
                                          media_type="text/event-stream")
             completions = await asyncio.wrap_future(run_last(_run_all, runs(loaded)))
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": j, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(c.logprobs)}
+                             "finish_reason": c.finish_reason, "logprobs": chat_logprobs(c.logprobs)}
                             for j, c in enumerate(completions)],
                 "usage": _usage(completions, req.n),
             }
@@ -358,7 +358,7 @@ def chat_router(resolve: Callable[[str], str], cache: ModelCache, list_models: C
             jobs = runs(loaded)
             if req.stream:
                 chunk = _text_chunker(cid, created, req.model)
-                return StreamingResponse(_sse(_Stream(run_last, jobs), chunk, req.n, req.include_usage()),
+                return StreamingResponse(_sse(GenerationStream(run_last, jobs), chunk, req.n, req.include_usage()),
                                          media_type="text/event-stream")
             done = await asyncio.wrap_future(run_last(_run_all, jobs))
             choices = []
@@ -387,7 +387,7 @@ def _run_all(runs: list[Callable[[], Any]]) -> list[Completion]:
     return completions
 
 
-class _Stream:
+class GenerationStream:
     """A request's streamed generations (its choices, one after another), started on the pool at once (so they
     always end and leave the pool, even if the response is never sent); `stop` ends them at the next token.
     Items on the queue: (choice index, a Delta or the choice's Completion), an Exception, or `done`."""
@@ -432,7 +432,7 @@ def _chat_chunker(cid: str, created: int, model: str) -> Chunker:
                       "logprobs": None}
         else:
             choice = {"index": index, "delta": {"content": str(piece)}, "finish_reason": None,
-                      "logprobs": _chat_logprobs(piece.logprobs) if piece.logprobs else None}
+                      "logprobs": chat_logprobs(piece.logprobs) if piece.logprobs else None}
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
     return chunk
@@ -457,7 +457,7 @@ def _text_chunker(cid: str, created: int, model: str) -> Chunker:
     return chunk
 
 
-async def _sse(stream: _Stream, chunk: Chunker, n: int, include_usage: bool):
+async def _sse(stream: GenerationStream, chunk: Chunker, n: int, include_usage: bool):
     """Forward the generations as server-sent events (`chunk` shapes them), then the usage of all choices when
     asked, then [DONE]. A closed stream (the client went away) stops the generation at its next token."""
 
