@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -44,8 +45,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_models):
+    import yaml
+
     models_root = str(Path(tiny_models["student"]).parent)
-    with users_service(tmp_path_factory.mktemp("tinker"), USERS, models_root) as (url, data, log):
+    root = tmp_path_factory.mktemp("tinker")
+    (root / "tinker.yaml").write_text(yaml.safe_dump({"tinker": {"min_checkpoint_ttl_s": 1}}))  # expiry in seconds
+    with users_service(root, USERS, models_root, "--tinker-config", str(root / "tinker.yaml")) as (url, data, log):
         yield url, data, log
 
 
@@ -192,6 +197,45 @@ def test_rest_client_lists_own_training_runs_and_checkpoints(service, trained):
     for call in (carol.get_training_run, carol.list_checkpoints):
         with pytest.raises(tinker.NotFoundError, match="unknown training run"):
             call(tc.model_id).result(timeout=60)
+
+
+def test_checkpoints_expire_after_their_ttl_and_the_owner_deletes_them(service, alice, trained):
+    """save_state / save_weights_for_sampler with ttl_seconds: listed with expires_at, then gone (a load is
+    the SDK's NotFoundError, and the files are deleted); the REST client's delete_checkpoint deletes the
+    owner's checkpoint, and another user's delete finds nothing (the checkpoint stays)."""
+    tc = trained[0]
+    rest = tinker.RestClient(base_url=service[0], api_key=ALICE)
+    state = tc.save_state("short-lived", ttl_seconds=2).result().path
+    sampler_path = tc.save_weights_for_sampler("short-lived-sampler", ttl_seconds=2).result().path
+    kept = tc.save_state("kept").result().path
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    for path in (state, sampler_path):
+        assert 1.9 < (listed[path].expires_at - listed[path].time).total_seconds() < 2.1, listed[path]
+    assert listed[kept].expires_at is None
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds: 0 is outside"):
+        tc.save_state("never", ttl_seconds=0).result(timeout=60)
+
+    run_dir = service[1] / "tinker" / "runs" / tc.model_id.replace(":", "-")
+    wait_until(lambda: listed[state].expires_at.timestamp() < time.time(), 10, message="the ttl passed")
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):  # loaded before any listing
+        alice.create_training_client_from_state(state).result(timeout=60)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        alice.create_sampling_client(model_path=sampler_path).result().sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result(timeout=60)
+    assert not (run_dir / "weights" / "short-lived").exists()
+    assert not (run_dir / "sampler_weights" / "short-lived-sampler").exists()
+    listed = [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    assert kept in listed and state not in listed and sampler_path not in listed
+
+    carol = tinker.RestClient(base_url=service[0], api_key=CAROL)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        carol.delete_checkpoint_from_tinker_path(kept).result(timeout=60)
+    assert (run_dir / "weights" / "kept" / "adapter_model.safetensors").exists()
+    rest.delete_checkpoint(tc.model_id, "weights/kept").result(timeout=60)
+    assert not (run_dir / "weights" / "kept").exists()
+    assert kept not in [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        alice.create_training_client_from_state(kept).result(timeout=60)
 
 
 def test_metrics_count_sessions_and_resident_models(service, trained):

@@ -61,6 +61,7 @@ class SaveWeights(_Body):
     model_id: str
     path: str | None = None
     overwrite: bool = False
+    ttl_seconds: int | None = None
     sampling_session_seq_id: int | None = None
     kind: str = "snapshot"
 
@@ -221,10 +222,11 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         directory, path = svc.checkpoint_dir(body.model_id, kind, body.path)
         if with_optimizer and directory.exists() and not body.overwrite:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
-        meta = svc.checkpoint_meta(rec)
+        meta = svc.checkpoint_meta(rec, body.ttl_seconds)
 
         def work(base: SharedBase, name: str) -> dict:
             base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
+            svc.saved_checkpoint(directory, meta)
             return {"type": answer, "path": path}
 
         return submit(rec, work, model_id=body.model_id)
@@ -290,6 +292,11 @@ def tinker_router(svc: TinkerService) -> APIRouter:
     @r.get("/training_runs/{run_id}/checkpoints")
     async def checkpoints(run_id: str) -> dict:
         return {"checkpoints": await asyncio.to_thread(svc.checkpoints, run_id)}
+
+    @r.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")  # checkpoint_id: KIND/NAME
+    async def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict:
+        await asyncio.to_thread(svc.delete_checkpoint, run_id, checkpoint_id)
+        return {}
 
     @r.post("/create_sampling_session")
     async def create_sampling_session(body: CreateSamplingSession) -> dict:

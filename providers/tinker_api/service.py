@@ -38,6 +38,14 @@ def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat()
 
 
+def _read_record(directory: Path) -> dict | None:
+    """A checkpoint's record (tinker.json, written last: None while the checkpoint is being written)."""
+    try:
+        return json.loads((directory / "tinker.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class Forbidden(ClientError):
     status = 403  # not 429: the SDK retries a 429 for hours
 
@@ -134,6 +142,9 @@ class TinkerService:
         self._adapter_names = itertools.count()
         self._stop = threading.Event()
         self._load_records()
+        self._expiring: dict[Path, float] = {}  # checkpoint dir -> when it expires (saves with ttl_seconds)
+        for meta_file in self.root.glob("*/*/*/tinker.json"):
+            self.saved_checkpoint(meta_file.parent, _read_record(meta_file.parent) or {})
         self._janitor = threading.Thread(target=self._maintain, name="tinker-janitor", daemon=True)
         self._janitor.start()
 
@@ -285,7 +296,11 @@ class TinkerService:
             return rec.adapter
         name = f"a{next(self._adapter_names)}"
         if isinstance(rec, SamplerRecord):
-            directory, _ = self.checkpoint(rec.model_path, "model_path", owner=rec.owner)
+            try:
+                directory, _ = self.checkpoint(rec.model_path, "model_path", owner=rec.owner)
+            except NotFound:
+                raise UserInputError(f"model_path: {rec.model_path} is gone (deleted, or past its ttl_seconds)") \
+                    from None
             host.add(name, None, directory)
         else:
             model_id = rec.model_id
@@ -304,12 +319,14 @@ class TinkerService:
         return name
 
     def _maintain(self) -> None:
-        """Every few seconds: end sessions without heartbeat, save and evict idle models, drop idle bases."""
+        """Every few seconds: end sessions without heartbeat, save and evict idle models, drop idle bases,
+        delete expired checkpoints."""
         period = max(0.5, min(30.0, self.limits.evict_after_s / 4))
         while not self._stop.wait(period):
             try:
                 self.end_idle_sessions()
                 self.evict_idle(self.limits.evict_after_s)
+                self.expire_checkpoints()
             except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
                 log.exception("tinker janitor")
 
@@ -477,9 +494,8 @@ class TinkerService:
             raise BadRequest(f"{field_name}: {path!r} is not a tinker://RUN/weights/NAME or "
                              "tinker://RUN/sampler_weights/NAME path of this service")
         directory = self.root / parts[0].replace(":", "-") / parts[1] / parts[2]
-        try:
-            meta = json.loads((directory / "tinker.json").read_text())
-        except (OSError, ValueError):
+        meta = _read_record(directory)
+        if meta is not None and self._expire(directory, meta):
             meta = None
         visible = can_see(meta.get("owner")) if meta is not None and owner is False else \
             meta is not None and (owner is None or meta.get("owner") == owner)
@@ -493,17 +509,15 @@ class TinkerService:
         found = []
         for kind in KINDS:
             for directory in sorted((run_dir / kind).glob("*")):
-                try:
-                    meta = json.loads((directory / "tinker.json").read_text())
-                except (OSError, ValueError):
+                meta = _read_record(directory)
+                if meta is None or not can_see(meta.get("owner")) or self._expire(directory, meta):
                     continue
-                if not can_see(meta.get("owner")):
-                    continue
+                expires = meta.get("expires")
                 found.append({"checkpoint_id": f"{kind}/{directory.name}",
                               "checkpoint_type": "training" if kind == "weights" else "sampler",
                               "time": _iso(meta["created"]), "tinker_path": f"tinker://{meta['model_id']}/{kind}/"
                               f"{directory.name}", "size_bytes": sum(f.stat().st_size for f in directory.iterdir()),
-                              "public": False, "_meta": meta})
+                              "public": False, "expires_at": _iso(expires) if expires else None, "_meta": meta})
         return sorted(found, key=lambda c: c["time"])
 
     def _training_run(self, run_id: str, checkpoints: list[dict]) -> dict | None:
@@ -541,6 +555,48 @@ class TinkerService:
         return [{k: v for k, v in c.items() if k != "_meta"}
                 for c in self._run_checkpoints(self.root / run_id.replace(":", "-"))]
 
-    def checkpoint_meta(self, rec: ModelRecord) -> dict:
-        return {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
+    def checkpoint_meta(self, rec: ModelRecord, ttl_seconds: int | None = None) -> dict:
+        """A checkpoint's record (tinker.json); with `ttl_seconds`, when it expires."""
+        meta = {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
                 "lora": rec.lora.__dict__, "created": time.time()}
+        if ttl_seconds is not None:
+            low, high = self.limits.min_checkpoint_ttl_s, self.limits.max_checkpoint_ttl_s
+            if not low <= ttl_seconds <= high:
+                raise BadRequest(f"ttl_seconds: {ttl_seconds} is outside {low}..{high} (None: never expires)")
+            meta["expires"] = meta["created"] + ttl_seconds
+        return meta
+
+    # -- expiry and deletion -------------------------------------------------------------------------------
+    def saved_checkpoint(self, directory: Path, meta: dict) -> None:
+        """A checkpoint written (or found at start-up): the sweep knows when it expires, if ever."""
+        with self._lock:
+            if meta.get("expires"):
+                self._expiring[directory] = meta["expires"]
+            else:
+                self._expiring.pop(directory, None)
+
+    def _expire(self, directory: Path, meta: dict) -> bool:
+        """Whether the checkpoint is past its expiry; if so it is deleted now."""
+        if not meta.get("expires") or meta["expires"] > time.time():
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        with self._lock:
+            self._expiring.pop(directory, None)
+        return True
+
+    def expire_checkpoints(self) -> None:
+        """Delete every checkpoint past its expiry (the janitor's sweep)."""
+        now = time.time()
+        with self._lock:
+            due = [d for d, when in self._expiring.items() if when <= now]
+        for directory in due:
+            meta = _read_record(directory) or {}  # overwritten since without a ttl: it stays
+            if not self._expire(directory, meta):
+                self.saved_checkpoint(directory, meta)
+
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        """The REST client's delete_checkpoint: the caller's own checkpoint KIND/NAME of run `run_id`."""
+        directory, _ = self.checkpoint(f"tinker://{run_id}/{checkpoint_id}", "checkpoint_id")
+        shutil.rmtree(directory)
+        with self._lock:
+            self._expiring.pop(directory, None)
