@@ -238,6 +238,42 @@ def test_checkpoints_expire_after_their_ttl_and_the_owner_deletes_them(service, 
         alice.create_training_client_from_state(kept).result(timeout=60)
 
 
+def test_topk_logprobs_are_the_models_most_likely_tokens(service, tiny_models):
+    """asample's topk_prompt_logprobs: at each prompt position the top-1 is the argmax of a plain transformers
+    forward (with its logprob); topk_sample_logprobs at temperature 0: each sampled token is its position's
+    top-1, with the same logprob; a k over the service's limit is a BadRequestError naming the field."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from providers.tinker_api.limits import TinkerLimits
+
+    sampler = tinker.ServiceClient(base_url=service[0], api_key=ALICE).create_sampling_client(
+        base_model=tiny_models["student"]).result()
+    ids = sampler.get_tokenizer().encode(TEXT)[:6]
+    out = sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=5, temperature=0),
+                         include_prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=2).result()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    prompt_topk = out.topk_prompt_logprobs
+    assert prompt_topk[0] is None and len(prompt_topk) == len(ids)  # the first token has no logprobs
+    assert out.prompt_logprobs[0] is None
+    expected = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).numpy()
+    np.testing.assert_allclose(out.prompt_logprobs[1:], expected, atol=1e-4)
+    for position, top in enumerate(prompt_topk[1:], start=1):
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+        assert top[0][0] == int(logp[position - 1].argmax())
+        assert top[0][1] == pytest.approx(float(logp[position - 1].max()), abs=1e-4)
+    seq = out.sequences[0]
+    assert len(seq.topk_logprobs) == len(seq.tokens) == 5
+    for token, logprob, top in zip(seq.tokens, seq.logprobs, seq.topk_logprobs):
+        assert len(top) == 2 and top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-6)
+    over = TinkerLimits().max_topk_logprobs + 1
+    with pytest.raises(tinker.BadRequestError, match=f"topk_sample_logprobs: {over} is over"):
+        sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
+                       topk_sample_logprobs=over).result(timeout=60)
+
+
 def test_metrics_count_sessions_and_resident_models(service, trained):
     text = httpx.get(service[0] + "/metrics", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import can_see
 from ..errors import BadRequest, NotFound
-from .model import LoraSpec, SharedBase, UserInputError
+from .model import LogprobRequest, LoraSpec, SharedBase, UserInputError
 from .service import Gone, TinkerService
 from .wire import WireError, decode_forward_backward, parse_forward_backward, encode_forward_backward, encode_sample
 
@@ -108,6 +108,8 @@ class Sample(_Body):
     prompt: Prompt
     sampling_params: SamplingParams
     prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(0, ge=0)
+    topk_sample_logprobs: int = Field(0, ge=0)
 
 
 class FutureRef(_Body):
@@ -333,12 +335,16 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         if len(prompt) + max_tokens > rec.max_positions:
             raise BadRequest(f"sampling_params.max_tokens: the prompt's {len(prompt)} tokens plus {max_tokens} "
                              f"are over the model's context ({rec.max_positions})")
+        for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+            if getattr(body, name) > limits.max_topk_logprobs:
+                raise BadRequest(f"{name}: {getattr(body, name)} is over this service's limit of "
+                                 f"{limits.max_topk_logprobs}")
+        want = LogprobRequest(bool(body.prompt_logprobs), body.topk_prompt_logprobs, body.topk_sample_logprobs)
         stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 
         def work(base: SharedBase, name: str | None) -> bytes:
             result = base.sample(name, prompt, body.num_samples, max_tokens, params.temperature, params.top_k,
-                                 params.top_p, params.seed, stop, bool(body.prompt_logprobs),
-                                 None if rec.live else rec.snapshot)
+                                 params.top_p, params.seed, stop, want, None if rec.live else rec.snapshot)
             svc.counts["sampled_tokens"] += sum(len(q["tokens"]) for q in result["sequences"])
             return encode_sample(result)
 
