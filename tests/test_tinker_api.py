@@ -35,9 +35,10 @@ tinker_loop = importlib.util.module_from_spec(_spec)  # the example script's loo
 _spec.loader.exec_module(tinker_loop)
 
 ALICE, BOB, CAROL = "tml-alice-0123456789abcdef", "tml-bob-0123456789abcdef", "tml-carol-0123456789abcdef"
-OPS = "ops-key-0123456789abcdef"
+DAVE, OPS = "tml-dave-0123456789abcdef", "ops-key-0123456789abcdef"
+DAVE_QUOTA = 500_000  # bytes: two of a rank-1 adapter's sampler saves on the tiny student (about 213 kB each)
 USERS = {"alice": ("member", ALICE, {}), "bob": ("member", BOB, {"max_sessions": 1}), "carol": ("member", CAROL, {}),
-         "ops": ("admin", OPS, {})}
+         "dave": ("member", DAVE, {"max_data_gb": DAVE_QUOTA / 2**30}), "ops": ("admin", OPS, {})}
 TEXT = "The cat sat on the mat."
 
 pytestmark = pytest.mark.slow
@@ -274,6 +275,27 @@ def test_topk_logprobs_are_the_models_most_likely_tokens(service, tiny_models):
                        topk_sample_logprobs=over).result(timeout=60)
 
 
+def test_saves_past_the_users_disk_quota_are_refused_before_writing(service, tiny_models):
+    """Dave's max_data_gb holds two sampler saves of his rank-1 model: the next one fails through the SDK
+    naming the quota, writes nothing, and the admin's usage counts exactly the files his saves wrote."""
+    tc = tinker.ServiceClient(base_url=service[0], api_key=DAVE).create_lora_training_client(
+        base_model=tiny_models["student"], rank=1).result()
+    saved, refused = [], None
+    for i in range(6):
+        try:
+            saved.append(tc.save_weights_for_sampler(f"s{i}").result(timeout=60).path)
+        except tinker.RequestFailedError as e:
+            refused = (f"s{i}", str(e))
+            break
+    assert saved and refused is not None and "max_data_gb" in refused[1], (saved, refused)
+    run_dir = service[1] / "tinker" / "runs" / tc.model_id.replace(":", "-")
+    assert not (run_dir / "sampler_weights" / refused[0]).exists()
+    usage = httpx.get(service[0] + "/v1/admin/usage", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).json()
+    held = next(u["bytes"] for u in usage["users"] if u["user"] == "dave")
+    on_disk = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    assert held == on_disk and held + on_disk / len(saved) > DAVE_QUOTA, (held, on_disk)
+
+
 def test_metrics_count_sessions_and_resident_models(service, trained):
     text = httpx.get(service[0] + "/metrics", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -346,6 +368,9 @@ def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_pat
         assert not np.allclose(trained, logprobs(other), atol=1e-3)  # two adapters, each its own weights
         wait_until(lambda: not any(m["resident"] for m in overview()) and gauge("trl_tinker_bases_loaded") == 0,
                    60, message="idle models saved and evicted, the base dropped")
+        usage = httpx.get(url + "/v1/admin/usage", headers=admin, timeout=30).json()["users"]
+        resident = sum(f.stat().st_size for f in (tmp_path / "data" / "tinker" / "resident").rglob("*") if f.is_file())
+        assert [u["bytes"] for u in usage if u["user"] == "alice"] == [resident] and resident > 0  # its quota's
         np.testing.assert_allclose(logprobs(tc), trained, atol=1e-5)  # restored as it was
         assert [m["steps"] for m in overview() if m["model_id"] == tc.model_id] == [3]
 

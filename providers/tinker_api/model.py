@@ -272,6 +272,16 @@ class SharedBase:
             raise UserInputError(f"path: the checkpoint's adapter does not fit this model "
                                  f"(unexpected weights {result.unexpected_keys[:3]})")
 
+    def save_bytes(self, name: str, with_optimizer: bool) -> int:
+        """About what `save` writes for adapter `name`: its state (peft's: an adapted lm_head brings its base
+        weight), and AdamW's two moments of each trained parameter."""
+        adapter = self.adapters[name]
+        tensors = self.adapter_state(name).values()
+        state = sum(t.numel() * t.element_size() for t in tensors)
+        moments = 2 * sum(p.numel() * p.element_size() for p in adapter.params) if with_optimizer \
+            and adapter.optimizer is not None else 0
+        return state + 128 * len(tensors) + moments + 4096  # + safetensors headers, configs, step counts
+
     def save(self, name: str, directory: Path, with_optimizer: bool, meta: dict) -> None:
         """Adapter `name` in peft's layout (it loads with PeftModel.from_pretrained), and its optimizer's state."""
         from safetensors.torch import save_file

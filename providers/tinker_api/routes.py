@@ -227,7 +227,8 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         meta = svc.checkpoint_meta(rec, body.ttl_seconds)
 
         def work(base: SharedBase, name: str) -> dict:
-            base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
+            with svc.disk_claim(rec.owner, base.save_bytes(name, with_optimizer), directory, f"path: {path}"):
+                base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
             svc.saved_checkpoint(directory, meta)
             return {"type": answer, "path": path}
 

@@ -4,6 +4,7 @@ another user's ids answer as missing ones."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -12,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ..access import can_see, current, owner_name
 from ..errors import BadRequest, ClientError, NotFound
+from ..remote_fsdp.service.quota import USER, Held
+from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
 from .model import LoraSpec, SharedBase, UserInputError
@@ -124,12 +127,14 @@ class TinkerService:
     knows every session and model; a model idle for `evict_after_s` (and every model at shutdown) is saved
     to DATA_DIR/tinker/resident and leaves memory, and its next request restores it."""
 
-    def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None):
+    def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None,
+                 disk_quota: DiskQuota | None = None):
         self.root = data_dir / "tinker" / "runs"
         self.state_dir = data_dir / "tinker" / "state"
         self.resident_dir = data_dir / "tinker" / "resident"
         self.resolve_model = resolve_model
         self.limits = limits or TinkerLimits()
+        self.disk_quota = disk_quota  # what saves claim before writing (the users' max_data_gb and --max-data-gb)
         self.futures = FutureTable(self.limits.keep_futures)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ModelRecord] = {}
@@ -600,3 +605,33 @@ class TinkerService:
         shutil.rmtree(directory)
         with self._lock:
             self._expiring.pop(directory, None)
+
+    # -- disk quota ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disk_claim(self, owner: str | None, nbytes: int, directory: Path, what: str) -> Iterator[None]:
+        """Claim what a save into `directory` adds (less what it replaces there) from `owner`'s quota before
+        writing; past the quota the request fails naming it (nothing written)."""
+        nbytes = max(0, nbytes - bytes_under(directory))
+        if self.disk_quota is None or not nbytes:
+            yield
+            return
+        try:
+            self.disk_quota.reserve(nbytes, what, owner)
+        except QuotaExceeded as e:
+            raise UserInputError(str(e)) from None
+        try:
+            yield
+        finally:
+            self.disk_quota.release(nbytes, owner)
+
+    def held_by_users(self) -> Iterator[Held]:
+        """What users hold here (quota.UserQuotas' source): each checkpoint by its owner, each resident save
+        (an evicted model's) by its model's owner."""
+        for meta_file in self.root.glob("*/*/*/tinker.json"):
+            meta = _read_record(meta_file.parent)
+            if meta is not None:
+                yield meta.get("owner"), meta_file.parent, USER, meta.get("created")  # rewritten: created anew
+        for model_id, rec in list(self.models.items()):
+            saved = self.resident_dir / model_id.replace(":", "-")
+            if rec.saved_version is not None:
+                yield rec.owner, saved, USER, rec.saved_version
