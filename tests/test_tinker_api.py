@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -34,9 +35,10 @@ tinker_loop = importlib.util.module_from_spec(_spec)  # the example script's loo
 _spec.loader.exec_module(tinker_loop)
 
 ALICE, BOB, CAROL = "tml-alice-0123456789abcdef", "tml-bob-0123456789abcdef", "tml-carol-0123456789abcdef"
-OPS = "ops-key-0123456789abcdef"
+DAVE, OPS = "tml-dave-0123456789abcdef", "ops-key-0123456789abcdef"
+DAVE_QUOTA = 500_000  # bytes: two of a rank-1 adapter's sampler saves on the tiny student (about 213 kB each)
 USERS = {"alice": ("member", ALICE, {}), "bob": ("member", BOB, {"max_sessions": 1}), "carol": ("member", CAROL, {}),
-         "ops": ("admin", OPS, {})}
+         "dave": ("member", DAVE, {"max_data_gb": DAVE_QUOTA / 2**30}), "ops": ("admin", OPS, {})}
 TEXT = "The cat sat on the mat."
 
 pytestmark = pytest.mark.slow
@@ -44,8 +46,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_models):
+    import yaml
+
     models_root = str(Path(tiny_models["student"]).parent)
-    with users_service(tmp_path_factory.mktemp("tinker"), USERS, models_root) as (url, data, log):
+    root = tmp_path_factory.mktemp("tinker")
+    (root / "tinker.yaml").write_text(yaml.safe_dump({"tinker": {"min_checkpoint_ttl_s": 1}}))  # expiry in seconds
+    with users_service(root, USERS, models_root, "--tinker-config", str(root / "tinker.yaml")) as (url, data, log):
         yield url, data, log
 
 
@@ -194,6 +200,102 @@ def test_rest_client_lists_own_training_runs_and_checkpoints(service, trained):
             call(tc.model_id).result(timeout=60)
 
 
+def test_checkpoints_expire_after_their_ttl_and_the_owner_deletes_them(service, alice, trained):
+    """save_state / save_weights_for_sampler with ttl_seconds: listed with expires_at, then gone (a load is
+    the SDK's NotFoundError, and the files are deleted); the REST client's delete_checkpoint deletes the
+    owner's checkpoint, and another user's delete finds nothing (the checkpoint stays)."""
+    tc = trained[0]
+    rest = tinker.RestClient(base_url=service[0], api_key=ALICE)
+    state = tc.save_state("short-lived", ttl_seconds=2).result().path
+    sampler_path = tc.save_weights_for_sampler("short-lived-sampler", ttl_seconds=2).result().path
+    kept = tc.save_state("kept").result().path
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    for path in (state, sampler_path):
+        assert 1.9 < (listed[path].expires_at - listed[path].time).total_seconds() < 2.1, listed[path]
+    assert listed[kept].expires_at is None
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds: 0 is outside"):
+        tc.save_state("never", ttl_seconds=0).result(timeout=60)
+
+    run_dir = service[1] / "tinker" / "runs" / tc.model_id.replace(":", "-")
+    wait_until(lambda: listed[state].expires_at.timestamp() < time.time(), 10, message="the ttl passed")
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):  # loaded before any listing
+        alice.create_training_client_from_state(state).result(timeout=60)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        alice.create_sampling_client(model_path=sampler_path).result().sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result(timeout=60)
+    assert not (run_dir / "weights" / "short-lived").exists()
+    assert not (run_dir / "sampler_weights" / "short-lived-sampler").exists()
+    listed = [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    assert kept in listed and state not in listed and sampler_path not in listed
+
+    carol = tinker.RestClient(base_url=service[0], api_key=CAROL)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        carol.delete_checkpoint_from_tinker_path(kept).result(timeout=60)
+    assert (run_dir / "weights" / "kept" / "adapter_model.safetensors").exists()
+    rest.delete_checkpoint(tc.model_id, "weights/kept").result(timeout=60)
+    assert not (run_dir / "weights" / "kept").exists()
+    assert kept not in [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        alice.create_training_client_from_state(kept).result(timeout=60)
+
+
+def test_topk_logprobs_are_the_models_most_likely_tokens(service, tiny_models):
+    """asample's topk_prompt_logprobs: at each prompt position the top-1 is the argmax of a plain transformers
+    forward (with its logprob); topk_sample_logprobs at temperature 0: each sampled token is its position's
+    top-1, with the same logprob; a k over the service's limit is a BadRequestError naming the field."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from providers.tinker_api.limits import TinkerLimits
+
+    sampler = tinker.ServiceClient(base_url=service[0], api_key=ALICE).create_sampling_client(
+        base_model=tiny_models["student"]).result()
+    ids = sampler.get_tokenizer().encode(TEXT)[:6]
+    out = sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=5, temperature=0),
+                         include_prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=2).result()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    prompt_topk = out.topk_prompt_logprobs
+    assert prompt_topk[0] is None and len(prompt_topk) == len(ids)  # the first token has no logprobs
+    assert out.prompt_logprobs[0] is None
+    expected = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).numpy()
+    np.testing.assert_allclose(out.prompt_logprobs[1:], expected, atol=1e-4)
+    for position, top in enumerate(prompt_topk[1:], start=1):
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+        assert top[0][0] == int(logp[position - 1].argmax())
+        assert top[0][1] == pytest.approx(float(logp[position - 1].max()), abs=1e-4)
+    seq = out.sequences[0]
+    assert len(seq.topk_logprobs) == len(seq.tokens) == 5
+    for token, logprob, top in zip(seq.tokens, seq.logprobs, seq.topk_logprobs):
+        assert len(top) == 2 and top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-6)
+    over = TinkerLimits().max_topk_logprobs + 1
+    with pytest.raises(tinker.BadRequestError, match=f"topk_sample_logprobs: {over} is over"):
+        sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
+                       topk_sample_logprobs=over).result(timeout=60)
+
+
+def test_saves_past_the_users_disk_quota_are_refused_before_writing(service, tiny_models):
+    """Dave's max_data_gb holds two sampler saves of his rank-1 model: the next one fails through the SDK
+    naming the quota, writes nothing, and the admin's usage counts exactly the files his saves wrote."""
+    tc = tinker.ServiceClient(base_url=service[0], api_key=DAVE).create_lora_training_client(
+        base_model=tiny_models["student"], rank=1).result()
+    saved, refused = [], None
+    for i in range(6):
+        try:
+            saved.append(tc.save_weights_for_sampler(f"s{i}").result(timeout=60).path)
+        except tinker.RequestFailedError as e:
+            refused = (f"s{i}", str(e))
+            break
+    assert saved and refused is not None and "max_data_gb" in refused[1], (saved, refused)
+    run_dir = service[1] / "tinker" / "runs" / tc.model_id.replace(":", "-")
+    assert not (run_dir / "sampler_weights" / refused[0]).exists()
+    usage = httpx.get(service[0] + "/v1/admin/usage", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).json()
+    held = next(u["bytes"] for u in usage["users"] if u["user"] == "dave")
+    on_disk = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
+    assert held == on_disk and held + on_disk / len(saved) > DAVE_QUOTA, (held, on_disk)
+
+
 def test_metrics_count_sessions_and_resident_models(service, trained):
     text = httpx.get(service[0] + "/metrics", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -266,6 +368,9 @@ def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_pat
         assert not np.allclose(trained, logprobs(other), atol=1e-3)  # two adapters, each its own weights
         wait_until(lambda: not any(m["resident"] for m in overview()) and gauge("trl_tinker_bases_loaded") == 0,
                    60, message="idle models saved and evicted, the base dropped")
+        usage = httpx.get(url + "/v1/admin/usage", headers=admin, timeout=30).json()["users"]
+        resident = sum(f.stat().st_size for f in (tmp_path / "data" / "tinker" / "resident").rglob("*") if f.is_file())
+        assert [u["bytes"] for u in usage if u["user"] == "alice"] == [resident] and resident > 0  # its quota's
         np.testing.assert_allclose(logprobs(tc), trained, atol=1e-5)  # restored as it was
         assert [m["steps"] for m in overview() if m["model_id"] == tc.model_id] == [3]
 

@@ -24,12 +24,18 @@ PREFIX = "/api/v1"
 
 def install(app, core: ServiceCore) -> None:
     """Mount the routes behind the client keys; at shutdown every model in memory is saved (a restarted
-    service restores it on its next request)."""
+    service restores it on its next request). What sessions write counts against their users' disk quotas."""
     # Here, not at the top: the SDK's protobuf module and torch load only in a service that mounts this.
+    from ..remote_fsdp.service.quota import quotas_of
+    from ..remote_fsdp.service.security import DiskQuota
     from .routes import tinker_router
     from .service import TinkerService
 
-    svc = TinkerService(core.config.data_path, core.service.resolve_model, core.config.tinker)
+    svc = TinkerService(core.config.data_path, core.service.resolve_model, core.config.tinker,
+                        DiskQuota.of(core.config))
+    quotas = quotas_of(core.service)
+    if quotas is not None:  # a user's checkpoints and resident saves count against its max_data_gb
+        quotas.sources.append(svc.held_by_users)
     app.state.tinker = svc
     app.include_router(tinker_router(svc), prefix=PREFIX, dependencies=core.auth)
     core.on_shutdown.append(svc.shutdown)

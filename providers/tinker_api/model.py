@@ -45,6 +45,15 @@ class LoraSpec:
     train_unembed: bool = True
 
 
+@dataclass(frozen=True)
+class LogprobRequest:
+    """What a sample returns beyond each sampled token's logprob: the prompt's logprobs, and the top-k
+    tokens (ids and logprobs) at each prompt position and at each sampled position (0: none)."""
+    prompt: bool = False
+    topk_prompt: int = 0
+    topk_sample: int = 0
+
+
 @dataclass
 class AdapterSnapshot:
     """The adapter weights as of one optimizer step (what an ephemeral sampling client samples)."""
@@ -263,6 +272,16 @@ class SharedBase:
             raise UserInputError(f"path: the checkpoint's adapter does not fit this model "
                                  f"(unexpected weights {result.unexpected_keys[:3]})")
 
+    def save_bytes(self, name: str, with_optimizer: bool) -> int:
+        """About what `save` writes for adapter `name`: its state (peft's: an adapted lm_head brings its base
+        weight), and AdamW's two moments of each trained parameter."""
+        adapter = self.adapters[name]
+        tensors = self.adapter_state(name).values()
+        state = sum(t.numel() * t.element_size() for t in tensors)
+        moments = 2 * sum(p.numel() * p.element_size() for p in adapter.params) if with_optimizer \
+            and adapter.optimizer is not None else 0
+        return state + 128 * len(tensors) + moments + 4096  # + safetensors headers, configs, step counts
+
     def save(self, name: str, directory: Path, with_optimizer: bool, meta: dict) -> None:
         """Adapter `name` in peft's layout (it loads with PeftModel.from_pretrained), and its optimizer's state."""
         from safetensors.torch import save_file
@@ -290,25 +309,26 @@ class SharedBase:
     # -- sampling ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, name: str | None, prompt: list[int], num_samples: int, max_tokens: int, temperature: float,
-               top_k: int, top_p: float, seed: int | None, stop: list[str] | list[int], prompt_logprobs: bool,
+               top_k: int, top_p: float, seed: int | None, stop: list[str] | list[int], logprobs: LogprobRequest,
                snapshot: AdapterSnapshot | None = None) -> dict:
         """`num_samples` continuations of `prompt` under adapter `name` (None: the base), with each sampled
-        token's logprob (of the model's own distribution, as the trainer computes it); with `snapshot`, under
-        those weights of the adapter (swapped in for this call, no copy kept)."""
+        token's logprob (of the model's own distribution, as the trainer computes it) and what `logprobs`
+        asks for more; with `snapshot`, under those weights of the adapter (swapped in for this call, no copy
+        kept)."""
         if snapshot is not None and snapshot.version != self.adapters[name].version:
             current = self.snapshot(name)
             self._set_adapter(name, snapshot.tensors)
             try:
                 return self.sample(name, prompt, num_samples, max_tokens, temperature, top_k, top_p, seed, stop,
-                                   prompt_logprobs)
+                                   logprobs)
             finally:
                 self._set_adapter(name, current.tensors)
         with self._active(name) as module:
             return self._generate(module, prompt, num_samples, max_tokens, temperature, top_k, top_p, seed, stop,
-                                  prompt_logprobs)
+                                  logprobs)
 
     def _generate(self, module, prompt, num_samples, max_tokens, temperature, top_k, top_p, seed, stop,
-                  prompt_logprobs) -> dict:
+                  want: LogprobRequest) -> dict:
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(1 << 62, ())))
         stop_ids = {s for s in stop if isinstance(s, int)}
         stop_texts = [s for s in stop if isinstance(s, str)]
@@ -317,31 +337,43 @@ class SharedBase:
         ids = torch.tensor([prompt] * num_samples)
         out = module(input_ids=ids, use_cache=True)
         result: dict = {}
-        if prompt_logprobs:
-            lp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-            result["prompt_logprobs"] = [math.nan, *lp.tolist()]
+        if want.prompt or want.topk_prompt:
+            prompt_logp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # row i: the logprobs of token i+1
+            if want.prompt:
+                lp = prompt_logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+                result["prompt_logprobs"] = [math.nan, *lp.tolist()]
+            if want.topk_prompt:
+                top = prompt_logp.topk(min(want.topk_prompt, self.vocab_size), -1)
+                result["topk_prompt_logprobs"] = (top.indices.numpy(), top.values.numpy())  # rows: tokens 1..n-1
         past, logits = out.past_key_values, out.logits[:, -1].float()
         tokens = [[] for _ in range(num_samples)]
         logprobs = [[] for _ in range(num_samples)]
+        topk = [[] for _ in range(num_samples)]
         reasons = ["length"] * num_samples
         done = [False] * num_samples
         for _ in range(max_tokens):
             logp = torch.log_softmax(logits, -1)
             nxt = self._pick(logits, temperature, top_k, top_p, gen)
+            top = logp.topk(min(want.topk_sample, self.vocab_size), -1) if want.topk_sample else None
             for i in range(num_samples):
                 if done[i]:
                     continue
                 t = int(nxt[i])
                 tokens[i].append(t)
                 logprobs[i].append(float(logp[i, t]))
+                if top is not None:
+                    topk[i].append((top.indices[i].numpy(), top.values[i].numpy()))
                 if t in stop_ids or (stop_texts and any(s in self.tokenizer.decode(tokens[i]) for s in stop_texts)):
                     done[i], reasons[i] = True, "stop"
             if all(done):
                 break
             out = module(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1].float()
-        result["sequences"] = [{"tokens": t, "logprobs": lp, "stop_reason": r}
-                               for t, lp, r in zip(tokens, logprobs, reasons)]
+        result["sequences"] = [{"tokens": t, "logprobs": lp, "stop_reason": r} for t, lp, r in
+                               zip(tokens, logprobs, reasons)]
+        if want.topk_sample:
+            for seq, rows in zip(result["sequences"], topk):
+                seq["topk_logprobs"] = (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
         return result
 
     @staticmethod

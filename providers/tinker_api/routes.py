@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import can_see
 from ..errors import BadRequest, NotFound
-from .model import LoraSpec, SharedBase, UserInputError
+from .model import LogprobRequest, LoraSpec, SharedBase, UserInputError
 from .service import Gone, TinkerService
 from .wire import WireError, decode_forward_backward, parse_forward_backward, encode_forward_backward, encode_sample
 
@@ -61,6 +61,7 @@ class SaveWeights(_Body):
     model_id: str
     path: str | None = None
     overwrite: bool = False
+    ttl_seconds: int | None = None
     sampling_session_seq_id: int | None = None
     kind: str = "snapshot"
 
@@ -107,6 +108,8 @@ class Sample(_Body):
     prompt: Prompt
     sampling_params: SamplingParams
     prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(0, ge=0)
+    topk_sample_logprobs: int = Field(0, ge=0)
 
 
 class FutureRef(_Body):
@@ -221,10 +224,12 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         directory, path = svc.checkpoint_dir(body.model_id, kind, body.path)
         if with_optimizer and directory.exists() and not body.overwrite:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
-        meta = svc.checkpoint_meta(rec)
+        meta = svc.checkpoint_meta(rec, body.ttl_seconds)
 
         def work(base: SharedBase, name: str) -> dict:
-            base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
+            with svc.disk_claim(rec.owner, base.save_bytes(name, with_optimizer), directory, f"path: {path}"):
+                base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
+            svc.saved_checkpoint(directory, meta)
             return {"type": answer, "path": path}
 
         return submit(rec, work, model_id=body.model_id)
@@ -291,6 +296,11 @@ def tinker_router(svc: TinkerService) -> APIRouter:
     async def checkpoints(run_id: str) -> dict:
         return {"checkpoints": await asyncio.to_thread(svc.checkpoints, run_id)}
 
+    @r.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")  # checkpoint_id: KIND/NAME
+    async def delete_checkpoint(run_id: str, checkpoint_id: str) -> dict:
+        await asyncio.to_thread(svc.delete_checkpoint, run_id, checkpoint_id)
+        return {}
+
     @r.post("/create_sampling_session")
     async def create_sampling_session(body: CreateSamplingSession) -> dict:
         sampler_id = await asyncio.to_thread(svc.new_sampler, body.session_id, body.base_model, body.model_path)
@@ -326,12 +336,16 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         if len(prompt) + max_tokens > rec.max_positions:
             raise BadRequest(f"sampling_params.max_tokens: the prompt's {len(prompt)} tokens plus {max_tokens} "
                              f"are over the model's context ({rec.max_positions})")
+        for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+            if getattr(body, name) > limits.max_topk_logprobs:
+                raise BadRequest(f"{name}: {getattr(body, name)} is over this service's limit of "
+                                 f"{limits.max_topk_logprobs}")
+        want = LogprobRequest(bool(body.prompt_logprobs), body.topk_prompt_logprobs, body.topk_sample_logprobs)
         stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 
         def work(base: SharedBase, name: str | None) -> bytes:
             result = base.sample(name, prompt, body.num_samples, max_tokens, params.temperature, params.top_k,
-                                 params.top_p, params.seed, stop, bool(body.prompt_logprobs),
-                                 None if rec.live else rec.snapshot)
+                                 params.top_p, params.seed, stop, want, None if rec.live else rec.snapshot)
             svc.counts["sampled_tokens"] += sum(len(q["tokens"]) for q in result["sequences"])
             return encode_sample(result)
 

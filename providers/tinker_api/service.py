@@ -4,6 +4,7 @@ another user's ids answer as missing ones."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -12,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ..access import can_see, current, owner_name
 from ..errors import BadRequest, ClientError, NotFound
+from ..remote_fsdp.service.quota import USER, Held
+from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
 from .model import LoraSpec, SharedBase, UserInputError
@@ -36,6 +39,14 @@ EPHEMERAL_SAMPLERS = 8  # samplers of a model's own weights kept per model (the 
 
 def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat()
+
+
+def _read_record(directory: Path) -> dict | None:
+    """A checkpoint's record (tinker.json, written last: None while the checkpoint is being written)."""
+    try:
+        return json.loads((directory / "tinker.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class Forbidden(ClientError):
@@ -116,12 +127,14 @@ class TinkerService:
     knows every session and model; a model idle for `evict_after_s` (and every model at shutdown) is saved
     to DATA_DIR/tinker/resident and leaves memory, and its next request restores it."""
 
-    def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None):
+    def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None,
+                 disk_quota: DiskQuota | None = None):
         self.root = data_dir / "tinker" / "runs"
         self.state_dir = data_dir / "tinker" / "state"
         self.resident_dir = data_dir / "tinker" / "resident"
         self.resolve_model = resolve_model
         self.limits = limits or TinkerLimits()
+        self.disk_quota = disk_quota  # what saves claim before writing (the users' max_data_gb and --max-data-gb)
         self.futures = FutureTable(self.limits.keep_futures)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ModelRecord] = {}
@@ -134,6 +147,9 @@ class TinkerService:
         self._adapter_names = itertools.count()
         self._stop = threading.Event()
         self._load_records()
+        self._expiring: dict[Path, float] = {}  # checkpoint dir -> when it expires (saves with ttl_seconds)
+        for meta_file in self.root.glob("*/*/*/tinker.json"):
+            self.saved_checkpoint(meta_file.parent, _read_record(meta_file.parent) or {})
         self._janitor = threading.Thread(target=self._maintain, name="tinker-janitor", daemon=True)
         self._janitor.start()
 
@@ -285,7 +301,11 @@ class TinkerService:
             return rec.adapter
         name = f"a{next(self._adapter_names)}"
         if isinstance(rec, SamplerRecord):
-            directory, _ = self.checkpoint(rec.model_path, "model_path", owner=rec.owner)
+            try:
+                directory, _ = self.checkpoint(rec.model_path, "model_path", owner=rec.owner)
+            except NotFound:
+                raise UserInputError(f"model_path: {rec.model_path} is gone (deleted, or past its ttl_seconds)") \
+                    from None
             host.add(name, None, directory)
         else:
             model_id = rec.model_id
@@ -304,12 +324,14 @@ class TinkerService:
         return name
 
     def _maintain(self) -> None:
-        """Every few seconds: end sessions without heartbeat, save and evict idle models, drop idle bases."""
+        """Every few seconds: end sessions without heartbeat, save and evict idle models, drop idle bases,
+        delete expired checkpoints."""
         period = max(0.5, min(30.0, self.limits.evict_after_s / 4))
         while not self._stop.wait(period):
             try:
                 self.end_idle_sessions()
                 self.evict_idle(self.limits.evict_after_s)
+                self.expire_checkpoints()
             except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
                 log.exception("tinker janitor")
 
@@ -477,9 +499,8 @@ class TinkerService:
             raise BadRequest(f"{field_name}: {path!r} is not a tinker://RUN/weights/NAME or "
                              "tinker://RUN/sampler_weights/NAME path of this service")
         directory = self.root / parts[0].replace(":", "-") / parts[1] / parts[2]
-        try:
-            meta = json.loads((directory / "tinker.json").read_text())
-        except (OSError, ValueError):
+        meta = _read_record(directory)
+        if meta is not None and self._expire(directory, meta):
             meta = None
         visible = can_see(meta.get("owner")) if meta is not None and owner is False else \
             meta is not None and (owner is None or meta.get("owner") == owner)
@@ -493,17 +514,15 @@ class TinkerService:
         found = []
         for kind in KINDS:
             for directory in sorted((run_dir / kind).glob("*")):
-                try:
-                    meta = json.loads((directory / "tinker.json").read_text())
-                except (OSError, ValueError):
+                meta = _read_record(directory)
+                if meta is None or not can_see(meta.get("owner")) or self._expire(directory, meta):
                     continue
-                if not can_see(meta.get("owner")):
-                    continue
+                expires = meta.get("expires")
                 found.append({"checkpoint_id": f"{kind}/{directory.name}",
                               "checkpoint_type": "training" if kind == "weights" else "sampler",
                               "time": _iso(meta["created"]), "tinker_path": f"tinker://{meta['model_id']}/{kind}/"
                               f"{directory.name}", "size_bytes": sum(f.stat().st_size for f in directory.iterdir()),
-                              "public": False, "_meta": meta})
+                              "public": False, "expires_at": _iso(expires) if expires else None, "_meta": meta})
         return sorted(found, key=lambda c: c["time"])
 
     def _training_run(self, run_id: str, checkpoints: list[dict]) -> dict | None:
@@ -541,6 +560,78 @@ class TinkerService:
         return [{k: v for k, v in c.items() if k != "_meta"}
                 for c in self._run_checkpoints(self.root / run_id.replace(":", "-"))]
 
-    def checkpoint_meta(self, rec: ModelRecord) -> dict:
-        return {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
+    def checkpoint_meta(self, rec: ModelRecord, ttl_seconds: int | None = None) -> dict:
+        """A checkpoint's record (tinker.json); with `ttl_seconds`, when it expires."""
+        meta = {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
                 "lora": rec.lora.__dict__, "created": time.time()}
+        if ttl_seconds is not None:
+            low, high = self.limits.min_checkpoint_ttl_s, self.limits.max_checkpoint_ttl_s
+            if not low <= ttl_seconds <= high:
+                raise BadRequest(f"ttl_seconds: {ttl_seconds} is outside {low}..{high} (None: never expires)")
+            meta["expires"] = meta["created"] + ttl_seconds
+        return meta
+
+    # -- expiry and deletion -------------------------------------------------------------------------------
+    def saved_checkpoint(self, directory: Path, meta: dict) -> None:
+        """A checkpoint written (or found at start-up): the sweep knows when it expires, if ever."""
+        with self._lock:
+            if meta.get("expires"):
+                self._expiring[directory] = meta["expires"]
+            else:
+                self._expiring.pop(directory, None)
+
+    def _expire(self, directory: Path, meta: dict) -> bool:
+        """Whether the checkpoint is past its expiry; if so it is deleted now."""
+        if not meta.get("expires") or meta["expires"] > time.time():
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        with self._lock:
+            self._expiring.pop(directory, None)
+        return True
+
+    def expire_checkpoints(self) -> None:
+        """Delete every checkpoint past its expiry (the janitor's sweep)."""
+        now = time.time()
+        with self._lock:
+            due = [d for d, when in self._expiring.items() if when <= now]
+        for directory in due:
+            meta = _read_record(directory) or {}  # overwritten since without a ttl: it stays
+            if not self._expire(directory, meta):
+                self.saved_checkpoint(directory, meta)
+
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        """The REST client's delete_checkpoint: the caller's own checkpoint KIND/NAME of run `run_id`."""
+        directory, _ = self.checkpoint(f"tinker://{run_id}/{checkpoint_id}", "checkpoint_id")
+        shutil.rmtree(directory)
+        with self._lock:
+            self._expiring.pop(directory, None)
+
+    # -- disk quota ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disk_claim(self, owner: str | None, nbytes: int, directory: Path, what: str) -> Iterator[None]:
+        """Claim what a save into `directory` adds (less what it replaces there) from `owner`'s quota before
+        writing; past the quota the request fails naming it (nothing written)."""
+        nbytes = max(0, nbytes - bytes_under(directory))
+        if self.disk_quota is None or not nbytes:
+            yield
+            return
+        try:
+            self.disk_quota.reserve(nbytes, what, owner)
+        except QuotaExceeded as e:
+            raise UserInputError(str(e)) from None
+        try:
+            yield
+        finally:
+            self.disk_quota.release(nbytes, owner)
+
+    def held_by_users(self) -> Iterator[Held]:
+        """What users hold here (quota.UserQuotas' source): each checkpoint by its owner, each resident save
+        (an evicted model's) by its model's owner."""
+        for meta_file in self.root.glob("*/*/*/tinker.json"):
+            meta = _read_record(meta_file.parent)
+            if meta is not None:
+                yield meta.get("owner"), meta_file.parent, USER, meta.get("created")  # rewritten: created anew
+        for model_id, rec in list(self.models.items()):
+            saved = self.resident_dir / model_id.replace(":", "-")
+            if rec.saved_version is not None:
+                yield rec.owner, saved, USER, rec.saved_version

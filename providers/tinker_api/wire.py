@@ -93,12 +93,29 @@ def encode_forward_backward(outputs: list[dict[str, np.ndarray]], metrics: dict[
                                     metrics=metrics).SerializeToString()
 
 
+MASK_LOGPROB = -99999.0  # the SDK's sentinel of an empty top-k cell (a position with no logprobs)
+
+
+def _topk(ids: np.ndarray, logprobs: np.ndarray, first_empty: bool = False) -> pb.TopkLogprobs:
+    """[n, k] token ids and logprobs as the SDK's TopkLogprobs; `first_empty`: a row of sentinels in front
+    (a prompt's first token has no logprobs)."""
+    ids, logprobs = ids.astype(np.int32), logprobs.astype(np.float32)
+    if first_empty:
+        ids = np.concatenate([np.zeros((1, ids.shape[1]), np.int32), ids])
+        logprobs = np.concatenate([np.full((1, ids.shape[1]), MASK_LOGPROB, np.float32), logprobs])
+    return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), k=ids.shape[1], length=ids.shape[0])
+
+
 def encode_sample(result: dict) -> bytes:
-    msg = pb.SampleResponse(sequences=[
-        pb.SampledSequence(stop_reason=STOP_REASONS[s["stop_reason"]],
-                           tokens=np.asarray(s["tokens"], np.int32).tobytes(),
-                           logprobs=np.asarray(s["logprobs"], np.float32).tobytes())
-        for s in result["sequences"]])
+    msg = pb.SampleResponse()
+    for s in result["sequences"]:
+        seq = msg.sequences.add(stop_reason=STOP_REASONS[s["stop_reason"]],
+                                tokens=np.asarray(s["tokens"], np.int32).tobytes(),
+                                logprobs=np.asarray(s["logprobs"], np.float32).tobytes())
+        if "topk_logprobs" in s:
+            seq.topk_sampled_logprobs.CopyFrom(_topk(*s["topk_logprobs"]))
     if "prompt_logprobs" in result:
         msg.prompt_logprobs = np.asarray(result["prompt_logprobs"], np.float32).tobytes()
+    if "topk_prompt_logprobs" in result:
+        msg.topk_prompt_logprobs.CopyFrom(_topk(*result["topk_prompt_logprobs"], first_empty=True))
     return msg.SerializeToString()
