@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,37 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..training.components import load_model, load_tokenizer
+from .types import LOSS_INPUTS, Datum, LogprobRequest, LoraSpec, UserInputError
 
 LORA_ALPHA = 32  # Tinker's fixed LoRA alpha
 ATTN_WORDS, MLP_WORDS = ("attn", "attention"), ("mlp", "feed_forward", "ffn")
-
-
-class UserInputError(ValueError):
-    """A client mistake found while running a request: the future fails with category `user`."""
-
-
-@dataclass
-class Datum:
-    tokens: np.ndarray  # int64 [N]: the model input
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # loss_fn_inputs, each flattened to [N]
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 32
-    seed: int | None = None
-    train_attn: bool = True
-    train_mlp: bool = True
-    train_unembed: bool = True
-
-
-@dataclass(frozen=True)
-class LogprobRequest:
-    """What a sample returns beyond each sampled token's logprob: the prompt's logprobs, and the top-k
-    tokens (ids and logprobs) at each prompt position and at each sampled position (0: none)."""
-    prompt: bool = False
-    topk_prompt: int = 0
-    topk_sample: int = 0
 
 
 @dataclass
@@ -89,15 +62,15 @@ def _dro(logp, inputs, cfg):
     return -(logp * inputs["advantages"] - 0.5 * beta * (logp - inputs["logprobs"]) ** 2)
 
 
-RL_INPUTS = ("target_tokens", "logprobs", "advantages")
-# loss name -> (per-token loss(logp, inputs, config), the loss_fn_inputs it needs)
-LOSSES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "cross_entropy": (_ce, ("target_tokens",)),
-    "importance_sampling": (_importance_sampling, RL_INPUTS),
-    "ppo": (_ppo, RL_INPUTS),
-    "cispo": (_cispo, RL_INPUTS),
-    "dro": (_dro, RL_INPUTS),
+# loss name (types.LOSS_INPUTS) -> its per-token loss(logp, inputs, config)
+LOSSES: dict[str, Callable] = {
+    "cross_entropy": _ce,
+    "importance_sampling": _importance_sampling,
+    "ppo": _ppo,
+    "cispo": _cispo,
+    "dro": _dro,
 }
+assert LOSSES.keys() == LOSS_INPUTS.keys()
 
 
 def linear_groups(model) -> dict[str, set[str]]:
@@ -211,7 +184,7 @@ class SharedBase:
                          forward_only: bool):
         """Per datum its `logprobs` and `elementwise_loss`, and the metrics; gradients add to the adapter's
         until `optim_step` (unless forward_only)."""
-        loss_of, _ = LOSSES[loss_fn]
+        loss_of = LOSSES[loss_fn]
         n = max(len(d.tokens) for d in data)
         ids = torch.zeros(len(data), n, dtype=torch.long)
         mask = torch.zeros(len(data), n, dtype=torch.long)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import can_see
 from ..errors import BadRequest, NotFound
-from .model import LogprobRequest, LoraSpec, SharedBase, UserInputError
+from .types import LogprobRequest, LoraSpec, UserInputError
 from .service import Gone, TinkerService
 from .wire import WireError, decode_forward_backward, parse_forward_backward, encode_forward_backward, encode_sample
+
+if TYPE_CHECKING:
+    from .model import SharedBase
 
 PROTOBUF = "application/x-protobuf"
 

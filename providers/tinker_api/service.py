@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +25,11 @@ from ..remote_fsdp.service.quota import USER, Held
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
-from .model import LoraSpec, SharedBase, UserInputError
+from .types import LoraSpec, UserInputError
 from .worker import UNLOAD, BaseWorker, FutureTable
+
+if TYPE_CHECKING:  # model.py imports torch: the worker threads import it
+    from .model import SharedBase
 
 log = logging.getLogger("providers.tinker_api")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
 
-from .model import LOSSES, Datum
+from .types import LOSS_INPUTS, Datum
 
 _NUMPY = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 STOP_REASONS = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
@@ -41,11 +41,11 @@ def decode_forward_backward(msg: pb.ForwardBackwardRequest, vocab_size: int, max
     """The request's (loss_fn, loss config, forward_only, data), checked: a known loss, its inputs present
     and as long as the datum's tokens, token ids inside the vocabulary, at most `max_tokens` in all."""
     loss_fn = msg.loss_fn
-    if loss_fn not in LOSSES and not msg.forward_only:
-        known = ", ".join(LOSSES)
+    if loss_fn not in LOSS_INPUTS and not msg.forward_only:
+        known = ", ".join(LOSS_INPUTS)
         raise WireError(f"loss_fn: {loss_fn!r} is not one of {known} ('custom' losses run in the client: "
                         "forward_backward_custom)")
-    needed = LOSSES.get(loss_fn, (None, ("target_tokens",)))[1]
+    needed = LOSS_INPUTS.get(loss_fn, ("target_tokens",))
     config = {k: float(v) for k, v in msg.loss_fn_config.items()}
     config.update({k: v.number for k, v in msg.loss_fn_config_v2.items() if v.WhichOneof("value") == "number"})
     data, total = [], 0

@@ -17,9 +17,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .model import SharedBase, UserInputError
+from .types import UserInputError
+
+if TYPE_CHECKING:  # model.py imports torch: the worker imports it when it first loads a base
+    from .model import SharedBase
 
 log = logging.getLogger("providers.tinker_api")
 
@@ -113,6 +116,8 @@ class BaseWorker:
             self.last_used = time.monotonic()
             try:
                 if self.host is None:
+                    from .model import SharedBase
+
                     try:
                         self.host = SharedBase(self.base_path)
                     except (OSError, ValueError) as e:
