@@ -144,6 +144,17 @@ class HeartbeatAnswer(Node):
     ended_parts: dict[str, str] = Field(default_factory=dict)
 
 
+def models_on_disk(model_dirs: list[str]) -> list[str]:
+    """The model directories (config.json) the operator's --model-dir folders are or hold, one level down."""
+    models = []
+    for root in model_dirs:
+        root_path = Path(root).expanduser()
+        if (root_path / "config.json").exists():
+            models.append(str(root_path))
+        models += sorted(str(p.parent) for p in root_path.glob("*/config.json"))
+    return models
+
+
 def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: str | None) -> Capabilities:
     from ..training.devices import cuda_available
 
@@ -155,13 +166,8 @@ def local_capabilities(model_dirs: list[str], address: str, gloo_socket_ifname: 
             p = torch.cuda.get_device_properties(i)
             gpus.append(Gpu(name=p.name, memory_gb=round(p.total_memory / 2**30, 1)))
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    models = []
-    for root in model_dirs:
-        root_path = Path(root).expanduser()
-        if (root_path / "config.json").exists():
-            models.append(str(root_path))
-        models += sorted(str(p.parent) for p in root_path.glob("*/config.json"))
-    return Capabilities(cpu_cores=os.cpu_count() or 1, ram_gb=round(ram_gb, 1), gpus=gpus, models=models,
+    return Capabilities(cpu_cores=os.cpu_count() or 1, ram_gb=round(ram_gb, 1), gpus=gpus,
+                        models=models_on_disk(model_dirs),
                         address=address, gloo_socket_ifname=gloo_socket_ifname)
 
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 
 from .. import access
+from ..cluster.nodes import models_on_disk
 from ..enhance.roles import role_target
 from ..export.hub import hub_target
 from ..remote_fsdp.service.jobs import FsdpJobService
@@ -92,7 +93,8 @@ def include_workflow_routes(app: FastAPI, service: FsdpJobService, dependencies:
         # each job's base beside its result: a client that registers listed models only (Llama Stack's
         # remote::vllm) can then answer with both, the comparison an evaluation makes
         bases = [b for b in map(base_model, done) if b and outside(b)]
-        listed = [*loaded, *(f"job:{j.job_uuid}" for j in done), *bases]
+        # the operator's --model-dir models too: any of them (a judge, a base) can be registered before a job
+        listed = [*loaded, *(f"job:{j.job_uuid}" for j in done), *bases, *models_on_disk(config.model_dirs)]
         return list(dict.fromkeys(listed + [m for lister in refs.listers for m in lister()]))
 
     chat = chat_router(lambda model: refs.resolve(model, "model"), cache, available_models,
