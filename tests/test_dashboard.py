@@ -218,6 +218,20 @@ def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, c
         stop_process_group(proc)
 
 
+def first_curve(page, chart: str) -> list[float]:
+    """The values a chart draws for its first series (its gaps left out)."""
+    return page.eval_on_selector(chart, "b => b.plot.data[1].filter(v => v !== null)")
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """W&B's (and TensorBoard's) smoothing: an exponential moving average, debiased for the first points."""
+    average, out = 0.0, []
+    for n, v in enumerate(values, 1):
+        average = average * weight + (1 - weight) * v
+        out.append(average / (1 - weight ** n))
+    return out
+
+
 def short_sft_file(tmp_path, job_uuid: str, **training) -> object:
     """examples/sft_lora.yaml, 8 steps, with `training` overrides."""
     import yaml
@@ -291,6 +305,16 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
     page.click("#compare")
     page.wait_for_selector("#compare-loss[data-series='2']", timeout=30_000)
     page.wait_for_selector("#compare-eval_loss[data-series='2']")
+    # each run's headline curves (SFT's: the loss) on one chart, smoothed for every chart once the slider moves
+    page.wait_for_selector("#compare-headline[data-series='2']")
+    records = map(json.loads, (ops_service.data_dir / "runs/cmp-a/metrics.jsonl").read_text().splitlines())
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert page.eval_on_selector("#compare-headline", "b => b.plot.series.slice(1).map(s => s.label)") \
+        == ["cmp-a loss", "cmp-b loss"]
+    assert first_curve(page, "#compare-headline") == losses
+    page.eval_on_selector("#smoothing", "i => { i.value = '0.9'; i.dispatchEvent(new Event('input')); }")
+    for chart in ("#compare-headline", "#compare-loss"):
+        assert first_curve(page, chart) == pytest.approx(ema(losses, 0.9)) != losses, chart
     final = page.inner_text("#compare-final")
     assert "cmp-a" in final and "cmp-b" in final and final.count("completed") == 2
     assert re.search(r"headline metrics\)\s+loss \d", final), final  # SFT's headline: its loss at the last step
@@ -298,6 +322,10 @@ def test_failed_job_in_the_list_compare_view_and_a_validation_report(browser, op
     assert diff == ["optimizer.lr"], diff  # paths that differ only by the run's id are not differences
     assert "0.003" in page.inner_text("#compare-diff") and "0.001" in page.inner_text("#compare-diff")
     p.shot("dashboard-compare.png", docs=True)
+    page.click("a[href='#/job/cmp-a']")  # the job page draws its curves at the same smoothing
+    page.wait_for_selector("#chart-loss[data-points]:not([data-points='0'])")
+    assert page.input_value("#smoothing") == "0.9"
+    assert first_curve(page, "#chart-loss") == pytest.approx(ema(losses, 0.9))
 
     page.click("a[data-nav='tasks']")
     page.wait_for_selector("#tasks-validations tr[data-task='dash-v']")

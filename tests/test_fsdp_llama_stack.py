@@ -57,10 +57,12 @@ def test_dpo_through_llama_stack_on_two_fsdp_processes(stack, tiny_models, toy_d
         job_uuid="ls-fsdp-dpo", finetuned_model=tiny_models["student"], training_config=training_config("prefs", 2, 5e-3),
         hyperparam_search_config={}, logger_config={},
         # The full payload of 0.2.12's typed client: all four fields are Required there.
-        algorithm_config={"type": "dpo", "reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
+        algorithm_config={"type": "dpo", "reward_scale": 0.5, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99},
     )
     status = wait_for_job(client, "ls-fsdp-dpo", timeout=600)
     assert status.status == "completed", status.resources_allocated
+    # reward_scale is DPO's beta through the adapter too (it once sent beta's default, which won)
+    assert json.loads((service.data_dir / "runs/ls-fsdp-dpo/spec.json").read_text())["dpo"]["beta"] == 0.5
     assert_sharded(status)
     assert set(status.resources_allocated["not_applied"]) == {
         "algorithm_config.reward_clip", "algorithm_config.gamma", "algorithm_config.epsilon"}

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from .. import access
 from ..jobs.store import UnknownJobError
+from ..training.methods import METHODS
 from .sources import TASK_REPORTS, JobsSource, log_path, read_metrics, tail_lines
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -59,7 +60,9 @@ def dashboard_router(source: JobsSource, auth: list[Depends] | None = None, acti
 
     @r.get("/api/info")  # public: what the page needs before it has a token
     async def info() -> dict[str, Any]:
-        return {"source": source.kind, "actions": can_act, "auth_required": token_required}
+        # each method's headline metric keys (`*`: any grader), which the compare view overlays
+        return {"source": source.kind, "actions": can_act, "auth_required": token_required,
+                "headlines": {name: list(m.headline) for name, m in METHODS.items()}}
 
     @api.get("/jobs")
     async def jobs() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 from llama_stack.apis.post_training import (
     ListPostTrainingJobsResponse,
     PostTrainingJob,
@@ -23,6 +24,12 @@ from ..api.requests import PreferenceAlgorithmConfig, SFTAlgorithmConfig, Traini
 from ..api.to_spec import data_config_of, fetch_rows
 from .config import TrlFsdpAdapterConfig
 
+
+
+def sent_fields(config: BaseModel) -> dict[str, Any]:
+    """The fields of an algorithm_config its caller set, and its type: a default written out here would count as
+    given at the service (DPO's `beta` default would win over the 0.2.12 client's `reward_scale`)."""
+    return {"type": config.type, **config.model_dump(mode="json", exclude_unset=True)}
 
 class TrlFsdpAdapter:
     def __init__(self, config: TrlFsdpAdapterConfig, datasetio: Any, models: Any = None) -> None:
@@ -100,7 +107,7 @@ class TrlFsdpAdapter:
         body = {
             "job_uuid": job_uuid, "model": model, "checkpoint_dir": checkpoint_dir,
             "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,
-            "algorithm_config": algorithm_config.model_dump(mode="json") if algorithm_config else None,
+            "algorithm_config": sent_fields(algorithm_config) if algorithm_config else None,
         }
         return await self._submit("supervised-fine-tune", training_config, body)
 
@@ -119,7 +126,7 @@ class TrlFsdpAdapter:
         `finetuned_model` names the result)."""
         body = {
             "job_uuid": job_uuid, "finetuned_model": finetuned_model, "model": model, "checkpoint_dir": checkpoint_dir,
-            "algorithm_config": algorithm_config.model_dump(mode="json"),
+            "algorithm_config": sent_fields(algorithm_config),
             "hyperparam_search_config": hyperparam_search_config, "logger_config": logger_config,
         }
         return await self._submit("preference-optimize", training_config, body)

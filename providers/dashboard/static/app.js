@@ -41,10 +41,54 @@ function fmt(v, digits = 4) {
 // A job's headline metrics (its method's, methods.py MethodInfo.headline) at its last logged step, as the jobs
 // table, the job page and the compare table show them: "reward 0.6250 · exact 0.6250"; without them, the loss.
 const METRIC_NAMES = { "rewards/margins": "margin", "rewards/accuracies": "accuracy" };
+const metricName = (k) => METRIC_NAMES[k] || (k.startsWith("rewards/") ? k.split("/")[1] : k);
 function headline(row) {
   const last = Object.entries((row && row.last) || {});
-  const name = (k) => METRIC_NAMES[k] || (k.startsWith("rewards/") ? k.split("/")[1] : k);
-  return last.length ? last.map(([k, v]) => `${esc(name(k))} ${fmt(v)}`).join(" · ") : fmt(row && row.last_loss);
+  return last.length ? last.map(([k, v]) => `${esc(metricName(k))} ${fmt(v)}`).join(" · ") : fmt(row && row.last_loss);
+}
+// The keys of a job's records that are its method's headline (/api/info's `headlines`, from methods.py), in the
+// method's order; `*` in a pattern matches any grader's name. An unknown method's headline is the loss.
+function headlineKeys(method, records) {
+  const numeric = [...new Set(records.flatMap((r) => Object.keys(r).filter((k) => typeof r[k] === "number")))].sort();
+  const patterns = (state.info.headlines || {})[method] || ["loss"];
+  const literal = (text) => text.replace(/[.+?^${}()|[\]\\]/g, "\\$&");
+  const globs = patterns.map((p) => new RegExp(`^${p.split("*").map(literal).join(".*")}$`));
+  return [...new Set(globs.flatMap((g) => numeric.filter((k) => g.test(k))))];
+}
+
+// Curve smoothing as W&B's and TensorBoard's: an exponential moving average of weight w (0: the raw curve), debiased
+// so that the first points are not pulled towards zero. One setting, kept in this browser, for every chart.
+const SMOOTHING_KEY = "trl-dashboard-smoothing";
+function smoothingWeight() {
+  const w = Number(localStorage.getItem(SMOOTHING_KEY));
+  return w > 0 && w < 1 ? w : 0;
+}
+function smooth(values, w) {
+  if (!w) return values;
+  let average = 0, n = 0;
+  return values.map((v) => {
+    if (v === null) return null;  // a step this series did not log: a gap, not a zero
+    average = average * w + (1 - w) * v;
+    n += 1;
+    return average / (1 - w ** n);
+  });
+}
+// A chart's raw columns ([steps, ...series]) drawn at the current smoothing.
+function draw(chart) {
+  const w = smoothingWeight();
+  chart.plot.setData([chart.raw[0], ...chart.raw.slice(1).map((c) => smooth(c, w))]);
+}
+const SMOOTHING_CONTROL = `<label class="smoothing" title="exponential moving average of each curve; 0: raw">smoothing
+  <input type="range" id="smoothing" min="0" max="0.99" step="0.01"> <output id="smoothing-value"></output></label>`;
+// Wires a view's SMOOTHING_CONTROL: a change is stored and redraws every chart in `charts`.
+function bindSmoothing(el, charts) {
+  const input = $("#smoothing", el), shown = $("#smoothing-value", el);
+  input.value = shown.textContent = String(smoothingWeight());
+  input.addEventListener("input", () => {
+    localStorage.setItem(SMOOTHING_KEY, input.value);
+    shown.textContent = input.value;
+    for (const chart of Object.values(charts)) draw(chart);
+  });
 }
 function duration(s) {
   if (s === null || s === undefined) return "–";
@@ -147,7 +191,9 @@ function makeChart(def, container) {
       points: { show: k.startsWith("eval") ? true : undefined },
     }))],
   };
-  return { def, box, plot: new uPlot(opts, [[], ...def.keys.map(() => [])], box) };
+  const plot = new uPlot(opts, [[], ...def.keys.map(() => [])], box);
+  box.plot = plot;  // what is drawn, for the console and the browser tests
+  return { def, box, plot };
 }
 
 async function jobView(el, jobUuid) {
@@ -160,7 +206,7 @@ async function jobView(el, jobUuid) {
   el.innerHTML = `<h2>Job <code>${esc(jobUuid)}</code> <span id="job-status"></span></h2>
     <div class="actions" id="job-actions"></div><div class="facts" id="job-facts"></div>
     <p id="job-error" class="error"></p>
-    <h3>Curves</h3><div class="charts" id="charts"><p class="muted" id="no-metrics">No metrics yet.</p></div>
+    <h3>Curves ${SMOOTHING_CONTROL}</h3><div class="charts" id="charts"><p class="muted" id="no-metrics">No metrics yet.</p></div>
     <div id="job-ranks"></div><div id="job-nodes"></div><div id="job-checkpoints"></div><div id="job-plots"></div>
     <h3>Log <select id="log-rank"><option value="">main</option></select></h3><pre class="log" id="job-log"></pre>`;
   const actions = $("#job-actions", el);
@@ -187,6 +233,7 @@ async function jobView(el, jobUuid) {
   }
   const rankSelect = $("#log-rank", el);
   rankSelect.addEventListener("change", () => refreshLog());
+  bindSmoothing(el, charts);
 
   function addRecords(records) {
     for (const r of records) {
@@ -212,7 +259,8 @@ async function jobView(el, jobUuid) {
       if (!n) continue;
       $("#no-metrics", el)?.remove();
       charts[def.id] ||= makeChart(def, $("#charts", el));
-      charts[def.id].plot.setData([steps, ...cols]);
+      charts[def.id].raw = [steps, ...cols];
+      draw(charts[def.id]);
       charts[def.id].box.dataset.points = String(n);
     }
   }
@@ -338,7 +386,6 @@ const COMPARE_CHARTS = [
   { id: "eval_loss", title: "Validation loss", key: "eval_loss" },
   { id: "learning_rate", title: "Learning rate", key: "learning_rate" },
   { id: "tokens_per_s", title: "Tokens / s", key: "tokens_per_s" },
-  { id: "margins", title: "DPO reward margin", key: "rewards/margins" },
 ];
 // Spec keys that differ between any two runs and say nothing about how they trained.
 const NOT_CONFIG = /(^|\.)(job_uuid|output_dir|run_dir|checkpoint_dir|log_file)$/;
@@ -356,40 +403,55 @@ function lastOf(records, key) {
   return null;
 }
 
+// One compare chart: `series` ({label, stroke, dash, key}) with one column per series, keyed by step; built again
+// when its series change (a headline key that appears later), else only its data.
+function plotCompare(el, charts, id, title, series, columns) {
+  if (!columns.some((c) => c.size)) return;
+  const steps = [...new Set(columns.flatMap((c) => [...c.keys()]))].sort((a, b) => a - b);
+  const labels = series.map((s) => s.label).join("\n");
+  if (charts[id]?.labels !== labels) {
+    const box = document.createElement("div");
+    box.className = "chart";
+    box.id = `compare-${id}`;
+    box.innerHTML = `<h4>${esc(title)}</h4>`;
+    if (charts[id]) charts[id].box.replaceWith(box);  // in its place: the headline chart stays first
+    else $("#compare-charts", el).appendChild(box);
+    const opts = {
+      width: Math.max(400, box.clientWidth - 16), height: 240, scales: { x: { time: false } },
+      axes: [{ label: "step" }, { size: 60, ...(id === "learning_rate" ? { values: (u, t) => t.map((v) => v.toExponential(1)) } : {}) }],
+      series: [{ label: "step" }, ...series.map((s) => ({ label: s.label, stroke: s.stroke, dash: s.dash, width: 1.5,
+        spanGaps: true, points: { show: s.key === "eval_loss" ? true : undefined } }))],
+    };
+    box.plot = new uPlot(opts, [[]], box);  // what is drawn, for the console and the browser tests
+    charts[id] = { box, plot: box.plot, labels };
+  }
+  charts[id].raw = [steps, ...columns.map((c) => steps.map((x) => c.get(x) ?? null))];
+  draw(charts[id]);
+  charts[id].box.dataset.series = String(columns.filter((c) => c.size).length);
+  charts[id].box.dataset.points = String(columns.reduce((n, c) => n + c.size, 0));
+}
+const byStep = (records, key) => new Map(records.filter((r) => typeof r[key] === "number" && r.step !== undefined)
+  .map((r) => [r.step, r[key]]));
+
 async function compareView(el, ids) {
   const runs = (ids || "").split(",").filter(Boolean);
   el.innerHTML = `<h2>Compare ${runs.length} runs</h2><p class="muted">${runs.map((r, i) =>
     `<span class="swatch" style="background:${COLORS[i % COLORS.length]}"></span><a href="#/job/${encodeURIComponent(r)}">${esc(r)}</a>`).join(" ")}</p>
-    <div class="charts" id="compare-charts"></div><h3>Final metrics</h3><div id="compare-metrics"></div>
+    <h3>Curves ${SMOOTHING_CONTROL}</h3><div class="charts" id="compare-charts"></div><h3>Final metrics</h3><div id="compare-metrics"></div>
     <h3>Config differences</h3><div id="compare-config"></div>`;
   const charts = {};
+  bindSmoothing(el, charts);
   return async () => {
     const jobs = await Promise.all(runs.map((r) => api(`/jobs/${encodeURIComponent(r)}`)));
     const metrics = await Promise.all(runs.map((r) => api(`/jobs/${encodeURIComponent(r)}/metrics?since=0`)));
+    // every run's headline curves on one chart: the run's colour, its method's first headline metric solid
+    const headlines = runs.flatMap((r, i) => headlineKeys(jobs[i].summary.method, metrics[i].records).map((key, n) =>
+      ({ label: `${r} ${metricName(key)}`, stroke: COLORS[i % COLORS.length], dash: n ? [6, 4] : undefined, key, run: i })));
+    plotCompare(el, charts, "headline", "Headline metrics (by each run's method)",
+      headlines, headlines.map((s) => byStep(metrics[s.run].records, s.key)));
     for (const def of COMPARE_CHARTS) {
-      const series = metrics.map((m) => new Map(m.records.filter((r) => typeof r[def.key] === "number" && r.step !== undefined)
-        .map((r) => [r.step, r[def.key]])));
-      if (!series.some((s) => s.size)) continue;
-      const steps = [...new Set(series.flatMap((s) => [...s.keys()]))].sort((a, b) => a - b);
-      const data = [steps, ...series.map((s) => steps.map((x) => s.get(x) ?? null))];
-      if (!charts[def.id]) {
-        const box = document.createElement("div");
-        box.className = "chart";
-        box.id = `compare-${def.id}`;
-        box.innerHTML = `<h4>${esc(def.title)}</h4>`;
-        $("#compare-charts", el).appendChild(box);
-        const opts = {
-          width: Math.max(400, box.clientWidth - 16), height: 240, scales: { x: { time: false } },
-          axes: [{ label: "step" }, { size: 60, ...(def.id === "learning_rate" ? { values: (u, t) => t.map((v) => v.toExponential(1)) } : {}) }],
-          series: [{ label: "step" }, ...runs.map((r, i) => ({ label: r, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
-            points: { show: def.key === "eval_loss" ? true : undefined } }))],
-        };
-        charts[def.id] = { box, plot: new uPlot(opts, data, box) };
-      } else {
-        charts[def.id].plot.setData(data);
-      }
-      charts[def.id].box.dataset.series = String(series.filter((s) => s.size).length);
-      charts[def.id].box.dataset.points = String(series.reduce((n, s) => n + s.size, 0));
+      plotCompare(el, charts, def.id, def.title, runs.map((r, i) => ({ label: r, stroke: COLORS[i % COLORS.length], key: def.key })),
+        metrics.map((m) => byStep(m.records, def.key)));
     }
     const rows = [
       ["status", (j) => badge(j.status)], ["method", (j) => esc(j.summary.method)], ["model", (j) => esc(j.summary.model)],
