@@ -260,6 +260,8 @@ def pytest_xdist_make_scheduler(config, log):
     # its scope scheduler, with the unit chosen here
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False  # xdist would hand out the units with the most tests first: ours go in order
+
     class ModuleUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]

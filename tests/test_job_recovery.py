@@ -27,9 +27,8 @@ def exits_at_once(spec: JobSpec, files: RunFiles) -> list[str]:
 
 @pytest.fixture
 def no_zygote(monkeypatch):
-    """Jobs start as new processes. The first jobs after a JobManager starts are spawned anyway (they never
-    wait for a zygote still importing); this only spares the fast tier a zygote importing the training
-    stack in the background for the rest of the run."""
+    """Jobs start as new processes, at once: with a zygote, the first jobs after a JobManager starts wait in
+    the queue while it imports the training stack (seconds), which these tests of the queue do not need."""
     monkeypatch.setenv("TRL_JOB_ZYGOTE", "0")
 
 
@@ -75,6 +74,7 @@ def test_a_job_that_cannot_start_fails_and_the_next_one_runs(tmp_path):
 
 
 @pytest.mark.slow  # six job processes one after another behind a 1.5 s blocker
+@pytest.mark.usefixtures("no_zygote")
 def test_higher_priority_starts_first_and_a_failed_run_is_retried(tmp_path):
     """One slot: while a job holds it, three wait; they start highest priority first (equal priorities in
     submit order). A job with max_retries 1 that fails once runs again and completes, its record keeping

@@ -216,6 +216,11 @@ class NodeRegistry:
                  f" (was {known.url})" if known is not None and known.url != url else "")
         return node
 
+    def answering(self) -> None:
+        """The service answers from now: the grace of the nodes loaded from the file starts here, not when the
+        registry was built (start-up between the two must not count as their missed heartbeats)."""
+        self._since = time.time()
+
     def heartbeat(self, node_id: str, beat: Heartbeat, peer: str | None = None) -> Node:
         """A heartbeat from address `peer`: only the address the node registered from may send it (NotFromNode
         otherwise: a node token alone must not revive another machine's node or learn how its jobs ended)."""

@@ -25,6 +25,7 @@ from ..training.run_files import DEFAULT_PROGRESS_TIMEOUT_S, RunFiles, no_space_
 from ..launchers.base import ACTIVE_STATUS, Launcher, LaunchRequest, LaunchState, final_state
 from ..launchers.local import LocalLauncher, kill_process_group, process_group_alive, process_group_runs
 from ..training.spec import JobSpec, check_name
+from . import zygote
 from .child_env import child_env
 from .store import ACTIVE, DuplicateJobError, JobRecord, JobStore, StoreUnavailable, UnknownJobError
 
@@ -117,6 +118,8 @@ class JobManager:
         self._held_status: dict[str, tuple[str, dict[str, Any]]] = {}
         self._write_problem: str | None = None  # why the last held end could not be written
         self._job_timeouts: dict[str, int | None] = {}  # job_uuid -> its own scheduling.progress_timeout_s
+        self._zygote_waited = False  # the first zygote's warm-up is over (see _zygote_warming)
+        self._zygote_waiter: threading.Thread | None = None
         self._recover()
         threading.Thread(target=self._watch_progress, daemon=True, name="progress-watchdog").start()
         threading.Thread(target=self._write_held_ends, daemon=True, name="held-ends").start()
@@ -392,6 +395,8 @@ class JobManager:
                 own_limit = (self.limits_of(job.owner) or access.UserLimits()).max_concurrent_jobs
                 if own_limit is not None and by_owner.get(job.owner, 0) >= own_limit:
                     continue  # its owner runs as many as it may: the next user's job goes first
+                if self.launchers.get(job.launcher) is self.local and self._zygote_warming():
+                    continue  # it starts when the zygote is ready
                 try:
                     problem = self._unstartable(job)
                     if problem:
@@ -403,6 +408,27 @@ class JobManager:
                 except Exception as e:  # noqa: BLE001 - one job's failure must not stop the queue
                     log.exception("job %s could not be started", job.job_uuid)
                     self.fail(job.job_uuid, f"the job could not be started: {type(e).__name__}: {str(e)[:300]}")
+
+    def _zygote_warming(self) -> bool:
+        """Whether this host's jobs wait for the zygote, which is importing the training stack: a job started
+        now would import it a second time beside it (seconds of CPU each on a small host) and reach its first
+        step no sooner. Only the first warm-up is waited for (a zygote that dies later is not: jobs then start
+        as new processes); a thread starts the queue when the zygote is ready or has failed."""
+        if self._zygote_waited:
+            return False
+        warming = zygote.warming(self.job_env())
+        if warming is None:
+            self._zygote_waited = True
+            return False
+        if self._zygote_waiter is None:
+            def start_when_ready() -> None:
+                warming.ready()
+                self._zygote_waited = True
+                self._pump()
+
+            self._zygote_waiter = threading.Thread(target=start_when_ready, daemon=True, name="zygote-wait")
+            self._zygote_waiter.start()
+        return True
 
     def _on_this_host(self, job: JobRecord) -> bool:
         """Whether the job's processes run on this host (they take one of its max_concurrent_jobs slots)."""

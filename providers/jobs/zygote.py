@@ -18,8 +18,9 @@ is not initialised). For each job it forks a child that:
 The zygote reaps its children and reports each exit status over the job's connection; `ZygoteProcess`
 turns that into the Popen interface the JobManager uses (pid, poll, wait, returncode). A job that crashes
 (a segfault included) only ends its own process; if the zygote itself dies or cannot start, jobs are
-started the usual way (subprocess.Popen), and the next job starts a new zygote. Nothing waits for a
-zygote that is still importing: jobs submitted meanwhile start as new processes. When the server is gone
+started the usual way (subprocess.Popen), and the next job starts a new zygote. A server's first jobs wait in
+its queue while the first zygote imports (JobManager._zygote_warming: started beside it they would import the
+same stack again, for no earlier first step); this function never waits. When the server is gone
 the zygote takes no new jobs and exits once its running jobs have ended (it stays their parent and reaps
 them; like spawned jobs they run on, and a restarted server stops them). `TRL_JOB_ZYGOTE=0` turns the
 zygote off.
@@ -241,12 +242,21 @@ def zygote_for(env: dict[str, str]) -> Zygote:
         return z
 
 
+def warming(env: dict[str, str]) -> Zygote | None:
+    """The zygote of this job environment while it is still importing (started now if none runs), else None:
+    jobs can start at once (it is ready, dead, or the zygote is off)."""
+    if not enabled():
+        return None
+    z = zygote_for(env)
+    return None if z.ready(timeout=0) or not z.alive() else z
+
+
 def launch_job_process(argv: list[str], *, stdout, env: dict[str, str], cwd: str, niceness: int = 0,
                        **popen_kwargs: Any):
     """Start a job: forked from the zygote when it is ready, else subprocess.Popen(argv, stdout=...,
     env=..., cwd=..., **popen_kwargs) (which must put the job in its own session, as the zygote does).
-    Never waits for a zygote that is still importing: the first jobs after a server starts are spawned
-    while it warms up, so no request ever waits on it."""
+    Never waits for a zygote that is still importing (the JobManager holds a server's first jobs back
+    until it is ready): a job asked for meanwhile is spawned, so no request ever waits on it."""
     if enabled() and forkable(argv):
         z = zygote_for(env)
         if z.ready(timeout=0):

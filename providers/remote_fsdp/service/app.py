@@ -99,6 +99,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        registry.answering()
         if heartbeat:
             heartbeat.start()
         yield
