@@ -48,7 +48,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     base_model: str | None  # the base of an adapter, else None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a shared base's, for it and its adapters
     loaded_at: float = field(default_factory=time.time)
     shared: SharedBase | None = None  # the loaded base this model runs on, where it shares one
     adapter: str | None = None  # its peft adapter's name inside `shared`; None: the base itself
@@ -141,13 +141,13 @@ def _active(loaded: LoadedModel) -> Iterator[None]:
         shared = loaded.shared
         if shared is not None:
             _drop_evicted(shared)
-        if shared is None or (loaded.adapter is None and not (shared.peft and shared.peft.peft_config)):
+        if shared is None or (loaded.adapter is None and (shared.peft is None or not shared.peft.peft_config)):
             yield
         elif loaded.adapter is None:
             with shared.peft.disable_adapter():
                 yield
         else:
-            if shared.peft is None or loaded.adapter not in shared.peft.peft_config:
+            if loaded.adapter not in shared.peft.peft_config:
                 _attach(shared, loaded.path, loaded.adapter)  # evicted after the request got it: back for this one
             shared.peft.set_adapter(loaded.adapter)
             try:
