@@ -8,7 +8,8 @@ from pydantic import BaseModel, PositiveInt
 
 
 class TrlServingConfig(BaseModel):
-    # Models kept loaded (least recently used first out); an adapter counts as one, with its base inside it.
+    # Models kept loaded (least recently used first out); a base and each adapter count one (adapters share
+    # their base's one loaded copy: docs/serving.md, "Adapters and their base in the service's memory").
     served_models: PositiveInt = 2
     # Generations (and model loads) at once, each on its own thread; more requests wait their turn.
     workers: PositiveInt = 1

@@ -4,17 +4,20 @@ A checkpoint is a model directory (`config.json` + weights) or a PEFT adapter di
 (`adapter_config.json`), which is applied over its base model (`base_model_name_or_path`, or the
 `base_model` given). Weights load from safetensors only: nothing is unpickled.
 
-`ModelCache` keeps the last few loaded models (LRU); each has a lock, so one model generates one request
-at a time (a CPU box gains nothing from interleaving two generations of one model).
+`ModelCache` keeps the last few loaded models (LRU); each loaded copy of weights has a lock, so one model generates
+one request at a time (a CPU box gains nothing from interleaving two generations of one model). The adapters of one
+base are named peft adapters inside that base's one loaded copy: a request switches to its adapter under the lock.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,13 +29,30 @@ if TYPE_CHECKING:  # torch is imported where a model is loaded or run: importing
 
 
 @dataclass
+class SharedBase:
+    """One loaded base model and the adapters loaded into it as named peft adapters (all of one peft type)."""
+
+    key: str  # its directory's resolved path, or its Hugging Face id
+    model: Any  # the transformers model; peft injects the adapters' layers into it in place
+    tokenizer: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    peft: Any = None  # the PeftModel over `model`, from its first adapter on
+    users: int = 0  # cache entries (the base itself, its adapters) and loads in progress that hold it
+    names: Iterator[int] = field(default_factory=itertools.count)  # never reused: a dropped name may be in flight
+    dropped: list[str] = field(default_factory=list)  # evicted adapters, deleted by the next holder of the lock
+
+
+@dataclass
 class LoadedModel:
     path: str
     model: Any
     tokenizer: Any
     base_model: str | None  # the base of an adapter, else None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a shared base's, for it and its adapters
     loaded_at: float = field(default_factory=time.time)
+    shared: SharedBase | None = None  # the loaded base this model runs on, where it shares one
+    adapter: str | None = None  # its peft adapter's name inside `shared`; None: the base itself
+    evicted: bool = False  # out of the cache: its adapter leaves the shared base after any request in flight
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -43,44 +63,119 @@ def adapter_base(path: str | Path) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_for_inference(path: str | Path, base_model: str | None = None) -> LoadedModel:
-    """A model directory or a PEFT adapter (over its base) in eval mode (fp32), with its tokenizer."""
+def _load_model(name: str | Path) -> Any:
+    """A model directory (or Hugging Face id) in eval mode, fp32, on the GPU where there is one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32
-
-    path = Path(path)
-    if is_adapter(path):
-        from peft import PeftModel
-
-        base = base_model or adapter_base(path)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(model, str(path))
-        tok_dir = path if (path / "tokenizer_config.json").exists() else Path(base)
-    elif (path / "config.json").is_file():
-        base = None
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-        tok_dir = path
-    else:
-        raise BadRequest(f"model: {str(path)!r} is neither a model directory (config.json) nor a PEFT adapter "
-                         "(adapter_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(name), dtype=torch.float32, use_safetensors=True)
     if torch.cuda.is_available():  # untested here (CPU only); generation follows the model's device
         model = model.to("cuda")
-    return LoadedModel(str(path), model.eval(), tokenizer, base)
+    return model.eval()
+
+
+def _load_tokenizer(name: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_tokenizer_dir(path: Path, base: str) -> str:
+    return str(path if (path / "tokenizer_config.json").exists() else base)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not is_adapter(path) and not (path / "config.json").is_file():
+        raise BadRequest(f"model: {str(path)!r} is neither a model directory (config.json) nor a PEFT adapter "
+                         "(adapter_config.json)")
+
+
+def load_for_inference(path: str | Path, base_model: str | None = None) -> LoadedModel:
+    """A model directory or a PEFT adapter (over its own copy of its base) in eval mode (fp32), with its tokenizer."""
+    path = Path(path)
+    _check_model_dir(path)
+    if not is_adapter(path):
+        return LoadedModel(str(path), _load_model(path), _load_tokenizer(path), None)
+    from peft import PeftModel
+
+    base = base_model or adapter_base(path)
+    model = PeftModel.from_pretrained(_load_model(base), str(path))
+    return LoadedModel(str(path), model.eval(), _load_tokenizer(_adapter_tokenizer_dir(path, base)), base)
+
+
+def _base_key(base: str) -> str:
+    """The cache's name for an adapter's base: a directory's resolved path (as requests name it), else the id."""
+    return str(Path(base).resolve()) if Path(base).is_dir() else base
+
+
+def _attach(shared: SharedBase, path: str, name: str) -> None:
+    """Load the adapter at `path` into the shared base as `name` (under the base's lock)."""
+    if shared.peft is None:
+        from peft import PeftModel
+
+        shared.peft = PeftModel.from_pretrained(shared.model, path, adapter_name=name)
+    else:
+        shared.peft.load_adapter(path, adapter_name=name)
+        shared.peft.set_adapter(name)  # none may be active (all dropped): disable_adapter needs one
+    shared.peft.eval()
+
+
+def _drop_evicted(shared: SharedBase) -> None:
+    """Delete the evicted adapters from the shared base (under the base's lock)."""
+    while shared.dropped:
+        name = shared.dropped.pop()
+        if shared.peft is not None and name in shared.peft.peft_config:
+            others = [n for n in shared.peft.peft_config if n != name]
+            if others and shared.peft.active_adapter == name:
+                shared.peft.set_adapter(others[0])  # peft warns when it has to pick one itself
+            shared.peft.delete_adapter(name)
+
+
+@contextmanager
+def _active(loaded: LoadedModel) -> Iterator[None]:
+    """Hold the model's lock with its adapter switched on (for a base: its adapters off)."""
+    with loaded.lock:
+        shared = loaded.shared
+        if shared is not None:
+            _drop_evicted(shared)
+        if shared is None or (loaded.adapter is None and (shared.peft is None or not shared.peft.peft_config)):
+            yield
+        elif loaded.adapter is None:
+            with shared.peft.disable_adapter():
+                yield
+        else:
+            if loaded.adapter not in shared.peft.peft_config:
+                _attach(shared, loaded.path, loaded.adapter)  # evicted after the request got it: back for this one
+            shared.peft.set_adapter(loaded.adapter)
+            try:
+                yield
+            finally:
+                if loaded.evicted:
+                    shared.dropped.append(loaded.adapter)
+                    _drop_evicted(shared)
 
 
 class ModelCache:
-    """The `capacity` most recently used models, loaded on demand (thread-safe)."""
+    """The `capacity` most recently used models, loaded on demand (thread-safe).
+
+    Each model served counts one against `capacity`: a base, and each of its adapters. The adapters of one base
+    (LoRA and the other peft types that patch the base's layers, one peft type per base) share its one loaded copy
+    as named peft adapters, so a base and two of its adapters hold the base's weights once. That copy stays while
+    anything in the cache uses it (the base itself or any of its adapters); evicting an adapter removes only its
+    own weights. Prefix/prompt-tuning adapters (their virtual tokens live on the PeftModel) and an adapter of a
+    peft type other than the one its base already holds get their own copy of their base.
+    """
 
     def __init__(self, capacity: int = 2):
         self.capacity = max(1, capacity)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._bases: dict[str, SharedBase] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._loading_bases: dict[str, threading.Lock] = {}
 
     def get(self, path: str) -> LoadedModel:
         key = str(Path(path).resolve())
@@ -94,19 +189,91 @@ class ModelCache:
                 if key in self._models:
                     return self._models[key]
             try:
-                loaded = load_for_inference(key)
+                loaded = self._load(Path(key))
+                with self._lock:
+                    self._models[key] = loaded
+                    evicted = []
+                    while len(self._models) > self.capacity:
+                        evicted.append(self._models.popitem(last=False)[1])
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
-            with self._lock:
-                self._models[key] = loaded
-                while len(self._models) > self.capacity:
-                    self._models.popitem(last=False)
+            for old in evicted:
+                self._evict(old)
             return loaded
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._models)
+
+    def _load(self, path: Path) -> LoadedModel:
+        _check_model_dir(path)
+        if not is_adapter(path):
+            shared = self._hold_base(str(path))
+            return LoadedModel(str(path), shared.model, shared.tokenizer, None, shared.lock, shared=shared)
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(path))
+        if config.is_prompt_learning:
+            return load_for_inference(path)
+        base = adapter_base(path)
+        tok_dir = _adapter_tokenizer_dir(path, base)
+        tokenizer = None if tok_dir == base else _load_tokenizer(tok_dir)
+        shared = self._hold_base(_base_key(base))
+        attached = False
+        try:
+            with shared.lock:
+                _drop_evicted(shared)
+                if shared.peft is None or shared.peft.peft_type == config.peft_type:  # peft: one type per model
+                    name = f"adapter{next(shared.names)}"
+                    _attach(shared, str(path), name)
+                    attached = True
+        finally:
+            if not attached:
+                self._release(shared)
+        if not attached:
+            return load_for_inference(path)
+        return LoadedModel(str(path), shared.peft, tokenizer or shared.tokenizer, base, shared.lock, shared=shared,
+                           adapter=name)
+
+    def _hold_base(self, key: str) -> SharedBase:
+        """The loaded base `key` (loaded now if it is not), held until `_release`."""
+        with self._lock:
+            loading = self._loading_bases.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                shared = self._bases.get(key)
+                if shared is not None:
+                    shared.users += 1
+                    return shared
+            try:
+                shared = SharedBase(key, _load_model(key), _load_tokenizer(key), users=1)
+                with self._lock:
+                    self._bases[key] = shared
+            finally:
+                with self._lock:
+                    self._loading_bases.pop(key, None)
+            return shared
+
+    def _release(self, shared: SharedBase) -> None:
+        with self._lock:
+            shared.users -= 1
+            if shared.users == 0 and self._bases.get(shared.key) is shared:  # its memory goes with the last request
+                del self._bases[shared.key]
+
+    def _evict(self, loaded: LoadedModel) -> None:
+        shared = loaded.shared
+        if shared is None:
+            return
+        loaded.evicted = True
+        if loaded.adapter is not None:
+            shared.dropped.append(loaded.adapter)
+            if shared.lock.acquire(blocking=False):  # else the request holding the base drops it
+                try:
+                    _drop_evicted(shared)
+                finally:
+                    shared.lock.release()
+        self._release(shared)
 
 
 @dataclass
@@ -262,7 +429,7 @@ def generate_ids_stream(loaded: LoadedModel, ids: list[int], max_tokens: int, te
     log-probs when `top_logprobs` is not None: that many alternatives each), then the Completion. `echo_logprobs`:
     the Completion also carries the prompt tokens' log-probs."""
     stop = stop or []
-    if _is_prompt_learning(loaded.model):
+    if loaded.shared is None and _is_prompt_learning(loaded.model):  # a shared base holds no prompt learning
         if top_logprobs is not None or echo_logprobs:
             raise BadRequest("logprobs: not available for prefix/prompt-tuning adapters (their virtual tokens are "
                              "added inside peft's generate); ask without logprobs")
@@ -282,7 +449,7 @@ def generate_ids_stream(loaded: LoadedModel, ids: list[int], max_tokens: int, te
             piece.logprobs, sent_logprobs = logprobs[sent_logprobs:], len(logprobs)
         return piece
 
-    with loaded.lock:
+    with _active(loaded):
         for token, logprob in token_steps(loaded, ids, max_tokens, temperature, top_p, seed, top_logprobs,
                                           prompt_logprobs):
             if logprob is not None:
@@ -327,7 +494,7 @@ def _generate_whole(loaded: LoadedModel, ids: list[int], max_tokens: int, temper
     if seed is not None:
         torch.manual_seed(seed)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with loaded.lock, torch.inference_mode():
+    with _active(loaded), torch.inference_mode():
         device = loaded.model.device
         out = loaded.model.generate(input_ids=torch.tensor([ids], device=device),
                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
