@@ -5,6 +5,7 @@ beside its base, and both answers scored with `scoring` (basic::equality)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,14 @@ def test_train_serve_and_score_in_one_inline_stack(llama_stack_factory, tiny_mod
 
     score_after, score_before = accuracy(client, heldout, after), accuracy(client, heldout, before)
     assert (score_after, score_before) == (right_after / HELDOUT, right_before / HELDOUT)
+
+    # llm-as-judge with a judge served in this same process (the base: it can only reverse letters, so its
+    # "ratings" mean nothing): each row gets the regex's match in the judge's reply, or None when nothing matches
+    judge = {"type": "llm_as_judge", "judge_model": "reverse-base", "prompt_template": "reverse: {generated_answer}",
+             "judge_score_regexes": [r"^([a-z](?: [a-z])*)$"]}
+    judged = [{**r, "generated_answer": a} for r, a in zip(heldout[:3], after)]
+    rows = client.scoring.score(input_rows=judged,
+                                scoring_functions={"llm-as-judge::base": judge}).results["llm-as-judge::base"].score_rows
+    assert len(rows) == 3 and all(isinstance(row["judge_feedback"], str) for row in rows), rows
+    assert [row["score"] for row in rows] == [
+        m.group(1) if (m := re.search(judge["judge_score_regexes"][0], row["judge_feedback"])) else None for row in rows]
