@@ -4,7 +4,7 @@
 Through the real JobManager (the one both providers use), the tiny student, a short full-SFT job
 (--steps steps, batch 4): submit -> first training step (metrics.jsonl holds its first line; polled every
 10 ms) and submit -> job completed (whole job), alternating spawn / zygote --repeats times after one
-discarded warm-up of each (the zygote is started once, before, as a server does at start).
+discarded warm-up of each (the zygote is started once, before them: a server starts it with its first job).
 
 Then the same for a 2-rank FSDP job (the remote service's command line), each way its ranks can start:
 torchrun (each rank a new interpreter) or forked ranks (`providers.training.local_ranks`: the agent imports
@@ -138,9 +138,9 @@ def main(argv=None) -> None:
                                     env={"OMP_NUM_THREADS": "1", "TRL_JOB_ZYGOTE": "1" if mode == "zygote" else "0"},
                                     niceness=0)
     t0 = time.perf_counter()
-    zygote.prestart(managers["zygote"].job_env())
     assert zygote.zygote_for(managers["zygote"].job_env()).ready()
-    print(f"zygote ready {time.perf_counter() - t0:.1f}s after start (at server start, off the job's path); "
+    print(f"zygote ready {time.perf_counter() - t0:.1f}s after start (with a server's first job; started first "
+          "here, off the measured jobs' path); "
           f"{bc.load_average()}", flush=True)
 
     def use(mode: str) -> None:
@@ -175,7 +175,6 @@ def main(argv=None) -> None:
                                  env={"OMP_NUM_THREADS": "1", "TRL_JOB_ZYGOTE": "1" if mode == "zygote" else "0"},
                                  niceness=0)
             if mode == "zygote":
-                zygote.prestart(manager.job_env())
                 zygote.zygote_for(manager.job_env()).ready()
             spec = make_spec(root, f"fsdp-{len(fsdp[rank_start, mode])}", model, rows, args.steps, fsdp=True)
             r = run_job(manager, spec)
