@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -521,3 +524,16 @@ def test_bad_files_and_sdk_errors(service, toy_data):
             client.fine_tuning.jobs.create(**args)
         assert field in e.value.message, e.value.message
     assert not [j for j in client.fine_tuning.jobs.list(limit=100).data if j.training_file == f.id]
+
+
+def test_the_openai_example_learns_the_toy_task(service, tiny_models):
+    """examples/openai_finetune.py as its header says to run it, against this service: the held-out exact match
+    it prints after the job is clearly above the one before."""
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "examples/openai_finetune.py", tiny_models["noisy_teacher"]], cwd=root,
+                         env={**os.environ, "TRL_FSDP_URL": service["url"], "TRL_FSDP_API_TOKEN": TOKEN},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    before, after, n = map(int, re.search(r"held-out exact match: (\d+)/\d+ -> (\d+)/(\d+)", run.stdout).groups())
+    print(f"\nexamples/openai_finetune.py: held-out exact match {before}/{n} -> {after}/{n}")
+    assert after >= before + n // 2, run.stdout[-2000:]
