@@ -526,6 +526,7 @@ def test_bad_files_and_sdk_errors(service, toy_data):
     assert not [j for j in client.fine_tuning.jobs.list(limit=100).data if j.training_file == f.id]
 
 
+@pytest.mark.slow
 def test_the_openai_example_learns_the_toy_task(service, tiny_models):
     """examples/openai_finetune.py as its header says to run it, against this service: the held-out exact match
     it prints after the job is clearly above the one before."""

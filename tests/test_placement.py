@@ -45,6 +45,7 @@ NODE_TOKEN = "test-node-token-" + uuid.uuid4().hex
 def test_fitting_nodes_are_the_ones_with_every_requested_resource(tmp_path):
     local = Node(node_id="coord", url="http://127.0.0.1:1", capabilities=Capabilities(cpu_cores=8, ram_gb=32))
     registry = NodeRegistry(tmp_path / "nodes.json", local, down_after_s=60)
+    registry.answering()  # the service answers (its nodes are judged from now)
     for node_id, gpus, cores, ram in (("one-small-gpu", [8], 16, 64), ("two-big-gpus", [24, 24], 32, 128),
                                       ("cpu-box", [], 64, 256)):
         caps = Capabilities(cpu_cores=cores, ram_gb=ram, gpus=[Gpu(name="g", memory_gb=m) for m in gpus])

@@ -181,9 +181,11 @@ class NodeRegistry:
         # This node sends itself no heartbeat: its load is counted when asked (jobs running on this host).
         self.local_load = local_load or (lambda: 0)
         self._lock = threading.Lock()
-        # A restart is not a missed heartbeat: nodes loaded from the file get down_after_s from now to beat, so
-        # that the jobs they run can be followed again (re-attached) rather than failed at once.
-        self._since = time.time()
+        # A restart is not a missed heartbeat: nodes loaded from the file get down_after_s from when the service
+        # answers (`answering`) to beat, so that the jobs they run can be followed again (re-attached) rather than
+        # failed at once. Until then no node is judged: building the app may take seconds on a loaded machine
+        # while the followers of those jobs already ask for the nodes' states.
+        self._since: float | None = None
         self._nodes: dict[str, Node] = {local.node_id: local}
         for raw in load_state(path, default=[]):
             try:
@@ -247,7 +249,7 @@ class NodeRegistry:
             for node in self._nodes.values():
                 if node.node_id == self.local.node_id:
                     node.last_heartbeat, node.state, node.load = now, "up", self.local_load()
-                elif now - max(node.last_heartbeat, self._since) > self.down_after_s:
+                elif self._since is not None and now - max(node.last_heartbeat, self._since) > self.down_after_s:
                     node.state = "down"
             return [n.model_copy() for n in self._nodes.values()]
 
@@ -262,7 +264,8 @@ class NodeRegistry:
         node loaded from the file at a restart is given time to beat, so that its running parts are not failed,
         but it may have been down when the previous run stopped: work that waited for nodes waits for it)."""
         up = [n for n in self.nodes() if n.state == "up"
-              and (not heard or n.node_id == self.local.node_id or n.last_heartbeat >= self._since)]
+              and (not heard or n.node_id == self.local.node_id
+                   or (self._since is not None and n.last_heartbeat >= self._since))]
         return sorted(up, key=lambda n: (n.node_id != self.local.node_id, n.load))
 
     def fitting(self, resources: ResourceRequest, live_only: bool = True, heard: bool = False) -> list[Node]:
