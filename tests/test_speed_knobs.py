@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -141,9 +144,25 @@ def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_ro
     spec = make_spec(tmp_path, sft_rows, model=tiny_models["student"], name="qlora", steps=2,
                      peft=PeftSpec(method="lora", quantize_base=True))
     assert spec.efficiency.load_in_4bit  # quantize_base (Llama Stack's field) is the same switch
-    losses, summary = train(spec)
+    # As a job forked from the zygote runs: the preloaded training stack left bitsandbytes out (its import
+    # costs every training process 1.4 s of CPU), and this 4-bit job brings it back.
+    forked = textwrap.dedent(f"""
+        import sys
+        from providers.training.preload import preload
+        assert preload() is None
+        assert sys.modules["bitsandbytes"] is None and "peft" in sys.modules  # peft was imported without it
+        from providers.training.run import main
+        code = main({spec.run_dir!r})
+        assert "Linear4bit" in repr(vars(sys.modules["bitsandbytes"].nn))
+        sys.exit(code)
+    """)
+    subprocess.run([sys.executable, "-c", forked], check=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    files = RunFiles(spec.run_dir)
+    status = files.read_status()
+    assert status["state"] == "completed", status
+    losses = [m["loss"] for m in files.read_metrics() if "loss" in m and "eval_loss" not in m]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    adapter = Path(summary["final_checkpoint"])
+    adapter = Path(status["final_checkpoint"])
     assert (adapter / "adapter_config.json").exists()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"

@@ -131,6 +131,10 @@ def main(run_dir: str) -> int:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = load_spec(run_dir)  # its paths as this host mounts them
+    if not spec.efficiency.load_in_4bit:
+        from .efficiency import without_bitsandbytes
+
+        without_bitsandbytes()
     # Kept back while the run goes well, given up when it fails: on a full disk its traceback, status.json and
     # rank report still reach disk.
     reserve = SpaceReserve(files.rank_reserve(os.environ.get("RANK", "0")), RANK_RESERVE_BYTES)
