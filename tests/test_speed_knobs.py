@@ -72,6 +72,28 @@ def dpo_rows(toy_data):
     return list(normalize_rows(toy_data["preference"][:16], "preference"))
 
 
+def test_a_capped_run_tokenizes_only_the_rows_its_steps_reach(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from providers.training.components import reachable_rows, total_steps
+
+    rows = Dataset.from_list([{"i": i} for i in range(1000)])
+
+    def reach(method: str = "sft", world: int = 1, **fields) -> list[int]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        spec = make_spec(tmp_path, [], method=method, steps=fields.pop("steps", 2), batch_size=4, **fields)
+        picked = reachable_rows(rows, spec)
+        assert total_steps(spec, len(picked)) == total_steps(spec, len(rows))  # the same steps, fewer rows
+        return list(picked["i"])
+
+    shuffled = {"data": {"shuffle": True}}
+    assert reach(**shuffled) == reach(**shuffled) != list(range(8)) and len(reach(**shuffled)) == 2 * 4  # seeded
+    assert len(reach(world=2, n_epochs=3, gradient_accumulation_steps=2)) == 3 * 2 * 4 * 2 * 2
+    assert reach() == list(range(8))  # not shuffled: the rows the trainer reads first
+    assert reach(method="kto", **shuffled) == list(range(8))  # KTO shuffled its rows once itself: the first ones
+    assert len(reach(steps=None)) == 1000 and len(reach(steps=300)) == 1000  # every row is reached
+
+
 @pytest.mark.slow  # trains
 def test_padding_free_sft_trains_the_same_losses_as_padded(tmp_path, tiny_models, sft_rows):
     student = tiny_models["student"]

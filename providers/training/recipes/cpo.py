@@ -16,6 +16,7 @@ from ..components import (
     load_model,
     load_tokenizer,
     peft_config,
+    reachable_rows,
     train_and_save,
     trainer_args,
 )
@@ -42,12 +43,14 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     model = load_model(spec.model, spec)
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
+    eval_ds = eval_slice(train_ds, val_ds, spec)
+    train_ds = reachable_rows(train_ds, spec)
     reporter, cbs = callbacks(spec, files, tokenizer)
     trainer = CPOTrainer(
         model=model,
         args=cpo_config(spec, len(train_ds)),
         train_dataset=train_ds,
-        eval_dataset=eval_slice(train_ds, val_ds, spec),
+        eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,

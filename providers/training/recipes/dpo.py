@@ -22,6 +22,7 @@ from ..components import (
     load_model,
     load_tokenizer,
     peft_config,
+    reachable_rows,
     reference_model,
     train_and_save,
     trainer_args,
@@ -130,6 +131,8 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     ref_model = reference_model(spec)  # None: the policy (adapters off, or precomputed) is its own reference
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
+    eval_ds = eval_slice(train_ds, val_ds, spec)
+    train_ds = reachable_rows(train_ds, spec)
     reporter, cbs = callbacks(spec, files, tokenizer)
     trainer_cls = DPOTrainer if chunked_lm_head(spec) else LogitsDPOTrainer
     trainer = trainer_cls(
@@ -137,7 +140,7 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
         ref_model=ref_model,
         args=dpo_config(spec, len(train_ds)),
         train_dataset=train_ds,
-        eval_dataset=eval_slice(train_ds, val_ds, spec),
+        eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,

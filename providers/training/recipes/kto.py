@@ -17,6 +17,7 @@ from ..components import (
     load_model,
     load_tokenizer,
     peft_config,
+    reachable_rows,
     reference_model,
     train_and_save,
     trainer_args,
@@ -55,13 +56,15 @@ def train(spec: JobSpec, files: RunFiles) -> dict:
     if spec.data.shuffle:
         train_ds = train_ds.shuffle(seed=spec.seed)
     val_ds = unpaired(spec.data.validation_file)
+    eval_ds = eval_slice(train_ds, val_ds, spec)
+    train_ds = reachable_rows(train_ds, spec)
     reporter, cbs = callbacks(spec, files, tokenizer)
     trainer = KTOTrainer(
         model=model,
         ref_model=ref_model,
         args=kto_config(spec, len(train_ds)),
         train_dataset=train_ds,
-        eval_dataset=eval_slice(train_ds, val_ds, spec),
+        eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config(spec.peft) if spec.peft else None,
         callbacks=cbs,

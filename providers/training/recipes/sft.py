@@ -15,6 +15,7 @@ from ..components import (
     load_model,
     load_tokenizer,
     peft_config,
+    reachable_rows,
     train_and_save,
     trainer_args,
 )
@@ -44,7 +45,7 @@ def sft_config(spec: JobSpec, num_rows: int, has_eval: bool = True) -> SFTConfig
 def datasets(spec: JobSpec):
     train_ds = load_dataset(spec.data.train_file)
     val_ds = load_dataset(spec.data.validation_file) if spec.data.validation_file else None
-    return train_ds, eval_slice(train_ds, val_ds, spec)
+    return reachable_rows(train_ds, spec), eval_slice(train_ds, val_ds, spec)
 
 
 def truncate(dataset, max_len: int):
