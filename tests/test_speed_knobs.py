@@ -166,16 +166,22 @@ def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_ro
     spec = make_spec(tmp_path, sft_rows, model=tiny_models["student"], name="qlora", steps=2,
                      peft=PeftSpec(method="lora", quantize_base=True))
     assert spec.efficiency.load_in_4bit  # quantize_base (Llama Stack's field) is the same switch
-    # As a job forked from the zygote runs: the preloaded training stack left bitsandbytes out (its import
-    # costs every training process 1.4 s of CPU), and this 4-bit job brings it back.
+    # As a job forked from the zygote runs: the preloaded training stack left bitsandbytes and the loggers out
+    # (optional_imports: 2.8 s of CPU per training process), and this 4-bit job brings bitsandbytes back, as a
+    # job that logs to mlflow brings mlflow back, to TRL's profiling module too.
     forked = textwrap.dedent(f"""
         import sys
         from providers.training.preload import preload
         assert preload() is None
-        assert sys.modules["bitsandbytes"] is None and "peft" in sys.modules  # peft was imported without it
+        assert "peft" in sys.modules and "trl.extras.profiling" in sys.modules
+        assert sys.modules["bitsandbytes"] is None and sys.modules["mlflow"] is None  # imported without them
         from providers.training.run import main
         code = main({spec.run_dir!r})
         assert "Linear4bit" in repr(vars(sys.modules["bitsandbytes"].nn))
+        from providers.training.optional_imports import bring_back
+        import trl.extras.profiling
+        bring_back("mlflow")
+        assert trl.extras.profiling.mlflow is sys.modules["mlflow"] and trl.extras.profiling.is_mlflow_available()
         sys.exit(code)
     """)
     subprocess.run([sys.executable, "-c", forked], check=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)

@@ -31,10 +31,10 @@ import functools
 import importlib.util
 import os
 import shutil
-import sys
 from typing import Any
 
 from .methods import METHODS
+from .optional_imports import bring_back
 from .spec import EfficiencySpec, JobSpec
 
 KERNELS_FLASH_ATTENTION = "kernels-community/flash-attn"
@@ -42,24 +42,6 @@ KERNELS_FLASH_ATTENTION = "kernels-community/flash-attn"
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def without_bitsandbytes() -> None:
-    """Let this process import no bitsandbytes until `allow_bitsandbytes`: peft imports it whenever it is
-    installed, and its import builds torch inductor's tables (1.4 s of CPU, a sixth of a training process's
-    start), while only 4-bit (QLoRA) training uses it. Call before peft is imported."""
-    sys.modules.setdefault("bitsandbytes", None)  # None there: `import` fails, find_spec says not installed
-
-
-def allow_bitsandbytes() -> None:
-    """Undo `without_bitsandbytes` (a 4-bit job, or the 4-bit probe, in a process that hid it): what peft
-    remembered of its absence is forgotten too."""
-    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
-        del sys.modules["bitsandbytes"]
-        for name in ("peft.import_utils", "transformers.utils.import_utils", "accelerate.utils.imports"):
-            for attr, value in vars(sys.modules.get(name, object)).items():  # their cached "is it installed"
-                if ("bnb" in attr or "bitsandbytes" in attr) and hasattr(value, "cache_clear"):
-                    value.cache_clear()
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -72,7 +54,7 @@ def _cuda_capability() -> tuple[int, int] | None:
 def four_bit_trains_here() -> str | None:
     """None when bitsandbytes trains a 4-bit layer on this host (probed once: a 64x64 NF4 linear, forward and
     backward), else why not."""
-    allow_bitsandbytes()
+    bring_back("bitsandbytes")
     if not _has("bitsandbytes"):
         return "the bitsandbytes package is not installed (pip install 'bitsandbytes>=0.49')"
     try:
@@ -155,7 +137,7 @@ def model_kwargs(spec: JobSpec, precision: str) -> dict[str, Any]:
         import torch
         from transformers import BitsAndBytesConfig
 
-        allow_bitsandbytes()
+        bring_back("bitsandbytes")
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -26,6 +26,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from .optional_imports import bring_back
+
 # integration name (transformers' report_to) -> the module it needs on the training host
 INTEGRATIONS = {
     "tensorboard": ("tensorboard", "tensorboardX"),
@@ -83,6 +85,9 @@ def logger_args(logging_spec, job_uuid: str, run_dir: str | Path) -> dict[str, A
     project = getattr(logging_spec, "project", None) or logging_spec.wandb_project
     run_name = getattr(logging_spec, "run_name", None) or job_uuid
     env = os.environ
+    for name in names:  # left out of training processes until a job uses them (optional_imports)
+        for package in INTEGRATIONS.get(name, ()):
+            bring_back(package)
     if "tensorboard" in names:
         env.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     if "mlflow" in names:

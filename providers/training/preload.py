@@ -34,9 +34,9 @@ def preload() -> str | None:
     """Import the training stack (PRELOAD); None when this process may fork afterwards, else why not."""
     import importlib
 
-    from .efficiency import without_bitsandbytes
+    from .optional_imports import leave_out
 
-    without_bitsandbytes()  # a 4-bit job forked from here allows it (efficiency.model_kwargs)
+    leave_out()  # a job forked from here brings back what it uses (bitsandbytes for 4-bit, its loggers)
     # numpy's OpenBLAS workers and pyarrow's jemalloc background thread start at import, and so do scipy's own
     # OpenBLAS workers where scipy is installed (peft imports it when it can: lm-evaluation-harness brings it);
     # these libraries stop and restart them around fork (pthread_atfork). Any other thread after the imports

@@ -14,6 +14,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
+from .optional_imports import leave_out  # noqa: E402
 from .path_map import load_spec  # noqa: E402
 from .plots import write_plots_quietly  # noqa: E402
 from .run_files import RANK_RESERVE_BYTES, RunFiles, SpaceReserve, utc_now, writes_status  # noqa: E402
@@ -130,11 +131,8 @@ def main(run_dir: str) -> int:
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         redirect_rank_output(files)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    leave_out()  # before the training stack's imports: what the job uses is brought back where it is used
     spec = load_spec(run_dir)  # its paths as this host mounts them
-    if not spec.efficiency.load_in_4bit:
-        from .efficiency import without_bitsandbytes
-
-        without_bitsandbytes()
     # Kept back while the run goes well, given up when it fails: on a full disk its traceback, status.json and
     # rank report still reach disk.
     reserve = SpaceReserve(files.rank_reserve(os.environ.get("RANK", "0")), RANK_RESERVE_BYTES)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from ...errors import ClientError, first_validation_error
 from ...training.keys import error_loc
-from ...training.efficiency import without_bitsandbytes
+from ...training.optional_imports import leave_out
 
 from ... import openai_ft, operator_tools, pipelines, tinker_api, workflows
 from ...jobs.child_env import parse_pass_env
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-requests-to-stderr", action="store_true",
                         help="print each request's audit line on stderr too (always in DATA_DIR/logs/service.log)")
     args = parser.parse_args(argv)
-    without_bitsandbytes()  # this process serves and merges models, and trains no 4-bit layer (its probe allows it)
+    leave_out(("bitsandbytes",))  # this process serves and merges models; only its 4-bit probe brings it back
     # force: importing llama_stack installs its own root handler at WARNING, which would hide the service's lines.
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
     install_printable_logs()  # request data in any log line is escaped: one record, one line
