@@ -218,7 +218,7 @@ def test_every_runnable_block_is_run_or_says_why() -> None:
             wrong.append(f"{block.where}: a {block.language} block with no marker: put <!-- run: NAME -->, "
                          "<!-- run by: tests/FILE.py::TEST --> or <!-- not run: WHY --> on the line before it")
         elif block.marker == "run" and block.marker_text not in SNIPPETS:
-            wrong.append(f"{block.where}: run: {block.marker_text} has no entry in tests/test_docs_snippets.py SNIPPETS")
+            wrong.append(f"{block.where}: run: {block.marker_text} has no check in tests/test_docs_snippets.py")
         elif block.marker == "run by":
             for test in covering_tests(block) or ["(none)"]:
                 file, _, name = test.partition("::")

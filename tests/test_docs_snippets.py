@@ -48,7 +48,7 @@ def openai_dpo(out: str) -> str:
     assert len(losses) >= 8, out
     steps = sorted(losses)
     first, last = losses[steps[0]], sum(losses[s] for s in steps[-3:]) / 3
-    assert last < first - 0.1, out  # DPO's loss starts at log 2 = 0.693 (policy = reference)
+    assert last < first - 0.2, out  # from log 2 = 0.693 (policy = reference); measured: last 3 mean 0.29
     assert re.search(r"^\d+ ft:\S+:ckpt-step-\d+$", out, re.M), out  # a servable checkpoint per save
     return f"DPO loss {first:.3f} -> {last:.3f} (mean of the last 3 of {len(steps)} steps)"
 
