@@ -69,7 +69,7 @@ SNIPPETS = {
 def as_run(code: str, url: str, models_root: str) -> str:
     """The block with the reader's placeholders filled in: address, key, model paths."""
     code = code.replace(DOC_URL, url).replace('"tml-..."', json.dumps(KEY))
-    return re.sub(r"(?<![\w.-])/?models/(?=\w)", models_root + "/", code)
+    return re.sub(r"(?<![\w./-])/?models/(?=\w)", models_root + "/", code)  # not .../v1/models/ID
 
 
 @pytest.fixture(scope="module")
