@@ -2,7 +2,9 @@
 reaches a file that exists and, with `#anchor`, a heading of that file (GitHub's anchor for it); every
 docs page is reachable from the README; the README stays a front page. A section moved between pages
 breaks its old anchors: this is where that shows. And the docs name only what the code has: method lists are
-the method table, example files, flags and routes exist, and no "not yet" about a feature the code has."""
+the method table, example files, flags and routes exist, and no "not yet" about a feature the code has. Every
+block a reader would run is run: by tests/test_docs_snippets.py as written, or by the tests its marker names, or
+its marker says why not (tests/doc_snippets.py); and every example file is run by a test."""
 
 from __future__ import annotations
 
@@ -199,3 +201,39 @@ def test_no_doc_says_not_yet_about_what_the_code_has() -> None:
                 found += [f"{page}:{i + 1}: says 'not yet' near {word!r} ({why})"
                           for word, why in FEATURES.items() if re.search(rf"\b{word}\b", near)]
     assert not found, found
+
+
+# -- every snippet a reader would run is run ---------------------------------------------------------------------
+def test_every_runnable_block_is_run_or_says_why() -> None:
+    """Each ```bash / ```python block and yaml job file of README.md and docs/ has a marker (tests/doc_snippets.py):
+    `run: NAME` with a check of what it prints in tests/test_docs_snippets.py, `run by:` tests that exist, or
+    `not run:` with a reason."""
+    from doc_snippets import blocks, covering_tests
+    from test_docs_snippets import SNIPPETS
+
+    wrong = []
+    names = [b.marker_text for b in blocks() if b.marker == "run"]
+    for block in blocks():
+        if block.runnable and not block.marker:
+            wrong.append(f"{block.where}: a {block.language} block with no marker: put <!-- run: NAME -->, "
+                         "<!-- run by: tests/FILE.py::TEST --> or <!-- not run: WHY --> on the line before it")
+        elif block.marker == "run" and block.marker_text not in SNIPPETS:
+            wrong.append(f"{block.where}: run: {block.marker_text} has no check in tests/test_docs_snippets.py")
+        elif block.marker == "run by":
+            for test in covering_tests(block) or ["(none)"]:
+                file, _, name = test.partition("::")
+                path = ROOT / file
+                if not (path.is_file() and re.search(rf"^(?:async )?def {re.escape(name)}\(", path.read_text(), re.M)):
+                    wrong.append(f"{block.where}: run by {test}: no such test")
+        elif block.marker == "not run" and not block.marker_text:
+            wrong.append(f"{block.where}: not run: say why")
+    wrong += [f"run: {name} names {names.count(name)} blocks" for name in set(names) if names.count(name) > 1]
+    wrong += [f"tests/test_docs_snippets.py SNIPPETS: {name} is no block's run: marker" for name in SNIPPETS
+              if name not in names]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_example_file_is_named_by_a_test() -> None:
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
+    unrun = [p.name for p in sorted((ROOT / "examples").iterdir()) if p.is_file() and p.name not in tests]
+    assert not unrun, f"example files no test names: {unrun}"
