@@ -173,7 +173,9 @@ def test_qlora_sft_trains_a_4bit_base_on_this_host(tmp_path, tiny_models, sft_ro
         import sys
         from providers.training.preload import preload
         assert preload() is None
-        assert "peft" in sys.modules and "trl.extras.profiling" in sys.modules
+        assert "peft" in sys.modules and "trl.extras.profiling" in sys.modules and "matplotlib.pyplot" in sys.modules
+        import gc
+        assert gc.get_freeze_count() > 100_000  # the imports are out of every later collection
         assert sys.modules["bitsandbytes"] is None and sys.modules["mlflow"] is None  # imported without them
         from providers.training.run import main
         code = main({spec.run_dir!r})

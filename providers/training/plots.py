@@ -38,13 +38,19 @@ def plot_files(run_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in (Path(run_dir) / "plots").glob("*.png"))
 
 
-def write_plots(run_dir: str | Path) -> list[Path]:
-    """Draw every curve the run logged into RUN_DIR/plots/; returns the files written."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """Draw every curve the run logged into RUN_DIR/plots/; returns the files written."""
+    plt = pyplot()
     files = RunFiles(run_dir)
     records = files.read_metrics()
     out_dir = files.dir / "plots"

@@ -156,6 +156,9 @@ def main(run_dir: str) -> int:
         # job forked from the preloaded process would otherwise start from that process's RNG state.
         set_seed(spec.seed)
         recipe = importlib.import_module(recipe_module(spec.method))
+        from .preload import freeze_imports
+
+        freeze_imports()  # a process that was not forked from a preloaded one (torchrun's ranks, the inline provider's)
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         reserve.release("the run failed")
