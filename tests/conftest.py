@@ -44,6 +44,11 @@ OFFLINE_ENV = {
     "no_proxy": "127.0.0.1,localhost",
 }
 os.environ.update(OFFLINE_ENV)
+# One torch thread per process, in this process and in every service, job and rank it starts: two workers share
+# two cores, and a tiny model's ops are too small to split, so torch's default (a thread per core) only spins
+# its OpenMP threads against the other processes. A 10-step SFT job of the tiny student: 0.5 s of CPU with one
+# thread, 0.8-4.4 s with two (more, the busier the machine). A test that needs a thread count sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def load_builder():
