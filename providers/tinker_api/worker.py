@@ -107,8 +107,11 @@ def _launch(argv: list[str], cwd: str, env: dict[str, str], fd: int):
                 log.warning("job zygote failed to start a Tinker worker (%s: %s); spawning it", type(e).__name__, e)
         else:
             log.warning("job zygote not ready (its log:\n%s); spawning the Tinker worker", z.log_tail())
+    # Its own session, as a forked one: a Ctrl-C of the service reaches the service alone, which saves the
+    # process's models before stopping it.
     return subprocess.Popen(argv, cwd=cwd, env={**env, zygote.PASSED_FDS: str(fd)}, pass_fds=(fd,),
-                            stdin=subprocess.DEVNULL, stdout=sys.__stderr__, stderr=subprocess.STDOUT)
+                            stdin=subprocess.DEVNULL, stdout=sys.__stderr__, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 class BaseProcess:
