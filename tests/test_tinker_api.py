@@ -369,6 +369,9 @@ def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_pat
         assert not np.allclose(trained, logprobs(other), atol=1e-3)  # two adapters, each its own weights
         wait_until(lambda: not any(m["resident"] for m in overview()) and gauge("trl_tinker_bases_loaded") == 0,
                    60, message="idle models saved and evicted, the base dropped")
+        workers = [cmd for _, cmd in processes_mentioning(str(tmp_path / "data"))
+                   if "providers.tinker_api.process" in cmd]
+        assert not workers, workers  # the base's process ended: its memory went back to the system
         usage = httpx.get(url + "/v1/admin/usage", headers=admin, timeout=30).json()["users"]
         resident = sum(f.stat().st_size for f in (tmp_path / "data" / "tinker" / "resident").rglob("*") if f.is_file())
         assert [u["bytes"] for u in usage if u["user"] == "alice"] == [resident] and resident > 0  # its quota's
@@ -496,7 +499,8 @@ def test_a_killed_base_process_fails_its_requests_and_the_service_goes_on(servic
 
     def pending() -> float:
         text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).text
-        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("trl_tinker_futures_pending ")))
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("trl_tinker_futures_pending ")))
 
     tc = alice.create_lora_training_client(base_model=base, rank=4, seed=0).result()
     ids = tc.get_tokenizer().encode(TEXT)[:8]
