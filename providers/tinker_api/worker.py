@@ -310,8 +310,8 @@ class BaseWorker:
         error_id = uuid.uuid4().hex[:12]
         log.error("tinker base %s: %s (error id %s)", self.base_path, death, error_id)
         message = (f"internal error {error_id}: {death}; this request did not complete, and the models on that "
-                   "base lost what they did since their last save (a model's next request restores its last "
-                   "save; one with unsaved steps loads a checkpoint: create_training_client_from_state)")
+                   "base lost what they did since their last save (a model's next request restores that save, "
+                   "or says it has none: then load a checkpoint, create_training_client_from_state)")
         self.host = None
         self._lost(self.base_path)
         failed, kept = [fut], []
