@@ -13,9 +13,10 @@ with a `tml-` key) and drives it with the SDK, as a user's own loop would. Three
    cookbook's loops do. Both sides run `--threads` torch threads (default 1). Blocks of
    `--steps` steps alternate (in-process, API, in-process, ...) `--repeats` times after one warm-up step
    each; the median seconds per step of each side and their ratio (the issue's target: <= 1.15x). CPU
-   seconds per step are reported too (the service process's, from /proc, against this process's): on a
+   seconds per step are reported too (the service's, from /proc: its process and its base's worker process,
+   against this process's): on a
    shared machine they are the figure other load distorts least. Both sides' losses are printed: the same
-   step gives the same losses. The API's CPU seconds are the service process's and the SDK's together.
+   step gives the same losses. The API's CPU seconds are the service's and the SDK's together.
 2. Sampling. `sample` (the SDK's `asample`) of `--samples` sequences of exactly `--max-tokens` tokens at
    temperature 1 (no stop token) from the trained weights (`save_weights_and_get_sampling_client`), against
    transformers' `generate` on the in-process model with the same prompt, count and length: tokens/s each.
@@ -102,6 +103,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def service_cpu_seconds(pid: int, data_dir: Path) -> float:
+    """CPU seconds of the service (process `pid`) and of its Tinker bases' worker processes (their command lines
+    name its data dir), where the training steps run."""
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace") if entry.name.isdigit() else ""
+            if "providers.tinker_api.process" in cmdline and str(data_dir) in cmdline:
+                total += cpu_seconds(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return total
+
+
 # -- the in-process side: the same LoRA step as a batch job takes it -------------------------------------------
 class LocalLora:
     """The model with the same LoRA as the service builds (rank, alpha, every linear layer, init seed)."""
@@ -134,16 +149,16 @@ class LocalLora:
         return loss.item()
 
 
-def timed_block(step, n: int, pid: int | None) -> tuple[list[float], float, float, list[float]]:
-    """n calls of step(): their wall seconds, the CPU seconds per call of this process and of `pid` (the
-    service: 0 without one), and the losses."""
+def timed_block(step, n: int, service_cpu) -> tuple[list[float], float, float, list[float]]:
+    """n calls of step(): their wall seconds, the CPU seconds per call of this process and of the service
+    (`service_cpu()`; 0 without one), and the losses."""
     walls, losses = [], []
-    c0, s0 = time.process_time(), cpu_seconds(pid) if pid else 0.0
+    c0, s0 = time.process_time(), service_cpu() if service_cpu else 0.0
     for _ in range(n):
         t0 = time.perf_counter()
         losses.append(step())
         walls.append(time.perf_counter() - t0)
-    c1, s1 = time.process_time(), cpu_seconds(pid) if pid else 0.0
+    c1, s1 = time.process_time(), service_cpu() if service_cpu else 0.0
     return walls, (c1 - c0) / n, (s1 - s0) / n, losses
 
 
@@ -219,12 +234,13 @@ def main() -> None:
             local_loss, api_loss = [local_step()], [api_step()]  # warm-up: first-call costs, not counted
             walls = {"in-process": [], "API": []}
             cpus = {"in-process": [], "API": []}  # (this process, the service) per step, per block
+            service = lambda: service_cpu_seconds(proc.pid, Path(tmp) / "data")  # noqa: E731
             for _ in range(args.repeats):
-                for side, step, pid in (("in-process", local_step, None), ("API", api_step, proc.pid)):
-                    w, here, there, losses = timed_block(step, args.steps, pid)
+                for side, step, cpu_of in (("in-process", local_step, None), ("API", api_step, service)):
+                    w, here, there, losses = timed_block(step, args.steps, cpu_of)
                     walls[side] += w
                     cpus[side].append((here, there))
-                    (local_loss if pid is None else api_loss).extend(losses)
+                    (local_loss if cpu_of is None else api_loss).extend(losses)
             ms = {side: median_ms(w) for side, w in walls.items()}
             cpu = {side: statistics.median(a + b for a, b in c) * 1000 for side, c in cpus.items()}
             api_service = statistics.median(b for _, b in cpus["API"]) * 1000
@@ -237,8 +253,8 @@ def main() -> None:
                   f"{cpu[side] / cpu['in-process']:.2f}x"] for side in ms]
                 + [["API: the service only", "", round(api_service), "", f"{api_service / cpu['in-process']:.2f}x"],
                    ["API: the SDK only", "", round(api_sdk), "", ""]],
-                note=f"CPU ms/step: medians over blocks; the API's is the service process's plus this process's (the "
-                     f"SDK's). Losses (the same step gives the same loss):\n"
+                note=f"CPU ms/step: medians over blocks; the API's is the service's (its process and its base's worker "
+                     f"process) plus this process's (the SDK's). Losses (the same step gives the same loss):\n"
                      f"  in-process {[round(x, 2) for x in local_loss[:6]]} ...\n"
                      f"  API        {[round(x, 2) for x in api_loss[:6]]} ...")
 

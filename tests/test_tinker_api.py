@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 tinker = pytest.importorskip("tinker")
-from helpers import free_port, stop_process_group, users_service, wait_for_health, wait_until  # noqa: E402
+from helpers import (free_port, processes_mentioning, stop_process_group, users_service,  # noqa: E402
+                     wait_for_health, wait_until)
 from tinker import types  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("tinker_loop", Path(__file__).resolve().parent.parent / "examples"
@@ -368,6 +369,9 @@ def test_models_share_a_base_leave_memory_when_idle_and_survive_restarts(tmp_pat
         assert not np.allclose(trained, logprobs(other), atol=1e-3)  # two adapters, each its own weights
         wait_until(lambda: not any(m["resident"] for m in overview()) and gauge("trl_tinker_bases_loaded") == 0,
                    60, message="idle models saved and evicted, the base dropped")
+        workers = [cmd for _, cmd in processes_mentioning(str(tmp_path / "data"))
+                   if "providers.tinker_api.process" in cmd]
+        assert not workers, workers  # the base's process ended: its memory went back to the system
         usage = httpx.get(url + "/v1/admin/usage", headers=admin, timeout=30).json()["users"]
         resident = sum(f.stat().st_size for f in (tmp_path / "data" / "tinker" / "resident").rglob("*") if f.is_file())
         assert [u["bytes"] for u in usage if u["user"] == "alice"] == [resident] and resident > 0  # its quota's
@@ -477,3 +481,64 @@ def test_chunks_give_the_whole_batchs_gradient_and_the_sampler_the_trainers_logp
     replay = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})
     trainer = logprobs(tc, replay)[len(prompt) - 1:]
     np.testing.assert_allclose(np.array(seq.logprobs), trainer, atol=1e-4)
+
+
+def test_a_killed_base_process_fails_its_requests_and_the_service_goes_on(service, tiny_models):
+    """Each base runs in a process of its own (its command line names the service's data dir). One stopped
+    (SIGSTOP) with requests queued and then killed (SIGKILL): every pending future fails through the SDK
+    naming the kill and an error id; another base answers throughout; the base's next request starts a fresh
+    process, where the model that stepped since its last save says it lost its weights, its checkpoint loads
+    with the same logprobs as before, and a sampler of its sampler checkpoint samples the same tokens."""
+    url, data, _ = service
+    base = tiny_models["teacher"]  # a base of its own: the module's other models (on the student) go on
+    alice = tinker.ServiceClient(base_url=url, api_key=ALICE)  # a session of its own (max_models_per_session)
+
+    def workers() -> list[int]:
+        return [pid for pid, cmd in processes_mentioning(str(data))
+                if "providers.tinker_api.process" in cmd and base in cmd]
+
+    def pending() -> float:
+        text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {OPS}"}, timeout=30).text
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("trl_tinker_futures_pending ")))
+
+    tc = alice.create_lora_training_client(base_model=base, rank=4, seed=0).result()
+    ids = tc.get_tokenizer().encode(TEXT)[:8]
+    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]), loss_fn_inputs={"target_tokens": ids[1:]})
+    prompt, greedy = types.ModelInput.from_ints(ids[:4]), types.SamplingParams(max_tokens=4, temperature=0)
+
+    def logprobs(client):
+        return client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+    def step() -> list:
+        return [tc.forward_backward([datum], "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=1e-2))]
+
+    [f.result() for f in step()]
+    saved, saved_logprobs = tc.save_state("before-the-kill").result().path, logprobs(tc)
+    sampler = alice.create_sampling_client(model_path=tc.save_weights_for_sampler("before-the-kill").result().path
+                                           ).result()
+    sampled = sampler.sample(prompt, 1, greedy).result().sequences[0].tokens
+    [f.result() for f in step()]  # a step no save holds
+
+    pids = workers()
+    assert len(pids) == 1, f"no process of its own for base {base}: {pids}"
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        queued = [*step(), sampler.sample(prompt, 1, greedy)]
+        wait_until(lambda: pending() >= len(queued), 30, message="the requests queued on the stopped process")
+        student = alice.create_sampling_client(base_model=tiny_models["student"]).result()  # another base answers
+        assert student.sample(prompt, 1, greedy).result(timeout=60).sequences[0].tokens
+    finally:
+        os.kill(pids[0], signal.SIGKILL)
+    for future in queued:
+        with pytest.raises(tinker.RequestFailedError, match=rf"internal error [0-9a-f]{{12}}: the worker process .*"
+                           rf"\(pid {pids[0]}\) was killed by SIGKILL"):
+            future.result(timeout=60)
+    assert pending() == 0
+
+    with pytest.raises(tinker.RequestFailedError, match="lost its weights"):
+        tc.forward([datum], "cross_entropy").result(timeout=60)
+    restored = alice.create_training_client_from_state(saved).result(timeout=60)
+    np.testing.assert_allclose(logprobs(restored), saved_logprobs, atol=1e-5)
+    assert sampler.sample(prompt, 1, greedy).result(timeout=60).sequences[0].tokens == sampled
+    assert len(workers()) == 1 and workers() != pids  # a fresh process

@@ -13,6 +13,8 @@ is not initialised). For each job it forks a child that:
 - lowers its priority (niceness), changes to the job's cwd, replaces its environment with the job's,
   points stdin at /dev/null and stdout/stderr at the job's log file (the server's open file, passed
   over the socket), and shows the job's command line in /proc (so a restarted server recognises it),
+- inherits the other descriptors the server passed with the request (a Tinker base's channel to the
+  service: providers/tinker_api/worker.py), their numbers in its TRL_PASSED_FDS variable,
 - runs `-m MODULE args` (runpy, as `python -m` does) or `-c CODE`, and exits with its exit status.
 
 The zygote reaps its children and reports each exit status over the job's connection; `ZygoteProcess`
@@ -49,6 +51,8 @@ from ..training.preload import PRELOAD, preload, run_as_main, set_threads_from_e
 log = logging.getLogger("providers.jobs")
 
 READY_TIMEOUT_S = 120.0
+PASSED_FDS = "TRL_PASSED_FDS"  # a child's variable: the numbers of the descriptors passed to it (comma-separated)
+MAX_PASSED_FDS = 4
 
 
 # -- the server side -----------------------------------------------------------------------------------
@@ -174,13 +178,15 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def spawn(self, argv: list[str], stdout, cwd: str, env: dict[str, str], niceness: int = 0) -> ZygoteProcess:
-        """Fork a job; `stdout` is the open log file (stderr goes there too)."""
+    def spawn(self, argv: list[str], stdout, cwd: str, env: dict[str, str], niceness: int = 0,
+              pass_fds: tuple[int, ...] = ()) -> ZygoteProcess:
+        """Fork a job; `stdout` is the open log file (stderr goes there too). The child inherits `pass_fds`
+        too (their numbers in the child are in its PASSED_FDS variable), as subprocess.Popen's pass_fds."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(str(self.socket_path))
             request = json.dumps({"argv": argv, "cwd": cwd, "env": env, "niceness": niceness}).encode()
-            socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [stdout.fileno()])
+            socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [stdout.fileno(), *pass_fds])
             reply = b""
             while not reply.endswith(b"\n"):
                 chunk = conn.recv(4096)
@@ -278,12 +284,13 @@ def _stop_all() -> None:
 
 
 # -- the zygote process ----------------------------------------------------------------------------------
-def _recv_request(conn: socket.socket) -> tuple[dict, int]:
-    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
-    if len(fds) != 1 or len(data) < 8:
+def _recv_request(conn: socket.socket) -> tuple[dict, int, list[int]]:
+    """A job's request, its log file's descriptor and the descriptors passed on to it."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 1 + MAX_PASSED_FDS)
+    if not fds or len(data) < 8:
         for fd in fds:
             os.close(fd)
-        raise ValueError("expected one request with one file descriptor")
+        raise ValueError("expected one request with its log file's descriptor")
     size = int.from_bytes(data[:8], "big")
     body = data[8:]
     while len(body) < size:
@@ -291,10 +298,10 @@ def _recv_request(conn: socket.socket) -> tuple[dict, int]:
         if not chunk:
             raise ConnectionError("request cut short")
         body += chunk
-    return json.loads(body), fds[0]
+    return json.loads(body), fds[0], fds[1:]
 
 
-def _run_child(request: dict, log_fd: int) -> None:
+def _run_child(request: dict, log_fd: int, passed_fds: list[int]) -> None:
     """In the forked child: become the job, run it, exit. Never returns."""
     try:
         os.setsid()
@@ -315,6 +322,8 @@ def _run_child(request: dict, log_fd: int) -> None:
             sys.modules["setproctitle"].setproctitle(" ".join(argv))
         os.environ.clear()
         os.environ.update(request["env"])
+        if passed_fds:
+            os.environ[PASSED_FDS] = ",".join(map(str, passed_fds))
         set_threads_from_env()
     except BaseException:  # noqa: BLE001 - report like an interpreter would, then exit
         import traceback
@@ -361,7 +370,7 @@ def serve(socket_path: str) -> None:
         if ready:
             conn, _ = listener.accept()
             try:
-                request, log_fd = _recv_request(conn)
+                request, log_fd, passed_fds = _recv_request(conn)
             except Exception as e:  # noqa: BLE001 - a bad request must not stop the zygote
                 conn.sendall(json.dumps({"error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
                 conn.close()
@@ -374,8 +383,9 @@ def serve(socket_path: str) -> None:
                 for other in conns.values():
                     other.close()
                 conn.close()
-                _run_child(request, log_fd)
-            os.close(log_fd)
+                _run_child(request, log_fd, passed_fds)
+            for fd in (log_fd, *passed_fds):  # the child's alone: its peer sees EOF when it ends
+                os.close(fd)
             conns[pid] = conn
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         while conns:

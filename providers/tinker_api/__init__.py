@@ -5,7 +5,10 @@ same keys as the other routes (the SDK sends its key as X-API-Key).
     model.py    SharedBase: a base and its models' LoRA adapters (each with AdamW); forward_backward,
                 optim_step, sample, save/load on one adapter (tensors only)
     wire.py     the SDK's protobuf messages in and out
-    worker.py   BaseWorker (one base's thread: every request on it in arrival order) and the FutureTable
+    worker.py   BaseWorker (one base's thread in the service: every request on it in arrival order), the
+                BaseProcess it hands them to, and the FutureTable
+    process.py  a base's worker process (forked from the job zygote): holds the SharedBase, runs requests
+    channel.py  the messages between the two: a JSON header and bytes, length-prefixed
     limits.py   TinkerLimits: each bound and time-out, declared once (--tinker-config)
     service.py  sessions, models, samplers and their records on disk, eviction and restore, tinker:// paths,
                 ownership and limits
@@ -31,8 +34,10 @@ def install(app, core: ServiceCore) -> None:
     from .routes import tinker_router
     from .service import TinkerService
 
+    # Each base's process has a job's environment (the service's settings and secrets left out), so it is
+    # forked from the jobs' own zygote.
     svc = TinkerService(core.config.data_path, core.service.resolve_model, core.config.tinker,
-                        DiskQuota.of(core.config))
+                        DiskQuota.of(core.config), child_env=core.service.jobs.job_env)
     quotas = quotas_of(core.service)
     if quotas is not None:  # a user's checkpoints and resident saves count against its max_data_gb
         quotas.sources.append(svc.held_by_users)

@@ -108,8 +108,9 @@ class Adapter:
 class SharedBase:
     """A base model read once, and the LoRA adapters of every model trained or sampled on it, each a named
     peft adapter with its own optimizer; sampling of the base itself with the adapters off. Sessions on the
-    same base share it, as the hosted service does. Used from one thread (its BaseWorker): calls of different
-    adapters run one after the other, each with its own adapter active."""
+    same base share it, as the hosted service does. Held by its base's worker process (process.py), which runs
+    one request at a time: calls of different adapters run one after the other, each with its own adapter
+    active."""
 
     def __init__(self, base_path: str):
         self.base_path = base_path

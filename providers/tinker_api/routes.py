@@ -15,10 +15,10 @@ from ..access import can_see
 from ..errors import BadRequest, NotFound
 from .types import LogprobRequest, LoraSpec, UserInputError
 from .service import Gone, TinkerService
-from .wire import WireError, decode_forward_backward, parse_forward_backward, encode_forward_backward, encode_sample
+from .wire import WireError, decode_forward_backward, parse_forward_backward
 
 if TYPE_CHECKING:
-    from .model import SharedBase
+    from .worker import BaseProcess
 
 PROTOBUF = "application/x-protobuf"
 
@@ -184,8 +184,9 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         if PROTOBUF not in request.headers.get("content-type", "") or request.headers.get("content-encoding"):
             raise BadRequest(f"body: send a tinker_public.ForwardBackwardRequest as {PROTOBUF}, uncompressed "
                              "(client/config does not enable zstd)")
+        body = await request.body()
         try:
-            msg = parse_forward_backward(await request.body())
+            msg = parse_forward_backward(body)
             model_id = msg.model_id
             rec = svc.model(model_id)
             loss_fn, config, forward_only, data = decode_forward_backward(msg, rec.vocab_size,
@@ -201,10 +202,10 @@ def tinker_router(svc: TinkerService) -> APIRouter:
 
         tokens = sum(len(d.tokens) for d in data)
 
-        def work(base: SharedBase, name: str) -> bytes:
-            outputs, metrics = base.forward_backward(name, data, loss, config, forward_only)
+        def work(base: BaseProcess, name: str) -> bytes:
+            output, metrics = base.forward_backward(name, body, loss, forward_only)  # the body, as it came
             svc.stepped(rec, loss=metrics["loss:sum"], tokens=tokens)
-            return encode_forward_backward(outputs, metrics)
+            return output
 
         return submit(rec, work, "proto", model_id)
 
@@ -213,9 +214,8 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         rec = svc.model(body.model_id)
         p = body.adam_params
 
-        def work(base: SharedBase, name: str) -> dict:
-            metrics = base.optim_step(name, p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay,
-                                      p.grad_clip_norm)
+        def work(base: BaseProcess, name: str) -> dict:
+            metrics = base.optim_step(name, **p.model_dump())
             svc.stepped(rec, step=True)
             return {"type": "optim_step", "metrics": metrics}
 
@@ -229,7 +229,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
             raise BadRequest(f"path: {path} exists (overwrite: true replaces it)")
         meta = svc.checkpoint_meta(rec, body.ttl_seconds)
 
-        def work(base: SharedBase, name: str) -> dict:
+        def work(base: BaseProcess, name: str) -> dict:
             with svc.disk_claim(rec.owner, base.save_bytes(name, with_optimizer), directory, f"path: {path}"):
                 base.save(name, directory, with_optimizer=with_optimizer, meta=meta)
             svc.saved_checkpoint(directory, meta)
@@ -250,9 +250,10 @@ def tinker_router(svc: TinkerService) -> APIRouter:
                 raise BadRequest(f"kind: {body.kind!r} is not 'snapshot' or 'inflight'")
             sampler_id, sampler = svc.sampler_of_model(rec, live=body.kind == "inflight")
 
-            def take(base: SharedBase, name: str) -> dict:
+            def take(base: BaseProcess, name: str) -> dict:
                 if body.kind == "snapshot":
-                    sampler.snapshot = base.snapshot(name)
+                    base.snapshot(name, sampler_id)
+                    sampler.snapshot = sampler_id
                 return {"type": "save_weights_for_sampler", "sampling_session_id": sampler_id}
 
             return submit(rec, take, model_id=body.model_id)
@@ -272,7 +273,7 @@ def tinker_router(svc: TinkerService) -> APIRouter:
                                           body.base_model or meta["base_model"], lora)
             model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
-        def work(base: SharedBase, name: str) -> dict:
+        def work(base: BaseProcess, name: str) -> dict:
             base.load(name, directory, with_optimizer=body.optimizer)
             svc.stepped(rec, loaded=True)
             return {"type": "load_weights", "path": body.path, "model_id": model_id}
@@ -346,11 +347,13 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         want = LogprobRequest(bool(body.prompt_logprobs), body.topk_prompt_logprobs, body.topk_sample_logprobs)
         stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 
-        def work(base: SharedBase, name: str | None) -> bytes:
-            result = base.sample(name, prompt, body.num_samples, max_tokens, params.temperature, params.top_k,
-                                 params.top_p, params.seed, stop, want, None if rec.live else rec.snapshot)
-            svc.counts["sampled_tokens"] += sum(len(q["tokens"]) for q in result["sequences"])
-            return encode_sample(result)
+        def work(base: BaseProcess, name: str | None) -> bytes:
+            output, sampled = base.sample(name, None if rec.live else rec.snapshot, want, prompt=prompt,
+                                          num_samples=body.num_samples, max_tokens=max_tokens,
+                                          temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                          seed=params.seed, stop=stop)
+            svc.counts["sampled_tokens"] += sampled
+            return output
 
         out = submit(rec, work, "proto")
         out["sample_sequence_ids"] = [f"{out['request_id']}:{i}" for i in range(body.num_samples)]

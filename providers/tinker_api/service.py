@@ -1,6 +1,7 @@
-"""The Tinker API's state: sessions, training models (LoRA adapters on shared bases, each base on one
-BaseWorker), sampling sessions, futures and the `tinker://` checkpoints under DATA_DIR/tinker. Everything belongs to the user whose key created it;
-another user's ids answer as missing ones."""
+"""The Tinker API's state: sessions, training models (LoRA adapters on shared bases, each base in its own
+worker process behind a BaseWorker), sampling sessions, futures and the `tinker://` checkpoints under
+DATA_DIR/tinker. Everything belongs to the user whose key created it; another user's ids answer as missing
+ones."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +27,7 @@ from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
 from .types import LoraSpec, UserInputError
-from .worker import UNLOAD, BaseWorker, FutureTable
-
-if TYPE_CHECKING:  # model.py imports torch: the worker threads import it
-    from .model import SharedBase
+from .worker import UNLOAD, BaseProcess, BaseWorker, FutureTable
 
 log = logging.getLogger("providers.tinker_api")
 
@@ -110,7 +108,7 @@ class SamplerRecord:
     max_positions: int
     model_id: str | None = None
     model_path: str | None = None
-    snapshot: object = None  # an AdapterSnapshot (ephemeral, set in the worker's queue order) or None
+    snapshot: str | None = None  # the key of its weights' snapshot in its base's process (ephemeral), once taken
     live: bool = False  # sample the training model's weights as they are when the request runs
     adapter: str = ""  # a model_path sampler's adapter name on the base, while resident
     resident: bool = False
@@ -126,18 +124,24 @@ class SamplerRecord:
 
 class TinkerService:
     """Sessions, models and samplers of the Tinker API, and where their requests run: one BaseWorker per
-    base model, shared by every model on it. Records live in DATA_DIR/tinker/state, so a restarted service
-    knows every session and model; a model idle for `evict_after_s` (and every model at shutdown) is saved
-    to DATA_DIR/tinker/resident and leaves memory, and its next request restores it."""
+    base model, shared by every model on it, each running its base in a worker process of its own (started
+    with `child_env()`, the environment of the service's jobs). Records live in DATA_DIR/tinker/state, so a
+    restarted service knows every session and model; a model idle for `evict_after_s` (and every model at
+    shutdown) is saved to DATA_DIR/tinker/resident and leaves memory, and its next request restores it, as
+    after its base's process died."""
 
     def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None,
-                 disk_quota: DiskQuota | None = None):
+                 disk_quota: DiskQuota | None = None, child_env: Callable[[], dict[str, str]] | None = None):
+        self.dir = data_dir / "tinker"
         self.root = data_dir / "tinker" / "runs"
         self.state_dir = data_dir / "tinker" / "state"
         self.resident_dir = data_dir / "tinker" / "resident"
         self.resolve_model = resolve_model
         self.limits = limits or TinkerLimits()
         self.disk_quota = disk_quota  # what saves claim before writing (the users' max_data_gb and --max-data-gb)
+        if child_env is None:
+            from ..jobs.child_env import child_env
+        self.child_env = child_env
         self.futures = FutureTable(self.limits.keep_futures)
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, ModelRecord] = {}
@@ -214,6 +218,8 @@ class TinkerService:
         for rid, rec in gone:
             if rec is not None and rec.resident:
                 self.bases[rec.base_path].submit(None, lambda host, name=rec.adapter: host.remove(name))
+            if isinstance(rec, SamplerRecord):
+                self._drop_snapshot(rec)
             kind = "models" if isinstance(rec, ModelRecord) else "samplers"
             self._record_path(kind, rid).unlink(missing_ok=True)
             shutil.rmtree(self.resident_dir / rid.replace(":", "-"), ignore_errors=True)
@@ -271,16 +277,30 @@ class TinkerService:
         with self._lock:
             worker = self.bases.get(base_path)
             if worker is None:
-                worker = self.bases[base_path] = BaseWorker(base_path)
+                worker = self.bases[base_path] = BaseWorker(base_path, self._start_process, self._lost)
             return worker
 
-    def run_on(self, rec: ModelRecord | SamplerRecord, work: Callable[[SharedBase, str | None], Any],
+    def _start_process(self, base_path: str) -> BaseProcess:
+        return BaseProcess(base_path, self.dir, self.child_env())
+
+    def _lost(self, base_path: str) -> None:
+        """A base's process died: none of its models and samplers is in memory any more (its thread)."""
+        for rec in [*self.models.values(), *self.samplers.values()]:
+            if rec.base_path == base_path:
+                rec.resident, rec.adapter = False, ""
+
+    def _drop_snapshot(self, sampler: SamplerRecord) -> None:
+        """A forgotten sampler's weights snapshot leaves its base's process."""
+        if sampler.snapshot is not None and sampler.base_path in self.bases:
+            self.bases[sampler.base_path].submit(None, lambda host, key=sampler.snapshot: host.drop_snapshot(key))
+
+    def run_on(self, rec: ModelRecord | SamplerRecord, work: Callable[[BaseProcess, str | None], Any],
                kind: str = "json") -> str:
         """Queue `work(base, adapter_name)` for a model or sampler on its base's worker, with the model (or
         the checkpoint) restored there first if it is not in memory; the request id of its future."""
         rid, fut = self.futures.create(owner_name(), kind)
 
-        def run(host: SharedBase) -> Any:
+        def run(host: BaseProcess) -> Any:
             name = self._ensure(host, rec)
             self.counts["requests"] += 1
             return work(host, name)
@@ -288,10 +308,10 @@ class TinkerService:
         self._worker(rec.base_path).submit(fut, run)
         return rid
 
-    def _ensure(self, host: SharedBase, rec: ModelRecord | SamplerRecord) -> str | None:
+    def _ensure(self, host: BaseProcess, rec: ModelRecord | SamplerRecord) -> str | None:
         """The adapter `rec` runs with, in memory (its base's thread). A model comes back from its resident
-        save, or fresh if it never stepped; one that stepped since its last save (the service was killed)
-        cannot, and says so."""
+        save, or fresh if it never stepped; one that stepped since its last save (the service was killed, or
+        its base's process died) cannot, and says so."""
         rec.last_used = time.time()
         if isinstance(rec, SamplerRecord) and rec.model_id is not None:
             model = self.models.get(rec.model_id)
@@ -314,13 +334,13 @@ class TinkerService:
             model_id = rec.model_id
             saved = self.resident_dir / model_id.replace(":", "-")
             if rec.saved_version is not None and rec.saved_version == rec.version:
-                host.add(name, rec.lora, saved, with_optimizer=True)
-                host.adapters[name].version = rec.version
+                host.add(name, rec.lora, saved, with_optimizer=True, version=rec.version)
             elif rec.version == 0:
                 host.add(name, rec.lora)
             else:
                 raise UserInputError(
-                    f"model_id: {model_id} lost its weights when the service stopped without saving them "
+                    f"model_id: {model_id} lost its weights when the service (or its base's worker process) "
+                    "stopped without saving them "
                     f"({rec.version - (rec.saved_version or 0)} optimizer steps or loads since its last save); "
                     "load_weights from your last checkpoint (create_training_client_from_state)")
         rec.adapter, rec.resident = name, True
@@ -338,53 +358,45 @@ class TinkerService:
             except Exception:  # noqa: BLE001 - the janitor must outlive one bad round
                 log.exception("tinker janitor")
 
-    def evict_idle(self, idle_s: float, wait: bool = False) -> None:
+    def evict_idle(self, idle_s: float) -> None:
         """Save (to DATA_DIR/tinker/resident) and drop every model unused for `idle_s`, except one holding
-        gradients not yet stepped; then drop bases left without a model and unused as long."""
+        gradients not yet stepped; then end the processes of bases left without a model and unused as long
+        (their memory returns to the system)."""
         cutoff = time.time() - idle_s
-        done = []
         for model_id, rec in list(self.models.items()):
             if rec.resident and rec.last_used <= cutoff:
-                done.append(self._submit_evict(model_id, rec))
+                self._submit_evict(model_id, rec)
         for sampler_id, rec in list(self.samplers.items()):
             if rec.resident and rec.last_used <= cutoff:
                 self.bases[rec.base_path].submit(None, lambda host, r=rec: self._drop(host, r))
         for worker in list(self.bases.values()):
             if time.monotonic() - worker.last_used >= idle_s:
                 worker.submit(None, UNLOAD)
-        for event in done if wait else ():
-            event.wait(120)
 
-    def _submit_evict(self, model_id: str, rec: ModelRecord) -> threading.Event:
-        finished = threading.Event()
-
-        def evict(host: SharedBase) -> None:
-            try:
-                if not rec.resident or rec.adapter not in host.adapters or host.has_gradients(rec.adapter):
-                    return
-                saved = self.resident_dir / model_id.replace(":", "-")
-                host.save(rec.adapter, saved, with_optimizer=True, meta={"model_id": model_id,
-                                                                          "version": rec.version})
-                rec.saved_version = rec.version
-                self._save("models", model_id, rec.persisted())
-                self._drop(host, rec)
-            finally:
-                finished.set()
+    def _submit_evict(self, model_id: str, rec: ModelRecord) -> None:
+        def evict(host: BaseProcess) -> None:
+            if not rec.resident or rec.adapter not in host.adapters or host.has_gradients(rec.adapter):
+                return
+            saved = self.resident_dir / model_id.replace(":", "-")
+            host.save(rec.adapter, saved, with_optimizer=True, meta={"model_id": model_id, "version": rec.version})
+            rec.saved_version = rec.version
+            self._save("models", model_id, rec.persisted())
+            self._drop(host, rec)
 
         self.bases[rec.base_path].submit(None, evict)
-        return finished
 
     @staticmethod
-    def _drop(host: SharedBase, rec: ModelRecord | SamplerRecord) -> None:
+    def _drop(host: BaseProcess, rec: ModelRecord | SamplerRecord) -> None:
         host.remove(rec.adapter)
         rec.resident, rec.adapter = False, ""
 
     def shutdown(self) -> None:
-        """Every resident model saved (a restarted service restores them), then the workers stop."""
+        """Every resident model saved (a restarted service restores them), then the workers and their
+        processes stop (each worker's thread runs its queued saves first)."""
         self._stop.set()
-        self.evict_idle(0.0, wait=True)
+        self.evict_idle(0.0)
         for worker in list(self.bases.values()):
-            worker.stop(wait_s=5)
+            worker.stop(wait_s=120)
 
     # -- models --------------------------------------------------------------------------------------------
     def _add_member(self, s: Session, rid: str) -> None:
@@ -402,7 +414,7 @@ class TinkerService:
         mine = [m for m in s.members if m in self.samplers and self.samplers[m].model_id == sampler.model_id]
         for old in sorted(mine, key=lambda m: self.samplers[m].last_used)[:max(0, len(mine) - EPHEMERAL_SAMPLERS + 1)]:
             s.members.discard(old)
-            self.samplers.pop(old, None)
+            self._drop_snapshot(self.samplers.pop(old))
             self._record_path("samplers", old).unlink(missing_ok=True)
         s.members.add(rid)
         self.samplers[rid] = sampler

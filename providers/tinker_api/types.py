@@ -1,6 +1,6 @@
 """What the Tinker API's requests carry into the models (model.py) and what the wire (wire.py) and the routes
 check against, without torch: the service imports these at start; model.py, which imports torch, is imported
-by the worker thread that first loads a base model."""
+by a base's worker process (process.py) only."""
 
 from __future__ import annotations
 
