@@ -119,9 +119,9 @@ class Executor:
 
 def serve(sock: socket.socket, base_path: str) -> int:
     """Read the base, say so (or why not), then answer each request until `exit` or the service is gone."""
-    from ..training.efficiency import without_bitsandbytes
+    from ..training.optional_imports import leave_out
 
-    without_bitsandbytes()  # as a training process: peft would import it (and torch inductor) for nothing
+    leave_out()  # as a training process: peft and TRL would import them for nothing (a spawned process)
     from .model import SharedBase
 
     try:
