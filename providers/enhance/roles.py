@@ -7,13 +7,17 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import openai
-
 from ..errors import BadRequest
 from ..outbound import Endpoint, declared, pick_endpoint
 from .config import RoleConfig
 
-RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+
+
+def retryable() -> tuple[type[Exception], ...]:
+    """The openai SDK's errors worth another try (429, 5xx, timeouts, connections)."""
+    import openai  # here, not at import: the service starts without the SDK (0.44 s), which only enhancement uses
+
+    return openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError
 
 
 def role_target(field: str, config: RoleConfig, endpoints: Mapping[str, Endpoint], local_base_url: str | None,
@@ -55,6 +59,8 @@ class ChatRole:
 
     def __post_init__(self):
         # Retries are ours (counted, and with the configured backoff), not the client's.
+        import openai
+
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
                                          timeout=self.config.timeout_s, max_retries=0)
 
@@ -76,12 +82,14 @@ class ChatRole:
         cfg = self.config
         if cfg.system_prompt and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        import openai
+
         for attempt in range(cfg.max_retries + 1):
             self.stats.requests += 1
             try:
                 r = await self.client.chat.completions.create(
                     model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-            except RETRYABLE as e:
+            except retryable() as e:
                 if attempt == cfg.max_retries:
                     self.stats.failures += 1
                     raise RuntimeError(f"{self.name} ({cfg.model} at {self.base_url}): {type(e).__name__} after "
