@@ -33,6 +33,7 @@ import os
 import shutil
 from typing import Any
 
+from .devices import cuda_available
 from .methods import METHODS
 from .optional_imports import bring_back
 from .spec import EfficiencySpec, JobSpec
@@ -45,9 +46,11 @@ def _has(module: str) -> bool:
 
 
 def _cuda_capability() -> tuple[int, int] | None:
-    import torch  # here, not at import: the API layer imports this module for its checks
+    if not cuda_available():  # no GPU driver: the API layer's checks import no torch
+        return None
+    import torch
 
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return torch.cuda.get_device_capability()
 
 
 @functools.lru_cache(maxsize=1)
@@ -174,9 +177,7 @@ def chunked_lm_head(spec: JobSpec) -> bool:
     own logits are used."""
     chosen = spec.efficiency.chunked_lm_head
     if chosen is None:
-        import torch
-
-        return torch.cuda.is_available()
+        return cuda_available()
     return chosen
 
 
