@@ -122,7 +122,7 @@ def check_mesh(fsdp: FsdpSpec | None, torch_run) -> None:
     """Refuse an FSDP mesh that the job's world cannot form (it does not depend on any host)."""
     if fsdp is not None:
         from ..errors import client_errors
-        from ..training.fsdp import mesh_shape
+        from ..training.spec import mesh_shape
 
         with client_errors():  # the core's message names the fsdp_config field
             mesh_shape(fsdp, torch_run.nproc_per_node * torch_run.nnodes, torch_run.nproc_per_node)

@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 
 from .devices import backend
 from .run_files import write_atomically
-from .spec import FsdpSpec, JobSpec
+from .spec import JobSpec, mesh_shape
 
 log = logging.getLogger("providers.training")
 
@@ -112,23 +112,6 @@ def decoder_layer_class(model_path: str, override: str | None = None) -> str:
     if not layers:
         raise ValueError(f"fsdp_config.wrap_layer_cls: cannot find the decoder layer class of {model_path}; name it")
     return sorted(layers)[0]
-
-
-def mesh_shape(fsdp: FsdpSpec, world_size: int, nproc_per_node: int) -> tuple[int, int] | None:
-    """(replicate, shard) for a 2-D mesh, or None for a 1-D mesh over all ranks. Raises ValueError on a
-    combination that would train wrongly or shard nothing."""
-    if fsdp.sharding_strategy == "HYBRID_SHARD":
-        shard = fsdp.shard_group_size or nproc_per_node
-        if shard < 2:
-            raise ValueError(
-                "fsdp_config.sharding_strategy: HYBRID_SHARD with one process per shard group shards nothing "
-                "(FSDP1 would silently skip the cross-node all-reduce); use NO_SHARD, or set nproc_per_node or "
-                "shard_group_size >= 2"
-            )
-        if world_size % shard:
-            raise ValueError(f"fsdp_config.shard_group_size: {shard} does not divide the world size {world_size}")
-        return (world_size // shard, shard)
-    return None
 
 
 def fsdp_trainer_args(spec: JobSpec) -> dict[str, Any]:

@@ -130,6 +130,23 @@ class FsdpSpec(Strict):
     shard_group_size: Count | None = None  # HYBRID_SHARD: ranks per shard group
 
 
+def mesh_shape(fsdp: FsdpSpec, world_size: int, nproc_per_node: int) -> tuple[int, int] | None:
+    """(replicate, shard) for a 2-D mesh, or None for a 1-D mesh over all ranks. Raises ValueError on a
+    combination that would train wrongly or shard nothing."""
+    if fsdp.sharding_strategy == "HYBRID_SHARD":
+        shard = fsdp.shard_group_size or nproc_per_node
+        if shard < 2:
+            raise ValueError(
+                "fsdp_config.sharding_strategy: HYBRID_SHARD with one process per shard group shards nothing "
+                "(FSDP1 would silently skip the cross-node all-reduce); use NO_SHARD, or set nproc_per_node or "
+                "shard_group_size >= 2"
+            )
+        if world_size % shard:
+            raise ValueError(f"fsdp_config.shard_group_size: {shard} does not divide the world size {world_size}")
+        return (world_size // shard, shard)
+    return None
+
+
 class LoggingSpec(Strict):
     logging_steps: Count = 1
     tensorboard: bool = False
