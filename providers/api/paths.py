@@ -4,6 +4,11 @@ Every error is a ValueError naming the request field."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib
+import importlib.util
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -227,25 +232,56 @@ def result_name_of(finetuned_model: str, field: str = "finetuned_model") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
+def transformers_table(module: str, name: str) -> dict[str, str]:
+    """A table of transformers' auto classes (model_type -> class name), read from its source: importing its
+    auto modules imports torch (2-3.6 s of CPU on a service's first request) for a table of strings. The
+    import where the source no longer holds the table as a literal."""
+    origin = importlib.util.find_spec("transformers").origin
+    source = Path(origin).parent / "models" / "auto" / f"{module}.py"
+    try:
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+                return dict(ast.literal_eval(node.value.args[0]))  # OrderedDict([(type, class), ...])
+    except (OSError, SyntaxError, ValueError, AttributeError, IndexError, TypeError):
+        pass
+    return dict(getattr(importlib.import_module(f"transformers.models.auto.{module}"), name))
+
+
+def known_model_type(model_type: object) -> bool:
+    """A model_type transformers has a model of: a causal LM's, or one of its model packages."""
+    if not isinstance(model_type, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", model_type):
+        return False
+    if model_type in transformers_table("modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return True
+    models = Path(importlib.util.find_spec("transformers").origin).parent / "models"
+    return (models / model_type.replace("-", "_")).is_dir()
+
+
 def check_model_path(path: str, field: str) -> None:
     """A local directory holding a causal LM config; the message names the field."""
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise BadRequest(f"{field}: {path!r} is not a local model directory (no config.json there)")
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     try:
-        config = AutoConfig.from_pretrained(str(p))
-    except Exception as e:  # noqa: BLE001 - any load failure is bad input
-        raise BadRequest(f"{field}: {path!r} has a config that does not load: {e}") from None
-    archs = config.architectures or []
+        if (p / "config.json").stat().st_size > 4 << 20:
+            raise ValueError("config.json is over 4 MiB")
+        config = json.loads((p / "config.json").read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError("config.json holds no JSON object with a model_type")
+        model_type = config["model_type"]
+        if not known_model_type(model_type):
+            raise ValueError(f"model_type {str(model_type)[:100]!r} is not one this service's transformers knows")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # any load failure is bad input
+        raise BadRequest(f"{field}: {path!r} has a config that does not load: {type(e).__name__}: {e}") from None
+    archs = config.get("architectures") or []
+    causal = transformers_table("modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
     if archs:
         # The classes the checkpoint was saved from decide: a BERT encoder ("BertModel", "BertForMaskedLM")
         # has model_type 'bert', which the causal-LM mapping also lists (BertLMHeadModel), yet it is no causal LM.
-        causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        is_causal = any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        causal_classes = set(causal.values())
+        is_causal = any(a in causal_classes or str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     else:
-        is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        is_causal = model_type in causal
     if not is_causal:
-        raise BadRequest(f"{field}: {path!r} is a {config.model_type!r} model ({archs}), not a causal LM")
+        raise BadRequest(f"{field}: {path!r} is a {model_type!r} model ({archs}), not a causal LM")
