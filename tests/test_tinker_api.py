@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 tinker = pytest.importorskip("tinker")
-from helpers import (free_port, processes_mentioning, stop_process_group, users_service,  # noqa: E402
-                     wait_for_health, wait_until)
+from helpers import (free_port, processes_mentioning, stop_process_group, token_service,  # noqa: E402
+                     users_service, wait_for_health, wait_until)
 from tinker import types  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("tinker_loop", Path(__file__).resolve().parent.parent / "examples"
@@ -327,6 +327,22 @@ def test_saves_past_the_users_disk_quota_are_refused_before_writing(service, tin
     held = next(u["bytes"] for u in usage["users"] if u["user"] == "dave")
     on_disk = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
     assert held == on_disk and held + on_disk / len(saved) > DAVE_QUOTA, (held, on_disk)
+
+
+def test_saves_past_the_data_dirs_max_data_gb_are_refused_before_writing(tmp_path, tiny_models):
+    """--max-data-gb counts what Tinker wrote under DATA_DIR/tinker: with room for one sampler save of a
+    rank-1 model (about 213 kB), the second fails through the SDK naming the flag and writes nothing."""
+    limit = 300_000  # bytes
+    with token_service(tmp_path, ALICE, str(Path(tiny_models["student"]).parent),
+                       "--max-data-gb", str(limit / 2**30)) as (url, data, _):
+        tc = tinker.ServiceClient(base_url=url, api_key=ALICE).create_lora_training_client(
+            base_model=tiny_models["student"], rank=1).result()
+        first = tc.save_weights_for_sampler("first").result(timeout=60).path
+        with pytest.raises(tinker.RequestFailedError, match="--max-data-gb"):
+            tc.save_weights_for_sampler("second").result(timeout=60)
+        run_dir = data / "tinker" / "runs" / tc.model_id.replace(":", "-")
+        assert first.endswith("/first") and (run_dir / "sampler_weights" / "first" / "tinker.json").exists()
+        assert not (run_dir / "sampler_weights" / "second").exists()
 
 
 def test_metrics_count_sessions_and_resident_models(service, trained):

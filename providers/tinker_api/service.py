@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..access import can_see, current, owner_name
 from ..errors import BadRequest, ClientError, NotFound
-from ..remote_fsdp.service.quota import USER, Held
+from ..remote_fsdp.service.quota import DATA_DIR, USER, Held
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
@@ -675,12 +675,14 @@ class TinkerService:
 
     def held_by_users(self) -> Iterator[Held]:
         """What users hold here (quota.UserQuotas' source): each checkpoint by its owner, each resident save
-        (an evicted model's) by its model's owner."""
+        (an evicted model's) by its model's owner; both count against --max-data-gb too (DATA_DIR/tinker is
+        not one of the data dir quota's own dirs)."""
         for meta_file in self.root.glob("*/*/*/tinker.json"):
             meta = _read_record(meta_file.parent)
             if meta is not None:
-                yield meta.get("owner"), meta_file.parent, USER, meta.get("created")  # rewritten: created anew
+                # a rewritten checkpoint is created anew: its size is read again
+                yield meta.get("owner"), meta_file.parent, USER | DATA_DIR, meta.get("created")
         for model_id, rec in list(self.models.items()):
             saved = self.resident_dir / model_id.replace(":", "-")
             if rec.saved_version is not None:
-                yield rec.owner, saved, USER, rec.saved_version
+                yield rec.owner, saved, USER | DATA_DIR, rec.saved_version
