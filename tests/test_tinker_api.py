@@ -301,8 +301,9 @@ def test_topk_logprobs_are_the_models_most_likely_tokens(service, tiny_models):
         sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
                        topk_sample_logprobs=over).result(timeout=60)
     # the hosted service's other prompt-scoring options are refused by name, never ignored
+    targets = types.TensorData.from_numpy(np.ones((len(ids) - 1, 1), np.int64))
     for option, value in (("prompt_logprobs_last_n", 2), ("prompt_alt_tokens_k", 2),
-                          ("target_prompt_logprobs", types.TensorData.from_numpy(np.ones((len(ids) - 1, 1), np.int64)))):
+                          ("target_prompt_logprobs", targets)):
         with pytest.raises(tinker.BadRequestError, match=f"{option}: not supported"):
             sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
                            include_prompt_logprobs=True, **{option: value}).result(timeout=60)
