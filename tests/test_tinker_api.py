@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 tinker = pytest.importorskip("tinker")
-from helpers import (free_port, processes_mentioning, stop_process_group, users_service,  # noqa: E402
-                     wait_for_health, wait_until)
+from helpers import (free_port, processes_mentioning, stop_process_group, token_service,  # noqa: E402
+                     users_service, wait_for_health, wait_until)
 from tinker import types  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("tinker_loop", Path(__file__).resolve().parent.parent / "examples"
@@ -52,7 +52,8 @@ def service(tmp_path_factory, tiny_models):
     models_root = str(Path(tiny_models["student"]).parent)
     root = tmp_path_factory.mktemp("tinker")
     (root / "tinker.yaml").write_text(yaml.safe_dump({"tinker": {"min_checkpoint_ttl_s": 1}}))  # expiry in seconds
-    with users_service(root, USERS, models_root, "--tinker-config", str(root / "tinker.yaml")) as (url, data, log):
+    with users_service(root, USERS, models_root, "--tinker-config", str(root / "tinker.yaml"),
+                       "--model-dir", models_root) as (url, data, log):
         yield url, data, log
 
 
@@ -193,6 +194,19 @@ def test_rest_client_lists_own_training_runs_and_checkpoints(service, trained):
     assert {state, sampler_path} <= set(listed)
     assert listed[state].checkpoint_type == "training" and listed[state].checkpoint_id == "weights/listed"
     assert listed[sampler_path].checkpoint_type == "sampler" and listed[state].size_bytes > 0
+    assert run.user_metadata is None
+    # user_metadata given at create_model comes back with the run; too much is a 400 naming the field
+    labelled = tinker.ServiceClient(base_url=service[0], api_key=ALICE).create_lora_training_client(
+        base_model=tc.get_info().model_data.model_name, rank=1, user_metadata={"experiment": "ttl-7"}).result()
+    assert rest.get_training_run(labelled.model_id).result().user_metadata == {"experiment": "ttl-7"}
+    by_id = {r.training_run_id: r for r in rest.list_training_runs(limit=100).result().training_runs}
+    assert by_id[labelled.model_id].user_metadata == {"experiment": "ttl-7"}
+    with pytest.raises(tinker.BadRequestError, match="user_metadata: .* over this service's limit"):
+        tinker.ServiceClient(base_url=service[0], api_key=ALICE).create_lora_training_client(
+            base_model=tc.get_info().model_data.model_name, rank=1, user_metadata={"k": "x" * 5000}).result(timeout=60)
+    # the base models under --model-dir, as the SDK's get_server_capabilities reads them
+    supported = [m.model_name for m in rest.get_server_capabilities().result().supported_models]
+    assert tc.get_info().model_data.model_name in supported, supported
     # another user sees none of it
     carol = tinker.RestClient(base_url=service[0], api_key=CAROL)
     assert tc.model_id not in [r.training_run_id for r in carol.list_training_runs(limit=100).result().training_runs]
@@ -216,9 +230,20 @@ def test_checkpoints_expire_after_their_ttl_and_the_owner_deletes_them(service, 
     assert listed[kept].expires_at is None
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds: 0 is outside"):
         tc.save_state("never", ttl_seconds=0).result(timeout=60)
+    # a ttl set after the save (set_checkpoint_ttl_from_tinker_path): same bounds, owner only, then honoured
+    renewed = tc.save_state("renewed").result().path
+    with pytest.raises(tinker.BadRequestError, match="ttl_seconds: 0 is outside"):
+        rest.set_checkpoint_ttl_from_tinker_path(renewed, 0).result(timeout=60)
+    with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
+        tinker.RestClient(base_url=service[0], api_key=CAROL).set_checkpoint_ttl_from_tinker_path(
+            renewed, 2).result(timeout=60)
+    rest.set_checkpoint_ttl_from_tinker_path(renewed, 2).result(timeout=60)
+    renewed_at = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}[renewed]
+    assert 0 < renewed_at.expires_at.timestamp() - time.time() < 2.1, renewed_at
 
     run_dir = service[1] / "tinker" / "runs" / tc.model_id.replace(":", "-")
-    wait_until(lambda: listed[state].expires_at.timestamp() < time.time(), 10, message="the ttl passed")
+    wait_until(lambda: max(listed[state].expires_at, renewed_at.expires_at).timestamp() < time.time(), 10,
+               message="the ttl passed")
     with pytest.raises(tinker.NotFoundError, match="no checkpoint"):  # loaded before any listing
         alice.create_training_client_from_state(state).result(timeout=60)
     with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
@@ -227,7 +252,8 @@ def test_checkpoints_expire_after_their_ttl_and_the_owner_deletes_them(service, 
     assert not (run_dir / "weights" / "short-lived").exists()
     assert not (run_dir / "sampler_weights" / "short-lived-sampler").exists()
     listed = [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
-    assert kept in listed and state not in listed and sampler_path not in listed
+    assert kept in listed and state not in listed and sampler_path not in listed and renewed not in listed
+    assert not (run_dir / "weights" / "renewed").exists()
 
     carol = tinker.RestClient(base_url=service[0], api_key=CAROL)
     with pytest.raises(tinker.NotFoundError, match="no checkpoint"):
@@ -274,6 +300,13 @@ def test_topk_logprobs_are_the_models_most_likely_tokens(service, tiny_models):
     with pytest.raises(tinker.BadRequestError, match=f"topk_sample_logprobs: {over} is over"):
         sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
                        topk_sample_logprobs=over).result(timeout=60)
+    # the hosted service's other prompt-scoring options are refused by name, never ignored
+    targets = types.TensorData.from_numpy(np.ones((len(ids) - 1, 1), np.int64))
+    for option, value in (("prompt_logprobs_last_n", 2), ("prompt_alt_tokens_k", 2),
+                          ("target_prompt_logprobs", targets)):
+        with pytest.raises(tinker.BadRequestError, match=f"{option}: not supported"):
+            sampler.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=2),
+                           include_prompt_logprobs=True, **{option: value}).result(timeout=60)
 
 
 def test_saves_past_the_users_disk_quota_are_refused_before_writing(service, tiny_models):
@@ -295,6 +328,22 @@ def test_saves_past_the_users_disk_quota_are_refused_before_writing(service, tin
     held = next(u["bytes"] for u in usage["users"] if u["user"] == "dave")
     on_disk = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
     assert held == on_disk and held + on_disk / len(saved) > DAVE_QUOTA, (held, on_disk)
+
+
+def test_saves_past_the_data_dirs_max_data_gb_are_refused_before_writing(tmp_path, tiny_models):
+    """--max-data-gb counts what Tinker wrote under DATA_DIR/tinker: with room for one sampler save of a
+    rank-1 model (about 213 kB), the second fails through the SDK naming the flag and writes nothing."""
+    limit = 300_000  # bytes
+    with token_service(tmp_path, ALICE, str(Path(tiny_models["student"]).parent),
+                       "--max-data-gb", str(limit / 2**30)) as (url, data, _):
+        tc = tinker.ServiceClient(base_url=url, api_key=ALICE).create_lora_training_client(
+            base_model=tiny_models["student"], rank=1).result()
+        first = tc.save_weights_for_sampler("first").result(timeout=60).path
+        with pytest.raises(tinker.RequestFailedError, match="--max-data-gb"):
+            tc.save_weights_for_sampler("second").result(timeout=60)
+        run_dir = data / "tinker" / "runs" / tc.model_id.replace(":", "-")
+        assert first.endswith("/first") and (run_dir / "sampler_weights" / "first" / "tinker.json").exists()
+        assert not (run_dir / "sampler_weights" / "second").exists()
 
 
 def test_metrics_count_sessions_and_resident_models(service, trained):

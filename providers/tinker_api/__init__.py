@@ -37,7 +37,8 @@ def install(app, core: ServiceCore) -> None:
     # Each base's process has a job's environment (the service's settings and secrets left out), so it is
     # forked from the jobs' own zygote.
     svc = TinkerService(core.config.data_path, core.service.resolve_model, core.config.tinker,
-                        DiskQuota.of(core.config), child_env=core.service.jobs.job_env)
+                        DiskQuota.of(core.config), child_env=core.service.jobs.job_env,
+                        model_dirs=core.config.model_dirs)
     quotas = quotas_of(core.service)
     if quotas is not None:  # a user's checkpoints and resident saves count against its max_data_gb
         quotas.sources.append(svc.held_by_users)

@@ -40,6 +40,11 @@ class CreateModel(_Body):
     model_seq_id: int = Field(ge=0)
     base_model: str
     lora_config: LoraConfigBody = Field(default_factory=LoraConfigBody)
+    user_metadata: dict[str, str] | None = None  # kept with the run: training_runs answers it
+
+
+class CheckpointTtl(_Body):
+    ttl_seconds: int | None  # None: never expires
 
 
 class ModelRef(_Body):
@@ -113,6 +118,9 @@ class Sample(_Body):
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = Field(0, ge=0)
     topk_sample_logprobs: int = Field(0, ge=0)
+    target_prompt_logprobs: Any = None  # not served: refused by name, never ignored
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
 
 
 class FutureRef(_Body):
@@ -166,10 +174,16 @@ def tinker_router(svc: TinkerService) -> APIRouter:
     async def telemetry() -> dict:
         return {"status": "accepted"}  # the SDK's own telemetry: not kept
 
+    @r.get("/get_server_capabilities")
+    async def server_capabilities() -> dict:
+        return {"supported_models": [{"model_name": m, "trainable": True, "sampleable": True}
+                                     for m in await asyncio.to_thread(svc.base_models)]}
+
     @r.post("/create_model")
     async def create_model(body: CreateModel) -> dict:
         lora = LoraSpec(**body.lora_config.model_dump())
-        rec = await asyncio.to_thread(svc.new_model, body.session_id, body.model_seq_id, body.base_model, lora)
+        rec = await asyncio.to_thread(svc.new_model, body.session_id, body.model_seq_id, body.base_model, lora,
+                                      body.user_metadata)
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
         return submit(rec, lambda base, name: {"model_id": model_id, "type": "create_model"}, model_id=model_id)
 
@@ -305,6 +319,11 @@ def tinker_router(svc: TinkerService) -> APIRouter:
         await asyncio.to_thread(svc.delete_checkpoint, run_id, checkpoint_id)
         return {}
 
+    @r.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")  # checkpoint_id: KIND/NAME
+    async def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: CheckpointTtl) -> dict:
+        await asyncio.to_thread(svc.set_checkpoint_ttl, run_id, checkpoint_id, body.ttl_seconds)
+        return {}
+
     @r.post("/create_sampling_session")
     async def create_sampling_session(body: CreateSamplingSession) -> dict:
         sampler_id = await asyncio.to_thread(svc.new_sampler, body.session_id, body.base_model, body.model_path)
@@ -344,6 +363,15 @@ def tinker_router(svc: TinkerService) -> APIRouter:
             if getattr(body, name) > limits.max_topk_logprobs:
                 raise BadRequest(f"{name}: {getattr(body, name)} is over this service's limit of "
                                  f"{limits.max_topk_logprobs}")
+        # Not served here (the hosted service's prefix-cache and alt-token features): refused by name.
+        if body.target_prompt_logprobs is not None:
+            raise BadRequest("target_prompt_logprobs: not supported by this service (prompt_logprobs and "
+                             "topk_prompt_logprobs are)")
+        if body.prompt_alt_tokens_k:
+            raise BadRequest("prompt_alt_tokens_k: not supported by this service (must be 0)")
+        if body.prompt_logprobs_last_n is not None:
+            raise BadRequest("prompt_logprobs_last_n: not supported by this service (prompt_logprobs scores "
+                             "the whole prompt)")
         want = LogprobRequest(bool(body.prompt_logprobs), body.topk_prompt_logprobs, body.topk_sample_logprobs)
         stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 

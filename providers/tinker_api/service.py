@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..access import can_see, current, owner_name
 from ..errors import BadRequest, ClientError, NotFound
-from ..remote_fsdp.service.quota import USER, Held
+from ..remote_fsdp.service.quota import DATA_DIR, USER, Held
 from ..remote_fsdp.service.security import DiskQuota, QuotaExceeded, bytes_under
 from ..state_files import load_state, save_state
 from .limits import TinkerLimits
@@ -33,6 +33,7 @@ log = logging.getLogger("providers.tinker_api")
 
 RUN_ID = re.compile(r"[0-9a-f]{32}:train:\d{1,9}")
 CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+USER_METADATA_BYTES = 4096  # a run's user_metadata as JSON: a label, not a store
 KINDS = {"weights": "weights", "sampler_weights": "sampler_weights"}
 LOSS_HISTORY = 500  # losses a model keeps for the dashboard's curve
 EPHEMERAL_SAMPLERS = 8  # samplers of a model's own weights kept per model (the SDK makes one per RL step)
@@ -87,13 +88,15 @@ class ModelRecord:
     adapter: str = ""  # its adapter's name on the base, while resident
     resident: bool = False
     model_id: str = ""
+    user_metadata: dict[str, str] | None = None  # the client's, from create_model (bounded: USER_METADATA_BYTES)
     losses: list[float] = field(default_factory=list)  # the last LOSS_HISTORY forward_backward losses (memory only)
 
     def persisted(self) -> dict:
         return {"owner": self.owner, "session_id": self.session_id, "base_ref": self.base_ref,
                 "base_path": self.base_path, "lora": asdict(self.lora), "vocab_size": self.vocab_size,
                 "max_positions": self.max_positions, "version": self.version, "saved_version": self.saved_version,
-                "steps": self.steps, "last_loss": self.last_loss, "tokens": self.tokens, "last_used": self.last_used}
+                "steps": self.steps, "last_loss": self.last_loss, "tokens": self.tokens, "last_used": self.last_used,
+                "user_metadata": self.user_metadata}
 
 
 @dataclass
@@ -131,12 +134,14 @@ class TinkerService:
     after its base's process died."""
 
     def __init__(self, data_dir: Path, resolve_model, limits: TinkerLimits | None = None,
-                 disk_quota: DiskQuota | None = None, child_env: Callable[[], dict[str, str]] | None = None):
+                 disk_quota: DiskQuota | None = None, child_env: Callable[[], dict[str, str]] | None = None,
+                 model_dirs: list[str] | None = None):
         self.dir = data_dir / "tinker"
         self.root = data_dir / "tinker" / "runs"
         self.state_dir = data_dir / "tinker" / "state"
         self.resident_dir = data_dir / "tinker" / "resident"
         self.resolve_model = resolve_model
+        self.model_dirs = model_dirs or []  # the operator's --model-dir: get_server_capabilities lists them
         self.limits = limits or TinkerLimits()
         self.disk_quota = disk_quota  # what saves claim before writing (the users' max_data_gb and --max-data-gb)
         if child_env is None:
@@ -419,8 +424,12 @@ class TinkerService:
         s.members.add(rid)
         self.samplers[rid] = sampler
 
-    def new_model(self, sid: str, model_seq_id: int, base_ref: str, lora: LoraSpec) -> ModelRecord:
+    def new_model(self, sid: str, model_seq_id: int, base_ref: str, lora: LoraSpec,
+                  user_metadata: dict[str, str] | None = None) -> ModelRecord:
         s = self.session(sid)
+        if user_metadata is not None and len(json.dumps(user_metadata)) > USER_METADATA_BYTES:
+            raise BadRequest(f"user_metadata: {len(json.dumps(user_metadata))} bytes as JSON, over this "
+                             f"service's limit of {USER_METADATA_BYTES}")
         model_id = f"{sid}:train:{model_seq_id}"
         if model_id in self.models:
             raise BadRequest(f"model_seq_id: {model_seq_id} is already a model of this session")
@@ -430,7 +439,7 @@ class TinkerService:
         with self._lock:
             self._add_member(s, model_id)
             rec = self.models[model_id] = ModelRecord(owner_name(), sid, base_ref, base_path, lora, vocab, positions,
-                                                      model_id=model_id)
+                                                      model_id=model_id, user_metadata=user_metadata)
         self._save("models", model_id, rec.persisted())
         return rec
 
@@ -544,9 +553,11 @@ class TinkerService:
         rec = self.models.get(run_id)
         if rec is not None and can_see(rec.owner):
             owner, base, rank, last = rec.owner, rec.base_ref, rec.lora.rank, rec.last_used
+            user_metadata = rec.user_metadata
         elif checkpoints:
             meta = checkpoints[-1]["_meta"]
             owner, base, rank, last = meta["owner"], meta["base_model"], meta["lora"]["rank"], meta["created"]
+            user_metadata = meta.get("user_metadata")
         else:
             return None
         public = [{k: v for k, v in c.items() if k != "_meta"} for c in checkpoints]
@@ -554,7 +565,8 @@ class TinkerService:
                   for t in ("training", "sampler")}
         return {"training_run_id": run_id, "base_model": base, "model_owner": owner or "", "is_lora": True,
                 "lora_rank": rank, "corrupted": False, "last_request_time": _iso(last),
-                "last_checkpoint": latest["training"], "last_sampler_checkpoint": latest["sampler"]}
+                "last_checkpoint": latest["training"], "last_sampler_checkpoint": latest["sampler"],
+                "user_metadata": user_metadata}
 
     def training_runs(self) -> list[dict]:
         """The caller's runs (its resident models, and every model that saved a checkpoint), newest first."""
@@ -578,13 +590,35 @@ class TinkerService:
     def checkpoint_meta(self, rec: ModelRecord, ttl_seconds: int | None = None) -> dict:
         """A checkpoint's record (tinker.json); with `ttl_seconds`, when it expires."""
         meta = {"owner": rec.owner, "model_id": rec.model_id, "base_model": rec.base_ref,
-                "lora": rec.lora.__dict__, "created": time.time()}
+                "lora": rec.lora.__dict__, "created": time.time(), "user_metadata": rec.user_metadata}
         if ttl_seconds is not None:
-            low, high = self.limits.min_checkpoint_ttl_s, self.limits.max_checkpoint_ttl_s
-            if not low <= ttl_seconds <= high:
-                raise BadRequest(f"ttl_seconds: {ttl_seconds} is outside {low}..{high} (None: never expires)")
-            meta["expires"] = meta["created"] + ttl_seconds
+            meta["expires"] = meta["created"] + self._checked_ttl(ttl_seconds)
         return meta
+
+    def _checked_ttl(self, ttl_seconds: int) -> int:
+        """A ttl_seconds within the service's bounds (the save's and set_checkpoint_ttl's alike)."""
+        low, high = self.limits.min_checkpoint_ttl_s, self.limits.max_checkpoint_ttl_s
+        if not low <= ttl_seconds <= high:
+            raise BadRequest(f"ttl_seconds: {ttl_seconds} is outside {low}..{high} (None: never expires)")
+        return ttl_seconds
+
+    def set_checkpoint_ttl(self, run_id: str, checkpoint_id: str, ttl_seconds: int | None) -> None:
+        """The REST client's set_checkpoint_ttl: the caller's own checkpoint KIND/NAME now expires
+        `ttl_seconds` from now (None: never); another user's answers as a missing one."""
+        directory, meta = self.checkpoint(f"tinker://{run_id}/{checkpoint_id}", "checkpoint_id")
+        meta.pop("expires", None)
+        if ttl_seconds is not None:
+            meta["expires"] = time.time() + self._checked_ttl(ttl_seconds)
+        partial = directory / "tinker.json.partial"
+        partial.write_text(json.dumps(meta))
+        partial.replace(directory / "tinker.json")  # whole or not at all: a reader never sees half a record
+        self.saved_checkpoint(directory, meta)
+
+    def base_models(self) -> list[str]:
+        """The base models this service can load: those under its --model-dir folders."""
+        from ..cluster.nodes import models_on_disk
+
+        return models_on_disk(self.model_dirs)
 
     # -- expiry and deletion -------------------------------------------------------------------------------
     def saved_checkpoint(self, directory: Path, meta: dict) -> None:
@@ -641,12 +675,14 @@ class TinkerService:
 
     def held_by_users(self) -> Iterator[Held]:
         """What users hold here (quota.UserQuotas' source): each checkpoint by its owner, each resident save
-        (an evicted model's) by its model's owner."""
+        (an evicted model's) by its model's owner; both count against --max-data-gb too (DATA_DIR/tinker is
+        not one of the data dir quota's own dirs)."""
         for meta_file in self.root.glob("*/*/*/tinker.json"):
             meta = _read_record(meta_file.parent)
             if meta is not None:
-                yield meta.get("owner"), meta_file.parent, USER, meta.get("created")  # rewritten: created anew
+                # a rewritten checkpoint is created anew: its size is read again
+                yield meta.get("owner"), meta_file.parent, USER | DATA_DIR, meta.get("created")
         for model_id, rec in list(self.models.items()):
             saved = self.resident_dir / model_id.replace(":", "-")
             if rec.saved_version is not None:
-                yield rec.owner, saved, USER, rec.saved_version
+                yield rec.owner, saved, USER | DATA_DIR, rec.saved_version
