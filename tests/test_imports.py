@@ -149,6 +149,32 @@ def test_the_service_config_imports_no_launcher_module():
     assert launchers == ["providers.launchers.torchrun"], launchers
 
 
+@pytest.mark.slow  # one fresh interpreter
+def test_a_service_and_its_first_requests_import_no_training_stack(tmp_path):
+    """The service's app, built with every add-on, and a request's checks of a model directory and an FSDP
+    mesh import neither torch, transformers nor the tinker SDK (whose types import torch): 2-4 s of CPU
+    each, in every service start and first request, for a service that may never train here."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    code = f"""
+import sys
+from providers.remote_fsdp.service.app import create_app
+from providers.remote_fsdp.service.config import ServiceConfig
+from providers.api.paths import check_model_path
+from providers.launchers.base import check_mesh
+from providers.launchers.torchrun import TorchRunOptions
+from providers.training.spec import FsdpSpec
+create_app(ServiceConfig(data_dir={str(tmp_path / "data")!r}))
+check_model_path({str(model)!r}, "model")
+check_mesh(FsdpSpec(), TorchRunOptions(nproc_per_node=2))
+print(sorted(m for m in ("torch", "transformers", "tinker", "peft") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_the_service_core_imports_no_add_on():
     """Add-ons (pipelines, workflows, operator tools, openai_ft) mount themselves on the core; only app.py
     lists them."""

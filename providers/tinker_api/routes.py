@@ -5,6 +5,7 @@ sample, JSON otherwise; a failure as `{"error", "category"}`, which the SDK rais
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +16,17 @@ from ..access import can_see
 from ..errors import BadRequest, NotFound
 from .types import LogprobRequest, LoraSpec, UserInputError
 from .service import Gone, TinkerService
-from .wire import WireError, decode_forward_backward, parse_forward_backward
 
 if TYPE_CHECKING:
     from .worker import BaseProcess
 
 PROTOBUF = "application/x-protobuf"
+
+
+async def protobuf_wire():
+    """wire.py, imported with the first protobuf body, in a worker thread: it imports the tinker SDK, whose
+    types import torch (1.7 s of CPU), which a service start without Tinker traffic does not pay."""
+    return await asyncio.to_thread(importlib.import_module, f"{__package__}.wire")
 
 
 class _Body(BaseModel):
@@ -199,13 +205,14 @@ def tinker_router(svc: TinkerService) -> APIRouter:
             raise BadRequest(f"body: send a tinker_public.ForwardBackwardRequest as {PROTOBUF}, uncompressed "
                              "(client/config does not enable zstd)")
         body = await request.body()
+        wire = await protobuf_wire()
         try:
-            msg = parse_forward_backward(body)
+            msg = wire.parse_forward_backward(body)
             model_id = msg.model_id
             rec = svc.model(model_id)
-            loss_fn, config, forward_only, data = decode_forward_backward(msg, rec.vocab_size,
+            loss_fn, config, forward_only, data = wire.decode_forward_backward(msg, rec.vocab_size,
                                                                           limits.max_batch_tokens)
-        except WireError as e:
+        except wire.WireError as e:
             raise BadRequest(str(e)) from None
         longest = max(len(d.tokens) for d in data)
         if longest > rec.max_positions:
