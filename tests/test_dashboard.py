@@ -212,6 +212,12 @@ def test_data_dir_dashboard_is_read_only_without_a_token(browser, ops_service, c
         p.page.goto(f"{url}/dashboard/#/job/{some}")
         p.page.wait_for_selector("#job-facts div")
         assert "Read-only" in p.page.inner_text("#job-actions")
+        # a long model path stays in its fact's cell (it ran under the progress bar beside it)
+        overflow = p.page.eval_on_selector_all("#job-facts div", """divs => {
+          const model = divs.find((d) => d.firstChild.textContent === "model");
+          model.append("/models/" + "a_long_model_directory_name".repeat(4) + "/checkpoint-100");
+          return model.scrollWidth - model.clientWidth; }""")
+        assert overflow <= 0, overflow
         assert p.page.query_selector("#cancel-job") is None
         p.shot("dashboard-data-dir-read-only.png")
         assert p.errors == [], p.errors

@@ -448,6 +448,9 @@ def test_cancel_pause_resume_leave_no_process(service, toy_data):
         client.fine_tuning.jobs.pause(job.id)
     resumed = client.fine_tuning.jobs.resume(job.id)
     assert resumed.status in ("queued", "running")
+    # the dashboard's job page marks the pause and the resume (the store's job alone reads cancelled, then running)
+    page = httpx.get(f"{service['url']}/dashboard/api/jobs/{job.id}", headers={"authorization": f"Bearer {TOKEN}"}).json()
+    assert [m["message"].split(" ")[1] for m in page["marks"]] == ["paused", "resumed"], page["marks"]
     wait_job(client, job.id, statuses=("running",), timeout=300)
     wait_until(lambda: _pgid(service, job.id) not in (None, pgid), timeout=60)
     pgid = _pgid(service, job.id)

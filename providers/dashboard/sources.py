@@ -130,6 +130,7 @@ class JobsSource:
     cancel_pipeline: Callable[[str], Any] | None = None
     kind: str = "service"
     names: list[Callable[[str], str | None]] = field(default_factory=list)  # a job's name (an OpenAI job's ft: id)
+    marks: list[Callable[[str], list[dict]]] = field(default_factory=list)  # its pauses and resumes (OpenAI jobs)
     _summary_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -194,6 +195,7 @@ class JobsSource:
             spec = None
         ranks = sorted(int(p.stem[4:]) for p in (Path(run_dir) / "logs").glob("rank*.log") if p.stem[4:].isdigit())
         return {**v, "summary": self.summary(job_uuid), "spec": spec, "log_ranks": ranks,
+                "marks": [m for marks in self.marks for m in marks(job_uuid)],
                 "plots": [Path(p).name for p in plot_files(run_dir)]}
 
     def job_page(self, job_uuid: str) -> dict[str, Any]:

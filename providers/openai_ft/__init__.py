@@ -45,6 +45,7 @@ def install(app, core: ServiceCore) -> None:
 
     app.add_exception_handler(ApiError, openai_error)
     core.job_names.append(api.job_name)
+    core.job_marks.append(api.job_marks)
     tasks = getattr(app.state, "workflow_tasks", None)  # the chat API's model references (workflows add-on)
     if tasks is not None:
         tasks.refs.resolvers["ft"] = api.resolve_ft

@@ -630,6 +630,15 @@ class OpenAIFineTuning:
         except NotFound:  # not a fine-tuning job (or another user's)
             return None
 
+    def job_marks(self, job_uuid: str) -> list[dict[str, Any]]:
+        """A fine-tuning job's pauses and resumes, oldest first, for the dashboard's job page."""
+        try:
+            events = self.state.get_job(job_uuid).get("events", [])
+        except NotFound:  # not a fine-tuning job (or another user's)
+            return []
+        return [{"created_at": e["created_at"], "message": e["message"]} for e in events
+                if e["message"].startswith(("Job paused", "Job resumed"))]
+
     def served_models(self) -> list[str]:
         """The `ft:` ids the chat API serves: each succeeded job's model and every job's checkpoints."""
         out = []

@@ -79,4 +79,5 @@ def install(app, core: ServiceCore) -> None:
     if _enabled("TRL_FSDP_DASHBOARD"):
         source = service_source(service, registry, core.peer_headers)
         source.names = core.job_names  # filled by the add-ons mounted after this one (openai_ft)
+        source.marks = core.job_marks
         app.include_router(dashboard_router(source, auth=auth, actions=keys, token_required=keys), prefix="/dashboard")

@@ -205,7 +205,7 @@ async function jobView(el, jobUuid) {
   let finalRefreshDone = false;
   el.innerHTML = `<h2>Job <code>${esc(jobUuid)}</code> <span id="job-status"></span></h2>
     <div class="actions" id="job-actions"></div><div class="facts" id="job-facts"></div>
-    <p id="job-error" class="error"></p>
+    <p id="job-error" class="error"></p><div class="muted" id="job-marks"></div>
     <h3>Curves ${SMOOTHING_CONTROL}</h3><div class="charts" id="charts"><p class="muted" id="no-metrics">No metrics yet.</p></div>
     <div id="job-ranks"></div><div id="job-nodes"></div><div id="job-checkpoints"></div><div id="job-plots"></div>
     <h3>Log <select id="log-rank"><option value="">main</option></select></h3><pre class="log" id="job-log"></pre>`;
@@ -297,6 +297,9 @@ async function jobView(el, jobUuid) {
         ? [["ETA", `${esc(duration(job.eta_s))} <span class="muted">(${fmt(job.rates.steps_per_s, 3)} steps/s)</span>`]] : []),
     ].map(([k, html]) => `<div><span>${esc(k)}</span>${html}</div>`).join("");
     $("#job-error", el).textContent = res.error || "";
+    // a paused and resumed job (OpenAI's pause) reads as cancelled, then running: its marks say what happened
+    $("#job-marks", el).innerHTML = (job.marks || []).map((m) =>
+      `<div>${esc(new Date(m.created_at * 1000).toLocaleString())} · ${esc(m.message)}</div>`).join("");
     const ranks = res.ranks || [];
     $("#job-ranks", el).innerHTML = ranks.length ? `<h3>Ranks</h3><table id="ranks"><thead><tr><th>rank</th><th>node</th>
       <th>parameter share</th><th>params held</th><th>peak host memory</th><th>peak device memory</th><th>error</th></tr></thead><tbody>${

@@ -29,3 +29,6 @@ class ServiceCore:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the app stops
     # An add-on's name for a job of the store (None: not its job), shown beside the job's id (the dashboard).
     job_names: list[Callable[[str], str | None]] = field(default_factory=list)
+    # An add-on's marks in a job's history ({"created_at", "message"}: an OpenAI job's pauses and resumes), shown
+    # on the dashboard's job page: the store's job alone reads as cancelled, then running again.
+    job_marks: list[Callable[[str], list[dict]]] = field(default_factory=list)
