@@ -168,3 +168,23 @@ def test_a_dead_zygote_is_replaced_and_its_running_job_still_ends(env, tmp_path)
     again = launch([sys.executable, "-c", "print('new zygote')"], env, tmp_path / "run2", tmp_path / "log2")
     assert again.wait(120) == 0 and "new zygote" in (tmp_path / "log2").read_text()
     assert zygote.zygote_for(env) is not z
+
+
+def test_a_zygote_whose_server_died_before_it_looked_exits(env, tmp_path):
+    """A server SIGKILLed between starting its zygote and the zygote's first look at its parent: the zygote
+    knows the server by the pid it was given, not by whoever its parent is by then (init), and exits once
+    it has nothing to reap. It lived on before, holding the training stack (640 MB) forever."""
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a server that is already dead
+    sock_dir = tmp_path / "trl-zygote-test"
+    sock_dir.mkdir()
+    z = subprocess.Popen([sys.executable, "-m", "providers.jobs.zygote", str(sock_dir / "zygote.sock"), str(gone.pid)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert z.wait(120) == 0
+    finally:
+        if z.poll() is None:
+            z.kill()
+    assert not (sock_dir / "zygote.sock").exists()

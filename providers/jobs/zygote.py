@@ -156,7 +156,7 @@ class Zygote:
         self.log_path = self.dir / "zygote.log"
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "providers.jobs.zygote", str(self.socket_path)],
+                [sys.executable, "-m", "providers.jobs.zygote", str(self.socket_path), str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 env=self.env, start_new_session=True,
             )
@@ -333,10 +333,12 @@ def _run_child(request: dict, log_fd: int, passed_fds: list[int]) -> None:
     run_as_main(argv[1:])
 
 
-def serve(socket_path: str) -> None:
+def serve(socket_path: str, server_pid: int | None = None) -> None:
     """The zygote's main loop: import the training stack, check nothing forked would inherit threads or a
-    CUDA context, then fork one child per request and report each child's exit status."""
-    parent = os.getppid()
+    CUDA context, then fork one child per request and report each child's exit status. `server_pid`: the
+    server that started it (a server killed before this process asked for its parent left it an orphan
+    from its first instruction on, and it waited for jobs forever)."""
+    parent = server_pid if server_pid is not None else os.getppid()
     started = time.monotonic()
     try:
         import setproctitle  # noqa: F401 - must see the original environment: imported before any job changes it
@@ -406,4 +408,4 @@ def serve(socket_path: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
