@@ -232,30 +232,31 @@ def result_name_of(finetuned_model: str, field: str = "finetuned_model") -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def transformers_table(module: str, name: str) -> dict[str, str]:
-    """A table of transformers' auto classes (model_type -> class name), read from its source: importing its
-    auto modules imports torch (2-3.6 s of CPU on a service's first request) for a table of strings. The
-    import where the source no longer holds the table as a literal."""
-    origin = importlib.util.find_spec("transformers").origin
-    source = Path(origin).parent / "models" / "auto" / f"{module}.py"
+@functools.cache
+def transformers_dir() -> Path:
+    return Path(importlib.util.find_spec("transformers").origin).parent
+
+
+@functools.cache
+def causal_lm_classes() -> dict[str, str]:
+    """transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (model_type -> class name), read from its source:
+    importing its auto modules imports torch (2-3.6 s of CPU on a service's first request) for a table of
+    strings. The import where the source no longer holds the table as a literal."""
+    name = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
     try:
-        for node in ast.parse(source.read_text()).body:
+        for node in ast.parse((transformers_dir() / "models" / "auto" / "modeling_auto.py").read_text()).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
                 return dict(ast.literal_eval(node.value.args[0]))  # OrderedDict([(type, class), ...])
     except (OSError, SyntaxError, ValueError, AttributeError, IndexError, TypeError):
         pass
-    return dict(getattr(importlib.import_module(f"transformers.models.auto.{module}"), name))
+    return dict(getattr(importlib.import_module("transformers.models.auto.modeling_auto"), name))
 
 
 def known_model_type(model_type: object) -> bool:
     """A model_type transformers has a model of: a causal LM's, or one of its model packages."""
     if not isinstance(model_type, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", model_type):
         return False
-    if model_type in transformers_table("modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
-        return True
-    models = Path(importlib.util.find_spec("transformers").origin).parent / "models"
-    return (models / model_type.replace("-", "_")).is_dir()
+    return model_type in causal_lm_classes() or (transformers_dir() / "models" / model_type.replace("-", "_")).is_dir()
 
 
 def check_model_path(path: str, field: str) -> None:
@@ -275,7 +276,7 @@ def check_model_path(path: str, field: str) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:  # any load failure is bad input
         raise BadRequest(f"{field}: {path!r} has a config that does not load: {type(e).__name__}: {e}") from None
     archs = config.get("architectures") or []
-    causal = transformers_table("modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    causal = causal_lm_classes()
     if archs:
         # The classes the checkpoint was saved from decide: a BERT encoder ("BertModel", "BertForMaskedLM")
         # has model_type 'bert', which the causal-LM mapping also lists (BertLMHeadModel), yet it is no causal LM.

@@ -12,7 +12,6 @@ from ..outbound import Endpoint, declared, pick_endpoint
 from .config import RoleConfig
 
 
-
 def retryable() -> tuple[type[Exception], ...]:
     """The openai SDK's errors worth another try (429, 5xx, timeouts, connections)."""
     import openai  # here, not at import: the service starts without the SDK (0.44 s), which only enhancement uses

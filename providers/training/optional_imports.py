@@ -40,15 +40,16 @@ def bring_back(package: str) -> None:
     if package not in sys.modules or sys.modules[package] is not None:
         return
     del sys.modules[package]
-    for name in CACHED_CHECKS:
-        for attr, value in vars(sys.modules.get(name, object)).items():
-            if (package in attr or (package == "bitsandbytes" and "bnb" in attr)) and hasattr(value, "cache_clear"):
+    names = {package} | {bound[package] for bound in BOUND_AT_IMPORT.values() if package in bound}  # bnb too
+    for checks in CACHED_CHECKS:
+        for attr, value in vars(sys.modules.get(checks, object)).items():
+            if any(n in attr for n in names) and hasattr(value, "cache_clear"):
                 value.cache_clear()
     try:
         module = importlib.import_module(package)
     except ImportError:
         return
-    for importer, names in BOUND_AT_IMPORT.items():
+    for importer, bound in BOUND_AT_IMPORT.items():
         loaded = sys.modules.get(importer)
-        if loaded is not None and package in names and vars(loaded).get(names[package]) is None:
-            setattr(loaded, names[package], module)
+        if loaded is not None and package in bound and vars(loaded).get(bound[package]) is None:
+            setattr(loaded, bound[package], module)

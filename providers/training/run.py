@@ -158,7 +158,9 @@ def main(run_dir: str) -> int:
         recipe = importlib.import_module(recipe_module(spec.method))
         from .preload import freeze_imports
 
-        freeze_imports()  # a process that was not forked from a preloaded one (torchrun's ranks, the inline provider's)
+        # The imports out of later collections in a process not forked from a preloaded one (torchrun's ranks,
+        # the inline provider's runs); in a forked one they are frozen already and this adds the job's set-up.
+        freeze_imports()
         summary = recipe.train(spec, files)
     except BaseException as e:  # noqa: BLE001 - the error must reach status.json before the process dies
         reserve.release("the run failed")
