@@ -318,3 +318,20 @@ def test_the_docs_show_every_methods_algorithm_config():
     missing = [t for m in METHODS.values() if m.call and m.settings for t in m.algorithm_types
                if t and f'"type": "{t}"' not in docs]
     assert not missing, f"docs/inline-trl.md shows no algorithm_config of type {missing}"
+
+
+def test_a_model_directory_is_checked_from_its_config_alone(tmp_path):
+    """The service's model check reads config.json (no torch, no transformers import) within a bound: a
+    config over 4 MiB is refused before it is read; the verdicts are transformers' (causal LM or not)."""
+    from providers.api.paths import check_model_path
+    from providers.errors import BadRequest
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    check_model_path(str(tmp_path), "model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(BadRequest, match="not a causal LM"):
+        check_model_path(str(tmp_path), "model")
+    huge = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "padding": "x" * (5 << 20)}
+    (tmp_path / "config.json").write_text(json.dumps(huge))
+    with pytest.raises(BadRequest, match="model: .*over 4 MiB"):
+        check_model_path(str(tmp_path), "model")
